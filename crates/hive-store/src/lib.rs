@@ -1,0 +1,229 @@
+//! A revisioned key-value store: the one contract every Hive state backend implements.
+//!
+//! The model is etcd's, reduced to what Hive needs, so that the embedded backend (redb, one
+//! machine) and the etcd backend (HA) are interchangeable behind [`Store`]:
+//! - one global revision, incremented by every successful transaction (all writes of one
+//!   transaction share its revision);
+//! - every key carries the revision that created it and the one that last modified it;
+//! - transactions are atomic and conditional (create-only, update-if-revision,
+//!   delete-if-revision): optimistic concurrency without locks;
+//! - watches deliver every change after a revision, in order, with the previous value; a
+//!   watch from a revision that compaction already dropped fails with
+//!   [`StoreError::Compacted`] so the caller relists.
+//!
+//! This crate knows nothing about Hive's resource types: keys are strings, values bytes.
+
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures_util::Stream;
+
+pub mod conformance;
+pub mod redb_store;
+
+pub use redb_store::{RedbStore, RedbStoreOptions};
+
+/// A store-wide revision. Revision 0 means "before anything was written".
+pub type Revision = u64;
+
+/// Largest key accepted, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Largest value accepted, in bytes (etcd's default request limit is 1.5 MiB).
+pub const MAX_VALUE_BYTES: usize = 1536 * 1024;
+/// Most operations in one transaction (etcd's default `--max-txn-ops`).
+pub const MAX_TXN_OPS: usize = 128;
+
+/// A key, its value and the revisions that created and last modified it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Bytes,
+    pub create_revision: Revision,
+    pub mod_revision: Revision,
+}
+
+/// One write of a transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Create `key`; the transaction fails if it exists.
+    Create { key: String, value: Bytes },
+    /// Replace `key`'s value; fails unless `key` exists with exactly `mod_revision`.
+    Update { key: String, value: Bytes, mod_revision: Revision },
+    /// Create or replace `key` unconditionally.
+    Put { key: String, value: Bytes },
+    /// Delete `key`; fails if it is missing, or if `mod_revision` is given and differs.
+    Delete { key: String, mod_revision: Option<Revision> },
+    /// Delete every key starting with `prefix` (none is fine). One event per deleted key.
+    DeletePrefix { prefix: String },
+}
+
+impl Op {
+    /// The key (or prefix) the operation touches.
+    pub fn key(&self) -> &str {
+        match self {
+            Op::Create { key, .. }
+            | Op::Update { key, .. }
+            | Op::Put { key, .. }
+            | Op::Delete { key, .. } => key,
+            Op::DeletePrefix { prefix } => prefix,
+        }
+    }
+}
+
+/// Why a transaction's condition did not hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConflictKind {
+    /// `Create` of a key that exists (at this revision).
+    Exists { mod_revision: Revision },
+    /// `Update` or `Delete` of a key that does not exist.
+    Missing,
+    /// `Update` or `Delete` whose expected revision is not the key's.
+    RevisionMismatch { expected: Revision, actual: Revision },
+}
+
+impl std::fmt::Display for ConflictKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConflictKind::Exists { mod_revision } => {
+                write!(f, "already exists (revision {mod_revision})")
+            }
+            ConflictKind::Missing => f.write_str("does not exist"),
+            ConflictKind::RevisionMismatch { expected, actual } => {
+                write!(f, "expected revision {expected}, found {actual}")
+            }
+        }
+    }
+}
+
+/// The result of a successful transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxnResponse {
+    /// The revision the transaction committed at; every key it wrote has this `mod_revision`.
+    pub revision: Revision,
+}
+
+/// A point read: the value (if any) and the store revision the read saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GetResponse {
+    pub kv: Option<KeyValue>,
+    pub revision: Revision,
+}
+
+/// One page of a prefix listing, in key order, and the store revision the read saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListResponse {
+    pub kvs: Vec<KeyValue>,
+    pub revision: Revision,
+    /// More keys follow the last one returned.
+    pub more: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Put,
+    Delete,
+}
+
+/// One change. For a delete, `kv.value` is empty and `kv.mod_revision` is the deleting
+/// revision; `prev` holds the value that was deleted. For a put, `prev` is the value it replaced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub kv: KeyValue,
+    pub prev: Option<KeyValue>,
+}
+
+impl Event {
+    pub fn revision(&self) -> Revision {
+        self.kv.mod_revision
+    }
+}
+
+/// A stream of changes in revision order. It ends only with an error (or when dropped).
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<Event, StoreError>> + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("key {key}: {kind}")]
+    Conflict { key: String, kind: ConflictKind },
+    #[error("revision {requested} is compacted (history starts after revision {compacted}): relist")]
+    Compacted { requested: Revision, compacted: Revision },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store backend: {0}")]
+    Backend(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The contract of a Hive state backend.
+///
+/// Every backend must pass [`conformance::run_all`] unchanged.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Reads one key.
+    async fn get(&self, key: &str) -> Result<GetResponse>;
+
+    /// Lists keys starting with `prefix` in key order, strictly after `start_after` when given,
+    /// at most `limit` of them (`limit` 0 means no limit). One page is one consistent snapshot.
+    async fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize)
+    -> Result<ListResponse>;
+
+    /// Applies `ops` atomically at one new revision if every condition holds; otherwise applies
+    /// nothing and returns [`StoreError::Conflict`] for the first failed condition. An empty
+    /// `ops` is invalid.
+    async fn txn(&self, ops: Vec<Op>) -> Result<TxnResponse>;
+
+    /// Every change under `prefix` with a revision greater than `after`, in revision order
+    /// (then key order within a revision), first the history and then live. If `after` is older
+    /// than the compacted revision, fails with [`StoreError::Compacted`] (at once, or as the
+    /// stream's next item if compaction overtakes a slow watcher). A watcher that falls behind
+    /// never blocks writers: it catches up from history.
+    async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream>;
+
+    /// The latest committed revision.
+    async fn current_revision(&self) -> Result<Revision>;
+
+    /// Drops the history at and before `revision`: watches from an `after` lower than
+    /// `revision` then fail with [`StoreError::Compacted`]. Current values are kept.
+    async fn compact(&self, revision: Revision) -> Result<()>;
+
+    /// The revision history was last compacted at (0 when never).
+    async fn compacted_revision(&self) -> Result<Revision>;
+}
+
+/// Checks the size limits shared by every backend.
+pub fn validate_ops(ops: &[Op]) -> Result<()> {
+    if ops.is_empty() {
+        return Err(StoreError::Invalid("transaction has no operations".into()));
+    }
+    if ops.len() > MAX_TXN_OPS {
+        return Err(StoreError::Invalid(format!(
+            "transaction has {} operations, at most {MAX_TXN_OPS} allowed",
+            ops.len()
+        )));
+    }
+    for op in ops {
+        let key = op.key();
+        if key.is_empty() {
+            return Err(StoreError::Invalid("empty key".into()));
+        }
+        if key.len() > MAX_KEY_BYTES {
+            return Err(StoreError::Invalid(format!(
+                "key of {} bytes, at most {MAX_KEY_BYTES} allowed",
+                key.len()
+            )));
+        }
+        if let Op::Create { value, .. } | Op::Update { value, .. } | Op::Put { value, .. } = op
+            && value.len() > MAX_VALUE_BYTES
+        {
+            return Err(StoreError::Invalid(format!(
+                "value of key {key} has {} bytes, at most {MAX_VALUE_BYTES} allowed",
+                value.len()
+            )));
+        }
+    }
+    Ok(())
+}
