@@ -21,7 +21,7 @@ use futures_util::Stream;
 pub mod conformance;
 pub mod redb_store;
 
-pub use redb_store::{RedbStore, RedbStoreOptions};
+
 
 /// A store-wide revision. Revision 0 means "before anything was written".
 pub type Revision = u64;
@@ -55,6 +55,10 @@ pub enum Op {
     Delete { key: String, mod_revision: Option<Revision> },
     /// Delete every key starting with `prefix` (none is fine). One event per deleted key.
     DeletePrefix { prefix: String },
+    /// Write nothing; the transaction fails unless `key` exists with exactly `mod_revision`
+    /// (etcd: a compare without a write). Guards writes that depend on another object, such
+    /// as creating inside a tenant that is being deleted.
+    Require { key: String, mod_revision: Revision },
 }
 
 impl Op {
@@ -64,7 +68,8 @@ impl Op {
             Op::Create { key, .. }
             | Op::Update { key, .. }
             | Op::Put { key, .. }
-            | Op::Delete { key, .. } => key,
+            | Op::Delete { key, .. }
+            | Op::Require { key, .. } => key,
             Op::DeletePrefix { prefix } => prefix,
         }
     }

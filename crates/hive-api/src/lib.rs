@@ -1,0 +1,34 @@
+//! Hive's API types: the resources, their validation, the error body and its stable codes,
+//! and their OpenAPI schemas.
+//!
+//! This crate does no I/O, so the server, the CLI, the agent and the tests share one
+//! definition of every object. Request bodies reject unknown fields; every object validates
+//! with messages that name the offending field.
+
+pub mod error;
+pub mod event;
+pub mod instance;
+pub mod meta;
+pub mod node;
+pub mod service;
+pub mod tenant;
+pub mod token;
+pub mod validate;
+pub mod watch;
+
+pub use error::{ApiErrorBody, ErrorCode};
+pub use event::{Event, EventType, ObjectRef};
+pub use instance::{Instance, InstancePhase, InstanceSpec, InstanceStatus};
+pub use meta::{List, Resource, Scope};
+pub use node::{Node, NodeCapacity, NodeSpec, NodeStatus};
+pub use service::{
+    ContainerSpec, EnvVar, PortSpec, Protocol, ResourceAmounts, Resources, RestartPolicy,
+    Service, ServiceSpec, ServiceStatus,
+};
+pub use tenant::Tenant;
+pub use token::{ApiToken, CreatedToken, Role, TokenCreate, WhoAmI};
+pub use validate::ValidationError;
+pub use watch::{WatchEvent, WatchEventType};
+
+/// The API's path prefix.
+pub const API_PREFIX: &str = "/api/v1";

@@ -1,0 +1,319 @@
+//! A typed client of Hive's API.
+//!
+//! One [`Client`] holds a connection pool, the server's base URL and a bearer token. Its
+//! methods follow the API's shape: generic create/get/list/update/delete/watch over every
+//! [`Resource`], plus tokens and `whoami`. API errors come back as [`ClientError::Api`] with the
+//! server's stable code.
+
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use futures_util::{Stream, StreamExt};
+use hive_api::{
+    API_PREFIX, ApiErrorBody, ApiToken, CreatedToken, List, Resource, Scope, TokenCreate,
+    WatchEvent, WhoAmI,
+};
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{method} {url}: {source}")]
+    Transport { method: Method, url: String, source: reqwest::Error },
+    #[error("{} ({}): {}", .body.message, .body.code, .status)]
+    Api { status: StatusCode, body: ApiErrorBody, retry_after: Option<u64> },
+    #[error("decode response of {url}: {message}")]
+    Decode { url: String, message: String },
+    #[error("server URL {0:?} must start with http:// or https://")]
+    Url(String),
+    #[error("build HTTP client: {0}")]
+    Build(reqwest::Error),
+}
+
+impl ClientError {
+    /// The API error code, if the server answered with one.
+    pub fn code(&self) -> Option<hive_api::ErrorCode> {
+        match self {
+            ClientError::Api { body, .. } => Some(body.code),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// Watch events as they arrive; ends when the server closes the stream.
+pub type WatchStream<R> = std::pin::Pin<Box<dyn Stream<Item = Result<WatchEvent<R>>> + Send>>;
+
+/// Per-request timeout (watches have none).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+/// Percent-encodes one path segment, so a hostile name cannot reach another route.
+pub fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') && !(s == "." || s == "..") {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Client {
+    /// A client of the server at `base` (`http://127.0.0.1:7080`) acting with `token`.
+    pub fn new(base: &str, token: Option<String>) -> Result<Self> {
+        let base = base.trim_end_matches('/').to_owned();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(ClientError::Url(base));
+        }
+        // reqwest is built without a default TLS provider: pick ring (no C toolchain needed).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(ClientError::Build)?;
+        Ok(Self { http, base, token })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let mut rb = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            rb = rb.bearer_auth(t);
+        }
+        rb
+    }
+
+    async fn send<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> Result<T> {
+        let mut rb = self.request(method.clone(), path).timeout(REQUEST_TIMEOUT);
+        if let Some(b) = body {
+            rb = rb.json(b);
+        }
+        let url = format!("{}{path}", self.base);
+        let resp = rb
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport { method: method.clone(), url: url.clone(), source })?;
+        let resp = check(resp).await?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Transport { method, url: url.clone(), source })?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode { url, message: e.to_string() })
+    }
+
+    /// The collection path of kind `R` in `tenant`.
+    pub fn collection_path<R: Resource>(tenant: Option<&str>) -> String {
+        match R::SCOPE {
+            Scope::Cluster => format!("{API_PREFIX}/{}", R::PLURAL),
+            Scope::Tenant => format!(
+                "{API_PREFIX}/tenants/{}/{}",
+                segment(tenant.unwrap_or_default()),
+                R::PLURAL
+            ),
+        }
+    }
+
+    fn item_path<R: Resource>(tenant: Option<&str>, name: &str) -> String {
+        format!("{}/{}", Self::collection_path::<R>(tenant), segment(name))
+    }
+
+    pub async fn whoami(&self) -> Result<WhoAmI> {
+        self.send(Method::GET, &format!("{API_PREFIX}/whoami"), None::<&()>).await
+    }
+
+    pub async fn create<R: Resource>(&self, tenant: Option<&str>, obj: &R) -> Result<R> {
+        self.send(Method::POST, &Self::collection_path::<R>(tenant), Some(obj)).await
+    }
+
+    pub async fn get<R: Resource>(&self, tenant: Option<&str>, name: &str) -> Result<R> {
+        self.send(Method::GET, &Self::item_path::<R>(tenant, name), None::<&()>).await
+    }
+
+    /// One page of up to `limit` objects after `continue_`.
+    pub async fn list_page<R: Resource>(
+        &self,
+        tenant: Option<&str>,
+        limit: Option<usize>,
+        continue_: Option<&str>,
+    ) -> Result<List<R>> {
+        let mut path = Self::collection_path::<R>(tenant);
+        let mut sep = '?';
+        if let Some(l) = limit {
+            path.push_str(&format!("{sep}limit={l}"));
+            sep = '&';
+        }
+        if let Some(c) = continue_ {
+            path.push_str(&format!("{sep}continue={}", segment(c)));
+        }
+        self.send(Method::GET, &path, None::<&()>).await
+    }
+
+    /// Every object, following `continue` to the end.
+    pub async fn list<R: Resource>(&self, tenant: Option<&str>) -> Result<List<R>> {
+        let mut page = self.list_page::<R>(tenant, None, None).await?;
+        while let Some(c) = page.continue_.take() {
+            let next = self.list_page::<R>(tenant, None, Some(&c)).await?;
+            page.items.extend(next.items);
+            page.revision = next.revision;
+            page.continue_ = next.continue_;
+        }
+        Ok(page)
+    }
+
+    /// Replaces the spec; `obj.revision()` is the precondition (0: none).
+    pub async fn update<R: Resource>(&self, tenant: Option<&str>, obj: &R) -> Result<R> {
+        self.send(Method::PUT, &Self::item_path::<R>(tenant, obj.name()), Some(obj)).await
+    }
+
+    pub async fn update_status<R: Resource>(&self, tenant: Option<&str>, obj: &R) -> Result<R> {
+        let path = format!("{}/status", Self::item_path::<R>(tenant, obj.name()));
+        self.send(Method::PUT, &path, Some(obj)).await
+    }
+
+    pub async fn delete<R: Resource>(&self, tenant: Option<&str>, name: &str) -> Result<R> {
+        self.send(Method::DELETE, &Self::item_path::<R>(tenant, name), None::<&()>).await
+    }
+
+    /// Changes of kind `R` after `revision` (default: from now), as they happen.
+    pub async fn watch<R: Resource>(
+        &self,
+        tenant: Option<&str>,
+        revision: Option<u64>,
+    ) -> Result<WatchStream<R>> {
+        let mut path = format!("{}?watch=true", Self::collection_path::<R>(tenant));
+        if let Some(r) = revision {
+            path.push_str(&format!("&revision={r}"));
+        }
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .request(Method::GET, &path)
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport { method: Method::GET, url: url.clone(), source })?;
+        let resp = check(resp).await?;
+        Ok(ndjson::<WatchEvent<R>>(url, resp).boxed())
+    }
+
+    pub async fn create_token(&self, tenant: Option<&str>, req: &TokenCreate) -> Result<CreatedToken> {
+        self.send(Method::POST, &tokens_path(tenant), Some(req)).await
+    }
+
+    pub async fn list_tokens(&self, tenant: Option<&str>) -> Result<List<ApiToken>> {
+        self.send(Method::GET, &tokens_path(tenant), None::<&()>).await
+    }
+
+    pub async fn revoke_token(&self, tenant: Option<&str>, id: &str) -> Result<ApiToken> {
+        self.send(Method::DELETE, &format!("{}/{}", tokens_path(tenant), segment(id)), None::<&()>).await
+    }
+
+    /// `GET /healthz`: the server answers and its store is readable.
+    pub async fn health(&self) -> Result<()> {
+        let url = format!("{}/healthz", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport { method: Method::GET, url, source })?;
+        check(resp).await.map(drop)
+    }
+}
+
+fn tokens_path(tenant: Option<&str>) -> String {
+    match tenant {
+        Some(t) => format!("{API_PREFIX}/tenants/{}/tokens", segment(t)),
+        None => format!("{API_PREFIX}/tokens"),
+    }
+}
+
+/// Turns an error status into [`ClientError::Api`].
+async fn check(resp: reqwest::Response) -> Result<reqwest::Response> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let url = resp.url().to_string();
+    let bytes = resp.bytes().await.unwrap_or_default();
+    let body = serde_json::from_slice::<ApiErrorBody>(&bytes).unwrap_or_else(|_| ApiErrorBody {
+        code: hive_api::ErrorCode::Internal,
+        message: format!("{url} answered {status} without an API error body"),
+        request_id: String::new(),
+    });
+    Err(ClientError::Api { status, body, retry_after })
+}
+
+/// Splits a streamed body into JSON lines.
+fn ndjson<T: DeserializeOwned + Send>(url: String, resp: reqwest::Response) -> impl Stream<Item = Result<T>> + Send {
+    let body = resp.bytes_stream();
+    futures_util::stream::unfold(
+        (body.boxed(), BytesMut::new(), url, false),
+        |(mut body, mut buf, url, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                    let line = buf.split_to(pos + 1);
+                    let line = &line[..pos];
+                    if line.is_empty() {
+                        continue;
+                    }
+                    let item = serde_json::from_slice::<T>(line)
+                        .map_err(|e| ClientError::Decode { url: url.clone(), message: e.to_string() });
+                    return Some((item, (body, buf, url, false)));
+                }
+                match body.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(chunk.chunk()),
+                    Some(Err(source)) => {
+                        let err = ClientError::Transport { method: Method::GET, url: url.clone(), source };
+                        return Some((Err(err), (body, buf, url, true)));
+                    }
+                    None => return None,
+                }
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_are_escaped() {
+        assert_eq!(segment("web-1"), "web-1");
+        assert_eq!(segment("a/b"), "a%2Fb");
+        assert_eq!(segment(".."), "%2E%2E");
+        assert_eq!(segment("a b"), "a%20b");
+    }
+
+    #[test]
+    fn paths() {
+        use hive_api::{Node, Service};
+        assert_eq!(Client::collection_path::<Service>(Some("acme")), "/api/v1/tenants/acme/services");
+        assert_eq!(Client::collection_path::<Node>(None), "/api/v1/nodes");
+        assert_eq!(tokens_path(None), "/api/v1/tokens");
+    }
+}

@@ -1,0 +1,221 @@
+//! Authentication and authorization.
+//!
+//! Tokens are `hive_` followed by 256 random bits in hex. The store keeps only their SHA-256:
+//! `/auth/{sha256}` holds the token's record (id, tenant and that tenant's uid, role, expiry).
+//! A request's bearer token is hashed and looked up; the tenant must still exist with the same
+//! uid (a tenant deleted and created again does not revive old tokens).
+//!
+//! Authorization has one rule for isolation: outside the platform admin, a token only ever sees
+//! its own tenant, and another tenant's objects answer exactly like missing ones.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::Response;
+use chrono::{DateTime, Utc};
+use hive_api::{ApiToken, ErrorCode, Role, Tenant};
+use hive_store::Store;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{ApiError, ApiResult};
+use crate::keys;
+use crate::state::AppState;
+
+pub const TOKEN_PREFIX: &str = "hive_";
+
+/// What the store keeps of a token: its public part and the tenant uid it was issued in.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenRecord {
+    #[serde(flatten)]
+    pub info: ApiToken,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_uid: Option<String>,
+    pub hash: String,
+}
+
+/// A fresh secret and its hash.
+pub fn new_secret() -> (String, String) {
+    let bytes: [u8; 32] = rand::random();
+    let secret = format!("{TOKEN_PREFIX}{}", hex::encode(bytes));
+    let hash = hash_secret(&secret);
+    (secret, hash)
+}
+
+pub fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// A public token id: derived from the hash so it needs no index, short enough to type.
+pub fn token_id(hash: &str) -> String {
+    hash[..16].to_owned()
+}
+
+/// The caller, once authenticated.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    pub token_id: String,
+    pub name: String,
+    pub tenant: Option<String>,
+    /// The uid of `tenant` when the token was issued.
+    pub tenant_uid: Option<String>,
+    pub role: Role,
+}
+
+impl Principal {
+    pub fn is_platform_admin(&self) -> bool {
+        self.role == Role::PlatformAdmin
+    }
+
+    /// May this caller see `tenant` at all? If not, the caller must get the same answer as for
+    /// a tenant that does not exist.
+    pub fn sees_tenant(&self, tenant: &str) -> bool {
+        self.is_platform_admin() || self.tenant.as_deref() == Some(tenant)
+    }
+
+    /// Checks the caller's role inside a tenant it can see.
+    pub fn require(&self, need: Role, action: &str) -> ApiResult<()> {
+        if self.role >= need {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "role {} may not {action} (needs {need} or higher)",
+                self.role
+            )))
+        }
+    }
+}
+
+fn bearer(req: &Request) -> ApiResult<&str> {
+    let value = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthenticated("missing Authorization: Bearer <token> header"))?;
+    let value = value
+        .to_str()
+        .map_err(|_| ApiError::unauthenticated("Authorization header is not valid text"))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or_else(|| ApiError::unauthenticated("Authorization header must be Bearer <token>"))?
+        .trim();
+    if token.is_empty() || token.len() > 256 {
+        return Err(ApiError::unauthenticated("token is unknown or revoked"));
+    }
+    Ok(token)
+}
+
+/// Resolves a secret to its principal, checking expiry and that its tenant still exists.
+pub async fn resolve(store: &Arc<dyn Store>, secret: &str) -> ApiResult<Principal> {
+    let hash = hash_secret(secret);
+    let got = store.get(&keys::auth(&hash)).await?;
+    let kv = got.kv.ok_or_else(|| ApiError::unauthenticated("token is unknown or revoked"))?;
+    let record: TokenRecord = serde_json::from_slice(&kv.value)
+        .map_err(|e| ApiError::internal("internal error").log_cause(format!("token record {}: {e}", kv.key)))?;
+    if let Some(exp) = record.info.expires_at
+        && exp <= Utc::now()
+    {
+        return Err(ApiError::new(
+            ErrorCode::TokenExpired,
+            format!("token {} expired at {}", record.info.id, exp.to_rfc3339()),
+        ));
+    }
+    if let Some(tenant) = &record.info.tenant {
+        let t = store.get(&keys::object::<Tenant>(None, tenant)).await?;
+        let alive = t
+            .kv
+            .and_then(|kv| serde_json::from_slice::<Tenant>(&kv.value).ok())
+            .is_some_and(|t| Some(&t.uid) == record.tenant_uid.as_ref());
+        if !alive {
+            return Err(ApiError::unauthenticated("token is unknown or revoked"));
+        }
+    }
+    Ok(Principal {
+        token_id: record.info.id,
+        name: record.info.name,
+        tenant: record.info.tenant,
+        tenant_uid: record.tenant_uid,
+        role: record.info.role,
+    })
+}
+
+/// Authenticates every request under `/api/v1` that needs it and applies the rate limit.
+pub async fn authenticate(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let secret = bearer(&req)?;
+    let principal = resolve(&state.store, secret).await?;
+    if let Err(retry_after) = state.limiter.check(&principal.token_id) {
+        return Err(ApiError {
+            code: ErrorCode::RateLimited,
+            message: format!(
+                "token {} is over its rate limit, retry after {retry_after}s",
+                principal.token_id
+            ),
+            retry_after: Some(retry_after),
+        });
+    }
+    req.extensions_mut().insert(principal);
+    Ok(next.run(req).await)
+}
+
+/// A new token record for `tenant` (with that tenant's uid), and its secret.
+pub fn issue(
+    name: &str,
+    tenant: Option<(&str, &str)>,
+    role: Role,
+    expires_at: Option<DateTime<Utc>>,
+) -> (String, TokenRecord) {
+    let (secret, hash) = new_secret();
+    let record = TokenRecord {
+        info: ApiToken {
+            id: token_id(&hash),
+            name: name.to_owned(),
+            tenant: tenant.map(|(t, _)| t.to_owned()),
+            role,
+            created_at: Utc::now(),
+            expires_at,
+        },
+        tenant_uid: tenant.map(|(_, uid)| uid.to_owned()),
+        hash,
+    };
+    (secret, record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_256_bit_and_hashed() {
+        let (secret, hash) = new_secret();
+        assert!(secret.starts_with(TOKEN_PREFIX));
+        assert_eq!(secret.len(), TOKEN_PREFIX.len() + 64);
+        assert_eq!(hash, hash_secret(&secret));
+        assert_eq!(hash.len(), 64);
+        assert!(!hash.contains(&secret[TOKEN_PREFIX.len()..]));
+        let (other, _) = new_secret();
+        assert_ne!(secret, other);
+        assert_eq!(token_id(&hash).len(), 16);
+    }
+
+    #[test]
+    fn roles_gate_actions() {
+        let p = Principal {
+            token_id: "x".into(),
+            name: "n".into(),
+            tenant: Some("a".into()),
+            tenant_uid: Some("u".into()),
+            role: Role::Viewer,
+        };
+        assert!(p.sees_tenant("a") && !p.sees_tenant("b"));
+        assert!(p.require(Role::Viewer, "read").is_ok());
+        let err = p.require(Role::Member, "create services").unwrap_err();
+        assert_eq!(err.code, ErrorCode::Forbidden);
+        assert!(err.message.contains("role viewer may not create services"));
+    }
+}

@@ -1,0 +1,60 @@
+//! Where objects live in the store. Every tenant-owned key sits under `/t/{tenant}/`, so a
+//! tenant's deletion is one prefix delete and no tenant's prefix contains another's (names
+//! are DNS labels, the `/` after them ends the prefix).
+
+use hive_api::{Resource, Scope};
+
+/// The key of object `name` of kind `R` (tenant is ignored for cluster-scoped kinds).
+pub fn object<R: Resource>(tenant: Option<&str>, name: &str) -> String {
+    format!("{}{name}", collection::<R>(tenant))
+}
+
+/// The prefix under which all objects of kind `R` (in `tenant`) live.
+pub fn collection<R: Resource>(tenant: Option<&str>) -> String {
+    match R::SCOPE {
+        Scope::Cluster => format!("/{}/", R::PLURAL),
+        Scope::Tenant => format!("/t/{}/{}/", tenant.unwrap_or_default(), R::PLURAL),
+    }
+}
+
+/// Everything a tenant owns.
+pub fn tenant_prefix(tenant: &str) -> String {
+    format!("/t/{tenant}/")
+}
+
+/// A token record, found by the SHA-256 of the secret (hex).
+pub fn auth(hash_hex: &str) -> String {
+    format!("/auth/{hash_hex}")
+}
+
+/// The listing entry of a token: in its tenant, or among the platform's tokens.
+pub fn token_index(tenant: Option<&str>, id: &str) -> String {
+    format!("{}{id}", token_index_prefix(tenant))
+}
+
+pub fn token_index_prefix(tenant: Option<&str>) -> String {
+    match tenant {
+        Some(t) => format!("/t/{t}/tokens/"),
+        None => "/platform/tokens/".to_owned(),
+    }
+}
+
+/// Set once the platform admin exists.
+pub const BOOTSTRAP: &str = "/platform/bootstrap";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hive_api::{Node, Service, Tenant};
+
+    #[test]
+    fn layout() {
+        assert_eq!(object::<Service>(Some("acme"), "web"), "/t/acme/services/web");
+        assert_eq!(object::<Node>(None, "n1"), "/nodes/n1");
+        assert_eq!(object::<Tenant>(None, "acme"), "/tenants/acme");
+        assert!(object::<Service>(Some("acme"), "x").starts_with(&tenant_prefix("acme")));
+        assert!(!object::<Service>(Some("acme2"), "x").starts_with(&tenant_prefix("acme")));
+        assert_eq!(token_index(Some("acme"), "ab"), "/t/acme/tokens/ab");
+        assert_eq!(token_index(None, "ab"), "/platform/tokens/ab");
+    }
+}

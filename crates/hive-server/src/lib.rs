@@ -1,0 +1,50 @@
+//! Hive's API server: authentication, tenant isolation, the resources under `/api/v1`,
+//! watches, the OpenAPI document, and the upkeep of the state store.
+//!
+//! It never touches the host's kernel: it reads and writes the [`hive_store::Store`] and
+//! serves HTTP. Controllers, the scheduler and agents are its clients.
+
+pub mod auth;
+pub mod bootstrap;
+pub mod error;
+pub mod housekeeping;
+pub mod keys;
+pub mod middleware;
+mod openapi;
+pub mod ratelimit;
+pub mod resources;
+pub mod router;
+pub mod state;
+pub mod tenants;
+pub mod tokens;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use hive_store::Store;
+use tokio::net::TcpListener;
+
+pub use bootstrap::{ADMIN_TOKEN_FILE, Bootstrap, BootstrapError, bootstrap};
+pub use ratelimit::RateLimit;
+pub use router::{openapi, router};
+pub use state::{AppState, ServerConfig};
+
+/// Serves the API on `listener` until `shutdown` resolves, with housekeeping running beside.
+pub async fn serve(
+    store: Arc<dyn Store>,
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = AppState::new(store, config);
+    let upkeep = tokio::spawn(housekeeping::run(state.clone()));
+    let app = router(state.clone());
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            state.close();
+        })
+        .await;
+    upkeep.abort();
+    result
+}

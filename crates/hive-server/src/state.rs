@@ -1,0 +1,82 @@
+//! The state every handler shares.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hive_store::Store;
+
+use crate::ratelimit::{RateLimit, RateLimiter};
+
+/// How a server runs. Defaults suit `hive up` on one machine.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Where the embedded store and the admin token live.
+    pub data_dir: PathBuf,
+    /// Largest request body accepted.
+    pub body_limit_bytes: usize,
+    pub rate_limit: RateLimit,
+    /// How often an idle watch stream gets a `BOOKMARK` line.
+    pub bookmark_interval: Duration,
+    /// Revisions of history kept for watches to resume from.
+    pub keep_revisions: u64,
+    /// Events older than this are deleted.
+    pub event_retention: Duration,
+    /// How often compaction and event clean-up run.
+    pub housekeeping_interval: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("/var/lib/hive"),
+            body_limit_bytes: 1 << 20,
+            rate_limit: RateLimit::default(),
+            bookmark_interval: Duration::from_secs(10),
+            keep_revisions: 100_000,
+            event_retention: Duration::from_secs(3600),
+            housekeeping_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub limiter: Arc<RateLimiter>,
+    pub config: Arc<ServerConfig>,
+    /// Becomes true when the server shuts down: long-lived streams end so that graceful
+    /// shutdown does not wait for watchers forever.
+    closing: tokio::sync::watch::Receiver<bool>,
+    closer: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    pub fn new(store: Arc<dyn Store>, config: ServerConfig) -> Self {
+        let (closer, closing) = tokio::sync::watch::channel(false);
+        Self {
+            store,
+            limiter: Arc::new(RateLimiter::new(config.rate_limit)),
+            config: Arc::new(config),
+            closing,
+            closer: Arc::new(closer),
+        }
+    }
+
+    /// Ends every watch stream (called when the server begins to shut down).
+    pub fn close(&self) {
+        let _ = self.closer.send(true);
+    }
+
+    /// Resolves once [`AppState::close`] was called.
+    pub async fn closed(&self) {
+        let mut rx = self.closing.clone();
+        let _ = rx.wait_for(|closing| *closing).await;
+    }
+}

@@ -1,0 +1,430 @@
+//! Verbs on tenants, tokens, services, nodes and events.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use futures_util::StreamExt;
+use hive_api::{
+    ApiToken, ContainerSpec, EnvVar, ErrorCode, Event, Node, PortSpec, Protocol, RestartPolicy,
+    Role, Service, ServiceSpec, Tenant, TokenCreate, WatchEventType,
+};
+use hive_client::ClientError;
+
+use super::Ctx;
+use super::output::age;
+use super::quantity;
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCmd {
+    /// Create a tenant.
+    Create { name: String },
+    /// List tenants.
+    Ls,
+    /// Delete a tenant and everything it owns.
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Create a token in the tenant (or, with --platform, a platform-admin token). The secret
+    /// is printed once.
+    Create {
+        /// Who or what the token is for.
+        #[arg(long, default_value = "cli")]
+        name: String,
+        /// viewer, member, tenant-admin.
+        #[arg(long, default_value = "member")]
+        role: Role,
+        /// Lifetime, e.g. 3600s, 90m, 12h, 30d.
+        #[arg(long, value_parser = parse_duration)]
+        expires: Option<u64>,
+        /// A platform-admin token instead of a tenant token.
+        #[arg(long)]
+        platform: bool,
+    },
+    /// List tokens (never their secrets).
+    Ls {
+        #[arg(long)]
+        platform: bool,
+    },
+    /// Revoke a token by id.
+    Rm {
+        id: String,
+        #[arg(long)]
+        platform: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Create a service.
+    Create(ServiceCreate),
+    /// List services.
+    Ls,
+    /// Show a service.
+    Get { name: String },
+    /// Delete a service.
+    Rm { name: String },
+    /// Set a service's replicas.
+    Scale(ScaleArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceCreate {
+    pub name: String,
+    /// Image reference.
+    #[arg(long)]
+    pub image: String,
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u32,
+    /// Replace the image's entrypoint.
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    /// Environment variable NAME=VALUE (repeatable).
+    #[arg(long = "env", short = 'e')]
+    pub env: Vec<String>,
+    /// Port: CONTAINER[/udp] or PUBLISHED:CONTAINER[/udp] (repeatable).
+    #[arg(long = "publish", short = 'p')]
+    pub ports: Vec<String>,
+    /// CPU limit: 500m, 0.5, 2.
+    #[arg(long, value_parser = quantity::cpu_millis)]
+    pub cpu: Option<u64>,
+    /// CPU reserved by the scheduler.
+    #[arg(long, value_parser = quantity::cpu_millis)]
+    pub cpu_request: Option<u64>,
+    /// Memory limit: 256Mi, 1G.
+    #[arg(long, value_parser = quantity::bytes)]
+    pub memory: Option<u64>,
+    /// Memory reserved by the scheduler.
+    #[arg(long, value_parser = quantity::bytes)]
+    pub memory_request: Option<u64>,
+    #[arg(long)]
+    pub pids_limit: Option<u64>,
+    /// always, on-failure or never.
+    #[arg(long, default_value = "always", value_parser = parse_restart)]
+    pub restart: RestartPolicy,
+    /// Label KEY=VALUE (repeatable).
+    #[arg(long = "label", short = 'l')]
+    pub labels: Vec<String>,
+    /// Arguments: replace the image's cmd.
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    pub name: String,
+    pub replicas: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// List nodes.
+    Ls,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Keep printing new events.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| format!("restart policy {s:?}: expected always, on-failure or never"))
+}
+
+/// Seconds from `90s`, `15m`, `12h`, `30d` or a plain number of seconds.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let bad = || format!("duration {s:?}: expected e.g. 3600s, 90m, 12h or 30d");
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        Some((i, 'd')) => (&s[..i], 86400),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult)).filter(|n| *n > 0).ok_or_else(bad)
+}
+
+fn key_value(what: &str, s: &str) -> Result<(String, String)> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => bail!("{what} {s:?}: expected KEY=VALUE"),
+    }
+}
+
+fn port(s: &str) -> Result<PortSpec> {
+    let bad = || anyhow::anyhow!("port {s:?}: expected CONTAINER[/udp] or PUBLISHED:CONTAINER[/udp], ports 1-65535");
+    let (ports, protocol) = match s.rsplit_once('/') {
+        Some((p, "tcp")) => (p, Protocol::Tcp),
+        Some((p, "udp")) => (p, Protocol::Udp),
+        Some(_) => return Err(bad()),
+        None => (s, Protocol::Tcp),
+    };
+    let num = |p: &str| p.parse::<u16>().ok().filter(|n| *n > 0).ok_or_else(bad);
+    let (published_port, container_port) = match ports.split_once(':') {
+        Some((h, c)) => (Some(num(h)?), num(c)?),
+        None => (None, num(ports)?),
+    };
+    Ok(PortSpec { container_port, protocol, published_port })
+}
+
+pub async fn tenant(ctx: &Ctx, cmd: TenantCmd) -> Result<()> {
+    match cmd {
+        TenantCmd::Create { name } => {
+            let t = ctx.client.create(None, &Tenant { name, ..Default::default() }).await?;
+            print_tenants(ctx, &[t])
+        }
+        TenantCmd::Ls => {
+            let list = ctx.client.list::<Tenant>(None).await?;
+            print_tenants(ctx, &list.items)
+        }
+        TenantCmd::Rm { name } => {
+            ctx.client.delete::<Tenant>(None, &name).await?;
+            println!("tenant {name} deleted");
+            Ok(())
+        }
+    }
+}
+
+fn print_tenants(ctx: &Ctx, items: &[Tenant]) -> Result<()> {
+    ctx.output.list(items, &["NAME", "UID", "AGE"], |t| vec![t.name.clone(), t.uid.clone(), age(t.created_at)])
+}
+
+fn print_tokens(ctx: &Ctx, items: &[ApiToken]) -> Result<()> {
+    ctx.output.list(items, &["ID", "NAME", "TENANT", "ROLE", "EXPIRES", "AGE"], |t| {
+        vec![
+            t.id.clone(),
+            t.name.clone(),
+            t.tenant.clone().unwrap_or("-".into()),
+            t.role.to_string(),
+            t.expires_at.map(|e| e.to_rfc3339()).unwrap_or("never".into()),
+            age(Some(t.created_at)),
+        ]
+    })
+}
+
+pub async fn token(ctx: &Ctx, cmd: TokenCmd) -> Result<()> {
+    match cmd {
+        TokenCmd::Create { name, role, expires, platform } => {
+            let (tenant, role) = if platform { (None, Role::PlatformAdmin) } else { (Some(ctx.tenant().await?), role) };
+            let created = ctx
+                .client
+                .create_token(tenant.as_deref(), &TokenCreate { name, role, expires_in_secs: expires })
+                .await?;
+            match ctx.output {
+                super::Output::Table => {
+                    println!("{}", created.token);
+                    eprintln!(
+                        "token {} ({}{}) created; the secret above is shown only once",
+                        created.info.id,
+                        created.info.role,
+                        created.info.tenant.map(|t| format!(" in tenant {t}")).unwrap_or_default()
+                    );
+                    Ok(())
+                }
+                out => out.object(&created, &[], |_| vec![]),
+            }
+        }
+        TokenCmd::Ls { platform } => {
+            let tenant = if platform { None } else { Some(ctx.tenant().await?) };
+            let list = ctx.client.list_tokens(tenant.as_deref()).await?;
+            print_tokens(ctx, &list.items)
+        }
+        TokenCmd::Rm { id, platform } => {
+            let tenant = if platform { None } else { Some(ctx.tenant().await?) };
+            ctx.client.revoke_token(tenant.as_deref(), &id).await?;
+            println!("token {id} revoked");
+            Ok(())
+        }
+    }
+}
+
+fn print_services(ctx: &Ctx, items: &[Service]) -> Result<()> {
+    ctx.output.list(items, &["NAME", "IMAGE", "REPLICAS", "READY", "REVISION", "AGE"], |s| {
+        vec![
+            s.name.clone(),
+            s.spec.template.image.clone(),
+            s.spec.replicas.to_string(),
+            format!("{}/{}", s.status.ready_replicas, s.spec.replicas),
+            s.revision.to_string(),
+            age(s.created_at),
+        ]
+    })
+}
+
+pub async fn service(ctx: &Ctx, cmd: ServiceCmd) -> Result<()> {
+    match cmd {
+        ServiceCmd::Create(c) => {
+            let tenant = ctx.tenant().await?;
+            let mut labels = std::collections::BTreeMap::new();
+            for l in &c.labels {
+                let (k, v) = key_value("label", l)?;
+                labels.insert(k, v);
+            }
+            let env = c
+                .env
+                .iter()
+                .map(|e| key_value("env", e).map(|(name, value)| EnvVar { name, value }))
+                .collect::<Result<Vec<_>>>()?;
+            let ports = c.ports.iter().map(|p| port(p)).collect::<Result<Vec<_>>>()?;
+            let mut template = ContainerSpec {
+                image: c.image,
+                command: c.entrypoint.into_iter().collect(),
+                args: c.args,
+                env,
+                ports,
+                restart_policy: c.restart,
+                ..Default::default()
+            };
+            template.resources.limits.cpu_millis = c.cpu;
+            template.resources.requests.cpu_millis = c.cpu_request;
+            template.resources.limits.memory_bytes = c.memory;
+            template.resources.requests.memory_bytes = c.memory_request;
+            template.resources.pids_limit = c.pids_limit;
+            let svc = Service {
+                name: c.name,
+                labels,
+                spec: ServiceSpec { replicas: c.replicas, template },
+                ..Default::default()
+            };
+            let created = ctx.client.create(Some(&tenant), &svc).await?;
+            print_services(ctx, &[created])
+        }
+        ServiceCmd::Ls => {
+            let tenant = ctx.tenant().await?;
+            let list = ctx.client.list::<Service>(Some(&tenant)).await?;
+            print_services(ctx, &list.items)
+        }
+        ServiceCmd::Get { name } => {
+            let tenant = ctx.tenant().await?;
+            let s = ctx.client.get::<Service>(Some(&tenant), &name).await?;
+            print_services(ctx, std::slice::from_ref(&s))
+        }
+        ServiceCmd::Rm { name } => {
+            let tenant = ctx.tenant().await?;
+            ctx.client.delete::<Service>(Some(&tenant), &name).await?;
+            println!("service {name} deleted");
+            Ok(())
+        }
+        ServiceCmd::Scale(args) => scale(ctx, args).await,
+    }
+}
+
+/// Read, change `replicas`, write back under the read revision; retry on a conflicting write.
+pub async fn scale(ctx: &Ctx, args: ScaleArgs) -> Result<()> {
+    let tenant = ctx.tenant().await?;
+    for _ in 0..5 {
+        let mut svc = ctx.client.get::<Service>(Some(&tenant), &args.name).await?;
+        svc.spec.replicas = args.replicas;
+        match ctx.client.update(Some(&tenant), &svc).await {
+            Ok(s) => return print_services(ctx, &[s]),
+            Err(e) if e.code() == Some(ErrorCode::Conflict) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    bail!("service {} kept changing under 5 attempts to scale it; try again", args.name)
+}
+
+pub async fn node(ctx: &Ctx, cmd: NodeCmd) -> Result<()> {
+    match cmd {
+        NodeCmd::Ls => {
+            let list = ctx.client.list::<Node>(None).await?;
+            ctx.output.list(&list.items, &["NAME", "READY", "TENANT", "CPU", "MEMORY", "KERNEL", "AGE"], |n| {
+                vec![
+                    n.name.clone(),
+                    n.status.ready.to_string(),
+                    n.spec.tenant.clone().unwrap_or("-".into()),
+                    format!("{}m", n.status.capacity.cpu_millis),
+                    format!("{}Mi", n.status.capacity.memory_bytes >> 20),
+                    n.status.kernel.clone(),
+                    age(n.created_at),
+                ]
+            })
+        }
+    }
+}
+
+fn event_row(e: &Event) -> Vec<String> {
+    vec![
+        e.created_at.map(|t| t.format("%Y-%m-%dT%H:%M:%S").to_string()).unwrap_or_default(),
+        format!("{:?}", e.type_),
+        e.reason.clone(),
+        format!("{}/{}", e.object.kind, e.object.name),
+        e.message.clone(),
+    ]
+}
+
+const EVENT_HEADERS: &[&str] = &["TIME", "TYPE", "REASON", "OBJECT", "MESSAGE"];
+
+pub async fn events(ctx: &Ctx, args: EventsArgs) -> Result<()> {
+    let tenant = ctx.tenant().await?;
+    let list = ctx.client.list::<Event>(Some(&tenant)).await?;
+    if !args.follow {
+        return ctx.output.list(&list.items, EVENT_HEADERS, event_row);
+    }
+    let mut revision = list.revision;
+    let table = ctx.output == super::Output::Table;
+    if table {
+        print!("{}", super::output::table(EVENT_HEADERS, list.items.iter().map(event_row).collect()));
+    } else {
+        for e in &list.items {
+            println!("{}", serde_json::to_string(e)?);
+        }
+    }
+    loop {
+        let mut stream = ctx.client.watch::<Event>(Some(&tenant), Some(revision)).await?;
+        while let Some(item) = stream.next().await {
+            let ev = match item {
+                Ok(ev) => ev,
+                // A dropped connection: resume from the last revision seen.
+                Err(ClientError::Transport { .. }) => break,
+                Err(e) => return Err(e.into()),
+            };
+            revision = ev.revision;
+            match (ev.type_, ev.object) {
+                (WatchEventType::Added, Some(e)) => {
+                    if table {
+                        println!("{}", event_row(&e).join("   "));
+                    } else {
+                        println!("{}", serde_json::to_string(&e)?);
+                    }
+                }
+                (WatchEventType::Error, _) => {
+                    let err = ev.error.context("watch error without a body")?;
+                    bail!("watch ended: {} ({})", err.message, err.code);
+                }
+                _ => {}
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_parse() {
+        assert_eq!(port("80").unwrap(), PortSpec { container_port: 80, protocol: Protocol::Tcp, published_port: None });
+        assert_eq!(
+            port("8080:80/udp").unwrap(),
+            PortSpec { container_port: 80, protocol: Protocol::Udp, published_port: Some(8080) }
+        );
+        for bad in ["0", "x", "80/sctp", "70000", "1:2:3"] {
+            assert!(port(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("90m"), Ok(5400));
+        assert_eq!(parse_duration("30d"), Ok(30 * 86400));
+        assert_eq!(parse_duration("15"), Ok(15));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+}

@@ -1,0 +1,27 @@
+//! `hive`: the command line. It parses arguments and calls the library crates; the server,
+//! the CLI and the tests share one code path through [`hive_client`] and [`hive_server`].
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    cli::init_tracing(&args);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", cli::one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what building, running and testing Hive needs on Debian 12 (as root).
+# Idempotent: packages already present are left as they are.
+set -euo pipefail
+
+apt_install() {
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    echo "deps: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=600 update -q
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}"
+  fi
+}
+
+# gcc for crates that build C (ring); curl and jq for the scripts' checks.
+apt_install build-essential pkg-config ca-certificates curl jq
+
+if ! command -v cargo >/dev/null 2>&1; then
+  for d in "$HOME/.cargo/bin" /root/.cargo/bin /usr/local/cargo/bin; do
+    [ -x "$d/cargo" ] && export PATH="$d:$PATH" && break
+  done
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "deps: no Rust toolchain (cargo) found. Hive needs Rust >= 1.90 (edition 2024);" >&2
+  echo "deps: Debian 12's own cargo is too old. Install one with rustup, then rerun." >&2
+  exit 1
+fi
+need=1.90
+have=$(rustc --version | awk '{print $2}')
+if [ "$(printf '%s\n%s\n' "$need" "$have" | sort -V | head -1)" != "$need" ]; then
+  echo "deps: rustc $have is older than $need; update the toolchain" >&2
+  exit 1
+fi
