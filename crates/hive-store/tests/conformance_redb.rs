@@ -7,10 +7,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use hive_store::{Op, RedbStore, RedbStoreOptions, Store, StoreError, conformance};
+use hive_store::{
+    Event, Op, RedbStore, RedbStoreOptions, Store, StoreError, WatchStream, conformance,
+};
 
 fn open(dir: &tempfile::TempDir, name: &str, options: RedbStoreOptions) -> RedbStore {
     RedbStore::open(dir.path().join(name), options).expect("open store")
+}
+
+/// The next item of a watch, failing the test instead of hanging.
+async fn next(watch: &mut WatchStream) -> Option<Result<Event, StoreError>> {
+    tokio::time::timeout(Duration::from_secs(20), watch.next())
+        .await
+        .expect("no watch item within 20s")
 }
 
 fn put(key: &str, value: &str) -> Op {
@@ -55,6 +64,19 @@ async fn a_watcher_cut_off_by_a_tiny_buffer_catches_up_then_hits_compaction() {
 
     let mut caught_up = store.watch("/t/", 0).await.expect("watch");
     let mut overtaken = store.watch("/t/", 0).await.expect("watch");
+    // One event each first, so both are live (registered with the hub) when they stop reading.
+    store.txn(vec![put("/t/first", "v")]).await.expect("txn");
+    for watch in [&mut caught_up, &mut overtaken] {
+        assert_eq!(
+            next(watch)
+                .await
+                .expect("event")
+                .expect("event")
+                .kv
+                .mod_revision,
+            1
+        );
+    }
     let mut tasks = Vec::new();
     for w in 0..10 {
         let store = Arc::clone(&store);
@@ -70,19 +92,21 @@ async fn a_watcher_cut_off_by_a_tiny_buffer_catches_up_then_hits_compaction() {
     for task in tasks {
         task.await.expect("writer");
     }
-    for expected in 1..=300 {
-        let event = caught_up
-            .next()
+    for expected in 2..=301 {
+        let event = next(&mut caught_up)
             .await
             .expect("stream ended")
             .expect("event");
         assert_eq!(event.kv.mod_revision, expected);
     }
 
-    store.compact(300).await.expect("compact");
-    let mut seen = 0;
+    store.compact(301).await.expect("compact");
+    let mut seen = 1;
     let err = loop {
-        match overtaken.next().await.expect("stream ended without error") {
+        match next(&mut overtaken)
+            .await
+            .expect("stream ended without error")
+        {
             Ok(event) => {
                 seen += 1;
                 assert_eq!(event.kv.mod_revision, seen);
@@ -91,15 +115,15 @@ async fn a_watcher_cut_off_by_a_tiny_buffer_catches_up_then_hits_compaction() {
         }
     };
     assert!(
-        seen <= 4,
+        seen <= 1 + 4,
         "only the buffered revisions can come before the error, got {seen}"
     );
     assert!(
-        matches!(err, StoreError::Compacted { compacted: 300, .. }),
+        matches!(err, StoreError::Compacted { compacted: 301, .. }),
         "{err}"
     );
     assert!(
-        overtaken.next().await.is_none(),
+        next(&mut overtaken).await.is_none(),
         "the stream must end after Compacted"
     );
 }
@@ -131,7 +155,7 @@ async fn reopening_keeps_values_revisions_log_and_compaction() {
     ));
     let mut watch = store.watch("/r/", 4).await.expect("watch");
     for expected in 5..=10 {
-        let event = watch.next().await.expect("event").expect("event");
+        let event = next(&mut watch).await.expect("event").expect("event");
         assert_eq!(event.kv.mod_revision, expected);
     }
     assert_eq!(
@@ -143,8 +167,7 @@ async fn reopening_keeps_values_revisions_log_and_compaction() {
         11
     );
     assert_eq!(
-        watch
-            .next()
+        next(&mut watch)
             .await
             .expect("event")
             .expect("event")
@@ -168,7 +191,7 @@ async fn compaction_in_small_chunks_finishes() {
     store.txn(vec![put("/c/last", "v")]).await.expect("txn");
     store.compact(1).await.expect("compact");
     let mut watch = store.watch("/c/", 1).await.expect("watch");
-    let event = watch.next().await.expect("event").expect("event");
+    let event = next(&mut watch).await.expect("event").expect("event");
     assert_eq!(
         (event.kv.key.as_str(), event.kv.mod_revision),
         ("/c/last", 2)
@@ -190,7 +213,7 @@ async fn dropping_the_store_ends_watches() {
     let store = open(&root, "drop.redb", RedbStoreOptions::default());
     let mut watch = store.watch("", 0).await.expect("watch");
     store.txn(vec![put("/d/1", "v")]).await.expect("txn");
-    assert!(watch.next().await.expect("event").is_ok());
+    assert!(next(&mut watch).await.expect("event").is_ok());
     drop(store);
     let end = tokio::time::timeout(Duration::from_secs(10), watch.next())
         .await
@@ -199,5 +222,5 @@ async fn dropping_the_store_ends_watches() {
         matches!(end, Some(Err(StoreError::Unavailable(_)))),
         "{end:?}"
     );
-    assert!(watch.next().await.is_none());
+    assert!(next(&mut watch).await.is_none());
 }
