@@ -841,6 +841,10 @@ fn check_prev_values(case: &str, events: &[Event]) {
         deleted.kv.value.is_empty(),
         "{case}: a delete event has a value"
     );
+    assert_eq!(
+        deleted.kv.create_revision, 0,
+        "{case}: a delete event's create revision"
+    );
     assert!(r3 > r2, "{case}: delete event revision");
     let prev = deleted
         .prev

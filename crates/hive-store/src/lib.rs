@@ -134,8 +134,9 @@ pub enum EventKind {
     Delete,
 }
 
-/// One change. For a delete, `kv.value` is empty and `kv.mod_revision` is the deleting
-/// revision; `prev` holds the value that was deleted. For a put, `prev` is the value it replaced.
+/// One change. For a delete, `kv.value` is empty, `kv.mod_revision` is the deleting revision
+/// and `kv.create_revision` is 0 (as etcd reports it); `prev` holds the value that was deleted.
+/// For a put, `prev` is the value it replaced.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
     pub kind: EventKind,
@@ -276,4 +277,76 @@ fn check_disjoint(ops: &[Op]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str) -> Op {
+        Op::Put {
+            key: key.into(),
+            value: Bytes::new(),
+        }
+    }
+
+    fn delete_prefix(prefix: &str) -> Op {
+        Op::DeletePrefix {
+            prefix: prefix.into(),
+        }
+    }
+
+    fn is_invalid(ops: &[Op]) -> bool {
+        matches!(validate_ops(ops), Err(StoreError::Invalid(_)))
+    }
+
+    #[test]
+    fn distinct_keys_pass() {
+        assert!(validate_ops(&[put("/a"), put("/b"), delete_prefix("/c/"), put("/c")]).is_ok());
+        // A prefix of another prefix op's key only matters in that direction.
+        assert!(validate_ops(&[delete_prefix("/a/b"), put("/a/")]).is_ok());
+    }
+
+    #[test]
+    fn a_key_named_twice_is_invalid() {
+        assert!(is_invalid(&[put("/a"), put("/b"), put("/a")]));
+        assert!(is_invalid(&[
+            put("/a"),
+            Op::Delete {
+                key: "/a".into(),
+                mod_revision: None
+            }
+        ]));
+        assert!(is_invalid(&[delete_prefix("/a/"), delete_prefix("/a/")]));
+    }
+
+    #[test]
+    fn a_key_under_a_deleted_prefix_is_invalid_wherever_it_sorts() {
+        assert!(is_invalid(&[put("/a/x"), delete_prefix("/a/")]));
+        assert!(is_invalid(&[delete_prefix("/a/"), put("/a/")]));
+        assert!(is_invalid(&[
+            delete_prefix("/a/"),
+            put("/a/b"),
+            put("/a/z/y")
+        ]));
+        // Keys between the prefix and the covered key do not hide the overlap.
+        assert!(is_invalid(&[
+            delete_prefix("/a/"),
+            put("/a/0"),
+            put("/a/zz"),
+            put("/b")
+        ]));
+        assert!(is_invalid(&[delete_prefix("/a"), delete_prefix("/a/b/")]));
+    }
+
+    #[test]
+    fn size_limits() {
+        assert!(is_invalid(&[]));
+        assert!(is_invalid(&[put("")]));
+        assert!(is_invalid(&[put(&"k".repeat(MAX_KEY_BYTES + 1))]));
+        assert!(validate_ops(&[put(&"k".repeat(MAX_KEY_BYTES))]).is_ok());
+        let ops: Vec<Op> = (0..=MAX_TXN_OPS).map(|i| put(&format!("/{i}"))).collect();
+        assert!(is_invalid(&ops));
+        assert!(validate_ops(&ops[..MAX_TXN_OPS]).is_ok());
+    }
 }

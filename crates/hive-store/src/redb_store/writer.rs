@@ -17,6 +17,17 @@ use super::hub::RevisionEvents;
 use super::{COMPACTED, KV, LOG, META, REVISION, Shared, backend, codec};
 use crate::{ConflictKind, Event, EventKind, KeyValue, Op, Revision, StoreError, TxnResponse};
 
+/// How long the writer waits before trimming again after a failed commit.
+const TRIM_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
+struct CloseHubOnExit(Arc<super::hub::Hub>);
+
+impl Drop for CloseHubOnExit {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// A request to the writer. Callers validate ops before sending.
 #[derive(Debug)]
 pub(super) enum Request {
@@ -84,6 +95,8 @@ impl Writer {
 
     /// Serves requests until every sender is gone, then ends the live watch streams.
     pub(super) fn run(mut self) {
+        // Watch streams must learn that no more events will come even if this thread dies.
+        let _close_hub = CloseHubOnExit(Arc::clone(&self.shared.hub));
         let max_batch = self.shared.options.max_batch.max(1);
         loop {
             let first = if self.state.trim_pending {
@@ -114,7 +127,6 @@ impl Writer {
                 "store closed before compaction finished".into(),
             )));
         }
-        self.shared.hub.close();
     }
 
     fn process(&mut self, batch: Vec<Request>) {
@@ -173,6 +185,10 @@ impl Writer {
             }
             Err(err) => {
                 tracing::error!(error = %err, "store write batch failed");
+                if self.state.trim_pending {
+                    // The trimming would retry at once, forever, if the disk keeps failing.
+                    std::thread::sleep(TRIM_RETRY);
+                }
                 let message = err.to_string();
                 for work in works {
                     match work {
