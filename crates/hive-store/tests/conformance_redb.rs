@@ -43,10 +43,10 @@ async fn redb_passes_the_conformance_suite() {
         async move { store }
     })
     .await;
-    assert_eq!(
-        counter.load(Ordering::Relaxed),
-        20,
-        "every case ran on its own store"
+    let stores = counter.load(Ordering::Relaxed);
+    assert!(
+        stores >= 20,
+        "each case runs on its own store, only {stores} were opened"
     );
 }
 
