@@ -48,11 +48,18 @@ pub enum Op {
     /// Create `key`; the transaction fails if it exists.
     Create { key: String, value: Bytes },
     /// Replace `key`'s value; fails unless `key` exists with exactly `mod_revision`.
-    Update { key: String, value: Bytes, mod_revision: Revision },
+    Update {
+        key: String,
+        value: Bytes,
+        mod_revision: Revision,
+    },
     /// Create or replace `key` unconditionally.
     Put { key: String, value: Bytes },
     /// Delete `key`; fails if it is missing, or if `mod_revision` is given and differs.
-    Delete { key: String, mod_revision: Option<Revision> },
+    Delete {
+        key: String,
+        mod_revision: Option<Revision>,
+    },
     /// Delete every key starting with `prefix` (none is fine). One event per deleted key.
     DeletePrefix { prefix: String },
     /// Write nothing; the transaction fails unless `key` exists with exactly `mod_revision`
@@ -83,7 +90,10 @@ pub enum ConflictKind {
     /// `Update` or `Delete` of a key that does not exist.
     Missing,
     /// `Update` or `Delete` whose expected revision is not the key's.
-    RevisionMismatch { expected: Revision, actual: Revision },
+    RevisionMismatch {
+        expected: Revision,
+        actual: Revision,
+    },
 }
 
 impl std::fmt::Display for ConflictKind {
@@ -129,8 +139,9 @@ pub enum EventKind {
     Delete,
 }
 
-/// One change. For a delete, `kv.value` is empty and `kv.mod_revision` is the deleting
-/// revision; `prev` holds the value that was deleted. For a put, `prev` is the value it replaced.
+/// One change. For a delete, `kv.value` is empty, `kv.mod_revision` is the deleting revision
+/// and `kv.create_revision` is 0 (as etcd reports it); `prev` holds the value that was deleted.
+/// For a put, `prev` is the value it replaced.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
     pub kind: EventKind,
@@ -151,8 +162,13 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = Result<Event, StoreError>> + Se
 pub enum StoreError {
     #[error("key {key}: {kind}")]
     Conflict { key: String, kind: ConflictKind },
-    #[error("revision {requested} is compacted (history starts after revision {compacted}): relist")]
-    Compacted { requested: Revision, compacted: Revision },
+    #[error(
+        "revision {requested} is compacted (history starts after revision {compacted}): relist"
+    )]
+    Compacted {
+        requested: Revision,
+        compacted: Revision,
+    },
     #[error("invalid request: {0}")]
     Invalid(String),
     #[error("store unavailable: {0}")]
@@ -173,8 +189,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Lists keys starting with `prefix` in key order, strictly after `start_after` when given,
     /// at most `limit` of them (`limit` 0 means no limit). One page is one consistent snapshot.
-    async fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize)
-    -> Result<ListResponse>;
+    async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<ListResponse>;
 
     /// Applies `ops` atomically at one new revision if every condition holds; otherwise applies
     /// nothing and returns [`StoreError::Conflict`] for the first failed condition. An empty
@@ -199,7 +219,10 @@ pub trait Store: Send + Sync + 'static {
     async fn compacted_revision(&self) -> Result<Revision>;
 }
 
-/// Checks the size limits shared by every backend.
+/// Checks the limits shared by every backend: size limits, and that no key is named by two
+/// operations of one transaction (a `DeletePrefix` names every key under its prefix), as etcd
+/// refuses a "duplicate key given in txn request". Because of the latter, the operations of a
+/// valid transaction never see each other's effects, so their order does not matter.
 pub fn validate_ops(ops: &[Op]) -> Result<()> {
     if ops.is_empty() {
         return Err(StoreError::Invalid("transaction has no operations".into()));
@@ -230,5 +253,105 @@ pub fn validate_ops(ops: &[Op]) -> Result<()> {
             )));
         }
     }
+    check_disjoint(ops)
+}
+
+/// Refuses a transaction in which one key is named twice, or lies under a `DeletePrefix` of
+/// another operation.
+fn check_disjoint(ops: &[Op]) -> Result<()> {
+    let mut named: Vec<(&str, bool)> = ops
+        .iter()
+        .map(|op| (op.key(), matches!(op, Op::DeletePrefix { .. })))
+        .collect();
+    // Sorted, every key under a prefix sits in one run right after the prefix itself, so
+    // looking at each pair of neighbours finds every overlap.
+    named.sort_unstable();
+    for pair in named.windows(2) {
+        let [(first, first_is_prefix), (second, _)] = pair else {
+            continue;
+        };
+        if first == second {
+            return Err(StoreError::Invalid(format!(
+                "key {first} is named by more than one operation of the transaction"
+            )));
+        }
+        if *first_is_prefix && second.starts_with(first) {
+            return Err(StoreError::Invalid(format!(
+                "key {second} lies under prefix {first} deleted by the same transaction"
+            )));
+        }
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str) -> Op {
+        Op::Put {
+            key: key.into(),
+            value: Bytes::new(),
+        }
+    }
+
+    fn delete_prefix(prefix: &str) -> Op {
+        Op::DeletePrefix {
+            prefix: prefix.into(),
+        }
+    }
+
+    fn is_invalid(ops: &[Op]) -> bool {
+        matches!(validate_ops(ops), Err(StoreError::Invalid(_)))
+    }
+
+    #[test]
+    fn distinct_keys_pass() {
+        assert!(validate_ops(&[put("/a"), put("/b"), delete_prefix("/c/"), put("/c")]).is_ok());
+        // A prefix of another prefix op's key only matters in that direction.
+        assert!(validate_ops(&[delete_prefix("/a/b"), put("/a/")]).is_ok());
+    }
+
+    #[test]
+    fn a_key_named_twice_is_invalid() {
+        assert!(is_invalid(&[put("/a"), put("/b"), put("/a")]));
+        assert!(is_invalid(&[
+            put("/a"),
+            Op::Delete {
+                key: "/a".into(),
+                mod_revision: None
+            }
+        ]));
+        assert!(is_invalid(&[delete_prefix("/a/"), delete_prefix("/a/")]));
+    }
+
+    #[test]
+    fn a_key_under_a_deleted_prefix_is_invalid_wherever_it_sorts() {
+        assert!(is_invalid(&[put("/a/x"), delete_prefix("/a/")]));
+        assert!(is_invalid(&[delete_prefix("/a/"), put("/a/")]));
+        assert!(is_invalid(&[
+            delete_prefix("/a/"),
+            put("/a/b"),
+            put("/a/z/y")
+        ]));
+        // Keys between the prefix and the covered key do not hide the overlap.
+        assert!(is_invalid(&[
+            delete_prefix("/a/"),
+            put("/a/0"),
+            put("/a/zz"),
+            put("/b")
+        ]));
+        assert!(is_invalid(&[delete_prefix("/a"), delete_prefix("/a/b/")]));
+    }
+
+    #[test]
+    fn size_limits() {
+        assert!(is_invalid(&[]));
+        assert!(is_invalid(&[put("")]));
+        assert!(is_invalid(&[put(&"k".repeat(MAX_KEY_BYTES + 1))]));
+        assert!(validate_ops(&[put(&"k".repeat(MAX_KEY_BYTES))]).is_ok());
+        let ops: Vec<Op> = (0..=MAX_TXN_OPS).map(|i| put(&format!("/{i}"))).collect();
+        assert!(is_invalid(&ops));
+        assert!(validate_ops(&ops[..MAX_TXN_OPS]).is_ok());
+    }
 }
