@@ -22,8 +22,8 @@ pub use instance::{Instance, InstancePhase, InstanceSpec, InstanceStatus};
 pub use meta::{List, Resource, Scope};
 pub use node::{Node, NodeCapacity, NodeSpec, NodeStatus};
 pub use service::{
-    ContainerSpec, EnvVar, PortSpec, Protocol, ResourceAmounts, Resources, RestartPolicy,
-    Service, ServiceSpec, ServiceStatus,
+    ContainerSpec, EnvVar, PortSpec, Protocol, ResourceAmounts, Resources, RestartPolicy, Service,
+    ServiceSpec, ServiceStatus,
 };
 pub use tenant::Tenant;
 pub use token::{ApiToken, CreatedToken, Role, TokenCreate, WhoAmI};

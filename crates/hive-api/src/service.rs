@@ -311,7 +311,10 @@ pub fn image_reference(field: &str, reference: &str) -> Result<(), ValidationErr
         return bad("must not be empty".into());
     }
     if reference.len() > MAX_IMAGE_REF_BYTES {
-        return bad(format!("{} bytes, at most {MAX_IMAGE_REF_BYTES} allowed", reference.len()));
+        return bad(format!(
+            "{} bytes, at most {MAX_IMAGE_REF_BYTES} allowed",
+            reference.len()
+        ));
     }
     let (name_tag, digest) = match reference.split_once('@') {
         Some((n, d)) => (n, Some(d)),
@@ -322,8 +325,13 @@ pub fn image_reference(field: &str, reference: &str) -> Result<(), ValidationErr
             return bad(format!("digest {d:?} must be algorithm:hex"));
         };
         let alg_ok = !alg.is_empty()
-            && alg.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+._-".contains(c));
-        let hex_ok = hex.len() >= 32 && hex.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
+            && alg
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+._-".contains(c));
+        let hex_ok = hex.len() >= 32
+            && hex
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
         if !alg_ok || !hex_ok {
             return bad(format!("digest {d:?} is not algorithm:lowercase-hex"));
         }
@@ -331,16 +339,23 @@ pub fn image_reference(field: &str, reference: &str) -> Result<(), ValidationErr
     // A ':' after the last '/' starts the tag; one before it is a registry port.
     let last_slash = name_tag.rfind('/').map_or(0, |i| i + 1);
     let (name, tag) = match name_tag[last_slash..].find(':') {
-        Some(i) => (&name_tag[..last_slash + i], Some(&name_tag[last_slash + i + 1..])),
+        Some(i) => (
+            &name_tag[..last_slash + i],
+            Some(&name_tag[last_slash + i + 1..]),
+        ),
         None => (name_tag, None),
     };
     if let Some(tag) = tag {
         let ok = !tag.is_empty()
             && tag.len() <= 128
-            && tag.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+            && tag
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
             && !tag.starts_with(['.', '-']);
         if !ok {
-            return bad(format!("tag {tag:?} must be 1 to 128 of A-Z, a-z, 0-9, '_', '.', '-'"));
+            return bad(format!(
+                "tag {tag:?} must be 1 to 128 of A-Z, a-z, 0-9, '_', '.', '-'"
+            ));
         }
     }
     let mut components: Vec<&str> = name.split('/').collect();
@@ -353,14 +368,18 @@ pub fn image_reference(field: &str, reference: &str) -> Result<(), ValidationErr
                 .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
                 && !host.starts_with(['.', '-', ':']);
             if !ok {
-                return bad(format!("registry host {host:?} is not a host name with optional port"));
+                return bad(format!(
+                    "registry host {host:?} is not a host name with optional port"
+                ));
             }
             components.remove(0);
         }
     }
     for comp in components {
         let ok = !comp.is_empty()
-            && comp.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+            && comp
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
             && comp.starts_with(|c: char| c.is_ascii_alphanumeric())
             && comp.ends_with(|c: char| c.is_ascii_alphanumeric())
             && !comp.contains("..");
@@ -412,20 +431,40 @@ mod tests {
         assert_eq!(s.validate().unwrap_err().field, "spec.template.args[1]");
         s.spec.template.args.clear();
         s.spec.template.env = vec![
-            EnvVar { name: "A".into(), value: "1".into() },
-            EnvVar { name: "A".into(), value: "2".into() },
+            EnvVar {
+                name: "A".into(),
+                value: "1".into(),
+            },
+            EnvVar {
+                name: "A".into(),
+                value: "2".into(),
+            },
         ];
         assert_eq!(s.validate().unwrap_err().field, "spec.template.env[1].name");
         s.spec.template.env.clear();
         s.spec.template.resources.requests.memory_bytes = Some(512 << 20);
         s.spec.template.resources.limits.memory_bytes = Some(256 << 20);
-        assert_eq!(s.validate().unwrap_err().field, "spec.template.resources.requests.memory_bytes");
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "spec.template.resources.requests.memory_bytes"
+        );
         s.spec.template.resources = Resources::default();
         s.spec.template.ports = vec![
-            PortSpec { container_port: 80, protocol: Protocol::Tcp, published_port: Some(8080) },
-            PortSpec { container_port: 81, protocol: Protocol::Tcp, published_port: Some(8080) },
+            PortSpec {
+                container_port: 80,
+                protocol: Protocol::Tcp,
+                published_port: Some(8080),
+            },
+            PortSpec {
+                container_port: 81,
+                protocol: Protocol::Tcp,
+                published_port: Some(8080),
+            },
         ];
-        assert_eq!(s.validate().unwrap_err().field, "spec.template.ports[1].published_port");
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "spec.template.ports[1].published_port"
+        );
     }
 
     #[test]

@@ -139,7 +139,12 @@ mod tests {
     fn roles_are_ordered_and_parse() {
         assert!(Role::Viewer < Role::Member && Role::Member < Role::TenantAdmin);
         assert!(Role::TenantAdmin < Role::PlatformAdmin);
-        for r in [Role::Viewer, Role::Member, Role::TenantAdmin, Role::PlatformAdmin] {
+        for r in [
+            Role::Viewer,
+            Role::Member,
+            Role::TenantAdmin,
+            Role::PlatformAdmin,
+        ] {
             assert_eq!(r.as_str().parse::<Role>(), Ok(r));
             assert_eq!(serde_json::to_string(&r).unwrap(), format!("\"{r}\""));
         }
@@ -151,9 +156,17 @@ mod tests {
         let t: TokenCreate = serde_json::from_str(r#"{"name":"ci"}"#).unwrap();
         assert_eq!(t.role, Role::Member);
         assert!(t.validate().is_ok());
-        let t = TokenCreate { name: "No".into(), role: Role::Viewer, expires_in_secs: None };
+        let t = TokenCreate {
+            name: "No".into(),
+            role: Role::Viewer,
+            expires_in_secs: None,
+        };
         assert_eq!(t.validate().unwrap_err().field, "name");
-        let t = TokenCreate { name: "x".into(), role: Role::Viewer, expires_in_secs: Some(0) };
+        let t = TokenCreate {
+            name: "x".into(),
+            role: Role::Viewer,
+            expires_in_secs: Some(0),
+        };
         assert_eq!(t.validate().unwrap_err().field, "expires_in_secs");
         assert!(serde_json::from_str::<TokenCreate>(r#"{"name":"x","admin":true}"#).is_err());
     }

@@ -12,7 +12,10 @@ pub struct ValidationError {
 
 impl ValidationError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -32,9 +35,16 @@ pub fn name(field: &str, value: &str) -> Result {
         return bad("must not be empty".into());
     }
     if value.len() > MAX_NAME_LEN {
-        return bad(format!("{:?} is {} characters, at most {MAX_NAME_LEN} allowed", value, value.len()));
+        return bad(format!(
+            "{:?} is {} characters, at most {MAX_NAME_LEN} allowed",
+            value,
+            value.len()
+        ));
     }
-    if let Some(c) = value.chars().find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '-')) {
+    if let Some(c) = value
+        .chars()
+        .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '-'))
+    {
         let why = if c.is_ascii_uppercase() {
             "must be lower case".to_string()
         } else {
@@ -43,7 +53,9 @@ pub fn name(field: &str, value: &str) -> Result {
         return bad(format!("{value:?} {why}"));
     }
     if value.starts_with('-') || value.ends_with('-') {
-        return bad(format!("{value:?} must start and end with a letter or digit"));
+        return bad(format!(
+            "{value:?} must start and end with a letter or digit"
+        ));
     }
     Ok(())
 }
@@ -125,7 +137,12 @@ mod tests {
             assert!(err.message.contains(why), "{bad:?}: {}", err.message);
         }
         let long = "a".repeat(64);
-        assert!(name("name", &long).unwrap_err().message.contains("64 characters"));
+        assert!(
+            name("name", &long)
+                .unwrap_err()
+                .message
+                .contains("64 characters")
+        );
     }
 
     #[test]
@@ -144,7 +161,17 @@ mod tests {
     #[test]
     fn kernel_strings() {
         assert!(kernel_string("f", "ok", 10).is_ok());
-        assert!(kernel_string("f", "a\0b", 10).unwrap_err().message.contains("NUL"));
-        assert!(kernel_string("f", "abcdef", 3).unwrap_err().message.contains("at most 3"));
+        assert!(
+            kernel_string("f", "a\0b", 10)
+                .unwrap_err()
+                .message
+                .contains("NUL")
+        );
+        assert!(
+            kernel_string("f", "abcdef", 3)
+                .unwrap_err()
+                .message
+                .contains("at most 3")
+        );
     }
 }

@@ -4,6 +4,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod api;
 mod store;
 
 #[derive(Debug, Parser)]
@@ -21,12 +22,18 @@ struct Cli {
 enum Command {
     /// Durable writes per second through the embedded store, against plain redb.
     Store(store::StoreArgs),
+    /// API creates/s, gets/s and watch latency over HTTP, against the store itself.
+    Api(api::ApiArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Store(args) => store::run(args).await?,
+        Command::Store(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(store::run(args))
+            .map_err(Into::into),
+        // Runs its own runtimes: one for the server, one for the clients.
+        Command::Api(args) => api::run(args),
     }
-    Ok(())
 }

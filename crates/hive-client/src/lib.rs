@@ -20,9 +20,17 @@ use serde::de::DeserializeOwned;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("{method} {url}: {source}")]
-    Transport { method: Method, url: String, source: reqwest::Error },
+    Transport {
+        method: Method,
+        url: String,
+        source: reqwest::Error,
+    },
     #[error("{} ({}): {}", .body.message, .body.code, .status)]
-    Api { status: StatusCode, body: ApiErrorBody, retry_after: Option<u64> },
+    Api {
+        status: StatusCode,
+        body: ApiErrorBody,
+        retry_after: Option<u64>,
+    },
     #[error("decode response of {url}: {message}")]
     Decode { url: String, message: String },
     #[error("server URL {0:?} must start with http:// or https://")]
@@ -60,7 +68,9 @@ pub struct Client {
 pub fn segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') && !(s == "." || s == "..") {
+        if b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'_' | b'.' | b'~') && !(s == "." || s == "..")
+        {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -99,22 +109,35 @@ impl Client {
         rb
     }
 
-    async fn send<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> Result<T> {
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T> {
         let mut rb = self.request(method.clone(), path).timeout(REQUEST_TIMEOUT);
         if let Some(b) = body {
             rb = rb.json(b);
         }
         let url = format!("{}{path}", self.base);
-        let resp = rb
-            .send()
-            .await
-            .map_err(|source| ClientError::Transport { method: method.clone(), url: url.clone(), source })?;
+        let resp = rb.send().await.map_err(|source| ClientError::Transport {
+            method: method.clone(),
+            url: url.clone(),
+            source,
+        })?;
         let resp = check(resp).await?;
         let bytes = resp
             .bytes()
             .await
-            .map_err(|source| ClientError::Transport { method, url: url.clone(), source })?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode { url, message: e.to_string() })
+            .map_err(|source| ClientError::Transport {
+                method,
+                url: url.clone(),
+                source,
+            })?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            url,
+            message: e.to_string(),
+        })
     }
 
     /// The collection path of kind `R` in `tenant`.
@@ -134,15 +157,22 @@ impl Client {
     }
 
     pub async fn whoami(&self) -> Result<WhoAmI> {
-        self.send(Method::GET, &format!("{API_PREFIX}/whoami"), None::<&()>).await
+        self.send(Method::GET, &format!("{API_PREFIX}/whoami"), None::<&()>)
+            .await
     }
 
     pub async fn create<R: Resource>(&self, tenant: Option<&str>, obj: &R) -> Result<R> {
-        self.send(Method::POST, &Self::collection_path::<R>(tenant), Some(obj)).await
+        self.send(Method::POST, &Self::collection_path::<R>(tenant), Some(obj))
+            .await
     }
 
     pub async fn get<R: Resource>(&self, tenant: Option<&str>, name: &str) -> Result<R> {
-        self.send(Method::GET, &Self::item_path::<R>(tenant, name), None::<&()>).await
+        self.send(
+            Method::GET,
+            &Self::item_path::<R>(tenant, name),
+            None::<&()>,
+        )
+        .await
     }
 
     /// One page of up to `limit` objects after `continue_`.
@@ -178,7 +208,12 @@ impl Client {
 
     /// Replaces the spec; `obj.revision()` is the precondition (0: none).
     pub async fn update<R: Resource>(&self, tenant: Option<&str>, obj: &R) -> Result<R> {
-        self.send(Method::PUT, &Self::item_path::<R>(tenant, obj.name()), Some(obj)).await
+        self.send(
+            Method::PUT,
+            &Self::item_path::<R>(tenant, obj.name()),
+            Some(obj),
+        )
+        .await
     }
 
     pub async fn update_status<R: Resource>(&self, tenant: Option<&str>, obj: &R) -> Result<R> {
@@ -187,7 +222,12 @@ impl Client {
     }
 
     pub async fn delete<R: Resource>(&self, tenant: Option<&str>, name: &str) -> Result<R> {
-        self.send(Method::DELETE, &Self::item_path::<R>(tenant, name), None::<&()>).await
+        self.send(
+            Method::DELETE,
+            &Self::item_path::<R>(tenant, name),
+            None::<&()>,
+        )
+        .await
     }
 
     /// Changes of kind `R` after `revision` (default: from now), as they happen.
@@ -205,21 +245,36 @@ impl Client {
             .request(Method::GET, &path)
             .send()
             .await
-            .map_err(|source| ClientError::Transport { method: Method::GET, url: url.clone(), source })?;
+            .map_err(|source| ClientError::Transport {
+                method: Method::GET,
+                url: url.clone(),
+                source,
+            })?;
         let resp = check(resp).await?;
         Ok(ndjson::<WatchEvent<R>>(url, resp).boxed())
     }
 
-    pub async fn create_token(&self, tenant: Option<&str>, req: &TokenCreate) -> Result<CreatedToken> {
-        self.send(Method::POST, &tokens_path(tenant), Some(req)).await
+    pub async fn create_token(
+        &self,
+        tenant: Option<&str>,
+        req: &TokenCreate,
+    ) -> Result<CreatedToken> {
+        self.send(Method::POST, &tokens_path(tenant), Some(req))
+            .await
     }
 
     pub async fn list_tokens(&self, tenant: Option<&str>) -> Result<List<ApiToken>> {
-        self.send(Method::GET, &tokens_path(tenant), None::<&()>).await
+        self.send(Method::GET, &tokens_path(tenant), None::<&()>)
+            .await
     }
 
     pub async fn revoke_token(&self, tenant: Option<&str>, id: &str) -> Result<ApiToken> {
-        self.send(Method::DELETE, &format!("{}/{}", tokens_path(tenant), segment(id)), None::<&()>).await
+        self.send(
+            Method::DELETE,
+            &format!("{}/{}", tokens_path(tenant), segment(id)),
+            None::<&()>,
+        )
+        .await
     }
 
     /// `GET /healthz`: the server answers and its store is readable.
@@ -231,7 +286,11 @@ impl Client {
             .timeout(Duration::from_secs(5))
             .send()
             .await
-            .map_err(|source| ClientError::Transport { method: Method::GET, url, source })?;
+            .map_err(|source| ClientError::Transport {
+                method: Method::GET,
+                url,
+                source,
+            })?;
         check(resp).await.map(drop)
     }
 }
@@ -261,11 +320,18 @@ async fn check(resp: reqwest::Response) -> Result<reqwest::Response> {
         message: format!("{url} answered {status} without an API error body"),
         request_id: String::new(),
     });
-    Err(ClientError::Api { status, body, retry_after })
+    Err(ClientError::Api {
+        status,
+        body,
+        retry_after,
+    })
 }
 
 /// Splits a streamed body into JSON lines.
-fn ndjson<T: DeserializeOwned + Send>(url: String, resp: reqwest::Response) -> impl Stream<Item = Result<T>> + Send {
+fn ndjson<T: DeserializeOwned + Send>(
+    url: String,
+    resp: reqwest::Response,
+) -> impl Stream<Item = Result<T>> + Send {
     let body = resp.bytes_stream();
     futures_util::stream::unfold(
         (body.boxed(), BytesMut::new(), url, false),
@@ -280,14 +346,20 @@ fn ndjson<T: DeserializeOwned + Send>(url: String, resp: reqwest::Response) -> i
                     if line.is_empty() {
                         continue;
                     }
-                    let item = serde_json::from_slice::<T>(line)
-                        .map_err(|e| ClientError::Decode { url: url.clone(), message: e.to_string() });
+                    let item = serde_json::from_slice::<T>(line).map_err(|e| ClientError::Decode {
+                        url: url.clone(),
+                        message: e.to_string(),
+                    });
                     return Some((item, (body, buf, url, false)));
                 }
                 match body.next().await {
                     Some(Ok(chunk)) => buf.extend_from_slice(chunk.chunk()),
                     Some(Err(source)) => {
-                        let err = ClientError::Transport { method: Method::GET, url: url.clone(), source };
+                        let err = ClientError::Transport {
+                            method: Method::GET,
+                            url: url.clone(),
+                            source,
+                        };
                         return Some((Err(err), (body, buf, url, true)));
                     }
                     None => return None,
@@ -312,7 +384,10 @@ mod tests {
     #[test]
     fn paths() {
         use hive_api::{Node, Service};
-        assert_eq!(Client::collection_path::<Service>(Some("acme")), "/api/v1/tenants/acme/services");
+        assert_eq!(
+            Client::collection_path::<Service>(Some("acme")),
+            "/api/v1/tenants/acme/services"
+        );
         assert_eq!(Client::collection_path::<Node>(None), "/api/v1/nodes");
         assert_eq!(tokens_path(None), "/api/v1/tokens");
     }

@@ -111,9 +111,12 @@ fn bearer(req: &Request) -> ApiResult<&str> {
 pub async fn resolve(store: &Arc<dyn Store>, secret: &str) -> ApiResult<Principal> {
     let hash = hash_secret(secret);
     let got = store.get(&keys::auth(&hash)).await?;
-    let kv = got.kv.ok_or_else(|| ApiError::unauthenticated("token is unknown or revoked"))?;
-    let record: TokenRecord = serde_json::from_slice(&kv.value)
-        .map_err(|e| ApiError::internal("internal error").log_cause(format!("token record {}: {e}", kv.key)))?;
+    let kv = got
+        .kv
+        .ok_or_else(|| ApiError::unauthenticated("token is unknown or revoked"))?;
+    let record: TokenRecord = serde_json::from_slice(&kv.value).map_err(|e| {
+        ApiError::internal("internal error").log_cause(format!("token record {}: {e}", kv.key))
+    })?;
     if let Some(exp) = record.info.expires_at
         && exp <= Utc::now()
     {
@@ -124,10 +127,9 @@ pub async fn resolve(store: &Arc<dyn Store>, secret: &str) -> ApiResult<Principa
     }
     if let Some(tenant) = &record.info.tenant {
         let t = store.get(&keys::object::<Tenant>(None, tenant)).await?;
-        let alive = t
-            .kv
-            .and_then(|kv| serde_json::from_slice::<Tenant>(&kv.value).ok())
-            .is_some_and(|t| Some(&t.uid) == record.tenant_uid.as_ref());
+        let alive =
+            t.kv.and_then(|kv| serde_json::from_slice::<Tenant>(&kv.value).ok())
+                .is_some_and(|t| Some(&t.uid) == record.tenant_uid.as_ref());
         if !alive {
             return Err(ApiError::unauthenticated("token is unknown or revoked"));
         }

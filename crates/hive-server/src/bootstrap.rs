@@ -23,7 +23,10 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
     #[error("write {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("store: {0}")]
     Store(#[from] StoreError),
 }
@@ -38,10 +41,16 @@ pub enum Bootstrap {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BootstrapError + '_ {
-    move |source| BootstrapError::Io { path: path.to_owned(), source }
+    move |source| BootstrapError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
-pub async fn bootstrap(store: &Arc<dyn Store>, data_dir: &Path) -> Result<Bootstrap, BootstrapError> {
+pub async fn bootstrap(
+    store: &Arc<dyn Store>,
+    data_dir: &Path,
+) -> Result<Bootstrap, BootstrapError> {
     let file = data_dir.join(ADMIN_TOKEN_FILE);
     let tmp = data_dir.join(format!("{ADMIN_TOKEN_FILE}.tmp"));
     if store.get(keys::BOOTSTRAP).await?.kv.is_some() {
@@ -54,9 +63,18 @@ pub async fn bootstrap(store: &Arc<dyn Store>, data_dir: &Path) -> Result<Bootst
     write_secret(&tmp, &secret)?;
     let value = Bytes::from(serde_json::to_vec(&record).unwrap_or_default());
     let ops = vec![
-        Op::Create { key: keys::BOOTSTRAP.to_owned(), value: Bytes::from_static(b"{}") },
-        Op::Create { key: keys::auth(&record.hash), value: value.clone() },
-        Op::Create { key: keys::token_index(None, &record.info.id), value },
+        Op::Create {
+            key: keys::BOOTSTRAP.to_owned(),
+            value: Bytes::from_static(b"{}"),
+        },
+        Op::Create {
+            key: keys::auth(&record.hash),
+            value: value.clone(),
+        },
+        Op::Create {
+            key: keys::token_index(None, &record.info.id),
+            value,
+        },
     ];
     match store.txn(ops).await {
         Ok(_) => {
@@ -66,7 +84,10 @@ pub async fn bootstrap(store: &Arc<dyn Store>, data_dir: &Path) -> Result<Bootst
             }
             Ok(Bootstrap::Created { token_file: file })
         }
-        Err(StoreError::Conflict { kind: ConflictKind::Exists { .. }, .. }) => {
+        Err(StoreError::Conflict {
+            kind: ConflictKind::Exists { .. },
+            ..
+        }) => {
             // Another server bootstrapped the same store first.
             let _ = fs::remove_file(&tmp);
             Ok(Bootstrap::Existing)

@@ -22,7 +22,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), retry_after: None }
+        Self {
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
     }
 
     pub fn not_found(kind: &str, name: &str, tenant: Option<&str>) -> Self {
@@ -52,16 +56,20 @@ impl ApiError {
     /// Maps a store error met while acting on `kind` `name`.
     pub fn from_store(err: StoreError, kind: &str, name: &str, tenant: Option<&str>) -> Self {
         match err {
-            StoreError::Conflict { kind: ConflictKind::Exists { .. }, .. } => {
+            StoreError::Conflict {
+                kind: ConflictKind::Exists { .. },
+                ..
+            } => {
                 let message = match tenant {
                     Some(t) => format!("{kind} {name:?} already exists in tenant {t:?}"),
                     None => format!("{kind} {name:?} already exists"),
                 };
                 Self::new(ErrorCode::AlreadyExists, message)
             }
-            StoreError::Conflict { kind: ConflictKind::Missing, .. } => {
-                Self::not_found(kind, name, tenant)
-            }
+            StoreError::Conflict {
+                kind: ConflictKind::Missing,
+                ..
+            } => Self::not_found(kind, name, tenant),
             StoreError::Conflict {
                 kind: ConflictKind::RevisionMismatch { expected, actual },
                 ..
@@ -80,7 +88,10 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
-            StoreError::Compacted { requested, compacted } => Self::new(
+            StoreError::Compacted {
+                requested,
+                compacted,
+            } => Self::new(
                 ErrorCode::RevisionCompacted,
                 format!(
                     "revision {requested} is compacted (history starts after {compacted}): list \
@@ -89,13 +100,17 @@ impl From<StoreError> for ApiError {
             ),
             StoreError::Unavailable(msg) => {
                 tracing::warn!(error = %msg, "store unavailable");
-                Self::new(ErrorCode::Unavailable, "the state store is unavailable, retry later")
+                Self::new(
+                    ErrorCode::Unavailable,
+                    "the state store is unavailable, retry later",
+                )
             }
             StoreError::Invalid(msg) => Self::invalid(msg),
-            StoreError::Conflict { key, kind } => {
-                Self::new(ErrorCode::Conflict, format!("concurrent change ({kind}), retry"))
-                    .log_cause(format!("store conflict on {key}: {kind}"))
-            }
+            StoreError::Conflict { key, kind } => Self::new(
+                ErrorCode::Conflict,
+                format!("concurrent change ({kind}), retry"),
+            )
+            .log_cause(format!("store conflict on {key}: {kind}")),
             StoreError::Backend(msg) => Self::internal("internal error").log_cause(msg),
         }
     }
@@ -106,6 +121,12 @@ impl ApiError {
     pub(crate) fn log_cause(self, cause: String) -> Self {
         tracing::error!(code = %self.code, %cause, "internal error");
         self
+    }
+}
+
+impl From<hive_api::ValidationError> for ApiError {
+    fn from(e: hive_api::ValidationError) -> Self {
+        ApiError::new(ErrorCode::Invalid, e.to_string())
     }
 }
 
@@ -129,8 +150,8 @@ impl From<JsonRejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = status.into_response();
         if let Some(secs) = self.retry_after
             && let Ok(v) = HeaderValue::from_str(&secs.to_string())

@@ -40,7 +40,8 @@ async fn compact(st: &AppState) -> Result<(), hive_store::StoreError> {
 }
 
 async fn expire_events(st: &AppState) -> Result<(), crate::error::ApiError> {
-    let retention = chrono::Duration::from_std(st.config.event_retention).unwrap_or(chrono::Duration::hours(1));
+    let retention =
+        chrono::Duration::from_std(st.config.event_retention).unwrap_or(chrono::Duration::hours(1));
     let cutoff = Utc::now() - retention;
     for tkv in list_all(st, &keys::collection::<Tenant>(None)).await? {
         let tenant: Tenant = decode(&tkv)?;
@@ -51,7 +52,10 @@ async fn expire_events(st: &AppState) -> Result<(), crate::error::ApiError> {
             if ev.created_at.is_some_and(|t| t >= cutoff) {
                 break;
             }
-            ops.push(Op::Delete { key: kv.key, mod_revision: Some(kv.mod_revision) });
+            ops.push(Op::Delete {
+                key: kv.key,
+                mod_revision: Some(kv.mod_revision),
+            });
         }
         for chunk in ops.chunks(hive_store::MAX_TXN_OPS) {
             st.store.txn(chunk.to_vec()).await?;

@@ -49,7 +49,10 @@ mod tests {
 
     #[test]
     fn layout() {
-        assert_eq!(object::<Service>(Some("acme"), "web"), "/t/acme/services/web");
+        assert_eq!(
+            object::<Service>(Some("acme"), "web"),
+            "/t/acme/services/web"
+        );
         assert_eq!(object::<Node>(None, "n1"), "/nodes/n1");
         assert_eq!(object::<Tenant>(None, "acme"), "/tenants/acme");
         assert!(object::<Service>(Some("acme"), "x").starts_with(&tenant_prefix("acme")));

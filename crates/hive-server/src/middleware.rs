@@ -37,12 +37,17 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         } else {
             tracing::debug!(request_id = %id, %method, %path, %status, code = %err.code, message = %err.message, "request refused");
         }
-        let body = ApiErrorBody { code: err.code, message: err.message, request_id: id.clone() };
+        let body = ApiErrorBody {
+            code: err.code,
+            message: err.message,
+            request_id: id.clone(),
+        };
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         *response.body_mut() = Body::from(bytes);
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         response.headers_mut().remove(header::CONTENT_LENGTH);
     } else {
         tracing::trace!(request_id = %id, %method, %path, %status, elapsed_us = start.elapsed().as_micros() as u64, "request");
@@ -64,7 +69,11 @@ pub async fn route_not_found(req: Request) -> Response {
 pub async fn method_not_allowed(req: Request) -> Response {
     let mut r = ApiError::new(
         ErrorCode::RouteNotFound,
-        format!("method {} is not allowed on {}", req.method(), req.uri().path()),
+        format!(
+            "method {} is not allowed on {}",
+            req.method(),
+            req.uri().path()
+        ),
     )
     .into_response();
     *r.status_mut() = axum::http::StatusCode::METHOD_NOT_ALLOWED;

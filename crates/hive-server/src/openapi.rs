@@ -2,14 +2,18 @@
 //! [`crate::router`]), so a route cannot exist without its documentation.
 
 use hive_api::ApiErrorBody;
-use utoipa::openapi::path::{HttpMethod, Operation, OperationBuilder, ParameterBuilder, ParameterIn, Paths};
+use utoipa::ToSchema;
+use utoipa::openapi::path::{
+    HttpMethod, Operation, OperationBuilder, ParameterBuilder, ParameterIn, Paths,
+};
 use utoipa::openapi::request_body::RequestBodyBuilder;
-use utoipa::openapi::schema::{ArrayBuilder, ComponentsBuilder, ObjectBuilder, Schema, SchemaType, Type};
+use utoipa::openapi::schema::{
+    ArrayBuilder, ComponentsBuilder, ObjectBuilder, Schema, SchemaType, Type,
+};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{
     ContentBuilder, InfoBuilder, OpenApi, OpenApiBuilder, Ref, RefOr, Required, ResponseBuilder,
 };
-use utoipa::ToSchema;
 
 /// Collects paths and schemas while the router is assembled.
 #[derive(Default)]
@@ -20,13 +24,17 @@ pub struct ApiDoc {
 
 impl std::fmt::Debug for ApiDoc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiDoc").field("schemas", &self.schemas.len()).finish_non_exhaustive()
+        f.debug_struct("ApiDoc")
+            .field("schemas", &self.schemas.len())
+            .finish_non_exhaustive()
     }
 }
 
 pub fn title_case(s: &str) -> String {
     let mut c = s.chars();
-    c.next().map(|f| f.to_uppercase().collect::<String>() + c.as_str()).unwrap_or_default()
+    c.next()
+        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+        .unwrap_or_default()
 }
 
 /// Description of one operation, filled in by the route table.
@@ -64,17 +72,25 @@ impl ApiDoc {
             let schema = ObjectBuilder::new()
                 .property("items", ArrayBuilder::new().items(item))
                 .required("items")
-                .property("revision", ObjectBuilder::new().schema_type(SchemaType::new(Type::Integer)).minimum(Some(0)))
+                .property(
+                    "revision",
+                    ObjectBuilder::new()
+                        .schema_type(SchemaType::new(Type::Integer))
+                        .minimum(Some(0)),
+                )
                 .required("revision")
                 .property(
                     "continue",
                     ObjectBuilder::new()
                         .schema_type(SchemaType::new(Type::String))
-                        .description(Some("Pass as `continue` to get the next page; absent on the last page")),
+                        .description(Some(
+                            "Pass as `continue` to get the next page; absent on the last page",
+                        )),
                 )
                 .description(Some(format!("One page of {}s", T::name())))
                 .build();
-            self.schemas.push((name.clone(), RefOr::T(Schema::Object(schema))));
+            self.schemas
+                .push((name.clone(), RefOr::T(Schema::Object(schema))));
         }
         Ref::from_schema_name(name)
     }
@@ -92,7 +108,9 @@ impl ApiDoc {
                         .name(name)
                         .parameter_in(ParameterIn::Path)
                         .required(Required::True)
-                        .schema(Some(ObjectBuilder::new().schema_type(SchemaType::new(Type::String)))),
+                        .schema(Some(
+                            ObjectBuilder::new().schema_type(SchemaType::new(Type::String)),
+                        )),
                 );
             }
         }
@@ -103,20 +121,28 @@ impl ApiDoc {
                     .parameter_in(ParameterIn::Query)
                     .required(Required::False)
                     .description(Some(*desc))
-                    .schema(Some(ObjectBuilder::new().schema_type(SchemaType::new(ty.clone())))),
+                    .schema(Some(
+                        ObjectBuilder::new().schema_type(SchemaType::new(ty.clone())),
+                    )),
             );
         }
         if let Some(body) = op.body.clone() {
             b = b.request_body(Some(
                 RequestBodyBuilder::new()
                     .required(Some(Required::True))
-                    .content("application/json", ContentBuilder::new().schema(Some(body)).build())
+                    .content(
+                        "application/json",
+                        ContentBuilder::new().schema(Some(body)).build(),
+                    )
                     .build(),
             ));
         }
         let mut ok = ResponseBuilder::new().description("success");
         if let Some(schema) = op.ok.clone() {
-            ok = ok.content("application/json", ContentBuilder::new().schema(Some(schema)).build());
+            ok = ok.content(
+                "application/json",
+                ContentBuilder::new().schema(Some(schema)).build(),
+            );
         }
         b = b.response(op.ok_status, ok.build());
         let mut statuses: Vec<&str> = op.errors.to_vec();
@@ -129,7 +155,10 @@ impl ApiDoc {
                 status,
                 ResponseBuilder::new()
                     .description(error_description(status))
-                    .content("application/json", ContentBuilder::new().schema(Some(error.clone())).build())
+                    .content(
+                        "application/json",
+                        ContentBuilder::new().schema(Some(error.clone())).build(),
+                    )
                     .build(),
             );
         }
@@ -137,7 +166,8 @@ impl ApiDoc {
             b = b.security(SecurityRequirement::new("bearer", Vec::<String>::new()));
         }
         let operation: Operation = b.build();
-        self.paths.add_path_operation(op.path, vec![op.method], operation);
+        self.paths
+            .add_path_operation(op.path, vec![op.method], operation);
     }
 
     pub fn finish(self) -> OpenApi {

@@ -13,7 +13,10 @@ pub struct RateLimit {
 
 impl Default for RateLimit {
     fn default() -> Self {
-        Self { per_sec: 200.0, burst: 400.0 }
+        Self {
+            per_sec: 200.0,
+            burst: 400.0,
+        }
     }
 }
 
@@ -31,7 +34,10 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(limit: RateLimit) -> Self {
-        Self { limit, buckets: Mutex::new(HashMap::new()) }
+        Self {
+            limit,
+            buckets: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Takes one request from `key`'s bucket, or says how many whole seconds until one is
@@ -45,9 +51,10 @@ impl RateLimiter {
             return Ok(());
         }
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let bucket = buckets
-            .entry(key.to_owned())
-            .or_insert(Bucket { tokens: self.limit.burst, updated: now });
+        let bucket = buckets.entry(key.to_owned()).or_insert(Bucket {
+            tokens: self.limit.burst,
+            updated: now,
+        });
         let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.limit.per_sec).min(self.limit.burst);
         bucket.updated = now;
@@ -82,7 +89,10 @@ mod tests {
 
     #[test]
     fn bucket_refills_at_rate() {
-        let rl = RateLimiter::new(RateLimit { per_sec: 2.0, burst: 3.0 });
+        let rl = RateLimiter::new(RateLimit {
+            per_sec: 2.0,
+            burst: 3.0,
+        });
         let t0 = Instant::now();
         for _ in 0..3 {
             assert_eq!(rl.check_at("a", t0), Ok(()));
@@ -97,7 +107,10 @@ mod tests {
 
     #[test]
     fn zero_rate_disables() {
-        let rl = RateLimiter::new(RateLimit { per_sec: 0.0, burst: 0.0 });
+        let rl = RateLimiter::new(RateLimit {
+            per_sec: 0.0,
+            burst: 0.0,
+        });
         for _ in 0..10_000 {
             assert!(rl.check("a").is_ok());
         }

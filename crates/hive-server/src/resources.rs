@@ -117,7 +117,10 @@ impl Target {
     /// Tenant routes name themselves `{tenant}` (the path segment other routes nest under).
     pub fn of<R: Resource>(mut params: HashMap<String, String>) -> Self {
         match R::SCOPE {
-            Scope::Tenant => Self { tenant: params.remove("tenant"), name: params.remove("name") },
+            Scope::Tenant => Self {
+                tenant: params.remove("tenant"),
+                name: params.remove("name"),
+            },
             Scope::Cluster => {
                 let name = params.remove("name").or_else(|| params.remove("tenant"));
                 Self { tenant: None, name }
@@ -126,7 +129,10 @@ impl Target {
     }
 
     pub fn from_path(mut params: HashMap<String, String>) -> Self {
-        Self { tenant: params.remove("tenant"), name: params.remove("name") }
+        Self {
+            tenant: params.remove("tenant"),
+            name: params.remove("name"),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -169,7 +175,11 @@ pub async fn load_tenant(st: &AppState, p: &Principal, name: &str) -> ApiResult<
     if !p.is_platform_admin() && p.tenant_uid.as_deref() != Some(tenant.uid.as_str()) {
         return Err(tenant_not_found(name));
     }
-    Ok(TenantGuard { name: name.to_owned(), uid: tenant.uid, revision: kv.mod_revision })
+    Ok(TenantGuard {
+        name: name.to_owned(),
+        uid: tenant.uid,
+        revision: kv.mod_revision,
+    })
 }
 
 /// Applies the isolation and role rules for an action on kind `R`. Returns the tenant when
@@ -201,9 +211,9 @@ pub fn decode<R: Resource>(kv: &KeyValue) -> ApiResult<R> {
 }
 
 fn encode<R: Resource>(obj: &R) -> ApiResult<Bytes> {
-    serde_json::to_vec(obj)
-        .map(Bytes::from)
-        .map_err(|e| ApiError::internal("internal error").log_cause(format!("encode {}: {e}", R::KIND)))
+    serde_json::to_vec(obj).map(Bytes::from).map_err(|e| {
+        ApiError::internal("internal error").log_cause(format!("encode {}: {e}", R::KIND))
+    })
 }
 
 fn new_uid() -> String {
@@ -212,20 +222,32 @@ fn new_uid() -> String {
 
 /// An op that records an Event in `tenant` about `kind` `name`, in the same transaction as
 /// the change it describes.
-pub fn event_op(tenant: &str, reason: &str, kind: &str, name: &str, message: String) -> ApiResult<Op> {
+pub fn event_op(
+    tenant: &str,
+    reason: &str,
+    kind: &str,
+    name: &str,
+    message: String,
+) -> ApiResult<Op> {
     let now = Utc::now();
     let ev_name = event_name(now.timestamp_millis().max(0) as u64);
     let mut ev = Event {
         name: ev_name.clone(),
         type_: EventType::Normal,
         reason: reason.to_owned(),
-        object: ObjectRef { kind: kind.to_owned(), name: name.to_owned() },
+        object: ObjectRef {
+            kind: kind.to_owned(),
+            name: name.to_owned(),
+        },
         message,
         source: "api-server".to_owned(),
         ..Default::default()
     };
     ev.init_system_fields(Some(tenant), new_uid(), now);
-    Ok(Op::Create { key: keys::object::<Event>(Some(tenant), &ev_name), value: encode(&ev)? })
+    Ok(Op::Create {
+        key: keys::object::<Event>(Some(tenant), &ev_name),
+        value: encode(&ev)?,
+    })
 }
 
 /// A name that sorts by creation: a per-process monotonic tick (milliseconds shifted left 16
@@ -235,7 +257,9 @@ fn event_name(millis: u64) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST: AtomicU64 = AtomicU64::new(0);
     let want = millis << 16;
-    let tick = match LAST.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| Some(want.max(last + 1))) {
+    let tick = match LAST.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+        Some(want.max(last + 1))
+    }) {
         Ok(last) | Err(last) => want.max(last + 1),
     };
     let rand: u16 = rand::random();
@@ -268,11 +292,26 @@ pub async fn create<R: Served>(
     if let Some(g) = &guard {
         ops.push(g.require());
     }
-    ops.push(Op::Create { key: keys::object::<R>(tenant, &name), value: encode(&obj)? });
-    if R::RECORD_EVENTS && let Some(t) = tenant {
-        ops.push(event_op(t, "Created", R::KIND, &name, format!("{} {name} created by {}", R::KIND, p.name))?);
+    ops.push(Op::Create {
+        key: keys::object::<R>(tenant, &name),
+        value: encode(&obj)?,
+    });
+    if R::RECORD_EVENTS
+        && let Some(t) = tenant
+    {
+        ops.push(event_op(
+            t,
+            "Created",
+            R::KIND,
+            &name,
+            format!("{} {name} created by {}", R::KIND, p.name),
+        )?);
     }
-    let resp = st.store.txn(ops).await.map_err(|e| txn_error::<R>(e, &name, guard.as_ref()))?;
+    let resp = st
+        .store
+        .txn(ops)
+        .await
+        .map_err(|e| txn_error::<R>(e, &name, guard.as_ref()))?;
     obj.set_revision(resp.revision);
     Ok((StatusCode::CREATED, Json(obj)))
 }
@@ -288,10 +327,16 @@ pub async fn get<R: Served>(
 }
 
 /// Reads one object, or "not found".
-async fn read<R: Resource>(st: &AppState, guard: Option<&TenantGuard>, name: &str) -> ApiResult<(R, Revision)> {
+async fn read<R: Resource>(
+    st: &AppState,
+    guard: Option<&TenantGuard>,
+    name: &str,
+) -> ApiResult<(R, Revision)> {
     let tenant = guard.map(|g| g.name.as_str());
     let got = st.store.get(&keys::object::<R>(tenant, name)).await?;
-    let kv = got.kv.ok_or_else(|| ApiError::not_found(R::KIND, name, tenant))?;
+    let kv = got
+        .kv
+        .ok_or_else(|| ApiError::not_found(R::KIND, name, tenant))?;
     Ok((decode(&kv)?, kv.mod_revision))
 }
 
@@ -311,19 +356,37 @@ pub async fn list<R: Served>(
     Ok(Json(list_page::<R>(&st, &prefix, &q).await?).into_response())
 }
 
-pub async fn list_page<R: Resource>(st: &AppState, prefix: &str, q: &ListQuery) -> ApiResult<List<R>> {
+pub async fn list_page<R: Resource>(
+    st: &AppState,
+    prefix: &str,
+    q: &ListQuery,
+) -> ApiResult<List<R>> {
     let limit = q.limit.unwrap_or(MAX_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::invalid(format!("limit {limit} is outside 1..={MAX_PAGE}")));
+        return Err(ApiError::invalid(format!(
+            "limit {limit} is outside 1..={MAX_PAGE}"
+        )));
     }
     if let Some(c) = &q.continue_ {
         hive_api::validate::name("continue", c)?;
     }
     let start_after = q.continue_.as_ref().map(|name| format!("{prefix}{name}"));
     let page = st.store.list(prefix, start_after.as_deref(), limit).await?;
-    let items = page.kvs.iter().map(decode::<R>).collect::<ApiResult<Vec<R>>>()?;
-    let continue_ = if page.more { items.last().map(|o| o.name().to_owned()) } else { None };
-    Ok(List { items, revision: page.revision, continue_ })
+    let items = page
+        .kvs
+        .iter()
+        .map(decode::<R>)
+        .collect::<ApiResult<Vec<R>>>()?;
+    let continue_ = if page.more {
+        items.last().map(|o| o.name().to_owned())
+    } else {
+        None
+    };
+    Ok(List {
+        items,
+        revision: page.revision,
+        continue_,
+    })
 }
 
 pub async fn update<R: Served>(
@@ -368,7 +431,11 @@ async fn write_back<R: Served>(
     }
     let tenant = guard.as_ref().map(|g| g.name.as_str());
     let (stored, stored_rev) = read::<R>(st, guard.as_ref(), name).await?;
-    let expected = if obj.revision() == 0 { stored_rev } else { obj.revision() };
+    let expected = if obj.revision() == 0 {
+        stored_rev
+    } else {
+        obj.revision()
+    };
     obj.keep_system_fields(&stored);
     if status {
         obj.keep_spec(&stored);
@@ -381,7 +448,10 @@ async fn write_back<R: Served>(
         value: encode(&obj)?,
         mod_revision: expected,
     }];
-    if !status && R::RECORD_EVENTS && let Some(t) = tenant {
+    if !status
+        && R::RECORD_EVENTS
+        && let Some(t) = tenant
+    {
         let mut before = serde_json::to_value(&stored).unwrap_or_default();
         let mut after = serde_json::to_value(&obj).unwrap_or_default();
         let replicas = |v: &mut serde_json::Value| v["spec"]["replicas"].take();
@@ -390,12 +460,32 @@ async fn write_back<R: Served>(
             v["revision"] = serde_json::Value::Null;
         }
         if before == after && r0 != r1 {
-            ops.push(event_op(t, "Scaled", R::KIND, name, format!("{} {name} scaled from {r0} to {r1} replicas by {}", R::KIND, p.name))?);
+            ops.push(event_op(
+                t,
+                "Scaled",
+                R::KIND,
+                name,
+                format!(
+                    "{} {name} scaled from {r0} to {r1} replicas by {}",
+                    R::KIND,
+                    p.name
+                ),
+            )?);
         } else if before != after || r0 != r1 {
-            ops.push(event_op(t, "Updated", R::KIND, name, format!("{} {name} updated by {}", R::KIND, p.name))?);
+            ops.push(event_op(
+                t,
+                "Updated",
+                R::KIND,
+                name,
+                format!("{} {name} updated by {}", R::KIND, p.name),
+            )?);
         }
     }
-    let resp = st.store.txn(ops).await.map_err(|e| txn_error::<R>(e, name, guard.as_ref()))?;
+    let resp = st
+        .store
+        .txn(ops)
+        .await
+        .map_err(|e| txn_error::<R>(e, name, guard.as_ref()))?;
     obj.set_revision(resp.revision);
     Ok(Json(obj))
 }
@@ -416,16 +506,31 @@ pub async fn delete<R: Served>(
         key: keys::object::<R>(tenant, name),
         mod_revision: Some(q.revision.unwrap_or(stored_rev)),
     }];
-    if R::RECORD_EVENTS && let Some(t) = tenant {
-        ops.push(event_op(t, "Deleted", R::KIND, name, format!("{} {name} deleted by {}", R::KIND, p.name))?);
+    if R::RECORD_EVENTS
+        && let Some(t) = tenant
+    {
+        ops.push(event_op(
+            t,
+            "Deleted",
+            R::KIND,
+            name,
+            format!("{} {name} deleted by {}", R::KIND, p.name),
+        )?);
     }
-    st.store.txn(ops).await.map_err(|e| txn_error::<R>(e, name, guard.as_ref()))?;
+    st.store
+        .txn(ops)
+        .await
+        .map_err(|e| txn_error::<R>(e, name, guard.as_ref()))?;
     Ok(Json(stored))
 }
 
 /// Streams changes under `prefix` after `after` (default: now) as newline-delimited JSON,
 /// with a `BOOKMARK` line every bookmark interval while idle.
-pub async fn watch<R: Resource>(st: &AppState, prefix: &str, after: Option<Revision>) -> ApiResult<Response> {
+pub async fn watch<R: Resource>(
+    st: &AppState,
+    prefix: &str,
+    after: Option<Revision>,
+) -> ApiResult<Response> {
     let after = match after {
         Some(r) => r,
         None => st.store.current_revision().await?,
@@ -434,9 +539,10 @@ pub async fn watch<R: Resource>(st: &AppState, prefix: &str, after: Option<Revis
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     tokio::spawn(pump::<R>(st.clone(), stream, tx, after));
     let mut response = Response::new(Body::from_stream(ReceiverStream::new(rx)));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -457,14 +563,22 @@ fn to_watch_event<R: Resource>(ev: &hive_store::Event) -> ApiResult<WatchEvent<R
         (EventKind::Put, Some(_)) => (WatchEventType::Modified, &ev.kv),
         (EventKind::Delete, Some(prev)) => (WatchEventType::Deleted, prev),
         (EventKind::Delete, None) => {
-            return Err(ApiError::internal("internal error").log_cause(format!("delete event without previous value for {}", ev.kv.key)));
+            return Err(ApiError::internal("internal error").log_cause(format!(
+                "delete event without previous value for {}",
+                ev.kv.key
+            )));
         }
     };
     let mut object: R = decode(kv)?;
     if type_ == WatchEventType::Deleted {
         object.set_revision(revision);
     }
-    Ok(WatchEvent { type_, revision, object: Some(object), error: None })
+    Ok(WatchEvent {
+        type_,
+        revision,
+        object: Some(object),
+        error: None,
+    })
 }
 
 async fn pump<R: Resource>(
@@ -531,11 +645,5 @@ mod tests {
         for n in &names {
             hive_api::validate::name("name", n).unwrap();
         }
-    }
-}
-
-impl From<hive_api::ValidationError> for ApiError {
-    fn from(e: hive_api::ValidationError) -> Self {
-        ApiError::new(ErrorCode::Invalid, e.to_string())
     }
 }

@@ -6,8 +6,8 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, put};
 use hive_api::{
-    API_PREFIX, ApiToken, CreatedToken, Event, Instance, Node, Scope, Service, Tenant,
-    TokenCreate, WhoAmI,
+    API_PREFIX, ApiToken, CreatedToken, Event, Instance, Node, Scope, Service, Tenant, TokenCreate,
+    WhoAmI,
 };
 use utoipa::openapi::path::HttpMethod;
 use utoipa::openapi::schema::Type;
@@ -20,10 +20,26 @@ use crate::state::AppState;
 use crate::{auth, tenants, tokens};
 
 const LIST_QUERY: &[(&str, &str, Type)] = &[
-    ("limit", "page size, 1 to 1000 (default 1000)", Type::Integer),
-    ("continue", "the `continue` of the previous page", Type::String),
-    ("watch", "stream newline-delimited watch events instead of listing", Type::Boolean),
-    ("revision", "with watch: events after this revision (default: from now)", Type::Integer),
+    (
+        "limit",
+        "page size, 1 to 1000 (default 1000)",
+        Type::Integer,
+    ),
+    (
+        "continue",
+        "the `continue` of the previous page",
+        Type::String,
+    ),
+    (
+        "watch",
+        "stream newline-delimited watch events instead of listing",
+        Type::Boolean,
+    ),
+    (
+        "revision",
+        "with watch: events after this revision (default: from now)",
+        Type::Integer,
+    ),
 ];
 
 struct Table {
@@ -52,8 +68,13 @@ impl Table {
         let list = custom.list.unwrap_or_else(|| get(resources::list::<R>));
         self.route(&coll, list.post(resources::create::<R>));
         let item_get = custom.get.unwrap_or_else(|| get(resources::get::<R>));
-        let item_delete = custom.delete.unwrap_or_else(|| axum::routing::delete(resources::delete::<R>));
-        self.route(&item, item_get.put(resources::update::<R>).merge(item_delete));
+        let item_delete = custom
+            .delete
+            .unwrap_or_else(|| axum::routing::delete(resources::delete::<R>));
+        self.route(
+            &item,
+            item_get.put(resources::update::<R>).merge(item_delete),
+        );
         if custom.status {
             self.route(&status, put(resources::update_status::<R>));
         }
@@ -124,11 +145,18 @@ impl Table {
             path: &item,
             id: format!("delete{kind}"),
             tag,
-            summary: format!("Delete a {} (and, for a tenant, everything it owns)", R::KIND),
+            summary: format!(
+                "Delete a {} (and, for a tenant, everything it owns)",
+                R::KIND
+            ),
             body: None,
             ok_status: "200",
             ok: Some(obj.clone()),
-            query: &[("revision", "only if the object is at this revision", Type::Integer)],
+            query: &[(
+                "revision",
+                "only if the object is at this revision",
+                Type::Integer,
+            )],
             errors: &["403", "404", "409"],
             auth: true,
         });
@@ -175,7 +203,8 @@ impl Table {
             path: coll,
             id: format!("create{scope}Token"),
             tag: "tokens",
-            summary: "Create a token; the response's `token` is the only time the secret is shown".into(),
+            summary: "Create a token; the response's `token` is the only time the secret is shown"
+                .into(),
             body: Some(create),
             ok_status: "201",
             ok: Some(created),
@@ -208,12 +237,18 @@ struct Custom {
 }
 
 fn with_status() -> Custom {
-    Custom { status: true, ..Default::default() }
+    Custom {
+        status: true,
+        ..Default::default()
+    }
 }
 
 /// Assembles every route and the document that describes them.
 fn table() -> Table {
-    let mut t = Table { authed: Router::new(), doc: ApiDoc::default() };
+    let mut t = Table {
+        authed: Router::new(),
+        doc: ApiDoc::default(),
+    };
     t.resource::<Tenant>(Custom {
         list: Some(get(tenants::list)),
         get: Some(get(tenants::get)),
@@ -279,15 +314,22 @@ pub fn openapi() -> OpenApi {
 pub fn router(state: AppState) -> Router {
     let t = table();
     let spec = t.doc.finish().to_pretty_json().unwrap_or_default();
-    let authed = t
-        .authed
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate));
+    let authed = t.authed.route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        auth::authenticate,
+    ));
     Router::new()
         .merge(authed)
         .route(
             &format!("{API_PREFIX}/openapi.json"),
             get(move || async move {
-                ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], spec)
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    )],
+                    spec,
+                )
             }),
         )
         .route("/healthz", get(health))

@@ -26,10 +26,22 @@ pub async fn list(
     // A tenant's token sees exactly one tenant: its own.
     let own = p.tenant.clone().unwrap_or_default();
     let guard = load_tenant(&st, &p, &own).await?;
-    let got = st.store.get(&keys::object::<Tenant>(None, &guard.name)).await?;
-    let items = got.kv.iter().map(resources::decode::<Tenant>).collect::<ApiResult<Vec<_>>>()?;
+    let got = st
+        .store
+        .get(&keys::object::<Tenant>(None, &guard.name))
+        .await?;
+    let items = got
+        .kv
+        .iter()
+        .map(resources::decode::<Tenant>)
+        .collect::<ApiResult<Vec<_>>>()?;
     use axum::response::IntoResponse;
-    Ok(Json(List { items, revision: got.revision, continue_: None }).into_response())
+    Ok(Json(List {
+        items,
+        revision: got.revision,
+        continue_: None,
+    })
+    .into_response())
 }
 
 pub async fn get(
@@ -38,8 +50,13 @@ pub async fn get(
     Path(tenant): Path<String>,
 ) -> ApiResult<Json<Tenant>> {
     let guard = load_tenant(&st, &p, &tenant).await?;
-    let got = st.store.get(&keys::object::<Tenant>(None, &guard.name)).await?;
-    let kv = got.kv.ok_or_else(|| ApiError::not_found("tenant", &tenant, None))?;
+    let got = st
+        .store
+        .get(&keys::object::<Tenant>(None, &guard.name))
+        .await?;
+    let kv = got
+        .kv
+        .ok_or_else(|| ApiError::not_found("tenant", &tenant, None))?;
     Ok(Json(resources::decode(&kv)?))
 }
 
@@ -55,7 +72,9 @@ pub async fn delete(
     let guard = load_tenant(&st, &p, &tenant).await?;
     p.require(Role::PlatformAdmin, "delete tenants")?;
     let got = st.store.get(&keys::object::<Tenant>(None, &tenant)).await?;
-    let kv = got.kv.ok_or_else(|| ApiError::not_found("tenant", &tenant, None))?;
+    let kv = got
+        .kv
+        .ok_or_else(|| ApiError::not_found("tenant", &tenant, None))?;
     let stored: Tenant = resources::decode(&kv)?;
     let tokens = resources::list_all(&st, &keys::token_index_prefix(Some(&tenant))).await?;
     let mut auth_keys = Vec::with_capacity(tokens.len());
@@ -66,17 +85,31 @@ pub async fn delete(
         auth_keys.push(keys::auth(&record.hash));
     }
     let mut ops = vec![
-        Op::Delete { key: keys::object::<Tenant>(None, &tenant), mod_revision: Some(guard.revision) },
-        Op::DeletePrefix { prefix: keys::tenant_prefix(&tenant) },
+        Op::Delete {
+            key: keys::object::<Tenant>(None, &tenant),
+            mod_revision: Some(guard.revision),
+        },
+        Op::DeletePrefix {
+            prefix: keys::tenant_prefix(&tenant),
+        },
     ];
     let rest = auth_keys.split_off(auth_keys.len().min(TOKENS_IN_DELETE_TXN));
-    ops.extend(auth_keys.into_iter().map(|key| Op::Delete { key, mod_revision: None }));
+    ops.extend(auth_keys.into_iter().map(|key| Op::Delete {
+        key,
+        mod_revision: None,
+    }));
     st.store
         .txn(ops)
         .await
         .map_err(|e| ApiError::from_store(e, "tenant", &tenant, None))?;
     for chunk in rest.chunks(TOKENS_IN_DELETE_TXN) {
-        let ops = chunk.iter().map(|key| Op::Delete { key: key.clone(), mod_revision: None }).collect();
+        let ops = chunk
+            .iter()
+            .map(|key| Op::Delete {
+                key: key.clone(),
+                mod_revision: None,
+            })
+            .collect();
         if let Err(e) = st.store.txn(ops).await {
             tracing::warn!(%tenant, error = %e, "removing token records of a deleted tenant");
         }

@@ -13,11 +13,16 @@ use hive_store::Op;
 use crate::auth::{self, Principal, TokenRecord};
 use crate::error::{ApiError, ApiResult};
 use crate::keys;
-use crate::resources::{self, ApiJson, TenantGuard, Target, load_tenant};
+use crate::resources::{self, ApiJson, Target, TenantGuard, load_tenant};
 use crate::state::AppState;
 
 pub async fn whoami(Extension(p): Extension<Principal>) -> Json<WhoAmI> {
-    Json(WhoAmI { token_id: p.token_id, name: p.name, tenant: p.tenant, role: p.role })
+    Json(WhoAmI {
+        token_id: p.token_id,
+        name: p.name,
+        tenant: p.tenant,
+        role: p.role,
+    })
 }
 
 /// The tenant a token route acts in (None: the platform), after the role check.
@@ -46,7 +51,9 @@ pub async fn create(
     req.validate()?;
     match &guard {
         Some(_) if req.role == Role::PlatformAdmin => {
-            return Err(ApiError::invalid("role: platform-admin tokens cannot belong to a tenant"));
+            return Err(ApiError::invalid(
+                "role: platform-admin tokens cannot belong to a tenant",
+            ));
         }
         Some(_) if req.role > p.role => {
             return Err(ApiError::forbidden(format!(
@@ -62,17 +69,23 @@ pub async fn create(
         }
         _ => {}
     }
-    let expires_at = req.expires_in_secs.map(|s| Utc::now() + Duration::seconds(s as i64));
+    let expires_at = req
+        .expires_in_secs
+        .map(|s| Utc::now() + Duration::seconds(s as i64));
     let tenant = guard.as_ref().map(|g| (g.name.as_str(), g.uid.as_str()));
     let (secret, record) = auth::issue(&req.name, tenant, req.role, expires_at);
     let value = bytes::Bytes::from(
-        serde_json::to_vec(&record).map_err(|e| ApiError::internal(format!("encode token: {e}")))?,
+        serde_json::to_vec(&record)
+            .map_err(|e| ApiError::internal(format!("encode token: {e}")))?,
     );
     let mut ops = Vec::with_capacity(3);
     if let Some(g) = &guard {
         ops.push(g.require());
     }
-    ops.push(Op::Create { key: keys::auth(&record.hash), value: value.clone() });
+    ops.push(Op::Create {
+        key: keys::auth(&record.hash),
+        value: value.clone(),
+    });
     ops.push(Op::Create {
         key: keys::token_index(guard.as_ref().map(|g| g.name.as_str()), &record.info.id),
         value,
@@ -85,7 +98,13 @@ pub async fn create(
         }
         _ => ApiError::from_store(e, "token", &record.info.id, None),
     })?;
-    Ok((StatusCode::CREATED, Json(CreatedToken { token: secret, info: record.info })))
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedToken {
+            token: secret,
+            info: record.info,
+        }),
+    ))
 }
 
 pub async fn list(
@@ -105,7 +124,11 @@ pub async fn list(
         })?;
         items.push(record.info);
     }
-    Ok(Json(List { items, revision, continue_: None }))
+    Ok(Json(List {
+        items,
+        revision,
+        continue_: None,
+    }))
 }
 
 pub async fn delete(
@@ -128,8 +151,14 @@ pub async fn delete(
     })?;
     st.store
         .txn(vec![
-            Op::Delete { key: index, mod_revision: Some(kv.mod_revision) },
-            Op::Delete { key: keys::auth(&record.hash), mod_revision: None },
+            Op::Delete {
+                key: index,
+                mod_revision: Some(kv.mod_revision),
+            },
+            Op::Delete {
+                key: keys::auth(&record.hash),
+                mod_revision: None,
+            },
         ])
         .await
         .map_err(|e| ApiError::from_store(e, "token", id, tenant))?;

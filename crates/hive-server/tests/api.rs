@@ -7,9 +7,9 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode, header};
-use http_body_util::BodyExt;
 use hive_server::{AppState, Bootstrap, RateLimit, ServerConfig};
 use hive_store::{RedbStore, Store};
+use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -37,19 +37,31 @@ impl Reply {
 
 async fn harness_with(config: impl FnOnce(&mut ServerConfig)) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("state.redb"), Default::default()).unwrap());
+    let store: Arc<dyn Store> =
+        Arc::new(RedbStore::open(dir.path().join("state.redb"), Default::default()).unwrap());
     let created = hive_server::bootstrap(&store, dir.path()).await.unwrap();
     assert!(matches!(created, Bootstrap::Created { .. }));
-    let admin = std::fs::read_to_string(dir.path().join("admin.token")).unwrap().trim().to_owned();
+    let admin = std::fs::read_to_string(dir.path().join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
     let mut cfg = ServerConfig {
         data_dir: dir.path().to_owned(),
-        rate_limit: RateLimit { per_sec: 0.0, burst: 0.0 },
+        rate_limit: RateLimit {
+            per_sec: 0.0,
+            burst: 0.0,
+        },
         bookmark_interval: Duration::from_millis(200),
         ..Default::default()
     };
     config(&mut cfg);
     let app = hive_server::router(AppState::new(store.clone(), cfg));
-    Harness { app, admin, store, _dir: dir }
+    Harness {
+        app,
+        admin,
+        store,
+        _dir: dir,
+    }
 }
 
 async fn harness() -> Harness {
@@ -57,7 +69,14 @@ async fn harness() -> Harness {
 }
 
 impl Harness {
-    async fn raw(&self, method: Method, path: &str, token: Option<&str>, content_type: Option<&str>, body: Vec<u8>) -> Reply {
+    async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Reply {
         let mut req = Request::builder().method(method).uri(path);
         if let Some(t) = token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
@@ -65,12 +84,22 @@ impl Harness {
         if let Some(ct) = content_type {
             req = req.header(header::CONTENT_TYPE, ct);
         }
-        let resp = self.app.clone().oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
+        let resp = self
+            .app
+            .clone()
+            .oneshot(req.body(Body::from(body)).unwrap())
+            .await
+            .unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
-        Reply { status, headers, body }
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+        Reply {
+            status,
+            headers,
+            body,
+        }
     }
 
     async fn call(&self, method: Method, path: &str, token: &str, body: Option<Value>) -> Reply {
@@ -83,17 +112,33 @@ impl Harness {
 
     async fn ok(&self, method: Method, path: &str, token: &str, body: Option<Value>) -> Value {
         let r = self.call(method.clone(), path, token, body).await;
-        assert!(r.status.is_success(), "{method} {path}: {} {}", r.status, r.body);
+        assert!(
+            r.status.is_success(),
+            "{method} {path}: {} {}",
+            r.status,
+            r.body
+        );
         r.body
     }
 
     async fn tenant(&self, name: &str) {
-        self.ok(Method::POST, "/api/v1/tenants", &self.admin.clone(), Some(json!({"name": name}))).await;
+        self.ok(
+            Method::POST,
+            "/api/v1/tenants",
+            &self.admin.clone(),
+            Some(json!({"name": name})),
+        )
+        .await;
     }
 
     async fn token(&self, tenant: &str, role: &str) -> String {
         let body = self
-            .ok(Method::POST, &format!("/api/v1/tenants/{tenant}/tokens"), &self.admin.clone(), Some(json!({"name": "t", "role": role})))
+            .ok(
+                Method::POST,
+                &format!("/api/v1/tenants/{tenant}/tokens"),
+                &self.admin.clone(),
+                Some(json!({"name": "t", "role": role})),
+            )
             .await;
         body["token"].as_str().unwrap().to_owned()
     }
@@ -112,17 +157,33 @@ async fn bootstrap_writes_a_private_admin_token_once() {
     use std::os::unix::fs::PermissionsExt;
     let h = harness().await;
     let file = h._dir.path().join("admin.token");
-    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     assert!(h.admin.starts_with("hive_") && h.admin.len() == 5 + 64);
-    assert_eq!(hive_server::bootstrap(&h.store, h._dir.path()).await.unwrap(), Bootstrap::Existing);
-    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), h.admin, "second start must not replace the token");
+    assert_eq!(
+        hive_server::bootstrap(&h.store, h._dir.path())
+            .await
+            .unwrap(),
+        Bootstrap::Existing
+    );
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap().trim(),
+        h.admin,
+        "second start must not replace the token"
+    );
     let who = h.ok(Method::GET, "/api/v1/whoami", &h.admin, None).await;
     assert_eq!(who["role"], "platform-admin");
     // The store keeps only hashes: the secret appears nowhere in it.
     let secret_part = &h.admin[5..];
     for prefix in ["/auth/", "/platform/"] {
         for kv in h.store.list(prefix, None, 0).await.unwrap().kvs {
-            assert!(!String::from_utf8_lossy(&kv.value).contains(secret_part), "{}", kv.key);
+            assert!(
+                !String::from_utf8_lossy(&kv.value).contains(secret_part),
+                "{}",
+                kv.key
+            );
             assert!(!kv.key.contains(secret_part));
         }
     }
@@ -132,13 +193,37 @@ async fn bootstrap_writes_a_private_admin_token_once() {
 async fn tenants_tokens_and_services_round_trip() {
     let h = harness().await;
     h.tenant("acme").await;
-    let dup = h.call(Method::POST, "/api/v1/tenants", &h.admin, Some(json!({"name": "acme"}))).await;
-    assert_eq!((dup.status, dup.code()), (StatusCode::CONFLICT, "already_exists"));
+    let dup = h
+        .call(
+            Method::POST,
+            "/api/v1/tenants",
+            &h.admin,
+            Some(json!({"name": "acme"})),
+        )
+        .await;
+    assert_eq!(
+        (dup.status, dup.code()),
+        (StatusCode::CONFLICT, "already_exists")
+    );
     let member = h.token("acme", "member").await;
-    let created = h.ok(Method::POST, &svc_path("acme"), &member, Some(service("web"))).await;
+    let created = h
+        .ok(
+            Method::POST,
+            &svc_path("acme"),
+            &member,
+            Some(service("web")),
+        )
+        .await;
     assert_eq!(created["tenant"], "acme");
     assert!(created["revision"].as_u64().unwrap() > 0);
-    let got = h.ok(Method::GET, &format!("{}/web", svc_path("acme")), &member, None).await;
+    let got = h
+        .ok(
+            Method::GET,
+            &format!("{}/web", svc_path("acme")),
+            &member,
+            None,
+        )
+        .await;
     assert_eq!(got, created);
     let list = h.ok(Method::GET, &svc_path("acme"), &member, None).await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
@@ -147,21 +232,55 @@ async fn tenants_tokens_and_services_round_trip() {
     let mut upd = got.clone();
     upd["spec"]["replicas"] = json!(5);
     upd["status"] = json!({"replicas": 99, "ready_replicas": 99});
-    let updated = h.ok(Method::PUT, &format!("{}/web", svc_path("acme")), &member, Some(upd)).await;
+    let updated = h
+        .ok(
+            Method::PUT,
+            &format!("{}/web", svc_path("acme")),
+            &member,
+            Some(upd),
+        )
+        .await;
     assert_eq!(updated["spec"]["replicas"], 5);
     assert_eq!(updated["status"]["ready_replicas"], 0);
     assert_eq!(updated["uid"], created["uid"]);
     assert!(updated["revision"].as_u64() > created["revision"].as_u64());
 
     // Events record what happened, in order.
-    let deleted = h.ok(Method::DELETE, &format!("{}/web", svc_path("acme")), &member, None).await;
+    let deleted = h
+        .ok(
+            Method::DELETE,
+            &format!("{}/web", svc_path("acme")),
+            &member,
+            None,
+        )
+        .await;
     assert_eq!(deleted["name"], "web");
-    let events = h.ok(Method::GET, "/api/v1/tenants/acme/events", &member, None).await;
-    let reasons: Vec<&str> = events["items"].as_array().unwrap().iter().map(|e| e["reason"].as_str().unwrap()).collect();
+    let events = h
+        .ok(Method::GET, "/api/v1/tenants/acme/events", &member, None)
+        .await;
+    let reasons: Vec<&str> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
     assert_eq!(reasons, ["Created", "Scaled", "Deleted"]);
-    let gone = h.call(Method::GET, &format!("{}/web", svc_path("acme")), &member, None).await;
-    assert_eq!((gone.status, gone.code()), (StatusCode::NOT_FOUND, "not_found"));
-    assert_eq!(gone.message(), "service \"web\" not found in tenant \"acme\"");
+    let gone = h
+        .call(
+            Method::GET,
+            &format!("{}/web", svc_path("acme")),
+            &member,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (gone.status, gone.code()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    assert_eq!(
+        gone.message(),
+        "service \"web\" not found in tenant \"acme\""
+    );
 }
 
 #[tokio::test]
@@ -169,7 +288,13 @@ async fn pagination_follows_continue() {
     let h = harness().await;
     h.tenant("acme").await;
     for i in 0..7 {
-        h.ok(Method::POST, &svc_path("acme"), &h.admin, Some(service(&format!("s{i}")))).await;
+        h.ok(
+            Method::POST,
+            &svc_path("acme"),
+            &h.admin,
+            Some(service(&format!("s{i}"))),
+        )
+        .await;
     }
     let mut names = Vec::new();
     let mut next: Option<String> = None;
@@ -179,7 +304,13 @@ async fn pagination_follows_continue() {
             None => format!("{}?limit=3", svc_path("acme")),
         };
         let page = h.ok(Method::GET, &path, &h.admin, None).await;
-        names.extend(page["items"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_owned()));
+        names.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["name"].as_str().unwrap().to_owned()),
+        );
         match page["continue"].as_str() {
             Some(c) => next = Some(c.to_owned()),
             None => break,
@@ -187,8 +318,20 @@ async fn pagination_follows_continue() {
     }
     assert_eq!(names, (0..7).map(|i| format!("s{i}")).collect::<Vec<_>>());
     for bad in ["limit=0", "limit=1001", "continue=..%2F", "colour=red"] {
-        let r = h.call(Method::GET, &format!("{}?{bad}", svc_path("acme")), &h.admin, None).await;
-        assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid"), "{bad}: {}", r.body);
+        let r = h
+            .call(
+                Method::GET,
+                &format!("{}?{bad}", svc_path("acme")),
+                &h.admin,
+                None,
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            "{bad}: {}",
+            r.body
+        );
     }
 }
 
@@ -200,37 +343,100 @@ async fn roles_are_enforced_inside_a_tenant() {
     let member = h.token("acme", "member").await;
     let tadmin = h.token("acme", "tenant-admin").await;
 
-    let r = h.call(Method::POST, &svc_path("acme"), &viewer, Some(service("web"))).await;
+    let r = h
+        .call(
+            Method::POST,
+            &svc_path("acme"),
+            &viewer,
+            Some(service("web")),
+        )
+        .await;
     assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "forbidden"));
     assert!(r.message().contains("viewer"), "{}", r.message());
-    h.ok(Method::POST, &svc_path("acme"), &member, Some(service("web"))).await;
+    h.ok(
+        Method::POST,
+        &svc_path("acme"),
+        &member,
+        Some(service("web")),
+    )
+    .await;
     h.ok(Method::GET, &svc_path("acme"), &viewer, None).await;
 
     // Tokens: only tenant admins, never above their own role, never platform-admin.
-    let r = h.call(Method::POST, "/api/v1/tenants/acme/tokens", &member, Some(json!({"name": "x"}))).await;
+    let r = h
+        .call(
+            Method::POST,
+            "/api/v1/tenants/acme/tokens",
+            &member,
+            Some(json!({"name": "x"})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
-    let r = h.call(Method::POST, "/api/v1/tenants/acme/tokens", &tadmin, Some(json!({"name": "x", "role": "platform-admin"}))).await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid"));
-    let made = h.ok(Method::POST, "/api/v1/tenants/acme/tokens", &tadmin, Some(json!({"name": "ci", "role": "viewer"}))).await;
+    let r = h
+        .call(
+            Method::POST,
+            "/api/v1/tenants/acme/tokens",
+            &tadmin,
+            Some(json!({"name": "x", "role": "platform-admin"})),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid")
+    );
+    let made = h
+        .ok(
+            Method::POST,
+            "/api/v1/tenants/acme/tokens",
+            &tadmin,
+            Some(json!({"name": "ci", "role": "viewer"})),
+        )
+        .await;
     assert_eq!(made["role"], "viewer");
     assert_eq!(made["tenant"], "acme");
-    let listed = h.ok(Method::GET, "/api/v1/tenants/acme/tokens", &tadmin, None).await;
-    assert!(listed["items"].as_array().unwrap().iter().all(|t| t.get("token").is_none() && t.get("hash").is_none()));
+    let listed = h
+        .ok(Method::GET, "/api/v1/tenants/acme/tokens", &tadmin, None)
+        .await;
+    assert!(
+        listed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t.get("token").is_none() && t.get("hash").is_none())
+    );
 
     // Platform-only routes.
     for (m, p, b) in [
-        (Method::POST, "/api/v1/tenants", Some(json!({"name": "evil"}))),
+        (
+            Method::POST,
+            "/api/v1/tenants",
+            Some(json!({"name": "evil"})),
+        ),
         (Method::DELETE, "/api/v1/tenants/acme", None),
         (Method::GET, "/api/v1/nodes", None),
         (Method::GET, "/api/v1/tokens", None),
-        (Method::PUT, "/api/v1/tenants/acme/services/web/status", Some(service("web"))),
+        (
+            Method::PUT,
+            "/api/v1/tenants/acme/services/web/status",
+            Some(service("web")),
+        ),
     ] {
         let r = h.call(m.clone(), p, &tadmin, b).await;
-        assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "forbidden"), "{m} {p}: {}", r.body);
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::FORBIDDEN, "forbidden"),
+            "{m} {p}: {}",
+            r.body
+        );
     }
     // A tenant token lists only its own tenant.
     let tenants = h.ok(Method::GET, "/api/v1/tenants", &viewer, None).await;
-    let names: Vec<&str> = tenants["items"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = tenants["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["acme"]);
 }
 
@@ -243,41 +449,95 @@ async fn another_tenant_is_indistinguishable_from_a_missing_one() {
     h.tenant("bravo").await;
     let a = h.token("alpha", "tenant-admin").await;
     let b = h.token("bravo", "tenant-admin").await;
-    h.ok(Method::POST, &svc_path("bravo"), &b, Some(service("web"))).await;
-    let b_tokens = h.ok(Method::GET, "/api/v1/tenants/bravo/tokens", &b, None).await;
+    h.ok(Method::POST, &svc_path("bravo"), &b, Some(service("web")))
+        .await;
+    let b_tokens = h
+        .ok(Method::GET, "/api/v1/tenants/bravo/tokens", &b, None)
+        .await;
     let b_token_id = b_tokens["items"][0]["id"].as_str().unwrap().to_owned();
 
     let routes = |t: &str| {
         vec![
             (Method::GET, format!("/api/v1/tenants/{t}"), None),
             (Method::GET, format!("/api/v1/tenants/{t}/services"), None),
-            (Method::GET, format!("/api/v1/tenants/{t}/services?watch=true"), None),
-            (Method::POST, format!("/api/v1/tenants/{t}/services"), Some(service("x"))),
-            (Method::GET, format!("/api/v1/tenants/{t}/services/web"), None),
-            (Method::PUT, format!("/api/v1/tenants/{t}/services/web"), Some(service("web"))),
-            (Method::PUT, format!("/api/v1/tenants/{t}/services/web/status"), Some(service("web"))),
-            (Method::DELETE, format!("/api/v1/tenants/{t}/services/web"), None),
+            (
+                Method::GET,
+                format!("/api/v1/tenants/{t}/services?watch=true"),
+                None,
+            ),
+            (
+                Method::POST,
+                format!("/api/v1/tenants/{t}/services"),
+                Some(service("x")),
+            ),
+            (
+                Method::GET,
+                format!("/api/v1/tenants/{t}/services/web"),
+                None,
+            ),
+            (
+                Method::PUT,
+                format!("/api/v1/tenants/{t}/services/web"),
+                Some(service("web")),
+            ),
+            (
+                Method::PUT,
+                format!("/api/v1/tenants/{t}/services/web/status"),
+                Some(service("web")),
+            ),
+            (
+                Method::DELETE,
+                format!("/api/v1/tenants/{t}/services/web"),
+                None,
+            ),
             (Method::GET, format!("/api/v1/tenants/{t}/instances"), None),
             (Method::GET, format!("/api/v1/tenants/{t}/events"), None),
-            (Method::GET, format!("/api/v1/tenants/{t}/events?watch=true&revision=1"), None),
+            (
+                Method::GET,
+                format!("/api/v1/tenants/{t}/events?watch=true&revision=1"),
+                None,
+            ),
             (Method::GET, format!("/api/v1/tenants/{t}/tokens"), None),
-            (Method::POST, format!("/api/v1/tenants/{t}/tokens"), Some(json!({"name": "x"}))),
-            (Method::DELETE, format!("/api/v1/tenants/{t}/tokens/{b_token_id}"), None),
+            (
+                Method::POST,
+                format!("/api/v1/tenants/{t}/tokens"),
+                Some(json!({"name": "x"})),
+            ),
+            (
+                Method::DELETE,
+                format!("/api/v1/tenants/{t}/tokens/{b_token_id}"),
+                None,
+            ),
             (Method::DELETE, format!("/api/v1/tenants/{t}"), None),
         ]
     };
     let before = h.store.current_revision().await.unwrap();
-    for ((m, p, body), (_, p_missing, body2)) in routes("bravo").into_iter().zip(routes("charlie")) {
+    for ((m, p, body), (_, p_missing, body2)) in routes("bravo").into_iter().zip(routes("charlie"))
+    {
         let r = h.call(m.clone(), &p, &a, body).await;
         let r2 = h.call(m.clone(), &p_missing, &a, body2).await;
-        assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"), "{m} {p}: {}", r.body);
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::NOT_FOUND, "not_found"),
+            "{m} {p}: {}",
+            r.body
+        );
         assert_eq!(r2.status, StatusCode::NOT_FOUND, "{m} {p_missing}");
         assert_eq!(r.message(), "tenant \"bravo\" not found", "{m} {p}");
-        assert_eq!(r2.message(), "tenant \"charlie\" not found", "{m} {p_missing}");
+        assert_eq!(
+            r2.message(),
+            "tenant \"charlie\" not found",
+            "{m} {p_missing}"
+        );
     }
-    assert_eq!(h.store.current_revision().await.unwrap(), before, "a refused request wrote something");
+    assert_eq!(
+        h.store.current_revision().await.unwrap(),
+        before,
+        "a refused request wrote something"
+    );
     // Bravo's service and token are untouched.
-    h.ok(Method::GET, &format!("{}/web", svc_path("bravo")), &b, None).await;
+    h.ok(Method::GET, &format!("{}/web", svc_path("bravo")), &b, None)
+        .await;
 }
 
 #[tokio::test]
@@ -286,9 +546,23 @@ async fn bad_bodies_get_stable_codes_and_write_nothing() {
     h.tenant("acme").await;
     let path = svc_path("acme");
     let before = h.store.current_revision().await.unwrap();
-    let cases: Vec<(Option<&str>, Vec<u8>, StatusCode, &str, &str)> = vec![
-        (Some("application/json"), b"{\"name\": \"web\",".to_vec(), StatusCode::BAD_REQUEST, "malformed_body", ""),
-        (Some("application/json"), b"[]".to_vec(), StatusCode::BAD_REQUEST, "malformed_body", ""),
+    // (content type, body, status, code, text the message must contain)
+    type Case<'a> = (Option<&'a str>, Vec<u8>, StatusCode, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            Some("application/json"),
+            b"{\"name\": \"web\",".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "malformed_body",
+            "",
+        ),
+        (
+            Some("application/json"),
+            b"[]".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "malformed_body",
+            "",
+        ),
         (
             Some("application/json"),
             br#"{"name":"web","spec":{"template":{"image":"busybox"}},"extra":1}"#.to_vec(),
@@ -298,13 +572,26 @@ async fn bad_bodies_get_stable_codes_and_write_nothing() {
         ),
         (
             Some("application/json"),
-            br#"{"name":"web","spec":{"replicas":"three","template":{"image":"busybox"}}}"#.to_vec(),
+            br#"{"name":"web","spec":{"replicas":"three","template":{"image":"busybox"}}}"#
+                .to_vec(),
             StatusCode::BAD_REQUEST,
             "malformed_body",
             "replicas",
         ),
-        (Some("text/plain"), serde_json::to_vec(&service("web")).unwrap(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", ""),
-        (None, serde_json::to_vec(&service("web")).unwrap(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", ""),
+        (
+            Some("text/plain"),
+            serde_json::to_vec(&service("web")).unwrap(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "",
+        ),
+        (
+            None,
+            serde_json::to_vec(&service("web")).unwrap(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "",
+        ),
         (
             Some("application/json"),
             {
@@ -320,9 +607,17 @@ async fn bad_bodies_get_stable_codes_and_write_nothing() {
     for (ct, body, status, code, contains) in cases {
         let r = h.raw(Method::POST, &path, Some(&h.admin), ct, body).await;
         assert_eq!((r.status, r.code()), (status, code), "{}", r.body);
-        assert!(r.message().contains(contains), "{:?} not in {:?}", contains, r.message());
+        assert!(
+            r.message().contains(contains),
+            "{:?} not in {:?}",
+            contains,
+            r.message()
+        );
         assert_eq!(r.body["request_id"].as_str().unwrap().len(), 16);
-        assert_eq!(r.headers["x-request-id"], r.body["request_id"].as_str().unwrap());
+        assert_eq!(
+            r.headers["x-request-id"],
+            r.body["request_id"].as_str().unwrap()
+        );
     }
     for (name, why) in [
         ("Web", "lower case"),
@@ -332,24 +627,56 @@ async fn bad_bodies_get_stable_codes_and_write_nothing() {
         (&"a".repeat(64), "64 characters"),
         ("-web", "start and end"),
     ] {
-        let r = h.call(Method::POST, &path, &h.admin, Some(service(name))).await;
-        assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid"), "{name:?}");
-        assert!(r.message().starts_with("name: ") && r.message().contains(why), "{name:?}: {}", r.message());
+        let r = h
+            .call(Method::POST, &path, &h.admin, Some(service(name)))
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            "{name:?}"
+        );
+        assert!(
+            r.message().starts_with("name: ") && r.message().contains(why),
+            "{name:?}: {}",
+            r.message()
+        );
     }
     let mut s = service("web");
     s["spec"]["template"]["image"] = json!("Not An Image");
     let r = h.call(Method::POST, &path, &h.admin, Some(s)).await;
-    assert!(r.message().starts_with("spec.template.image: "), "{}", r.message());
-    let r = h.call(Method::POST, "/api/v1/tenants", &h.admin, Some(json!({"name": "../etc"}))).await;
+    assert!(
+        r.message().starts_with("spec.template.image: "),
+        "{}",
+        r.message()
+    );
+    let r = h
+        .call(
+            Method::POST,
+            "/api/v1/tenants",
+            &h.admin,
+            Some(json!({"name": "../etc"})),
+        )
+        .await;
     assert_eq!(r.code(), "invalid");
     // Path tricks never reach another object.
-    for p in ["/api/v1/tenants/acme/services/..%2Fx", "/api/v1/tenants/acme/services/%2e%2e", "/api/v1/tenants/..%2Facme/services"] {
+    for p in [
+        "/api/v1/tenants/acme/services/..%2Fx",
+        "/api/v1/tenants/acme/services/%2e%2e",
+        "/api/v1/tenants/..%2Facme/services",
+    ] {
         let r = h.call(Method::GET, p, &h.admin, None).await;
         assert_eq!(r.status, StatusCode::NOT_FOUND, "{p}: {}", r.body);
     }
-    assert_eq!(h.store.current_revision().await.unwrap(), before, "a refused request wrote something");
+    assert_eq!(
+        h.store.current_revision().await.unwrap(),
+        before,
+        "a refused request wrote something"
+    );
     let r = h.call(Method::GET, "/api/v1/nope", &h.admin, None).await;
-    assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "route_not_found"));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::NOT_FOUND, "route_not_found")
+    );
     let r = h.call(Method::PATCH, &path, &h.admin, None).await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
 }
@@ -359,7 +686,14 @@ async fn stale_revisions_conflict_and_lose_nothing() {
     let h = harness().await;
     h.tenant("acme").await;
     let item = format!("{}/web", svc_path("acme"));
-    let v1 = h.ok(Method::POST, &svc_path("acme"), &h.admin, Some(service("web"))).await;
+    let v1 = h
+        .ok(
+            Method::POST,
+            &svc_path("acme"),
+            &h.admin,
+            Some(service("web")),
+        )
+        .await;
     let mut a = v1.clone();
     a["spec"]["replicas"] = json!(3);
     let v2 = h.ok(Method::PUT, &item, &h.admin, Some(a)).await;
@@ -371,11 +705,27 @@ async fn stale_revisions_conflict_and_lose_nothing() {
     let now = h.ok(Method::GET, &item, &h.admin, None).await;
     assert_eq!(now["spec"]["replicas"], 3);
     assert_eq!(now["revision"], v2["revision"]);
-    let r = h.call(Method::DELETE, &format!("{item}?revision={}", v1["revision"]), &h.admin, None).await;
+    let r = h
+        .call(
+            Method::DELETE,
+            &format!("{item}?revision={}", v1["revision"]),
+            &h.admin,
+            None,
+        )
+        .await;
     assert_eq!((r.status, r.code()), (StatusCode::CONFLICT, "conflict"));
-    let r = h.call(Method::PUT, &item, &h.admin, Some(service("other"))).await;
+    let r = h
+        .call(Method::PUT, &item, &h.admin, Some(service("other")))
+        .await;
     assert_eq!(r.code(), "invalid", "name mismatch: {}", r.body);
-    let r = h.call(Method::PUT, &format!("{}/nope", svc_path("acme")), &h.admin, Some(service("nope"))).await;
+    let r = h
+        .call(
+            Method::PUT,
+            &format!("{}/nope", svc_path("acme")),
+            &h.admin,
+            Some(service("nope")),
+        )
+        .await;
     assert_eq!(r.code(), "not_found");
 
     // Concurrent scale-ups from the same read: exactly one wins, the others conflict.
@@ -412,27 +762,62 @@ async fn expired_and_revoked_tokens_are_refused() {
     let h = harness().await;
     h.tenant("acme").await;
     let short = h
-        .ok(Method::POST, "/api/v1/tenants/acme/tokens", &h.admin, Some(json!({"name": "short", "expires_in_secs": 1})))
+        .ok(
+            Method::POST,
+            "/api/v1/tenants/acme/tokens",
+            &h.admin,
+            Some(json!({"name": "short", "expires_in_secs": 1})),
+        )
         .await;
     let secret = short["token"].as_str().unwrap().to_owned();
     h.ok(Method::GET, &svc_path("acme"), &secret, None).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let r = h.call(Method::GET, &svc_path("acme"), &secret, None).await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "token_expired"));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "token_expired")
+    );
 
-    let t = h.ok(Method::POST, "/api/v1/tenants/acme/tokens", &h.admin, Some(json!({"name": "rev"}))).await;
+    let t = h
+        .ok(
+            Method::POST,
+            "/api/v1/tenants/acme/tokens",
+            &h.admin,
+            Some(json!({"name": "rev"})),
+        )
+        .await;
     let secret = t["token"].as_str().unwrap().to_owned();
     h.ok(Method::GET, &svc_path("acme"), &secret, None).await;
-    h.ok(Method::DELETE, &format!("/api/v1/tenants/acme/tokens/{}", t["id"].as_str().unwrap()), &h.admin, None).await;
+    h.ok(
+        Method::DELETE,
+        &format!("/api/v1/tenants/acme/tokens/{}", t["id"].as_str().unwrap()),
+        &h.admin,
+        None,
+    )
+    .await;
     let r = h.call(Method::GET, &svc_path("acme"), &secret, None).await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "unauthenticated"));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "unauthenticated")
+    );
 
-    for bad in ["", "Bearer", "Basic abc", "Bearer hive_00", "Bearer hive_not_a_token"] {
+    for bad in [
+        "",
+        "Bearer",
+        "Basic abc",
+        "Bearer hive_00",
+        "Bearer hive_not_a_token",
+    ] {
         let mut req = Request::get("/api/v1/whoami");
         if !bad.is_empty() {
             req = req.header(header::AUTHORIZATION, bad);
         }
-        let resp = h.app.clone().oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+        let resp = h
+            .app
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{bad:?}");
     }
 }
@@ -444,10 +829,30 @@ async fn deleting_a_tenant_removes_everything_and_old_tokens_stay_dead() {
     h.tenant("other").await;
     let member = h.token("acme", "member").await;
     let other = h.token("other", "member").await;
-    h.ok(Method::POST, &svc_path("acme"), &member, Some(service("web"))).await;
-    h.ok(Method::POST, &svc_path("other"), &other, Some(service("web"))).await;
-    h.ok(Method::DELETE, "/api/v1/tenants/acme", &h.admin, None).await;
-    assert!(h.store.list("/t/acme/", None, 0).await.unwrap().kvs.is_empty());
+    h.ok(
+        Method::POST,
+        &svc_path("acme"),
+        &member,
+        Some(service("web")),
+    )
+    .await;
+    h.ok(
+        Method::POST,
+        &svc_path("other"),
+        &other,
+        Some(service("web")),
+    )
+    .await;
+    h.ok(Method::DELETE, "/api/v1/tenants/acme", &h.admin, None)
+        .await;
+    assert!(
+        h.store
+            .list("/t/acme/", None, 0)
+            .await
+            .unwrap()
+            .kvs
+            .is_empty()
+    );
     let r = h.call(Method::GET, &svc_path("acme"), &member, None).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     // Same name again: a new tenant, empty, and the old token does not come back to life.
@@ -457,7 +862,13 @@ async fn deleting_a_tenant_removes_everything_and_old_tokens_stay_dead() {
     let r = h.call(Method::GET, &svc_path("acme"), &member, None).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     // The other tenant is untouched.
-    h.ok(Method::GET, &format!("{}/web", svc_path("other")), &other, None).await;
+    h.ok(
+        Method::GET,
+        &format!("{}/web", svc_path("other")),
+        &other,
+        None,
+    )
+    .await;
 }
 
 async fn read_lines(body: Body, n: usize) -> Vec<Value> {
@@ -487,11 +898,30 @@ async fn watch_streams_changes_resumes_and_reports_compaction() {
     h.tenant("acme").await;
     let list = h.ok(Method::GET, &svc_path("acme"), &h.admin, None).await;
     let from = list["revision"].as_u64().unwrap();
-    let created = h.ok(Method::POST, &svc_path("acme"), &h.admin, Some(service("web"))).await;
+    let created = h
+        .ok(
+            Method::POST,
+            &svc_path("acme"),
+            &h.admin,
+            Some(service("web")),
+        )
+        .await;
     let mut upd = created.clone();
     upd["spec"]["replicas"] = json!(4);
-    h.ok(Method::PUT, &format!("{}/web", svc_path("acme")), &h.admin, Some(upd)).await;
-    h.ok(Method::DELETE, &format!("{}/web", svc_path("acme")), &h.admin, None).await;
+    h.ok(
+        Method::PUT,
+        &format!("{}/web", svc_path("acme")),
+        &h.admin,
+        Some(upd),
+    )
+    .await;
+    h.ok(
+        Method::DELETE,
+        &format!("{}/web", svc_path("acme")),
+        &h.admin,
+        None,
+    )
+    .await;
 
     let req = Request::get(format!("{}?watch=true&revision={from}", svc_path("acme")))
         .header(header::AUTHORIZATION, format!("Bearer {}", h.admin))
@@ -505,24 +935,51 @@ async fn watch_streams_changes_resumes_and_reports_compaction() {
     assert_eq!(types, ["ADDED", "MODIFIED", "DELETED", "BOOKMARK"]);
     assert_eq!(lines[1]["object"]["spec"]["replicas"], 4);
     assert_eq!(lines[2]["object"]["name"], "web");
-    let revs: Vec<u64> = lines.iter().map(|l| l["revision"].as_u64().unwrap()).collect();
-    assert!(revs[0] > from && revs[0] < revs[1] && revs[1] < revs[2] && revs[3] == revs[2], "{revs:?}");
+    let revs: Vec<u64> = lines
+        .iter()
+        .map(|l| l["revision"].as_u64().unwrap())
+        .collect();
+    assert!(
+        revs[0] > from && revs[0] < revs[1] && revs[1] < revs[2] && revs[3] == revs[2],
+        "{revs:?}"
+    );
 
     // Watching from a compacted revision answers 410 revision_compacted.
     let current = h.store.current_revision().await.unwrap();
     h.store.compact(current).await.unwrap();
-    let r = h.call(Method::GET, &format!("{}?watch=true&revision={from}", svc_path("acme")), &h.admin, None).await;
-    assert_eq!((r.status, r.code()), (StatusCode::GONE, "revision_compacted"), "{}", r.body);
+    let r = h
+        .call(
+            Method::GET,
+            &format!("{}?watch=true&revision={from}", svc_path("acme")),
+            &h.admin,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::GONE, "revision_compacted"),
+        "{}",
+        r.body
+    );
 }
 
 #[tokio::test]
 async fn rate_limit_answers_429_with_retry_after() {
-    let h = harness_with(|c| c.rate_limit = RateLimit { per_sec: 1.0, burst: 3.0 }).await;
+    let h = harness_with(|c| {
+        c.rate_limit = RateLimit {
+            per_sec: 1.0,
+            burst: 3.0,
+        }
+    })
+    .await;
     for _ in 0..3 {
         h.ok(Method::GET, "/api/v1/whoami", &h.admin, None).await;
     }
     let r = h.call(Method::GET, "/api/v1/whoami", &h.admin, None).await;
-    assert_eq!((r.status, r.code()), (StatusCode::TOO_MANY_REQUESTS, "rate_limited"));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+    );
     assert_eq!(r.headers[header::RETRY_AFTER], "1");
 }
 
@@ -539,12 +996,19 @@ async fn openapi_document_matches_the_checked_in_file() {
         "docs/openapi.json differs from the code: run `HIVE_UPDATE_OPENAPI=1 cargo test -p hive-server --test api openapi` and commit it"
     );
     let doc: Value = serde_json::from_str(&generated).unwrap();
-    for p in ["/api/v1/tenants", "/api/v1/tenants/{tenant}/services/{name}", "/api/v1/tenants/{tenant}/tokens", "/api/v1/nodes/{name}/status"] {
+    for p in [
+        "/api/v1/tenants",
+        "/api/v1/tenants/{tenant}/services/{name}",
+        "/api/v1/tenants/{tenant}/tokens",
+        "/api/v1/nodes/{name}/status",
+    ] {
         assert!(doc["paths"].get(p).is_some(), "{p} missing");
     }
     // Served too, without a token.
     let h = harness().await;
-    let r = h.raw(Method::GET, "/api/v1/openapi.json", None, None, vec![]).await;
+    let r = h
+        .raw(Method::GET, "/api/v1/openapi.json", None, None, vec![])
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body, doc);
 }

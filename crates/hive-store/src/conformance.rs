@@ -41,6 +41,7 @@ where
     case!(create_conflict);
     case!(update_if_revision);
     case!(delete_if_revision);
+    case!(require_guards_a_write);
     case!(put_unconditional);
     case!(delete_prefix);
     case!(atomicity);
@@ -445,6 +446,80 @@ pub async fn delete_if_revision<S: Store>(store: Arc<S>) {
         None,
         "{case}: unconditional delete"
     );
+}
+
+/// `Require` writes nothing, leaves no event, and fails the whole txn unless its key is at
+/// exactly the given revision.
+pub async fn require_guards_a_write<S: Store>(store: Arc<S>) {
+    let case = "require_guards_a_write";
+    let guard = "/conformance/require/tenant";
+    let child = "/conformance/require/tenant-objects/a";
+    let r1 = commit(&*store, case, vec![create(guard, "v")]).await;
+    let mut watch = open_watch(&*store, case, "/conformance/require/", r1).await;
+    let require = |mod_revision| Op::Require {
+        key: guard.into(),
+        mod_revision,
+    };
+    let r2 = commit(&*store, case, vec![require(r1), create(child, "x")]).await;
+    assert_eq!(r2, r1 + 1, "{case}");
+    let got = store.get(guard).await.expect("get").kv.expect("guard kept");
+    assert_eq!(
+        got.mod_revision, r1,
+        "{case}: require must not write its key"
+    );
+    let ev = next_event(&mut watch, case).await;
+    assert_eq!((ev.kv.key.as_str(), ev.revision()), (child, r2), "{case}");
+    assert_quiet(&mut watch, case).await;
+
+    assert_conflict(
+        store
+            .txn(vec![
+                require(r1 + 5),
+                create("/conformance/require/tenant-objects/b", "x"),
+            ])
+            .await,
+        case,
+        guard,
+        ConflictKind::RevisionMismatch {
+            expected: r1 + 5,
+            actual: r1,
+        },
+    );
+    commit(
+        &*store,
+        case,
+        vec![Op::Delete {
+            key: guard.into(),
+            mod_revision: None,
+        }],
+    )
+    .await;
+    let before = current(&*store, case).await;
+    assert_conflict(
+        store
+            .txn(vec![
+                require(r1),
+                create("/conformance/require/tenant-objects/c", "x"),
+            ])
+            .await,
+        case,
+        guard,
+        ConflictKind::Missing,
+    );
+    assert_eq!(
+        current(&*store, case).await,
+        before,
+        "{case}: failed txn consumed a revision"
+    );
+    for k in [
+        "/conformance/require/tenant-objects/b",
+        "/conformance/require/tenant-objects/c",
+    ] {
+        assert!(
+            store.get(k).await.expect("get").kv.is_none(),
+            "{case}: {k} written by a failed txn"
+        );
+    }
 }
 
 /// `Put` creates or replaces whatever is there.

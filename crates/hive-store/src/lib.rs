@@ -21,7 +21,7 @@ use futures_util::Stream;
 pub mod conformance;
 pub mod redb_store;
 
-
+pub use redb_store::{RedbStore, RedbStoreOptions};
 
 /// A store-wide revision. Revision 0 means "before anything was written".
 pub type Revision = u64;

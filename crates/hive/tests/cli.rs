@@ -25,7 +25,7 @@ impl Drop for Up {
 }
 
 fn start_up(data: &Path, config: &Path) -> Up {
-    let mut child = Command::new(HIVE)
+    let child = Command::new(HIVE)
         .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
         .env("HIVE_CONFIG", config)
@@ -35,7 +35,12 @@ fn start_up(data: &Path, config: &Path) -> Up {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn hive up");
-    let stderr = child.stderr.take().unwrap();
+    // From here on the guard kills and reaps the child on every path, panics included.
+    let mut up = Up {
+        child,
+        url: String::new(),
+    };
+    let stderr = up.child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -47,19 +52,21 @@ fn start_up(data: &Path, config: &Path) -> Up {
     while Instant::now() < deadline {
         if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
             if let Some(rest) = line.strip_prefix("hive up: API at ") {
-                let url = rest.split_whitespace().next().unwrap().to_owned();
+                up.url = rest.split_whitespace().next().unwrap().to_owned();
                 // Keep draining so the child never blocks on a full pipe.
                 std::thread::spawn(move || while rx.recv().is_ok() {});
-                return Up { child, url };
+                return up;
             }
             seen.push(line);
         }
-        if let Ok(Some(status)) = child.try_wait() {
+        if let Ok(Some(status)) = up.child.try_wait() {
             panic!("hive up exited with {status}: {}", seen.join("\n"));
         }
     }
-    let _ = child.kill();
-    panic!("hive up did not report its address in 30 s: {}", seen.join("\n"));
+    panic!(
+        "hive up did not report its address in 30 s: {}",
+        seen.join("\n")
+    );
 }
 
 fn hive(config: &Path, args: &[&str]) -> Output {
@@ -94,14 +101,23 @@ fn json(config: &Path, args: &[&str]) -> Value {
 
 fn fails(config: &Path, args: &[&str], expect: &str) {
     let out = hive(config, args);
-    assert_eq!(out.status.code(), Some(1), "hive {} should fail", args.join(" "));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "hive {} should fail",
+        args.join(" ")
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     assert!(err.starts_with("error: ") && err.contains(expect), "{err}");
 }
 
 fn names(v: &Value) -> Vec<String> {
-    v.as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap().to_owned()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 #[test]
@@ -118,53 +134,180 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
     let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
     assert!(token.starts_with("hive_"));
     ok(&admin_cfg, &["tenant", "create", "acme"]);
-    assert_eq!(names(&json(&admin_cfg, &["tenant", "ls"])), ["acme", "default"]);
+    assert_eq!(
+        names(&json(&admin_cfg, &["tenant", "ls"])),
+        ["acme", "default"]
+    );
     let nodes = json(&admin_cfg, &["node", "ls"]);
     assert_eq!(nodes.as_array().unwrap().len(), 1);
-    assert!(nodes[0]["status"]["capacity"]["cpu_millis"].as_u64().unwrap() >= 1000);
+    assert!(
+        nodes[0]["status"]["capacity"]["cpu_millis"]
+            .as_u64()
+            .unwrap()
+            >= 1000
+    );
 
     // A tenant admin token, used through `hive login` like a tenant would.
-    let secret = ok(&admin_cfg, &["--tenant", "acme", "token", "create", "--name", "dev", "--role", "tenant-admin"]);
+    let secret = ok(
+        &admin_cfg,
+        &[
+            "--tenant",
+            "acme",
+            "token",
+            "create",
+            "--name",
+            "dev",
+            "--role",
+            "tenant-admin",
+        ],
+    );
     let secret = secret.trim();
-    ok(&user_cfg, &["login", "--server", &up.url, "--token", secret]);
+    ok(
+        &user_cfg,
+        &["login", "--server", &up.url, "--token", secret],
+    );
     let who = json(&user_cfg, &["whoami"]);
-    assert_eq!((who["tenant"].as_str(), who["role"].as_str()), (Some("acme"), Some("tenant-admin")));
+    assert_eq!(
+        (who["tenant"].as_str(), who["role"].as_str()),
+        (Some("acme"), Some("tenant-admin"))
+    );
 
-    ok(&user_cfg, &["service", "create", "web", "--image", "busybox", "--replicas", "2", "-e", "A=1", "-p", "8080:80", "--memory", "64Mi", "--", "httpd", "-f"]);
+    ok(
+        &user_cfg,
+        &[
+            "service",
+            "create",
+            "web",
+            "--image",
+            "busybox",
+            "--replicas",
+            "2",
+            "-e",
+            "A=1",
+            "-p",
+            "8080:80",
+            "--memory",
+            "64Mi",
+            "--",
+            "httpd",
+            "-f",
+        ],
+    );
     let svc = json(&user_cfg, &["service", "get", "web"]);
     assert_eq!(svc["spec"]["replicas"], 2);
-    assert_eq!(svc["spec"]["template"]["args"], serde_json::json!(["httpd", "-f"]));
-    assert_eq!(svc["spec"]["template"]["resources"]["limits"]["memory_bytes"], 64 << 20);
+    assert_eq!(
+        svc["spec"]["template"]["args"],
+        serde_json::json!(["httpd", "-f"])
+    );
+    assert_eq!(
+        svc["spec"]["template"]["resources"]["limits"]["memory_bytes"],
+        64 << 20
+    );
     ok(&user_cfg, &["scale", "web", "5"]);
     let yaml = ok(&user_cfg, &["service", "get", "web", "-o", "yaml"]);
     assert!(yaml.contains("replicas: 5"), "{yaml}");
     let table = ok(&user_cfg, &["service", "ls"]);
-    assert!(table.starts_with("NAME") && table.contains("web") && table.contains("0/5"), "{table}");
+    assert!(
+        table.starts_with("NAME") && table.contains("web") && table.contains("0/5"),
+        "{table}"
+    );
     let events = json(&user_cfg, &["events"]);
-    let reasons: Vec<&str> = events.as_array().unwrap().iter().map(|e| e["reason"].as_str().unwrap()).collect();
+    let reasons: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
     assert_eq!(reasons, ["Created", "Scaled"]);
 
     // Errors: one line, exit code 1, the server's message.
-    fails(&user_cfg, &["service", "get", "nope"], "service \"nope\" not found in tenant \"acme\"");
-    fails(&user_cfg, &["service", "create", "Bad", "--image", "busybox"], "name: \"Bad\" must be lower case");
-    fails(&user_cfg, &["--tenant", "default", "service", "ls"], "tenant \"default\" not found");
-    fails(&user_cfg, &["tenant", "create", "evil"], "may not create tenants");
-    fails(&user_cfg, &["service", "create", "x", "--image", "busybox", "--memory", "lots"], "memory quantity");
-    let out = hive(&user_cfg, &["service", "create"]);
-    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+    fails(
+        &user_cfg,
+        &["service", "get", "nope"],
+        "service \"nope\" not found in tenant \"acme\"",
+    );
+    fails(
+        &user_cfg,
+        &["service", "create", "Bad", "--image", "busybox"],
+        "name: \"Bad\" must be lower case",
+    );
+    fails(
+        &user_cfg,
+        &["--tenant", "default", "service", "ls"],
+        "tenant \"default\" not found",
+    );
+    fails(
+        &user_cfg,
+        &["tenant", "create", "evil"],
+        "may not create tenants",
+    );
+    // Argument errors are usage errors: exit 2, naming the bad value.
+    for (args, expect) in [
+        (
+            &[
+                "service", "create", "x", "--image", "busybox", "--memory", "lots",
+            ][..],
+            "memory quantity \"lots\"",
+        ),
+        (
+            &[
+                "service",
+                "create",
+                "x",
+                "--image",
+                "busybox",
+                "--restart",
+                "sometimes",
+            ],
+            "restart policy \"sometimes\"",
+        ),
+        (&["service", "create"], "required"),
+    ] {
+        let out = hive(&user_cfg, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(expect),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    fails(
+        &user_cfg,
+        &[
+            "service", "create", "x", "--image", "busybox", "-p", "99999",
+        ],
+        "port \"99999\"",
+    );
 
     // kill -9 and restart on the same data dir: everything acknowledged is there.
     let pid = up.child.id();
     drop(up);
-    assert!(!Path::new(&format!("/proc/{pid}")).exists() || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(" Z "));
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(" Z ")
+    );
     let up2 = start_up(&data, &admin_cfg);
-    let svc = serde_json::from_str::<Value>(&ok(&user_cfg, &["--server", &up2.url, "service", "get", "web", "-o", "json"])).unwrap();
+    let svc = serde_json::from_str::<Value>(&ok(
+        &user_cfg,
+        &["--server", &up2.url, "service", "get", "web", "-o", "json"],
+    ))
+    .unwrap();
     assert_eq!(svc["spec"]["replicas"], 5);
-    assert_eq!(std::fs::read_to_string(data.join("admin.token")).unwrap(), token, "restart kept the admin token");
+    assert_eq!(
+        std::fs::read_to_string(data.join("admin.token")).unwrap(),
+        token,
+        "restart kept the admin token"
+    );
     let ls = ok(&admin_cfg, &["--server", &up2.url, "tenant", "ls"]);
     assert!(ls.contains("acme"));
     ok(&admin_cfg, &["--server", &up2.url, "tenant", "rm", "acme"]);
-    fails(&user_cfg, &["--server", &up2.url, "service", "ls"], "unknown or revoked");
+    fails(
+        &user_cfg,
+        &["--server", &up2.url, "service", "ls"],
+        "unknown or revoked",
+    );
 }
 
 #[test]
@@ -173,7 +316,12 @@ fn completions_and_help_work_without_a_server() {
     let cfg = dir.path().join("none.json");
     let bash = ok(&cfg, &["completions", "bash"]);
     assert!(bash.contains("hive") && bash.contains("service"));
-    for cmd in [&["--help"][..], &["service", "create", "--help"], &["up", "--help"], &["token", "--help"]] {
+    for cmd in [
+        &["--help"][..],
+        &["service", "create", "--help"],
+        &["up", "--help"],
+        &["token", "--help"],
+    ] {
         let out = ok(&cfg, cmd);
         assert!(out.contains("Usage:"), "{cmd:?}");
     }

@@ -337,7 +337,7 @@ fn check(kv: &KvTable<'_>, ops: &[Op]) -> Result<Check, StoreError> {
                     mod_revision: current.mod_revision,
                 }));
             }
-            (Op::Update { .. } | Op::Delete { .. }, None) => {
+            (Op::Update { .. } | Op::Delete { .. } | Op::Require { .. }, None) => {
                 return Ok(failed(ConflictKind::Missing));
             }
             (
@@ -350,6 +350,13 @@ fn check(kv: &KvTable<'_>, ops: &[Op]) -> Result<Check, StoreError> {
             | (
                 Op::Delete {
                     mod_revision: Some(expected),
+                    ..
+                },
+                Some(current),
+            )
+            | (
+                Op::Require {
+                    mod_revision: expected,
                     ..
                 },
                 Some(current),
@@ -400,6 +407,8 @@ fn apply(
                     .map_err(|e| StoreError::Backend(format!("delete key {key}: {e}")))?;
                 events.push(delete_event(key.clone(), revision, prev));
             }
+            // A condition only: checked above, writes nothing and leaves no event.
+            Op::Require { .. } => {}
             Op::DeletePrefix { prefix } => {
                 let doomed = scan_prefix(kv, prefix)?;
                 for current in doomed {

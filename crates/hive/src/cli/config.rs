@@ -24,8 +24,11 @@ pub fn path(explicit: Option<&Path>) -> Result<PathBuf> {
     }
     let base = match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
         Some(x) => PathBuf::from(x),
-        None => PathBuf::from(std::env::var_os("HOME").context("neither XDG_CONFIG_HOME nor HOME is set: pass --config")?)
-            .join(".config"),
+        None => PathBuf::from(
+            std::env::var_os("HOME")
+                .context("neither XDG_CONFIG_HOME nor HOME is set: pass --config")?,
+        )
+        .join(".config"),
     };
     Ok(base.join("hive").join("config.json"))
 }
@@ -43,7 +46,9 @@ pub fn load(path: &Path) -> Result<Option<Config>> {
 
 /// Writes the config atomically with mode 0600 (it holds a secret).
 pub fn save(path: &Path, cfg: &Config) -> Result<()> {
-    let dir = path.parent().context("config path has no parent directory")?;
+    let dir = path
+        .parent()
+        .context("config path has no parent directory")?;
     fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let tmp = path.with_extension("json.tmp");
     let mut f = fs::OpenOptions::new()
@@ -70,7 +75,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("sub/config.json");
         assert!(load(&p).unwrap().is_none());
-        let cfg = Config { server: "http://127.0.0.1:7080".into(), token: "hive_x".into(), tenant: Some("acme".into()) };
+        let cfg = Config {
+            server: "http://127.0.0.1:7080".into(),
+            token: "hive_x".into(),
+            tenant: Some("acme".into()),
+        };
         save(&p, &cfg).unwrap();
         let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);

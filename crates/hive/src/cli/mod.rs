@@ -88,7 +88,12 @@ pub struct LoginArgs {
     #[arg(long, env = "HIVE_SERVER")]
     pub server: String,
     /// API token.
-    #[arg(long, env = "HIVE_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
+    #[arg(
+        long,
+        env = "HIVE_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
     pub token: Option<String>,
     /// Read the token from a file (e.g. /var/lib/hive/admin.token).
     #[arg(long)]
@@ -140,7 +145,10 @@ impl Ctx {
             .clone()
             .or_else(|| cfg.as_ref().map(|c| c.server.clone()))
             .with_context(|| format!("no server: run `hive login` or `hive up`, or pass --server (config {} not found)", path.display()))?;
-        let token = g.token.clone().or_else(|| cfg.as_ref().map(|c| c.token.clone()));
+        let token = g
+            .token
+            .clone()
+            .or_else(|| cfg.as_ref().map(|c| c.token.clone()));
         Ok(Self {
             client: Client::new(&server, token)?,
             output: g.output,
@@ -151,7 +159,11 @@ impl Ctx {
 
     /// The tenant to act in: `--tenant`, else the config's, else the token's own.
     pub async fn tenant(&self) -> Result<String> {
-        if let Some(t) = self.tenant_flag.clone().or_else(|| self.config_tenant.clone()) {
+        if let Some(t) = self
+            .tenant_flag
+            .clone()
+            .or_else(|| self.config_tenant.clone())
+        {
             return Ok(t);
         }
         match self.client.whoami().await?.tenant {
@@ -178,9 +190,15 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Whoami => {
             let ctx = Ctx::new(g).await?;
             let who = ctx.client.whoami().await?;
-            ctx.output.object(&who, &["TOKEN", "NAME", "TENANT", "ROLE"], |w| {
-                vec![w.token_id.clone(), w.name.clone(), w.tenant.clone().unwrap_or("-".into()), w.role.to_string()]
-            })
+            ctx.output
+                .object(&who, &["TOKEN", "NAME", "TENANT", "ROLE"], |w| {
+                    vec![
+                        w.token_id.clone(),
+                        w.name.clone(),
+                        w.tenant.clone().unwrap_or("-".into()),
+                        w.role.to_string(),
+                    ]
+                })
         }
         Command::Tenant(cmd) => resources::tenant(&Ctx::new(g).await?, cmd).await,
         Command::Token(cmd) => resources::token(&Ctx::new(g).await?, cmd).await,
@@ -201,10 +219,20 @@ async fn login(g: &Global, args: LoginArgs) -> Result<()> {
         (None, None) => bail!("pass --token TOKEN or --token-file FILE"),
     };
     let client = Client::new(&args.server, Some(token.clone()))?;
-    let who = client.whoami().await.context("check the token with the server")?;
+    let who = client
+        .whoami()
+        .await
+        .context("check the token with the server")?;
     let tenant = args.tenant.or(who.tenant.clone());
     let path = config::path(g.config.as_deref())?;
-    config::save(&path, &config::Config { server: args.server.clone(), token, tenant: tenant.clone() })?;
+    config::save(
+        &path,
+        &config::Config {
+            server: args.server.clone(),
+            token,
+            tenant: tenant.clone(),
+        },
+    )?;
     println!(
         "logged in to {} as {} ({}{}); config {}",
         args.server,

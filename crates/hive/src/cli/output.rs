@@ -12,7 +12,12 @@ pub enum Output {
 
 impl Output {
     /// Prints `items` as rows under `headers`, or as a JSON/YAML list.
-    pub fn list<T: Serialize>(&self, items: &[T], headers: &[&str], row: impl Fn(&T) -> Vec<String>) -> Result<()> {
+    pub fn list<T: Serialize>(
+        &self,
+        items: &[T],
+        headers: &[&str],
+        row: impl Fn(&T) -> Vec<String>,
+    ) -> Result<()> {
         match self {
             Output::Table => {
                 print!("{}", table(headers, items.iter().map(row).collect()));
@@ -30,7 +35,12 @@ impl Output {
     }
 
     /// Prints one object: a one-row table, or the whole object as JSON/YAML.
-    pub fn object<T: Serialize>(&self, obj: &T, headers: &[&str], row: impl Fn(&T) -> Vec<String>) -> Result<()> {
+    pub fn object<T: Serialize>(
+        &self,
+        obj: &T,
+        headers: &[&str],
+        row: impl Fn(&T) -> Vec<String>,
+    ) -> Result<()> {
         match self {
             Output::Table => {
                 print!("{}", table(headers, vec![row(obj)]));
@@ -94,7 +104,13 @@ mod tests {
 
     #[test]
     fn columns_align() {
-        let t = table(&["NAME", "X"], vec![vec!["a".into(), "1".into()], vec!["long-name".into(), "22".into()]]);
+        let t = table(
+            &["NAME", "X"],
+            vec![
+                vec!["a".into(), "1".into()],
+                vec!["long-name".into(), "22".into()],
+            ],
+        );
         assert_eq!(t, "NAME        X\na           1\nlong-name   22\n");
     }
 }

@@ -2,7 +2,8 @@
 
 /// CPU in millicores: `500m` → 500, `2` → 2000, `0.25` → 250.
 pub fn cpu_millis(s: &str) -> Result<u64, String> {
-    let bad = || format!("CPU quantity {s:?}: expected millicores like 500m or cores like 0.5 or 2");
+    let bad =
+        || format!("CPU quantity {s:?}: expected millicores like 500m or cores like 0.5 or 2");
     if let Some(m) = s.strip_suffix('m') {
         return m.parse::<u64>().map_err(|_| bad());
     }

@@ -57,7 +57,7 @@ pub enum TokenCmd {
 #[derive(Debug, Subcommand)]
 pub enum ServiceCmd {
     /// Create a service.
-    Create(ServiceCreate),
+    Create(Box<ServiceCreate>),
     /// List services.
     Ls,
     /// Show a service.
@@ -144,7 +144,11 @@ fn parse_duration(s: &str) -> Result<u64, String> {
         Some((i, 'd')) => (&s[..i], 86400),
         _ => (s, 1),
     };
-    num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult)).filter(|n| *n > 0).ok_or_else(bad)
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(bad)
 }
 
 fn key_value(what: &str, s: &str) -> Result<(String, String)> {
@@ -155,7 +159,11 @@ fn key_value(what: &str, s: &str) -> Result<(String, String)> {
 }
 
 fn port(s: &str) -> Result<PortSpec> {
-    let bad = || anyhow::anyhow!("port {s:?}: expected CONTAINER[/udp] or PUBLISHED:CONTAINER[/udp], ports 1-65535");
+    let bad = || {
+        anyhow::anyhow!(
+            "port {s:?}: expected CONTAINER[/udp] or PUBLISHED:CONTAINER[/udp], ports 1-65535"
+        )
+    };
     let (ports, protocol) = match s.rsplit_once('/') {
         Some((p, "tcp")) => (p, Protocol::Tcp),
         Some((p, "udp")) => (p, Protocol::Udp),
@@ -167,14 +175,27 @@ fn port(s: &str) -> Result<PortSpec> {
         Some((h, c)) => (Some(num(h)?), num(c)?),
         None => (None, num(ports)?),
     };
-    Ok(PortSpec { container_port, protocol, published_port })
+    Ok(PortSpec {
+        container_port,
+        protocol,
+        published_port,
+    })
 }
 
 pub async fn tenant(ctx: &Ctx, cmd: TenantCmd) -> Result<()> {
     match cmd {
         TenantCmd::Create { name } => {
-            let t = ctx.client.create(None, &Tenant { name, ..Default::default() }).await?;
-            print_tenants(ctx, &[t])
+            let t = ctx
+                .client
+                .create(
+                    None,
+                    &Tenant {
+                        name,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            ctx.output.object(&t, TENANT_HEADERS, tenant_row)
         }
         TenantCmd::Ls => {
             let list = ctx.client.list::<Tenant>(None).await?;
@@ -188,30 +209,58 @@ pub async fn tenant(ctx: &Ctx, cmd: TenantCmd) -> Result<()> {
     }
 }
 
+const TENANT_HEADERS: &[&str] = &["NAME", "UID", "AGE"];
+
+fn tenant_row(t: &Tenant) -> Vec<String> {
+    vec![t.name.clone(), t.uid.clone(), age(t.created_at)]
+}
+
 fn print_tenants(ctx: &Ctx, items: &[Tenant]) -> Result<()> {
-    ctx.output.list(items, &["NAME", "UID", "AGE"], |t| vec![t.name.clone(), t.uid.clone(), age(t.created_at)])
+    ctx.output.list(items, TENANT_HEADERS, tenant_row)
 }
 
 fn print_tokens(ctx: &Ctx, items: &[ApiToken]) -> Result<()> {
-    ctx.output.list(items, &["ID", "NAME", "TENANT", "ROLE", "EXPIRES", "AGE"], |t| {
-        vec![
-            t.id.clone(),
-            t.name.clone(),
-            t.tenant.clone().unwrap_or("-".into()),
-            t.role.to_string(),
-            t.expires_at.map(|e| e.to_rfc3339()).unwrap_or("never".into()),
-            age(Some(t.created_at)),
-        ]
-    })
+    ctx.output.list(
+        items,
+        &["ID", "NAME", "TENANT", "ROLE", "EXPIRES", "AGE"],
+        |t| {
+            vec![
+                t.id.clone(),
+                t.name.clone(),
+                t.tenant.clone().unwrap_or("-".into()),
+                t.role.to_string(),
+                t.expires_at
+                    .map(|e| e.to_rfc3339())
+                    .unwrap_or("never".into()),
+                age(Some(t.created_at)),
+            ]
+        },
+    )
 }
 
 pub async fn token(ctx: &Ctx, cmd: TokenCmd) -> Result<()> {
     match cmd {
-        TokenCmd::Create { name, role, expires, platform } => {
-            let (tenant, role) = if platform { (None, Role::PlatformAdmin) } else { (Some(ctx.tenant().await?), role) };
+        TokenCmd::Create {
+            name,
+            role,
+            expires,
+            platform,
+        } => {
+            let (tenant, role) = if platform {
+                (None, Role::PlatformAdmin)
+            } else {
+                (Some(ctx.tenant().await?), role)
+            };
             let created = ctx
                 .client
-                .create_token(tenant.as_deref(), &TokenCreate { name, role, expires_in_secs: expires })
+                .create_token(
+                    tenant.as_deref(),
+                    &TokenCreate {
+                        name,
+                        role,
+                        expires_in_secs: expires,
+                    },
+                )
                 .await?;
             match ctx.output {
                 super::Output::Table => {
@@ -220,7 +269,11 @@ pub async fn token(ctx: &Ctx, cmd: TokenCmd) -> Result<()> {
                         "token {} ({}{}) created; the secret above is shown only once",
                         created.info.id,
                         created.info.role,
-                        created.info.tenant.map(|t| format!(" in tenant {t}")).unwrap_or_default()
+                        created
+                            .info
+                            .tenant
+                            .map(|t| format!(" in tenant {t}"))
+                            .unwrap_or_default()
                     );
                     Ok(())
                 }
@@ -228,12 +281,20 @@ pub async fn token(ctx: &Ctx, cmd: TokenCmd) -> Result<()> {
             }
         }
         TokenCmd::Ls { platform } => {
-            let tenant = if platform { None } else { Some(ctx.tenant().await?) };
+            let tenant = if platform {
+                None
+            } else {
+                Some(ctx.tenant().await?)
+            };
             let list = ctx.client.list_tokens(tenant.as_deref()).await?;
             print_tokens(ctx, &list.items)
         }
         TokenCmd::Rm { id, platform } => {
-            let tenant = if platform { None } else { Some(ctx.tenant().await?) };
+            let tenant = if platform {
+                None
+            } else {
+                Some(ctx.tenant().await?)
+            };
             ctx.client.revoke_token(tenant.as_deref(), &id).await?;
             println!("token {id} revoked");
             Ok(())
@@ -241,17 +302,25 @@ pub async fn token(ctx: &Ctx, cmd: TokenCmd) -> Result<()> {
     }
 }
 
+const SERVICE_HEADERS: &[&str] = &["NAME", "IMAGE", "REPLICAS", "READY", "REVISION", "AGE"];
+
+fn service_row(s: &Service) -> Vec<String> {
+    vec![
+        s.name.clone(),
+        s.spec.template.image.clone(),
+        s.spec.replicas.to_string(),
+        format!("{}/{}", s.status.ready_replicas, s.spec.replicas),
+        s.revision.to_string(),
+        age(s.created_at),
+    ]
+}
+
 fn print_services(ctx: &Ctx, items: &[Service]) -> Result<()> {
-    ctx.output.list(items, &["NAME", "IMAGE", "REPLICAS", "READY", "REVISION", "AGE"], |s| {
-        vec![
-            s.name.clone(),
-            s.spec.template.image.clone(),
-            s.spec.replicas.to_string(),
-            format!("{}/{}", s.status.ready_replicas, s.spec.replicas),
-            s.revision.to_string(),
-            age(s.created_at),
-        ]
-    })
+    ctx.output.list(items, SERVICE_HEADERS, service_row)
+}
+
+fn print_service(ctx: &Ctx, s: &Service) -> Result<()> {
+    ctx.output.object(s, SERVICE_HEADERS, service_row)
 }
 
 pub async fn service(ctx: &Ctx, cmd: ServiceCmd) -> Result<()> {
@@ -268,7 +337,11 @@ pub async fn service(ctx: &Ctx, cmd: ServiceCmd) -> Result<()> {
                 .iter()
                 .map(|e| key_value("env", e).map(|(name, value)| EnvVar { name, value }))
                 .collect::<Result<Vec<_>>>()?;
-            let ports = c.ports.iter().map(|p| port(p)).collect::<Result<Vec<_>>>()?;
+            let ports = c
+                .ports
+                .iter()
+                .map(|p| port(p))
+                .collect::<Result<Vec<_>>>()?;
             let mut template = ContainerSpec {
                 image: c.image,
                 command: c.entrypoint.into_iter().collect(),
@@ -286,11 +359,14 @@ pub async fn service(ctx: &Ctx, cmd: ServiceCmd) -> Result<()> {
             let svc = Service {
                 name: c.name,
                 labels,
-                spec: ServiceSpec { replicas: c.replicas, template },
+                spec: ServiceSpec {
+                    replicas: c.replicas,
+                    template,
+                },
                 ..Default::default()
             };
             let created = ctx.client.create(Some(&tenant), &svc).await?;
-            print_services(ctx, &[created])
+            print_service(ctx, &created)
         }
         ServiceCmd::Ls => {
             let tenant = ctx.tenant().await?;
@@ -300,7 +376,7 @@ pub async fn service(ctx: &Ctx, cmd: ServiceCmd) -> Result<()> {
         ServiceCmd::Get { name } => {
             let tenant = ctx.tenant().await?;
             let s = ctx.client.get::<Service>(Some(&tenant), &name).await?;
-            print_services(ctx, std::slice::from_ref(&s))
+            print_service(ctx, &s)
         }
         ServiceCmd::Rm { name } => {
             let tenant = ctx.tenant().await?;
@@ -319,36 +395,45 @@ pub async fn scale(ctx: &Ctx, args: ScaleArgs) -> Result<()> {
         let mut svc = ctx.client.get::<Service>(Some(&tenant), &args.name).await?;
         svc.spec.replicas = args.replicas;
         match ctx.client.update(Some(&tenant), &svc).await {
-            Ok(s) => return print_services(ctx, &[s]),
+            Ok(s) => return print_service(ctx, &s),
             Err(e) if e.code() == Some(ErrorCode::Conflict) => continue,
             Err(e) => return Err(e.into()),
         }
     }
-    bail!("service {} kept changing under 5 attempts to scale it; try again", args.name)
+    bail!(
+        "service {} kept changing under 5 attempts to scale it; try again",
+        args.name
+    )
 }
 
 pub async fn node(ctx: &Ctx, cmd: NodeCmd) -> Result<()> {
     match cmd {
         NodeCmd::Ls => {
             let list = ctx.client.list::<Node>(None).await?;
-            ctx.output.list(&list.items, &["NAME", "READY", "TENANT", "CPU", "MEMORY", "KERNEL", "AGE"], |n| {
-                vec![
-                    n.name.clone(),
-                    n.status.ready.to_string(),
-                    n.spec.tenant.clone().unwrap_or("-".into()),
-                    format!("{}m", n.status.capacity.cpu_millis),
-                    format!("{}Mi", n.status.capacity.memory_bytes >> 20),
-                    n.status.kernel.clone(),
-                    age(n.created_at),
-                ]
-            })
+            ctx.output.list(
+                &list.items,
+                &["NAME", "READY", "TENANT", "CPU", "MEMORY", "KERNEL", "AGE"],
+                |n| {
+                    vec![
+                        n.name.clone(),
+                        n.status.ready.to_string(),
+                        n.spec.tenant.clone().unwrap_or("-".into()),
+                        format!("{}m", n.status.capacity.cpu_millis),
+                        format!("{}Mi", n.status.capacity.memory_bytes >> 20),
+                        n.status.kernel.clone(),
+                        age(n.created_at),
+                    ]
+                },
+            )
         }
     }
 }
 
 fn event_row(e: &Event) -> Vec<String> {
     vec![
-        e.created_at.map(|t| t.format("%Y-%m-%dT%H:%M:%S").to_string()).unwrap_or_default(),
+        e.created_at
+            .map(|t| t.format("%Y-%m-%dT%H:%M:%S").to_string())
+            .unwrap_or_default(),
         format!("{:?}", e.type_),
         e.reason.clone(),
         format!("{}/{}", e.object.kind, e.object.name),
@@ -367,14 +452,20 @@ pub async fn events(ctx: &Ctx, args: EventsArgs) -> Result<()> {
     let mut revision = list.revision;
     let table = ctx.output == super::Output::Table;
     if table {
-        print!("{}", super::output::table(EVENT_HEADERS, list.items.iter().map(event_row).collect()));
+        print!(
+            "{}",
+            super::output::table(EVENT_HEADERS, list.items.iter().map(event_row).collect())
+        );
     } else {
         for e in &list.items {
             println!("{}", serde_json::to_string(e)?);
         }
     }
     loop {
-        let mut stream = ctx.client.watch::<Event>(Some(&tenant), Some(revision)).await?;
+        let mut stream = ctx
+            .client
+            .watch::<Event>(Some(&tenant), Some(revision))
+            .await?;
         while let Some(item) = stream.next().await {
             let ev = match item {
                 Ok(ev) => ev,
@@ -402,17 +493,27 @@ pub async fn events(ctx: &Ctx, args: EventsArgs) -> Result<()> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn ports_parse() {
-        assert_eq!(port("80").unwrap(), PortSpec { container_port: 80, protocol: Protocol::Tcp, published_port: None });
+        assert_eq!(
+            port("80").unwrap(),
+            PortSpec {
+                container_port: 80,
+                protocol: Protocol::Tcp,
+                published_port: None
+            }
+        );
         assert_eq!(
             port("8080:80/udp").unwrap(),
-            PortSpec { container_port: 80, protocol: Protocol::Udp, published_port: Some(8080) }
+            PortSpec {
+                container_port: 80,
+                protocol: Protocol::Udp,
+                published_port: Some(8080)
+            }
         );
         for bad in ["0", "x", "80/sctp", "70000", "1:2:3"] {
             assert!(port(bad).is_err(), "{bad}");

@@ -67,8 +67,12 @@ async fn start(args: &ServerArgs) -> Result<Running> {
         .with_context(|| format!("create data dir {}", args.data_dir.display()))?;
     let db = args.data_dir.join("state.redb");
     let store: Arc<dyn Store> = Arc::new(
-        hive_store::RedbStore::open(&db, Default::default())
-            .with_context(|| format!("open the store {} (is another hive using this data dir?)", db.display()))?,
+        hive_store::RedbStore::open(&db, Default::default()).with_context(|| {
+            format!(
+                "open the store {} (is another hive using this data dir?)",
+                db.display()
+            )
+        })?,
     );
     match hive_server::bootstrap(&store, &args.data_dir).await? {
         Bootstrap::Created { token_file } => {
@@ -81,19 +85,33 @@ async fn start(args: &ServerArgs) -> Result<Running> {
         .with_context(|| format!("read {}", token_path.display()))?
         .trim()
         .to_owned();
-    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let config = ServerConfig {
         data_dir: args.data_dir.clone(),
         body_limit_bytes: args.body_limit,
-        rate_limit: RateLimit { per_sec: args.rate_limit, burst: args.rate_burst },
+        rate_limit: RateLimit {
+            per_sec: args.rate_limit,
+            burst: args.rate_burst,
+        },
         keep_revisions: args.keep_revisions,
         ..Default::default()
     };
-    let task = tokio::spawn(hive_server::serve(store, config, listener, shutdown_signal()));
+    let task = tokio::spawn(hive_server::serve(
+        store,
+        config,
+        listener,
+        shutdown_signal(),
+    ));
     let url = format!("http://{addr}");
     tracing::info!(%url, data_dir = %args.data_dir.display(), "serving the API");
-    Ok(Running { url, admin_token, task })
+    Ok(Running {
+        url,
+        admin_token,
+        task,
+    })
 }
 
 async fn shutdown_signal() {
@@ -126,7 +144,11 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    anyhow::ensure!(ready, "the API server at {} did not become healthy", running.url);
+    anyhow::ensure!(
+        ready,
+        "the API server at {} did not become healthy",
+        running.url
+    );
     ensure_tenant(&client, DEFAULT_TENANT).await?;
     register_node(&client).await?;
     let cfg_path = config::path(g.config.as_deref())?;
@@ -142,9 +164,16 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
         )?;
     }
     let token_file = args.server.data_dir.join(ADMIN_TOKEN_FILE);
-    eprintln!("hive up: API at {} (data in {})", running.url, args.server.data_dir.display());
+    eprintln!(
+        "hive up: API at {} (data in {})",
+        running.url,
+        args.server.data_dir.display()
+    );
     if write {
-        eprintln!("hive up: CLI logged in as the platform admin, tenant {DEFAULT_TENANT} ({})", cfg_path.display());
+        eprintln!(
+            "hive up: CLI logged in as the platform admin, tenant {DEFAULT_TENANT} ({})",
+            cfg_path.display()
+        );
     } else {
         eprintln!(
             "hive up: to use this server: hive login --server {} --token-file {} --tenant {DEFAULT_TENANT}",
@@ -156,7 +185,16 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
 }
 
 async fn ensure_tenant(client: &Client, name: &str) -> Result<()> {
-    match client.create(None, &Tenant { name: name.to_owned(), ..Default::default() }).await {
+    match client
+        .create(
+            None,
+            &Tenant {
+                name: name.to_owned(),
+                ..Default::default()
+            },
+        )
+        .await
+    {
         Ok(_) => Ok(()),
         Err(e) if e.code() == Some(hive_api::ErrorCode::AlreadyExists) => Ok(()),
         Err(e) => Err(e).context(format!("create tenant {name}")),
@@ -179,19 +217,30 @@ async fn register_node(client: &Client) -> Result<()> {
     let node = match client.get::<Node>(None, &name).await {
         Ok(n) => n,
         Err(e) if e.code() == Some(hive_api::ErrorCode::NotFound) => client
-            .create(None, &Node { name: name.clone(), ..Default::default() })
+            .create(
+                None,
+                &Node {
+                    name: name.clone(),
+                    ..Default::default()
+                },
+            )
             .await
             .with_context(|| format!("register node {name}"))?,
         Err(e) => return Err(e).context(format!("read node {name}")),
     };
     let mut node = node;
     node.status = status;
-    client.update_status(None, &node).await.with_context(|| format!("report node {name}"))?;
+    client
+        .update_status(None, &node)
+        .await
+        .with_context(|| format!("report node {name}"))?;
     Ok(())
 }
 
 fn read_trim(path: impl AsRef<Path>) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_owned())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_owned())
 }
 
 /// A host name turned into a DNS label (lower case, other characters to '-', 63 at most).
@@ -199,7 +248,13 @@ fn node_name(host: &str) -> String {
     let first = host.split('.').next().unwrap_or(host);
     let mut s: String = first
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     s.truncate(63);
     let s = s.trim_matches('-').to_owned();
@@ -207,7 +262,9 @@ fn node_name(host: &str) -> String {
 }
 
 fn host_capacity() -> NodeCapacity {
-    let cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u64)
+        .unwrap_or(1);
     let mem_kib = read_trim("/proc/meminfo")
         .and_then(|m| {
             m.lines()
@@ -215,7 +272,10 @@ fn host_capacity() -> NodeCapacity {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .unwrap_or(0);
-    NodeCapacity { cpu_millis: cpus * 1000, memory_bytes: mem_kib * 1024 }
+    NodeCapacity {
+        cpu_millis: cpus * 1000,
+        memory_bytes: mem_kib * 1024,
+    }
 }
 
 #[cfg(test)]
