@@ -15,8 +15,8 @@ use bytes::Bytes;
 use chrono::Utc;
 use futures_util::StreamExt;
 use hive_api::{
-    ApiErrorBody, ErrorCode, Event, EventType, List, ObjectRef, Resource, Role, Scope, Service,
-    Tenant, WatchEvent, WatchEventType,
+    ApiErrorBody, Event, EventType, List, ObjectRef, Resource, Role, Scope, Service, Tenant,
+    WatchEvent, WatchEventType,
 };
 use hive_store::{EventKind, KeyValue, Op, Revision, StoreError, WatchStream};
 use serde::Deserialize;
