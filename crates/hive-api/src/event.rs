@@ -58,8 +58,7 @@ impl Resource for Event {
     const SCOPE: Scope = Scope::Tenant;
     crate::impl_object_meta!(tenant);
 
-    fn keep_status(&mut self, _stored: &Self) {}
-    fn keep_spec(&mut self, _stored: &Self) {}
+    crate::impl_spec_status!(none);
 
     fn validate(&self) -> Result<(), ValidationError> {
         self.validate_meta()?;

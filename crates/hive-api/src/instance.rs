@@ -92,12 +92,7 @@ impl Resource for Instance {
     const SCOPE: Scope = Scope::Tenant;
     crate::impl_object_meta!(tenant);
 
-    fn keep_status(&mut self, stored: &Self) {
-        self.status = stored.status.clone();
-    }
-    fn keep_spec(&mut self, stored: &Self) {
-        self.spec = stored.spec.clone();
-    }
+    crate::impl_spec_status!();
 
     fn validate(&self) -> Result<(), ValidationError> {
         self.validate_meta()?;

@@ -118,6 +118,24 @@ macro_rules! impl_object_meta {
     };
 }
 
+/// Implements [`Resource::keep_status`] and [`Resource::keep_spec`] for a struct with `spec`
+/// and `status` fields (`none` for kinds that have neither).
+#[macro_export]
+macro_rules! impl_spec_status {
+    () => {
+        fn keep_status(&mut self, stored: &Self) {
+            self.status = stored.status.clone();
+        }
+        fn keep_spec(&mut self, stored: &Self) {
+            self.spec = stored.spec.clone();
+        }
+    };
+    (none) => {
+        fn keep_status(&mut self, _stored: &Self) {}
+        fn keep_spec(&mut self, _stored: &Self) {}
+    };
+}
+
 /// One page of a list, the store revision it was read at (watch from there to follow it),
 /// and where the next page starts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

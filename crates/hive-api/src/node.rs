@@ -82,12 +82,7 @@ impl Resource for Node {
     const SCOPE: Scope = Scope::Cluster;
     crate::impl_object_meta!(cluster);
 
-    fn keep_status(&mut self, stored: &Self) {
-        self.status = stored.status.clone();
-    }
-    fn keep_spec(&mut self, stored: &Self) {
-        self.spec = stored.spec.clone();
-    }
+    crate::impl_spec_status!();
 
     fn validate(&self) -> Result<(), ValidationError> {
         self.validate_meta()?;

@@ -32,8 +32,7 @@ impl Resource for Tenant {
     const SCOPE: Scope = Scope::Cluster;
     crate::impl_object_meta!(cluster);
 
-    fn keep_status(&mut self, _stored: &Self) {}
-    fn keep_spec(&mut self, _stored: &Self) {}
+    crate::impl_spec_status!(none);
 
     fn validate(&self) -> Result<(), ValidationError> {
         self.validate_meta()

@@ -141,12 +141,14 @@ impl Target {
 }
 
 /// A tenant as checked for a request: its key's revision (to guard writes against its
-/// deletion) and uid.
+/// deletion), its uid, the object itself and the store revision it was read at.
 #[derive(Debug)]
 pub struct TenantGuard {
     pub name: String,
     pub uid: String,
     pub revision: Revision,
+    pub tenant: Tenant,
+    pub read_at: Revision,
 }
 
 impl TenantGuard {
@@ -177,8 +179,10 @@ pub async fn load_tenant(st: &AppState, p: &Principal, name: &str) -> ApiResult<
     }
     Ok(TenantGuard {
         name: name.to_owned(),
-        uid: tenant.uid,
+        uid: tenant.uid.clone(),
         revision: kv.mod_revision,
+        tenant,
+        read_at: got.revision,
     })
 }
 

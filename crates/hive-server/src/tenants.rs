@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
+use axum::response::IntoResponse;
 use axum::{Extension, Json};
 use hive_api::{List, Role, Tenant};
 use hive_store::Op;
@@ -26,19 +27,9 @@ pub async fn list(
     // A tenant's token sees exactly one tenant: its own.
     let own = p.tenant.clone().unwrap_or_default();
     let guard = load_tenant(&st, &p, &own).await?;
-    let got = st
-        .store
-        .get(&keys::object::<Tenant>(None, &guard.name))
-        .await?;
-    let items = got
-        .kv
-        .iter()
-        .map(resources::decode::<Tenant>)
-        .collect::<ApiResult<Vec<_>>>()?;
-    use axum::response::IntoResponse;
     Ok(Json(List {
-        items,
-        revision: got.revision,
+        items: vec![guard.tenant],
+        revision: guard.read_at,
         continue_: None,
     })
     .into_response())
@@ -49,15 +40,7 @@ pub async fn get(
     Extension(p): Extension<Principal>,
     Path(tenant): Path<String>,
 ) -> ApiResult<Json<Tenant>> {
-    let guard = load_tenant(&st, &p, &tenant).await?;
-    let got = st
-        .store
-        .get(&keys::object::<Tenant>(None, &guard.name))
-        .await?;
-    let kv = got
-        .kv
-        .ok_or_else(|| ApiError::not_found("tenant", &tenant, None))?;
-    Ok(Json(resources::decode(&kv)?))
+    Ok(Json(load_tenant(&st, &p, &tenant).await?.tenant))
 }
 
 /// Most token records removed in the same transaction as the tenant; any beyond are removed
@@ -71,11 +54,6 @@ pub async fn delete(
 ) -> ApiResult<Json<Tenant>> {
     let guard = load_tenant(&st, &p, &tenant).await?;
     p.require(Role::PlatformAdmin, "delete tenants")?;
-    let got = st.store.get(&keys::object::<Tenant>(None, &tenant)).await?;
-    let kv = got
-        .kv
-        .ok_or_else(|| ApiError::not_found("tenant", &tenant, None))?;
-    let stored: Tenant = resources::decode(&kv)?;
     let tokens = resources::list_all(&st, &keys::token_index_prefix(Some(&tenant))).await?;
     let mut auth_keys = Vec::with_capacity(tokens.len());
     for kv in &tokens {
@@ -114,5 +92,5 @@ pub async fn delete(
             tracing::warn!(%tenant, error = %e, "removing token records of a deleted tenant");
         }
     }
-    Ok(Json(stored))
+    Ok(Json(guard.tenant))
 }

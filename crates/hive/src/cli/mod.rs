@@ -110,8 +110,10 @@ pub fn init_tracing(cli: &Cli) {
         Command::Up(_) | Command::Server(_) => cli.global.log.clone(),
         _ => "warn".to_owned(),
     };
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }
