@@ -1,0 +1,1 @@
+//! Image store: pull, verify, unpack, compose root filesystems.

@@ -1,0 +1,12 @@
+//! Hive's node agent: turns a host into a node that runs the instances placed on it.
+//!
+//! - [`image`]: pulls OCI images, unpacks each layer once into a content-addressed store, and
+//!   composes instance root filesystems with overlayfs.
+//! - [`runtime`]: writes OCI bundles and drives an OCI runtime through a per-container
+//!   supervisor that outlives the agent.
+//!
+//! The agent talks to the control plane only through the API (`hive-client`), never to the
+//! store.
+
+pub mod image;
+pub mod runtime;

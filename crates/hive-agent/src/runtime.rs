@@ -1,0 +1,1 @@
+//! Container runtime: OCI bundles, the OCI runtime, per-container supervisors.
