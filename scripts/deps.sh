@@ -16,8 +16,9 @@ apt_install() {
   fi
 }
 
-# gcc for crates that build C (ring); curl and jq for the scripts' checks.
-apt_install build-essential pkg-config ca-certificates curl jq
+# gcc for crates that build C (ring); curl and jq for the scripts' checks; runc (the default
+# OCI runtime), crun (the alternative) and busybox-static (test containers' userland).
+apt_install build-essential pkg-config ca-certificates curl jq runc crun busybox-static
 
 if ! command -v cargo >/dev/null 2>&1; then
   for d in "$HOME/.cargo/bin" /root/.cargo/bin /usr/local/cargo/bin; do

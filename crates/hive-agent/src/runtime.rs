@@ -1,1 +1,16 @@
-//! Container runtime: OCI bundles, the OCI runtime, per-container supervisors.
+//! Container runtime: OCI bundles, the OCI runtime binary, per-container supervisors.
+//!
+//! [`spec`] turns an image's config and a service's container template into the OCI runtime
+//! spec; [`Containers`] writes bundles and runs each container under its own supervisor
+//! ([`shim`]), which outlives the agent, holds the container's output ([`logs`]) and records
+//! its exit; [`oci`] drives runc or crun.
+
+pub mod logs;
+pub mod oci;
+pub mod shim;
+pub mod spec;
+
+mod containers;
+
+pub use containers::{ContainerError, ContainerState, Containers, ShimCommand};
+pub use oci::{OciRuntime, RuntimeKind};

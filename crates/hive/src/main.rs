@@ -9,6 +9,10 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    // The container supervisor forks: it must run before any other thread exists.
+    if let cli::Command::Shim { shim_config } = &args.command {
+        return ExitCode::from(hive_agent::runtime::shim::main(shim_config).clamp(0, 255) as u8);
+    }
     cli::init_tracing(&args);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -80,6 +80,12 @@ pub enum Command {
     },
     /// Print the API's OpenAPI document.
     Openapi,
+    /// Supervise one container (started by the agent; not for people).
+    #[command(hide = true)]
+    Shim {
+        /// The supervisor's configuration, as JSON.
+        shim_config: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -185,6 +191,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "hive", &mut std::io::stdout());
             Ok(())
         }
+        Command::Shim { .. } => anyhow::bail!("hive shim runs before the async runtime starts"),
         Command::Openapi => {
             println!("{}", hive_server::openapi().to_pretty_json()?);
             Ok(())

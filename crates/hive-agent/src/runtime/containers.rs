@@ -1,0 +1,310 @@
+//! The agent's side of running containers: write a bundle, start its supervisor, read how it
+//! is doing, stop it with a grace period, remove it. All state lives on disk under the
+//! containers root, so a restarted agent finds every container again ([`Containers::list`]).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use oci_spec::runtime::Spec;
+
+use super::oci::{OciError, OciRuntime, RuntimeKind};
+use super::shim::{self, Exited, ShimConfig, Started};
+
+/// How to run `hive shim` (the agent passes the path of its own binary).
+#[derive(Clone, Debug)]
+pub struct ShimCommand {
+    pub program: PathBuf,
+    /// Arguments before the config, e.g. `["shim"]`.
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error("container {id}: {op} {path}: {source}")]
+    Io {
+        id: String,
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("container {id}: {message}")]
+    Start { id: String, message: String },
+    #[error("container {id}: the supervisor did not answer within {0:?}", .timeout)]
+    ShimTimeout { id: String, timeout: Duration },
+    #[error(transparent)]
+    Runtime(#[from] OciError),
+    #[error("container {id}: did not exit within {waited:?} of SIGKILL")]
+    Unkillable { id: String, waited: Duration },
+    #[error("container {id}: invalid id (1 to 64 of a-z, 0-9, '-', '_', '.')")]
+    BadId { id: String },
+}
+
+/// What a container is doing, from its supervisor's records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ContainerState {
+    /// Running, supervised.
+    Running(Started),
+    /// Exited; `started` is None when it never ran.
+    Exited {
+        started: Option<Started>,
+        exit: Exited,
+    },
+    /// Records say it started but neither it nor its supervisor is alive and no exit was
+    /// recorded (the host rebooted, or someone killed the supervisor).
+    Lost(Started),
+    /// Nothing recorded.
+    Unknown,
+}
+
+/// All containers of one node.
+#[derive(Clone, Debug)]
+pub struct Containers {
+    pub runtime: OciRuntime,
+    pub shim: ShimCommand,
+    /// One directory per container: bundle, supervisor records, logs.
+    pub root: PathBuf,
+    pub log_max_bytes: u64,
+    pub log_keep: usize,
+    pub start_timeout: Duration,
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id != "."
+        && id != ".."
+        && id.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        })
+}
+
+fn alive(pid: i32) -> bool {
+    pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+impl Containers {
+    pub fn new(runtime: OciRuntime, shim: ShimCommand, root: impl Into<PathBuf>) -> Self {
+        Self {
+            runtime,
+            shim,
+            root: root.into(),
+            log_max_bytes: 10 << 20,
+            log_keep: 2,
+            start_timeout: Duration::from_secs(60),
+        }
+    }
+
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    pub fn log_path(&self, id: &str) -> PathBuf {
+        self.dir(id).join(shim::LOG)
+    }
+
+    fn io(
+        &self,
+        id: &str,
+        op: &'static str,
+        path: &Path,
+    ) -> impl FnOnce(std::io::Error) -> ContainerError {
+        let (id, path) = (id.to_owned(), path.to_owned());
+        move |source| ContainerError::Io {
+            id,
+            op,
+            path,
+            source,
+        }
+    }
+
+    /// Writes the bundle (`config.json`, root at `spec.root.path`) and starts the container
+    /// under a new supervisor. Returns once it runs (its init's pid).
+    pub async fn start(
+        &self,
+        id: &str,
+        spec: &Spec,
+        cgroups_path: &Path,
+    ) -> Result<Started, ContainerError> {
+        if !valid_id(id) {
+            return Err(ContainerError::BadId { id: id.to_owned() });
+        }
+        let dir = self.dir(id);
+        let bundle = dir.join("bundle");
+        fs::create_dir_all(&bundle).map_err(self.io(id, "create", &bundle))?;
+        let config = bundle.join("config.json");
+        let json = serde_json::to_vec(spec).map_err(|e| ContainerError::Start {
+            id: id.to_owned(),
+            message: format!("encode spec: {e}"),
+        })?;
+        fs::write(&config, json).map_err(self.io(id, "write", &config))?;
+        for stale in [shim::STARTED, shim::EXITED, shim::PID_FILE] {
+            let _ = fs::remove_file(dir.join(stale));
+        }
+        let cfg = ShimConfig {
+            id: id.to_owned(),
+            bundle,
+            state_dir: dir.clone(),
+            runtime_kind: match self.runtime.kind {
+                RuntimeKind::Runc => "runc".into(),
+                RuntimeKind::Crun => "crun".into(),
+            },
+            runtime_binary: self.runtime.binary.clone(),
+            runtime_root: self.runtime.root.clone(),
+            cgroups_path: cgroups_path.to_owned(),
+            log_max_bytes: self.log_max_bytes,
+            log_keep: self.log_keep,
+        };
+        let cfg = serde_json::to_string(&cfg).map_err(|e| ContainerError::Start {
+            id: id.to_owned(),
+            message: e.to_string(),
+        })?;
+        let mut cmd = tokio::process::Command::new(&self.shim.program);
+        cmd.args(&self.shim.args)
+            .arg(cfg)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(self.start_timeout, cmd.output())
+            .await
+            .map_err(|_| ContainerError::ShimTimeout {
+                id: id.to_owned(),
+                timeout: self.start_timeout,
+            })?
+            .map_err(self.io(id, "run", &self.shim.program))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || !stdout.starts_with("ok ") {
+            let message = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            return Err(ContainerError::Start {
+                id: id.to_owned(),
+                message,
+            });
+        }
+        shim::read_json::<Started>(&dir, shim::STARTED).ok_or_else(|| ContainerError::Start {
+            id: id.to_owned(),
+            message: format!(
+                "the supervisor reported a start but {} is missing",
+                shim::STARTED
+            ),
+        })
+    }
+
+    /// The container's state from its supervisor's records and the liveness of its processes.
+    pub fn state(&self, id: &str) -> ContainerState {
+        let dir = self.dir(id);
+        let started: Option<Started> = shim::read_json(&dir, shim::STARTED);
+        if let Some(exit) = shim::read_json::<Exited>(&dir, shim::EXITED) {
+            return ContainerState::Exited { started, exit };
+        }
+        match started {
+            Some(s) if alive(s.pid) || alive(s.shim_pid) => ContainerState::Running(s),
+            Some(s) => ContainerState::Lost(s),
+            None => ContainerState::Unknown,
+        }
+    }
+
+    /// Waits until the container has exited or `timeout` passed.
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Option<Exited> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let ContainerState::Exited { exit, .. } = self.state(id) {
+                return Some(exit);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Sends `signal` to the init, waits up to `grace`, then kills everything in the container
+    /// and waits for the supervisor to record the exit.
+    pub async fn stop(
+        &self,
+        id: &str,
+        signal: &str,
+        grace: Duration,
+    ) -> Result<Exited, ContainerError> {
+        if let ContainerState::Exited { exit, .. } = self.state(id) {
+            return Ok(exit);
+        }
+        let rt = self.runtime.clone();
+        let (i, s) = (id.to_owned(), signal.to_owned());
+        // A container that exits meanwhile makes kill fail: the wait below settles it.
+        let _ = tokio::task::spawn_blocking(move || rt.kill(&i, &s, false)).await;
+        if let Some(exit) = self.wait(id, grace).await {
+            return Ok(exit);
+        }
+        let rt = self.runtime.clone();
+        let i = id.to_owned();
+        let _ = tokio::task::spawn_blocking(move || rt.kill(&i, "KILL", true)).await;
+        let waited = Duration::from_secs(10);
+        self.wait(id, waited)
+            .await
+            .ok_or(ContainerError::Unkillable {
+                id: id.to_owned(),
+                waited,
+            })
+    }
+
+    /// Removes the container from the runtime (killing it if needed) and deletes its
+    /// directory (bundle, records, logs). Idempotent.
+    pub async fn remove(&self, id: &str) -> Result<(), ContainerError> {
+        let rt = self.runtime.clone();
+        let i = id.to_owned();
+        let state = tokio::task::spawn_blocking(move || rt.state(&i))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        if state.is_some() {
+            let rt = self.runtime.clone();
+            let i = id.to_owned();
+            tokio::task::spawn_blocking(move || rt.delete(&i, true))
+                .await
+                .map_err(|e| ContainerError::Start {
+                    id: id.to_owned(),
+                    message: e.to_string(),
+                })??;
+        }
+        let dir = self.dir(id);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ContainerError::Io {
+                id: id.to_owned(),
+                op: "remove",
+                path: dir,
+                source: e,
+            }),
+        }
+    }
+
+    /// Every container with a directory here (for re-adoption after an agent restart).
+    pub fn list(&self) -> Vec<String> {
+        let mut ids: Vec<String> = fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|id| valid_id(id))
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_cannot_escape_the_root() {
+        for bad in ["", ".", "..", "a/b", "A", "x".repeat(65).as_str(), "a b"] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+        for good in ["web-1", "acme.web-1.0", "c_1"] {
+            assert!(valid_id(good));
+        }
+    }
+}

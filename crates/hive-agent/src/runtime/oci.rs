@@ -1,0 +1,303 @@
+//! Driving an OCI runtime binary (runc, or crun) through its command line: create, start,
+//! kill, delete, state. Synchronous on purpose: the per-container supervisor (a small
+//! single-threaded process) uses it, and the agent calls it from blocking tasks.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+/// Which runtime, and where it keeps its state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OciRuntime {
+    pub kind: RuntimeKind,
+    pub binary: PathBuf,
+    /// The runtime's `--root` (its own state directory).
+    pub root: PathBuf,
+    /// Longest any one runtime call may take before it is killed and reported.
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuntimeKind {
+    /// runc: works on these hosts' hybrid cgroup layout as is.
+    Runc,
+    /// crun: refuses the hybrid layout unless the cgroup2 mount is hidden, so every call runs
+    /// in a private mount namespace with `/sys/fs/cgroup/unified` unmounted.
+    Crun,
+}
+
+impl std::str::FromStr for RuntimeKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "runc" => Ok(RuntimeKind::Runc),
+            "crun" => Ok(RuntimeKind::Crun),
+            other => Err(format!(
+                "unknown OCI runtime kind {other:?}: expected runc or crun"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    #[error("{op} container {id}: start {binary}: {source}")]
+    Spawn {
+        op: &'static str,
+        id: String,
+        binary: String,
+        source: std::io::Error,
+    },
+    #[error("{op} container {id}: {binary} failed ({status}): {message}")]
+    Failed {
+        op: &'static str,
+        id: String,
+        binary: String,
+        status: String,
+        message: String,
+    },
+    #[error("{op} container {id}: {binary} did not finish within {timeout:?} (killed)")]
+    Timeout {
+        op: &'static str,
+        id: String,
+        binary: String,
+        timeout: Duration,
+    },
+    #[error("state of container {id}: unreadable output: {message}")]
+    BadState { id: String, message: String },
+}
+
+/// What `runtime state` says.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct RuntimeState {
+    pub id: String,
+    /// created, running, stopped, paused.
+    pub status: String,
+    #[serde(default)]
+    pub pid: i64,
+}
+
+/// Standard streams of a `create`.
+#[derive(Debug)]
+pub struct CreateIo {
+    pub stdout: Stdio,
+    pub stderr: Stdio,
+}
+
+impl OciRuntime {
+    pub fn new(kind: RuntimeKind, binary: impl Into<PathBuf>, root: impl Into<PathBuf>) -> Self {
+        Self {
+            kind,
+            binary: binary.into(),
+            root: root.into(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    fn command(&self, log: Option<&Path>) -> Command {
+        let mut c = match self.kind {
+            RuntimeKind::Runc => Command::new(&self.binary),
+            RuntimeKind::Crun => {
+                let mut c = Command::new("unshare");
+                c.args(["-m", "--propagation", "private", "sh", "-c"])
+                    .arg("umount -l /sys/fs/cgroup/unified 2>/dev/null; exec \"$0\" \"$@\"")
+                    .arg(&self.binary);
+                c
+            }
+        };
+        c.arg("--root").arg(&self.root);
+        if let Some(log) = log {
+            c.arg("--log").arg(log).arg("--log-format").arg("json");
+        }
+        c.stdin(Stdio::null());
+        c
+    }
+
+    fn binary_name(&self) -> String {
+        self.binary.display().to_string()
+    }
+
+    /// Waits for `child` until the timeout, killing it past that.
+    fn wait(&self, op: &'static str, id: &str, child: &mut Child) -> Result<ExitStatus, OciError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(OciError::Timeout {
+                        op,
+                        id: id.to_owned(),
+                        binary: self.binary_name(),
+                        timeout: self.timeout,
+                    });
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(1)),
+                Err(source) => {
+                    return Err(OciError::Spawn {
+                        op,
+                        id: id.to_owned(),
+                        binary: self.binary_name(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    fn spawn(&self, op: &'static str, id: &str, c: &mut Command) -> Result<Child, OciError> {
+        c.spawn().map_err(|source| OciError::Spawn {
+            op,
+            id: id.to_owned(),
+            binary: self.binary_name(),
+            source,
+        })
+    }
+
+    fn failed(&self, op: &'static str, id: &str, status: ExitStatus, message: String) -> OciError {
+        OciError::Failed {
+            op,
+            id: id.to_owned(),
+            binary: self.binary_name(),
+            status: status.to_string(),
+            message: message.trim().replace('\n', " "),
+        }
+    }
+
+    /// Runs `c` to completion within the timeout; Ok(stdout) on success, its stderr in the
+    /// error otherwise. Both streams are drained by threads so a chatty runtime never blocks.
+    fn run(&self, op: &'static str, id: &str, mut c: Command) -> Result<Vec<u8>, OciError> {
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = self.spawn(op, id, &mut c)?;
+        let drain = |r: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let out = drain(
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        );
+        let err = drain(
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        );
+        let status = self.wait(op, id, &mut child)?;
+        let out = out.join().unwrap_or_default();
+        let err = err.join().unwrap_or_default();
+        if status.success() {
+            Ok(out)
+        } else {
+            Err(self.failed(op, id, status, String::from_utf8_lossy(&err).into_owned()))
+        }
+    }
+
+    /// `create`: sets the container up (namespaces, cgroup, mounts) with its init waiting;
+    /// writes the init's pid to `pid_file`. The container's stdout and stderr are `io`; the
+    /// runtime's own messages go to `log` (JSON lines).
+    pub fn create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        pid_file: &Path,
+        io: CreateIo,
+        log: &Path,
+    ) -> Result<(), OciError> {
+        let mut c = self.command(Some(log));
+        c.arg("create")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--pid-file")
+            .arg(pid_file)
+            .arg(id);
+        c.stdout(io.stdout).stderr(io.stderr);
+        let mut child = self.spawn("create", id, &mut c)?;
+        let status = self.wait("create", id, &mut child)?;
+        if status.success() {
+            Ok(())
+        } else {
+            let message =
+                last_log_error(log).unwrap_or_else(|| "no message in the runtime log".into());
+            Err(self.failed("create", id, status, message))
+        }
+    }
+
+    pub fn start(&self, id: &str) -> Result<(), OciError> {
+        let mut c = self.command(None);
+        c.arg("start").arg(id);
+        self.run("start", id, c).map(drop)
+    }
+
+    /// Sends `signal` (a name like `TERM` or a number) to the container's init (or, with
+    /// `all`, every process in it).
+    pub fn kill(&self, id: &str, signal: &str, all: bool) -> Result<(), OciError> {
+        let mut c = self.command(None);
+        c.arg("kill");
+        if all {
+            c.arg("--all");
+        }
+        c.arg(id).arg(signal);
+        self.run("kill", id, c).map(drop)
+    }
+
+    /// Removes the container (its cgroup and runtime state). `force` kills it first.
+    pub fn delete(&self, id: &str, force: bool) -> Result<(), OciError> {
+        let mut c = self.command(None);
+        c.arg("delete");
+        if force {
+            c.arg("--force");
+        }
+        c.arg(id);
+        self.run("delete", id, c).map(drop)
+    }
+
+    /// The runtime's view of the container; None if it does not know it.
+    pub fn state(&self, id: &str) -> Result<Option<RuntimeState>, OciError> {
+        if !self.root.join(id).exists() {
+            return Ok(None);
+        }
+        let mut c = self.command(None);
+        c.arg("state").arg(id);
+        match self.run("state", id, c) {
+            Ok(out) => serde_json::from_slice(&out)
+                .map(Some)
+                .map_err(|e| OciError::BadState {
+                    id: id.to_owned(),
+                    message: e.to_string(),
+                }),
+            Err(OciError::Failed { message, .. })
+                if message.contains("does not exist") || message.contains("not exist") =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The last error message a runtime wrote to its JSON log.
+fn last_log_error(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines().rev().find_map(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        let level = v.get("level").and_then(|x| x.as_str()).unwrap_or("");
+        (level == "error" || level == "fatal").then(|| {
+            v.get("msg")
+                .and_then(|m| m.as_str())
+                .unwrap_or("")
+                .to_owned()
+        })
+    })
+}

@@ -1,0 +1,299 @@
+//! The per-container supervisor ("shim"), like conmon or a containerd shim.
+//!
+//! `hive shim CONFIG` forks: the parent waits until the child has created and started the
+//! container, prints `ok <pid>` (or the error) and exits, so the agent gets an answer and
+//! never has the long-lived process as its child. The child detaches (new session), becomes
+//! the child subreaper (so the container's init, once its runtime process exits, is
+//! re-parented to it), holds the container's stdout and stderr pipes and copies them into
+//! the size-capped log, waits for the init to exit, and records how it ended in `exit.json`.
+//! Restarting or upgrading the agent therefore never touches a running container.
+//!
+//! This must run before any other thread exists in the process (it forks): the `hive`
+//! binary dispatches `hive shim` before it starts its async runtime.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid, fork, pipe, setsid};
+use serde::{Deserialize, Serialize};
+
+use super::logs::{self, LogWriter, Stream};
+use super::oci::{CreateIo, OciRuntime, RuntimeKind};
+
+/// What the agent passes to `hive shim` (as one JSON argument).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ShimConfig {
+    pub id: String,
+    pub bundle: PathBuf,
+    /// This container's state directory (`started.json`, `exit.json`, logs).
+    pub state_dir: PathBuf,
+    pub runtime_kind: String,
+    pub runtime_binary: PathBuf,
+    pub runtime_root: PathBuf,
+    /// The container's cgroup path (to tell an OOM kill from other deaths).
+    pub cgroups_path: PathBuf,
+    pub log_max_bytes: u64,
+    pub log_keep: usize,
+}
+
+/// Written once the container runs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Started {
+    pub pid: i32,
+    pub shim_pid: i32,
+    pub started_at: DateTime<Utc>,
+}
+
+/// Written when the container's init has exited.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Exited {
+    /// The exit code, or 128 + the signal that killed it.
+    pub exit_code: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    #[serde(default)]
+    pub oom_killed: bool,
+    pub finished_at: DateTime<Utc>,
+}
+
+pub const STARTED: &str = "started.json";
+pub const EXITED: &str = "exit.json";
+pub const LOG: &str = "container.log";
+pub const RUNTIME_LOG: &str = "runtime.log";
+pub const PID_FILE: &str = "container.pid";
+
+/// Writes `value` as JSON to `dir/name` atomically (temp file, fsync, rename).
+pub fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    fs::rename(&tmp, dir.join(name))
+}
+
+pub fn read_json<T: for<'de> Deserialize<'de>>(dir: &Path, name: &str) -> Option<T> {
+    serde_json::from_slice(&fs::read(dir.join(name)).ok()?).ok()
+}
+
+/// The `hive shim` entry point. Returns the process exit code (of the parent: 0 when the
+/// container started; the child never returns from supervision but by exiting).
+pub fn main(config_json: &str) -> i32 {
+    let cfg: ShimConfig = match serde_json::from_str(config_json) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("shim: bad config: {e}");
+            return 2;
+        }
+    };
+    let (sync_r, sync_w) = match pipe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("shim {}: pipe: {e}", cfg.id);
+            return 1;
+        }
+    };
+    // SAFETY: `hive shim` runs before any other thread is started in this process (the binary
+    // dispatches it before building its async runtime), so the child may run arbitrary code.
+    match unsafe { fork() } {
+        Err(e) => {
+            eprintln!("shim {}: fork: {e}", cfg.id);
+            1
+        }
+        Ok(ForkResult::Parent { .. }) => {
+            drop(sync_w);
+            let mut answer = String::new();
+            let _ = File::from(sync_r).read_to_string(&mut answer);
+            let answer = answer.trim();
+            if let Some(pid) = answer.strip_prefix("ok ") {
+                println!("ok {pid}");
+                0
+            } else if answer.is_empty() {
+                eprintln!("shim {}: the supervisor died before reporting", cfg.id);
+                1
+            } else {
+                eprintln!("{answer}");
+                1
+            }
+        }
+        Ok(ForkResult::Child) => {
+            drop(sync_r);
+            let code = supervise(&cfg, sync_w);
+            std::process::exit(code)
+        }
+    }
+}
+
+fn report(sync: &mut Option<File>, msg: &str) {
+    if let Some(mut f) = sync.take() {
+        let _ = f.write_all(msg.as_bytes());
+    }
+}
+
+fn detach_stdio() {
+    if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors with a valid open fd; no Rust object
+            // owns fds 0-2 exclusively.
+            unsafe {
+                libc_dup2(null.as_raw_fd(), fd);
+            }
+        }
+    }
+}
+
+/// `dup2` without pulling in another crate: nix's safe wrapper wants owned fds for 0-2.
+unsafe fn libc_dup2(from: i32, to: i32) {
+    // SAFETY: the caller passes valid descriptors; dup2 has no memory-safety preconditions.
+    unsafe {
+        nix::libc::dup2(from, to);
+    }
+}
+
+fn supervise(cfg: &ShimConfig, sync_w: OwnedFd) -> i32 {
+    let mut sync = Some(File::from(sync_w));
+    // Own session: a signal to the agent's process group never reaches the supervisor.
+    let _ = setsid();
+    detach_stdio();
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes an integer argument and touches no memory.
+    if unsafe { nix::libc::prctl(nix::libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        report(
+            &mut sync,
+            &format!("shim {}: cannot become a subreaper", cfg.id),
+        );
+        return 1;
+    }
+    let fail = |sync: &mut Option<File>, msg: String| {
+        report(sync, &msg);
+        1
+    };
+    let kind: RuntimeKind = match cfg.runtime_kind.parse() {
+        Ok(k) => k,
+        Err(e) => return fail(&mut sync, format!("shim {}: {e}", cfg.id)),
+    };
+    let runtime = OciRuntime::new(kind, &cfg.runtime_binary, &cfg.runtime_root);
+    let dir = &cfg.state_dir;
+    let writer = match LogWriter::open(&dir.join(LOG), cfg.log_max_bytes, cfg.log_keep) {
+        Ok(w) => Arc::new(Mutex::new(w)),
+        Err(e) => {
+            return fail(
+                &mut sync,
+                format!("shim {}: open log in {}: {e}", cfg.id, dir.display()),
+            );
+        }
+    };
+    let (out_r, out_w) = match pipe() {
+        Ok(p) => p,
+        Err(e) => return fail(&mut sync, format!("shim {}: pipe: {e}", cfg.id)),
+    };
+    let (err_r, err_w) = match pipe() {
+        Ok(p) => p,
+        Err(e) => return fail(&mut sync, format!("shim {}: pipe: {e}", cfg.id)),
+    };
+    let pid_file = dir.join(PID_FILE);
+    let io = CreateIo {
+        stdout: Stdio::from(out_w),
+        stderr: Stdio::from(err_w),
+    };
+    if let Err(e) = runtime.create(&cfg.id, &cfg.bundle, &pid_file, io, &dir.join(RUNTIME_LOG)) {
+        let _ = runtime.delete(&cfg.id, true);
+        return fail(&mut sync, e.to_string());
+    }
+    let pid: i32 = match fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+    {
+        Some(p) => p,
+        None => {
+            let _ = runtime.delete(&cfg.id, true);
+            return fail(
+                &mut sync,
+                format!("shim {}: no pid in {}", cfg.id, pid_file.display()),
+            );
+        }
+    };
+    // Start copying before the process runs so nothing it writes early is lost.
+    let copiers: Vec<_> = [(out_r, Stream::Stdout), (err_r, Stream::Stderr)]
+        .into_iter()
+        .map(|(fd, stream)| {
+            let w = writer.clone();
+            std::thread::spawn(move || {
+                let _ = logs::copy(File::from(fd), stream, &w);
+            })
+        })
+        .collect();
+    if let Err(e) = runtime.start(&cfg.id) {
+        let _ = runtime.delete(&cfg.id, true);
+        return fail(&mut sync, e.to_string());
+    }
+    let started = Started {
+        pid,
+        shim_pid: std::process::id() as i32,
+        started_at: Utc::now(),
+    };
+    if let Err(e) = write_json(dir, STARTED, &started) {
+        let _ = runtime.kill(&cfg.id, "KILL", true);
+        return fail(&mut sync, format!("shim {}: write {STARTED}: {e}", cfg.id));
+    }
+    report(&mut sync, &format!("ok {pid}\n"));
+
+    let (exit_code, signal) = wait_for(Pid::from_raw(pid));
+    // The log pipes close when the last process holding them is gone; do not hang on a
+    // straggler that escaped (it cannot: the pid namespace died with its init).
+    for c in copiers {
+        let _ = c.join();
+    }
+    let exited = Exited {
+        exit_code,
+        signal,
+        oom_killed: oom_killed(&cfg.cgroups_path),
+        finished_at: Utc::now(),
+    };
+    match write_json(dir, EXITED, &exited) {
+        Ok(()) => 0,
+        Err(_) => 1,
+    }
+}
+
+/// Reaps children until `pid` exits; its exit code (128 + signal when killed).
+fn wait_for(pid: Pid) -> (i32, Option<i32>) {
+    loop {
+        match waitpid(None, Some(WaitPidFlag::__WALL)) {
+            Ok(WaitStatus::Exited(p, code)) if p == pid => return (code, None),
+            Ok(WaitStatus::Signaled(p, sig, _)) if p == pid => {
+                return (128 + sig as i32, Some(sig as i32));
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            // No children left and we never saw it: it was reaped elsewhere or never ours.
+            Err(_) => {
+                if nix::sys::signal::kill(pid, None).is_err() {
+                    return (-1, None);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Whether the memory cgroup recorded an OOM kill (cgroup v1 `memory.oom_control`).
+fn oom_killed(cgroups_path: &Path) -> bool {
+    let rel = cgroups_path.strip_prefix("/").unwrap_or(cgroups_path);
+    let file = Path::new("/sys/fs/cgroup/memory")
+        .join(rel)
+        .join("memory.oom_control");
+    fs::read_to_string(file)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("oom_kill "))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .is_some_and(|n| n > 0)
+}
