@@ -5,6 +5,7 @@
 use clap::{Parser, Subcommand};
 
 mod api;
+mod runtime;
 mod store;
 
 #[derive(Debug, Parser)]
@@ -24,6 +25,9 @@ enum Command {
     Store(store::StoreArgs),
     /// API creates/s, gets/s and watch latency over HTTP, against the store itself.
     Api(api::ApiArgs),
+    /// Container start latency of the runtime layer: bare runc and crun against the agent's
+    /// supervised path with each.
+    Runtime(runtime::RuntimeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,5 +39,6 @@ fn main() -> anyhow::Result<()> {
             .map_err(Into::into),
         // Runs its own runtimes: one for the server, one for the clients.
         Command::Api(args) => api::run(args),
+        Command::Runtime(args) => runtime::run(args),
     }
 }

@@ -20,7 +20,8 @@ const APPLETS: &[&str] = &[
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
 struct Fixture {
-    dir: tempfile::TempDir,
+    // Held for its Drop: removes the rootfs, bundles and records after the containers.
+    _dir: tempfile::TempDir,
     rootfs: PathBuf,
     containers: Containers,
     ids: Vec<String>,
@@ -63,7 +64,7 @@ impl Fixture {
         };
         let containers = Containers::new(runtime, shim, dir.path().join("containers"));
         Self {
-            dir,
+            _dir: dir,
             rootfs,
             containers,
             ids: Vec::new(),
@@ -115,10 +116,7 @@ impl Fixture {
 
     /// The container's output lines (content only, partial records joined).
     fn lines(&self, id: &str) -> Vec<String> {
-        self.log(id)
-            .lines()
-            .filter_map(shim_content)
-            .collect()
+        self.log(id).lines().filter_map(shim_content).collect()
     }
 }
 
@@ -151,7 +149,6 @@ impl Drop for Fixture {
                 );
             }
         }
-        let _ = &self.dir;
     }
 }
 

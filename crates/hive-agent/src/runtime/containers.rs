@@ -212,7 +212,7 @@ impl Containers {
             if Instant::now() >= deadline {
                 return None;
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 
@@ -249,22 +249,22 @@ impl Containers {
     /// Removes the container from the runtime (killing it if needed) and deletes its
     /// directory (bundle, records, logs). Idempotent.
     pub async fn remove(&self, id: &str) -> Result<(), ContainerError> {
-        let rt = self.runtime.clone();
-        let i = id.to_owned();
-        let state = tokio::task::spawn_blocking(move || rt.state(&i))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten();
-        if state.is_some() {
+        // The runtime keeps a directory per container it knows: no directory, nothing to do.
+        if self.runtime.root.join(id).exists() {
             let rt = self.runtime.clone();
             let i = id.to_owned();
-            tokio::task::spawn_blocking(move || rt.delete(&i, true))
+            let deleted = tokio::task::spawn_blocking(move || rt.delete(&i, true))
                 .await
                 .map_err(|e| ContainerError::Start {
                     id: id.to_owned(),
                     message: e.to_string(),
-                })??;
+                })?;
+            match deleted {
+                Ok(()) => {}
+                // Gone meanwhile (deleted by someone else): the state we want.
+                Err(_) if !self.runtime.root.join(id).exists() => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         let dir = self.dir(id);
         match fs::remove_dir_all(&dir) {

@@ -1,0 +1,215 @@
+//! `hive-bench runtime`: container start latency of the runtime layer, to choose the default
+//! OCI runtime by measurement. Each run starts busybox `/bin/true` in its own namespaces and
+//! cgroup, waits for it to exit and removes it:
+//! - bare: `runc run` and `crun run` (crun in a private mount namespace hiding the cgroup2
+//!   mount, which it needs on these hybrid hosts) on a prepared bundle;
+//! - hive: the agent's path — bundle written, `hive shim` supervisor, runtime create + start,
+//!   exit recorded, container removed — with each runtime.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hive_agent::runtime::spec::{self, ContainerConfig, ImageProcess, Limits, ProcessOverride};
+use hive_agent::runtime::{Containers, OciRuntime, RuntimeKind, ShimCommand};
+
+#[derive(Debug, clap::Args)]
+pub struct RuntimeArgs {
+    /// Runs per case (after 3 warm-up runs).
+    #[arg(long, default_value_t = 30)]
+    pub runs: usize,
+    /// The `hive` binary (for `hive shim`); default: next to this program.
+    #[arg(long)]
+    pub hive: Option<PathBuf>,
+}
+
+fn busybox_rootfs(dir: &Path) -> Result<PathBuf> {
+    let rootfs = dir.join("rootfs");
+    for d in ["bin", "etc", "tmp", "proc", "sys", "dev"] {
+        std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+        .context("copy /bin/busybox (install busybox-static)")?;
+    for a in ["sh", "true"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(a))?;
+    }
+    Ok(rootfs)
+}
+
+fn config(id: &str, rootfs: &Path) -> ContainerConfig {
+    ContainerConfig {
+        id: id.to_owned(),
+        hostname: id.to_owned(),
+        rootfs: rootfs.to_owned(),
+        image: ImageProcess::default(),
+        overrides: ProcessOverride {
+            command: vec!["/bin/true".into()],
+            ..Default::default()
+        },
+        limits: Limits::default(),
+        cgroups_path: format!("/hive-bench/{id}").into(),
+        netns: None,
+    }
+}
+
+fn stats(mut ms: Vec<f64>) -> (f64, f64) {
+    ms.sort_by(f64::total_cmp);
+    let at = |p: f64| ms[((ms.len() as f64 - 1.0) * p).round() as usize];
+    (at(0.5), at(0.95))
+}
+
+fn bare(kind: RuntimeKind, dir: &Path, rootfs: &Path, runs: usize) -> Result<(f64, f64)> {
+    let name = match kind {
+        RuntimeKind::Runc => "runc",
+        RuntimeKind::Crun => "crun",
+    };
+    let bundle = dir.join(format!("bundle-{name}"));
+    std::fs::create_dir_all(&bundle)?;
+    let id = format!("bench-bare-{name}-{}", std::process::id());
+    let spec = spec::build(&config(&id, rootfs))?;
+    std::fs::write(bundle.join("config.json"), serde_json::to_vec(&spec)?)?;
+    let root = dir.join(format!("root-{name}"));
+    let mut times = Vec::new();
+    for i in 0..runs + 3 {
+        let mut c = match kind {
+            RuntimeKind::Runc => Command::new("runc"),
+            RuntimeKind::Crun => {
+                let mut c = Command::new("unshare");
+                c.args([
+                    "-m",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    "umount -l /sys/fs/cgroup/unified 2>/dev/null; exec crun \"$@\"",
+                    "crun",
+                ]);
+                c
+            }
+        };
+        c.arg("--root")
+            .arg(&root)
+            .args(["run", "-b"])
+            .arg(&bundle)
+            .arg(&id);
+        let t = Instant::now();
+        let out = c.output()?;
+        let el = t.elapsed();
+        if !out.status.success() {
+            bail!("bare {name} run: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        if i >= 3 {
+            times.push(el.as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(stats(times))
+}
+
+async fn supervised(
+    kind: RuntimeKind,
+    binary: &str,
+    hive: &Path,
+    dir: &Path,
+    rootfs: &Path,
+    runs: usize,
+) -> Result<(f64, f64)> {
+    let name = binary;
+    let runtime = OciRuntime::new(kind, binary, dir.join(format!("hive-root-{name}")));
+    let shim = ShimCommand {
+        program: hive.to_owned(),
+        args: vec!["shim".into()],
+    };
+    let containers = Containers::new(runtime, shim, dir.join(format!("containers-{name}")));
+    let mut times = Vec::new();
+    for i in 0..runs + 3 {
+        let id = format!("bench-{name}-{}-{i}", std::process::id());
+        let cfg = config(&id, rootfs);
+        let spec = spec::build(&cfg)?;
+        let t = Instant::now();
+        containers.start(&id, &spec, &cfg.cgroups_path).await?;
+        let exit = containers
+            .wait(&id, Duration::from_secs(30))
+            .await
+            .context("container did not exit")?;
+        containers.remove(&id).await?;
+        let el = t.elapsed();
+        if exit.exit_code != 0 {
+            bail!("hive {name}: /bin/true exited {}", exit.exit_code);
+        }
+        if i >= 3 {
+            times.push(el.as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(stats(times))
+}
+
+pub fn run(args: RuntimeArgs) -> Result<()> {
+    let hive = match args.hive {
+        Some(h) => h,
+        None => std::env::current_exe()?.with_file_name("hive"),
+    };
+    anyhow::ensure!(
+        hive.exists(),
+        "{} not found: build it (cargo build --release -p hive) or pass --hive",
+        hive.display()
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("hive-bench-rt-")
+        .tempdir()?;
+    let rootfs = busybox_rootfs(dir.path())?;
+    println!(
+        "hive-bench runtime: busybox /bin/true, create+start+wait+delete, {} runs per case; load {}",
+        args.runs,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let bare_runc = bare(RuntimeKind::Runc, dir.path(), &rootfs, args.runs)?;
+    let bare_crun = bare(RuntimeKind::Crun, dir.path(), &rootfs, args.runs)?;
+    let hive_runc = rt.block_on(supervised(
+        RuntimeKind::Runc,
+        "runc",
+        &hive,
+        dir.path(),
+        &rootfs,
+        args.runs,
+    ))?;
+    let hive_crun = rt.block_on(supervised(
+        RuntimeKind::Crun,
+        "crun",
+        &hive,
+        dir.path(),
+        &rootfs,
+        args.runs,
+    ))?;
+    for ctl in [
+        "memory", "cpu", "cpuacct", "pids", "blkio", "devices", "freezer", "cpuset", "systemd",
+    ] {
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(ctl).join("hive-bench"));
+    }
+    println!();
+    println!("{:<40} {:>9} {:>9}", "case", "p50 ms", "p95 ms");
+    for (name, (p50, p95)) in [
+        ("bare runc run", bare_runc),
+        ("bare crun run (hybrid wrapper)", bare_crun),
+        ("hive supervisor + runc", hive_runc),
+        ("hive supervisor + crun (hybrid wrapper)", hive_crun),
+    ] {
+        println!("{name:<40} {p50:>9.1} {p95:>9.1}");
+    }
+    let fastest = if hive_runc.0 <= hive_crun.0 {
+        "runc"
+    } else {
+        "crun"
+    };
+    println!(
+        "bare_runc_p50_ms={:.1} bare_crun_p50_ms={:.1} hive_runc_p50_ms={:.1} hive_crun_p50_ms={:.1} faster={fastest}",
+        bare_runc.0, bare_crun.0, hive_runc.0, hive_crun.0
+    );
+    Ok(())
+}
