@@ -45,5 +45,5 @@ The CLI is logged in as the platform admin (token in $DATA/admin.token). Try:
   hive tenant create acme && hive --tenant acme token create --role tenant-admin
   hive scale demo 3 && hive events -f
 Stop it with: kill \$(cat $PIDFILE)
-Containers are not started yet: the node agent is the next part (see docs/architecture.md).
+Services do not start containers yet: the agent's sync loop is the next part (docs/architecture.md).
 MSG

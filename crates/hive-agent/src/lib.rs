@@ -4,9 +4,11 @@
 //!   composes instance root filesystems with overlayfs.
 //! - [`runtime`]: writes OCI bundles and drives an OCI runtime through a per-container
 //!   supervisor that outlives the agent.
+//! - [`node`]: registers this host as a Node and keeps its lease fresh.
 //!
 //! The agent talks to the control plane only through the API (`hive-client`), never to the
 //! store.
 
 pub mod image;
+pub mod node;
 pub mod runtime;

@@ -146,6 +146,47 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
             .unwrap()
             >= 1000
     );
+    assert_eq!(nodes[0]["status"]["ready"], true);
+    assert_eq!(nodes[0]["status"]["runtime"], "runc");
+    assert!(nodes[0]["status"]["lease_renewed_at"].is_string());
+
+    // `hive agent` registers another node and keeps its lease.
+    let agent = Up {
+        child: Command::new(HIVE)
+            .args(["agent", "--name", "extra-node"])
+            .env("HIVE_CONFIG", &admin_cfg)
+            .env("HIVE_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        url: String::new(),
+    };
+    let mut agent = agent;
+    let t0 = Instant::now();
+    loop {
+        let nodes = json(&admin_cfg, &["node", "ls"]);
+        if let Some(n) = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == "extra-node")
+        {
+            assert_eq!(n["status"]["ready"], true);
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "hive agent did not register"
+        );
+        assert!(
+            agent.child.try_wait().unwrap().is_none(),
+            "hive agent exited"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(agent);
 
     // A tenant admin token, used through `hive login` like a tenant would.
     let secret = ok(

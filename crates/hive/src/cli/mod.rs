@@ -53,6 +53,9 @@ pub enum Command {
     Up(up::UpArgs),
     /// Run the API server only.
     Server(up::ServerArgs),
+    /// Run this host as a node of the server given by --server/--token (or the config):
+    /// register it and keep its lease.
+    Agent(up::AgentArgs),
     /// Save a server URL and token in the CLI config.
     Login(LoginArgs),
     /// Show who the configured token is.
@@ -113,7 +116,7 @@ pub fn init_tracing(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
     // Client verbs stay quiet; server verbs log at the requested level.
     let filter = match cli.command {
-        Command::Up(_) | Command::Server(_) => cli.global.log.clone(),
+        Command::Up(_) | Command::Server(_) | Command::Agent(_) => cli.global.log.clone(),
         _ => "warn".to_owned(),
     };
     use std::io::IsTerminal;
@@ -186,6 +189,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Up(args) => up::up(g, args).await,
         Command::Server(args) => up::server(args).await,
+        Command::Agent(args) => up::agent(&Ctx::new(g).await?, args).await,
         Command::Login(args) => login(g, args).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "hive", &mut std::io::stdout());

@@ -2,13 +2,13 @@
 //! machine registered as a node, a first tenant and a logged-in CLI.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use hive_api::{Node, NodeCapacity, NodeStatus, Tenant};
+use hive_api::Tenant;
 use hive_client::Client;
 use hive_server::{ADMIN_TOKEN_FILE, Bootstrap, RateLimit, ServerConfig};
 use hive_store::Store;
@@ -20,6 +20,10 @@ use super::{Global, config};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7080";
 /// The first tenant `hive up` creates.
 pub const DEFAULT_TENANT: &str = "default";
+/// The OCI runtime the node uses (chosen by measurement: docs/runtime.md).
+pub const DEFAULT_RUNTIME: &str = "runc";
+/// How often a node renews its lease.
+pub const LEASE_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Args)]
 pub struct ServerArgs {
@@ -150,7 +154,14 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
         running.url
     );
     ensure_tenant(&client, DEFAULT_TENANT).await?;
-    register_node(&client).await?;
+    // This machine is the node: registered now, its lease kept fresh while `up` runs.
+    let facts = hive_agent::node::host_facts(DEFAULT_RUNTIME);
+    hive_agent::node::register(&client, &facts).await?;
+    tokio::spawn(hive_agent::node::keep_lease(
+        client.clone(),
+        facts,
+        LEASE_EVERY,
+    ));
     let cfg_path = config::path(g.config.as_deref())?;
     let write = !args.no_login && (args.login || !cfg_path.exists());
     if write {
@@ -184,6 +195,34 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
     running.task.await?.context("serve the API")
 }
 
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Node name (default: this host's name as a DNS label).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// OCI runtime: runc or crun.
+    #[arg(long, default_value = DEFAULT_RUNTIME)]
+    pub runtime: String,
+}
+
+pub async fn agent(ctx: &super::Ctx, args: AgentArgs) -> Result<()> {
+    let mut facts = hive_agent::node::host_facts(&args.runtime);
+    if let Some(name) = args.name {
+        hive_api::validate::name("--name", &name)?;
+        facts.name = name;
+    }
+    let node = hive_agent::node::register(&ctx.client, &facts).await?;
+    eprintln!(
+        "hive agent: node {} registered with {}",
+        node.name,
+        ctx.client.base()
+    );
+    tokio::select! {
+        _ = hive_agent::node::keep_lease(ctx.client.clone(), facts, LEASE_EVERY) => Ok(()),
+        _ = shutdown_signal() => Ok(()),
+    }
+}
+
 async fn ensure_tenant(client: &Client, name: &str) -> Result<()> {
     match client
         .create(
@@ -198,95 +237,5 @@ async fn ensure_tenant(client: &Client, name: &str) -> Result<()> {
         Ok(_) => Ok(()),
         Err(e) if e.code() == Some(hive_api::ErrorCode::AlreadyExists) => Ok(()),
         Err(e) => Err(e).context(format!("create tenant {name}")),
-    }
-}
-
-/// Registers this machine as a Node with what it has. The node agent (a later part) renews
-/// its lease and reports readiness; until it runs, the node is not ready.
-async fn register_node(client: &Client) -> Result<()> {
-    let name = node_name(&read_trim("/proc/sys/kernel/hostname").unwrap_or_else(|| "node".into()));
-    let status = NodeStatus {
-        capacity: host_capacity(),
-        allocatable: host_capacity(),
-        kernel: read_trim("/proc/sys/kernel/osrelease").unwrap_or_default(),
-        os: std::env::consts::OS.to_owned(),
-        arch: std::env::consts::ARCH.to_owned(),
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        ..Default::default()
-    };
-    let node = match client.get::<Node>(None, &name).await {
-        Ok(n) => n,
-        Err(e) if e.code() == Some(hive_api::ErrorCode::NotFound) => client
-            .create(
-                None,
-                &Node {
-                    name: name.clone(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .with_context(|| format!("register node {name}"))?,
-        Err(e) => return Err(e).context(format!("read node {name}")),
-    };
-    let mut node = node;
-    node.status = status;
-    client
-        .update_status(None, &node)
-        .await
-        .with_context(|| format!("report node {name}"))?;
-    Ok(())
-}
-
-fn read_trim(path: impl AsRef<Path>) -> Option<String> {
-    std::fs::read_to_string(path)
-        .ok()
-        .map(|s| s.trim().to_owned())
-}
-
-/// A host name turned into a DNS label (lower case, other characters to '-', 63 at most).
-fn node_name(host: &str) -> String {
-    let first = host.split('.').next().unwrap_or(host);
-    let mut s: String = first
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    s.truncate(63);
-    let s = s.trim_matches('-').to_owned();
-    if s.is_empty() { "node".into() } else { s }
-}
-
-fn host_capacity() -> NodeCapacity {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get() as u64)
-        .unwrap_or(1);
-    let mem_kib = read_trim("/proc/meminfo")
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .unwrap_or(0);
-    NodeCapacity {
-        cpu_millis: cpus * 1000,
-        memory_bytes: mem_kib * 1024,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn node_names_are_labels() {
-        assert_eq!(node_name("Host_1.example.com"), "host-1");
-        assert_eq!(node_name("--"), "node");
-        assert_eq!(node_name(&"a".repeat(80)).len(), 63);
-        assert!(hive_api::validate::name("n", &node_name("Weird Host!")).is_ok());
     }
 }
