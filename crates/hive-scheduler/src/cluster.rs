@@ -1,0 +1,571 @@
+//! The scheduler's view of the nodes and the placement of one request.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+
+/// CPU in millicores, memory in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+}
+
+impl Resources {
+    fn fits_in(&self, free: &Resources) -> bool {
+        self.cpu_millis <= free.cpu_millis && self.memory_bytes <= free.memory_bytes
+    }
+}
+
+/// What the scheduler is told about a node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub allocatable: Resources,
+    pub labels: BTreeMap<String, String>,
+    /// Lease fresh.
+    pub ready: bool,
+    /// Cordoned by the operator.
+    pub unschedulable: bool,
+    /// The tenant the node is bound to; None: the shared pool (bound on first placement).
+    pub tenant: Option<String>,
+}
+
+/// One instance to place.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Request {
+    pub tenant: String,
+    pub service: String,
+    pub requests: Resources,
+    /// Labels the node must carry.
+    pub selector: BTreeMap<String, String>,
+}
+
+/// Why a node cannot take a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Reason {
+    NotReady,
+    Cordoned,
+    OtherTenant,
+    SelectorMismatch,
+    InsufficientCpu,
+    InsufficientMemory,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NotReady => "not ready",
+            Reason::Cordoned => "unschedulable",
+            Reason::OtherTenant => "bound to another tenant",
+            Reason::SelectorMismatch => "not matching the selector",
+            Reason::InsufficientCpu => "insufficient cpu",
+            Reason::InsufficientMemory => "insufficient memory",
+        }
+    }
+}
+
+/// No node can take the request: how many nodes refused it for which reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unschedulable {
+    pub nodes: usize,
+    pub reasons: BTreeMap<Reason, usize>,
+}
+
+impl fmt::Display for Unschedulable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "0/{} nodes available", self.nodes)?;
+        let mut counts: Vec<(&Reason, &usize)> = self.reasons.iter().collect();
+        counts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        for (i, (reason, n)) in counts.iter().enumerate() {
+            write!(
+                f,
+                "{}{n} {}",
+                if i == 0 { ": " } else { ", " },
+                reason.as_str()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a request went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub node: String,
+    /// The node came from the shared pool and is now bound to the request's tenant.
+    pub binds_tenant: bool,
+}
+
+#[derive(Debug)]
+struct NodeState {
+    info: NodeInfo,
+    allocated: Resources,
+    instances: u32,
+    /// Instances per `tenant/service`.
+    per_service: HashMap<String, u32>,
+}
+
+impl NodeState {
+    fn free(&self) -> Resources {
+        Resources {
+            cpu_millis: self
+                .info
+                .allocatable
+                .cpu_millis
+                .saturating_sub(self.allocated.cpu_millis),
+            memory_bytes: self
+                .info
+                .allocatable
+                .memory_bytes
+                .saturating_sub(self.allocated.memory_bytes),
+        }
+    }
+
+    /// The first reason this node cannot take `req`, if any.
+    fn refuse(&self, req: &Request) -> Option<Reason> {
+        if !self.info.ready {
+            return Some(Reason::NotReady);
+        }
+        if self.info.unschedulable {
+            return Some(Reason::Cordoned);
+        }
+        match &self.info.tenant {
+            Some(t) if *t != req.tenant => return Some(Reason::OtherTenant),
+            // A pool node with something on it is on its way to another tenant or back to the
+            // pool: not free for anyone.
+            None if self.instances > 0 => return Some(Reason::OtherTenant),
+            _ => {}
+        }
+        if req
+            .selector
+            .iter()
+            .any(|(k, v)| self.info.labels.get(k) != Some(v))
+        {
+            return Some(Reason::SelectorMismatch);
+        }
+        let free = self.free();
+        if req.requests.cpu_millis > free.cpu_millis {
+            return Some(Reason::InsufficientCpu);
+        }
+        if !req.requests.fits_in(&free) {
+            return Some(Reason::InsufficientMemory);
+        }
+        None
+    }
+
+    /// Higher is better; only called for nodes that fit.
+    fn score(&self, req: &Request, key: &str) -> u64 {
+        let frac = |used: u64, total: u64| {
+            if total == 0 {
+                1.0
+            } else {
+                used as f64 / total as f64
+            }
+        };
+        let cpu = frac(
+            self.allocated.cpu_millis + req.requests.cpu_millis,
+            self.info.allocatable.cpu_millis,
+        );
+        let mem = frac(
+            self.allocated.memory_bytes + req.requests.memory_bytes,
+            self.info.allocatable.memory_bytes,
+        );
+        let least_allocated = (1.0 - (cpu + mem) / 2.0).clamp(0.0, 1.0) * 100.0;
+        let balanced = (1.0 - (cpu - mem).abs()).clamp(0.0, 1.0) * 100.0;
+        let same = self.per_service.get(key).copied().unwrap_or(0);
+        let spread = 100.0 / (1.0 + same as f64);
+        // Tenants hold whole nodes: fill the tenant's own nodes before taking one from the pool.
+        let own = if self.info.tenant.as_deref() == Some(req.tenant.as_str()) {
+            200.0
+        } else {
+            0.0
+        };
+        (least_allocated + balanced + spread + own) as u64
+    }
+}
+
+/// The nodes and what is placed on them.
+#[derive(Debug, Default)]
+pub struct Cluster {
+    nodes: Vec<Option<NodeState>>,
+    by_name: HashMap<String, usize>,
+    /// Nodes bound to each tenant.
+    tenant_nodes: HashMap<String, Vec<usize>>,
+    /// Nodes bound to no tenant.
+    pool: BTreeSet<usize>,
+    /// Where the scan of pool nodes resumes, so placements rotate through them.
+    cursor: usize,
+    /// Most fitting pool nodes scored per placement (the rest are alike: empty).
+    pub pool_sample: usize,
+}
+
+fn service_key(req: &Request) -> String {
+    format!("{}/{}", req.tenant, req.service)
+}
+
+impl Cluster {
+    pub fn new() -> Self {
+        Self {
+            pool_sample: 16,
+            ..Default::default()
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// Adds a node or updates what is known of it (keeping what is placed on it).
+    pub fn upsert_node(&mut self, info: NodeInfo) {
+        if let Some(&i) = self.by_name.get(&info.name) {
+            let old_tenant = self.nodes[i].as_ref().and_then(|n| n.info.tenant.clone());
+            if old_tenant != info.tenant {
+                self.unindex_tenant(old_tenant.as_deref(), i);
+                self.index_tenant(info.tenant.as_deref(), i);
+            }
+            if let Some(n) = self.nodes[i].as_mut() {
+                n.info = info;
+            }
+            return;
+        }
+        let i = self.nodes.len();
+        self.by_name.insert(info.name.clone(), i);
+        self.index_tenant(info.tenant.as_deref(), i);
+        self.nodes.push(Some(NodeState {
+            info,
+            allocated: Resources::default(),
+            instances: 0,
+            per_service: HashMap::new(),
+        }));
+    }
+
+    pub fn remove_node(&mut self, name: &str) {
+        if let Some(i) = self.by_name.remove(name) {
+            let tenant = self.nodes[i].as_ref().and_then(|n| n.info.tenant.clone());
+            self.unindex_tenant(tenant.as_deref(), i);
+            self.nodes[i] = None;
+        }
+    }
+
+    fn index_tenant(&mut self, tenant: Option<&str>, i: usize) {
+        match tenant {
+            Some(t) => self.tenant_nodes.entry(t.to_owned()).or_default().push(i),
+            None => {
+                self.pool.insert(i);
+            }
+        }
+    }
+
+    fn unindex_tenant(&mut self, tenant: Option<&str>, i: usize) {
+        if tenant.is_none() {
+            self.pool.remove(&i);
+        }
+        if let Some(t) = tenant
+            && let Some(v) = self.tenant_nodes.get_mut(t)
+        {
+            v.retain(|&x| x != i);
+            if v.is_empty() {
+                self.tenant_nodes.remove(t);
+            }
+        }
+    }
+
+    /// Records an instance already placed on `node` (from the store, at start-up).
+    pub fn add_placed(&mut self, node: &str, req: &Request) {
+        if let Some(&i) = self.by_name.get(node) {
+            self.account(i, req);
+        }
+    }
+
+    fn account(&mut self, i: usize, req: &Request) {
+        let Some(n) = self.nodes[i].as_mut() else {
+            return;
+        };
+        n.allocated.cpu_millis += req.requests.cpu_millis;
+        n.allocated.memory_bytes += req.requests.memory_bytes;
+        n.instances += 1;
+        *n.per_service.entry(service_key(req)).or_default() += 1;
+    }
+
+    /// Frees what `req` held on `node` (the instance ended or was deleted).
+    pub fn release(&mut self, node: &str, req: &Request) {
+        let Some(&i) = self.by_name.get(node) else {
+            return;
+        };
+        let Some(n) = self.nodes[i].as_mut() else {
+            return;
+        };
+        n.allocated.cpu_millis = n
+            .allocated
+            .cpu_millis
+            .saturating_sub(req.requests.cpu_millis);
+        n.allocated.memory_bytes = n
+            .allocated
+            .memory_bytes
+            .saturating_sub(req.requests.memory_bytes);
+        n.instances = n.instances.saturating_sub(1);
+        let key = service_key(req);
+        if let Some(c) = n.per_service.get_mut(&key) {
+            *c -= 1;
+            if *c == 0 {
+                n.per_service.remove(&key);
+            }
+        }
+    }
+
+    /// Instances on `node`.
+    pub fn instances_on(&self, node: &str) -> Option<u32> {
+        self.by_name
+            .get(node)
+            .and_then(|&i| self.nodes[i].as_ref())
+            .map(|n| n.instances)
+    }
+
+    /// Returns an empty bound node to the shared pool. False if it still runs something.
+    pub fn unbind_if_empty(&mut self, node: &str) -> bool {
+        let Some(&i) = self.by_name.get(node) else {
+            return false;
+        };
+        let (empty, tenant) = match self.nodes[i].as_ref() {
+            Some(n) => (n.instances == 0, n.info.tenant.clone()),
+            None => return false,
+        };
+        if !empty || tenant.is_none() {
+            return false;
+        }
+        self.unindex_tenant(tenant.as_deref(), i);
+        self.index_tenant(None, i);
+        if let Some(n) = self.nodes[i].as_mut() {
+            n.info.tenant = None;
+        }
+        true
+    }
+
+    /// Places `req` on the best node and reserves its resources there (binding a pool node to
+    /// the tenant when it takes one), or says why no node can take it.
+    pub fn place(&mut self, req: &Request) -> Result<Placement, Unschedulable> {
+        let key = service_key(req);
+        let mut best: Option<(u64, usize)> = None;
+        let mut consider = |i: usize, n: &NodeState| {
+            if n.refuse(req).is_none() {
+                let s = n.score(req, &key);
+                if best.is_none_or(|(bs, bi)| s > bs || (s == bs && i < bi)) {
+                    best = Some((s, i));
+                }
+            }
+        };
+        if let Some(own) = self.tenant_nodes.get(&req.tenant) {
+            for &i in own {
+                if let Some(n) = self.nodes[i].as_ref() {
+                    consider(i, n);
+                }
+            }
+        }
+        // Pool nodes are all empty: a bounded sample, rotating, is as good as all of them.
+        let mut sampled = 0;
+        let mut last = None;
+        for &i in self
+            .pool
+            .range(self.cursor..)
+            .chain(self.pool.range(..self.cursor))
+        {
+            if sampled == self.pool_sample {
+                break;
+            }
+            last = Some(i);
+            if let Some(n) = self.nodes[i].as_ref()
+                && n.refuse(req).is_none()
+            {
+                consider(i, n);
+                sampled += 1;
+            }
+        }
+        if let Some(i) = last {
+            self.cursor = i + 1;
+        }
+        let Some((_, i)) = best else {
+            return Err(self.explain(req));
+        };
+        let binds_tenant = self.nodes[i]
+            .as_ref()
+            .is_some_and(|n| n.info.tenant.is_none());
+        if binds_tenant {
+            if let Some(n) = self.nodes[i].as_mut() {
+                n.info.tenant = Some(req.tenant.clone());
+            }
+            self.unindex_tenant(None, i);
+            self.index_tenant(Some(&req.tenant), i);
+        }
+        self.account(i, req);
+        let node = self.nodes[i]
+            .as_ref()
+            .map(|n| n.info.name.clone())
+            .unwrap_or_default();
+        Ok(Placement { node, binds_tenant })
+    }
+
+    /// Every node's reason for refusing `req`.
+    pub fn explain(&self, req: &Request) -> Unschedulable {
+        let mut reasons = BTreeMap::new();
+        for n in self.nodes.iter().flatten() {
+            if let Some(r) = n.refuse(req) {
+                *reasons.entry(r).or_insert(0) += 1;
+            }
+        }
+        Unschedulable {
+            nodes: self.len(),
+            reasons,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn node(name: &str, cpu: u64, mem_gib: u64) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            allocatable: Resources {
+                cpu_millis: cpu,
+                memory_bytes: mem_gib * GIB,
+            },
+            ready: true,
+            ..Default::default()
+        }
+    }
+
+    fn req(tenant: &str, service: &str, cpu: u64, mem_gib: u64) -> Request {
+        Request {
+            tenant: tenant.into(),
+            service: service.into(),
+            requests: Resources {
+                cpu_millis: cpu,
+                memory_bytes: mem_gib * GIB,
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pool_nodes_are_bound_on_first_placement_and_stay_exclusive() {
+        let mut c = Cluster::new();
+        c.upsert_node(node("n1", 4000, 8));
+        c.upsert_node(node("n2", 4000, 8));
+        let p = c.place(&req("a", "web", 1000, 1)).unwrap();
+        assert!(p.binds_tenant);
+        // Tenant a fills its own node before taking another from the pool.
+        let p2 = c.place(&req("a", "web", 1000, 1)).unwrap();
+        assert_eq!(p2.node, p.node);
+        assert!(!p2.binds_tenant);
+        // Tenant b never lands on a's node.
+        let pb = c.place(&req("b", "db", 1000, 1)).unwrap();
+        assert_ne!(pb.node, p.node);
+        // No pool node left: a third tenant is unschedulable, with the reason counted.
+        let err = c.place(&req("c", "x", 100, 1)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "0/2 nodes available: 2 bound to another tenant"
+        );
+        // Emptied and unbound, a node serves the next tenant.
+        let r = req("b", "db", 1000, 1);
+        c.release(&pb.node, &r);
+        assert!(c.unbind_if_empty(&pb.node));
+        assert_eq!(c.place(&req("c", "x", 100, 1)).unwrap().node, pb.node);
+        assert!(
+            !c.unbind_if_empty(&p.node),
+            "a node still running something stays bound"
+        );
+    }
+
+    #[test]
+    fn resources_are_reserved_and_explained() {
+        let mut c = Cluster::new();
+        let mut n = node("n1", 2000, 4);
+        n.tenant = Some("a".into());
+        c.upsert_node(n);
+        c.place(&req("a", "s", 1500, 1)).unwrap();
+        let err = c.place(&req("a", "s", 1000, 1)).unwrap_err();
+        assert_eq!(err.to_string(), "0/1 nodes available: 1 insufficient cpu");
+        let err = c.place(&req("a", "s", 100, 5)).unwrap_err();
+        assert_eq!(err.reasons[&Reason::InsufficientMemory], 1);
+        c.release("n1", &req("a", "s", 1500, 1));
+        c.place(&req("a", "s", 2000, 4)).unwrap();
+    }
+
+    #[test]
+    fn filters_count_every_reason() {
+        let mut c = Cluster::new();
+        let mut down = node("down", 4000, 8);
+        down.ready = false;
+        let mut cordoned = node("cordoned", 4000, 8);
+        cordoned.unschedulable = true;
+        let mut other = node("other", 4000, 8);
+        other.tenant = Some("z".into());
+        let small = node("small", 100, 8);
+        for n in [down, cordoned, other, small] {
+            c.upsert_node(n);
+        }
+        let err = c.place(&req("a", "s", 500, 1)).unwrap_err();
+        assert_eq!(err.nodes, 4);
+        assert_eq!(err.reasons.values().sum::<usize>(), 4);
+        let msg = err.to_string();
+        for part in [
+            "1 not ready",
+            "1 unschedulable",
+            "1 bound to another tenant",
+            "1 insufficient cpu",
+        ] {
+            assert!(msg.contains(part), "{msg}");
+        }
+        let mut sel = req("a", "s", 10, 0);
+        sel.selector.insert("disk".into(), "ssd".into());
+        let mut ssd = node("ssd", 4000, 8);
+        ssd.labels.insert("disk".into(), "ssd".into());
+        c.upsert_node(ssd);
+        assert_eq!(c.place(&sel).unwrap().node, "ssd");
+        sel.selector.insert("zone".into(), "b".into());
+        assert!(
+            c.place(&sel)
+                .unwrap_err()
+                .reasons
+                .contains_key(&Reason::SelectorMismatch)
+        );
+    }
+
+    #[test]
+    fn replicas_spread_over_the_tenants_nodes() {
+        let mut c = Cluster::new();
+        for i in 0..3 {
+            let mut n = node(&format!("n{i}"), 8000, 16);
+            n.tenant = Some("a".into());
+            c.upsert_node(n);
+        }
+        let mut nodes: Vec<String> = (0..3)
+            .map(|_| c.place(&req("a", "web", 100, 0)).unwrap().node)
+            .collect();
+        nodes.sort();
+        assert_eq!(nodes, ["n0", "n1", "n2"]);
+    }
+
+    #[test]
+    fn removed_nodes_are_forgotten() {
+        let mut c = Cluster::new();
+        c.upsert_node(node("n1", 1000, 1));
+        c.remove_node("n1");
+        assert!(c.is_empty());
+        assert_eq!(c.place(&req("a", "s", 1, 0)).unwrap_err().nodes, 0);
+        // Updating a node keeps what is placed on it.
+        c.upsert_node(node("n2", 1000, 1));
+        c.place(&req("a", "s", 600, 0)).unwrap();
+        c.upsert_node(node("n2", 1000, 1));
+        assert_eq!(c.instances_on("n2"), Some(1));
+        assert!(c.place(&req("a", "s", 600, 0)).is_err());
+    }
+}
