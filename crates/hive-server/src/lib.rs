@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod bootstrap;
+pub mod controllers;
 pub mod error;
 pub mod housekeeping;
 pub mod keys;

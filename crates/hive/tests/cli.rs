@@ -247,10 +247,30 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
     ok(&user_cfg, &["scale", "web", "5"]);
     let yaml = ok(&user_cfg, &["service", "get", "web", "-o", "yaml"]);
     assert!(yaml.contains("replicas: 5"), "{yaml}");
+    // The service controller keeps instances at the replica count.
+    let t0 = Instant::now();
+    loop {
+        let inst = json(&user_cfg, &["instance", "ls"]);
+        if inst.as_array().unwrap().len() == 5 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "5 instances expected: {inst}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let table = ok(&user_cfg, &["service", "ls"]);
     assert!(
         table.starts_with("NAME") && table.contains("web") && table.contains("0/5"),
         "{table}"
+    );
+    let inst_table = ok(&user_cfg, &["instance", "ls"]);
+    assert!(
+        inst_table.starts_with("NAME")
+            && inst_table.contains("web-")
+            && inst_table.contains("pending"),
+        "{inst_table}"
     );
     let events = json(&user_cfg, &["events"]);
     let reasons: Vec<&str> = events

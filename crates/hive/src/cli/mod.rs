@@ -69,6 +69,9 @@ pub enum Command {
     /// Manage services.
     #[command(subcommand, alias = "svc")]
     Service(resources::ServiceCmd),
+    /// Show instances (the running units of services).
+    #[command(subcommand, alias = "inst")]
+    Instance(resources::InstanceCmd),
     /// Set a service's replicas (same as `hive service scale`).
     Scale(resources::ScaleArgs),
     /// Manage nodes (platform admin).
@@ -217,6 +220,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Token(cmd) => resources::token(&Ctx::new(g).await?, cmd).await,
         Command::Service(cmd) => resources::service(&Ctx::new(g).await?, cmd).await,
         Command::Scale(args) => resources::scale(&Ctx::new(g).await?, args).await,
+        Command::Instance(cmd) => resources::instance(&Ctx::new(g).await?, cmd).await,
         Command::Node(cmd) => resources::node(&Ctx::new(g).await?, cmd).await,
         Command::Events(args) => resources::events(&Ctx::new(g).await?, args).await,
     }

@@ -4,8 +4,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use futures_util::StreamExt;
 use hive_api::{
-    ApiToken, ContainerSpec, EnvVar, ErrorCode, Event, Node, PortSpec, Protocol, RestartPolicy,
-    Role, Service, ServiceSpec, Tenant, TokenCreate, WatchEventType,
+    ApiToken, ContainerSpec, EnvVar, ErrorCode, Event, Instance, Node, PortSpec, Protocol,
+    RestartPolicy, Role, Service, ServiceSpec, Tenant, TokenCreate, WatchEventType,
 };
 use hive_client::ClientError;
 
@@ -114,6 +114,14 @@ pub struct ServiceCreate {
 pub struct ScaleArgs {
     pub name: String,
     pub replicas: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InstanceCmd {
+    /// List instances.
+    Ls,
+    /// Show an instance.
+    Get { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -404,6 +412,40 @@ pub async fn scale(ctx: &Ctx, args: ScaleArgs) -> Result<()> {
         "service {} kept changing under 5 attempts to scale it; try again",
         args.name
     )
+}
+
+const INSTANCE_HEADERS: &[&str] = &[
+    "NAME", "SERVICE", "NODE", "PHASE", "READY", "RESTARTS", "AGE",
+];
+
+fn instance_row(i: &Instance) -> Vec<String> {
+    let phase = serde_json::to_value(i.status.phase)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    vec![
+        i.name.clone(),
+        i.spec.service.clone(),
+        i.spec.node.clone().unwrap_or("-".into()),
+        phase,
+        i.status.ready.to_string(),
+        i.status.restarts.to_string(),
+        age(i.created_at),
+    ]
+}
+
+pub async fn instance(ctx: &Ctx, cmd: InstanceCmd) -> Result<()> {
+    let tenant = ctx.tenant().await?;
+    match cmd {
+        InstanceCmd::Ls => {
+            let list = ctx.client.list::<Instance>(Some(&tenant)).await?;
+            ctx.output.list(&list.items, INSTANCE_HEADERS, instance_row)
+        }
+        InstanceCmd::Get { name } => {
+            let i = ctx.client.get::<Instance>(Some(&tenant), &name).await?;
+            ctx.output.object(&i, INSTANCE_HEADERS, instance_row)
+        }
+    }
 }
 
 pub async fn node(ctx: &Ctx, cmd: NodeCmd) -> Result<()> {

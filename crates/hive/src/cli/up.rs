@@ -110,6 +110,9 @@ async fn start(args: &ServerArgs) -> Result<Running> {
         shutdown_signal(),
     ));
     let url = format!("http://{addr}");
+    // Controllers are API clients of this server, acting as the platform admin.
+    let controller_client = Client::new(&url, Some(admin_token.clone()))?;
+    tokio::spawn(hive_server::controllers::ServiceController::new(controller_client).run());
     tracing::info!(%url, data_dir = %args.data_dir.display(), "serving the API");
     Ok(Running {
         url,

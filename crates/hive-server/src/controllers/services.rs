@@ -1,0 +1,281 @@
+//! The service controller: keeps each service's instances at its replica count and reports
+//! how many exist and are ready.
+//!
+//! Per tenant it caches the tenant's services and instances (list + watch) and reconciles
+//! one service at a time from the cache: too few instances → create them (each a copy of the
+//! service's template, not yet placed); too many → delete the surplus, unready first, then
+//! the newest; a service that is gone → delete its instances. Deletion is driven by desired
+//! state, so a missed delete event changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use hive_api::{
+    ErrorCode, Instance, InstanceSpec, Resource, Service, ServiceStatus, Tenant, WatchEventType,
+};
+use hive_client::{Client, ClientError};
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinHandle;
+
+use super::tenant_watch::{Store, reflect};
+
+/// The label every instance carries with its service's name.
+pub const SERVICE_LABEL: &str = "hive.dev/service";
+
+/// Runs the service controller for every tenant, as long as the returned future is polled.
+#[derive(Clone, Debug)]
+pub struct ServiceController {
+    client: Client,
+}
+
+impl ServiceController {
+    /// `client` must act as the platform admin (it works in every tenant).
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+
+    pub async fn run(self) {
+        let mut workers: HashMap<String, JoinHandle<()>> = HashMap::new();
+        loop {
+            let list = match self.client.list::<Tenant>(None).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "service controller: list tenants");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let live: BTreeSet<String> = list.items.iter().map(|t| t.name.clone()).collect();
+            workers.retain(|t, h| {
+                let keep = live.contains(t) && !h.is_finished();
+                if !keep {
+                    h.abort();
+                }
+                keep
+            });
+            for t in &live {
+                workers
+                    .entry(t.clone())
+                    .or_insert_with(|| tokio::spawn(tenant_loop(self.client.clone(), t.clone())));
+            }
+            let Ok(mut stream) = self.client.watch::<Tenant>(None, Some(list.revision)).await
+            else {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            };
+            while let Some(Ok(ev)) = stream.next().await {
+                match (ev.type_, ev.object) {
+                    (WatchEventType::Added, Some(t)) => {
+                        workers.entry(t.name.clone()).or_insert_with(|| {
+                            tokio::spawn(tenant_loop(self.client.clone(), t.name.clone()))
+                        });
+                    }
+                    (WatchEventType::Deleted, Some(t)) => {
+                        if let Some(h) = workers.remove(&t.name) {
+                            h.abort();
+                        }
+                    }
+                    (WatchEventType::Error, _) => break,
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Why a service goes through reconcile again.
+enum Key {
+    Service(String),
+    Instance(String),
+}
+
+async fn tenant_loop(client: Client, tenant: String) {
+    let services: Store<Service> = Arc::new(Mutex::new(BTreeMap::new()));
+    let instances: Store<Instance> = Arc::new(Mutex::new(BTreeMap::new()));
+    let (stx, mut srx) = mpsc::unbounded_channel();
+    let (itx, mut irx) = mpsc::unbounded_channel();
+    let reflectors = [
+        tokio::spawn(reflect(
+            client.clone(),
+            tenant.clone(),
+            services.clone(),
+            stx.clone(),
+        )),
+        tokio::spawn(reflect(
+            client.clone(),
+            tenant.clone(),
+            instances.clone(),
+            itx,
+        )),
+    ];
+    let ctx = Reconciler {
+        client,
+        tenant,
+        services,
+        instances,
+    };
+    loop {
+        let first = tokio::select! {
+            Some(s) = srx.recv() => Key::Service(s),
+            Some(i) = irx.recv() => Key::Instance(i),
+            else => break,
+        };
+        let mut keys = vec![first];
+        while let Ok(s) = srx.try_recv() {
+            keys.push(Key::Service(s));
+        }
+        while let Ok(i) = irx.try_recv() {
+            keys.push(Key::Instance(i));
+        }
+        let mut due = BTreeSet::new();
+        {
+            let inst = ctx.instances.lock().await;
+            for k in keys {
+                match k {
+                    Key::Service(s) => {
+                        due.insert(s);
+                    }
+                    Key::Instance(i) => match inst.get(&i) {
+                        Some(o) => {
+                            due.insert(o.spec.service.clone());
+                        }
+                        // Deleted: its service, whichever it was, may need a replacement.
+                        None => due.extend(ctx.services.lock().await.keys().cloned()),
+                    },
+                }
+            }
+        }
+        for svc in due {
+            if let Err(e) = ctx.reconcile(&svc).await {
+                tracing::debug!(tenant = %ctx.tenant, service = %svc, error = %e, "reconcile; retrying");
+                let again = stx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let _ = again.send(svc);
+                });
+            }
+        }
+    }
+    for r in reflectors {
+        r.abort();
+    }
+}
+
+struct Reconciler {
+    client: Client,
+    tenant: String,
+    services: Store<Service>,
+    instances: Store<Instance>,
+}
+
+fn instance_name(service: &str) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let suffix: String = (0..5)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect();
+    let prefix: String = service.chars().take(57).collect();
+    format!("{}-{suffix}", prefix.trim_end_matches('-'))
+}
+
+impl Reconciler {
+    async fn reconcile(&self, name: &str) -> Result<(), ClientError> {
+        let tenant = Some(self.tenant.as_str());
+        let svc = self.services.lock().await.get(name).cloned();
+        let mut mine: Vec<Instance> = self
+            .instances
+            .lock()
+            .await
+            .values()
+            .filter(|i| i.spec.service == name)
+            .cloned()
+            .collect();
+        let Some(svc) = svc else {
+            for i in mine {
+                self.delete(&i.name).await?;
+            }
+            return Ok(());
+        };
+        let want = svc.spec.replicas as usize;
+        if mine.len() < want {
+            for _ in mine.len()..want {
+                let mut inst = Instance {
+                    name: instance_name(name),
+                    spec: InstanceSpec {
+                        service: name.to_owned(),
+                        node: None,
+                        template: svc.spec.template.clone(),
+                    },
+                    ..Default::default()
+                };
+                inst.labels
+                    .insert(SERVICE_LABEL.to_owned(), name.to_owned());
+                let created = self.client.create(tenant, &inst).await?;
+                self.instances
+                    .lock()
+                    .await
+                    .insert(created.name.clone(), created.clone());
+                mine.push(created);
+            }
+        } else if mine.len() > want {
+            // Victims: unready first, then the newest.
+            mine.sort_by(|a, b| {
+                a.status
+                    .ready
+                    .cmp(&b.status.ready)
+                    .then(b.created_at.cmp(&a.created_at))
+            });
+            let surplus = mine.len() - want;
+            for victim in mine.drain(..surplus) {
+                self.delete(&victim.name).await?;
+            }
+        }
+        let status = ServiceStatus {
+            replicas: mine.len() as u32,
+            ready_replicas: mine.iter().filter(|i| i.status.ready).count() as u32,
+        };
+        if svc.status != status {
+            let mut update = svc.clone();
+            update.status = status;
+            let written = self.client.update_status(tenant, &update).await?;
+            let mut cache = self.services.lock().await;
+            if cache
+                .get(name)
+                .is_some_and(|cur| cur.revision() <= written.revision())
+            {
+                cache.insert(name.to_owned(), written);
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, instance: &str) -> Result<(), ClientError> {
+        match self
+            .client
+            .delete::<Instance>(Some(&self.tenant), instance)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {}
+            Err(e) => return Err(e),
+        }
+        self.instances.lock().await.remove(instance);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_names_are_valid_and_distinct() {
+        let long = "s".repeat(63);
+        for svc in ["web", long.as_str(), "a-"] {
+            let n = instance_name(svc);
+            hive_api::validate::name("name", &n).unwrap();
+            assert_ne!(n, instance_name(svc));
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! A cache of one tenant's objects of one kind, kept by list + watch, relisting when the
+//! watch breaks or its revision was compacted.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use hive_api::{Resource, WatchEventType};
+use hive_client::Client;
+use tokio::sync::{Mutex, mpsc};
+
+/// Objects by name.
+pub type Store<R> = Arc<Mutex<BTreeMap<String, R>>>;
+
+/// Keeps `store` equal to the tenant's objects of kind `R`; sends the name of every object
+/// that changed (and every name after a relist) to `changed`. Returns when `changed` closes.
+pub async fn reflect<R: Resource>(
+    client: Client,
+    tenant: String,
+    store: Store<R>,
+    changed: mpsc::UnboundedSender<String>,
+) {
+    loop {
+        let list = match client.list::<R>(Some(&tenant)).await {
+            Ok(l) => l,
+            Err(e) => {
+                if e.code() == Some(hive_api::ErrorCode::NotFound) {
+                    return; // the tenant is gone
+                }
+                tracing::warn!(%tenant, kind = R::KIND, error = %e, "list");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        {
+            let mut s = store.lock().await;
+            let fresh: BTreeMap<String, R> = list
+                .items
+                .into_iter()
+                .map(|o| (o.name().to_owned(), o))
+                .collect();
+            let names: Vec<String> = s.keys().chain(fresh.keys()).cloned().collect();
+            *s = fresh;
+            for n in names {
+                if changed.send(n).is_err() {
+                    return;
+                }
+            }
+        }
+        let mut stream = match client.watch::<R>(Some(&tenant), Some(list.revision)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%tenant, kind = R::KIND, error = %e, "watch");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(item) = stream.next().await {
+            let Ok(ev) = item else { break };
+            let (name, gone) = match (&ev.type_, &ev.object) {
+                (WatchEventType::Added | WatchEventType::Modified, Some(o)) => {
+                    (o.name().to_owned(), false)
+                }
+                (WatchEventType::Deleted, Some(o)) => (o.name().to_owned(), true),
+                (WatchEventType::Error, _) => break,
+                _ => continue,
+            };
+            {
+                let mut s = store.lock().await;
+                if gone {
+                    s.remove(&name);
+                } else if let Some(o) = ev.object {
+                    // Never step back: our own writes may already be newer in the cache.
+                    if s.get(&name)
+                        .is_none_or(|cur| cur.revision() <= o.revision())
+                    {
+                        s.insert(name.clone(), o);
+                    }
+                }
+            }
+            if changed.send(name).is_err() {
+                return;
+            }
+        }
+        // The stream ended (server restart, compaction, error): relist.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
