@@ -17,7 +17,7 @@ apt_install() {
 }
 
 # gcc for crates that build C (ring); curl and jq for the scripts' checks.
-apt_install build-essential pkg-config ca-certificates curl jq
+apt_install build-essential pkg-config ca-certificates curl jq docker-registry skopeo umoci busybox-static
 
 if ! command -v cargo >/dev/null 2>&1; then
   for d in "$HOME/.cargo/bin" /root/.cargo/bin /usr/local/cargo/bin; do

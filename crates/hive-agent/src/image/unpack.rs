@@ -271,7 +271,10 @@ fn open_dir(root: &OwnedFd, parts: &[&str], create: bool, shown: &str) -> Result
                     .map_err(|e| walk_error(shown, e))?
             }
             Err(Errno::NOENT) => {
-                return Err(UnsafePath(shown.to_owned(), "hard link target not in this layer"));
+                return Err(UnsafePath(
+                    shown.to_owned(),
+                    "hard link target not in this layer",
+                ));
             }
             Err(e) => return Err(walk_error(shown, e)),
         };
