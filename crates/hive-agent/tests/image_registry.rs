@@ -324,10 +324,8 @@ async fn pull_unpack_compose_gc_against_docker_registry() {
     assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
     let media_type = |digest: &str| {
         let hex = digest.trim_start_matches("sha256:");
-        let meta =
-            std::fs::read_to_string(tmp.path().join(format!("store/layers/{hex}/layer.json")))
-                .expect("layer.json");
-        meta
+        std::fs::read_to_string(tmp.path().join(format!("store/layers/{hex}/layer.json")))
+            .expect("layer.json")
     };
     assert!(
         media_type(&ly.layers[0].digest).contains("application/vnd.oci.image.layer.v1.tar+zstd")

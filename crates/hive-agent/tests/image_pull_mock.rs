@@ -1,0 +1,450 @@
+//! The image store against an in-process registry (axum) that demands bearer tokens from a
+//! token endpoint guarded by Basic credentials, and serves hostile or broken images: an index
+//! without the node's architecture, a layer whose bytes do not match its digest, a missing
+//! blob, a wrong diff-id, a gzip bomb. Each must fail with its own error, leaving nothing
+//! half-written in the store.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hive_agent::image::registry::RegistryError;
+use hive_agent::image::unpack::UnpackError;
+use hive_agent::image::{Credentials, ImageError, ImageStore, Limits, StoreConfig};
+use sha2::{Digest as _, Sha256};
+
+const TOKEN: &str = "tok-123";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const GZIP_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+#[derive(Default)]
+struct Mock {
+    /// path -> (content type, body)
+    docs: Mutex<HashMap<String, (String, Vec<u8>)>>,
+    token_requests: AtomicUsize,
+    realm: Mutex<String>,
+}
+
+fn sha(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
+
+async fn handle(State(m): State<Arc<Mock>>, headers: HeaderMap, req: Request) -> Response {
+    let path = req.uri().path().to_owned();
+    if path == "/token" {
+        m.token_requests.fetch_add(1, Ordering::SeqCst);
+        // alice:secret
+        let ok = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            == Some("Basic YWxpY2U6c2VjcmV0");
+        let query = req.uri().query().unwrap_or("");
+        if !ok || !query.contains("scope=repository%3A") || !query.contains("service=mock") {
+            return StatusCode::UNAUTHORIZED.into_response();
+        }
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            format!(r#"{{"token":"{TOKEN}"}}"#),
+        )
+            .into_response();
+    }
+    let authorized = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {TOKEN}"));
+    if !authorized {
+        let repo = path
+            .trim_start_matches("/v2/")
+            .split("/manifests/")
+            .next()
+            .unwrap_or("")
+            .split("/blobs/")
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        let realm = m.realm.lock().expect("lock").clone();
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(
+                header::WWW_AUTHENTICATE,
+                format!(r#"Bearer realm="{realm}",service="mock",scope="repository:{repo}:pull""#),
+            )],
+        )
+            .into_response();
+    }
+    match m.docs.lock().expect("lock").get(&path) {
+        Some((ct, body)) => ([(header::CONTENT_TYPE, ct.clone())], body.clone()).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+struct Server {
+    mock: Arc<Mock>,
+    host: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve() -> Server {
+    let mock = Arc::new(Mock::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let host = listener.local_addr().expect("addr").to_string();
+    *mock.realm.lock().expect("lock") = format!("http://{host}/token");
+    let app = axum::Router::new()
+        .fallback(handle)
+        .with_state(mock.clone());
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Server { mock, host, task }
+}
+
+impl Server {
+    fn put(&self, path: String, ct: &str, body: Vec<u8>) {
+        self.mock
+            .docs
+            .lock()
+            .expect("lock")
+            .insert(path, (ct.to_owned(), body));
+    }
+
+    fn blob(&self, repo: &str, body: Vec<u8>) -> String {
+        let d = sha(&body);
+        self.put(
+            format!("/v2/{repo}/blobs/{d}"),
+            "application/octet-stream",
+            body,
+        );
+        d
+    }
+
+    /// Publishes an image whose layers are the given tarballs (gzip), returns the manifest
+    /// digest. `arch` goes in the config.
+    fn image(&self, repo: &str, tag: &str, arch: &str, layers: &[Vec<u8>], cmd: bool) -> String {
+        let mut descs = Vec::new();
+        let mut diff_ids = Vec::new();
+        for tar in layers {
+            let gz = gzip(tar);
+            diff_ids.push(sha(tar));
+            let size = gz.len();
+            let d = self.blob(repo, gz);
+            descs.push(serde_json::json!({"mediaType": GZIP_LAYER, "digest": d, "size": size}));
+        }
+        let mut config = serde_json::json!({
+            "architecture": arch, "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "config": {"Env": ["A=1"]},
+        });
+        if cmd {
+            config["config"]["Cmd"] = serde_json::json!(["/bin/true"]);
+        }
+        let config = serde_json::to_vec(&config).expect("json");
+        let config_size = config.len();
+        let config_digest = self.blob(repo, config);
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": config_digest, "size": config_size},
+            "layers": descs,
+        }))
+        .expect("json");
+        let digest = sha(&manifest);
+        self.put(
+            format!("/v2/{repo}/manifests/{digest}"),
+            OCI_MANIFEST,
+            manifest.clone(),
+        );
+        self.put(
+            format!("/v2/{repo}/manifests/{tag}"),
+            OCI_MANIFEST,
+            manifest,
+        );
+        digest
+    }
+
+    fn index(&self, repo: &str, tag: &str, entries: &[(&str, &str)]) {
+        let manifests: Vec<_> = entries
+            .iter()
+            .map(|(arch, digest)| {
+                serde_json::json!({"mediaType": OCI_MANIFEST, "digest": digest, "size": 1,
+                                   "platform": {"architecture": arch, "os": "linux"}})
+            })
+            .collect();
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}))
+        .expect("json");
+        self.put(format!("/v2/{repo}/manifests/{tag}"), OCI_INDEX, index);
+    }
+}
+
+fn gzip(b: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(b).expect("gzip");
+    e.finish().expect("gzip")
+}
+
+fn tar_with(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_path(name).expect("path");
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    b.append(&h, data).expect("append");
+    b.into_inner().expect("tar")
+}
+
+fn store_for(server: &Server, dir: &std::path::Path, password: &str) -> ImageStore {
+    let mut cfg = StoreConfig::new(dir);
+    cfg.insecure_registries = vec![server.host.clone()];
+    cfg.credentials.insert(
+        server.host.clone(),
+        Credentials {
+            username: "alice".into(),
+            password: password.into(),
+        },
+    );
+    cfg.limits = Limits {
+        max_bytes: 4 << 20,
+        max_entries: 1000,
+    };
+    ImageStore::open(cfg).expect("open")
+}
+
+fn tmp_is_empty(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir.join("tmp"))
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn bearer_auth_index_and_config() {
+    let server = serve().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let amd = server.image(
+        "acme/multi",
+        "amd64-only",
+        "amd64",
+        &[tar_with("hello", b"amd")],
+        false,
+    );
+    let arm = server.image(
+        "acme/multi",
+        "arm64-only",
+        "arm64",
+        &[tar_with("hello", b"arm")],
+        false,
+    );
+    server.index("acme/multi", "v1", &[("arm64", &arm), ("amd64", &amd)]);
+
+    let store = store_for(&server, tmp.path(), "secret");
+    let reference = format!("{}/acme/multi:v1", server.host);
+    let img = store.pull(&reference).await.expect("pull");
+    assert_eq!(
+        img.manifest_digest, amd,
+        "the node's platform is picked from the index"
+    );
+    assert_eq!(
+        std::fs::read(store.layer_dir(&img.layers[0].digest).join("hello")).expect("read"),
+        b"amd"
+    );
+    assert_eq!(img.config.env, ["A=1"]);
+    // No entrypoint and no cmd: exposed as a distinct error for the caller to decide.
+    let err = img.config.command(&reference).expect_err("no command");
+    assert!(
+        err.to_string().contains("neither entrypoint nor cmd"),
+        "{err}"
+    );
+    // One token for the repository, reused for every request after the first challenge.
+    assert_eq!(server.mock.token_requests.load(Ordering::SeqCst), 1);
+    assert!(store.get(&reference).expect("get").is_some());
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_an_auth_error() {
+    let server = serve().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    server.image("acme/x", "v1", "amd64", &[tar_with("a", b"a")], true);
+    let store = store_for(&server, tmp.path(), "wrong");
+    let err = store
+        .pull(&format!("{}/acme/x:v1", server.host))
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(
+            &err,
+            ImageError::Registry {
+                source: RegistryError::Auth { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn unknown_architecture_is_a_clear_error() {
+    let server = serve().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let arm = server.image("acme/arm", "a", "arm64", &[tar_with("a", b"a")], true);
+    let s390 = server.image("acme/arm", "s", "s390x", &[tar_with("a", b"a")], true);
+    server.index("acme/arm", "v1", &[("arm64", &arm), ("s390x", &s390)]);
+    let store = store_for(&server, tmp.path(), "secret");
+    let err = store
+        .pull(&format!("{}/acme/arm:v1", server.host))
+        .await
+        .expect_err("no amd64");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, ImageError::UnknownArchitecture { .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("linux/arm64") && msg.contains("linux/s390x"),
+        "{msg}"
+    );
+    // A plain manifest for another architecture is refused the same way.
+    let err = store
+        .pull(&format!("{}/acme/arm:a", server.host))
+        .await
+        .expect_err("arm64 manifest");
+    assert!(
+        matches!(err, ImageError::UnknownArchitecture { .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn digest_mismatch_missing_blob_and_bad_diff_id() {
+    let server = serve().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = store_for(&server, tmp.path(), "secret");
+
+    // A layer whose bytes are not what its digest says.
+    server.image("acme/corrupt", "v1", "amd64", &[tar_with("a", b"a")], true);
+    let layer_path = {
+        let docs = server.mock.docs.lock().expect("lock");
+        let m: serde_json::Value =
+            serde_json::from_slice(&docs["/v2/acme/corrupt/manifests/v1"].1).expect("json");
+        format!(
+            "/v2/acme/corrupt/blobs/{}",
+            m["layers"][0]["digest"].as_str().expect("digest")
+        )
+    };
+    let good = server.mock.docs.lock().expect("lock")[&layer_path]
+        .1
+        .clone();
+    let mut evil = gzip(&tar_with("a", b"b"));
+    evil.resize(good.len(), 0);
+    server.put(layer_path.clone(), "application/octet-stream", evil);
+    let reference = format!("{}/acme/corrupt:v1", server.host);
+    let err = store.pull(&reference).await.expect_err("mismatch");
+    assert!(
+        matches!(
+            &err,
+            ImageError::Layer {
+                source: RegistryError::DigestMismatch { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("pull layer sha256:") && msg.contains(&reference),
+        "{msg}"
+    );
+    assert!(msg.contains("digest mismatch"), "{msg}");
+
+    // The blob is gone from the registry.
+    server.mock.docs.lock().expect("lock").remove(&layer_path);
+    let err = store.pull(&reference).await.expect_err("missing");
+    assert!(
+        matches!(
+            &err,
+            ImageError::Layer {
+                source: RegistryError::NotFound { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    // The config's diff-id does not match the layer's content.
+    let tar = tar_with("a", b"a");
+    let gz = gzip(&tar);
+    let size = gz.len();
+    let ld = server.blob("acme/diff", gz);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [sha(b"something else")]}}))
+    .expect("json");
+    let cs = config.len();
+    let cd = server.blob("acme/diff", config);
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+        "layers": [{"mediaType": GZIP_LAYER, "digest": ld, "size": size}]}))
+    .expect("json");
+    server.put("/v2/acme/diff/manifests/v1".into(), OCI_MANIFEST, manifest);
+    let err = store
+        .pull(&format!("{}/acme/diff:v1", server.host))
+        .await
+        .expect_err("diff-id");
+    assert!(matches!(err, ImageError::DiffIdMismatch { .. }), "{err}");
+
+    // Nothing half-written is left behind.
+    assert!(tmp_is_empty(tmp.path()));
+    assert_eq!(
+        std::fs::read_dir(tmp.path().join("layers"))
+            .expect("layers")
+            .count(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn gzip_bomb_is_refused_and_cleaned_up() {
+    let server = serve().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = store_for(&server, tmp.path(), "secret");
+    // 16 MiB of zeros against a 4 MiB limit.
+    let bomb = tar_with("zeros", &vec![0u8; 16 << 20]);
+    server.image("acme/bomb", "v1", "amd64", &[bomb], true);
+    let err = store
+        .pull(&format!("{}/acme/bomb:v1", server.host))
+        .await
+        .expect_err("bomb");
+    assert!(
+        matches!(
+            &err,
+            ImageError::Unpack {
+                source: UnpackError::TooLarge { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(tmp_is_empty(tmp.path()));
+    assert_eq!(
+        std::fs::read_dir(tmp.path().join("layers"))
+            .expect("layers")
+            .count(),
+        0
+    );
+}
