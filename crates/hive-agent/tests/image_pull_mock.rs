@@ -448,3 +448,37 @@ async fn gzip_bomb_is_refused_and_cleaned_up() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_on_one_root_unpack_each_layer_once() {
+    // Two stores on one root stand for two agent processes: the per-layer lock does not span
+    // them, so the atomic rename of the finished layer dir must.
+    let server = serve().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let layers: Vec<Vec<u8>> = (0..6)
+        .map(|i| tar_with(&format!("f{i}"), &vec![i as u8; 256 << 10]))
+        .collect();
+    server.image("acme/many", "v1", "amd64", &layers, true);
+    let a = store_for(&server, tmp.path(), "secret");
+    let b = store_for(&server, tmp.path(), "secret");
+    let reference = format!("{}/acme/many:v1", server.host);
+    let (ia, ib, ic) = tokio::join!(a.pull(&reference), b.pull(&reference), a.pull(&reference));
+    let (ia, ib, ic) = (ia.expect("a"), ib.expect("b"), ic.expect("c"));
+    assert_eq!(ia.layers, ib.layers);
+    assert_eq!(ia.layers, ic.layers);
+    assert_eq!(
+        std::fs::read_dir(tmp.path().join("layers"))
+            .expect("layers")
+            .count(),
+        6
+    );
+    for (i, l) in ia.layers.iter().enumerate() {
+        let dir = a.layer_dir(&l.digest);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .expect("layer")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from(format!("f{i}"))]);
+    }
+    assert!(tmp_is_empty(tmp.path()));
+}

@@ -278,8 +278,9 @@ pub struct ImageStore {
     /// Pulls and rootfs composition share it; GC takes it alone so it never removes a layer
     /// that a pull or a compose is about to use.
     gc_lock: tokio::sync::RwLock<()>,
-    seq: AtomicU64,
 }
+
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 fn hex_of(digest: &str) -> &str {
     digest.strip_prefix("sha256:").unwrap_or(digest)
@@ -352,7 +353,6 @@ impl ImageStore {
             client,
             layer_locks: Mutex::new(HashMap::new()),
             gc_lock: tokio::sync::RwLock::new(()),
-            seq: AtomicU64::new(0),
         })
     }
 
@@ -361,7 +361,9 @@ impl ImageStore {
     }
 
     fn tmp_path(&self, what: &str) -> PathBuf {
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        // Process-wide counter plus pid: unique across stores sharing one root, in this
+        // process or another.
+        let n = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
         self.cfg
             .root
             .join("tmp")
@@ -588,7 +590,29 @@ impl ImageStore {
                 .map_err(|_| ImageError::Task("layer lock poisoned".into()))?;
             locks.entry(digest.to_owned()).or_default().clone()
         };
-        let _guard = lock.lock().await;
+        let result = {
+            let _guard = lock.lock().await;
+            self.ensure_layer_locked(r, name, digest, media_type, size, diff_id)
+                .await
+        };
+        // Forget the lock once nobody else holds or waits for it, so the map stays small.
+        if let Ok(mut locks) = self.layer_locks.lock()
+            && Arc::strong_count(&lock) == 2
+        {
+            locks.remove(digest);
+        }
+        result
+    }
+
+    async fn ensure_layer_locked(
+        &self,
+        r: &Reference,
+        name: &str,
+        digest: &str,
+        media_type: &str,
+        size: u64,
+        diff_id: &str,
+    ) -> Result<()> {
         let final_dir = self.cfg.root.join("layers").join(hex_of(digest));
         if final_dir.join("layer.json").exists() {
             return Ok(());
@@ -689,7 +713,10 @@ impl ImageStore {
         }
         let result = self.compose_in(image, instance, &dir);
         if result.is_err() {
-            let _ = std::fs::remove_dir_all(&dir);
+            // Never remove through a live mount.
+            if overlay::unmount(&dir.join("rootfs")).is_ok() {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
         }
         result
     }
@@ -849,6 +876,19 @@ impl ImageStore {
             let _ = std::fs::remove_file(dir.join("layer.json"));
             std::fs::remove_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
             report.layers_removed.push(format!("sha256:{hex}"));
+        }
+        // Manifests and configs of images no longer kept.
+        let keep_blobs: HashSet<&str> = kept
+            .iter()
+            .flat_map(|i| [hex_of(&i.manifest_digest), hex_of(&i.config_digest)])
+            .collect();
+        let blobs = self.cfg.root.join("blobs/sha256");
+        for e in std::fs::read_dir(&blobs).map_err(|e| io_err(&blobs, e))? {
+            let e = e.map_err(|e| io_err(&blobs, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !keep_blobs.contains(name.as_str()) {
+                std::fs::remove_file(e.path()).map_err(|err| io_err(&e.path(), err))?;
+            }
         }
         report.bytes_after = layers
             .iter()

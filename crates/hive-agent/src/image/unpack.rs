@@ -888,4 +888,96 @@ mod tests {
         assert!(matches!(r, Err(UnpackError::Exists(_))), "{r:?}");
         assert!(tmp.path().exists());
     }
+
+    /// Unmounts the test's tmpfs even if an assertion fails.
+    struct Tmpfs(PathBuf);
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+
+    #[test]
+    fn disk_full_is_its_own_error() {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "this test mounts a small tmpfs and must run as root"
+        );
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mnt = tmp.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mkdir");
+        rustix::mount::mount(
+            "hive-test",
+            &mnt,
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            Some(c"size=256k"),
+        )
+        .expect("mount tmpfs");
+        let _guard = Tmpfs(mnt.clone());
+        let tar = Tb::new().file("big", &vec![7u8; 1 << 20]).finish();
+        let dest = mnt.join("layer");
+        let r = unpack_layer(tar.as_slice(), Compression::None, &dest, Limits::default());
+        assert!(
+            matches!(&r, Err(UnpackError::DiskFull { path }) if path == "big"),
+            "{r:?}"
+        );
+        assert!(!dest.exists(), "partial layer dir must be removed");
+    }
+
+    /// A cheap, deterministic stand-in for the fuzz target (which needs nightly): mutated
+    /// tarballs full of hostile entries must never panic and never write outside the layer.
+    #[test]
+    fn mutated_archives_never_escape() {
+        let outside = tempfile::tempdir().expect("tempdir");
+        let out = outside.path().to_str().expect("utf8").to_owned();
+        let seed = Tb::new()
+            .dir("d/")
+            .link("d/up", tar::EntryType::Symlink, "..")
+            .link("abs", tar::EntryType::Symlink, &out)
+            .file("d/f", b"data")
+            .link("d/h", tar::EntryType::Link, "d/f")
+            .file("d/.wh.f", b"")
+            .file("d/.wh..wh..opq", b"")
+            .node("fifo", tar::EntryType::Fifo)
+            .file("abs/x", b"x")
+            .finish();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let names: [&[u8]; 6] = [b"..", b"abs", b"d/up", b"/", b"d/up/x", b".wh..."];
+        for _ in 0..400 {
+            let mut t = seed.clone();
+            for _ in 0..(next() % 6 + 1) {
+                let pos = (next() as usize) % t.len();
+                match next() % 3 {
+                    0 => t[pos] = next() as u8,
+                    1 => {
+                        // Overwrite a header name with a hostile path.
+                        let block = pos / 512 * 512;
+                        let n = names[(next() as usize) % names.len()];
+                        t[block..block + 100].fill(0);
+                        t[block..block + n.len()].copy_from_slice(n);
+                    }
+                    _ => t[pos] = b'/',
+                }
+            }
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let dest = tmp.path().join("layer");
+            let r = unpack_layer(t.as_slice(), Compression::None, &dest, Limits::default());
+            assert_nothing_outside(&tmp);
+            assert_eq!(
+                std::fs::read_dir(outside.path()).expect("outside").count(),
+                0,
+                "wrote outside the layer"
+            );
+            if r.is_err() {
+                assert!(!dest.exists());
+            }
+        }
+    }
 }
