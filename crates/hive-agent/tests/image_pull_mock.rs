@@ -482,3 +482,46 @@ async fn two_stores_on_one_root_unpack_each_layer_once() {
     }
     assert!(tmp_is_empty(tmp.path()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rootfs_of_sixty_layers() {
+    // 60 lowerdirs of ~90 characters overflow mount(2)'s one-page option string; the store
+    // must still compose the rootfs (fsconfig with lowerdir+). Needs root.
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test mounts overlayfs and must run as root"
+    );
+    let server = serve().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let layers: Vec<Vec<u8>> = (0..60)
+        .map(|i| tar_with(&format!("l/{i:02}"), format!("{i}").as_bytes()))
+        .collect();
+    server.image("acme/sixty", "v1", "amd64", &layers, true);
+    let store = store_for(&server, tmp.path(), "secret");
+    let img = store
+        .pull(&format!("{}/acme/sixty:v1", server.host))
+        .await
+        .expect("pull");
+    let lower_len: usize = img
+        .layers
+        .iter()
+        .map(|l| store.layer_dir(&l.digest).as_os_str().len() + 1)
+        .sum();
+    assert!(lower_len > 4096, "test must exceed one page ({lower_len})");
+    let rootfs = store.compose_rootfs(&img, "sixty").await.expect("compose");
+    let guard = Unmount(rootfs.path.clone());
+    let n = std::fs::read_dir(rootfs.path.join("l")).expect("l").count();
+    assert_eq!(n, 60);
+    let errs = store.release_rootfs("sixty");
+    assert!(errs.is_empty(), "{errs:?}");
+    assert!(!tmp.path().join("instances/sixty").exists());
+    drop(guard);
+}
+
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
+    }
+}
