@@ -48,9 +48,9 @@ pub enum RegistryError {
     Status { url: String, status: u16 },
     #[error("{url}: authentication failed: {message}")]
     Auth { url: String, message: String },
-    #[error("{digest}: digest mismatch (got {actual})")]
+    #[error("digest mismatch: expected {digest}, got {actual}")]
     DigestMismatch { digest: String, actual: String },
-    #[error("{digest}: size mismatch (expected {expected} bytes, got {actual})")]
+    #[error("size mismatch for {digest}: expected {expected} bytes, got {actual}")]
     SizeMismatch {
         digest: String,
         expected: u64,
