@@ -454,6 +454,18 @@ impl ImageStore {
             serde_json::from_slice(&fetched.bytes).map_err(|e| bad("manifest", e.to_string()))?;
         self.save_blob(&fetched.digest, &fetched.bytes)?;
 
+        // Digests become file names below: refuse anything but sha256 and 64 hex digits
+        // before any of them is used.
+        for d in std::iter::once(manifest.config().digest())
+            .chain(manifest.layers().iter().map(|l| l.digest()))
+        {
+            if !valid_digest(&d.to_string()) {
+                return Err(bad(
+                    "manifest",
+                    format!("unsupported digest {:?}", d.to_string()),
+                ));
+            }
+        }
         let config_digest = manifest.config().digest().to_string();
         let config_bytes = self
             .client
@@ -917,6 +929,11 @@ impl ImageStore {
     }
 }
 
+fn valid_digest(d: &str) -> bool {
+    d.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
 /// Instance ids become directory names: keep them to a safe alphabet.
 fn check_instance_id(id: &str) -> Result<()> {
     let ok = !id.is_empty()
@@ -1003,6 +1020,14 @@ mod tests {
             Some(Compression::Zstd)
         );
         assert_eq!(compression_of("text/plain"), None);
+    }
+
+    #[test]
+    fn digests_are_checked() {
+        assert!(valid_digest(&format!("sha256:{}", "0".repeat(64))));
+        for bad in ["sha256:../../etc", "sha512:00", "sha256:ABCD", ""] {
+            assert!(!valid_digest(bad), "{bad:?}");
+        }
     }
 
     #[test]
