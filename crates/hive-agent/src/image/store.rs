@@ -459,7 +459,7 @@ impl ImageStore {
         for d in std::iter::once(manifest.config().digest())
             .chain(manifest.layers().iter().map(|l| l.digest()))
         {
-            if !valid_digest(&d.to_string()) {
+            if !valid_digest(d.as_ref()) {
                 return Err(bad(
                     "manifest",
                     format!("unsupported digest {:?}", d.to_string()),
