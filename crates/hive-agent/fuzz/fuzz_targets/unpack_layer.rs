@@ -9,10 +9,17 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, tar)) = data.split_first() else {
         return;
     };
-    let compression = if mode & 1 == 0 { Compression::None } else { Compression::Gzip };
+    let compression = if mode & 1 == 0 {
+        Compression::None
+    } else {
+        Compression::Gzip
+    };
     let tmp = tempfile::tempdir().expect("tempdir");
     let dest = tmp.path().join("layer");
-    let limits = Limits { max_bytes: 8 << 20, max_entries: 512 };
+    let limits = Limits {
+        max_bytes: 8 << 20,
+        max_entries: 512,
+    };
     let result = unpack_layer(tar, compression, &dest, limits);
     // Only the layer dir may exist next to it, and only when the unpack succeeded.
     for entry in std::fs::read_dir(tmp.path()).expect("read_dir") {

@@ -526,6 +526,12 @@ impl ImageStore {
             last_used: now(),
         };
         self.write_image(&image)?;
+        tracing::info!(
+            reference = %image.reference,
+            manifest = %image.manifest_digest,
+            layers = image.layers.len(),
+            "image pulled"
+        );
         Ok(image)
     }
 
@@ -907,6 +913,14 @@ impl ImageStore {
             .filter(|(h, _)| keep.contains(*h))
             .map(|(_, s)| s)
             .sum();
+        tracing::info!(
+            images = report.images_removed.len(),
+            layers = report.layers_removed.len(),
+            bytes_before = report.bytes_before,
+            bytes_after = report.bytes_after,
+            budget = budget_bytes,
+            "image gc"
+        );
         Ok(report)
     }
 

@@ -121,7 +121,9 @@ fn unpack_into(
 ) -> Result<Unpacked> {
     let decoder: Box<dyn Read> = match compression {
         Compression::None => Box::new(blob),
-        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(blob)),
+        // Concatenated gzip members are one valid stream (RFC 1952), as Go's reader used
+        // by containerd and docker treats them.
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(blob)),
         Compression::Zstd => {
             Box::new(zstd::stream::read::Decoder::new(blob).map_err(UnpackError::Archive)?)
         }
@@ -659,6 +661,28 @@ mod tests {
             );
             assert_eq!(std::fs::read(dest.join("a")).expect("read"), b"hello");
         }
+    }
+
+    #[test]
+    fn multi_member_gzip_is_one_stream() {
+        let tar = Tb::new().file("a", b"1").file("b", b"2").finish();
+        let (first, second) = tar.split_at(512 * 2);
+        let mut blob = Vec::new();
+        for part in [first, second] {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(part).expect("gz");
+            blob.extend(gz.finish().expect("gz"));
+        }
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dest = tmp.path().join("l");
+        let u = unpack_layer(blob.as_slice(), Compression::Gzip, &dest, Limits::default())
+            .expect("unpack");
+        assert_eq!(u.entries, 2);
+        assert_eq!(
+            u.diff_id,
+            format!("sha256:{}", hex::encode(Sha256::digest(&tar)))
+        );
+        assert_eq!(std::fs::read(dest.join("b")).expect("read"), b"2");
     }
 
     #[test]
