@@ -525,3 +525,82 @@ impl Drop for Unmount {
         let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
     }
 }
+
+#[tokio::test]
+async fn manifest_by_digest_is_verified() {
+    let server = serve().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = store_for(&server, tmp.path(), "secret");
+    let digest = server.image("acme/pinned", "v1", "amd64", &[tar_with("a", b"a")], true);
+    // The registry answers the pinned digest with another document.
+    let other = server.image("acme/pinned", "v2", "amd64", &[tar_with("b", b"b")], true);
+    let body = server.mock.docs.lock().expect("lock")
+        [&format!("/v2/acme/pinned/manifests/{other}")]
+        .1
+        .clone();
+    server.put(
+        format!("/v2/acme/pinned/manifests/{digest}"),
+        OCI_MANIFEST,
+        body,
+    );
+    let err = store
+        .pull(&format!("{}/acme/pinned@{digest}", server.host))
+        .await
+        .expect_err("mismatch");
+    assert!(
+        matches!(
+            &err,
+            ImageError::Registry {
+                source: RegistryError::DigestMismatch { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn gc_keeps_layers_shared_with_kept_images() {
+    let server = serve().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = store_for(&server, tmp.path(), "secret");
+    let base = tar_with("base", b"shared");
+    server.image(
+        "acme/a",
+        "v1",
+        "amd64",
+        &[base.clone(), tar_with("a", b"a")],
+        true,
+    );
+    server.image("acme/b", "v1", "amd64", &[base, tar_with("b", b"b")], true);
+    let a_ref = format!("{}/acme/a:v1", server.host);
+    let a = store.pull(&a_ref).await.expect("a");
+    let b = store
+        .pull(&format!("{}/acme/b:v1", server.host))
+        .await
+        .expect("b");
+    assert_eq!(a.layers[0], b.layers[0], "the base layer is one layer");
+    let count = || {
+        std::fs::read_dir(tmp.path().join("layers"))
+            .expect("layers")
+            .count()
+    };
+    assert_eq!(count(), 3);
+
+    // Under budget: nothing goes.
+    let r = store.gc(u64::MAX).await.expect("gc");
+    assert!(
+        r.images_removed.is_empty() && r.layers_removed.is_empty(),
+        "{r:?}"
+    );
+
+    store.remove_image(&a_ref).await.expect("remove a");
+    let r = store.gc(u64::MAX).await.expect("gc");
+    assert_eq!(r.layers_removed, [a.layers[1].digest.clone()]);
+    assert_eq!(count(), 2);
+    assert!(store.layer_dir(&b.layers[0].digest).join("base").is_file());
+    assert!(matches!(
+        store.remove_image(&a_ref).await,
+        Err(ImageError::NotPresent(_))
+    ));
+}
