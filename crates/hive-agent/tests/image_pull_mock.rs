@@ -512,6 +512,22 @@ async fn rootfs_of_sixty_layers() {
     let guard = Unmount(rootfs.path.clone());
     let n = std::fs::read_dir(rootfs.path.join("l")).expect("l").count();
     assert_eq!(n, 60);
+    std::fs::write(rootfs.path.join("kept"), b"upper").expect("write");
+
+    // As after a reboot: the mount is gone, the instance dir is not.
+    rustix::mount::unmount(&rootfs.path, rustix::mount::UnmountFlags::empty()).expect("umount");
+    assert!(!rootfs.path.join("l").exists());
+    let again = store.remount_rootfs("sixty").await.expect("remount");
+    assert_eq!(again.path, rootfs.path);
+    assert_eq!(
+        std::fs::read(again.path.join("kept")).expect("kept"),
+        b"upper"
+    );
+    assert_eq!(std::fs::read(again.path.join("l/07")).expect("l/07"), b"7");
+    store
+        .remount_rootfs("sixty")
+        .await
+        .expect("no-op when mounted");
     let errs = store.release_rootfs("sixty");
     assert!(errs.is_empty(), "{errs:?}");
     assert!(!tmp.path().join("instances/sixty").exists());
@@ -603,4 +619,32 @@ async fn gc_keeps_layers_shared_with_kept_images() {
         store.remove_image(&a_ref).await,
         Err(ImageError::NotPresent(_))
     ));
+}
+
+#[tokio::test]
+async fn gc_over_budget_evicts_least_recently_used_first() {
+    let server = serve().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = store_for(&server, tmp.path(), "secret");
+    let mut refs = Vec::new();
+    for name in ["old", "mid", "new"] {
+        server.image(
+            &format!("acme/{name}"),
+            "v1",
+            "amd64",
+            &[tar_with(name, &[0u8; 4096])],
+            true,
+        );
+        let r = format!("{}/acme/{name}:v1", server.host);
+        store.pull(&r).await.expect("pull");
+        refs.push(r);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let before = store.gc(u64::MAX).await.expect("gc").bytes_before;
+    // Room for two images of the three: only the oldest goes.
+    let r = store.gc(before - 1).await.expect("gc");
+    assert_eq!(r.images_removed, [refs[0].clone()]);
+    assert_eq!(r.layers_removed.len(), 1);
+    assert!(r.bytes_after < before);
+    assert!(store.get(&refs[1]).expect("get").is_some());
 }

@@ -233,7 +233,7 @@ pub struct Image {
     pub config_digest: String,
     pub layers: Vec<LayerRef>,
     pub config: ImageConfig,
-    /// Seconds since the epoch; what GC evicts by.
+    /// Milliseconds since the epoch, set at pull and at compose; what GC evicts by.
     pub last_used: u64,
 }
 
@@ -289,7 +289,7 @@ fn hex_of(digest: &str) -> &str {
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 
@@ -751,18 +751,7 @@ impl ImageStore {
             source: std::io::Error::other(e),
         })?;
         std::fs::write(&rec_path, json).map_err(|e| io_err(&rec_path, e))?;
-        let mut lower = Vec::with_capacity(image.layers.len());
-        // overlayfs lists the topmost layer first.
-        for l in image.layers.iter().rev() {
-            let d = self.layer_dir(&l.digest);
-            if !d.is_dir() {
-                return Err(ImageError::NotPresent(format!(
-                    "{} (layer {})",
-                    image.reference, l.digest
-                )));
-            }
-            lower.push(d);
-        }
+        let lower = self.lower_dirs(image)?;
         let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
         for d in [&upper, &work, &rootfs] {
             std::fs::create_dir(d).map_err(|e| io_err(d, e))?;
@@ -781,6 +770,58 @@ impl ImageStore {
             instance: instance.to_owned(),
             path: rootfs,
         })
+    }
+
+    /// Mounts the root filesystem of an existing instance again if it is not mounted (after
+    /// a reboot, mounts are gone but `instances/<id>/` with its upper dir survives). Returns
+    /// the rootfs; a no-op when it is still mounted.
+    pub async fn remount_rootfs(&self, instance: &str) -> Result<Rootfs> {
+        check_instance_id(instance)?;
+        let _shared = self.gc_lock.read().await;
+        let dir = self.cfg.root.join("instances").join(instance);
+        let rec_path = dir.join("image.json");
+        let bytes = std::fs::read(&rec_path).map_err(|e| io_err(&rec_path, e))?;
+        let rec: InstanceRecord = serde_json::from_slice(&bytes).map_err(|e| ImageError::Io {
+            path: rec_path.display().to_string(),
+            source: std::io::Error::other(e),
+        })?;
+        let rootfs = dir.join("rootfs");
+        if !overlay::is_mountpoint(&rootfs) {
+            let image = self
+                .read_image(&self.image_record_path(&rec.image))?
+                .ok_or_else(|| ImageError::NotPresent(rec.image.clone()))?;
+            let lower = self.lower_dirs(&image)?;
+            // The old work dir may hold state of the previous mount; overlayfs wants it empty.
+            let work = dir.join("work");
+            let _ = std::fs::remove_dir_all(&work);
+            std::fs::create_dir(&work).map_err(|e| io_err(&work, e))?;
+            overlay::mount_overlay(&lower, &dir.join("upper"), &work, &rootfs).map_err(
+                |source| ImageError::Overlay {
+                    instance: instance.to_owned(),
+                    source,
+                },
+            )?;
+        }
+        Ok(Rootfs {
+            instance: instance.to_owned(),
+            path: rootfs,
+        })
+    }
+
+    fn lower_dirs(&self, image: &Image) -> Result<Vec<PathBuf>> {
+        let mut lower = Vec::with_capacity(image.layers.len());
+        // overlayfs lists the topmost layer first.
+        for l in image.layers.iter().rev() {
+            let d = self.layer_dir(&l.digest);
+            if !d.is_dir() {
+                return Err(ImageError::NotPresent(format!(
+                    "{} (layer {})",
+                    image.reference, l.digest
+                )));
+            }
+            lower.push(d);
+        }
+        Ok(lower)
     }
 
     /// Unmounts and removes the root filesystem of `instance` (its writable layer included).
