@@ -648,3 +648,50 @@ async fn gc_over_budget_evicts_least_recently_used_first() {
     assert!(r.bytes_after < before);
     assert!(store.get(&refs[1]).expect("get").is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_layer_leaves_no_temporary_files() {
+    let server = serve().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = store_for(&server, tmp.path(), "secret");
+    let layers: Vec<Vec<u8>> = (0..8)
+        .map(|i| tar_with(&format!("f{i}"), &vec![i as u8; 512 << 10]))
+        .collect();
+    server.image("acme/partial", "v1", "amd64", &layers, true);
+    // Remove one layer blob from the registry: the pull fails while others are in flight.
+    let missing = {
+        let docs = server.mock.docs.lock().expect("lock");
+        let m: serde_json::Value =
+            serde_json::from_slice(&docs["/v2/acme/partial/manifests/v1"].1).expect("json");
+        format!(
+            "/v2/acme/partial/blobs/{}",
+            m["layers"][5]["digest"].as_str().expect("digest")
+        )
+    };
+    server.mock.docs.lock().expect("lock").remove(&missing);
+    let err = store
+        .pull(&format!("{}/acme/partial:v1", server.host))
+        .await
+        .expect_err("missing layer");
+    assert!(matches!(err, ImageError::Layer { .. }), "{err}");
+    // Unpacks already handed to blocking threads finish on their own; give them a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !tmp_is_empty(tmp.path()) {
+        assert!(std::time::Instant::now() < deadline, "tmp/ not cleaned up");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // An interrupted GC's leftover (a layer dir without metadata) does not block a pull.
+    let stale = tmp.path().join("layers").join("0".repeat(64));
+    std::fs::create_dir_all(stale.join("fs")).expect("mkdir");
+    server.image("acme/ok", "v1", "amd64", &[tar_with("ok", b"ok")], true);
+    store
+        .pull(&format!("{}/acme/ok:v1", server.host))
+        .await
+        .expect("pull");
+    let r = store.gc(u64::MAX).await.expect("gc");
+    assert!(
+        r.layers_removed
+            .contains(&format!("sha256:{}", "0".repeat(64))),
+        "{r:?}"
+    );
+}

@@ -635,84 +635,42 @@ impl ImageStore {
         if final_dir.join("layer.json").exists() {
             return Ok(());
         }
+        if final_dir.exists() {
+            // A layer dir without its metadata is what a GC interrupted midway leaves (layers
+            // are published with the metadata inside): it is garbage, not a layer.
+            std::fs::remove_dir_all(&final_dir).map_err(|e| io_err(&final_dir, e))?;
+        }
         let compression =
             compression_of(media_type).ok_or_else(|| ImageError::UnsupportedMediaType {
                 reference: name.to_owned(),
                 media_type: media_type.to_owned(),
             })?;
-        let blob = self.tmp_path("blob");
+        let blob = TmpGuard(Some(self.tmp_path("blob")));
+        let blob_path = blob.path().to_owned();
         self.client
-            .blob_to_file(r, digest, size, &blob)
+            .blob_to_file(r, digest, size, &blob_path)
             .await
             .map_err(|source| ImageError::Layer {
                 reference: name.to_owned(),
                 digest: digest.to_owned(),
                 source,
             })?;
-        let staging = self.tmp_path("layer");
-        let limits = self.cfg.limits;
-        let (blob2, staging2) = (blob.clone(), staging.clone());
-        let unpacked = tokio::task::spawn_blocking(move || {
-            let res = (|| {
-                std::fs::create_dir(&staging2).map_err(|e| UnpackError::Io {
-                    path: staging2.display().to_string(),
-                    source: e,
-                })?;
-                let f = std::fs::File::open(&blob2).map_err(|e| UnpackError::Io {
-                    path: blob2.display().to_string(),
-                    source: e,
-                })?;
-                let r = std::io::BufReader::with_capacity(256 << 10, f);
-                unpack::unpack_layer(r, compression, &staging2.join("fs"), limits)
-            })();
-            let _ = std::fs::remove_file(&blob2);
-            if res.is_err() {
-                let _ = std::fs::remove_dir_all(&staging2);
-            }
-            res
-        })
-        .await
-        .map_err(|e| ImageError::Task(e.to_string()))?
-        .map_err(|source| ImageError::Unpack {
+        // From here the blocking task owns the blob and the staging dir and finishes (or
+        // cleans up) even if this pull is cancelled: nothing is left behind in tmp/.
+        let job = PublishLayer {
+            blob: blob.disarm(),
+            staging: self.tmp_path("layer"),
+            final_dir,
+            compression,
+            limits: self.cfg.limits,
             reference: name.to_owned(),
             digest: digest.to_owned(),
-            source,
-        })?;
-        if unpacked.diff_id != diff_id {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(ImageError::DiffIdMismatch {
-                reference: name.to_owned(),
-                digest: digest.to_owned(),
-                expected: diff_id.to_owned(),
-                actual: unpacked.diff_id,
-            });
-        }
-        let meta = LayerMeta {
-            digest: digest.to_owned(),
-            diff_id: unpacked.diff_id,
+            diff_id: diff_id.to_owned(),
             media_type: media_type.to_owned(),
-            bytes: unpacked.bytes,
-            entries: unpacked.entries,
         };
-        let meta_path = staging.join("layer.json");
-        let json = serde_json::to_vec_pretty(&meta).map_err(|e| ImageError::Io {
-            path: meta_path.display().to_string(),
-            source: std::io::Error::other(e),
-        })?;
-        std::fs::write(&meta_path, json).map_err(|e| io_err(&meta_path, e))?;
-        match std::fs::rename(&staging, &final_dir) {
-            Ok(()) => Ok(()),
-            // Another process finished the same layer first (a non-empty target dir makes
-            // rename fail): theirs is as good as ours.
-            Err(_) if final_dir.join("layer.json").exists() => {
-                let _ = std::fs::remove_dir_all(&staging);
-                Ok(())
-            }
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&staging);
-                Err(io_err(&final_dir, e))
-            }
-        }
+        tokio::task::spawn_blocking(move || job.run())
+            .await
+            .map_err(|e| ImageError::Task(e.to_string()))?
     }
 
     /// Composes the root filesystem of `instance` from `image`: an overlay mount of the
@@ -987,6 +945,95 @@ impl ImageStore {
 fn valid_digest(d: &str) -> bool {
     d.strip_prefix("sha256:")
         .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
+/// Removes a temporary file or directory when dropped, unless disarmed.
+struct TmpGuard(Option<PathBuf>);
+
+impl TmpGuard {
+    fn path(&self) -> &Path {
+        self.0.as_deref().unwrap_or(Path::new(""))
+    }
+
+    fn disarm(mut self) -> PathBuf {
+        self.0.take().unwrap_or_default()
+    }
+}
+
+impl Drop for TmpGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir_all(&p));
+        }
+    }
+}
+
+/// Unpacks a verified layer blob into a staging dir, checks its diff-id, and publishes it
+/// under `layers/` with one rename. Runs on a blocking thread; always removes the blob, and
+/// the staging dir unless it became the layer.
+struct PublishLayer {
+    blob: PathBuf,
+    staging: PathBuf,
+    final_dir: PathBuf,
+    compression: Compression,
+    limits: Limits,
+    reference: String,
+    digest: String,
+    diff_id: String,
+    media_type: String,
+}
+
+impl PublishLayer {
+    fn run(self) -> Result<()> {
+        let _blob = TmpGuard(Some(self.blob.clone()));
+        let staging = TmpGuard(Some(self.staging.clone()));
+        let unpack_err = |source| ImageError::Unpack {
+            reference: self.reference.clone(),
+            digest: self.digest.clone(),
+            source,
+        };
+        std::fs::create_dir(&self.staging).map_err(|e| io_err(&self.staging, e))?;
+        let f = std::fs::File::open(&self.blob).map_err(|e| io_err(&self.blob, e))?;
+        let reader = std::io::BufReader::with_capacity(256 << 10, f);
+        let unpacked = unpack::unpack_layer(
+            reader,
+            self.compression,
+            &self.staging.join("fs"),
+            self.limits,
+        )
+        .map_err(unpack_err)?;
+        if unpacked.diff_id != self.diff_id {
+            return Err(ImageError::DiffIdMismatch {
+                reference: self.reference,
+                digest: self.digest,
+                expected: self.diff_id,
+                actual: unpacked.diff_id,
+            });
+        }
+        let meta = LayerMeta {
+            digest: self.digest.clone(),
+            diff_id: unpacked.diff_id,
+            media_type: self.media_type.clone(),
+            bytes: unpacked.bytes,
+            entries: unpacked.entries,
+        };
+        let meta_path = self.staging.join("layer.json");
+        let json = serde_json::to_vec_pretty(&meta).map_err(|e| ImageError::Io {
+            path: meta_path.display().to_string(),
+            source: std::io::Error::other(e),
+        })?;
+        std::fs::write(&meta_path, json).map_err(|e| io_err(&meta_path, e))?;
+        match std::fs::rename(&self.staging, &self.final_dir) {
+            Ok(()) => {
+                staging.disarm();
+                Ok(())
+            }
+            // Another process finished the same layer first (a non-empty target dir makes
+            // rename fail): theirs is as good as ours, and ours is dropped with the guard.
+            Err(_) if self.final_dir.join("layer.json").exists() => Ok(()),
+            Err(e) => Err(io_err(&self.final_dir, e)),
+        }
+    }
 }
 
 /// Instance ids become directory names: keep them to a safe alphabet.
