@@ -175,6 +175,10 @@ impl Server {
     }
 
     fn index(&self, repo: &str, tag: &str, entries: &[(&str, &str)]) {
+        self.index_of(OCI_INDEX, repo, tag, entries);
+    }
+
+    fn index_of(&self, media_type: &str, repo: &str, tag: &str, entries: &[(&str, &str)]) {
         let manifests: Vec<_> = entries
             .iter()
             .map(|(arch, digest)| {
@@ -183,9 +187,9 @@ impl Server {
             })
             .collect();
         let index = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}))
+            "schemaVersion": 2, "mediaType": media_type, "manifests": manifests}))
         .expect("json");
-        self.put(format!("/v2/{repo}/manifests/{tag}"), OCI_INDEX, index);
+        self.put(format!("/v2/{repo}/manifests/{tag}"), media_type, index);
     }
 }
 
@@ -694,4 +698,35 @@ async fn a_failed_layer_leaves_no_temporary_files() {
             .contains(&format!("sha256:{}", "0".repeat(64))),
         "{r:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_manifest_list_and_an_image_without_layers() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test mounts overlayfs and must run as root"
+    );
+    let server = serve().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = store_for(&server, tmp.path(), "secret");
+    let amd = server.image("acme/empty", "amd", "amd64", &[], true);
+    let arm = server.image("acme/empty", "arm", "arm64", &[], true);
+    server.index_of(
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "acme/empty",
+        "v1",
+        &[("arm64", &arm), ("amd64", &amd)],
+    );
+    let img = store
+        .pull(&format!("{}/acme/empty:v1", server.host))
+        .await
+        .expect("pull");
+    assert_eq!(img.manifest_digest, amd);
+    assert!(img.layers.is_empty());
+    let rootfs = store.compose_rootfs(&img, "empty").await.expect("compose");
+    let guard = Unmount(rootfs.path.clone());
+    assert_eq!(std::fs::read_dir(&rootfs.path).expect("rootfs").count(), 0);
+    let errs = store.release_rootfs("empty");
+    assert!(errs.is_empty(), "{errs:?}");
+    drop(guard);
 }

@@ -767,6 +767,16 @@ impl ImageStore {
     }
 
     fn lower_dirs(&self, image: &Image) -> Result<Vec<PathBuf>> {
+        if image.layers.is_empty() {
+            // overlayfs needs a lower layer; an image without layers gets an empty one.
+            let empty = self.cfg.root.join("empty");
+            match std::fs::create_dir(&empty) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err(&empty, e)),
+            }
+            return Ok(vec![empty]);
+        }
         let mut lower = Vec::with_capacity(image.layers.len());
         // overlayfs lists the topmost layer first.
         for l in image.layers.iter().rev() {
