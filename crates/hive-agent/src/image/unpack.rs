@@ -11,10 +11,12 @@
 //!
 //! It knows nothing about registries, digests of compressed blobs or the store's layout.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, XattrFlags};
 use rustix::io::Errno;
@@ -69,6 +71,8 @@ pub enum UnpackError {
     Unsupported { path: String, kind: String },
     #[error("layer expands to more than {limit} bytes")]
     TooLarge { limit: u64 },
+    #[error("layer has more than {limit} bytes of tar headers between two entries")]
+    MetadataTooLarge { limit: u64 },
     #[error("layer has more than {limit} entries")]
     TooManyEntries { limit: u64 },
     #[error("disk full writing {path:?}")]
@@ -128,12 +132,14 @@ fn unpack_into(
             Box::new(zstd::stream::read::Decoder::new(blob).map_err(UnpackError::Archive)?)
         }
     };
+    let gap = Rc::new(Gap::default());
     let mut counted = Counted {
         inner: decoder,
         hasher: Sha256::new(),
         bytes: 0,
         limit: limits.max_bytes,
         exceeded: false,
+        gap: gap.clone(),
     };
     let root = rustix::fs::open(
         dest,
@@ -151,17 +157,20 @@ fn unpack_into(
                 Ok(e) => e,
                 Err(e) => return Err(read_error(e, limits.max_bytes)),
             };
+            gap.outside.set(0);
             entries += 1;
             if entries > limits.max_entries {
                 return Err(UnpackError::TooManyEntries {
                     limit: limits.max_entries,
                 });
             }
-            apply_entry(&root, entry, limits.max_bytes)?;
+            apply_entry(&root, entry, limits.max_bytes, &gap)?;
         }
     }
     // The tar reader stops at the end-of-archive marker; the diff-id covers the whole stream,
-    // including the trailing padding, so drain it (still bounded by the limit).
+    // including the trailing padding, so drain it (still bounded by the limit; draining
+    // holds nothing in memory).
+    gap.in_data.set(true);
     if let Err(e) = io::copy(&mut counted, &mut io::sink()) {
         return Err(read_error(e, limits.max_bytes));
     }
@@ -180,9 +189,29 @@ fn unpack_into(
 /// Marker put inside the io error the counting reader returns, so it can be recognised after
 /// the tar crate wrapped it.
 const LIMIT_MARKER: &str = "hive: layer size limit exceeded";
+const META_MARKER: &str = "hive: tar metadata limit exceeded";
+
+/// Bytes the tar reader may consume between two entries outside file contents: headers, PAX
+/// records, GNU long names, padding. The tar crate buffers PAX records and long names whole in
+/// memory, so without this bound a layer could declare a multi-GiB "name" and exhaust memory
+/// while staying under the size limit. Real archives need a few KiB.
+pub const MAX_METADATA_BYTES: u64 = 4 << 20;
+
+/// Whether the reader is inside a file's contents, and how much it read outside them since
+/// the last entry.
+#[derive(Default)]
+struct Gap {
+    in_data: Cell<bool>,
+    outside: Cell<u64>,
+}
 
 fn read_error(e: io::Error, limit: u64) -> UnpackError {
-    if e.to_string().contains(LIMIT_MARKER) {
+    let msg = e.to_string();
+    if msg.contains(META_MARKER) {
+        UnpackError::MetadataTooLarge {
+            limit: MAX_METADATA_BYTES,
+        }
+    } else if msg.contains(LIMIT_MARKER) {
         UnpackError::TooLarge { limit }
     } else {
         UnpackError::Archive(e)
@@ -196,6 +225,7 @@ struct Counted<R> {
     bytes: u64,
     limit: u64,
     exceeded: bool,
+    gap: Rc<Gap>,
 }
 
 impl<R: Read> Read for Counted<R> {
@@ -205,6 +235,13 @@ impl<R: Read> Read for Counted<R> {
         if self.bytes > self.limit {
             self.exceeded = true;
             return Err(io::Error::other(LIMIT_MARKER));
+        }
+        if !self.gap.in_data.get() {
+            let outside = self.gap.outside.get() + n as u64;
+            self.gap.outside.set(outside);
+            if outside > MAX_METADATA_BYTES {
+                return Err(io::Error::other(META_MARKER));
+            }
         }
         self.hasher.update(&buf[..n]);
         Ok(n)
@@ -322,6 +359,7 @@ fn apply_entry<R: Read>(
     root: &OwnedFd,
     mut entry: tar::Entry<'_, R>,
     max_bytes: u64,
+    gap: &Gap,
 ) -> Result<()> {
     let raw_path = entry.path_bytes().into_owned();
     let shown = String::from_utf8_lossy(&raw_path).into_owned();
@@ -419,7 +457,10 @@ fn apply_entry<R: Read>(
             )
             .map_err(|e| errno(&shown, e))?;
             let mut file = File::from(fd);
-            if let Err(e) = io::copy(&mut entry, &mut file) {
+            gap.in_data.set(true);
+            let copied = io::copy(&mut entry, &mut file);
+            gap.in_data.set(false);
+            if let Err(e) = copied {
                 if e.to_string().contains(LIMIT_MARKER) {
                     return Err(UnpackError::TooLarge { limit: max_bytes });
                 }
@@ -871,6 +912,25 @@ mod tests {
             "{r:?}"
         );
         assert!(!dest.exists());
+    }
+
+    #[test]
+    fn huge_pax_header_is_refused_before_it_is_buffered() {
+        let mut b = tar::Builder::new(Vec::new());
+        let long = "a".repeat(8 << 20);
+        b.append_pax_extensions([("comment", long.as_bytes())])
+            .expect("pax");
+        let tar = b.into_inner().expect("tar");
+        let (_tmp, dest, r) = unpack(&tar, Limits::default());
+        assert!(
+            matches!(r, Err(UnpackError::MetadataTooLarge { .. })),
+            "{r:?}"
+        );
+        assert!(!dest.exists());
+        // Large file contents are not metadata.
+        let tar = Tb::new().file("big", &vec![1u8; 6 << 20]).finish();
+        let (_tmp, _, r) = unpack(&tar, Limits::default());
+        r.expect("a 6 MiB file is fine");
     }
 
     #[test]
