@@ -15,6 +15,120 @@ use rustix::mount::{
     FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MoveMountFlags, UnmountFlags,
 };
 
+/// The mount syscalls the store needs, behind a trait so the store's compose/release logic
+/// is testable without root ([`RecordingMounter`]); [`KernelMounter`] is the real thing.
+pub trait Mounter: Send + Sync + std::fmt::Debug {
+    /// Mounts `lower` (topmost first) with `upper`/`work` on `target`.
+    fn mount_overlay(
+        &self,
+        lower: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        target: &Path,
+    ) -> Result<(), OverlayError>;
+    /// Unmounts `target`; not mounted counts as done.
+    fn unmount(&self, target: &Path) -> Result<(), OverlayError>;
+    fn is_mounted(&self, target: &Path) -> bool;
+}
+
+/// Mounts for real (needs `CAP_SYS_ADMIN`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct KernelMounter;
+
+impl Mounter for KernelMounter {
+    fn mount_overlay(
+        &self,
+        lower: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        target: &Path,
+    ) -> Result<(), OverlayError> {
+        mount_overlay(lower, upper, work, target)
+    }
+    fn unmount(&self, target: &Path) -> Result<(), OverlayError> {
+        unmount(target)
+    }
+    fn is_mounted(&self, target: &Path) -> bool {
+        is_mountpoint(target)
+    }
+}
+
+/// One call a [`RecordingMounter`] saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountCall {
+    Mount {
+        lower: Vec<PathBuf>,
+        upper: PathBuf,
+        work: PathBuf,
+        target: PathBuf,
+    },
+    Unmount {
+        target: PathBuf,
+    },
+}
+
+/// A fake that records calls and keeps a set of "mounted" targets; `fail_mount` makes every
+/// mount fail with `EPERM`.
+#[derive(Debug, Default)]
+pub struct RecordingMounter {
+    pub calls: std::sync::Mutex<Vec<MountCall>>,
+    pub fail_mount: std::sync::atomic::AtomicBool,
+    mounted: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
+}
+
+impl RecordingMounter {
+    pub fn calls(&self) -> Vec<MountCall> {
+        self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+impl Mounter for RecordingMounter {
+    fn mount_overlay(
+        &self,
+        lower: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        target: &Path,
+    ) -> Result<(), OverlayError> {
+        if let Ok(mut c) = self.calls.lock() {
+            c.push(MountCall::Mount {
+                lower: lower.to_vec(),
+                upper: upper.to_owned(),
+                work: work.to_owned(),
+                target: target.to_owned(),
+            });
+        }
+        if self.fail_mount.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(OverlayError::Mount {
+                target: target.to_owned(),
+                step: "fake",
+                errno: Errno::PERM,
+            });
+        }
+        if let Ok(mut m) = self.mounted.lock() {
+            m.insert(target.to_owned());
+        }
+        Ok(())
+    }
+    fn unmount(&self, target: &Path) -> Result<(), OverlayError> {
+        if let Ok(mut c) = self.calls.lock() {
+            c.push(MountCall::Unmount {
+                target: target.to_owned(),
+            });
+        }
+        if let Ok(mut m) = self.mounted.lock() {
+            m.remove(target);
+        }
+        Ok(())
+    }
+    fn is_mounted(&self, target: &Path) -> bool {
+        self.mounted
+            .lock()
+            .map(|m| m.contains(target))
+            .unwrap_or(false)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
     #[error("mount overlay on {target}: {step}: {errno}")]

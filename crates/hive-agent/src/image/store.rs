@@ -26,7 +26,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
 use serde::{Deserialize, Serialize};
 
-use super::overlay::{self, OverlayError};
+use super::overlay::{KernelMounter, Mounter, OverlayError};
 use super::reference::{Reference, ReferenceError};
 use super::registry::{Credentials, RegistryClient, RegistryError, sha256_of};
 use super::unpack::{self, Compression, Limits, UnpackError};
@@ -278,6 +278,7 @@ pub struct ImageStore {
     /// Pulls and rootfs composition share it; GC takes it alone so it never removes a layer
     /// that a pull or a compose is about to use.
     gc_lock: tokio::sync::RwLock<()>,
+    mounter: Arc<dyn Mounter>,
 }
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -334,6 +335,11 @@ impl ImageStore {
     /// Opens (creating if needed) the store at `cfg.root`, clearing leftovers of interrupted
     /// pulls.
     pub fn open(cfg: StoreConfig) -> Result<Self> {
+        Self::open_with_mounter(cfg, Arc::new(KernelMounter))
+    }
+
+    /// Like [`ImageStore::open`], with another [`Mounter`] (a fake in tests).
+    pub fn open_with_mounter(cfg: StoreConfig, mounter: Arc<dyn Mounter>) -> Result<Self> {
         for d in ["blobs/sha256", "layers", "images", "instances"] {
             let p = cfg.root.join(d);
             std::fs::create_dir_all(&p).map_err(|e| io_err(&p, e))?;
@@ -353,6 +359,7 @@ impl ImageStore {
             client,
             layer_locks: Mutex::new(HashMap::new()),
             gc_lock: tokio::sync::RwLock::new(()),
+            mounter,
         })
     }
 
@@ -690,7 +697,7 @@ impl ImageStore {
         let result = self.compose_in(image, instance, &dir);
         if result.is_err() {
             // Never remove through a live mount.
-            if overlay::unmount(&dir.join("rootfs")).is_ok() {
+            if self.mounter.unmount(&dir.join("rootfs")).is_ok() {
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }
@@ -714,12 +721,12 @@ impl ImageStore {
         for d in [&upper, &work, &rootfs] {
             std::fs::create_dir(d).map_err(|e| io_err(d, e))?;
         }
-        overlay::mount_overlay(&lower, &upper, &work, &rootfs).map_err(|source| {
-            ImageError::Overlay {
+        self.mounter
+            .mount_overlay(&lower, &upper, &work, &rootfs)
+            .map_err(|source| ImageError::Overlay {
                 instance: instance.to_owned(),
                 source,
-            }
-        })?;
+            })?;
         if let Some(mut img) = self.read_image(&self.image_record_path(&image.reference))? {
             img.last_used = now();
             self.write_image(&img)?;
@@ -744,7 +751,7 @@ impl ImageStore {
             source: std::io::Error::other(e),
         })?;
         let rootfs = dir.join("rootfs");
-        if !overlay::is_mountpoint(&rootfs) {
+        if !self.mounter.is_mounted(&rootfs) {
             let image = self
                 .read_image(&self.image_record_path(&rec.image))?
                 .ok_or_else(|| ImageError::NotPresent(rec.image.clone()))?;
@@ -753,12 +760,12 @@ impl ImageStore {
             let work = dir.join("work");
             let _ = std::fs::remove_dir_all(&work);
             std::fs::create_dir(&work).map_err(|e| io_err(&work, e))?;
-            overlay::mount_overlay(&lower, &dir.join("upper"), &work, &rootfs).map_err(
-                |source| ImageError::Overlay {
+            self.mounter
+                .mount_overlay(&lower, &dir.join("upper"), &work, &rootfs)
+                .map_err(|source| ImageError::Overlay {
                     instance: instance.to_owned(),
                     source,
-                },
-            )?;
+                })?;
         }
         Ok(Rootfs {
             instance: instance.to_owned(),
@@ -805,7 +812,7 @@ impl ImageStore {
             return errors;
         }
         let rootfs = dir.join("rootfs");
-        if let Err(source) = overlay::unmount(&rootfs) {
+        if let Err(source) = self.mounter.unmount(&rootfs) {
             errors.push(ImageError::Overlay {
                 instance: instance.to_owned(),
                 source,
@@ -1140,6 +1147,101 @@ mod tests {
         for bad in ["sha256:../../etc", "sha512:00", "sha256:ABCD", ""] {
             assert!(!valid_digest(bad), "{bad:?}");
         }
+    }
+
+    fn fake_image(store: &ImageStore, n: usize) -> Image {
+        let layers = (0..n)
+            .map(|i| {
+                let digest = format!("sha256:{:064x}", i + 1);
+                std::fs::create_dir_all(store.layer_dir(&digest)).expect("layer dir");
+                LayerRef {
+                    digest: digest.clone(),
+                    diff_id: digest,
+                }
+            })
+            .collect();
+        Image {
+            reference: "reg.io/acme/fake:v1".into(),
+            manifest_digest: format!("sha256:{:064x}", 100),
+            config_digest: format!("sha256:{:064x}", 101),
+            layers,
+            config: ImageConfig::default(),
+            last_used: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn compose_and_release_with_a_recording_mounter() {
+        use super::super::overlay::{MountCall, RecordingMounter};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fake = Arc::new(RecordingMounter::default());
+        let store = ImageStore::open_with_mounter(StoreConfig::new(tmp.path()), fake.clone())
+            .expect("open");
+        let img = fake_image(&store, 3);
+        let rootfs = store.compose_rootfs(&img, "web-1").await.expect("compose");
+        let inst = tmp.path().join("instances/web-1");
+        assert_eq!(rootfs.path, inst.join("rootfs"));
+        assert_eq!(
+            fake.calls(),
+            [MountCall::Mount {
+                // Topmost layer first.
+                lower: img
+                    .layers
+                    .iter()
+                    .rev()
+                    .map(|l| store.layer_dir(&l.digest))
+                    .collect(),
+                upper: inst.join("upper"),
+                work: inst.join("work"),
+                target: inst.join("rootfs"),
+            }]
+        );
+        assert_eq!(
+            store.instances().expect("instances"),
+            [("web-1".to_owned(), img.reference.clone())]
+        );
+        // Remount is a no-op while mounted.
+        store.remount_rootfs("web-1").await.expect("remount");
+        assert_eq!(fake.calls().len(), 1);
+
+        assert!(store.release_rootfs("web-1").is_empty());
+        assert_eq!(
+            fake.calls()[1],
+            MountCall::Unmount {
+                target: inst.join("rootfs")
+            }
+        );
+        assert!(!inst.exists());
+        assert!(
+            store.release_rootfs("web-1").is_empty(),
+            "releasing twice is fine"
+        );
+
+        // A failed mount leaves no instance dir behind.
+        fake.fail_mount
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let err = store
+            .compose_rootfs(&img, "web-2")
+            .await
+            .expect_err("mount fails");
+        assert!(matches!(err, ImageError::Overlay { .. }), "{err}");
+        assert!(!tmp.path().join("instances/web-2").exists());
+
+        // A missing layer is reported before any mount.
+        fake.fail_mount
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let mut broken = img.clone();
+        broken.layers.push(LayerRef {
+            digest: format!("sha256:{:064x}", 99),
+            diff_id: String::new(),
+        });
+        let calls = fake.calls().len();
+        let err = store
+            .compose_rootfs(&broken, "web-3")
+            .await
+            .expect_err("missing layer");
+        assert!(matches!(err, ImageError::NotPresent(_)), "{err}");
+        assert_eq!(fake.calls().len(), calls + 1, "only the cleanup unmount");
     }
 
     #[test]
