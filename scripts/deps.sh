@@ -16,9 +16,11 @@ apt_install() {
   fi
 }
 
-# gcc for crates that build C (ring); curl and jq for the scripts' checks; runc (the default
-# OCI runtime), crun (the alternative) and busybox-static (test containers' userland).
-apt_install build-essential pkg-config ca-certificates curl jq runc crun busybox-static
+# gcc for crates that build C (ring, zstd); curl and jq for the scripts' checks; runc (the
+# default OCI runtime), crun (the alternative); busybox-static (test containers' userland);
+# umoci, skopeo and docker-registry (tests build images locally and push and pull them).
+apt_install build-essential pkg-config ca-certificates curl jq runc crun busybox-static \
+  umoci skopeo docker-registry
 
 if ! command -v cargo >/dev/null 2>&1; then
   for d in "$HOME/.cargo/bin" /root/.cargo/bin /usr/local/cargo/bin; do
