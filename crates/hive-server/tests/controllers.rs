@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hive_api::{ContainerSpec, Instance, Service, ServiceSpec, Tenant};
+use hive_api::{Node, NodeCapacity, NodeStatus};
 use hive_client::Client;
-use hive_server::controllers::ServiceController;
+use hive_server::controllers::{Scheduler, ServiceController};
 use hive_server::{RateLimit, ServerConfig};
 use hive_store::{RedbStore, Store};
 
@@ -43,6 +44,7 @@ async fn start() -> Server {
     ));
     let client = Client::new(&url, Some(admin)).unwrap();
     tokio::spawn(ServiceController::new(client.clone()).run());
+    tokio::spawn(Scheduler::new(client.clone()).run());
     Server { client, _dir: dir }
 }
 
@@ -159,4 +161,150 @@ async fn replicas_become_instances_and_follow_scaling_and_deletion() {
     .unwrap();
     c.create(Some("late"), &service("api", 2)).await.unwrap();
     instances(c, "late", "api", 2).await;
+}
+
+async fn add_node(c: &Client, name: &str, cpu_millis: u64) {
+    let n = c
+        .create(
+            None,
+            &Node {
+                name: name.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut n = n;
+    let cap = NodeCapacity {
+        cpu_millis,
+        memory_bytes: 8 << 30,
+    };
+    n.status = NodeStatus {
+        capacity: cap.clone(),
+        allocatable: cap,
+        ready: true,
+        lease_renewed_at: Some(chrono::Utc::now()),
+        ..Default::default()
+    };
+    c.update_status(None, &n).await.unwrap();
+}
+
+/// Waits until every instance of `tenant` satisfies `done`.
+async fn until(
+    c: &Client,
+    tenant: &str,
+    what: &str,
+    done: impl Fn(&[Instance]) -> bool,
+) -> Vec<Instance> {
+    let t0 = Instant::now();
+    loop {
+        let items = c.list::<Instance>(Some(tenant)).await.unwrap().items;
+        if done(&items) {
+            return items;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{tenant}: {what}: {items:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_are_placed_on_tenant_exclusive_nodes_and_the_rest_wait_with_a_reason() {
+    let s = start().await;
+    let c = &s.client;
+    add_node(c, "n1", 4000).await;
+    add_node(c, "n2", 4000).await;
+    for t in ["a", "b", "c"] {
+        c.create(
+            None,
+            &Tenant {
+                name: t.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let mut web = service("web", 3);
+    web.spec.template.resources.requests.cpu_millis = Some(1000);
+    c.create(Some("a"), &web).await.unwrap();
+    let a = until(c, "a", "3 placed", |i| {
+        i.len() == 3 && i.iter().all(|i| i.spec.node.is_some())
+    })
+    .await;
+    let a_node = a[0].spec.node.clone().unwrap();
+    assert!(
+        a.iter()
+            .all(|i| i.spec.node.as_deref() == Some(a_node.as_str())),
+        "a fills its own node first"
+    );
+    assert_eq!(
+        c.get::<Node>(None, &a_node)
+            .await
+            .unwrap()
+            .spec
+            .tenant
+            .as_deref(),
+        Some("a")
+    );
+
+    c.create(Some("b"), &service("db", 1)).await.unwrap();
+    let b = until(c, "b", "placed", |i| {
+        i.len() == 1 && i[0].spec.node.is_some()
+    })
+    .await;
+    let b_node = b[0].spec.node.clone().unwrap();
+    assert_ne!(b_node, a_node, "b never shares a's node");
+
+    // No node left for c: pending, with every node's reason.
+    c.create(Some("c"), &service("x", 1)).await.unwrap();
+    let pending = until(c, "c", "unschedulable", |i| {
+        i.len() == 1 && i[0].status.reason == "Unschedulable"
+    })
+    .await;
+    assert_eq!(pending[0].spec.node, None);
+    assert_eq!(
+        pending[0].status.message,
+        "0/2 nodes available: 2 bound to another tenant"
+    );
+
+    // More than a's node holds: the 5th replica needs a new node, and none is free.
+    let mut more = c.get::<Service>(Some("a"), "web").await.unwrap();
+    more.spec.replicas = 5;
+    more.revision = 0;
+    c.update(Some("a"), &more).await.unwrap();
+    let a = until(c, "a", "4 placed, 1 waiting", |i| {
+        i.len() == 5 && i.iter().filter(|i| i.spec.node.is_some()).count() == 4
+    })
+    .await;
+    let waiting = a.iter().find(|i| i.spec.node.is_none()).unwrap();
+    until(c, "a", "reason", |i| {
+        i.iter()
+            .any(|i| i.name == waiting.name && i.status.reason == "Unschedulable")
+    })
+    .await;
+
+    // A new node: the waiting instances of a and c are placed, each on a node of its own tenant.
+    add_node(c, "n3", 4000).await;
+    add_node(c, "n4", 4000).await;
+    until(c, "a", "all placed", |i| {
+        i.len() == 5 && i.iter().all(|i| i.spec.node.is_some())
+    })
+    .await;
+    let cs = until(c, "c", "placed", |i| {
+        i.len() == 1 && i[0].spec.node.is_some()
+    })
+    .await;
+    let a_nodes: std::collections::BTreeSet<String> = c
+        .list::<Instance>(Some("a"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|i| i.spec.node)
+        .collect();
+    assert!(!a_nodes.contains(cs[0].spec.node.as_ref().unwrap()));
+    assert_eq!(a_nodes.len(), 2);
 }

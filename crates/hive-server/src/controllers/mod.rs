@@ -4,7 +4,9 @@
 //! into a cache, a de-duplicating queue of keys, one reconcile per key at a time, and
 //! reconcilers that are correct when they see an object twice or miss a state in between.
 
+pub mod scheduler;
 pub mod services;
 mod tenant_watch;
 
+pub use scheduler::Scheduler;
 pub use services::ServiceController;

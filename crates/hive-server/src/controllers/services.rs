@@ -99,13 +99,13 @@ async fn tenant_loop(client: Client, tenant: String) {
     let reflectors = [
         tokio::spawn(reflect(
             client.clone(),
-            tenant.clone(),
+            Some(tenant.clone()),
             services.clone(),
             stx.clone(),
         )),
         tokio::spawn(reflect(
             client.clone(),
-            tenant.clone(),
+            Some(tenant.clone()),
             instances.clone(),
             itx,
         )),

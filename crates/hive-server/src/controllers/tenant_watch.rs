@@ -1,5 +1,5 @@
-//! A cache of one tenant's objects of one kind, kept by list + watch, relisting when the
-//! watch breaks or its revision was compacted.
+//! A cache of one tenant's objects of one kind (or of a platform-scoped kind), kept by list +
+//! watch, relisting when the watch breaks or its revision was compacted.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,16 +13,19 @@ use tokio::sync::{Mutex, mpsc};
 /// Objects by name.
 pub type Store<R> = Arc<Mutex<BTreeMap<String, R>>>;
 
-/// Keeps `store` equal to the tenant's objects of kind `R`; sends the name of every object
-/// that changed (and every name after a relist) to `changed`. Returns when `changed` closes.
+/// Keeps `store` equal to the objects of kind `R` in `tenant` (None for platform-scoped
+/// kinds); sends the name of every object that changed (and every name after a relist) to
+/// `changed`. Returns when `changed` closes or the tenant is gone.
 pub async fn reflect<R: Resource>(
     client: Client,
-    tenant: String,
+    tenant: Option<String>,
     store: Store<R>,
     changed: mpsc::UnboundedSender<String>,
 ) {
+    let tenant_ref = tenant.as_deref();
+    let tenant = tenant_ref.unwrap_or("-");
     loop {
-        let list = match client.list::<R>(Some(&tenant)).await {
+        let list = match client.list::<R>(tenant_ref).await {
             Ok(l) => l,
             Err(e) => {
                 if e.code() == Some(hive_api::ErrorCode::NotFound) {
@@ -48,7 +51,7 @@ pub async fn reflect<R: Resource>(
                 }
             }
         }
-        let mut stream = match client.watch::<R>(Some(&tenant), Some(list.revision)).await {
+        let mut stream = match client.watch::<R>(tenant_ref, Some(list.revision)).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(%tenant, kind = R::KIND, error = %e, "watch");

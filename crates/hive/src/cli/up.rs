@@ -112,7 +112,8 @@ async fn start(args: &ServerArgs) -> Result<Running> {
     let url = format!("http://{addr}");
     // Controllers are API clients of this server, acting as the platform admin.
     let controller_client = Client::new(&url, Some(admin_token.clone()))?;
-    tokio::spawn(hive_server::controllers::ServiceController::new(controller_client).run());
+    tokio::spawn(hive_server::controllers::ServiceController::new(controller_client.clone()).run());
+    tokio::spawn(hive_server::controllers::Scheduler::new(controller_client).run());
     tracing::info!(%url, data_dir = %args.data_dir.display(), "serving the API");
     Ok(Running {
         url,

@@ -1,0 +1,354 @@
+//! The scheduler loop: places pending instances on nodes. An API client like the other
+//! controllers: it caches nodes and every tenant's instances (list + watch), queues pending
+//! instances per tenant ([`FairQueue`]: tenants served in turn, so one tenant's burst does
+//! not delay another), places each with [`Cluster`], and binds it by writing `spec.node` under
+//! the instance's revision (compare-and-swap: a concurrent change re-queues it, nothing is
+//! ever placed twice). A node taken from the shared pool is bound to the tenant (`spec.tenant`
+//! of the Node). An instance no node can take gets status reason `Unschedulable` with every
+//! node's reason counted, and is retried when the nodes change.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use hive_api::{ErrorCode, Instance, Node, Tenant, WatchEventType};
+use hive_client::Client;
+use hive_scheduler::{Cluster, FairQueue, NodeInfo, Request, Resources};
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinHandle;
+
+use super::tenant_watch::{Store, reflect};
+
+/// A node whose lease is older than this is not ready.
+pub const LEASE_TIMEOUT: Duration = Duration::from_secs(15);
+
+type Key = (String, String);
+
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    client: Client,
+}
+
+/// What the loop knows; one task owns it.
+struct State {
+    cluster: Cluster,
+    nodes: BTreeMap<String, Node>,
+    /// Instances the cluster accounts for, and where.
+    placed: HashMap<Key, (String, Request)>,
+    queue: FairQueue<String>,
+    queued: HashSet<Key>,
+    /// Pending instances no node could take: retried when nodes change.
+    waiting: HashSet<Key>,
+    instances: HashMap<String, Store<Instance>>,
+}
+
+fn request(tenant: &str, i: &Instance) -> Request {
+    let r = &i.spec.template.resources;
+    Request {
+        tenant: tenant.to_owned(),
+        service: i.spec.service.clone(),
+        requests: Resources {
+            cpu_millis: r.requests.cpu_millis.or(r.limits.cpu_millis).unwrap_or(0),
+            memory_bytes: r
+                .requests
+                .memory_bytes
+                .or(r.limits.memory_bytes)
+                .unwrap_or(0),
+        },
+        selector: BTreeMap::new(),
+    }
+}
+
+fn node_info(n: &Node) -> NodeInfo {
+    let fresh = n
+        .status
+        .lease_renewed_at
+        .is_some_and(|t| (Utc::now() - t).to_std().unwrap_or_default() < LEASE_TIMEOUT);
+    NodeInfo {
+        name: n.name.clone(),
+        allocatable: Resources {
+            cpu_millis: n.status.allocatable.cpu_millis,
+            memory_bytes: n.status.allocatable.memory_bytes,
+        },
+        labels: n.labels.clone(),
+        ready: n.status.ready && fresh,
+        unschedulable: n.spec.unschedulable,
+        tenant: n.spec.tenant.clone(),
+    }
+}
+
+enum Change {
+    Node(String),
+    Instance(String, String),
+    Tenants(Vec<String>),
+}
+
+impl Scheduler {
+    /// `client` must act as the platform admin.
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+
+    pub async fn run(self) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Change>();
+        let mut st = State {
+            cluster: Cluster::new(),
+            nodes: BTreeMap::new(),
+            placed: HashMap::new(),
+            queue: FairQueue::new(),
+            queued: HashSet::new(),
+            waiting: HashSet::new(),
+            instances: HashMap::new(),
+        };
+        let nodes: Store<Node> = Arc::new(Mutex::new(BTreeMap::new()));
+        let (ntx, mut nrx) = mpsc::unbounded_channel();
+        let mut tasks: Vec<JoinHandle<()>> = vec![tokio::spawn(reflect(
+            self.client.clone(),
+            None,
+            nodes.clone(),
+            ntx,
+        ))];
+        let fwd = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(n) = nrx.recv().await {
+                if fwd.send(Change::Node(n)).is_err() {
+                    return;
+                }
+            }
+        }));
+        tasks.push(tokio::spawn(watch_tenants(self.client.clone(), tx.clone())));
+        let mut workers: HashMap<String, JoinHandle<()>> = HashMap::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            let change = tokio::select! {
+                c = rx.recv() => match c { Some(c) => Some(c), None => break },
+                _ = tick.tick() => None,
+            };
+            let mut changes: Vec<Change> = change.into_iter().collect();
+            while let Ok(c) = rx.try_recv() {
+                changes.push(c);
+            }
+            // A tick (no change) re-reads leases: their expiry is a change nobody writes.
+            let mut nodes_changed = changes.is_empty();
+            for c in changes {
+                match c {
+                    Change::Node(name) => {
+                        nodes_changed = true;
+                        match nodes.lock().await.get(&name).cloned() {
+                            Some(n) => {
+                                st.cluster.upsert_node(node_info(&n));
+                                st.nodes.insert(name, n);
+                            }
+                            None => {
+                                st.cluster.remove_node(&name);
+                                st.nodes.remove(&name);
+                            }
+                        }
+                    }
+                    Change::Tenants(live) => {
+                        workers.retain(|t, h| {
+                            let keep = live.contains(t) && !h.is_finished();
+                            if !keep {
+                                h.abort();
+                            }
+                            keep
+                        });
+                        st.instances.retain(|t, _| live.contains(t));
+                        for t in live {
+                            if workers.contains_key(&t) {
+                                continue;
+                            }
+                            let store: Store<Instance> = Arc::new(Mutex::new(BTreeMap::new()));
+                            st.instances.insert(t.clone(), store.clone());
+                            let (itx, mut irx) = mpsc::unbounded_channel();
+                            let fwd = tx.clone();
+                            let tenant = t.clone();
+                            let client = self.client.clone();
+                            workers.insert(
+                                t.clone(),
+                                tokio::spawn(async move {
+                                    let r = tokio::spawn(reflect(
+                                        client,
+                                        Some(tenant.clone()),
+                                        store,
+                                        itx,
+                                    ));
+                                    while let Some(name) = irx.recv().await {
+                                        if fwd.send(Change::Instance(tenant.clone(), name)).is_err()
+                                        {
+                                            break;
+                                        }
+                                    }
+                                    r.abort();
+                                }),
+                            );
+                        }
+                    }
+                    Change::Instance(tenant, name) => st.observe(&tenant, &name).await,
+                }
+            }
+            if nodes_changed {
+                for n in st.nodes.values() {
+                    st.cluster.upsert_node(node_info(n));
+                }
+                for key in std::mem::take(&mut st.waiting) {
+                    st.enqueue(key);
+                }
+            }
+            st.drain(&self.client).await;
+        }
+        for t in tasks.into_iter().chain(workers.into_values()) {
+            t.abort();
+        }
+    }
+}
+
+/// Sends the live tenant list on start and whenever tenants come or go.
+async fn watch_tenants(client: Client, tx: mpsc::UnboundedSender<Change>) {
+    loop {
+        let Ok(list) = client.list::<Tenant>(None).await else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        let mut live: Vec<String> = list.items.iter().map(|t| t.name.clone()).collect();
+        if tx.send(Change::Tenants(live.clone())).is_err() {
+            return;
+        }
+        let Ok(mut stream) = client.watch::<Tenant>(None, Some(list.revision)).await else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        while let Some(Ok(ev)) = stream.next().await {
+            match (ev.type_, ev.object) {
+                (WatchEventType::Added, Some(t)) => live.push(t.name),
+                (WatchEventType::Deleted, Some(t)) => live.retain(|n| *n != t.name),
+                (WatchEventType::Error, _) => break,
+                _ => continue,
+            }
+            if tx.send(Change::Tenants(live.clone())).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl State {
+    fn enqueue(&mut self, key: Key) {
+        if self.queued.insert(key.clone()) {
+            self.queue.push(&key.0, 0, key.1);
+        }
+    }
+
+    /// Brings the accounting in line with instance `name` of `tenant` and queues it if pending.
+    async fn observe(&mut self, tenant: &str, name: &str) {
+        let key = (tenant.to_owned(), name.to_owned());
+        let current = match self.instances.get(tenant) {
+            Some(s) => s.lock().await.get(name).cloned(),
+            None => None,
+        };
+        let now_on = current.as_ref().and_then(|i| i.spec.node.clone());
+        if let Some((node, req)) = self.placed.get(&key).cloned()
+            && Some(&node) != now_on.as_ref()
+        {
+            self.cluster.release(&node, &req);
+            self.placed.remove(&key);
+            // Capacity was freed: what waits may fit now.
+            for k in std::mem::take(&mut self.waiting) {
+                self.enqueue(k);
+            }
+        }
+        match (current, now_on) {
+            (Some(i), Some(node)) => {
+                if !self.placed.contains_key(&key) {
+                    let req = request(tenant, &i);
+                    self.cluster.add_placed(&node, &req);
+                    self.placed.insert(key, (node, req));
+                }
+            }
+            (Some(_), None) => {
+                if !self.waiting.contains(&key) {
+                    self.enqueue(key);
+                }
+            }
+            (None, _) => {
+                self.waiting.remove(&key);
+            }
+        }
+    }
+
+    /// Places everything queued, tenant by tenant in turn.
+    async fn drain(&mut self, client: &Client) {
+        while let Some((tenant, name)) = self.queue.pop() {
+            let key = (tenant.clone(), name.clone());
+            self.queued.remove(&key);
+            let Some(store) = self.instances.get(&tenant) else {
+                continue;
+            };
+            let Some(inst) = store.lock().await.get(&name).cloned() else {
+                continue;
+            };
+            if inst.spec.node.is_some() || self.placed.contains_key(&key) {
+                continue;
+            }
+            let req = request(&tenant, &inst);
+            match self.cluster.place(&req) {
+                Ok(p) => {
+                    let mut bound = inst.clone();
+                    bound.spec.node = Some(p.node.clone());
+                    match client.update(Some(&tenant), &bound).await {
+                        Ok(written) => {
+                            self.placed.insert(key, (p.node.clone(), req));
+                            store.lock().await.insert(name, written);
+                            if p.binds_tenant {
+                                self.bind_node(client, &p.node, &tenant).await;
+                            }
+                        }
+                        Err(e) => {
+                            // Changed or gone meanwhile: undo the reservation; the watch brings
+                            // the new version, which is queued again if still pending.
+                            self.cluster.release(&p.node, &req);
+                            if p.binds_tenant {
+                                self.cluster.unbind_if_empty(&p.node);
+                            }
+                            tracing::debug!(%tenant, instance = %name, error = %e, "bind");
+                        }
+                    }
+                }
+                Err(why) => {
+                    self.waiting.insert(key);
+                    let message = why.to_string();
+                    if inst.status.reason != "Unschedulable" || inst.status.message != message {
+                        let mut pending = inst.clone();
+                        pending.status.reason = "Unschedulable".into();
+                        pending.status.message = message;
+                        if let Ok(written) = client.update_status(Some(&tenant), &pending).await {
+                            store.lock().await.insert(name, written);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn bind_node(&mut self, client: &Client, node: &str, tenant: &str) {
+        for _ in 0..5 {
+            let Ok(mut n) = client.get::<Node>(None, node).await else {
+                return;
+            };
+            n.spec.tenant = Some(tenant.to_owned());
+            match client.update(None, &n).await {
+                Ok(written) => {
+                    self.nodes.insert(node.to_owned(), written);
+                    return;
+                }
+                Err(e) if e.code() == Some(ErrorCode::Conflict) => continue,
+                Err(e) => {
+                    tracing::warn!(%node, %tenant, error = %e, "bind node to tenant");
+                    return;
+                }
+            }
+        }
+    }
+}
