@@ -18,6 +18,8 @@ apt_install() {
 
 # gcc for crates that build C (ring); curl and jq for the scripts' checks.
 apt_install build-essential pkg-config ca-certificates curl jq
+# The registry's tests and benchmark: real clients, image building, the reference registry.
+apt_install skopeo podman umoci busybox-static docker-registry hey wrk
 
 if ! command -v cargo >/dev/null 2>&1; then
   for d in "$HOME/.cargo/bin" /root/.cargo/bin /usr/local/cargo/bin; do
