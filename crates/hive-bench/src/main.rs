@@ -5,6 +5,7 @@
 use clap::{Parser, Subcommand};
 
 mod api;
+mod registry;
 mod store;
 
 #[derive(Debug, Parser)]
@@ -24,6 +25,8 @@ enum Command {
     Store(store::StoreArgs),
     /// API creates/s, gets/s and watch latency over HTTP, against the store itself.
     Api(api::ApiArgs),
+    /// Push, pull and manifest reads through skopeo and hey, against distribution 2.8.
+    Registry(registry::RegistryArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,5 +38,6 @@ fn main() -> anyhow::Result<()> {
             .map_err(Into::into),
         // Runs its own runtimes: one for the server, one for the clients.
         Command::Api(args) => api::run(args),
+        Command::Registry(args) => registry::run(args),
     }
 }
