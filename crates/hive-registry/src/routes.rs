@@ -265,10 +265,7 @@ async fn dispatch(State(reg): State<Reg>, req: Request) -> Response {
     }
 }
 
-fn header_str<'a>(
-    h: &'a HeaderMap,
-    name: impl axum::http::header::AsHeaderName,
-) -> Option<&'a str> {
+fn header_str(h: &HeaderMap, name: impl axum::http::header::AsHeaderName) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 

@@ -684,6 +684,8 @@ impl Storage {
     pub async fn catalog(&self, tenant: Option<&str>) -> Vec<String> {
         let base = self.root.join("repos");
         let start = match tenant {
+            // An anonymous caller (empty tenant) or a name that is not one component sees nothing.
+            Some(t) if t.is_empty() || t.contains('/') || t.starts_with('.') => return Vec::new(),
             Some(t) => vec![t.to_owned()],
             None => list_dir(&base).await,
         };

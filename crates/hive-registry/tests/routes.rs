@@ -1283,6 +1283,40 @@ async fn catalog_is_per_tenant() {
         .req(Method::GET, "/v2/_catalog", None, &[], Body::empty())
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    // An anonymous registry token lists nothing and reads nothing.
+    let resp = h
+        .app
+        .clone()
+        .oneshot(
+            Request::builder()
+                .uri("/v2/token?scope=registry:catalog:*")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let v: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let r = h
+        .req(
+            Method::GET,
+            "/v2/_catalog",
+            v["token"].as_str(),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.json(), json!({"repositories": []}));
+    let r = h
+        .req(
+            Method::GET,
+            "/v2/acme/app/tags/list",
+            v["token"].as_str(),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.code(), "NAME_UNKNOWN");
 }
 
 #[tokio::test]

@@ -22,7 +22,10 @@ fn need(tool: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false);
-    assert!(found, "{tool} is not installed: run scripts/deps.sh (this test needs it)");
+    assert!(
+        found,
+        "{tool} is not installed: run scripts/deps.sh (this test needs it)"
+    );
 }
 
 struct Out {
@@ -62,7 +65,17 @@ async fn build_busybox(dir: &Path) {
     must("umoci", &["new", "--image", &image], &[]).await;
     must(
         "umoci",
-        &["config", "--image", &image, "--config.cmd", "/bin/sh", "--architecture", "amd64", "--os", "linux"],
+        &[
+            "config",
+            "--image",
+            &image,
+            "--config.cmd",
+            "/bin/sh",
+            "--architecture",
+            "amd64",
+            "--os",
+            "linux",
+        ],
         &[],
     )
     .await;
@@ -98,10 +111,16 @@ async fn start(data: &Path) -> Server {
     let store: Arc<dyn Store> =
         Arc::new(RedbStore::open(data.join("state.redb"), Default::default()).unwrap());
     hive_server::bootstrap(&store, data).await.unwrap();
-    let admin = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_owned();
+    let admin = std::fs::read_to_string(data.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
     let config = ServerConfig {
         data_dir: data.to_owned(),
-        rate_limit: RateLimit { per_sec: 0.0, burst: 0.0 },
+        rate_limit: RateLimit {
+            per_sec: 0.0,
+            burst: 0.0,
+        },
         ..Default::default()
     };
     let app = hive_server::router(AppState::new(store.clone(), config.clone()));
@@ -125,14 +144,15 @@ async fn start(data: &Path) -> Server {
     for t in ["acme", "other"] {
         call("/api/v1/tenants".into(), json!({"name": t})).await;
     }
-    let token = |t: &'static str, role: &'static str| {
-        let call = call.clone();
-        async move {
-            call(format!("/api/v1/tenants/{t}/tokens"), json!({"name": "ci", "role": role})).await["token"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        }
+    let token = |t: &'static str, role: &'static str| async move {
+        call(
+            format!("/api/v1/tenants/{t}/tokens"),
+            json!({"name": "ci", "role": role}),
+        )
+        .await["token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     };
     let acme_member = token("acme", "member").await;
     let acme_viewer = token("acme", "viewer").await;
@@ -158,7 +178,10 @@ async fn skopeo_and_podman_push_and_pull_through_tenant_auth() {
     for t in ["skopeo", "podman", "umoci"] {
         need(t);
     }
-    assert!(Path::new("/bin/busybox").exists(), "busybox-static is not installed: run scripts/deps.sh");
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "busybox-static is not installed: run scripts/deps.sh"
+    );
     let tmp = tempfile::tempdir().unwrap();
     let layout: PathBuf = tmp.path().join("busybox");
     build_busybox(&layout).await;
@@ -175,32 +198,147 @@ async fn skopeo_and_podman_push_and_pull_through_tenant_auth() {
     let creds = |t: &str| format!("anyone:{t}");
 
     // skopeo push and pull back, with Basic credentials through the token flow.
-    must("skopeo", &["copy", "--quiet", "--authfile", authfile, "--dest-tls-verify=false",
-        "--dest-creds", &creds(&srv.acme_member), &src, &dst], &env).await;
+    must(
+        "skopeo",
+        &[
+            "copy",
+            "--quiet",
+            "--authfile",
+            authfile,
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            &creds(&srv.acme_member),
+            &src,
+            &dst,
+        ],
+        &env,
+    )
+    .await;
     let pulled = tmp.path().join("pulled");
-    must("skopeo", &["copy", "--quiet", "--authfile", authfile, "--src-tls-verify=false",
-        "--src-creds", &creds(&srv.acme_viewer), &dst, &format!("oci:{}:test", pulled.display())], &env).await;
-    assert_eq!(manifest_digest(&pulled), want, "pulled manifest differs from the pushed one");
-    let inspected = must("skopeo", &["inspect", "--authfile", authfile, "--tls-verify=false",
-        "--creds", &creds(&srv.acme_viewer), "--format", "{{.Digest}}", &dst], &env).await;
+    must(
+        "skopeo",
+        &[
+            "copy",
+            "--quiet",
+            "--authfile",
+            authfile,
+            "--src-tls-verify=false",
+            "--src-creds",
+            &creds(&srv.acme_viewer),
+            &dst,
+            &format!("oci:{}:test", pulled.display()),
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(
+        manifest_digest(&pulled),
+        want,
+        "pulled manifest differs from the pushed one"
+    );
+    let inspected = must(
+        "skopeo",
+        &[
+            "inspect",
+            "--authfile",
+            authfile,
+            "--tls-verify=false",
+            "--creds",
+            &creds(&srv.acme_viewer),
+            "--format",
+            "{{.Digest}}",
+            &dst,
+        ],
+        &env,
+    )
+    .await;
     assert_eq!(inspected.trim(), want);
     // Blobs landed on disk under DATA/registry.
-    assert!(data.join("registry/blobs/sha256").read_dir().unwrap().count() >= 3);
+    assert!(
+        data.join("registry/blobs/sha256")
+            .read_dir()
+            .unwrap()
+            .count()
+            >= 3
+    );
 
     // Another tenant: pull and push both see an unknown repository.
-    let o = run("skopeo", &["inspect", "--raw", "--authfile", authfile, "--tls-verify=false",
-        "--creds", &creds(&srv.other_member), &dst], &env).await;
-    assert!(!o.ok && o.stderr.contains("name unknown"), "cross-tenant pull: {}", o.stderr);
-    let o = run("skopeo", &["copy", "--quiet", "--authfile", authfile, "--dest-tls-verify=false",
-        "--dest-creds", &creds(&srv.other_member), &src, &format!("docker://{reg}/acme/evil:1")], &env).await;
-    assert!(!o.ok && o.stderr.contains("name unknown"), "cross-tenant push: {}", o.stderr);
+    let o = run(
+        "skopeo",
+        &[
+            "inspect",
+            "--raw",
+            "--authfile",
+            authfile,
+            "--tls-verify=false",
+            "--creds",
+            &creds(&srv.other_member),
+            &dst,
+        ],
+        &env,
+    )
+    .await;
+    assert!(
+        !o.ok && o.stderr.contains("name unknown"),
+        "cross-tenant pull: {}",
+        o.stderr
+    );
+    let o = run(
+        "skopeo",
+        &[
+            "copy",
+            "--quiet",
+            "--authfile",
+            authfile,
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            &creds(&srv.other_member),
+            &src,
+            &format!("docker://{reg}/acme/evil:1"),
+        ],
+        &env,
+    )
+    .await;
+    assert!(
+        !o.ok && o.stderr.contains("name unknown"),
+        "cross-tenant push: {}",
+        o.stderr
+    );
     // A viewer may not push.
-    let o = run("skopeo", &["copy", "--quiet", "--authfile", authfile, "--dest-tls-verify=false",
-        "--dest-creds", &creds(&srv.acme_viewer), &src, &format!("docker://{reg}/acme/viewer-push:1")], &env).await;
+    let o = run(
+        "skopeo",
+        &[
+            "copy",
+            "--quiet",
+            "--authfile",
+            authfile,
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            &creds(&srv.acme_viewer),
+            &src,
+            &format!("docker://{reg}/acme/viewer-push:1"),
+        ],
+        &env,
+    )
+    .await;
     assert!(!o.ok, "viewer push succeeded");
     // Bad password: login fails.
-    let o = run("skopeo", &["login", "--authfile", authfile, "--tls-verify=false", "-u", "x",
-        "-p", "hive_wrong", &reg], &env).await;
+    let o = run(
+        "skopeo",
+        &[
+            "login",
+            "--authfile",
+            authfile,
+            "--tls-verify=false",
+            "-u",
+            "x",
+            "-p",
+            "hive_wrong",
+            &reg,
+        ],
+        &env,
+    )
+    .await;
     assert!(!o.ok, "login with a wrong token succeeded");
 
     // podman: login, pull, tag, push to another repository, private storage.
@@ -208,31 +346,73 @@ async fn skopeo_and_podman_push_and_pull_through_tenant_auth() {
     let runroot = tmp.path().join("podman-run");
     let pod = |args: &[&str]| {
         let mut v: Vec<String> = vec![
-            "--root".into(), root.display().to_string(),
-            "--runroot".into(), runroot.display().to_string(),
-            "--storage-driver".into(), "vfs".into(),
+            "--root".into(),
+            root.display().to_string(),
+            "--runroot".into(),
+            runroot.display().to_string(),
+            "--storage-driver".into(),
+            "vfs".into(),
         ];
         v.extend(args.iter().map(|s| s.to_string()));
         v
     };
-    let podman = |args: Vec<String>| {
-        let env = env;
-        async move {
-            let a: Vec<&str> = args.iter().map(String::as_str).collect();
-            must("podman", &a, &env).await
-        }
+    let podman = |args: Vec<String>| async move {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        must("podman", &a, &env).await
     };
-    podman(pod(&["login", "--authfile", authfile, "--tls-verify=false", "-u", "acme",
-        "-p", &srv.acme_member, &reg])).await;
+    podman(pod(&[
+        "login",
+        "--authfile",
+        authfile,
+        "--tls-verify=false",
+        "-u",
+        "acme",
+        "-p",
+        &srv.acme_member,
+        &reg,
+    ]))
+    .await;
     let image = format!("{reg}/acme/tools/busybox:1.0");
-    podman(pod(&["pull", "-q", "--authfile", authfile, "--tls-verify=false", &image])).await;
+    podman(pod(&[
+        "pull",
+        "-q",
+        "--authfile",
+        authfile,
+        "--tls-verify=false",
+        &image,
+    ]))
+    .await;
     let copy = format!("{reg}/acme/copy:2");
     podman(pod(&["tag", &image, &copy])).await;
-    podman(pod(&["push", "-q", "--authfile", authfile, "--tls-verify=false", &copy])).await;
-    let listed = must("skopeo", &["list-tags", "--authfile", authfile, "--tls-verify=false",
-        "--creds", &creds(&srv.acme_viewer), &format!("docker://{reg}/acme/copy")], &env).await;
+    podman(pod(&[
+        "push",
+        "-q",
+        "--authfile",
+        authfile,
+        "--tls-verify=false",
+        &copy,
+    ]))
+    .await;
+    let listed = must(
+        "skopeo",
+        &[
+            "list-tags",
+            "--authfile",
+            authfile,
+            "--tls-verify=false",
+            "--creds",
+            &creds(&srv.acme_viewer),
+            &format!("docker://{reg}/acme/copy"),
+        ],
+        &env,
+    )
+    .await;
     assert!(listed.contains("\"2\""), "{listed}");
 
     srv.stop.take().map(|s| s.send(()));
-    tokio::time::timeout(Duration::from_secs(10), &mut srv.task).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), &mut srv.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }
