@@ -566,7 +566,7 @@ async fn get_blob(
             .await
             .map_err(|e| RegistryError::internal(format!("seek blob {d}"), e))?;
     }
-    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 << 10);
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), 1 << 20);
     let mut b = base(status).header(header::CONTENT_LENGTH, len);
     if status == StatusCode::PARTIAL_CONTENT {
         b = b.header(
