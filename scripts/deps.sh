@@ -16,11 +16,14 @@ apt_install() {
   fi
 }
 
-# gcc for crates that build C (ring, zstd); curl and jq for the scripts' checks; runc (the
-# default OCI runtime), crun (the alternative); busybox-static (test containers' userland);
-# umoci, skopeo and docker-registry (tests build images locally and push and pull them).
-apt_install build-essential pkg-config ca-certificates curl jq runc crun busybox-static \
-  umoci skopeo docker-registry
+# gcc for crates that build C (ring, zstd); curl and jq for the scripts' checks.
+apt_install build-essential pkg-config ca-certificates curl jq
+# Containers: runc (the default OCI runtime), crun (the alternative), busybox-static (the test
+# containers' userland).
+apt_install runc crun busybox-static
+# Images and the registry's tests and benchmarks: real clients, image building, the reference
+# registry, load generators.
+apt_install skopeo podman umoci docker-registry hey wrk
 
 if ! command -v cargo >/dev/null 2>&1; then
   for d in "$HOME/.cargo/bin" /root/.cargo/bin /usr/local/cargo/bin; do

@@ -5,6 +5,7 @@
 use clap::{Parser, Subcommand};
 
 mod api;
+mod registry;
 mod runtime;
 mod store;
 
@@ -28,6 +29,8 @@ enum Command {
     /// Container start latency of the runtime layer: bare runc and crun against the agent's
     /// supervised path with each.
     Runtime(runtime::RuntimeArgs),
+    /// Push, pull and manifest reads through skopeo and hey, against distribution 2.8.
+    Registry(registry::RegistryArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,5 +43,6 @@ fn main() -> anyhow::Result<()> {
         // Runs its own runtimes: one for the server, one for the clients.
         Command::Api(args) => api::run(args),
         Command::Runtime(args) => runtime::run(args),
+        Command::Registry(args) => registry::run(args),
     }
 }

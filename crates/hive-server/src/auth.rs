@@ -165,6 +165,32 @@ pub async fn authenticate(
     Ok(next.run(req).await)
 }
 
+/// The registry's view of Hive API tokens: the same resolution as `/api/v1`; members and
+/// above may push, viewers pull, the platform admin reaches every tenant.
+#[derive(Clone)]
+pub struct RegistryTokens {
+    pub store: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for RegistryTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryTokens").finish_non_exhaustive()
+    }
+}
+
+#[async_trait::async_trait]
+impl hive_registry::RegistryAuth for RegistryTokens {
+    async fn resolve(&self, secret: &str) -> Option<hive_registry::Principal> {
+        let p = resolve(&self.store, secret).await.ok()?;
+        let admin = p.is_platform_admin();
+        Some(hive_registry::Principal {
+            subject: p.name,
+            tenant: if admin { None } else { p.tenant },
+            push: p.role >= Role::Member,
+        })
+    }
+}
+
 /// A new token record for `tenant` (with that tenant's uid), and its secret.
 pub fn issue(
     name: &str,

@@ -21,6 +21,10 @@ pub async fn run(st: AppState) {
 
 pub async fn once(st: &AppState) {
     st.limiter.prune();
+    let purged = st.registry.storage.purge_expired_uploads().await;
+    if purged > 0 {
+        tracing::debug!(purged, "expired registry uploads");
+    }
     if let Err(e) = compact(st).await {
         tracing::warn!(error = %e, "compaction");
     }

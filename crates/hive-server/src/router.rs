@@ -337,7 +337,10 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.body_limit_bytes))
         .layer(axum::middleware::from_fn(middleware::request_context))
-        .with_state(state)
+        .with_state(state.clone())
+        // The registry answers `/v2/` with its own auth (Docker token flow) and the
+        // distribution spec's error bodies, outside the API's middleware and body limit.
+        .merge(hive_registry::router(state.registry.clone()))
 }
 
 async fn health(axum::extract::State(st): axum::extract::State<AppState>) -> Response {

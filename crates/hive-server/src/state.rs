@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hive_registry::{Registry, RegistryConfig};
 use hive_store::Store;
 
 use crate::ratelimit::{RateLimit, RateLimiter};
@@ -45,6 +46,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub limiter: Arc<RateLimiter>,
     pub config: Arc<ServerConfig>,
+    /// The image registry served under `/v2/`, its data under `DATA_DIR/registry`.
+    pub registry: Arc<Registry>,
     /// Becomes true when the server shuts down: long-lived streams end so that graceful
     /// shutdown does not wait for watchers forever.
     closing: tokio::sync::watch::Receiver<bool>,
@@ -62,7 +65,14 @@ impl std::fmt::Debug for AppState {
 impl AppState {
     pub fn new(store: Arc<dyn Store>, config: ServerConfig) -> Self {
         let (closer, closing) = tokio::sync::watch::channel(false);
+        let registry = Registry::new(
+            RegistryConfig::new(config.data_dir.join("registry")),
+            Arc::new(crate::auth::RegistryTokens {
+                store: store.clone(),
+            }),
+        );
         Self {
+            registry: Arc::new(registry),
             store,
             limiter: Arc::new(RateLimiter::new(config.rate_limit)),
             config: Arc::new(config),

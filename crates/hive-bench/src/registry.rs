@@ -1,0 +1,515 @@
+//! `hive-bench registry`: Hive's registry against the reference, Debian's `docker-registry`
+//! (distribution 2.8, filesystem storage, as in `shared/peers/registry-local.sh`), both on
+//! 127.0.0.1, with skopeo as the client and `hey` for manifest reads.
+//!
+//! Images are built locally with umoci (one layer of `--big-mib` random MiB; `--many` layers
+//! of `--many-kib` KiB) and cached under `--work`. Every repetition pushes to a new
+//! repository after deleting skopeo's blob-info cache, so every byte is uploaded. Hive runs
+//! in this process on its own runtime, with tenant token auth; the reference without auth.
+//! Last line: `push_ratio=… pull_ratio=… manifest_ratio=…` (Hive ÷ reference, geometric
+//! mean over the two images for push and pull).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hive_api::{Role, Tenant, TokenCreate};
+use hive_client::Client;
+use hive_server::{RateLimit, ServerConfig};
+use hive_store::{RedbStore, Store};
+
+#[derive(Debug, clap::Args)]
+pub struct RegistryArgs {
+    /// Where the test images are built (and reused on later runs).
+    #[arg(long, default_value = "/tmp/hive-bench-registry")]
+    pub work: PathBuf,
+    /// Repetitions of each push and pull (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    #[arg(long, default_value_t = 256)]
+    pub big_mib: usize,
+    #[arg(long, default_value_t = 50)]
+    pub many: usize,
+    #[arg(long, default_value_t = 100)]
+    pub many_kib: usize,
+    /// Seconds of manifest GETs per registry.
+    #[arg(long, default_value_t = 10)]
+    pub manifest_secs: u64,
+    /// Concurrent connections for manifest GETs.
+    #[arg(long, default_value_t = 16)]
+    pub conc: usize,
+    /// MiB of the single blob pushed (with curl) while this process's RSS is sampled; 0: skip.
+    #[arg(long, default_value_t = 1024)]
+    pub rss_mib: usize,
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Pushes one `mib` MiB blob to Hive with curl (streamed monolithic upload) and reports this
+/// process's resident memory (the server runs in it) before and at its peak during the push.
+fn rss_during_push(host: &str, secret: &str, work: &Path, mib: usize) -> Result<(u64, u64)> {
+    use sha2::Digest as _;
+    let file = work.join(format!("blob-{mib}m.bin"));
+    if std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) != (mib as u64) << 20 {
+        random_file(&file, mib << 20)?;
+    }
+    let mut h = sha2::Sha256::new();
+    let mut f = std::fs::File::open(&file)?;
+    std::io::copy(&mut f, &mut h)?;
+    let digest = format!("sha256:{}", hex::encode(h.finalize()));
+    let idle = rss_kib();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_kib());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let url = format!(
+        "http://{host}/v2/bench/rss-{}/blobs/uploads?digest={digest}",
+        std::process::id()
+    );
+    let out = sh(
+        "curl",
+        &[
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            "-H",
+            &format!("Authorization: Bearer {secret}"),
+            "-H",
+            "Content-Type: application/octet-stream",
+            "-T",
+            file.to_str().context("path")?,
+            &url,
+        ],
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap_or(0);
+    let code = out?;
+    if code.trim() != "201" {
+        bail!("rss push of {mib} MiB answered {code}");
+    }
+    Ok((idle, peak))
+}
+
+const BLOB_CACHE: &str = "/var/lib/containers/cache/blob-info-cache-v1.boltdb";
+
+fn need(tool: &str) -> Result<()> {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()?
+        .success();
+    if !ok {
+        bail!("{tool} is not installed: run scripts/deps.sh");
+    }
+    Ok(())
+}
+
+fn sh(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn random_file(path: &Path, bytes: usize) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut left = bytes;
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        let n = left.min(buf.len());
+        rand_fill(&mut buf[..n]);
+        f.write_all(&buf[..n])?;
+        left -= n;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+fn rand_fill(buf: &mut [u8]) {
+    for c in buf.chunks_mut(32) {
+        let r: [u8; 32] = rand::random();
+        c.copy_from_slice(&r[..c.len()]);
+    }
+}
+
+/// Builds `name` (layers × bytes each) as an OCI layout under `work/oci`, unless present.
+fn build_image(work: &Path, name: &str, layers: usize, bytes: usize) -> Result<PathBuf> {
+    let layout = work.join("oci").join(name);
+    let stamp = layout.join(format!(".built-{layers}x{bytes}"));
+    if stamp.exists() {
+        return Ok(layout);
+    }
+    eprintln!("building image {name}: {layers} layer(s) of {bytes} bytes");
+    let _ = std::fs::remove_dir_all(&layout);
+    std::fs::create_dir_all(layout.parent().unwrap_or(work))?;
+    let l = layout.to_str().context("path")?;
+    let image = format!("{l}:test");
+    let bundle = work.join(format!("{name}.bundle"));
+    let _ = std::fs::remove_dir_all(&bundle);
+    let b = bundle.to_str().context("path")?;
+    sh("umoci", &["init", "--layout", l])?;
+    sh("umoci", &["new", "--image", &image])?;
+    sh(
+        "umoci",
+        &[
+            "config",
+            "--image",
+            &image,
+            "--config.cmd",
+            "/bin/sh",
+            "--architecture",
+            "amd64",
+            "--os",
+            "linux",
+        ],
+    )?;
+    sh("umoci", &["unpack", "--image", &image, b])?;
+    for i in 0..layers {
+        random_file(&bundle.join(format!("rootfs/f{i:03}.bin")), bytes)?;
+        sh(
+            "umoci",
+            &["repack", "--refresh-bundle", "--image", &image, b],
+        )?;
+    }
+    sh("umoci", &["gc", "--layout", l])?;
+    std::fs::remove_dir_all(&bundle)?;
+    std::fs::write(&stamp, "")?;
+    Ok(layout)
+}
+
+fn image_bytes(layout: &Path) -> Result<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(layout.join("blobs/sha256"))? {
+        total += e?.metadata()?.len();
+    }
+    Ok(total)
+}
+
+struct Target {
+    name: &'static str,
+    host: String,
+    /// skopeo credentials flag value, Authorization header for hey.
+    creds: Option<String>,
+    prefix: &'static str,
+}
+
+fn timed(args: &[&str]) -> Result<f64> {
+    let t = Instant::now();
+    sh("skopeo", args)?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Median push and pull seconds of `layout` to fresh repositories of `t`.
+fn push_pull(t: &Target, layout: &Path, img: &str, reps: usize, work: &Path) -> Result<(f64, f64)> {
+    let run = std::process::id();
+    let (mut push, mut pull) = (Vec::new(), Vec::new());
+    let src = format!("oci:{}:test", layout.display());
+    for rep in 0..reps {
+        let dst = format!("docker://{}/{}/{img}-{run}-r{rep}:test", t.host, t.prefix);
+        let _ = std::fs::remove_file(BLOB_CACHE);
+        let mut a = vec!["copy", "--quiet", "--dest-tls-verify=false"];
+        if let Some(c) = &t.creds {
+            a.extend(["--dest-creds", c]);
+        }
+        a.extend([src.as_str(), dst.as_str()]);
+        push.push(timed(&a)?);
+        let out = work.join("pull").join(img);
+        let _ = std::fs::remove_dir_all(&out);
+        let _ = std::fs::remove_file(BLOB_CACHE);
+        let dest = format!("oci:{}:test", out.display());
+        let mut a = vec!["copy", "--quiet", "--src-tls-verify=false"];
+        if let Some(c) = &t.creds {
+            a.extend(["--src-creds", c]);
+        }
+        a.extend([dst.as_str(), dest.as_str()]);
+        pull.push(timed(&a)?);
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    Ok((median(push), median(pull)))
+}
+
+/// Manifest GETs per second with hey.
+fn manifest_rps(t: &Target, auth: Option<&str>, repo: &str, secs: u64, conc: usize) -> Result<f64> {
+    let url = format!("http://{}/v2/{repo}/manifests/test", t.host);
+    let accept = "Accept: application/vnd.oci.image.manifest.v1+json,application/vnd.docker.distribution.manifest.v2+json";
+    let dur = format!("{secs}s");
+    let c = conc.to_string();
+    let mut a = vec!["-z", &dur, "-c", &c, "-H", accept];
+    let h;
+    if let Some(tok) = auth {
+        h = format!("Authorization: Bearer {tok}");
+        a.extend(["-H", &h]);
+    }
+    a.push(&url);
+    let out = sh("hey", &a)?;
+    let non200: usize = out
+        .lines()
+        .skip_while(|l| !l.contains("Status code distribution"))
+        .filter(|l| l.trim_start().starts_with('[') && !l.contains("[200]"))
+        .count();
+    if non200 > 0 {
+        bail!(
+            "manifest GETs on {} answered other than 200:\n{out}",
+            t.name
+        );
+    }
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("hey printed no Requests/sec")
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The reference registry; killed (by pid) when dropped.
+struct Reference(std::process::Child);
+
+impl Drop for Reference {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_reference(dir: &Path) -> Result<(Reference, String)> {
+    let port = free_port()?;
+    let cfg = dir.join("config.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  cache:\n    blobdescriptor: inmemory\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("storage").display()
+        ),
+    )?;
+    let child = Command::new("docker-registry")
+        .args(["serve", cfg.to_str().context("path")?])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start docker-registry")?;
+    let r = Reference(child);
+    let host = format!("127.0.0.1:{port}");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&host).is_ok() {
+            return Ok((r, host));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("docker-registry did not listen on {host}")
+}
+
+pub fn run(args: RegistryArgs) -> Result<()> {
+    for t in ["skopeo", "umoci", "hey", "docker-registry", "curl"] {
+        need(t)?;
+    }
+    std::fs::create_dir_all(args.work.join("pull"))?;
+    let big = build_image(&args.work, "big", 1, args.big_mib << 20)?;
+    let many = build_image(&args.work, "many", args.many, args.many_kib << 10)?;
+
+    let dir = tempfile::Builder::new()
+        .prefix("hive-bench-registry-")
+        .tempdir()?;
+    let hive_data = dir.path().join("hive");
+    let ref_data = dir.path().join("reference");
+    std::fs::create_dir_all(&hive_data)?;
+    std::fs::create_dir_all(&ref_data)?;
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(
+        hive_data.join("state.redb"),
+        Default::default(),
+    )?);
+    let (host, secret) = server_rt.block_on(async {
+        hive_server::bootstrap(&store, &hive_data).await?;
+        let admin = std::fs::read_to_string(hive_data.join(hive_server::ADMIN_TOKEN_FILE))?
+            .trim()
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let host = listener.local_addr()?.to_string();
+        let config = ServerConfig {
+            data_dir: hive_data.clone(),
+            rate_limit: RateLimit {
+                per_sec: 0.0,
+                burst: 0.0,
+            },
+            ..Default::default()
+        };
+        tokio::spawn(hive_server::serve(
+            store.clone(),
+            config,
+            listener,
+            std::future::pending(),
+        ));
+        let client = Client::new(&format!("http://{host}"), Some(admin))?;
+        client
+            .create(
+                None,
+                &Tenant {
+                    name: "bench".into(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let tok = client
+            .create_token(
+                Some("bench"),
+                &TokenCreate {
+                    name: "bench".into(),
+                    role: Role::Member,
+                    expires_in_secs: None,
+                },
+            )
+            .await?;
+        anyhow::Ok((host, tok.token))
+    })?;
+    let (_reference, ref_host) = start_reference(&ref_data)?;
+    let hive = Target {
+        name: "hive",
+        host,
+        creds: Some(format!("bench:{secret}")),
+        prefix: "bench",
+    };
+    let reference = Target {
+        name: "reference",
+        host: ref_host,
+        creds: None,
+        prefix: "bench",
+    };
+
+    println!(
+        "hive-bench registry: skopeo {}, {} reps, big 1x{} MiB, many {}x{} KiB, manifest GETs c={} for {} s; load {}",
+        sh("skopeo", &["--version"])?
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or("?"),
+        args.reps,
+        args.big_mib,
+        args.many,
+        args.many_kib,
+        args.conc,
+        args.manifest_secs,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    let mut push_ratios = Vec::new();
+    let mut pull_ratios = Vec::new();
+    for (img, layout) in [("big", &big), ("many", &many)] {
+        let mib = image_bytes(layout)? as f64 / (1 << 20) as f64;
+        let (rp, rl) = push_pull(&reference, layout, img, args.reps, &args.work)?;
+        let (hp, hl) = push_pull(&hive, layout, img, args.reps, &args.work)?;
+        println!(
+            "{img:<5} {mib:8.1} MiB  push: hive {hp:6.2} s ({:6.1} MiB/s)  reference {rp:6.2} s ({:6.1} MiB/s)  ratio {:.2}",
+            mib / hp,
+            mib / rp,
+            rp / hp
+        );
+        println!(
+            "{img:<5} {mib:8.1} MiB  pull: hive {hl:6.2} s ({:6.1} MiB/s)  reference {rl:6.2} s ({:6.1} MiB/s)  ratio {:.2}",
+            mib / hl,
+            mib / rl,
+            rl / hl
+        );
+        push_ratios.push(rp / hp);
+        pull_ratios.push(rl / hl);
+    }
+
+    // Manifest reads: one small image tagged `test` in each.
+    let m_repo = format!("bench/manifest-{}", std::process::id());
+    for t in [&hive, &reference] {
+        let mut a = vec!["copy", "--quiet", "--dest-tls-verify=false"];
+        if let Some(c) = &t.creds {
+            a.extend(["--dest-creds", c]);
+        }
+        let src = format!("oci:{}:test", many.display());
+        let dst = format!("docker://{}/{m_repo}:test", t.host);
+        a.extend([src.as_str(), dst.as_str()]);
+        sh("skopeo", &a)?;
+    }
+    // Hive: a scoped registry token from the token endpoint, as docker clients do.
+    let token_json = sh(
+        "curl",
+        &[
+            "-fsS",
+            "-u",
+            &format!("bench:{secret}"),
+            &format!(
+                "http://{}/v2/token?service=hive-registry&scope=repository:{m_repo}:pull",
+                hive.host
+            ),
+        ],
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&token_json)?;
+    let tok = v["token"]
+        .as_str()
+        .context("token endpoint gave no token")?;
+    let ref_rps = manifest_rps(&reference, None, &m_repo, args.manifest_secs, args.conc)?;
+    let hive_rps = manifest_rps(&hive, Some(tok), &m_repo, args.manifest_secs, args.conc)?;
+    println!(
+        "manifest GET c={}: hive {hive_rps:.0} req/s  reference {ref_rps:.0} req/s  ratio {:.2}",
+        args.conc,
+        hive_rps / ref_rps
+    );
+    if args.rss_mib > 0 {
+        let (idle, peak) = rss_during_push(&hive.host, &secret, &args.work, args.rss_mib)?;
+        println!(
+            "rss: {} MiB blob pushed with curl: server process {} MiB idle, {} MiB peak (+{} MiB)",
+            args.rss_mib,
+            idle >> 10,
+            peak >> 10,
+            peak.saturating_sub(idle) >> 10
+        );
+    }
+    let geo = |v: &[f64]| v.iter().product::<f64>().powf(1.0 / v.len() as f64);
+    println!(
+        "push_ratio={:.2} pull_ratio={:.2} manifest_ratio={:.2}",
+        geo(&push_ratios),
+        geo(&pull_ratios),
+        hive_rps / ref_rps
+    );
+    drop(server_rt);
+    Ok(())
+}
