@@ -18,6 +18,8 @@ pub struct HostFacts {
     pub os: String,
     pub arch: String,
     pub runtime: String,
+    /// Register as a node that runs every tenant's instances (never bound to one).
+    pub shared: bool,
 }
 
 fn read_trim(path: impl AsRef<Path>) -> Option<String> {
@@ -66,6 +68,7 @@ pub fn host_facts(runtime: &str) -> HostFacts {
         os: std::env::consts::OS.to_owned(),
         arch: std::env::consts::ARCH.to_owned(),
         runtime: runtime.to_owned(),
+        shared: false,
     }
 }
 
@@ -105,10 +108,11 @@ async fn register_or_refresh(client: &Client, facts: &HostFacts) -> Result<Node,
     let node = match client.get::<Node>(None, &facts.name).await {
         Ok(n) => n,
         Err(e) if e.code() == Some(ErrorCode::NotFound) => {
-            let new = Node {
+            let mut new = Node {
                 name: facts.name.clone(),
                 ..Default::default()
             };
+            new.spec.shared = facts.shared;
             match client.create(None, &new).await {
                 Ok(n) => n,
                 // Registered meanwhile by another start of this agent: read it.

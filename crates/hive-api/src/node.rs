@@ -36,9 +36,14 @@ pub struct NodeSpec {
     /// No new instances are placed here.
     #[serde(default)]
     pub unschedulable: bool,
-    /// The tenant this node is bound to (tenant-exclusive nodes); absent: the shared pool.
+    /// The tenant this node is bound to (tenant-exclusive nodes); absent: the pool, from which
+    /// a node is bound to the tenant of its first instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// Runs instances of any tenant and is never bound to one (e.g. `hive up`'s single
+    /// machine). Tenants still get their own namespaces, cgroups and networks.
+    #[serde(default)]
+    pub shared: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -88,6 +93,12 @@ impl Resource for Node {
         self.validate_meta()?;
         if let Some(t) = &self.spec.tenant {
             validate::name("spec.tenant", t)?;
+            if self.spec.shared {
+                return Err(ValidationError::new(
+                    "spec.shared",
+                    "a node bound to a tenant cannot be shared",
+                ));
+            }
         }
         for (f, v) in [
             ("status.kernel", &self.status.kernel),

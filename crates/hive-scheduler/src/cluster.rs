@@ -26,8 +26,10 @@ pub struct NodeInfo {
     pub ready: bool,
     /// Cordoned by the operator.
     pub unschedulable: bool,
-    /// The tenant the node is bound to; None: the shared pool (bound on first placement).
+    /// The tenant the node is bound to; None: the pool (bound on first placement).
     pub tenant: Option<String>,
+    /// Takes any tenant's instances and is never bound.
+    pub shared: bool,
 }
 
 /// One instance to place.
@@ -130,6 +132,7 @@ impl NodeState {
             return Some(Reason::Cordoned);
         }
         match &self.info.tenant {
+            _ if self.info.shared => {}
             Some(t) if *t != req.tenant => return Some(Reason::OtherTenant),
             // A pool node with something on it is on its way to another tenant or back to the
             // pool: not free for anyone.
@@ -193,6 +196,8 @@ pub struct Cluster {
     tenant_nodes: HashMap<String, Vec<usize>>,
     /// Nodes bound to no tenant.
     pool: BTreeSet<usize>,
+    /// Nodes that take every tenant.
+    shared: BTreeSet<usize>,
     /// Where the scan of pool nodes resumes, so placements rotate through them.
     cursor: usize,
     /// Most fitting pool nodes scored per placement (the rest are alike: empty).
@@ -221,26 +226,29 @@ impl Cluster {
 
     /// Adds a node or updates what is known of it (keeping what is placed on it).
     pub fn upsert_node(&mut self, info: NodeInfo) {
-        if let Some(&i) = self.by_name.get(&info.name) {
-            let old_tenant = self.nodes[i].as_ref().and_then(|n| n.info.tenant.clone());
-            if old_tenant != info.tenant {
+        let i = match self.by_name.get(&info.name) {
+            Some(&i) => {
+                let old_tenant = self.nodes[i].as_ref().and_then(|n| n.info.tenant.clone());
                 self.unindex_tenant(old_tenant.as_deref(), i);
-                self.index_tenant(info.tenant.as_deref(), i);
+                if let Some(n) = self.nodes[i].as_mut() {
+                    n.info = info;
+                }
+                i
             }
-            if let Some(n) = self.nodes[i].as_mut() {
-                n.info = info;
+            None => {
+                let i = self.nodes.len();
+                self.by_name.insert(info.name.clone(), i);
+                self.nodes.push(Some(NodeState {
+                    info,
+                    allocated: Resources::default(),
+                    instances: 0,
+                    per_service: HashMap::new(),
+                }));
+                i
             }
-            return;
-        }
-        let i = self.nodes.len();
-        self.by_name.insert(info.name.clone(), i);
-        self.index_tenant(info.tenant.as_deref(), i);
-        self.nodes.push(Some(NodeState {
-            info,
-            allocated: Resources::default(),
-            instances: 0,
-            per_service: HashMap::new(),
-        }));
+        };
+        let tenant = self.nodes[i].as_ref().and_then(|n| n.info.tenant.clone());
+        self.index_tenant(tenant.as_deref(), i);
     }
 
     pub fn remove_node(&mut self, name: &str) {
@@ -252,6 +260,15 @@ impl Cluster {
     }
 
     fn index_tenant(&mut self, tenant: Option<&str>, i: usize) {
+        if self
+            .nodes
+            .get(i)
+            .and_then(Option::as_ref)
+            .is_some_and(|n| n.info.shared)
+        {
+            self.shared.insert(i);
+            return;
+        }
         match tenant {
             Some(t) => self.tenant_nodes.entry(t.to_owned()).or_default().push(i),
             None => {
@@ -261,6 +278,7 @@ impl Cluster {
     }
 
     fn unindex_tenant(&mut self, tenant: Option<&str>, i: usize) {
+        self.shared.remove(&i);
         if tenant.is_none() {
             self.pool.remove(&i);
         }
@@ -365,6 +383,11 @@ impl Cluster {
                 }
             }
         }
+        for &i in &self.shared {
+            if let Some(n) = self.nodes[i].as_ref() {
+                consider(i, n);
+            }
+        }
         // Pool nodes are all empty: a bounded sample, rotating, is as good as all of them.
         let mut sampled = 0;
         let mut last = None;
@@ -392,7 +415,7 @@ impl Cluster {
         };
         let binds_tenant = self.nodes[i]
             .as_ref()
-            .is_some_and(|n| n.info.tenant.is_none());
+            .is_some_and(|n| n.info.tenant.is_none() && !n.info.shared);
         if binds_tenant {
             if let Some(n) = self.nodes[i].as_mut() {
                 n.info.tenant = Some(req.tenant.clone());
@@ -552,6 +575,26 @@ mod tests {
             .collect();
         nodes.sort();
         assert_eq!(nodes, ["n0", "n1", "n2"]);
+    }
+
+    #[test]
+    fn a_shared_node_takes_every_tenant_and_is_never_bound() {
+        let mut c = Cluster::new();
+        let mut n = node("shared", 4000, 8);
+        n.shared = true;
+        c.upsert_node(n);
+        for t in ["a", "b", "c"] {
+            let p = c.place(&req(t, "s", 500, 1)).unwrap();
+            assert_eq!((p.node.as_str(), p.binds_tenant), ("shared", false));
+        }
+        assert_eq!(c.instances_on("shared"), Some(3));
+        assert!(!c.unbind_if_empty("shared"));
+        // Updating it keeps it shared and keeps what runs there.
+        let mut n = node("shared", 4000, 8);
+        n.shared = true;
+        c.upsert_node(n);
+        c.place(&req("d", "s", 500, 1)).unwrap();
+        assert_eq!(c.instances_on("shared"), Some(4));
     }
 
     #[test]

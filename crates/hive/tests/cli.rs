@@ -151,7 +151,7 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
     assert!(nodes[0]["status"]["lease_renewed_at"].is_string());
 
     // `hive agent` registers another node and keeps its lease.
-    let agent = Up {
+    let mut agent = Up {
         child: Command::new(HIVE)
             .args(["agent", "--name", "extra-node"])
             .env("HIVE_CONFIG", &admin_cfg)
@@ -163,22 +163,24 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
             .unwrap(),
         url: String::new(),
     };
-    let mut agent = agent;
     let t0 = Instant::now();
     loop {
         let nodes = json(&admin_cfg, &["node", "ls"]);
-        if let Some(n) = nodes
+        // Registration is a create then a status write: wait for both.
+        let registered = nodes
             .as_array()
             .unwrap()
             .iter()
             .find(|n| n["name"] == "extra-node")
-        {
-            assert_eq!(n["status"]["ready"], true);
+            .cloned();
+        if registered.as_ref().is_some_and(|n| {
+            n["status"]["ready"] == true && n["status"]["lease_renewed_at"].is_string()
+        }) {
             break;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(15),
-            "hive agent did not register"
+            "hive agent did not register and report ready: {registered:?}"
         );
         assert!(
             agent.child.try_wait().unwrap().is_none(),

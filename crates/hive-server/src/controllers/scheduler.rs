@@ -76,6 +76,7 @@ fn node_info(n: &Node) -> NodeInfo {
         ready: n.status.ready && fresh,
         unschedulable: n.spec.unschedulable,
         tenant: n.spec.tenant.clone(),
+        shared: n.spec.shared,
     }
 }
 

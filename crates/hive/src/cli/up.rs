@@ -159,7 +159,9 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
     );
     ensure_tenant(&client, DEFAULT_TENANT).await?;
     // This machine is the node: registered now, its lease kept fresh while `up` runs.
-    let facts = hive_agent::node::host_facts(DEFAULT_RUNTIME);
+    // One machine serves every tenant: its node is shared, never bound to one tenant.
+    let mut facts = hive_agent::node::host_facts(DEFAULT_RUNTIME);
+    facts.shared = true;
     hive_agent::node::register(&client, &facts).await?;
     tokio::spawn(hive_agent::node::keep_lease(
         client.clone(),
@@ -207,10 +209,14 @@ pub struct AgentArgs {
     /// OCI runtime: runc or crun.
     #[arg(long, default_value = DEFAULT_RUNTIME)]
     pub runtime: String,
+    /// Run every tenant's instances here instead of binding the node to one tenant.
+    #[arg(long)]
+    pub shared: bool,
 }
 
 pub async fn agent(ctx: &super::Ctx, args: AgentArgs) -> Result<()> {
     let mut facts = hive_agent::node::host_facts(&args.runtime);
+    facts.shared = args.shared;
     if let Some(name) = args.name {
         hive_api::validate::name("--name", &name)?;
         facts.name = name;
