@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use hive_api::{ContainerSpec, Service, ServiceSpec, Tenant, WatchEventType};
 use hive_client::Client;
 use hive_server::{RateLimit, ServerConfig};
-use hive_store::{Op, RedbStore, Store};
+use hive_store::{Op, Store};
 use tokio::sync::Mutex;
 
 #[derive(Debug, clap::Args)]
@@ -95,33 +95,24 @@ pub fn run(args: ApiArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(
-        dir.path().join("state.redb"),
-        Default::default(),
-    )?);
-    let (url, admin) = server_rt.block_on(async {
-        hive_server::bootstrap(&store, dir.path()).await?;
-        let admin = std::fs::read_to_string(dir.path().join(hive_server::ADMIN_TOKEN_FILE))?
-            .trim()
-            .to_owned();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let config = ServerConfig {
-            data_dir: dir.path().to_owned(),
-            rate_limit: RateLimit {
-                per_sec: 0.0,
-                burst: 0.0,
-            },
-            ..Default::default()
-        };
-        tokio::spawn(hive_server::serve(
-            store.clone(),
-            config,
-            listener,
-            std::future::pending(),
-        ));
-        anyhow::Ok((url, admin))
-    })?;
+    let config = ServerConfig {
+        data_dir: dir.path().to_owned(),
+        rate_limit: RateLimit {
+            per_sec: 0.0,
+            burst: 0.0,
+        },
+        ..Default::default()
+    };
+    let server = server_rt.block_on(hive_server::launch(
+        config,
+        "127.0.0.1:0".parse()?,
+        std::future::pending(),
+    ))?;
+    let (url, admin, store) = (
+        server.url.clone(),
+        server.admin_token.clone(),
+        server.store.clone(),
+    );
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

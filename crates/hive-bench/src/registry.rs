@@ -18,7 +18,6 @@ use anyhow::{Context, Result, bail};
 use hive_api::{Role, Tenant, TokenCreate};
 use hive_client::Client;
 use hive_server::{RateLimit, ServerConfig};
-use hive_store::{RedbStore, Store};
 
 #[derive(Debug, clap::Args)]
 pub struct RegistryArgs {
@@ -358,31 +357,19 @@ pub fn run(args: RegistryArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(
-        hive_data.join("state.redb"),
-        Default::default(),
-    )?);
+    let config = ServerConfig {
+        data_dir: hive_data.clone(),
+        rate_limit: RateLimit {
+            per_sec: 0.0,
+            burst: 0.0,
+        },
+        ..Default::default()
+    };
     let (host, secret) = server_rt.block_on(async {
-        hive_server::bootstrap(&store, &hive_data).await?;
-        let admin = std::fs::read_to_string(hive_data.join(hive_server::ADMIN_TOKEN_FILE))?
-            .trim()
-            .to_owned();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let host = listener.local_addr()?.to_string();
-        let config = ServerConfig {
-            data_dir: hive_data.clone(),
-            rate_limit: RateLimit {
-                per_sec: 0.0,
-                burst: 0.0,
-            },
-            ..Default::default()
-        };
-        tokio::spawn(hive_server::serve(
-            store.clone(),
-            config,
-            listener,
-            std::future::pending(),
-        ));
+        let server =
+            hive_server::launch(config, "127.0.0.1:0".parse()?, std::future::pending()).await?;
+        let host = server.url.trim_start_matches("http://").to_owned();
+        let admin = server.admin_token.clone();
         let client = Client::new(&format!("http://{host}"), Some(admin))?;
         client
             .create(

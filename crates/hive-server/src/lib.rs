@@ -10,6 +10,7 @@ pub mod controllers;
 pub mod error;
 pub mod housekeeping;
 pub mod keys;
+pub mod launch;
 pub mod middleware;
 mod openapi;
 pub mod ratelimit;
@@ -26,6 +27,7 @@ use hive_store::Store;
 use tokio::net::TcpListener;
 
 pub use bootstrap::{ADMIN_TOKEN_FILE, Bootstrap, BootstrapError, bootstrap};
+pub use launch::{LaunchError, Launched, launch};
 pub use ratelimit::RateLimit;
 pub use router::{openapi, router};
 pub use state::{AppState, ServerConfig};

@@ -2,7 +2,6 @@
 //! become instances, scaling adds and removes them, deleting a service deletes them, and
 //! tenants do not touch each other.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hive_api::{ContainerSpec, Instance, Service, ServiceSpec, Tenant};
@@ -10,7 +9,6 @@ use hive_api::{Node, NodeCapacity, NodeStatus};
 use hive_client::Client;
 use hive_server::controllers::{Scheduler, ServiceController};
 use hive_server::{RateLimit, ServerConfig};
-use hive_store::{RedbStore, Store};
 
 struct Server {
     client: Client,
@@ -19,15 +17,6 @@ struct Server {
 
 async fn start() -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> =
-        Arc::new(RedbStore::open(dir.path().join("state.redb"), Default::default()).unwrap());
-    hive_server::bootstrap(&store, dir.path()).await.unwrap();
-    let admin = std::fs::read_to_string(dir.path().join("admin.token"))
-        .unwrap()
-        .trim()
-        .to_owned();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
     let config = ServerConfig {
         data_dir: dir.path().to_owned(),
         rate_limit: RateLimit {
@@ -36,13 +25,14 @@ async fn start() -> Server {
         },
         ..Default::default()
     };
-    tokio::spawn(hive_server::serve(
-        store,
+    let server = hive_server::launch(
         config,
-        listener,
+        "127.0.0.1:0".parse().unwrap(),
         std::future::pending(),
-    ));
-    let client = Client::new(&url, Some(admin)).unwrap();
+    )
+    .await
+    .unwrap();
+    let client = Client::new(&server.url, Some(server.admin_token)).unwrap();
     tokio::spawn(ServiceController::new(client.clone()).run());
     tokio::spawn(Scheduler::new(client.clone()).run());
     Server { client, _dir: dir }

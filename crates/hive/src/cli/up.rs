@@ -3,16 +3,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use hive_api::Tenant;
 use hive_client::Client;
-use hive_server::{ADMIN_TOKEN_FILE, Bootstrap, RateLimit, ServerConfig};
-use hive_store::Store;
-use tokio::net::TcpListener;
+use hive_server::{ADMIN_TOKEN_FILE, Launched, RateLimit, ServerConfig};
 
 use super::{Global, config};
 
@@ -59,40 +56,9 @@ pub struct UpArgs {
     pub login: bool,
 }
 
-struct Running {
-    url: String,
-    admin_token: String,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-/// Opens the store, bootstraps it, binds the listener and serves in the background.
-async fn start(args: &ServerArgs) -> Result<Running> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("create data dir {}", args.data_dir.display()))?;
-    let db = args.data_dir.join("state.redb");
-    let store: Arc<dyn Store> = Arc::new(
-        hive_store::RedbStore::open(&db, Default::default()).with_context(|| {
-            format!(
-                "open the store {} (is another hive using this data dir?)",
-                db.display()
-            )
-        })?,
-    );
-    match hive_server::bootstrap(&store, &args.data_dir).await? {
-        Bootstrap::Created { token_file } => {
-            tracing::info!(file = %token_file.display(), "created the platform admin; its token is in the file")
-        }
-        Bootstrap::Existing => {}
-    }
-    let token_path = args.data_dir.join(ADMIN_TOKEN_FILE);
-    let admin_token = std::fs::read_to_string(&token_path)
-        .with_context(|| format!("read {}", token_path.display()))?
-        .trim()
-        .to_owned();
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listen on {}", args.listen))?;
-    let addr = listener.local_addr()?;
+/// Serves the API on the embedded store in the data dir, and runs the controllers as its
+/// clients.
+async fn start(args: &ServerArgs) -> Result<Launched> {
     let config = ServerConfig {
         data_dir: args.data_dir.clone(),
         body_limit_bytes: args.body_limit,
@@ -103,23 +69,19 @@ async fn start(args: &ServerArgs) -> Result<Running> {
         keep_revisions: args.keep_revisions,
         ..Default::default()
     };
-    let task = tokio::spawn(hive_server::serve(
-        store,
-        config,
-        listener,
-        shutdown_signal(),
-    ));
-    let url = format!("http://{addr}");
+    let launched = hive_server::launch(config, args.listen, shutdown_signal()).await?;
+    if launched.bootstrapped {
+        tracing::info!(
+            file = %args.data_dir.join(ADMIN_TOKEN_FILE).display(),
+            "created the platform admin; its token is in the file"
+        );
+    }
     // Controllers are API clients of this server, acting as the platform admin.
-    let controller_client = Client::new(&url, Some(admin_token.clone()))?;
+    let controller_client = Client::new(&launched.url, Some(launched.admin_token.clone()))?;
     tokio::spawn(hive_server::controllers::ServiceController::new(controller_client.clone()).run());
     tokio::spawn(hive_server::controllers::Scheduler::new(controller_client).run());
-    tracing::info!(%url, data_dir = %args.data_dir.display(), "serving the API");
-    Ok(Running {
-        url,
-        admin_token,
-        task,
-    })
+    tracing::info!(url = %launched.url, data_dir = %args.data_dir.display(), "serving the API");
+    Ok(launched)
 }
 
 async fn shutdown_signal() {
