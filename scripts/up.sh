@@ -32,10 +32,36 @@ for _ in $(seq 100); do
 done
 curl -fsS "http://$LISTEN/healthz"
 
-echo "== demo: a service in tenant default"
+echo "== demo image: busybox-static, built locally with umoci, pushed into Hive's registry"
+IMG_DIR=$(mktemp -d)
+trap 'rm -rf "$IMG_DIR"' EXIT
+umoci init --layout "$IMG_DIR/oci" >/dev/null
+umoci new --image "$IMG_DIR/oci:latest" >/dev/null
+umoci config --image "$IMG_DIR/oci:latest" --config.cmd /bin/sh --architecture amd64 --os linux >/dev/null
+umoci unpack --image "$IMG_DIR/oci:latest" "$IMG_DIR/bundle" >/dev/null
+mkdir -p "$IMG_DIR/bundle/rootfs/bin"
+cp /bin/busybox "$IMG_DIR/bundle/rootfs/bin/busybox"
+chroot "$IMG_DIR/bundle/rootfs" /bin/busybox --install -s /bin
+umoci repack --image "$IMG_DIR/oci:latest" "$IMG_DIR/bundle" >/dev/null
+skopeo copy -q --dest-tls-verify=false --dest-creds "hive:$(cat "$DATA/admin.token")" \
+  "oci:$IMG_DIR/oci:latest" "docker://$LISTEN/default/busybox:latest"
+
+echo "== demo: a service in tenant default, running as real containers"
+DEMO_IMAGE="$LISTEN/default/busybox:latest"
+if hive service get demo -o json >/dev/null 2>&1 &&
+  [ "$(hive service get demo -o json | jq -r .spec.image)" != "$DEMO_IMAGE" ]; then
+  echo "== an older demo service runs another image; replacing it"
+  hive service rm demo
+fi
 hive service get demo >/dev/null 2>&1 || \
-  hive service create demo --image busybox --replicas 2 -p 8080:80 -- httpd -f -p 80
+  hive service create demo --image "$DEMO_IMAGE" --replicas 2 --memory 64Mi -- \
+    sh -c 'while true; do echo "hello from $(hostname)"; sleep 5; done'
+for _ in $(seq 100); do
+  [ "$(hive instance ls -o json | jq '[.[] | select(.status.phase == "running")] | length')" -ge 2 ] && break
+  sleep 0.2
+done
 hive service ls
+hive instance ls
 hive node ls
 hive events
 cat <<MSG
@@ -45,5 +71,6 @@ The CLI is logged in as the platform admin (token in $DATA/admin.token). Try:
   hive tenant create acme && hive --tenant acme token create --role tenant-admin
   hive scale demo 3 && hive events -f
 Stop it with: kill \$(cat $PIDFILE)
-Services do not start containers yet: the agent's sync loop is the next part (docs/architecture.md).
+The demo's containers write to $DATA/agent/containers/<instance uid>/container.log.
+Not built yet: logs and exec through the CLI, networking between and into containers.
 MSG

@@ -5,6 +5,7 @@
 //! - [`runtime`]: writes OCI bundles and drives an OCI runtime through a per-container
 //!   supervisor that outlives the agent.
 //! - [`node`]: registers this host as a Node and keeps its lease fresh.
+//! - [`sync`]: runs the instances placed on this node and reports their status.
 //!
 //! The agent talks to the control plane only through the API (`hive-client`), never to the
 //! store.
@@ -12,3 +13,4 @@
 pub mod image;
 pub mod node;
 pub mod runtime;
+pub mod sync;

@@ -124,6 +124,17 @@ async fn register_or_refresh(client: &Client, facts: &HostFacts) -> Result<Node,
         }
         Err(e) => return Err(e),
     };
+    // A node registered before with the other sharing mode: the host's configuration wins.
+    let node = if node.spec.shared != facts.shared {
+        let mut changed = node;
+        changed.spec.shared = facts.shared;
+        if facts.shared {
+            changed.spec.tenant = None;
+        }
+        client.update(None, &changed).await?
+    } else {
+        node
+    };
     write_status(client, node, facts).await
 }
 

@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+pub mod reflector;
+
 use bytes::{Buf, BytesMut};
 use futures_util::{Stream, StreamExt};
 use hive_api::{
@@ -99,6 +101,11 @@ impl Client {
 
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// The bearer token this client sends.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
     }
 
     fn request(&self, method: Method, path: &str) -> RequestBuilder {

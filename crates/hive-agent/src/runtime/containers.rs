@@ -249,6 +249,10 @@ impl Containers {
     /// Removes the container from the runtime (killing it if needed) and deletes its
     /// directory (bundle, records, logs). Idempotent.
     pub async fn remove(&self, id: &str) -> Result<(), ContainerError> {
+        let cgroup = fs::read(self.dir(id).join("bundle/config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Spec>(&b).ok())
+            .and_then(|s| s.linux().as_ref().and_then(|l| l.cgroups_path().clone()));
         // The runtime keeps a directory per container it knows: no directory, nothing to do.
         if self.runtime.root.join(id).exists() {
             let rt = self.runtime.clone();
@@ -265,6 +269,9 @@ impl Containers {
                 Err(_) if !self.runtime.root.join(id).exists() => {}
                 Err(e) => return Err(e.into()),
             }
+        }
+        if let Some(cg) = cgroup {
+            prune_cgroup_parents(&cg);
         }
         let dir = self.dir(id);
         match fs::remove_dir_all(&dir) {
@@ -291,6 +298,26 @@ impl Containers {
             .collect();
         ids.sort();
         ids
+    }
+}
+
+/// Removes the now empty parents of a deleted container's cgroup (`/hive/<tenant>`, `/hive`)
+/// in every hierarchy. `rmdir` refuses a cgroup that still has children or tasks, so this
+/// never touches one in use.
+fn prune_cgroup_parents(cgroups_path: &Path) {
+    let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    let hierarchies: Vec<PathBuf> = hierarchies.flatten().map(|e| e.path()).collect();
+    let rel = cgroups_path.strip_prefix("/").unwrap_or(cgroups_path);
+    for h in hierarchies {
+        let mut p = rel.parent();
+        while let Some(dir) = p.filter(|d| !d.as_os_str().is_empty()) {
+            if fs::remove_dir(h.join(dir)).is_err() {
+                break;
+            }
+            p = dir.parent();
+        }
     }
 }
 

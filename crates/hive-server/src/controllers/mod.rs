@@ -6,7 +6,6 @@
 
 pub mod scheduler;
 pub mod services;
-mod tenant_watch;
 
 pub use scheduler::Scheduler;
 pub use services::ServiceController;

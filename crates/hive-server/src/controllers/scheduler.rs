@@ -12,14 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use futures_util::StreamExt;
-use hive_api::{ErrorCode, Instance, Node, Tenant, WatchEventType};
+use hive_api::{ErrorCode, Instance, Node};
 use hive_client::Client;
 use hive_scheduler::{Cluster, FairQueue, NodeInfo, Request, Resources};
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 
-use super::tenant_watch::{Store, reflect};
+use hive_client::reflector::{Store, reflect, tenant_names};
 
 /// A node whose lease is older than this is not ready.
 pub const LEASE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -206,33 +205,16 @@ impl Scheduler {
     }
 }
 
-/// Sends the live tenant list on start and whenever tenants come or go.
+/// Forwards the live tenant list on start and whenever tenants come or go.
 async fn watch_tenants(client: Client, tx: mpsc::UnboundedSender<Change>) {
-    loop {
-        let Ok(list) = client.list::<Tenant>(None).await else {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        };
-        let mut live: Vec<String> = list.items.iter().map(|t| t.name.clone()).collect();
-        if tx.send(Change::Tenants(live.clone())).is_err() {
-            return;
-        }
-        let Ok(mut stream) = client.watch::<Tenant>(None, Some(list.revision)).await else {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        };
-        while let Some(Ok(ev)) = stream.next().await {
-            match (ev.type_, ev.object) {
-                (WatchEventType::Added, Some(t)) => live.push(t.name),
-                (WatchEventType::Deleted, Some(t)) => live.retain(|n| *n != t.name),
-                (WatchEventType::Error, _) => break,
-                _ => continue,
-            }
-            if tx.send(Change::Tenants(live.clone())).is_err() {
-                return;
-            }
+    let (ttx, mut trx) = mpsc::unbounded_channel();
+    let names = tokio::spawn(tenant_names(client, ttx));
+    while let Some(live) = trx.recv().await {
+        if tx.send(Change::Tenants(live)).is_err() {
+            break;
         }
     }
+    names.abort();
 }
 
 impl State {

@@ -19,7 +19,7 @@ use hive_client::{Client, ClientError};
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 
-use super::tenant_watch::{Store, reflect};
+use hive_client::reflector::{Store, reflect};
 
 /// The label every instance carries with its service's name.
 pub const SERVICE_LABEL: &str = "hive.dev/service";

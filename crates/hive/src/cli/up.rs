@@ -125,11 +125,18 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
     let mut facts = hive_agent::node::host_facts(DEFAULT_RUNTIME);
     facts.shared = true;
     hive_agent::node::register(&client, &facts).await?;
+    let node = facts.name.clone();
     tokio::spawn(hive_agent::node::keep_lease(
         client.clone(),
         facts,
         LEASE_EVERY,
     ));
+    run_agent(
+        &client,
+        &node,
+        &args.server.data_dir.join("agent"),
+        DEFAULT_RUNTIME,
+    )?;
     let cfg_path = config::path(g.config.as_deref())?;
     let write = !args.no_login && (args.login || !cfg_path.exists());
     if write {
@@ -174,6 +181,59 @@ pub struct AgentArgs {
     /// Run every tenant's instances here instead of binding the node to one tenant.
     #[arg(long)]
     pub shared: bool,
+    /// Where the agent keeps images, containers and their logs.
+    #[arg(long, default_value = "/var/lib/hive-agent")]
+    pub data_dir: PathBuf,
+}
+
+/// Starts the sync loop: this node runs the instances placed on it, pulling images from the
+/// server's registry (plain HTTP when the server is on loopback) with the agent's token.
+fn run_agent(client: &Client, node: &str, data_dir: &std::path::Path, runtime: &str) -> Result<()> {
+    let kind: hive_agent::runtime::RuntimeKind = runtime.parse().map_err(anyhow::Error::msg)?;
+    let oci = hive_agent::runtime::OciRuntime::new(kind, runtime, data_dir.join("runtime"));
+    let shim = hive_agent::runtime::ShimCommand {
+        program: std::env::current_exe().context("find the hive binary for hive shim")?,
+        args: vec!["shim".into()],
+    };
+    let (mut images, containers) = hive_agent::sync::layout(data_dir, oci, shim);
+    let host = client
+        .base()
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .to_owned();
+    if client.base().starts_with("http://") {
+        images.insecure_registries.push(host.clone());
+    }
+    if let Some(token) = client.token() {
+        images.credentials.insert(
+            host,
+            hive_agent::image::Credentials {
+                username: "hive".into(),
+                password: token.to_owned(),
+            },
+        );
+    }
+    let cfg = hive_agent::sync::SyncConfig {
+        node: node.to_owned(),
+        resync: Duration::from_secs(1),
+        stop_grace: Duration::from_secs(10),
+    };
+    let agent = hive_agent::sync::Agent::new(client.clone(), cfg, images, containers)?;
+    // The image store's pull future is not `Send` (borrowing closures in its download
+    // stream), so the sync loop gets a thread and a single-threaded runtime of its own.
+    std::thread::Builder::new()
+        .name("hive-agent".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(agent.run()),
+                Err(e) => tracing::error!(error = %e, "agent runtime"),
+            }
+        })
+        .context("start the agent thread")?;
+    Ok(())
 }
 
 pub async fn agent(ctx: &super::Ctx, args: AgentArgs) -> Result<()> {
@@ -189,6 +249,7 @@ pub async fn agent(ctx: &super::Ctx, args: AgentArgs) -> Result<()> {
         node.name,
         ctx.client.base()
     );
+    run_agent(&ctx.client, &node.name, &args.data_dir, &args.runtime)?;
     tokio::select! {
         _ = hive_agent::node::keep_lease(ctx.client.clone(), facts, LEASE_EVERY) => Ok(()),
         _ = shutdown_signal() => Ok(()),

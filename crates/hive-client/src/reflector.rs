@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use hive_api::{Resource, WatchEventType};
-use hive_client::Client;
 use tokio::sync::{Mutex, mpsc};
+
+use crate::Client;
 
 /// Objects by name.
 pub type Store<R> = Arc<Mutex<BTreeMap<String, R>>>;
@@ -87,6 +88,40 @@ pub async fn reflect<R: Resource>(
             }
         }
         // The stream ended (server restart, compaction, error): relist.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Sends the names of all tenants now, then again whenever a tenant comes or goes. Needs a
+/// platform token. Returns when `tx` closes.
+pub async fn tenant_names(client: Client, tx: mpsc::UnboundedSender<Vec<String>>) {
+    loop {
+        let Ok(list) = client.list::<hive_api::Tenant>(None).await else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        let mut live: Vec<String> = list.items.iter().map(|t| t.name.clone()).collect();
+        if tx.send(live.clone()).is_err() {
+            return;
+        }
+        let Ok(mut stream) = client
+            .watch::<hive_api::Tenant>(None, Some(list.revision))
+            .await
+        else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        while let Some(Ok(ev)) = stream.next().await {
+            match (ev.type_, ev.object) {
+                (WatchEventType::Added, Some(t)) => live.push(t.name),
+                (WatchEventType::Deleted, Some(t)) => live.retain(|n| *n != t.name),
+                (WatchEventType::Error, _) => break,
+                _ => continue,
+            }
+            if tx.send(live.clone()).is_err() {
+                return;
+            }
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

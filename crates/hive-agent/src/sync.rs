@@ -1,0 +1,389 @@
+//! The agent's sync loop: run the instances the scheduler placed on this node, and report
+//! how they are doing.
+//!
+//! It caches every tenant's instances (list + watch; an instance's key is its uid) and, on
+//! every change and every tick, compares what should run here (instances whose `spec.node` is
+//! this node) with the containers that exist (directories of the container root, named by
+//! uid): start what is missing (pull, compose the rootfs, write the spec, start under a
+//! supervisor), report `Running` with the pid, apply the restart policy to what exited, and
+//! stop and remove what is no longer wanted. Everything it needs survives a restart of the
+//! agent on disk, so a new agent picks up where the old one was.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hive_api::{Instance, InstancePhase, RestartPolicy};
+use hive_client::Client;
+use hive_client::reflector::{Store, reflect, tenant_names};
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinHandle;
+
+use crate::image::{ImageStore, StoreConfig};
+use crate::runtime::spec::{self, ContainerConfig, ImageProcess, Limits, ProcessOverride};
+use crate::runtime::{ContainerState, Containers};
+
+/// How the agent runs.
+#[derive(Clone, Debug)]
+pub struct SyncConfig {
+    pub node: String,
+    /// How often everything is compared even without a change (exits are seen this way).
+    pub resync: Duration,
+    /// Grace period of a stop before SIGKILL.
+    pub stop_grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("open the image store in {path}: {source}")]
+    Images {
+        path: PathBuf,
+        source: Box<crate::image::ImageError>,
+    },
+}
+
+/// The desired instances, by uid: (tenant, instance).
+type Wanted = BTreeMap<String, (String, Instance)>;
+
+pub struct Agent {
+    client: Client,
+    cfg: SyncConfig,
+    images: ImageStore,
+    containers: Containers,
+    /// When a failed start may be tried again, and how many times it failed.
+    backoff: HashMap<String, (Instant, u32)>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("node", &self.cfg.node)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where an agent keeps its state under one data dir, and how it reaches the server's
+/// registry.
+pub fn layout(
+    data_dir: &std::path::Path,
+    runtime: crate::runtime::OciRuntime,
+    shim: crate::runtime::ShimCommand,
+) -> (StoreConfig, Containers) {
+    let images = StoreConfig::new(data_dir.join("images"));
+    let containers = Containers::new(runtime, shim, data_dir.join("containers"));
+    (images, containers)
+}
+
+impl Agent {
+    pub fn new(
+        client: Client,
+        cfg: SyncConfig,
+        images: StoreConfig,
+        containers: Containers,
+    ) -> Result<Self, SyncError> {
+        let path = images.root.clone();
+        let images = ImageStore::open(images).map_err(|source| SyncError::Images {
+            path,
+            source: Box::new(source),
+        })?;
+        Ok(Self {
+            client,
+            cfg,
+            images,
+            containers,
+            backoff: HashMap::new(),
+        })
+    }
+
+    pub async fn run(mut self) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        let caches: Arc<Mutex<HashMap<String, Store<Instance>>>> = Arc::default();
+        let discover = tokio::spawn(watch_tenants(self.client.clone(), caches.clone(), tx));
+        let mut tick = tokio::time::interval(self.cfg.resync);
+        loop {
+            tokio::select! {
+                c = rx.recv() => if c.is_none() { break },
+                _ = tick.tick() => {}
+            }
+            while rx.try_recv().is_ok() {}
+            let wanted = self.wanted(&caches).await;
+            self.sync(&wanted).await;
+        }
+        discover.abort();
+    }
+
+    async fn wanted(&self, caches: &Arc<Mutex<HashMap<String, Store<Instance>>>>) -> Wanted {
+        let mut out = Wanted::new();
+        let stores: Vec<(String, Store<Instance>)> = caches
+            .lock()
+            .await
+            .iter()
+            .map(|(t, s)| (t.clone(), s.clone()))
+            .collect();
+        for (tenant, store) in stores {
+            for i in store.lock().await.values() {
+                if i.spec.node.as_deref() == Some(self.cfg.node.as_str()) && !i.uid.is_empty() {
+                    out.insert(i.uid.clone(), (tenant.clone(), i.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    async fn sync(&mut self, wanted: &Wanted) {
+        for id in self.containers.list() {
+            if !wanted.contains_key(&id) {
+                self.remove(&id).await;
+            }
+        }
+        for (id, (tenant, inst)) in wanted {
+            match self.containers.state(id) {
+                ContainerState::Unknown => self.start(id, tenant, inst).await,
+                ContainerState::Running(s) => {
+                    if inst.status.phase != InstancePhase::Running
+                        || inst.status.pid != Some(s.pid as u32)
+                        || !inst.status.ready
+                    {
+                        let mut st = inst.status.clone();
+                        st.phase = InstancePhase::Running;
+                        // No readiness probes yet: a running container is ready.
+                        st.ready = true;
+                        st.pid = Some(s.pid as u32);
+                        st.container_id = id.clone();
+                        st.started_at = Some(s.started_at);
+                        st.exit_code = None;
+                        st.reason.clear();
+                        st.message.clear();
+                        self.report(tenant, inst, st).await;
+                    }
+                }
+                ContainerState::Exited { exit, .. } => {
+                    let failed = exit.exit_code != 0;
+                    let again = match inst.spec.template.restart_policy {
+                        RestartPolicy::Always => true,
+                        RestartPolicy::OnFailure => failed,
+                        RestartPolicy::Never => false,
+                    };
+                    if again {
+                        let restarts = inst.status.restarts + 1;
+                        let wait = Duration::from_millis(100u64 << restarts.min(8))
+                            .min(Duration::from_secs(30));
+                        let due = self
+                            .backoff
+                            .entry(id.clone())
+                            .or_insert((Instant::now() + wait, restarts))
+                            .0;
+                        if Instant::now() >= due {
+                            self.backoff.remove(id);
+                            let _ = self.containers.remove(id).await;
+                            let mut st = inst.status.clone();
+                            st.restarts = restarts;
+                            let mut restarted = inst.clone();
+                            restarted.status = st;
+                            self.start(id, tenant, &restarted).await;
+                        }
+                    } else if matches!(
+                        inst.status.phase,
+                        InstancePhase::Running | InstancePhase::Pending
+                    ) {
+                        let mut st = inst.status.clone();
+                        st.phase = if failed {
+                            InstancePhase::Failed
+                        } else {
+                            InstancePhase::Succeeded
+                        };
+                        st.exit_code = Some(exit.exit_code);
+                        st.reason = if exit.oom_killed {
+                            "OOMKilled"
+                        } else if failed {
+                            "Error"
+                        } else {
+                            "Completed"
+                        }
+                        .into();
+                        st.ready = false;
+                        self.report(tenant, inst, st).await;
+                    }
+                }
+                ContainerState::Lost(_) => {
+                    let _ = self.containers.remove(id).await;
+                }
+            }
+        }
+    }
+
+    /// Pulls, composes, writes the spec and starts; reports the outcome.
+    async fn start(&mut self, id: &str, tenant: &str, inst: &Instance) {
+        if self
+            .backoff
+            .get(id)
+            .is_some_and(|(due, _)| Instant::now() < *due)
+        {
+            return;
+        }
+        let result = self.launch(id, tenant, inst).await;
+        let mut st = inst.status.clone();
+        st.container_id = id.to_owned();
+        match result {
+            Ok(started) => {
+                self.backoff.remove(id);
+                st.phase = InstancePhase::Running;
+                st.ready = true;
+                st.pid = Some(started.pid as u32);
+                st.started_at = Some(started.started_at);
+                st.exit_code = None;
+                st.reason.clear();
+                st.message.clear();
+            }
+            Err((reason, message)) => {
+                let _ = self.containers.remove(id).await;
+                self.images.release_rootfs(id);
+                let failures = self.backoff.get(id).map_or(0, |(_, n)| *n) + 1;
+                let wait =
+                    Duration::from_millis(200u64 << failures.min(7)).min(Duration::from_secs(30));
+                self.backoff
+                    .insert(id.to_owned(), (Instant::now() + wait, failures));
+                tracing::warn!(%tenant, instance = %inst.name, %reason, %message, "start");
+                st.phase = InstancePhase::Pending;
+                st.ready = false;
+                st.pid = None;
+                st.reason = reason.into();
+                st.message = message.chars().take(4000).collect();
+            }
+        }
+        self.report(tenant, inst, st).await;
+    }
+
+    /// Pull, compose, spec, start: the failure's reason and message for the status.
+    async fn launch(
+        &self,
+        id: &str,
+        tenant: &str,
+        inst: &Instance,
+    ) -> Result<crate::runtime::shim::Started, (&'static str, String)> {
+        let t = &inst.spec.template;
+        let image = self
+            .images
+            .pull(&t.image)
+            .await
+            .map_err(|e| ("ImagePullFailed", e.to_string()))?;
+        let rootfs = self
+            .images
+            .compose_rootfs(&image, id)
+            .await
+            .map_err(|e| ("RootfsFailed", e.to_string()))?;
+        let cfg = ContainerConfig {
+            id: id.to_owned(),
+            hostname: inst.name.clone(),
+            rootfs: rootfs.path.clone(),
+            image: ImageProcess {
+                entrypoint: image.config.entrypoint.clone(),
+                cmd: image.config.cmd.clone(),
+                env: image.config.env.clone(),
+                working_dir: image.config.working_dir.clone().unwrap_or_default(),
+                user: image.config.user.clone().unwrap_or_default(),
+            },
+            overrides: ProcessOverride {
+                command: t.command.clone(),
+                args: t.args.clone(),
+                env: t
+                    .env
+                    .iter()
+                    .map(|e| (e.name.clone(), e.value.clone()))
+                    .collect(),
+            },
+            limits: Limits {
+                cpu_millis: t.resources.limits.cpu_millis,
+                cpu_request_millis: t.resources.requests.cpu_millis,
+                memory_bytes: t.resources.limits.memory_bytes,
+                pids: t.resources.pids_limit,
+            },
+            cgroups_path: format!("/hive/{tenant}/{}", inst.name).into(),
+            netns: None,
+        };
+        let spec = spec::build(&cfg).map_err(|e| ("InvalidSpec", e.to_string()))?;
+        self.containers
+            .start(id, &spec, &cfg.cgroups_path)
+            .await
+            .map_err(|e| ("StartFailed", e.to_string()))
+    }
+
+    async fn remove(&mut self, id: &str) {
+        if matches!(self.containers.state(id), ContainerState::Running(_)) {
+            let _ = self.containers.stop(id, "TERM", self.cfg.stop_grace).await;
+        }
+        if let Err(e) = self.containers.remove(id).await {
+            tracing::warn!(container = %id, error = %e, "remove");
+            return;
+        }
+        for e in self.images.release_rootfs(id) {
+            tracing::warn!(container = %id, error = %e, "release rootfs");
+        }
+        self.backoff.remove(id);
+    }
+
+    async fn report(&self, tenant: &str, inst: &Instance, status: hive_api::InstanceStatus) {
+        if inst.status == status {
+            return;
+        }
+        let mut update = inst.clone();
+        update.status = status;
+        update.revision = 0;
+        if let Err(e) = self.client.update_status(Some(tenant), &update).await {
+            tracing::debug!(%tenant, instance = %inst.name, error = %e, "report status");
+        }
+    }
+}
+
+/// Keeps one instance cache per tenant; every change pokes `tx`.
+async fn watch_tenants(
+    client: Client,
+    caches: Arc<Mutex<HashMap<String, Store<Instance>>>>,
+    tx: mpsc::UnboundedSender<()>,
+) {
+    let (ttx, mut trx) = mpsc::unbounded_channel();
+    let names = tokio::spawn(tenant_names(client.clone(), ttx));
+    let mut workers: HashMap<String, JoinHandle<()>> = HashMap::new();
+    while let Some(live) = trx.recv().await {
+        workers.retain(|t, h| {
+            let keep = live.contains(t) && !h.is_finished();
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        let mut c = caches.lock().await;
+        c.retain(|t, _| live.contains(t));
+        for t in &live {
+            if workers.contains_key(t) {
+                continue;
+            }
+            let store: Store<Instance> = Arc::default();
+            c.insert(t.clone(), store.clone());
+            let (itx, mut irx) = mpsc::unbounded_channel();
+            let poke = tx.clone();
+            let (client, tenant) = (client.clone(), t.clone());
+            workers.insert(
+                t.clone(),
+                tokio::spawn(async move {
+                    let r = tokio::spawn(reflect(client, Some(tenant), store, itx));
+                    while irx.recv().await.is_some() {
+                        if poke.send(()).is_err() {
+                            break;
+                        }
+                    }
+                    r.abort();
+                }),
+            );
+        }
+        drop(c);
+        if tx.send(()).is_err() {
+            break;
+        }
+    }
+    names.abort();
+    for h in workers.into_values() {
+        h.abort();
+    }
+}
