@@ -62,15 +62,17 @@ for _ in $(seq 100); do
 done
 hive service ls
 hive instance ls
+hive logs --tail 1 demo
 hive node ls
 hive events
 cat <<MSG
 
 Hive is running (pid $(cat "$PIDFILE")), API at http://$LISTEN, OpenAPI at http://$LISTEN/api/v1/openapi.json.
 The CLI is logged in as the platform admin (token in $DATA/admin.token). Try:
-  hive tenant create acme && hive --tenant acme token create --role tenant-admin
+  hive logs -f demo
+  hive run --name hello $DEMO_IMAGE sh -c 'echo hello; sleep 3600' && hive logs hello
   hive scale demo 3 && hive events -f
-Stop it with: kill \$(cat $PIDFILE)
-The demo's containers write to $DATA/agent/containers/<instance uid>/container.log.
-Not built yet: logs and exec through the CLI, networking between and into containers.
+  hive tenant create acme && hive --tenant acme token create --role tenant-admin
+Stop it with: kill \$(cat $PIDFILE)   (containers keep running; start it again to adopt them)
+Not built yet: exec, networking between and into containers.
 MSG

@@ -6,10 +6,13 @@
 //!   supervisor that outlives the agent.
 //! - [`node`]: registers this host as a Node and keeps its lease fresh.
 //! - [`sync`]: runs the instances placed on this node and reports their status.
+//! - [`api`]: the agent's HTTP API for the server (container logs), checked with node proxy
+//!   tokens.
 //!
 //! The agent talks to the control plane only through the API (`hive-client`), never to the
 //! store.
 
+pub mod api;
 pub mod image;
 pub mod node;
 pub mod runtime;

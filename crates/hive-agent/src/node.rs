@@ -20,6 +20,8 @@ pub struct HostFacts {
     pub runtime: String,
     /// Register as a node that runs every tenant's instances (never bound to one).
     pub shared: bool,
+    /// Where the server reaches this agent's API (empty: nowhere).
+    pub agent_url: String,
 }
 
 fn read_trim(path: impl AsRef<Path>) -> Option<String> {
@@ -69,6 +71,7 @@ pub fn host_facts(runtime: &str) -> HostFacts {
         arch: std::env::consts::ARCH.to_owned(),
         runtime: runtime.to_owned(),
         shared: false,
+        agent_url: String::new(),
     }
 }
 
@@ -89,6 +92,7 @@ fn status(facts: &HostFacts) -> NodeStatus {
         arch: facts.arch.clone(),
         runtime: facts.runtime.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        agent_url: facts.agent_url.clone(),
         lease_renewed_at: Some(Utc::now()),
         ready: true,
     }

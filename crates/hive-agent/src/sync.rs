@@ -132,10 +132,17 @@ impl Agent {
     }
 
     async fn sync(&mut self, wanted: &Wanted) {
-        for id in self.containers.list() {
-            if !wanted.contains_key(&id) {
-                self.remove(&id).await;
-            }
+        let unwanted: Vec<String> = self
+            .containers
+            .list()
+            .into_iter()
+            .filter(|id| !wanted.contains_key(id))
+            .collect();
+        // Stops wait out each container's grace period: all at once, not one after another.
+        let stops = unwanted.iter().map(|id| self.stop(id));
+        futures_util::future::join_all(stops).await;
+        for id in &unwanted {
+            self.remove(id).await;
         }
         for (id, (tenant, inst)) in wanted {
             match self.containers.state(id) {
@@ -176,7 +183,12 @@ impl Agent {
                             .0;
                         if Instant::now() >= due {
                             self.backoff.remove(id);
+                            // A restart starts from a fresh root filesystem, like a new
+                            // container of the same instance.
                             let _ = self.containers.remove(id).await;
+                            for e in self.images.release_rootfs(id) {
+                                tracing::warn!(container = %id, error = %e, "release rootfs");
+                            }
                             let mut st = inst.status.clone();
                             st.restarts = restarts;
                             let mut restarted = inst.clone();
@@ -283,6 +295,7 @@ impl Agent {
                 env: image.config.env.clone(),
                 working_dir: image.config.working_dir.clone().unwrap_or_default(),
                 user: image.config.user.clone().unwrap_or_default(),
+                stop_signal: image.config.stop_signal.clone().unwrap_or_default(),
             },
             overrides: ProcessOverride {
                 command: t.command.clone(),
@@ -309,10 +322,19 @@ impl Agent {
             .map_err(|e| ("StartFailed", e.to_string()))
     }
 
-    async fn remove(&mut self, id: &str) {
+    /// Asks a running container to stop with its image's stop signal; SIGKILL after the
+    /// grace period.
+    async fn stop(&self, id: &str) {
         if matches!(self.containers.state(id), ContainerState::Running(_)) {
-            let _ = self.containers.stop(id, "TERM", self.cfg.stop_grace).await;
+            let signal = self.containers.stop_signal(id);
+            if let Err(e) = self.containers.stop(id, &signal, self.cfg.stop_grace).await {
+                tracing::warn!(container = %id, error = %e, "stop");
+            }
         }
+    }
+
+    async fn remove(&mut self, id: &str) {
+        self.stop(id).await;
         if let Err(e) = self.containers.remove(id).await {
             tracing::warn!(container = %id, error = %e, "remove");
             return;

@@ -35,6 +35,10 @@ pub enum ErrorCode {
     RouteNotFound,
     /// The state store cannot be reached.
     Unavailable,
+    /// The instance has no container yet (not placed, or its node has not started it).
+    NotStarted,
+    /// The node agent that holds the instance's container cannot be reached.
+    NodeUnreachable,
     /// An internal error; details are in the server log under the request id.
     Internal,
 }
@@ -55,6 +59,8 @@ impl ErrorCode {
             ErrorCode::RateLimited => 429,
             ErrorCode::Internal => 500,
             ErrorCode::Unavailable => 503,
+            ErrorCode::NotStarted => 409,
+            ErrorCode::NodeUnreachable => 502,
         }
     }
 
@@ -74,6 +80,8 @@ impl ErrorCode {
             ErrorCode::RevisionCompacted => "revision_compacted",
             ErrorCode::RouteNotFound => "route_not_found",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::NotStarted => "not_started",
+            ErrorCode::NodeUnreachable => "node_unreachable",
             ErrorCode::Internal => "internal",
         }
     }
@@ -106,6 +114,8 @@ mod tests {
             ErrorCode::TokenExpired,
             ErrorCode::RevisionCompacted,
             ErrorCode::MalformedBody,
+            ErrorCode::NotStarted,
+            ErrorCode::NodeUnreachable,
         ] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));

@@ -10,6 +10,7 @@ pub mod event;
 pub mod instance;
 pub mod meta;
 pub mod node;
+pub mod proxy;
 pub mod service;
 pub mod tenant;
 pub mod token;
@@ -21,6 +22,7 @@ pub use event::{Event, EventType, ObjectRef};
 pub use instance::{Instance, InstancePhase, InstanceSpec, InstanceStatus};
 pub use meta::{List, Resource, Scope};
 pub use node::{Node, NodeCapacity, NodeSpec, NodeStatus};
+pub use proxy::{ProxyClaims, ProxyKey, ProxyOp, ProxySigner};
 pub use service::{
     ContainerSpec, EnvVar, PortSpec, Protocol, ResourceAmounts, Resources, RestartPolicy, Service,
     ServiceSpec, ServiceStatus,

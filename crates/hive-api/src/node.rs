@@ -74,6 +74,9 @@ pub struct NodeStatus {
     pub runtime: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub agent_version: String,
+    /// Where the API server reaches the agent (logs, exec), e.g. `http://10.0.0.5:7081`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent_url: String,
     /// When the agent last renewed its lease; absent until an agent runs on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_renewed_at: Option<DateTime<Utc>>,
@@ -109,6 +112,58 @@ impl Resource for Node {
         ] {
             validate::kernel_string(f, v, 256)?;
         }
+        let url = &self.status.agent_url;
+        if !url.is_empty() {
+            let rest = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"));
+            let ok = url.len() <= 256
+                && rest.is_some_and(|hp| {
+                    !hp.is_empty()
+                        && hp.chars().all(|c| {
+                            c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')
+                        })
+                });
+            if !ok {
+                return Err(ValidationError::new(
+                    "status.agent_url",
+                    "must be http://HOST:PORT or https://HOST:PORT (no path), at most 256 characters",
+                ));
+            }
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_urls_are_scheme_host_and_port_only() {
+        let mut n = Node {
+            name: "n1".into(),
+            ..Default::default()
+        };
+        for good in [
+            "",
+            "http://127.0.0.1:7081",
+            "https://node-1.example:443",
+            "http://[::1]:1",
+        ] {
+            n.status.agent_url = good.into();
+            assert!(n.validate().is_ok(), "{good}");
+        }
+        for bad in [
+            "127.0.0.1:7081",
+            "http://",
+            "http://h:1/path",
+            "http://h:1?x=y",
+            "http://user@h:1",
+            "file:///etc/passwd",
+        ] {
+            n.status.agent_url = bad.into();
+            assert_eq!(n.validate().unwrap_err().field, "status.agent_url", "{bad}");
+        }
     }
 }

@@ -81,6 +81,43 @@ pub fn segment(s: &str) -> String {
     out
 }
 
+/// The HTTP client Hive's parts talk to each other with: rustls on ring, short connect
+/// timeout, a pool per host, no Nagle.
+pub fn http() -> Result<reqwest::Client> {
+    // reqwest is built without a default TLS provider: pick ring (no C toolchain needed).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(64)
+        .tcp_nodelay(true)
+        .build()
+        .map_err(ClientError::Build)
+}
+
+/// What `GET …/instances/{name}/logs` returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogsQuery {
+    /// Keep streaming until the container exits.
+    pub follow: bool,
+    /// Only the last N lines.
+    pub tail: Option<u64>,
+    /// Prefix each line with its RFC 3339 time.
+    pub timestamps: bool,
+}
+
+impl LogsQuery {
+    pub fn to_query(&self) -> String {
+        let mut q = format!("follow={}&timestamps={}", self.follow, self.timestamps);
+        if let Some(n) = self.tail {
+            q.push_str(&format!("&tail={n}"));
+        }
+        q
+    }
+}
+
+/// Bytes as they arrive.
+pub type ByteStream = std::pin::Pin<Box<dyn Stream<Item = Result<bytes::Bytes>> + Send>>;
+
 impl Client {
     /// A client of the server at `base` (`http://127.0.0.1:7080`) acting with `token`.
     pub fn new(base: &str, token: Option<String>) -> Result<Self> {
@@ -88,15 +125,11 @@ impl Client {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(ClientError::Url(base));
         }
-        // reqwest is built without a default TLS provider: pick ring (no C toolchain needed).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .pool_max_idle_per_host(64)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(ClientError::Build)?;
-        Ok(Self { http, base, token })
+        Ok(Self {
+            http: http()?,
+            base,
+            token,
+        })
     }
 
     pub fn base(&self) -> &str {
@@ -282,6 +315,42 @@ impl Client {
             None::<&()>,
         )
         .await
+    }
+
+    /// The server's key for node proxy tokens.
+    pub async fn proxy_key(&self) -> Result<hive_api::ProxyKey> {
+        self.send(Method::GET, &format!("{API_PREFIX}/proxy-key"), None::<&()>)
+            .await
+    }
+
+    /// An instance's container output (stdout and stderr in order), streamed.
+    pub async fn logs(&self, tenant: &str, instance: &str, q: &LogsQuery) -> Result<ByteStream> {
+        let path = format!(
+            "{}/logs?{}",
+            Self::item_path::<hive_api::Instance>(Some(tenant), instance),
+            q.to_query()
+        );
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .request(Method::GET, &path)
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport {
+                method: Method::GET,
+                url: url.clone(),
+                source,
+            })?;
+        let resp = check(resp).await?;
+        Ok(resp
+            .bytes_stream()
+            .map(move |r| {
+                r.map_err(|source| ClientError::Transport {
+                    method: Method::GET,
+                    url: url.clone(),
+                    source,
+                })
+            })
+            .boxed())
     }
 
     /// `GET /healthz`: the server answers and its store is readable.

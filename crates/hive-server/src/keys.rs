@@ -42,6 +42,9 @@ pub fn token_index_prefix(tenant: Option<&str>) -> String {
 /// Set once the platform admin exists.
 pub const BOOTSTRAP: &str = "/platform/bootstrap";
 
+/// The Ed25519 key (PKCS#8) that signs node proxy tokens.
+pub const PROXY_KEY: &str = "/platform/proxy-key";
+
 #[cfg(test)]
 mod tests {
     use super::*;

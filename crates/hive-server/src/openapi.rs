@@ -207,13 +207,17 @@ fn error_description(status: &str) -> &'static str {
         "401" => "unauthenticated or token_expired",
         "403" => "forbidden: the token's role does not allow this",
         "404" => "not_found (also for another tenant's objects)",
-        "409" => "already_exists, or conflict: the revision precondition failed",
+        "409" => {
+            "already_exists, conflict (the revision precondition failed), or not_started (no \
+             container yet)"
+        }
         "410" => "revision_compacted: list again and watch from the list's revision",
         "413" => "payload_too_large",
         "415" => "unsupported_media_type",
         "422" => "invalid: validation failed; the message names the field",
         "429" => "rate_limited: retry after the Retry-After header's seconds",
         "500" => "internal",
+        "502" => "node_unreachable: the instance's node agent did not answer",
         "503" => "unavailable: the state store cannot be reached",
         _ => "error",
     }

@@ -101,7 +101,7 @@ pub struct DeleteQuery {
     pub revision: Option<Revision>,
 }
 
-fn query<T: Default>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
+pub(crate) fn query<T: Default>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
     q.map(|Query(v)| v)
         .map_err(|e| ApiError::invalid(format!("query string: {}", e.body_text())))
 }
@@ -331,7 +331,7 @@ pub async fn get<R: Served>(
 }
 
 /// Reads one object, or "not found".
-async fn read<R: Resource>(
+pub(crate) async fn read<R: Resource>(
     st: &AppState,
     guard: Option<&TenantGuard>,
     name: &str,

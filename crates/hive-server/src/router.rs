@@ -6,8 +6,8 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, put};
 use hive_api::{
-    API_PREFIX, ApiToken, CreatedToken, Event, Instance, Node, Scope, Service, Tenant, TokenCreate,
-    WhoAmI,
+    API_PREFIX, ApiToken, CreatedToken, Event, Instance, Node, ProxyKey, Scope, Service, Tenant,
+    TokenCreate, WhoAmI,
 };
 use utoipa::openapi::path::HttpMethod;
 use utoipa::openapi::schema::Type;
@@ -17,7 +17,7 @@ use crate::middleware;
 use crate::openapi::{ApiDoc, Op, title_case};
 use crate::resources::{self, Served};
 use crate::state::AppState;
-use crate::{auth, tenants, tokens};
+use crate::{auth, nodeproxy, tenants, tokens};
 
 const LIST_QUERY: &[(&str, &str, Type)] = &[
     (
@@ -228,6 +228,61 @@ impl Table {
     }
 }
 
+impl Table {
+    /// Routes passed on to the node agents, and the key they check them with.
+    fn node_proxy(&mut self) {
+        let logs = format!("{API_PREFIX}/tenants/{{tenant}}/instances/{{name}}/logs");
+        self.route(&logs, get(nodeproxy::logs));
+        self.doc.add(Op {
+            method: HttpMethod::Get,
+            path: &logs,
+            id: "readInstanceLogs".into(),
+            tag: "instances",
+            summary: "The container's stdout and stderr as text, in order, streamed from its node \
+                      (viewer and up)"
+                .into(),
+            body: None,
+            ok_status: "200",
+            ok: None,
+            query: &[
+                (
+                    "follow",
+                    "keep streaming new output until the container exits",
+                    Type::Boolean,
+                ),
+                (
+                    "tail",
+                    "only the last N lines (at most 100000)",
+                    Type::Integer,
+                ),
+                (
+                    "timestamps",
+                    "prefix every line with its RFC 3339 time",
+                    Type::Boolean,
+                ),
+            ],
+            errors: &["403", "404", "409", "422", "502"],
+            auth: true,
+        });
+        let key = format!("{API_PREFIX}/proxy-key");
+        self.route(&key, get(nodeproxy::proxy_key));
+        let schema = self.doc.schema::<ProxyKey>();
+        self.doc.add(Op {
+            method: HttpMethod::Get,
+            path: &key,
+            id: "readProxyKey".into(),
+            tag: "nodes",
+            summary: "The public key agents verify node proxy tokens with".into(),
+            body: None,
+            ok_status: "200",
+            ok: Some(schema),
+            query: &[],
+            errors: &[],
+            auth: true,
+        });
+    }
+}
+
 #[derive(Default)]
 struct Custom {
     list: Option<MethodRouter<AppState>>,
@@ -261,6 +316,7 @@ fn table() -> Table {
     t.resource::<Node>(with_status());
     t.tokens(&format!("{API_PREFIX}/tenants/{{tenant}}/tokens"), "Tenant");
     t.tokens(&format!("{API_PREFIX}/tokens"), "Platform");
+    t.node_proxy();
     t.route(&format!("{API_PREFIX}/whoami"), get(tokens::whoami));
     let who = t.doc.schema::<WhoAmI>();
     t.doc.add(Op {

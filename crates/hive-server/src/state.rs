@@ -48,6 +48,10 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     /// The image registry served under `/v2/`, its data under `DATA_DIR/registry`.
     pub registry: Arc<Registry>,
+    /// The key that signs node proxy tokens (loaded from the store on first use).
+    pub proxy_signer: Arc<tokio::sync::OnceCell<hive_api::ProxySigner>>,
+    /// The HTTP client requests to agents go through.
+    pub proxy_http: Arc<tokio::sync::OnceCell<reqwest::Client>>,
     /// Becomes true when the server shuts down: long-lived streams end so that graceful
     /// shutdown does not wait for watchers forever.
     closing: tokio::sync::watch::Receiver<bool>,
@@ -73,6 +77,8 @@ impl AppState {
         );
         Self {
             registry: Arc::new(registry),
+            proxy_signer: Arc::default(),
+            proxy_http: Arc::default(),
             store,
             limiter: Arc::new(RateLimiter::new(config.rate_limit)),
             config: Arc::new(config),

@@ -99,12 +99,22 @@ fn instances(cfg: &Path) -> Vec<Value> {
     json(cfg, &["instance", "ls"]).as_array().unwrap().clone()
 }
 
-#[test]
-fn a_service_runs_as_a_real_container_and_scaling_to_zero_removes_it() {
+/// `hive up` in a temp dir with a busybox image pushed into its registry.
+struct Setup {
+    // Dropped in this order: the server first, then the leftovers, then the directory.
+    up: Up,
+    _cleanup: Cleanup,
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    cfg: PathBuf,
+    image: String,
+}
+
+fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let cfg = dir.path().join("cli.json");
-    let _cleanup = Cleanup {
+    let cleanup = Cleanup {
         agent_dir: data.join("agent"),
     };
     let up: Up = start_up(&data, &cfg);
@@ -113,7 +123,6 @@ fn a_service_runs_as_a_real_container_and_scaling_to_zero_removes_it() {
         .unwrap()
         .trim()
         .to_owned();
-
     let layout = busybox_layout(dir.path());
     run(
         "skopeo",
@@ -126,15 +135,47 @@ fn a_service_runs_as_a_real_container_and_scaling_to_zero_removes_it() {
             &format!("docker://{host}/default/busybox:test"),
         ],
     );
-    let image = format!("{host}/default/busybox:test");
+    Setup {
+        up,
+        _cleanup: cleanup,
+        image: format!("{host}/default/busybox:test"),
+        _dir: dir,
+        data,
+        cfg,
+    }
+}
+
+/// Waits for `what` about the instances of `service` to hold, up to `secs`.
+fn wait_instance(cfg: &Path, service: &str, secs: u64, what: impl Fn(&Value) -> bool) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let list = instances(cfg);
+        if let Some(i) = list
+            .iter()
+            .find(|i| i["spec"]["service"] == service && what(i))
+        {
+            return i.clone();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "{service}: condition not met in {secs} s: {list:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_service_runs_as_a_real_container_and_scaling_to_zero_removes_it() {
+    let s = setup();
+    let (data, cfg, image) = (&s.data, &s.cfg, &s.image);
     ok(
-        &cfg,
+        cfg,
         &[
             "service",
             "create",
             "web",
             "--image",
-            &image,
+            image,
             "--",
             "sh",
             "-c",
@@ -142,18 +183,7 @@ fn a_service_runs_as_a_real_container_and_scaling_to_zero_removes_it() {
         ],
     );
 
-    let t0 = Instant::now();
-    let running = loop {
-        let list = instances(&cfg);
-        if let Some(i) = list.iter().find(|i| i["status"]["phase"] == "running") {
-            break i.clone();
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no instance running: {list:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let running = wait_instance(cfg, "web", 60, |i| i["status"]["phase"] == "running");
     assert_eq!(running["status"]["ready"], true, "{running:#}");
     let pid = running["status"]["pid"].as_u64().unwrap();
     let cmdline =
@@ -181,15 +211,29 @@ fn a_service_runs_as_a_real_container_and_scaling_to_zero_removes_it() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The same output through the API, by instance and by service.
+    let name = running["name"].as_str().unwrap();
+    assert_eq!(ok(cfg, &["logs", name]), "hello from hive\n");
+    assert_eq!(
+        ok(cfg, &["logs", "--tail", "1", "web"]),
+        "hello from hive\n"
+    );
+    let stamped = ok(cfg, &["logs", "-t", "web"]);
+    let (time, rest) = stamped.split_once(' ').unwrap();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(time).is_ok(),
+        "{stamped}"
+    );
+    assert_eq!(rest, "hello from hive\n");
 
-    ok(&cfg, &["scale", "web", "0"]);
+    ok(cfg, &["scale", "web", "0"]);
     let agent_dir = data.join("agent").to_string_lossy().into_owned();
     let cgroup =
         Path::new("/sys/fs/cgroup/memory/hive/default/").join(running["name"].as_str().unwrap());
     let t0 = Instant::now();
     loop {
         let left = [
-            ("instances", !instances(&cfg).is_empty()),
+            ("instances", !instances(cfg).is_empty()),
             ("process", Path::new(&format!("/proc/{pid}")).exists()),
             ("container dir", log.exists()),
             (
@@ -210,5 +254,208 @@ fn a_service_runs_as_a_real_container_and_scaling_to_zero_removes_it() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    drop(up);
+    drop(s);
+}
+
+#[test]
+fn run_logs_follow_restart_policies_and_rm() {
+    let s = setup();
+    let (cfg, image) = (&s.cfg, &s.image);
+
+    // A one-shot command: `logs -f` streams it and ends when the container exits.
+    let out = ok(
+        cfg,
+        &[
+            "run",
+            "--name",
+            "count",
+            "--restart",
+            "never",
+            image,
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5; do echo n$i; sleep 0.3; done; echo bye >&2",
+        ],
+    );
+    assert!(out.starts_with("count: instance count-"), "{out}");
+    let t0 = Instant::now();
+    let followed = ok(cfg, &["logs", "-f", "count"]);
+    assert_eq!(followed, "n1\nn2\nn3\nn4\nn5\nbye\n");
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    let done = wait_instance(cfg, "count", 30, |i| i["status"]["phase"] == "succeeded");
+    assert_eq!(done["status"]["exit_code"], 0);
+    assert_eq!(done["status"]["reason"], "Completed");
+
+    // on-failure restarts a failing command with backoff and counts it; never does not.
+    ok(
+        cfg,
+        &[
+            "run",
+            "--name",
+            "flaky",
+            "--restart",
+            "on-failure",
+            "-d",
+            image,
+            "sh",
+            "-c",
+            "echo try; exit 3",
+        ],
+    );
+    ok(
+        cfg,
+        &[
+            "run",
+            "--name",
+            "broken",
+            "--restart",
+            "never",
+            "-d",
+            image,
+            "sh",
+            "-c",
+            "exit 7",
+        ],
+    );
+    let flaky = wait_instance(cfg, "flaky", 60, |i| {
+        i["status"]["restarts"].as_u64().unwrap_or(0) >= 2
+    });
+    assert_ne!(flaky["status"]["reason"], "RootfsFailed", "{flaky:#}");
+    let broken = wait_instance(cfg, "broken", 30, |i| i["status"]["phase"] == "failed");
+    assert_eq!(broken["status"]["exit_code"], 7);
+    assert_eq!(broken["status"]["reason"], "Error");
+    assert_eq!(broken["status"]["restarts"], 0);
+
+    // Bad input: an image that is not there fails `run` with the agent's reason.
+    let out = common::hive(
+        cfg,
+        &["run", "--name", "ghost", &format!("{image}-missing")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ImagePullFailed"), "{err}");
+
+    // Another tenant cannot read these logs, nor learn that they exist.
+    ok(cfg, &["tenant", "create", "other"]);
+    let created = json(
+        cfg,
+        &["--tenant", "other", "token", "create", "--role", "viewer"],
+    );
+    let token = created["token"].as_str().unwrap();
+    let theirs = common::hive(
+        cfg,
+        &[
+            "--server", &s.up.url, "--token", token, "--tenant", "default", "logs", "count",
+        ],
+    );
+    assert_eq!(theirs.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&theirs.stderr).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&theirs.stderr)
+    );
+
+    // rm deletes the services; the agent removes their containers.
+    ok(cfg, &["rm", "count", "flaky", "broken", "ghost"]);
+    assert!(instances(cfg).is_empty());
+    let containers = s.data.join("agent/containers");
+    let t0 = Instant::now();
+    while std::fs::read_dir(&containers).unwrap().count() > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "containers left after rm"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(s);
+}
+
+#[test]
+fn containers_survive_a_kill_9_of_hive_up_and_are_adopted_again() {
+    let mut s = setup();
+    let (cfg, image) = (s.cfg.clone(), s.image.clone());
+    ok(
+        &cfg,
+        &[
+            "service",
+            "create",
+            "idle",
+            "--image",
+            &image,
+            "--replicas",
+            "20",
+            "--memory",
+            "16Mi",
+            "--",
+            "sleep",
+            "1000",
+        ],
+    );
+    let t0 = Instant::now();
+    let before = loop {
+        let list = instances(&cfg);
+        let running: Vec<&Value> = list
+            .iter()
+            .filter(|i| i["status"]["phase"] == "running")
+            .collect();
+        if running.len() == 20 {
+            break list;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "{} of 20 running",
+            running.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let pids = |list: &[Value]| -> std::collections::BTreeMap<String, u64> {
+        list.iter()
+            .map(|i| {
+                (
+                    i["name"].as_str().unwrap().to_owned(),
+                    i["status"]["pid"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    let want = pids(&before);
+
+    // kill -9 of the server and its agent; every container keeps running meanwhile.
+    s.up.child.kill().unwrap();
+    s.up.child.wait().unwrap();
+    for pid in want.values() {
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} died"
+        );
+    }
+    s.up = start_up(&s.data, &cfg);
+    // Let the new agent see everything a few times over.
+    std::thread::sleep(Duration::from_secs(3));
+    let after = instances(&cfg);
+    assert_eq!(pids(&after), want, "containers were restarted or lost");
+    for i in &after {
+        assert_eq!(i["status"]["phase"], "running", "{i:#}");
+        assert_eq!(i["status"]["restarts"], 0, "{i:#}");
+    }
+    for pid in want.values() {
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} died"
+        );
+    }
+    // And the adopted containers are still under control: scaling down removes them.
+    ok(&cfg, &["scale", "idle", "0"]);
+    let t0 = Instant::now();
+    while want
+        .values()
+        .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "adopted containers not stopped"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(s);
 }

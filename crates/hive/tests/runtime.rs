@@ -121,7 +121,13 @@ impl Fixture {
 }
 
 fn shim_content(line: &str) -> Option<String> {
-    hive_agent::runtime::logs::parse(line).map(|r| format!("{} {}", r.stream, r.content))
+    hive_agent::runtime::logs::parse(line.as_bytes()).map(|r| {
+        format!(
+            "{} {}",
+            String::from_utf8_lossy(r.stream),
+            String::from_utf8_lossy(r.content)
+        )
+    })
 }
 
 impl Drop for Fixture {

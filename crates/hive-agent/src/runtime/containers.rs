@@ -246,6 +246,20 @@ impl Containers {
             })
     }
 
+    /// The signal that stops this container gracefully: the image's, kept in its bundle.
+    pub fn stop_signal(&self, id: &str) -> String {
+        fs::read(self.dir(id).join("bundle/config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Spec>(&b).ok())
+            .and_then(|s| {
+                s.annotations()
+                    .as_ref()
+                    .and_then(|a| a.get(super::spec::STOP_SIGNAL_ANNOTATION).cloned())
+            })
+            .map(|s| super::spec::stop_signal(&s))
+            .unwrap_or_else(|| "TERM".to_owned())
+    }
+
     /// Removes the container from the runtime (killing it if needed) and deletes its
     /// directory (bundle, records, logs). Idempotent.
     pub async fn remove(&self, id: &str) -> Result<(), ContainerError> {

@@ -45,6 +45,28 @@ pub struct ImageProcess {
     pub env: Vec<String>,
     pub working_dir: String,
     pub user: String,
+    /// The signal that asks it to stop (`SIGQUIT`, `15`…); empty means SIGTERM.
+    pub stop_signal: String,
+}
+
+/// The bundle annotation that keeps the image's stop signal for whoever stops the container.
+pub const STOP_SIGNAL_ANNOTATION: &str = "org.opencontainers.image.stopSignal";
+
+/// A signal name or number as `runc kill` takes it, from an image (hostile input): `TERM`
+/// when it is not one.
+pub fn stop_signal(raw: &str) -> String {
+    let name = raw.strip_prefix("SIG").unwrap_or(raw);
+    let number = name.parse::<u8>().is_ok_and(|n| (1..=64).contains(&n));
+    let named = name.starts_with(|c: char| c.is_ascii_uppercase())
+        && name.len() <= 12
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'+' || b == b'-');
+    if number || named {
+        name.to_owned()
+    } else {
+        "TERM".to_owned()
+    }
 }
 
 /// What the service's template overrides.
@@ -404,6 +426,15 @@ pub fn build(cfg: &ContainerConfig) -> Result<Spec, SpecError> {
             .map_err(&err)?,
     ));
     spec.set_linux(Some(linux));
+    if !cfg.image.stop_signal.is_empty() {
+        spec.set_annotations(Some(
+            [(
+                STOP_SIGNAL_ANNOTATION.to_owned(),
+                stop_signal(&cfg.image.stop_signal),
+            )]
+            .into(),
+        ));
+    }
     Ok(spec)
 }
 
@@ -422,6 +453,26 @@ mod tests {
             env: vec!["A=1".into(), "B=2".into()],
             working_dir: "/srv".into(),
             user: String::new(),
+            stop_signal: String::new(),
+        }
+    }
+
+    #[test]
+    fn stop_signals_from_images_are_checked() {
+        assert_eq!(stop_signal("SIGQUIT"), "QUIT");
+        assert_eq!(stop_signal("QUIT"), "QUIT");
+        assert_eq!(stop_signal("9"), "9");
+        assert_eq!(stop_signal("SIGRTMIN+3"), "RTMIN+3");
+        for bad in [
+            "",
+            "0",
+            "65",
+            "--all",
+            "quit",
+            "TERM; rm -rf /",
+            "SIGVERYLONGNAME1",
+        ] {
+            assert_eq!(stop_signal(bad), "TERM", "{bad}");
         }
     }
 

@@ -5,6 +5,7 @@ mod output;
 mod quantity;
 mod resources;
 mod up;
+mod workload;
 
 use std::path::PathBuf;
 
@@ -74,6 +75,12 @@ pub enum Command {
     Instance(resources::InstanceCmd),
     /// Set a service's replicas (same as `hive service scale`).
     Scale(resources::ScaleArgs),
+    /// Run an image as a service of one replica and wait until its container runs.
+    Run(Box<workload::RunArgs>),
+    /// Remove services and their containers.
+    Rm(workload::RmArgs),
+    /// Print an instance's (or a service's) container output.
+    Logs(workload::LogsArgs),
     /// Manage nodes (platform admin).
     #[command(subcommand)]
     Node(resources::NodeCmd),
@@ -220,6 +227,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Token(cmd) => resources::token(&Ctx::new(g).await?, cmd).await,
         Command::Service(cmd) => resources::service(&Ctx::new(g).await?, cmd).await,
         Command::Scale(args) => resources::scale(&Ctx::new(g).await?, args).await,
+        Command::Run(args) => workload::run(&Ctx::new(g).await?, *args).await,
+        Command::Rm(args) => workload::rm(&Ctx::new(g).await?, args).await,
+        Command::Logs(args) => workload::logs(&Ctx::new(g).await?, args).await,
         Command::Instance(cmd) => resources::instance(&Ctx::new(g).await?, cmd).await,
         Command::Node(cmd) => resources::node(&Ctx::new(g).await?, cmd).await,
         Command::Events(args) => resources::events(&Ctx::new(g).await?, args).await,

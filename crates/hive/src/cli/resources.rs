@@ -76,6 +76,16 @@ pub struct ServiceCreate {
     pub image: String,
     #[arg(long, default_value_t = 1)]
     pub replicas: u32,
+    #[command(flatten)]
+    pub template: TemplateArgs,
+    /// Arguments: replace the image's cmd.
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+/// How each instance of a service runs (`hive service create` and `hive run`).
+#[derive(Debug, Args)]
+pub struct TemplateArgs {
     /// Replace the image's entrypoint.
     #[arg(long)]
     pub entrypoint: Option<String>,
@@ -105,9 +115,53 @@ pub struct ServiceCreate {
     /// Label KEY=VALUE (repeatable).
     #[arg(long = "label", short = 'l')]
     pub labels: Vec<String>,
-    /// Arguments: replace the image's cmd.
-    #[arg(last = true)]
-    pub args: Vec<String>,
+}
+
+impl TemplateArgs {
+    /// The Service these flags describe.
+    pub fn service(
+        &self,
+        name: String,
+        image: String,
+        replicas: u32,
+        args: Vec<String>,
+    ) -> Result<Service> {
+        let mut labels = std::collections::BTreeMap::new();
+        for l in &self.labels {
+            let (k, v) = key_value("label", l)?;
+            labels.insert(k, v);
+        }
+        let env = self
+            .env
+            .iter()
+            .map(|e| key_value("env", e).map(|(name, value)| EnvVar { name, value }))
+            .collect::<Result<Vec<_>>>()?;
+        let ports = self
+            .ports
+            .iter()
+            .map(|p| port(p))
+            .collect::<Result<Vec<_>>>()?;
+        let mut template = ContainerSpec {
+            image,
+            command: self.entrypoint.clone().into_iter().collect(),
+            args,
+            env,
+            ports,
+            restart_policy: self.restart,
+            ..Default::default()
+        };
+        template.resources.limits.cpu_millis = self.cpu;
+        template.resources.requests.cpu_millis = self.cpu_request;
+        template.resources.limits.memory_bytes = self.memory;
+        template.resources.requests.memory_bytes = self.memory_request;
+        template.resources.pids_limit = self.pids_limit;
+        Ok(Service {
+            name,
+            labels,
+            spec: ServiceSpec { replicas, template },
+            ..Default::default()
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -335,44 +389,7 @@ pub async fn service(ctx: &Ctx, cmd: ServiceCmd) -> Result<()> {
     match cmd {
         ServiceCmd::Create(c) => {
             let tenant = ctx.tenant().await?;
-            let mut labels = std::collections::BTreeMap::new();
-            for l in &c.labels {
-                let (k, v) = key_value("label", l)?;
-                labels.insert(k, v);
-            }
-            let env = c
-                .env
-                .iter()
-                .map(|e| key_value("env", e).map(|(name, value)| EnvVar { name, value }))
-                .collect::<Result<Vec<_>>>()?;
-            let ports = c
-                .ports
-                .iter()
-                .map(|p| port(p))
-                .collect::<Result<Vec<_>>>()?;
-            let mut template = ContainerSpec {
-                image: c.image,
-                command: c.entrypoint.into_iter().collect(),
-                args: c.args,
-                env,
-                ports,
-                restart_policy: c.restart,
-                ..Default::default()
-            };
-            template.resources.limits.cpu_millis = c.cpu;
-            template.resources.requests.cpu_millis = c.cpu_request;
-            template.resources.limits.memory_bytes = c.memory;
-            template.resources.requests.memory_bytes = c.memory_request;
-            template.resources.pids_limit = c.pids_limit;
-            let svc = Service {
-                name: c.name,
-                labels,
-                spec: ServiceSpec {
-                    replicas: c.replicas,
-                    template,
-                },
-                ..Default::default()
-            };
+            let svc = c.template.service(c.name, c.image, c.replicas, c.args)?;
             let created = ctx.client.create(Some(&tenant), &svc).await?;
             print_service(ctx, &created)
         }

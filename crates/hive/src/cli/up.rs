@@ -122,8 +122,11 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
     ensure_tenant(&client, DEFAULT_TENANT).await?;
     // This machine is the node: registered now, its lease kept fresh while `up` runs.
     // One machine serves every tenant: its node is shared, never bound to one tenant.
+    // Its agent API listens on loopback, next to the server.
     let mut facts = hive_agent::node::host_facts(DEFAULT_RUNTIME);
     facts.shared = true;
+    let api = bind_agent_api("127.0.0.1:0".parse()?, None).await?;
+    facts.agent_url = api.1.clone();
     hive_agent::node::register(&client, &facts).await?;
     let node = facts.name.clone();
     tokio::spawn(hive_agent::node::keep_lease(
@@ -136,6 +139,7 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
         &node,
         &args.server.data_dir.join("agent"),
         DEFAULT_RUNTIME,
+        api.0,
     )?;
     let cfg_path = config::path(g.config.as_deref())?;
     let write = !args.no_login && (args.login || !cfg_path.exists());
@@ -184,11 +188,48 @@ pub struct AgentArgs {
     /// Where the agent keeps images, containers and their logs.
     #[arg(long, default_value = "/var/lib/hive-agent")]
     pub data_dir: PathBuf,
+    /// Address of the agent's API (container logs for the server).
+    #[arg(long, default_value = DEFAULT_AGENT_LISTEN)]
+    pub listen: SocketAddr,
+    /// URL the server reaches the agent's API at (default: from --listen, with this host's
+    /// name when it listens on every address).
+    #[arg(long)]
+    pub advertise_url: Option<String>,
+}
+
+/// Where `hive agent` serves its API by default.
+pub const DEFAULT_AGENT_LISTEN: &str = "0.0.0.0:7081";
+
+/// Binds the agent's API; returns the listener and the URL the server should use.
+async fn bind_agent_api(
+    listen: SocketAddr,
+    advertise: Option<String>,
+) -> Result<(tokio::net::TcpListener, String)> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listen on {listen} for the agent API"))?;
+    let addr = listener.local_addr()?;
+    let url = match advertise {
+        Some(u) => u.trim_end_matches('/').to_owned(),
+        None if addr.ip().is_unspecified() => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .context("read this host's name for the agent URL (or pass --advertise-url)")?;
+            format!("http://{}:{}", host.trim(), addr.port())
+        }
+        None => format!("http://{addr}"),
+    };
+    Ok((listener, url))
 }
 
 /// Starts the sync loop: this node runs the instances placed on it, pulling images from the
 /// server's registry (plain HTTP when the server is on loopback) with the agent's token.
-fn run_agent(client: &Client, node: &str, data_dir: &std::path::Path, runtime: &str) -> Result<()> {
+fn run_agent(
+    client: &Client,
+    node: &str,
+    data_dir: &std::path::Path,
+    runtime: &str,
+    api: tokio::net::TcpListener,
+) -> Result<()> {
     let kind: hive_agent::runtime::RuntimeKind = runtime.parse().map_err(anyhow::Error::msg)?;
     let oci = hive_agent::runtime::OciRuntime::new(kind, runtime, data_dir.join("runtime"));
     let shim = hive_agent::runtime::ShimCommand {
@@ -196,6 +237,13 @@ fn run_agent(client: &Client, node: &str, data_dir: &std::path::Path, runtime: &
         args: vec!["shim".into()],
     };
     let (mut images, containers) = hive_agent::sync::layout(data_dir, oci, shim);
+    let agent_api =
+        hive_agent::api::AgentApi::new(node.to_owned(), containers.root.clone(), client.clone());
+    tokio::spawn(async move {
+        if let Err(e) = hive_agent::api::serve(api, agent_api).await {
+            tracing::error!(error = %e, "agent API");
+        }
+    });
     let host = client
         .base()
         .trim_start_matches("http://")
@@ -243,13 +291,16 @@ pub async fn agent(ctx: &super::Ctx, args: AgentArgs) -> Result<()> {
         hive_api::validate::name("--name", &name)?;
         facts.name = name;
     }
+    let (api, url) = bind_agent_api(args.listen, args.advertise_url).await?;
+    facts.agent_url = url;
     let node = hive_agent::node::register(&ctx.client, &facts).await?;
     eprintln!(
-        "hive agent: node {} registered with {}",
+        "hive agent: node {} registered with {} (agent API at {})",
         node.name,
-        ctx.client.base()
+        ctx.client.base(),
+        facts.agent_url
     );
-    run_agent(&ctx.client, &node.name, &args.data_dir, &args.runtime)?;
+    run_agent(&ctx.client, &node.name, &args.data_dir, &args.runtime, api)?;
     tokio::select! {
         _ = hive_agent::node::keep_lease(ctx.client.clone(), facts, LEASE_EVERY) => Ok(()),
         _ = shutdown_signal() => Ok(()),

@@ -25,7 +25,7 @@ impl Drop for Up {
 
 pub fn start_up(data: &Path, config: &Path) -> Up {
     let child = Command::new(HIVE)
-        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["up", "--login", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
         .env("HIVE_CONFIG", config)
         .env("HIVE_LOG", "warn")

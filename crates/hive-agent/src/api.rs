@@ -1,0 +1,203 @@
+//! The agent's own HTTP API, which only the API server calls: a container's logs (exec
+//! comes next). Every request carries a node proxy token ([`hive_api::proxy`]) signed by the
+//! server for this node, this container and this operation; the server has already checked
+//! the caller's tenant and role.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use hive_api::proxy::{self, ProxyTokenError};
+use hive_api::{ProxyKey, ProxyOp};
+use hive_client::Client;
+use serde::Deserialize;
+use tokio::sync::{Mutex, mpsc};
+
+use crate::runtime::logs::{self, ReadOptions};
+use crate::runtime::shim;
+
+/// Largest `tail` accepted (the server enforces the same bound).
+const MAX_TAIL: u64 = 100_000;
+/// The server's key is fetched again after a failed check at most this often.
+const KEY_REFRESH: Duration = Duration::from_secs(5);
+
+/// What the API needs: who this node is, where containers live, how to get the server's key.
+pub struct AgentApi {
+    node: String,
+    containers: PathBuf,
+    client: Client,
+    key: Mutex<Option<(ProxyKey, Instant)>>,
+}
+
+impl std::fmt::Debug for AgentApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentApi")
+            .field("node", &self.node)
+            .field("containers", &self.containers)
+            .finish_non_exhaustive()
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, format!("{}\n", message.into())).into_response()
+}
+
+impl AgentApi {
+    pub fn new(node: String, containers: PathBuf, client: Client) -> Arc<Self> {
+        Arc::new(Self {
+            node,
+            containers,
+            client,
+            key: Mutex::new(None),
+        })
+    }
+
+    pub fn router(self: Arc<Self>) -> Router {
+        Router::new()
+            .route("/v1/containers/{id}/logs", get(container_logs))
+            .with_state(self)
+    }
+
+    /// Checks the request's token for `op` on `container`, fetching the server's key when
+    /// none is cached or, at most every few seconds, when the cached one does not verify
+    /// (the server's key changed).
+    async fn authorize(
+        &self,
+        headers: &HeaderMap,
+        container: &str,
+        op: ProxyOp,
+    ) -> Result<(), Response> {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| error(StatusCode::UNAUTHORIZED, "missing proxy token"))?;
+        let now = chrono::Utc::now().timestamp();
+        let mut cached = self.key.lock().await;
+        for attempt in 0..2 {
+            let stale = cached
+                .as_ref()
+                .is_none_or(|(_, at)| attempt > 0 && at.elapsed() >= KEY_REFRESH);
+            if stale {
+                match self.client.proxy_key().await {
+                    Ok(k) => *cached = Some((k, Instant::now())),
+                    Err(e) if cached.is_none() => {
+                        return Err(error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("cannot read the server's proxy key: {e}"),
+                        ));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "refresh the server's proxy key"),
+                }
+            }
+            let Some((key, _)) = cached.as_ref() else {
+                continue;
+            };
+            match proxy::verify(key, token, &self.node, container, op, now) {
+                Ok(_) => return Ok(()),
+                Err(ProxyTokenError::BadSignature) if attempt == 0 => continue,
+                Err(e) => return Err(error(StatusCode::FORBIDDEN, e.to_string())),
+            }
+        }
+        Err(error(
+            StatusCode::FORBIDDEN,
+            ProxyTokenError::BadSignature.to_string(),
+        ))
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    #[serde(default)]
+    follow: bool,
+    tail: Option<u64>,
+    #[serde(default)]
+    timestamps: bool,
+}
+
+/// A container id as the agent names directories: the instance's uid.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+async fn container_logs(
+    State(api): State<Arc<AgentApi>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    q: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if !valid_id(&id) {
+        return error(StatusCode::NOT_FOUND, "no such container");
+    }
+    if let Err(resp) = api.authorize(&headers, &id, ProxyOp::Logs).await {
+        return resp;
+    }
+    let Ok(Query(q)) = q else {
+        return error(StatusCode::BAD_REQUEST, "query: follow, tail, timestamps");
+    };
+    if q.tail.is_some_and(|t| t > MAX_TAIL) {
+        return error(StatusCode::BAD_REQUEST, format!("tail: at most {MAX_TAIL}"));
+    }
+    let dir = api.containers.join(&id);
+    if !dir.is_dir() {
+        return error(StatusCode::NOT_FOUND, "no such container");
+    }
+    let opts = ReadOptions {
+        follow: q.follow,
+        tail: q.tail,
+        timestamps: q.timestamps,
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(8);
+    tokio::task::spawn_blocking(move || {
+        let path = dir.join(shim::LOG);
+        let exit = dir.join(shim::EXITED);
+        // Gone when it exited, was removed, or nobody listens any more.
+        let gone = || exit.exists() || !dir.is_dir() || tx.is_closed();
+        let sink = |chunk: Vec<u8>| tx.blocking_send(Bytes::from(chunk)).is_ok();
+        if let Err(e) = logs::read(&path, &opts, gone, sink) {
+            tracing::warn!(container = %dir.display(), error = %e, "read logs");
+        }
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        )],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// Serves the agent API on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, api: Arc<AgentApi>) -> std::io::Result<()> {
+    axum::serve(listener, api.router()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_ids_cannot_leave_the_containers_dir() {
+        assert!(valid_id("0b4f3a1e-8c1d-4d7e-9f2a-1b2c3d4e5f60"));
+        for bad in ["", "..", ".", "a/b", "A", "a.b", &"a".repeat(65)] {
+            assert!(!valid_id(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Requests the API server passes on to a node's agent: an instance's logs (and later exec).
+//!
+//! The caller is checked here like on every tenant route (isolation first, then role); the
+//! agent is then asked with a node proxy token ([`hive_api::proxy`]) that names the node, the
+//! container and the operation, signed with the server's Ed25519 key. The key lives in the
+//! store, created by the first server that needs it, so every API server signs with it.
+
+use std::collections::HashMap;
+
+use axum::Extension;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State, rejection::QueryRejection};
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use hive_api::{ErrorCode, Instance, Node, ProxyClaims, ProxyKey, ProxyOp, ProxySigner, Role};
+use hive_store::{ConflictKind, Op, StoreError};
+use serde::Deserialize;
+
+use crate::auth::Principal;
+use crate::error::{ApiError, ApiResult};
+use crate::keys;
+use crate::resources::{self, Target, load_tenant};
+use crate::state::AppState;
+
+/// Largest `tail` accepted.
+pub const MAX_TAIL: u64 = 100_000;
+
+/// The signing key, read from the store or created there on first use.
+pub async fn signer(st: &AppState) -> ApiResult<&ProxySigner> {
+    st.proxy_signer
+        .get_or_try_init(|| async {
+            for _ in 0..3 {
+                if let Some(kv) = st.store.get(keys::PROXY_KEY).await?.kv {
+                    return ProxySigner::from_pkcs8(&kv.value).map_err(|e| {
+                        ApiError::internal("internal error").log_cause(format!("proxy key: {e}"))
+                    });
+                }
+                let der = ProxySigner::generate().map_err(|e| {
+                    ApiError::internal("internal error").log_cause(format!("proxy key: {e}"))
+                })?;
+                match st
+                    .store
+                    .txn(vec![Op::Create {
+                        key: keys::PROXY_KEY.to_owned(),
+                        value: Bytes::from(der),
+                    }])
+                    .await
+                {
+                    // Read back what was stored, whoever won.
+                    Ok(_)
+                    | Err(StoreError::Conflict {
+                        kind: ConflictKind::Exists { .. },
+                        ..
+                    }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(ApiError::internal("internal error").log_cause("proxy key: no stable key".into()))
+        })
+        .await
+}
+
+/// `GET /api/v1/proxy-key`: the public half, for agents (any authenticated caller).
+pub async fn proxy_key(State(st): State<AppState>) -> ApiResult<Json<ProxyKey>> {
+    Ok(Json(signer(&st).await?.public_key()))
+}
+
+/// Query of the logs route.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    #[serde(default)]
+    pub follow: bool,
+    pub tail: Option<u64>,
+    #[serde(default)]
+    pub timestamps: bool,
+}
+
+/// Where an instance's container is: its node's agent and the container id.
+struct Located {
+    node: String,
+    agent_url: String,
+    container: String,
+}
+
+async fn locate(
+    st: &AppState,
+    p: &Principal,
+    target: &Target,
+    need: Role,
+    action: &str,
+) -> ApiResult<Located> {
+    let tenant = target.tenant.as_deref().unwrap_or_default();
+    let guard = load_tenant(st, p, tenant).await?;
+    p.require(need, action)?;
+    let name = target.name();
+    let (inst, _) = resources::read::<Instance>(st, Some(&guard), name).await?;
+    let not_started = |why: &str| {
+        ApiError::new(
+            ErrorCode::NotStarted,
+            format!("instance {name:?} has no container yet: {why}"),
+        )
+    };
+    let Some(node) = inst.spec.node.clone() else {
+        return Err(not_started("not placed on a node"));
+    };
+    if inst.status.container_id.is_empty() {
+        return Err(not_started(&format!("node {node} has not started it")));
+    }
+    let got = st.store.get(&keys::object::<Node>(None, &node)).await?;
+    let n: Node = match got.kv {
+        Some(kv) => resources::decode(&kv)?,
+        None => return Err(not_started(&format!("its node {node} is gone"))),
+    };
+    if n.status.agent_url.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::NodeUnreachable,
+            format!("node {node} has no agent address"),
+        ));
+    }
+    Ok(Located {
+        node,
+        agent_url: n.status.agent_url,
+        container: inst.uid,
+    })
+}
+
+/// `GET /api/v1/tenants/{tenant}/instances/{name}/logs`: the container's output, streamed
+/// from its node (viewer and up).
+pub async fn logs(
+    State(st): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(params): Path<HashMap<String, String>>,
+    q: Result<Query<LogsQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let q = resources::query(q)?;
+    if q.tail.is_some_and(|t| t > MAX_TAIL) {
+        return Err(ApiError::invalid(format!("tail: at most {MAX_TAIL} lines")));
+    }
+    let target = Target::from_path(params);
+    let at = locate(&st, &p, &target, Role::Viewer, "read instance logs").await?;
+    let token = signer(&st).await?.sign(&ProxyClaims {
+        node: at.node.clone(),
+        container: at.container.clone(),
+        op: ProxyOp::Logs,
+        exp: chrono::Utc::now().timestamp() + hive_api::proxy::TOKEN_TTL_SECS,
+    });
+    let mut url = format!(
+        "{}/v1/containers/{}/logs?follow={}&timestamps={}",
+        at.agent_url, at.container, q.follow, q.timestamps
+    );
+    if let Some(t) = q.tail {
+        url.push_str(&format!("&tail={t}"));
+    }
+    let unreachable = |e: String| {
+        ApiError::new(
+            ErrorCode::NodeUnreachable,
+            format!("node {}'s agent: {e}", at.node),
+        )
+    };
+    let http = st
+        .proxy_http
+        .get_or_try_init(|| async { hive_client::http() })
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let resp = http
+        .get(&url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    match resp.status().as_u16() {
+        200 => {}
+        404 => {
+            return Err(ApiError::new(
+                ErrorCode::NotStarted,
+                format!(
+                    "instance {:?} has no container on node {} (yet, or any more)",
+                    target.name(),
+                    at.node
+                ),
+            ));
+        }
+        s => {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(unreachable(format!(
+                "answered {s}: {}",
+                body.chars().take(200).collect::<String>()
+            )));
+        }
+    }
+    // A follow stream ends when the server shuts down, like a watch.
+    let body = resp
+        .bytes_stream()
+        .take_until(async move { st.closed().await });
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        )],
+        Body::from_stream(body),
+    )
+        .into_response())
+}

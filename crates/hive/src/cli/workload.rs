@@ -1,0 +1,304 @@
+//! Docker-like verbs on a tenant's workloads: `hive run`, `hive rm`, `hive logs`.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use clap::Args;
+use futures_util::StreamExt;
+use hive_api::{ErrorCode, Instance, InstancePhase, Service};
+use hive_client::LogsQuery;
+
+use super::Ctx;
+use super::resources::TemplateArgs;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Service name (default: from the image, with a random suffix).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Return once the service is created, without waiting for its container.
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+    #[command(flatten)]
+    pub template: TemplateArgs,
+    /// Image reference.
+    pub image: String,
+    /// Command and arguments: replace the image's cmd.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// Services to remove (with their containers).
+    #[arg(required = true)]
+    pub names: Vec<String>,
+    /// Return without waiting for the containers to be gone.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// An instance, or a service (all its instances, each line prefixed with the instance's
+    /// name when there are several).
+    pub name: String,
+    /// Keep printing new output until the container exits.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Only the last N lines.
+    #[arg(long, short = 'n')]
+    pub tail: Option<u64>,
+    /// Prefix each line with its time.
+    #[arg(long, short = 't')]
+    pub timestamps: bool,
+}
+
+/// A DNS label from an image reference: its last path component, without tag or digest.
+fn name_from_image(image: &str) -> String {
+    let last = image.rsplit('/').next().unwrap_or(image);
+    let base = last.split(['@', ':']).next().unwrap_or(last);
+    let mut s: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    s.truncate(40);
+    let s = s.trim_matches('-');
+    if s.is_empty() || !s.starts_with(|c: char| c.is_ascii_lowercase()) {
+        format!("run-{s}").trim_end_matches('-').to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
+fn suffix() -> String {
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default()
+        ^ u128::from(std::process::id()) << 64;
+    (0..5)
+        .map(|_| {
+            let c = CHARS[(n % CHARS.len() as u128) as usize] as char;
+            n /= CHARS.len() as u128;
+            c
+        })
+        .collect()
+}
+
+/// Start-up failures the agent reports in `status.reason` that waiting will not cure.
+const FAILED_STARTS: &[&str] = &[
+    "ImagePullFailed",
+    "RootfsFailed",
+    "InvalidSpec",
+    "StartFailed",
+];
+
+/// `hive run`: a service of one replica; waits until its container runs.
+pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<()> {
+    let tenant = ctx.tenant().await?;
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", name_from_image(&args.image), suffix()));
+    let svc = args
+        .template
+        .service(name.clone(), args.image, 1, args.args)?;
+    ctx.client.create(Some(&tenant), &svc).await?;
+    if args.detach {
+        println!("{name}");
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    let mut last_reason = String::new();
+    loop {
+        let all = ctx.client.list::<Instance>(Some(&tenant)).await?;
+        let mine: Vec<&Instance> = all
+            .items
+            .iter()
+            .filter(|i| i.spec.service == name)
+            .collect();
+        if let Some(i) = mine
+            .iter()
+            .find(|i| i.status.phase == InstancePhase::Running)
+        {
+            println!(
+                "{name}: instance {} running on node {} (pid {})",
+                i.name,
+                i.spec.node.as_deref().unwrap_or("-"),
+                i.status.pid.unwrap_or_default()
+            );
+            return Ok(());
+        }
+        if let Some(i) = mine.iter().find(|i| {
+            matches!(
+                i.status.phase,
+                InstancePhase::Failed | InstancePhase::Succeeded
+            )
+        }) {
+            println!(
+                "{name}: instance {} exited with code {} ({})",
+                i.name,
+                i.status.exit_code.unwrap_or_default(),
+                i.status.reason
+            );
+            return Ok(());
+        }
+        if let Some(i) = mine
+            .iter()
+            .find(|i| FAILED_STARTS.contains(&i.status.reason.as_str()))
+        {
+            bail!(
+                "{name}: instance {} did not start: {}: {} (the service stays; `hive rm {name}` \
+                 removes it)",
+                i.name,
+                i.status.reason,
+                i.status.message
+            );
+        }
+        if let Some(i) = mine.first()
+            && !i.status.reason.is_empty()
+            && i.status.reason != last_reason
+        {
+            eprintln!("{name}: {}: {}", i.status.reason, i.status.message);
+            last_reason = i.status.reason.clone();
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "{name}: not running after 2 minutes{} (the service stays; `hive rm {name}` \
+                 removes it)",
+                if last_reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(", last: {last_reason}")
+                }
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `hive rm`: deletes services and waits until their instances are gone.
+pub async fn rm(ctx: &Ctx, args: RmArgs) -> Result<()> {
+    let tenant = ctx.tenant().await?;
+    for name in &args.names {
+        ctx.client.delete::<Service>(Some(&tenant), name).await?;
+    }
+    if !args.no_wait {
+        let t0 = Instant::now();
+        loop {
+            let all = ctx.client.list::<Instance>(Some(&tenant)).await?;
+            let left = all
+                .items
+                .iter()
+                .filter(|i| args.names.contains(&i.spec.service))
+                .count();
+            if left == 0 {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "{left} instances still stopping after a minute; `hive instance ls` shows them"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for name in &args.names {
+        println!("{name} removed");
+    }
+    Ok(())
+}
+
+/// `hive logs`: one instance's output, or every instance of a service.
+pub async fn logs(ctx: &Ctx, args: LogsArgs) -> Result<()> {
+    let tenant = ctx.tenant().await?;
+    let q = LogsQuery {
+        follow: args.follow,
+        tail: args.tail,
+        timestamps: args.timestamps,
+    };
+    let instances: Vec<String> = match ctx.client.get::<Instance>(Some(&tenant), &args.name).await {
+        Ok(i) => vec![i.name],
+        Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+            // Not an instance: a service's instances, if it is one.
+            ctx.client.get::<Service>(Some(&tenant), &args.name).await?;
+            let all = ctx.client.list::<Instance>(Some(&tenant)).await?;
+            let mut mine: Vec<String> = all
+                .items
+                .into_iter()
+                .filter(|i| i.spec.service == args.name)
+                .map(|i| i.name)
+                .collect();
+            mine.sort();
+            if mine.is_empty() {
+                bail!("service {} has no instances", args.name);
+            }
+            mine
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let prefix = instances.len() > 1;
+    let mut streams = Vec::with_capacity(instances.len());
+    for name in &instances {
+        let s = ctx.client.logs(&tenant, name, &q).await?;
+        let name = name.clone();
+        streams.push(s.map(move |r| (name.clone(), r)).boxed());
+    }
+    let mut all = futures_util::stream::select_all(streams);
+    // With several instances, whole lines only, each under its instance's name.
+    let mut partial: std::collections::HashMap<String, Vec<u8>> = Default::default();
+    let mut out = std::io::stdout().lock();
+    while let Some((name, chunk)) = all.next().await {
+        let chunk = chunk?;
+        if !prefix {
+            out.write_all(&chunk)?;
+            out.flush()?;
+            continue;
+        }
+        let buf = partial.entry(name.clone()).or_default();
+        buf.extend_from_slice(&chunk);
+        while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            write!(out, "{name} | ")?;
+            out.write_all(&line)?;
+        }
+        out.flush()?;
+    }
+    for (name, rest) in partial {
+        if !rest.is_empty() {
+            write!(out, "{name} | ")?;
+            out.write_all(&rest)?;
+            writeln!(out)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_from_images_are_labels() {
+        for (image, want) in [
+            ("127.0.0.1:7080/default/busybox:latest", "busybox"),
+            ("nginx", "nginx"),
+            ("reg/ns/My_App@sha256:abc", "my-app"),
+            ("reg/9lives:1", "run-9lives"),
+            ("reg/__:1", "run"),
+        ] {
+            assert_eq!(name_from_image(image), want, "{image}");
+            let full = format!("{want}-{}", suffix());
+            assert!(hive_api::validate::name("n", &full).is_ok(), "{full}");
+        }
+    }
+}
