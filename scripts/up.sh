@@ -74,5 +74,6 @@ The CLI is logged in as the platform admin (token in $DATA/admin.token). Try:
   hive scale demo 3 && hive events -f
   hive tenant create acme && hive --tenant acme token create --role tenant-admin
 Stop it with: kill \$(cat $PIDFILE)   (containers keep running; start it again to adopt them)
-Not built yet: exec, networking between and into containers.
+  hive exec -it demo sh
+Not built yet: networking between and into containers.
 MSG

@@ -4,7 +4,6 @@
 //! the caller's tenant and role.
 
 use std::convert::Infallible;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +12,7 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use bytes::Bytes;
 use hive_api::proxy::{self, ProxyTokenError};
 use hive_api::{ProxyKey, ProxyOp};
@@ -21,18 +20,19 @@ use hive_client::Client;
 use serde::Deserialize;
 use tokio::sync::{Mutex, mpsc};
 
+use crate::exec::ExecRequest;
 use crate::runtime::logs::{self, ReadOptions};
-use crate::runtime::shim;
+use crate::runtime::{ContainerState, Containers, shim};
 
 /// Largest `tail` accepted (the server enforces the same bound).
 const MAX_TAIL: u64 = 100_000;
 /// The server's key is fetched again after a failed check at most this often.
 const KEY_REFRESH: Duration = Duration::from_secs(5);
 
-/// What the API needs: who this node is, where containers live, how to get the server's key.
+/// What the API needs: who this node is, its containers, how to get the server's key.
 pub struct AgentApi {
     node: String,
-    containers: PathBuf,
+    containers: Containers,
     client: Client,
     key: Mutex<Option<(ProxyKey, Instant)>>,
 }
@@ -41,7 +41,7 @@ impl std::fmt::Debug for AgentApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentApi")
             .field("node", &self.node)
-            .field("containers", &self.containers)
+            .field("containers", &self.containers.root)
             .finish_non_exhaustive()
     }
 }
@@ -51,7 +51,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 impl AgentApi {
-    pub fn new(node: String, containers: PathBuf, client: Client) -> Arc<Self> {
+    pub fn new(node: String, containers: Containers, client: Client) -> Arc<Self> {
         Arc::new(Self {
             node,
             containers,
@@ -63,6 +63,7 @@ impl AgentApi {
     pub fn router(self: Arc<Self>) -> Router {
         Router::new()
             .route("/v1/containers/{id}/logs", get(container_logs))
+            .route("/v1/containers/{id}/exec", post(container_exec))
             .with_state(self)
     }
 
@@ -151,7 +152,7 @@ async fn container_logs(
     if q.tail.is_some_and(|t| t > MAX_TAIL) {
         return error(StatusCode::BAD_REQUEST, format!("tail: at most {MAX_TAIL}"));
     }
-    let dir = api.containers.join(&id);
+    let dir = api.containers.dir(&id);
     if !dir.is_dir() {
         return error(StatusCode::NOT_FOUND, "no such container");
     }
@@ -182,6 +183,80 @@ async fn container_logs(
         Body::from_stream(body),
     )
         .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecQuery {
+    /// The command as a JSON array of strings.
+    command: String,
+    #[serde(default)]
+    tty: bool,
+}
+
+/// `POST /v1/containers/{id}/exec` with `Upgrade: hive-exec.v1`: runs a process in the
+/// running container; the upgraded connection carries its stdio as frames.
+async fn container_exec(
+    State(api): State<Arc<AgentApi>>,
+    Path(id): Path<String>,
+    q: Result<Query<ExecQuery>, axum::extract::rejection::QueryRejection>,
+    mut req: axum::extract::Request,
+) -> Response {
+    use hive_client::exec::{PROTOCOL, check_command};
+    if !valid_id(&id) {
+        return error(StatusCode::NOT_FOUND, "no such container");
+    }
+    if let Err(resp) = api.authorize(req.headers(), &id, ProxyOp::Exec).await {
+        return resp;
+    }
+    let Ok(Query(q)) = q else {
+        return error(StatusCode::BAD_REQUEST, "query: command, tty");
+    };
+    let command: Vec<String> = match serde_json::from_str(&q.command) {
+        Ok(c) => c,
+        Err(_) => {
+            return error(StatusCode::BAD_REQUEST, "command: a JSON array of strings");
+        }
+    };
+    if let Err(m) = check_command(&command) {
+        return error(StatusCode::BAD_REQUEST, m);
+    }
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok());
+    if upgrade != Some(PROTOCOL) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("exec needs Connection: upgrade and Upgrade: {PROTOCOL}"),
+        );
+    }
+    match api.containers.state(&id) {
+        ContainerState::Running(_) => {}
+        ContainerState::Unknown => return error(StatusCode::NOT_FOUND, "no such container"),
+        _ => return error(StatusCode::CONFLICT, "the container is not running"),
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let runtime = api.containers.runtime.clone();
+    let exec = ExecRequest {
+        container: id,
+        command,
+        tty: q.tty,
+    };
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(up) => {
+                crate::exec::session(hyper_util::rt::TokioIo::new(up), runtime, exec).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "exec upgrade"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, PROTOCOL)
+        .body(Body::empty())
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
 }
 
 /// Serves the agent API on `listener` until the process ends.

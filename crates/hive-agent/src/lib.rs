@@ -6,13 +6,14 @@
 //!   supervisor that outlives the agent.
 //! - [`node`]: registers this host as a Node and keeps its lease fresh.
 //! - [`sync`]: runs the instances placed on this node and reports their status.
-//! - [`api`]: the agent's HTTP API for the server (container logs), checked with node proxy
-//!   tokens.
+//! - [`api`]: the agent's HTTP API for the server (container logs, [`exec`] sessions),
+//!   checked with node proxy tokens.
 //!
 //! The agent talks to the control plane only through the API (`hive-client`), never to the
 //! store.
 
 pub mod api;
+pub mod exec;
 pub mod image;
 pub mod node;
 pub mod runtime;

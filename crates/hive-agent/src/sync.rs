@@ -9,15 +9,15 @@
 //! stop and remove what is no longer wanted. Everything it needs survives a restart of the
 //! agent on disk, so a new agent picks up where the old one was.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hive_api::{Instance, InstancePhase, RestartPolicy};
 use hive_client::Client;
-use hive_client::reflector::{Store, reflect, tenant_names};
-use tokio::sync::{Mutex, mpsc};
+use hive_client::reflector::{Store, reflect_synced, tenant_names};
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::image::{ImageStore, StoreConfig};
@@ -53,6 +53,13 @@ pub struct Agent {
     containers: Containers,
     /// When a failed start may be tried again, and how many times it failed.
     backoff: HashMap<String, (Instant, u32)>,
+    /// Containers being stopped by their own task (a grace period must not hold the loop);
+    /// each reports on `stopped` when done.
+    stopping: HashSet<String>,
+    stopped: (
+        mpsc::UnboundedSender<String>,
+        mpsc::UnboundedReceiver<String>,
+    ),
 }
 
 impl std::fmt::Debug for Agent {
@@ -93,34 +100,48 @@ impl Agent {
             images,
             containers,
             backoff: HashMap::new(),
+            stopping: HashSet::new(),
+            stopped: mpsc::unbounded_channel(),
         })
     }
 
     pub async fn run(mut self) {
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-        let caches: Arc<Mutex<HashMap<String, Store<Instance>>>> = Arc::default();
+        let caches: Arc<Mutex<Caches>> = Arc::default();
         let discover = tokio::spawn(watch_tenants(self.client.clone(), caches.clone(), tx));
         let mut tick = tokio::time::interval(self.cfg.resync);
         loop {
             tokio::select! {
                 c = rx.recv() => if c.is_none() { break },
+                Some(id) = self.stopped.1.recv() => self.finish_stop(&id).await,
                 _ = tick.tick() => {}
             }
             while rx.try_recv().is_ok() {}
-            let wanted = self.wanted(&caches).await;
-            self.sync(&wanted).await;
+            while let Ok(id) = self.stopped.1.try_recv() {
+                self.finish_stop(&id).await;
+            }
+            // Until every tenant's instances are known, what is missing from the caches is
+            // not "unwanted": nothing is compared (or removed) before.
+            if let Some(wanted) = self.wanted(&caches).await {
+                self.sync(&wanted).await;
+            }
         }
         discover.abort();
     }
 
-    async fn wanted(&self, caches: &Arc<Mutex<HashMap<String, Store<Instance>>>>) -> Wanted {
+    /// The instances placed here, or None while the caches are still being filled.
+    async fn wanted(&self, caches: &Arc<Mutex<Caches>>) -> Option<Wanted> {
         let mut out = Wanted::new();
-        let stores: Vec<(String, Store<Instance>)> = caches
-            .lock()
-            .await
-            .iter()
-            .map(|(t, s)| (t.clone(), s.clone()))
-            .collect();
+        let stores: Vec<(String, Store<Instance>)> = {
+            let c = caches.lock().await;
+            if !c.discovered || c.tenants.values().any(|(_, synced)| !*synced.borrow()) {
+                return None;
+            }
+            c.tenants
+                .iter()
+                .map(|(t, (s, _))| (t.clone(), s.clone()))
+                .collect()
+        };
         for (tenant, store) in stores {
             for i in store.lock().await.values() {
                 if i.spec.node.as_deref() == Some(self.cfg.node.as_str()) && !i.uid.is_empty() {
@@ -128,21 +149,29 @@ impl Agent {
                 }
             }
         }
-        out
+        Some(out)
     }
 
     async fn sync(&mut self, wanted: &Wanted) {
-        let unwanted: Vec<String> = self
-            .containers
-            .list()
-            .into_iter()
-            .filter(|id| !wanted.contains_key(id))
-            .collect();
-        // Stops wait out each container's grace period: all at once, not one after another.
-        let stops = unwanted.iter().map(|id| self.stop(id));
-        futures_util::future::join_all(stops).await;
-        for id in &unwanted {
-            self.remove(id).await;
+        for id in self.containers.list() {
+            if wanted.contains_key(&id) || self.stopping.contains(&id) {
+                continue;
+            }
+            if matches!(self.containers.state(&id), ContainerState::Running(_)) {
+                // Stops wait out a grace period: each in its own task, all at once.
+                self.stopping.insert(id.clone());
+                let (containers, grace) = (self.containers.clone(), self.cfg.stop_grace);
+                let done = self.stopped.0.clone();
+                tokio::spawn(async move {
+                    let signal = containers.stop_signal(&id);
+                    if let Err(e) = containers.stop(&id, &signal, grace).await {
+                        tracing::warn!(container = %id, error = %e, "stop");
+                    }
+                    let _ = done.send(id);
+                });
+            } else {
+                self.remove(&id).await;
+            }
         }
         for (id, (tenant, inst)) in wanted {
             match self.containers.state(id) {
@@ -322,19 +351,17 @@ impl Agent {
             .map_err(|e| ("StartFailed", e.to_string()))
     }
 
-    /// Asks a running container to stop with its image's stop signal; SIGKILL after the
-    /// grace period.
-    async fn stop(&self, id: &str) {
-        if matches!(self.containers.state(id), ContainerState::Running(_)) {
-            let signal = self.containers.stop_signal(id);
-            if let Err(e) = self.containers.stop(id, &signal, self.cfg.stop_grace).await {
-                tracing::warn!(container = %id, error = %e, "stop");
-            }
+    /// A stop task ended: the container goes (or, if it still runs, the next pass tries
+    /// again).
+    async fn finish_stop(&mut self, id: &str) {
+        self.stopping.remove(id);
+        if !matches!(self.containers.state(id), ContainerState::Running(_)) {
+            self.remove(id).await;
         }
     }
 
+    /// Removes a container that no longer runs, and its root filesystem.
     async fn remove(&mut self, id: &str) {
-        self.stop(id).await;
         if let Err(e) = self.containers.remove(id).await {
             tracing::warn!(container = %id, error = %e, "remove");
             return;
@@ -358,12 +385,16 @@ impl Agent {
     }
 }
 
+/// Every tenant's instances, and whether each cache holds a complete list yet.
+#[derive(Default)]
+struct Caches {
+    /// The tenants were listed at least once.
+    discovered: bool,
+    tenants: HashMap<String, (Store<Instance>, watch::Receiver<bool>)>,
+}
+
 /// Keeps one instance cache per tenant; every change pokes `tx`.
-async fn watch_tenants(
-    client: Client,
-    caches: Arc<Mutex<HashMap<String, Store<Instance>>>>,
-    tx: mpsc::UnboundedSender<()>,
-) {
+async fn watch_tenants(client: Client, caches: Arc<Mutex<Caches>>, tx: mpsc::UnboundedSender<()>) {
     let (ttx, mut trx) = mpsc::unbounded_channel();
     let names = tokio::spawn(tenant_names(client.clone(), ttx));
     let mut workers: HashMap<String, JoinHandle<()>> = HashMap::new();
@@ -376,20 +407,22 @@ async fn watch_tenants(
             keep
         });
         let mut c = caches.lock().await;
-        c.retain(|t, _| live.contains(t));
+        c.discovered = true;
+        c.tenants.retain(|t, _| live.contains(t));
         for t in &live {
             if workers.contains_key(t) {
                 continue;
             }
             let store: Store<Instance> = Arc::default();
-            c.insert(t.clone(), store.clone());
+            let (synced, ready) = watch::channel(false);
+            c.tenants.insert(t.clone(), (store.clone(), ready));
             let (itx, mut irx) = mpsc::unbounded_channel();
             let poke = tx.clone();
             let (client, tenant) = (client.clone(), t.clone());
             workers.insert(
                 t.clone(),
                 tokio::spawn(async move {
-                    let r = tokio::spawn(reflect(client, Some(tenant), store, itx));
+                    let r = tokio::spawn(reflect_synced(client, Some(tenant), store, itx, synced));
                     while irx.recv().await.is_some() {
                         if poke.send(()).is_err() {
                             break;

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+pub mod exec;
 pub mod reflector;
 
 use bytes::{Buf, BytesMut};
@@ -351,6 +352,44 @@ impl Client {
                 })
             })
             .boxed())
+    }
+
+    /// Opens an exec session in an instance's container: the upgraded connection carries
+    /// [`exec::Frame`]s.
+    pub async fn exec(
+        &self,
+        tenant: &str,
+        instance: &str,
+        command: &[String],
+        tty: bool,
+    ) -> Result<reqwest::Upgraded> {
+        let json = serde_json::to_string(command).unwrap_or_default();
+        let path = format!(
+            "{}/exec?command={}&tty={tty}",
+            Self::item_path::<hive_api::Instance>(Some(tenant), instance),
+            segment(&json)
+        );
+        let url = format!("{}{path}", self.base);
+        let transport = |source| ClientError::Transport {
+            method: Method::POST,
+            url: url.clone(),
+            source,
+        };
+        let resp = self
+            .request(Method::POST, &path)
+            .header(reqwest::header::CONNECTION, "upgrade")
+            .header(reqwest::header::UPGRADE, exec::PROTOCOL)
+            .send()
+            .await
+            .map_err(transport)?;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let resp = check(resp).await?;
+            return Err(ClientError::Decode {
+                url,
+                message: format!("expected 101 Switching Protocols, got {}", resp.status()),
+            });
+        }
+        resp.upgrade().await.map_err(transport)
     }
 
     /// `GET /healthz`: the server answers and its store is readable.

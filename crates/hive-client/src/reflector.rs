@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use hive_api::{Resource, WatchEventType};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, watch};
 
 use crate::Client;
 
@@ -22,6 +22,18 @@ pub async fn reflect<R: Resource>(
     tenant: Option<String>,
     store: Store<R>,
     changed: mpsc::UnboundedSender<String>,
+) {
+    reflect_synced(client, tenant, store, changed, watch::channel(false).0).await
+}
+
+/// [`reflect`], setting `synced` once the first complete list is in the store: until then
+/// the store is partial, and acting on what it lacks (deleting, creating, placing) is wrong.
+pub async fn reflect_synced<R: Resource>(
+    client: Client,
+    tenant: Option<String>,
+    store: Store<R>,
+    changed: mpsc::UnboundedSender<String>,
+    synced: watch::Sender<bool>,
 ) {
     let tenant_ref = tenant.as_deref();
     let tenant = tenant_ref.unwrap_or("-");
@@ -46,6 +58,7 @@ pub async fn reflect<R: Resource>(
                 .collect();
             let names: Vec<String> = s.keys().chain(fresh.keys()).cloned().collect();
             *s = fresh;
+            synced.send_replace(true);
             for n in names {
                 if changed.send(n).is_err() {
                     return;

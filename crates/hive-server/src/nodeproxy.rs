@@ -1,4 +1,5 @@
-//! Requests the API server passes on to a node's agent: an instance's logs (and later exec).
+//! Requests the API server passes on to a node's agent: an instance's logs, and exec sessions
+//! (an upgraded connection joined to one the agent upgraded, bytes copied both ways).
 //!
 //! The caller is checked here like on every tenant route (isolation first, then role); the
 //! agent is then asked with a node proxy token ([`hive_api::proxy`]) that names the node, the
@@ -204,4 +205,117 @@ pub async fn logs(
         Body::from_stream(body),
     )
         .into_response())
+}
+
+/// Query of the exec route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecQuery {
+    /// The command as a JSON array of strings.
+    pub command: String,
+    #[serde(default)]
+    pub tty: bool,
+}
+
+/// `POST /api/v1/tenants/{tenant}/instances/{name}/exec` with `Upgrade: hive-exec.v1`: a
+/// process in the instance's container (member and up), its stdio over the upgraded
+/// connection ([`hive_client::exec`]).
+pub async fn exec(
+    State(st): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(params): Path<HashMap<String, String>>,
+    q: Result<Query<ExecQuery>, QueryRejection>,
+    mut req: axum::extract::Request,
+) -> ApiResult<Response> {
+    use hive_client::exec::{PROTOCOL, check_command};
+    let target = Target::from_path(params);
+    // Isolation and role first: another tenant's instance is "not found" whatever it sent.
+    let at = locate(&st, &p, &target, Role::Member, "exec in instances").await?;
+    let q = q
+        .map(|Query(q)| q)
+        .map_err(|e| ApiError::invalid(format!("query string: {}", e.body_text())))?;
+    let command: Vec<String> = serde_json::from_str(&q.command)
+        .map_err(|_| ApiError::invalid("command: a JSON array of strings"))?;
+    check_command(&command).map_err(ApiError::invalid)?;
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok());
+    if upgrade != Some(PROTOCOL) {
+        return Err(ApiError::invalid(format!(
+            "exec needs the headers Connection: upgrade and Upgrade: {PROTOCOL}"
+        )));
+    }
+    let token = signer(&st).await?.sign(&ProxyClaims {
+        node: at.node.clone(),
+        container: at.container.clone(),
+        op: ProxyOp::Exec,
+        exp: chrono::Utc::now().timestamp() + hive_api::proxy::TOKEN_TTL_SECS,
+    });
+    let url = format!(
+        "{}/v1/containers/{}/exec?command={}&tty={}",
+        at.agent_url,
+        at.container,
+        hive_client::segment(&q.command),
+        q.tty
+    );
+    let unreachable = |e: String| {
+        ApiError::new(
+            ErrorCode::NodeUnreachable,
+            format!("node {}'s agent: {e}", at.node),
+        )
+    };
+    let http = st
+        .proxy_http
+        .get_or_try_init(|| async { hive_client::http() })
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let resp = http
+        .post(&url)
+        .bearer_auth(token)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, PROTOCOL)
+        .send()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    match resp.status().as_u16() {
+        101 => {}
+        404 | 409 => {
+            return Err(ApiError::new(
+                ErrorCode::NotStarted,
+                format!(
+                    "instance {:?} has no running container on node {}",
+                    target.name(),
+                    at.node
+                ),
+            ));
+        }
+        s => {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(unreachable(format!(
+                "answered {s}: {}",
+                body.trim().chars().take(200).collect::<String>()
+            )));
+        }
+    }
+    let mut agent = resp
+        .upgrade()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(client) => {
+                let mut client = hyper_util::rt::TokioIo::new(client);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut agent).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "exec: client upgrade"),
+        }
+    });
+    Response::builder()
+        .status(axum::http::StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, PROTOCOL)
+        .body(Body::empty())
+        .map_err(|e| ApiError::internal("internal error").log_cause(e.to_string()))
 }

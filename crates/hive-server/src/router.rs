@@ -264,6 +264,33 @@ impl Table {
             errors: &["403", "404", "409", "422", "502"],
             auth: true,
         });
+        let exec = format!("{API_PREFIX}/tenants/{{tenant}}/instances/{{name}}/exec");
+        self.route(&exec, axum::routing::post(nodeproxy::exec));
+        self.doc.add(Op {
+            method: HttpMethod::Post,
+            path: &exec,
+            id: "execInInstance".into(),
+            tag: "instances",
+            summary: "Run a process in the instance's container (member and up). Send \
+                      `Connection: upgrade` and `Upgrade: hive-exec.v1`; after `101` the \
+                      connection carries frames: type byte, 4-byte big-endian length, payload \
+                      (0 stdin, 1 end of stdin, 2 resize cols/rows u16, 3 stdout, 4 stderr, 5 \
+                      exit code i32, 6 error text)"
+                .into(),
+            body: None,
+            ok_status: "101",
+            ok: None,
+            query: &[
+                (
+                    "command",
+                    "the command, a JSON array of strings (at most 256, 64 KiB in all)",
+                    Type::String,
+                ),
+                ("tty", "give the process a terminal", Type::Boolean),
+            ],
+            errors: &["403", "404", "409", "422", "502"],
+            auth: true,
+        });
         let key = format!("{API_PREFIX}/proxy-key");
         self.route(&key, get(nodeproxy::proxy_key));
         let schema = self.doc.schema::<ProxyKey>();

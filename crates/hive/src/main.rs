@@ -24,8 +24,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::run(args)) {
+    let result = runtime.block_on(cli::run(args));
+    // A read of stdin (hive exec -i) may still be blocked: do not wait for it.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
+        // `hive exec` passes the process's exit code on.
+        Err(e) if e.downcast_ref::<cli::workload::ExitWith>().is_some() => {
+            let code = e
+                .downcast_ref::<cli::workload::ExitWith>()
+                .map_or(1, |c| c.0);
+            ExitCode::from(code.clamp(0, 255) as u8)
+        }
         Err(e) => {
             eprintln!("error: {}", cli::one_line(&e));
             ExitCode::FAILURE

@@ -226,6 +226,48 @@ fn a_service_runs_as_a_real_container_and_scaling_to_zero_removes_it() {
     );
     assert_eq!(rest, "hello from hive\n");
 
+    // exec: output, stderr apart, the exit code passed on, stdin, a terminal.
+    assert_eq!(
+        ok(cfg, &["exec", name, "echo", "hi", "there"]),
+        "hi there\n"
+    );
+    let out = common::hive(
+        cfg,
+        &["exec", "web", "sh", "-c", "echo out; echo err >&2; exit 42"],
+    );
+    assert_eq!(out.status.code(), Some(42));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    let mut child = Command::new(common::HIVE)
+        .args(["exec", "-i", "web", "sh", "-c", "tr a-z A-Z; echo done"])
+        .env("HIVE_CONFIG", cfg)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"piped through\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "PIPED THROUGH\ndone\n"
+    );
+    let tty = ok(cfg, &["exec", "-t", "web", "sh", "-c", "tty; stty size"]);
+    assert_eq!(tty, "/dev/pts/0\r\n24 80\r\n");
+    // Bad input: no such program, an instance that is not there.
+    let out = common::hive(cfg, &["exec", "web", "/no/such/program"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no such file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    common::fails(cfg, &["exec", "web-nope1", "true"], "not found");
+
     ok(cfg, &["scale", "web", "0"]);
     let agent_dir = data.join("agent").to_string_lossy().into_owned();
     let cgroup =
@@ -353,6 +395,39 @@ fn run_logs_follow_restart_policies_and_rm() {
         String::from_utf8_lossy(&theirs.stderr).contains("not found"),
         "{}",
         String::from_utf8_lossy(&theirs.stderr)
+    );
+
+    // exec needs a member of the tenant: a viewer of another tenant learns nothing, a
+    // viewer of this one is refused.
+    let theirs = common::hive(
+        cfg,
+        &[
+            "--server", &s.up.url, "--token", token, "--tenant", "default", "exec", "count", "true",
+        ],
+    );
+    assert_eq!(theirs.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&theirs.stderr).contains("not found"));
+    let viewer = json(cfg, &["token", "create", "--role", "viewer"]);
+    let viewer = viewer["token"].as_str().unwrap();
+    let refused = common::hive(
+        cfg,
+        &[
+            "--server",
+            &s.up.url,
+            "--token",
+            viewer,
+            "--tenant",
+            "default",
+            "exec",
+            flaky["name"].as_str().unwrap(),
+            "true",
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("forbidden"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
     );
 
     // rm deletes the services; the agent removes their containers.

@@ -252,6 +252,19 @@ impl OciRuntime {
         self.run("kill", id, c).map(drop)
     }
 
+    /// The command that runs `args` inside the running container, in the foreground: its
+    /// stdio are the process's (with `tty`, the runtime's stdin must be a terminal it can
+    /// mirror into the container's), its exit status the process's.
+    pub fn exec_command(&self, id: &str, args: &[String], tty: bool) -> Command {
+        let mut c = self.command(None);
+        c.arg("exec");
+        if tty {
+            c.arg("--tty");
+        }
+        c.arg(id).args(args);
+        c
+    }
+
     /// Removes the container (its cgroup and runtime state). `force` kills it first.
     pub fn delete(&self, id: &str, force: bool) -> Result<(), OciError> {
         let mut c = self.command(None);

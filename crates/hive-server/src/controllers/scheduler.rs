@@ -15,10 +15,10 @@ use chrono::Utc;
 use hive_api::{ErrorCode, Instance, Node};
 use hive_client::Client;
 use hive_scheduler::{Cluster, FairQueue, NodeInfo, Request, Resources};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 
-use hive_client::reflector::{Store, reflect, tenant_names};
+use hive_client::reflector::{Store, reflect_synced, tenant_names};
 
 /// A node whose lease is older than this is not ready.
 pub const LEASE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -41,6 +41,17 @@ struct State {
     /// Pending instances no node could take: retried when nodes change.
     waiting: HashSet<Key>,
     instances: HashMap<String, Store<Instance>>,
+    /// Whether each cache holds a complete list yet (nodes under the empty name), and
+    /// whether the tenants were listed: nothing is placed before, or nodes would be
+    /// filled past what they hold.
+    synced: HashMap<String, watch::Receiver<bool>>,
+    discovered: bool,
+}
+
+impl State {
+    fn complete(&self) -> bool {
+        self.discovered && self.synced.values().all(|r| *r.borrow())
+    }
 }
 
 fn request(tenant: &str, i: &Instance) -> Request {
@@ -101,14 +112,19 @@ impl Scheduler {
             queued: HashSet::new(),
             waiting: HashSet::new(),
             instances: HashMap::new(),
+            synced: HashMap::new(),
+            discovered: false,
         };
         let nodes: Store<Node> = Arc::new(Mutex::new(BTreeMap::new()));
         let (ntx, mut nrx) = mpsc::unbounded_channel();
-        let mut tasks: Vec<JoinHandle<()>> = vec![tokio::spawn(reflect(
+        let (nodes_synced, ready) = watch::channel(false);
+        st.synced.insert(String::new(), ready);
+        let mut tasks: Vec<JoinHandle<()>> = vec![tokio::spawn(reflect_synced(
             self.client.clone(),
             None,
             nodes.clone(),
             ntx,
+            nodes_synced,
         ))];
         let fwd = tx.clone();
         tasks.push(tokio::spawn(async move {
@@ -155,13 +171,17 @@ impl Scheduler {
                             }
                             keep
                         });
+                        st.discovered = true;
                         st.instances.retain(|t, _| live.contains(t));
+                        st.synced.retain(|t, _| t.is_empty() || live.contains(t));
                         for t in live {
                             if workers.contains_key(&t) {
                                 continue;
                             }
                             let store: Store<Instance> = Arc::new(Mutex::new(BTreeMap::new()));
                             st.instances.insert(t.clone(), store.clone());
+                            let (synced, ready) = watch::channel(false);
+                            st.synced.insert(t.clone(), ready);
                             let (itx, mut irx) = mpsc::unbounded_channel();
                             let fwd = tx.clone();
                             let tenant = t.clone();
@@ -169,11 +189,12 @@ impl Scheduler {
                             workers.insert(
                                 t.clone(),
                                 tokio::spawn(async move {
-                                    let r = tokio::spawn(reflect(
+                                    let r = tokio::spawn(reflect_synced(
                                         client,
                                         Some(tenant.clone()),
                                         store,
                                         itx,
+                                        synced,
                                     ));
                                     while let Some(name) = irx.recv().await {
                                         if fwd.send(Change::Instance(tenant.clone(), name)).is_err()
@@ -197,7 +218,9 @@ impl Scheduler {
                     st.enqueue(key);
                 }
             }
-            st.drain(&self.client).await;
+            if st.complete() {
+                st.drain(&self.client).await;
+            }
         }
         for t in tasks.into_iter().chain(workers.into_values()) {
             t.abort();

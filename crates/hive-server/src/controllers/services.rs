@@ -16,10 +16,10 @@ use hive_api::{
     ErrorCode, Instance, InstanceSpec, Resource, Service, ServiceStatus, Tenant, WatchEventType,
 };
 use hive_client::{Client, ClientError};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 
-use hive_client::reflector::{Store, reflect};
+use hive_client::reflector::{Store, reflect_synced};
 
 /// The label every instance carries with its service's name.
 pub const SERVICE_LABEL: &str = "hive.dev/service";
@@ -96,20 +96,29 @@ async fn tenant_loop(client: Client, tenant: String) {
     let instances: Store<Instance> = Arc::new(Mutex::new(BTreeMap::new()));
     let (stx, mut srx) = mpsc::unbounded_channel();
     let (itx, mut irx) = mpsc::unbounded_channel();
+    let (s_synced, mut s_ready) = watch::channel(false);
+    let (i_synced, mut i_ready) = watch::channel(false);
     let reflectors = [
-        tokio::spawn(reflect(
+        tokio::spawn(reflect_synced(
             client.clone(),
             Some(tenant.clone()),
             services.clone(),
             stx.clone(),
+            s_synced,
         )),
-        tokio::spawn(reflect(
+        tokio::spawn(reflect_synced(
             client.clone(),
             Some(tenant.clone()),
             instances.clone(),
             itx,
+            i_synced,
         )),
     ];
+    // Both caches whole before anything is compared: a service seen before its instances
+    // would look short of replicas and get duplicates.
+    if s_ready.wait_for(|r| *r).await.is_err() || i_ready.wait_for(|r| *r).await.is_err() {
+        return;
+    }
     let ctx = Reconciler {
         client,
         tenant,

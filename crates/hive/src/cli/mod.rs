@@ -5,7 +5,7 @@ mod output;
 mod quantity;
 mod resources;
 mod up;
-mod workload;
+pub mod workload;
 
 use std::path::PathBuf;
 
@@ -81,6 +81,8 @@ pub enum Command {
     Rm(workload::RmArgs),
     /// Print an instance's (or a service's) container output.
     Logs(workload::LogsArgs),
+    /// Run a command in an instance's container (exits with its exit code).
+    Exec(workload::ExecArgs),
     /// Manage nodes (platform admin).
     #[command(subcommand)]
     Node(resources::NodeCmd),
@@ -230,6 +232,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Run(args) => workload::run(&Ctx::new(g).await?, *args).await,
         Command::Rm(args) => workload::rm(&Ctx::new(g).await?, args).await,
         Command::Logs(args) => workload::logs(&Ctx::new(g).await?, args).await,
+        Command::Exec(args) => workload::exec(&Ctx::new(g).await?, args).await,
         Command::Instance(cmd) => resources::instance(&Ctx::new(g).await?, cmd).await,
         Command::Node(cmd) => resources::node(&Ctx::new(g).await?, cmd).await,
         Command::Events(args) => resources::events(&Ctx::new(g).await?, args).await,

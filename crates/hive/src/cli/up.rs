@@ -238,7 +238,7 @@ fn run_agent(
     };
     let (mut images, containers) = hive_agent::sync::layout(data_dir, oci, shim);
     let agent_api =
-        hive_agent::api::AgentApi::new(node.to_owned(), containers.root.clone(), client.clone());
+        hive_agent::api::AgentApi::new(node.to_owned(), containers.clone(), client.clone());
     tokio::spawn(async move {
         if let Err(e) = hive_agent::api::serve(api, agent_api).await {
             tracing::error!(error = %e, "agent API");

@@ -1,4 +1,4 @@
-//! Docker-like verbs on a tenant's workloads: `hive run`, `hive rm`, `hive logs`.
+//! Docker-like verbs on a tenant's workloads: `hive run`, `hive rm`, `hive logs`, `hive exec`.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -8,6 +8,7 @@ use clap::Args;
 use futures_util::StreamExt;
 use hive_api::{ErrorCode, Instance, InstancePhase, Service};
 use hive_client::LogsQuery;
+use hive_client::exec::{Frame, read_frame};
 
 use super::Ctx;
 use super::resources::TemplateArgs;
@@ -38,6 +39,33 @@ pub struct RmArgs {
     #[arg(long)]
     pub no_wait: bool,
 }
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Send this terminal's stdin to the process.
+    #[arg(long, short = 'i')]
+    pub interactive: bool,
+    /// Give the process a terminal (with -i: an interactive shell).
+    #[arg(long, short = 't')]
+    pub tty: bool,
+    /// An instance, or a service (its first running instance).
+    pub name: String,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+/// The process's exit code, to become `hive`'s own.
+#[derive(Debug)]
+pub struct ExitWith(pub i32);
+
+impl std::fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit code {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitWith {}
 
 #[derive(Debug, Args)]
 pub struct LogsArgs {
@@ -226,26 +254,14 @@ pub async fn logs(ctx: &Ctx, args: LogsArgs) -> Result<()> {
         tail: args.tail,
         timestamps: args.timestamps,
     };
-    let instances: Vec<String> = match ctx.client.get::<Instance>(Some(&tenant), &args.name).await {
-        Ok(i) => vec![i.name],
-        Err(e) if e.code() == Some(ErrorCode::NotFound) => {
-            // Not an instance: a service's instances, if it is one.
-            ctx.client.get::<Service>(Some(&tenant), &args.name).await?;
-            let all = ctx.client.list::<Instance>(Some(&tenant)).await?;
-            let mut mine: Vec<String> = all
-                .items
-                .into_iter()
-                .filter(|i| i.spec.service == args.name)
-                .map(|i| i.name)
-                .collect();
-            mine.sort();
-            if mine.is_empty() {
-                bail!("service {} has no instances", args.name);
-            }
-            mine
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let instances: Vec<String> = instances_named(ctx, &tenant, &args.name)
+        .await?
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    if instances.is_empty() {
+        bail!("service {} has no instances", args.name);
+    }
     let prefix = instances.len() > 1;
     let mut streams = Vec::with_capacity(instances.len());
     for name in &instances {
@@ -281,6 +297,179 @@ pub async fn logs(ctx: &Ctx, args: LogsArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The instance called `name`, else the instances of the service called `name` (by name).
+async fn instances_named(ctx: &Ctx, tenant: &str, name: &str) -> Result<Vec<Instance>> {
+    match ctx.client.get::<Instance>(Some(tenant), name).await {
+        Ok(i) => Ok(vec![i]),
+        Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+            ctx.client.get::<Service>(Some(tenant), name).await?;
+            let all = ctx.client.list::<Instance>(Some(tenant)).await?;
+            let mut mine: Vec<Instance> = all
+                .items
+                .into_iter()
+                .filter(|i| i.spec.service == name)
+                .collect();
+            mine.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(mine)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Puts the local terminal in raw mode while alive.
+struct RawTerminal(Option<rustix::termios::Termios>);
+
+impl RawTerminal {
+    fn enter() -> Self {
+        let stdin = std::io::stdin();
+        match rustix::termios::tcgetattr(&stdin) {
+            Ok(saved) => {
+                let mut raw = saved.clone();
+                raw.make_raw();
+                let _ =
+                    rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &raw);
+                Self(Some(saved))
+            }
+            Err(_) => Self(None),
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            let _ = rustix::termios::tcsetattr(
+                std::io::stdin(),
+                rustix::termios::OptionalActions::Now,
+                saved,
+            );
+        }
+    }
+}
+
+fn window_size() -> Option<Frame> {
+    rustix::termios::tcgetwinsize(std::io::stdout())
+        .ok()
+        .map(|w| Frame::Resize {
+            cols: w.ws_col,
+            rows: w.ws_row,
+        })
+}
+
+/// `hive exec`: runs a command in a container; `hive` exits with its exit code.
+pub async fn exec(ctx: &Ctx, args: ExecArgs) -> Result<()> {
+    use std::io::IsTerminal;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tenant = ctx.tenant().await?;
+    let found = instances_named(ctx, &tenant, &args.name).await?;
+    let instance = match found.as_slice() {
+        [one] if one.name == args.name => one.name.clone(),
+        many => many
+            .iter()
+            .find(|i| i.status.phase == InstancePhase::Running)
+            .map(|i| i.name.clone())
+            .ok_or_else(|| anyhow::anyhow!("service {} has no running instance", args.name))?,
+    };
+    let io = ctx
+        .client
+        .exec(&tenant, &instance, &args.command, args.tty)
+        .await?;
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let local_tty = args.tty && std::io::stdin().is_terminal();
+    let _raw = local_tty.then(RawTerminal::enter);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Frame>(16);
+    let sender = tokio::spawn(async move {
+        while let Some(f) = rx.recv().await {
+            if wr.write_all(&f.encode()).await.is_err() {
+                break;
+            }
+        }
+    });
+    if args.tty
+        && let Some(size) = window_size()
+    {
+        let _ = tx.send(size).await;
+    }
+    let mut tasks = Vec::new();
+    if args.tty {
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let Ok(mut winch) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+            else {
+                return;
+            };
+            while winch.recv().await.is_some() {
+                if let Some(size) = window_size()
+                    && tx.send(size).await.is_err()
+                {
+                    break;
+                }
+            }
+        }));
+    }
+    if args.interactive {
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(Frame::StdinEof).await;
+                        break;
+                    }
+                    Ok(n) => {
+                        if tx
+                            .send(Frame::Stdin(bytes::Bytes::copy_from_slice(&buf[..n])))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+        }));
+    } else if !args.tty {
+        // No input: the process sees end of file (a terminal simply gets no keys).
+        let _ = tx.send(Frame::StdinEof).await;
+    }
+    drop(tx);
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    let outcome = loop {
+        match read_frame(&mut rd).await {
+            Ok(Some(Frame::Stdout(b))) => {
+                stdout.write_all(&b).await?;
+                stdout.flush().await?;
+            }
+            Ok(Some(Frame::Stderr(b))) => {
+                stderr.write_all(&b).await?;
+                stderr.flush().await?;
+            }
+            Ok(Some(Frame::Exit(code))) => break Ok(code),
+            Ok(Some(Frame::Error(m))) => break Err(anyhow::anyhow!("exec in {instance}: {m}")),
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                break Err(anyhow::anyhow!(
+                    "exec in {instance}: the connection closed before the exit code"
+                ));
+            }
+            Err(e) => break Err(anyhow::anyhow!("exec in {instance}: {e}")),
+        }
+    };
+    for t in tasks {
+        t.abort();
+    }
+    sender.abort();
+    drop(_raw);
+    match outcome? {
+        0 => Ok(()),
+        code => Err(ExitWith(code).into()),
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,259 @@
+//! One exec session: a process started in a running container by the OCI runtime's `exec`,
+//! its stdio carried as [`Frame`]s over the upgraded connection the API server passed on.
+//!
+//! Without a terminal the process gets three pipes (stdout and stderr stay apart). With one,
+//! the runtime runs in the foreground on a pseudo-terminal the agent allocates (its
+//! controlling terminal): the runtime gives the process a terminal of its own and copies
+//! between the two, and a size set on ours reaches it as SIGWINCH. (`--console-socket` would
+//! need `--detach`, and then nobody could wait for the exit code.) When the client goes away,
+//! the process gets SIGHUP (the runtime forwards it), like a closed terminal.
+
+use std::os::fd::OwnedFd;
+use std::process::Stdio;
+
+use bytes::Bytes;
+use hive_client::exec::{Frame, read_frame};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::runtime::OciRuntime;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct ExecRequest {
+    pub container: String,
+    pub command: Vec<String>,
+    pub tty: bool,
+}
+
+/// Exit code of a process from its wait status (128 + signal when killed).
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(255)
+}
+
+/// Runs the session to its end over `io`.
+pub async fn session<IO>(io: IO, runtime: OciRuntime, req: ExecRequest)
+where
+    IO: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let (tx, mut rx) = mpsc::channel::<Frame>(16);
+    let writer = tokio::spawn(async move {
+        while let Some(f) = rx.recv().await {
+            let last = matches!(f, Frame::Exit(_) | Frame::Error(_));
+            if wr.write_all(&f.encode()).await.is_err() {
+                break;
+            }
+            if last {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let result = if req.tty {
+        run_tty(&mut rd, &tx, &runtime, &req).await
+    } else {
+        run_pipes(&mut rd, &tx, &runtime, &req).await
+    };
+    let last = match result {
+        Ok(code) => Frame::Exit(code),
+        Err(message) => Frame::Error(message),
+    };
+    let _ = tx.send(last).await;
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// Copies `src` into frames made by `frame` until end of file.
+async fn pump(mut src: impl AsyncRead + Unpin, tx: mpsc::Sender<Frame>, frame: fn(Bytes) -> Frame) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match src.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if tx
+                    .send(frame(Bytes::copy_from_slice(&buf[..n])))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn hang_up(pid: Option<u32>) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        // The runtime's exec forwards signals to the process it started.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        );
+    }
+}
+
+async fn run_pipes<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    tx: &mpsc::Sender<Frame>,
+    runtime: &OciRuntime,
+    req: &ExecRequest,
+) -> Result<i32, String> {
+    let mut cmd =
+        tokio::process::Command::from(runtime.exec_command(&req.container, &req.command, false));
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("start {}: {e}", runtime.binary.display()))?;
+    let pid = child.id();
+    let out = tokio::spawn(pump(
+        child.stdout.take().expect("piped"),
+        tx.clone(),
+        Frame::Stdout,
+    ));
+    let err = tokio::spawn(pump(
+        child.stderr.take().expect("piped"),
+        tx.clone(),
+        Frame::Stderr,
+    ));
+    let mut stdin = child.stdin.take();
+    let input = async {
+        loop {
+            match read_frame(rd).await {
+                Ok(Some(Frame::Stdin(b))) => {
+                    if let Some(s) = stdin.as_mut()
+                        && s.write_all(&b).await.is_err()
+                    {
+                        stdin = None;
+                    }
+                }
+                Ok(Some(Frame::StdinEof)) => stdin = None,
+                Ok(Some(_)) => {}
+                // The client is gone (or spoke nonsense): hang up.
+                Ok(None) | Err(_) => {
+                    hang_up(pid);
+                    return;
+                }
+            }
+        }
+    };
+    let status = tokio::select! {
+        s = child.wait() => s,
+        () = input => child.wait().await,
+    }
+    .map_err(|e| format!("wait for exec: {e}"))?;
+    let _ = out.await;
+    let _ = err.await;
+    Ok(exit_code(status))
+}
+
+async fn run_tty<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    tx: &mpsc::Sender<Frame>,
+    runtime: &OciRuntime,
+    req: &ExecRequest,
+) -> Result<i32, String> {
+    let (master, slave) = open_pty().map_err(|e| format!("allocate a terminal: {e}"))?;
+    let mut cmd = runtime.exec_command(&req.container, &req.command, true);
+    let stdio = |f: &OwnedFd| f.try_clone().map(Stdio::from);
+    cmd.stdin(stdio(&slave).map_err(|e| e.to_string())?)
+        .stdout(stdio(&slave).map_err(|e| e.to_string())?)
+        .stderr(stdio(&slave).map_err(|e| e.to_string())?);
+    // SAFETY: between fork and exec the child only makes async-signal-safe system calls
+    // (setsid, ioctl) on descriptors it already holds; it allocates nothing.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            rustix::process::setsid()?;
+            // Stdin (the slave) becomes the runtime's controlling terminal, so a size set on
+            // the master reaches it as SIGWINCH and it resizes the container's terminal.
+            rustix::process::ioctl_tiocsctty(std::io::stdin())?;
+            Ok(())
+        });
+    }
+    let mut child = tokio::process::Command::from(cmd)
+        .spawn()
+        .map_err(|e| format!("start {}: {e}", runtime.binary.display()))?;
+    drop(slave);
+    let pid = child.id();
+    let master_w = master.try_clone().map_err(|e| format!("terminal: {e}"))?;
+    let reader = tokio::fs::File::from_std(std::fs::File::from(master));
+    let mut writer = tokio::fs::File::from_std(std::fs::File::from(master_w));
+    let out = tokio::spawn(pump(reader, tx.clone(), Frame::Stdout));
+    let input = async {
+        loop {
+            match read_frame(rd).await {
+                Ok(Some(Frame::Stdin(b))) => {
+                    let _ = writer.write_all(&b).await;
+                }
+                // End of input on a terminal is its EOF character (^D).
+                Ok(Some(Frame::StdinEof)) => {
+                    let _ = writer.write_all(&[4]).await;
+                }
+                Ok(Some(Frame::Resize { cols, rows })) => {
+                    use std::os::fd::AsFd;
+                    let _ = rustix::termios::tcsetwinsize(
+                        writer.as_fd(),
+                        rustix::termios::Winsize {
+                            ws_col: cols,
+                            ws_row: rows,
+                            ws_xpixel: 0,
+                            ws_ypixel: 0,
+                        },
+                    );
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    hang_up(pid);
+                    return;
+                }
+            }
+        }
+    };
+    let status = tokio::select! {
+        s = child.wait() => s,
+        () = input => child.wait().await,
+    }
+    .map_err(|e| format!("wait for exec: {e}"))?;
+    // The master reads EIO once nothing holds the slave any more; what was written before
+    // is still delivered.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), out).await;
+    Ok(exit_code(status))
+}
+
+/// A new pseudo-terminal: (master, slave).
+fn open_pty() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::fs::{Mode, OFlags};
+    use rustix::pty::OpenptFlags;
+    let master =
+        rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    rustix::pty::grantpt(&master)?;
+    rustix::pty::unlockpt(&master)?;
+    let name = rustix::pty::ptsname(&master, Vec::new())?;
+    let slave = rustix::fs::open(
+        name.as_c_str(),
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    // Raw: this terminal only carries bytes between the client and the container's own
+    // terminal (which echoes and edits lines); it must not echo or translate them again.
+    let mut t = rustix::termios::tcgetattr(&slave)?;
+    t.make_raw();
+    rustix::termios::tcsetattr(&slave, rustix::termios::OptionalActions::Now, &t)?;
+    rustix::termios::tcsetwinsize(
+        &master,
+        rustix::termios::Winsize {
+            ws_col: 80,
+            ws_row: 24,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        },
+    )?;
+    Ok((master, slave))
+}
