@@ -97,6 +97,31 @@ fn hang_up(pid: Option<u32>) {
     }
 }
 
+/// The client's next frame; None, after hanging up on the process, once the client is gone
+/// (or sent nonsense).
+async fn next_frame<R: AsyncRead + Unpin>(rd: &mut R, pid: Option<u32>) -> Option<Frame> {
+    match read_frame(rd).await {
+        Ok(Some(f)) => Some(f),
+        Ok(None) | Err(_) => {
+            hang_up(pid);
+            None
+        }
+    }
+}
+
+/// The exit code of `child`, feeding it input meanwhile.
+async fn wait(
+    child: &mut tokio::process::Child,
+    input: impl Future<Output = ()>,
+) -> Result<i32, String> {
+    let status = tokio::select! {
+        s = child.wait() => s,
+        () = input => child.wait().await,
+    }
+    .map_err(|e| format!("wait for exec: {e}"))?;
+    Ok(exit_code(status))
+}
+
 async fn run_pipes<R: AsyncRead + Unpin>(
     rd: &mut R,
     tx: &mpsc::Sender<Frame>,
@@ -124,33 +149,24 @@ async fn run_pipes<R: AsyncRead + Unpin>(
     ));
     let mut stdin = child.stdin.take();
     let input = async {
-        loop {
-            match read_frame(rd).await {
-                Ok(Some(Frame::Stdin(b))) => {
+        while let Some(f) = next_frame(rd, pid).await {
+            match f {
+                Frame::Stdin(b) => {
                     if let Some(s) = stdin.as_mut()
                         && s.write_all(&b).await.is_err()
                     {
                         stdin = None;
                     }
                 }
-                Ok(Some(Frame::StdinEof)) => stdin = None,
-                Ok(Some(_)) => {}
-                // The client is gone (or spoke nonsense): hang up.
-                Ok(None) | Err(_) => {
-                    hang_up(pid);
-                    return;
-                }
+                Frame::StdinEof => stdin = None,
+                _ => {}
             }
         }
     };
-    let status = tokio::select! {
-        s = child.wait() => s,
-        () = input => child.wait().await,
-    }
-    .map_err(|e| format!("wait for exec: {e}"))?;
+    let code = wait(&mut child, input).await?;
     let _ = out.await;
     let _ = err.await;
-    Ok(exit_code(status))
+    Ok(code)
 }
 
 async fn run_tty<R: AsyncRead + Unpin>(
@@ -187,44 +203,34 @@ async fn run_tty<R: AsyncRead + Unpin>(
     let mut writer = tokio::fs::File::from_std(std::fs::File::from(master_w));
     let out = tokio::spawn(pump(reader, tx.clone(), Frame::Stdout));
     let input = async {
-        loop {
-            match read_frame(rd).await {
-                Ok(Some(Frame::Stdin(b))) => {
+        while let Some(f) = next_frame(rd, pid).await {
+            match f {
+                Frame::Stdin(b) => {
                     let _ = writer.write_all(&b).await;
                 }
                 // End of input on a terminal is its EOF character (^D).
-                Ok(Some(Frame::StdinEof)) => {
+                Frame::StdinEof => {
                     let _ = writer.write_all(&[4]).await;
                 }
-                Ok(Some(Frame::Resize { cols, rows })) => {
+                Frame::Resize { cols, rows } => {
                     use std::os::fd::AsFd;
-                    let _ = rustix::termios::tcsetwinsize(
-                        writer.as_fd(),
-                        rustix::termios::Winsize {
-                            ws_col: cols,
-                            ws_row: rows,
-                            ws_xpixel: 0,
-                            ws_ypixel: 0,
-                        },
-                    );
+                    let size = rustix::termios::Winsize {
+                        ws_col: cols,
+                        ws_row: rows,
+                        ws_xpixel: 0,
+                        ws_ypixel: 0,
+                    };
+                    let _ = rustix::termios::tcsetwinsize(writer.as_fd(), size);
                 }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => {
-                    hang_up(pid);
-                    return;
-                }
+                _ => {}
             }
         }
     };
-    let status = tokio::select! {
-        s = child.wait() => s,
-        () = input => child.wait().await,
-    }
-    .map_err(|e| format!("wait for exec: {e}"))?;
+    let code = wait(&mut child, input).await?;
     // The master reads EIO once nothing holds the slave any more; what was written before
     // is still delivered.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), out).await;
-    Ok(exit_code(status))
+    Ok(code)
 }
 
 /// A new pseudo-terminal: (master, slave).

@@ -33,18 +33,7 @@ fn read_trim(path: impl AsRef<Path>) -> Option<String> {
 /// A host name turned into a DNS label (lower case, other characters to '-', 63 at most).
 pub fn node_name(host: &str) -> String {
     let first = host.split('.').next().unwrap_or(host);
-    let mut s: String = first
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    s.truncate(63);
-    let s = s.trim_matches('-').to_owned();
+    let s = hive_api::validate::to_name(first, 63);
     if s.is_empty() { "node".into() } else { s }
 }
 

@@ -29,6 +29,23 @@ pub const MAX_LABELS: usize = 64;
 /// ending with a letter or digit. Names become path segments, hostnames and cgroup names, so
 /// anything else (`/`, `..`, upper case, spaces) is refused with a message saying which rule
 /// was broken.
+/// Turns any text into a [`name`] of at most `max` characters: lower case, every other
+/// character `-`, no `-` at either end. Empty when nothing usable is left.
+pub fn to_name(text: &str, max: usize) -> String {
+    let mapped: String = text
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(max.min(MAX_NAME_LEN))
+        .collect();
+    mapped.trim_matches('-').to_owned()
+}
+
 pub fn name(field: &str, value: &str) -> Result {
     let bad = |msg: String| Err(ValidationError::new(field, msg));
     if value.is_empty() {

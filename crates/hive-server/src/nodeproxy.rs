@@ -129,6 +129,67 @@ async fn locate(
     })
 }
 
+impl Located {
+    fn unreachable(&self, e: impl std::fmt::Display) -> ApiError {
+        ApiError::new(
+            ErrorCode::NodeUnreachable,
+            format!("node {}'s agent: {e}", self.node),
+        )
+    }
+
+    /// Sends `req` (built on `http` for `url` under the agent) with a proxy token for `op`;
+    /// answers with the agent's response when its status is `want`, else with the error that
+    /// explains it (404/409: no running container; anything else: unreachable).
+    async fn ask(
+        &self,
+        st: &AppState,
+        instance: &str,
+        op: ProxyOp,
+        build: impl FnOnce(&reqwest::Client, String) -> reqwest::RequestBuilder,
+        path_and_query: &str,
+        want: u16,
+    ) -> ApiResult<reqwest::Response> {
+        let token = signer(st).await?.sign(&ProxyClaims {
+            node: self.node.clone(),
+            container: self.container.clone(),
+            op,
+            exp: chrono::Utc::now().timestamp() + hive_api::proxy::TOKEN_TTL_SECS,
+        });
+        let http = st
+            .proxy_http
+            .get_or_try_init(|| async { hive_client::http() })
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let url = format!(
+            "{}/v1/containers/{}/{path_and_query}",
+            self.agent_url, self.container
+        );
+        let resp = build(http, url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        match resp.status().as_u16() {
+            s if s == want => Ok(resp),
+            404 | 409 => Err(ApiError::new(
+                ErrorCode::NotStarted,
+                format!(
+                    "instance {instance:?} has no running container on node {} (yet, or any \
+                     more)",
+                    self.node
+                ),
+            )),
+            s => {
+                let body = resp.text().await.unwrap_or_default();
+                Err(self.unreachable(format!(
+                    "answered {s}: {}",
+                    body.trim().chars().take(200).collect::<String>()
+                )))
+            }
+        }
+    }
+}
+
 /// `GET /api/v1/tenants/{tenant}/instances/{name}/logs`: the container's output, streamed
 /// from its node (viewer and up).
 pub async fn logs(
@@ -143,56 +204,20 @@ pub async fn logs(
     }
     let target = Target::from_path(params);
     let at = locate(&st, &p, &target, Role::Viewer, "read instance logs").await?;
-    let token = signer(&st).await?.sign(&ProxyClaims {
-        node: at.node.clone(),
-        container: at.container.clone(),
-        op: ProxyOp::Logs,
-        exp: chrono::Utc::now().timestamp() + hive_api::proxy::TOKEN_TTL_SECS,
-    });
-    let mut url = format!(
-        "{}/v1/containers/{}/logs?follow={}&timestamps={}",
-        at.agent_url, at.container, q.follow, q.timestamps
-    );
+    let mut query = format!("logs?follow={}&timestamps={}", q.follow, q.timestamps);
     if let Some(t) = q.tail {
-        url.push_str(&format!("&tail={t}"));
+        query.push_str(&format!("&tail={t}"));
     }
-    let unreachable = |e: String| {
-        ApiError::new(
-            ErrorCode::NodeUnreachable,
-            format!("node {}'s agent: {e}", at.node),
+    let resp = at
+        .ask(
+            &st,
+            target.name(),
+            ProxyOp::Logs,
+            |h, u| h.get(u),
+            &query,
+            200,
         )
-    };
-    let http = st
-        .proxy_http
-        .get_or_try_init(|| async { hive_client::http() })
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let resp = http
-        .get(&url)
-        .bearer_auth(token)
-        .send()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    match resp.status().as_u16() {
-        200 => {}
-        404 => {
-            return Err(ApiError::new(
-                ErrorCode::NotStarted,
-                format!(
-                    "instance {:?} has no container on node {} (yet, or any more)",
-                    target.name(),
-                    at.node
-                ),
-            ));
-        }
-        s => {
-            let body = resp.text().await.unwrap_or_default();
-            return Err(unreachable(format!(
-                "answered {s}: {}",
-                body.chars().take(200).collect::<String>()
-            )));
-        }
-    }
+        .await?;
     // A follow stream ends when the server shuts down, like a watch.
     let body = resp
         .bytes_stream()
@@ -246,62 +271,20 @@ pub async fn exec(
             "exec needs the headers Connection: upgrade and Upgrade: {PROTOCOL}"
         )));
     }
-    let token = signer(&st).await?.sign(&ProxyClaims {
-        node: at.node.clone(),
-        container: at.container.clone(),
-        op: ProxyOp::Exec,
-        exp: chrono::Utc::now().timestamp() + hive_api::proxy::TOKEN_TTL_SECS,
-    });
-    let url = format!(
-        "{}/v1/containers/{}/exec?command={}&tty={}",
-        at.agent_url,
-        at.container,
+    let query = format!(
+        "exec?command={}&tty={}",
         hive_client::segment(&q.command),
         q.tty
     );
-    let unreachable = |e: String| {
-        ApiError::new(
-            ErrorCode::NodeUnreachable,
-            format!("node {}'s agent: {e}", at.node),
-        )
+    let upgrade = |h: &reqwest::Client, u: String| {
+        h.post(u)
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, PROTOCOL)
     };
-    let http = st
-        .proxy_http
-        .get_or_try_init(|| async { hive_client::http() })
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let resp = http
-        .post(&url)
-        .bearer_auth(token)
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, PROTOCOL)
-        .send()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    match resp.status().as_u16() {
-        101 => {}
-        404 | 409 => {
-            return Err(ApiError::new(
-                ErrorCode::NotStarted,
-                format!(
-                    "instance {:?} has no running container on node {}",
-                    target.name(),
-                    at.node
-                ),
-            ));
-        }
-        s => {
-            let body = resp.text().await.unwrap_or_default();
-            return Err(unreachable(format!(
-                "answered {s}: {}",
-                body.trim().chars().take(200).collect::<String>()
-            )));
-        }
-    }
-    let mut agent = resp
-        .upgrade()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
+    let resp = at
+        .ask(&st, target.name(), ProxyOp::Exec, upgrade, &query, 101)
+        .await?;
+    let mut agent = resp.upgrade().await.map_err(|e| at.unreachable(e))?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match on_upgrade.await {

@@ -83,27 +83,12 @@ pub struct LogsArgs {
     pub timestamps: bool,
 }
 
-/// A DNS label from an image reference: its last path component, without tag or digest.
+/// A name from an image reference: its last path component, without tag or digest.
 fn name_from_image(image: &str) -> String {
     let last = image.rsplit('/').next().unwrap_or(image);
     let base = last.split(['@', ':']).next().unwrap_or(last);
-    let mut s: String = base
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    s.truncate(40);
-    let s = s.trim_matches('-');
-    if s.is_empty() || !s.starts_with(|c: char| c.is_ascii_lowercase()) {
-        format!("run-{s}").trim_end_matches('-').to_owned()
-    } else {
-        s.to_owned()
-    }
+    let s = hive_api::validate::to_name(base, 40);
+    if s.is_empty() { "run".into() } else { s }
 }
 
 fn suffix() -> String {
@@ -482,7 +467,7 @@ mod tests {
             ("127.0.0.1:7080/default/busybox:latest", "busybox"),
             ("nginx", "nginx"),
             ("reg/ns/My_App@sha256:abc", "my-app"),
-            ("reg/9lives:1", "run-9lives"),
+            ("reg/9lives:1", "9lives"),
             ("reg/__:1", "run"),
         ] {
             assert_eq!(name_from_image(image), want, "{image}");
