@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hive_api::{Instance, InstancePhase, RestartPolicy};
+use hive_api::{Instance, InstancePhase, PullPolicy, RestartPolicy};
 use hive_client::Client;
 use hive_client::reflector::{Store, reflect_synced, tenant_names};
 use tokio::sync::{Mutex, mpsc, watch};
@@ -304,16 +304,38 @@ impl Agent {
         inst: &Instance,
     ) -> Result<crate::runtime::shim::Started, (&'static str, String)> {
         let t = &inst.spec.template;
-        let image = self
-            .images
-            .pull(&t.image)
-            .await
-            .map_err(|e| ("ImagePullFailed", e.to_string()))?;
+        let t0 = Instant::now();
+        let present = match t.pull_policy() {
+            PullPolicy::Always => None,
+            PullPolicy::IfNotPresent | PullPolicy::Never => self
+                .images
+                .get(&t.image)
+                .map_err(|e| ("ImagePullFailed", e.to_string()))?,
+        };
+        let image = match (present, t.pull_policy()) {
+            (Some(image), _) => image,
+            (None, PullPolicy::Never) => {
+                return Err((
+                    "ImageNotPresent",
+                    format!(
+                        "{} is not on this node and the pull policy is never",
+                        t.image
+                    ),
+                ));
+            }
+            (None, _) => self
+                .images
+                .pull(&t.image)
+                .await
+                .map_err(|e| ("ImagePullFailed", e.to_string()))?,
+        };
+        let t_image = t0.elapsed();
         let rootfs = self
             .images
             .compose_rootfs(&image, id)
             .await
             .map_err(|e| ("RootfsFailed", e.to_string()))?;
+        let t_rootfs = t0.elapsed();
         let cfg = ContainerConfig {
             id: id.to_owned(),
             hostname: inst.name.clone(),
@@ -345,10 +367,19 @@ impl Agent {
             netns: None,
         };
         let spec = spec::build(&cfg).map_err(|e| ("InvalidSpec", e.to_string()))?;
-        self.containers
+        let started = self
+            .containers
             .start(id, &spec, &cfg.cgroups_path)
             .await
-            .map_err(|e| ("StartFailed", e.to_string()))
+            .map_err(|e| ("StartFailed", e.to_string()))?;
+        tracing::debug!(
+            instance = %inst.name,
+            image_ms = t_image.as_secs_f64() * 1e3,
+            rootfs_ms = (t_rootfs - t_image).as_secs_f64() * 1e3,
+            start_ms = (t0.elapsed() - t_rootfs).as_secs_f64() * 1e3,
+            "launched"
+        );
+        Ok(started)
     }
 
     /// A stop task ended: the container goes (or, if it still runs, the next pass tries

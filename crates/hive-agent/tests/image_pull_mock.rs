@@ -15,7 +15,6 @@ use axum::response::{IntoResponse, Response};
 use hive_agent::image::registry::RegistryError;
 use hive_agent::image::unpack::UnpackError;
 use hive_agent::image::{Credentials, ImageError, ImageStore, Limits, StoreConfig};
-use sha2::{Digest as _, Sha256};
 
 const TOKEN: &str = "tok-123";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -31,7 +30,10 @@ struct Mock {
 }
 
 fn sha(b: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+    format!(
+        "sha256:{}",
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, b))
+    )
 }
 
 async fn handle(State(m): State<Arc<Mock>>, headers: HeaderMap, req: Request) -> Response {

@@ -24,8 +24,8 @@ pub use meta::{List, Resource, Scope};
 pub use node::{Node, NodeCapacity, NodeSpec, NodeStatus};
 pub use proxy::{ProxyClaims, ProxyKey, ProxyOp, ProxySigner};
 pub use service::{
-    ContainerSpec, EnvVar, PortSpec, Protocol, ResourceAmounts, Resources, RestartPolicy, Service,
-    ServiceSpec, ServiceStatus,
+    ContainerSpec, EnvVar, PortSpec, Protocol, PullPolicy, ResourceAmounts, Resources,
+    RestartPolicy, Service, ServiceSpec, ServiceStatus,
 };
 pub use tenant::Tenant;
 pub use token::{ApiToken, CreatedToken, Role, TokenCreate, WhoAmI};

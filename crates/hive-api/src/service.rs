@@ -84,6 +84,42 @@ pub struct ContainerSpec {
     pub ports: Vec<PortSpec>,
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// When the node pulls the image; absent: `always` for `latest` or no tag, else
+    /// `if-not-present` (see [`ContainerSpec::pull_policy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_policy: Option<PullPolicy>,
+}
+
+impl ContainerSpec {
+    /// The pull policy in force: the one given, else `always` for an image without a tag or
+    /// tagged `latest` (it may move), else `if-not-present` (a tag or digest pins it).
+    pub fn pull_policy(&self) -> PullPolicy {
+        if let Some(p) = self.pull_policy {
+            return p;
+        }
+        let (name, digest) = match self.image.split_once('@') {
+            Some((n, _)) => (n, true),
+            None => (self.image.as_str(), false),
+        };
+        let last = name.rsplit('/').next().unwrap_or(name);
+        match last.split_once(':') {
+            _ if digest => PullPolicy::IfNotPresent,
+            Some((_, tag)) if tag != "latest" => PullPolicy::IfNotPresent,
+            _ => PullPolicy::Always,
+        }
+    }
+}
+
+/// When a node pulls an instance's image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    /// Ask the registry every time (a moved tag is followed).
+    Always,
+    /// Use the image the node has under that reference; pull only when it has none.
+    IfNotPresent,
+    /// Never pull: the image must be on the node.
+    Never,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -488,5 +524,25 @@ mod tests {
         ] {
             assert!(image_reference("image", bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn pull_policy_follows_the_tag() {
+        let spec = |image: &str| ContainerSpec {
+            image: image.into(),
+            ..Default::default()
+        };
+        for (image, want) in [
+            ("busybox", PullPolicy::Always),
+            ("busybox:latest", PullPolicy::Always),
+            ("127.0.0.1:7080/t/busybox", PullPolicy::Always),
+            ("127.0.0.1:7080/t/busybox:v1", PullPolicy::IfNotPresent),
+            ("reg/busybox@sha256:abc", PullPolicy::IfNotPresent),
+        ] {
+            assert_eq!(spec(image).pull_policy(), want, "{image}");
+        }
+        let mut s = spec("busybox:v1");
+        s.pull_policy = Some(PullPolicy::Always);
+        assert_eq!(s.pull_policy(), PullPolicy::Always);
     }
 }

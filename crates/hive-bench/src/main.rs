@@ -5,8 +5,10 @@
 use clap::{Parser, Subcommand};
 
 mod api;
+mod images;
 mod registry;
 mod runtime;
+mod start;
 mod store;
 
 #[derive(Debug, Parser)]
@@ -31,6 +33,9 @@ enum Command {
     Runtime(runtime::RuntimeArgs),
     /// Push, pull and manifest reads through skopeo and hey, against distribution 2.8.
     Registry(registry::RegistryArgs),
+    /// Container start through Hive (warm, cold, density), against the bare runtimes and
+    /// podman.
+    Start(start::StartArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,5 +49,6 @@ fn main() -> anyhow::Result<()> {
         Command::Api(args) => api::run(args),
         Command::Runtime(args) => runtime::run(args),
         Command::Registry(args) => registry::run(args),
+        Command::Start(args) => start::run(args),
     }
 }

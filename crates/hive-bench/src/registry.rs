@@ -19,6 +19,8 @@ use hive_api::{Role, Tenant, TokenCreate};
 use hive_client::Client;
 use hive_server::{RateLimit, ServerConfig};
 
+use crate::images::{build_image, image_bytes, need, random_file, sh};
+
 #[derive(Debug, clap::Args)]
 pub struct RegistryArgs {
     /// Where the test images are built (and reused on later runs).
@@ -111,109 +113,6 @@ fn rss_during_push(host: &str, secret: &str, work: &Path, mib: usize) -> Result<
 }
 
 const BLOB_CACHE: &str = "/var/lib/containers/cache/blob-info-cache-v1.boltdb";
-
-fn need(tool: &str) -> Result<()> {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()?
-        .success();
-    if !ok {
-        bail!("{tool} is not installed: run scripts/deps.sh");
-    }
-    Ok(())
-}
-
-fn sh(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("run {cmd}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn random_file(path: &Path, bytes: usize) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut left = bytes;
-    let mut buf = vec![0u8; 1 << 20];
-    while left > 0 {
-        let n = left.min(buf.len());
-        rand_fill(&mut buf[..n]);
-        f.write_all(&buf[..n])?;
-        left -= n;
-    }
-    f.flush()?;
-    Ok(())
-}
-
-fn rand_fill(buf: &mut [u8]) {
-    for c in buf.chunks_mut(32) {
-        let r: [u8; 32] = rand::random();
-        c.copy_from_slice(&r[..c.len()]);
-    }
-}
-
-/// Builds `name` (layers × bytes each) as an OCI layout under `work/oci`, unless present.
-fn build_image(work: &Path, name: &str, layers: usize, bytes: usize) -> Result<PathBuf> {
-    let layout = work.join("oci").join(name);
-    let stamp = layout.join(format!(".built-{layers}x{bytes}"));
-    if stamp.exists() {
-        return Ok(layout);
-    }
-    eprintln!("building image {name}: {layers} layer(s) of {bytes} bytes");
-    let _ = std::fs::remove_dir_all(&layout);
-    std::fs::create_dir_all(layout.parent().unwrap_or(work))?;
-    let l = layout.to_str().context("path")?;
-    let image = format!("{l}:test");
-    let bundle = work.join(format!("{name}.bundle"));
-    let _ = std::fs::remove_dir_all(&bundle);
-    let b = bundle.to_str().context("path")?;
-    sh("umoci", &["init", "--layout", l])?;
-    sh("umoci", &["new", "--image", &image])?;
-    sh(
-        "umoci",
-        &[
-            "config",
-            "--image",
-            &image,
-            "--config.cmd",
-            "/bin/sh",
-            "--architecture",
-            "amd64",
-            "--os",
-            "linux",
-        ],
-    )?;
-    sh("umoci", &["unpack", "--image", &image, b])?;
-    for i in 0..layers {
-        random_file(&bundle.join(format!("rootfs/f{i:03}.bin")), bytes)?;
-        sh(
-            "umoci",
-            &["repack", "--refresh-bundle", "--image", &image, b],
-        )?;
-    }
-    sh("umoci", &["gc", "--layout", l])?;
-    std::fs::remove_dir_all(&bundle)?;
-    std::fs::write(&stamp, "")?;
-    Ok(layout)
-}
-
-fn image_bytes(layout: &Path) -> Result<u64> {
-    let mut total = 0;
-    for e in std::fs::read_dir(layout.join("blobs/sha256"))? {
-        total += e?.metadata()?.len();
-    }
-    Ok(total)
-}
 
 struct Target {
     name: &'static str,
@@ -343,8 +242,8 @@ pub fn run(args: RegistryArgs) -> Result<()> {
         need(t)?;
     }
     std::fs::create_dir_all(args.work.join("pull"))?;
-    let big = build_image(&args.work, "big", 1, args.big_mib << 20)?;
-    let many = build_image(&args.work, "many", args.many, args.many_kib << 10)?;
+    let big = build_image(&args.work, "big", 1, args.big_mib << 20, false)?;
+    let many = build_image(&args.work, "many", args.many, args.many_kib << 10, false)?;
 
     let dir = tempfile::Builder::new()
         .prefix("hive-bench-registry-")

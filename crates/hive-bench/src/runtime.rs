@@ -7,7 +7,7 @@
 //!   exit recorded, container removed — with each runtime.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -24,14 +24,14 @@ pub struct RuntimeArgs {
     pub hive: Option<PathBuf>,
 }
 
-fn busybox_rootfs(dir: &Path) -> Result<PathBuf> {
+pub fn busybox_rootfs(dir: &Path) -> Result<PathBuf> {
     let rootfs = dir.join("rootfs");
     for d in ["bin", "etc", "tmp", "proc", "sys", "dev"] {
         std::fs::create_dir_all(rootfs.join(d))?;
     }
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
         .context("copy /bin/busybox (install busybox-static)")?;
-    for a in ["sh", "true"] {
+    for a in ["sh", "true", "sleep"] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(a))?;
     }
     Ok(rootfs)
@@ -53,57 +53,151 @@ fn config(id: &str, rootfs: &Path) -> ContainerConfig {
     }
 }
 
-fn stats(mut ms: Vec<f64>) -> (f64, f64) {
+/// p50 and p95 of `ms`.
+pub fn stats(mut ms: Vec<f64>) -> (f64, f64) {
     ms.sort_by(f64::total_cmp);
     let at = |p: f64| ms[((ms.len() as f64 - 1.0) * p).round() as usize];
     (at(0.5), at(0.95))
 }
 
-fn bare(kind: RuntimeKind, dir: &Path, rootfs: &Path, runs: usize) -> Result<(f64, f64)> {
-    let name = match kind {
+/// The runtime's command line as the benchmarks call it bare (crun in a mount namespace
+/// without the cgroup2 mount, which it needs on these hybrid hosts).
+fn runtime_cmd(kind: RuntimeKind, root: &Path) -> Command {
+    let mut c = match kind {
+        RuntimeKind::Runc => Command::new("runc"),
+        RuntimeKind::Crun => {
+            let mut c = Command::new("unshare");
+            c.args([
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                "umount -l /sys/fs/cgroup/unified 2>/dev/null; exec crun \"$@\"",
+                "crun",
+            ]);
+            c
+        }
+    };
+    c.arg("--root").arg(root);
+    c
+}
+
+fn kind_name(kind: RuntimeKind) -> &'static str {
+    match kind {
         RuntimeKind::Runc => "runc",
         RuntimeKind::Crun => "crun",
-    };
-    let bundle = dir.join(format!("bundle-{name}"));
+    }
+}
+
+/// Writes a bundle for `command` and returns (bundle dir, container id, runtime root).
+fn bare_bundle(
+    kind: RuntimeKind,
+    dir: &Path,
+    rootfs: &Path,
+    tag: &str,
+    command: &[&str],
+) -> Result<(PathBuf, String, PathBuf)> {
+    let name = kind_name(kind);
+    let bundle = dir.join(format!("bundle-{tag}-{name}"));
     std::fs::create_dir_all(&bundle)?;
-    let id = format!("bench-bare-{name}-{}", std::process::id());
-    let spec = spec::build(&config(&id, rootfs))?;
+    let id = format!("bench-{tag}-{name}-{}", std::process::id());
+    let mut cfg = config(&id, rootfs);
+    cfg.overrides.command = command.iter().map(|s| s.to_string()).collect();
+    let spec = spec::build(&cfg)?;
     std::fs::write(bundle.join("config.json"), serde_json::to_vec(&spec)?)?;
-    let root = dir.join(format!("root-{name}"));
+    Ok((bundle, id, dir.join(format!("root-{name}"))))
+}
+
+fn check(out: std::process::Output, what: &str) -> Result<()> {
+    if !out.status.success() {
+        bail!("{what}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// `runtime run` of `/bin/true` (create, start, wait, delete), `runs` times after 3 warm-ups.
+fn bare(kind: RuntimeKind, dir: &Path, rootfs: &Path, runs: usize) -> Result<(f64, f64)> {
+    let (bundle, id, root) = bare_bundle(kind, dir, rootfs, "run", &["/bin/true"])?;
     let mut times = Vec::new();
     for i in 0..runs + 3 {
-        let mut c = match kind {
-            RuntimeKind::Runc => Command::new("runc"),
-            RuntimeKind::Crun => {
-                let mut c = Command::new("unshare");
-                c.args([
-                    "-m",
-                    "--propagation",
-                    "private",
-                    "sh",
-                    "-c",
-                    "umount -l /sys/fs/cgroup/unified 2>/dev/null; exec crun \"$@\"",
-                    "crun",
-                ]);
-                c
-            }
-        };
-        c.arg("--root")
-            .arg(&root)
-            .args(["run", "-b"])
-            .arg(&bundle)
-            .arg(&id);
+        let mut c = runtime_cmd(kind, &root);
+        c.args(["run", "-b"]).arg(&bundle).arg(&id);
         let t = Instant::now();
         let out = c.output()?;
         let el = t.elapsed();
-        if !out.status.success() {
-            bail!("bare {name} run: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        check(out, &format!("bare {} run", kind_name(kind)))?;
         if i >= 3 {
             times.push(el.as_secs_f64() * 1000.0);
         }
     }
     Ok(stats(times))
+}
+
+/// `runtime create` + `runtime start` of `sleep` until start returns (the process runs), the
+/// floor of a container start; the container is deleted untimed. `runs` after 3 warm-ups.
+pub fn bare_start(kind: RuntimeKind, dir: &Path, rootfs: &Path, runs: usize) -> Result<(f64, f64)> {
+    let (bundle, id, root) = bare_bundle(kind, dir, rootfs, "start", &["sleep", "1000"])?;
+    let mut times = Vec::new();
+    for i in 0..runs + 3 {
+        // The container's init keeps create's stdio: nothing may wait for their end.
+        let log = dir.join(format!("create-{}.log", kind_name(kind)));
+        let mut create = runtime_cmd(kind, &root);
+        create
+            .arg("--log")
+            .arg(&log)
+            .args(["create", "-b"])
+            .arg(&bundle)
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut start = runtime_cmd(kind, &root);
+        start.arg("start").arg(&id);
+        let t = Instant::now();
+        if !create.status()?.success() {
+            bail!(
+                "bare {} create: {}",
+                kind_name(kind),
+                std::fs::read_to_string(&log).unwrap_or_default().trim()
+            );
+        }
+        check(start.output()?, &format!("bare {} start", kind_name(kind)))?;
+        let el = t.elapsed();
+        let mut delete = runtime_cmd(kind, &root);
+        delete.args(["delete", "--force"]).arg(&id);
+        check(
+            delete.output()?,
+            &format!("bare {} delete", kind_name(kind)),
+        )?;
+        if i >= 3 {
+            times.push(el.as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(stats(times))
+}
+
+/// Removes the benchmarks' (empty) parent cgroups.
+pub fn remove_bench_cgroups() {
+    for ctl in [
+        "memory", "cpu", "cpuacct", "pids", "blkio", "devices", "freezer", "cpuset", "systemd",
+    ] {
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(ctl).join("hive-bench"));
+    }
+}
+
+/// The `hive` binary: `given`, else next to this program.
+pub fn hive_binary(given: Option<PathBuf>) -> Result<PathBuf> {
+    let hive = match given {
+        Some(h) => h,
+        None => std::env::current_exe()?.with_file_name("hive"),
+    };
+    anyhow::ensure!(
+        hive.exists(),
+        "{} not found: build it (cargo build --release -p hive) or pass --hive",
+        hive.display()
+    );
+    Ok(hive)
 }
 
 async fn supervised(
@@ -145,15 +239,7 @@ async fn supervised(
 }
 
 pub fn run(args: RuntimeArgs) -> Result<()> {
-    let hive = match args.hive {
-        Some(h) => h,
-        None => std::env::current_exe()?.with_file_name("hive"),
-    };
-    anyhow::ensure!(
-        hive.exists(),
-        "{} not found: build it (cargo build --release -p hive) or pass --hive",
-        hive.display()
-    );
+    let hive = hive_binary(args.hive)?;
     let dir = tempfile::Builder::new()
         .prefix("hive-bench-rt-")
         .tempdir()?;
@@ -187,11 +273,7 @@ pub fn run(args: RuntimeArgs) -> Result<()> {
         &rootfs,
         args.runs,
     ))?;
-    for ctl in [
-        "memory", "cpu", "cpuacct", "pids", "blkio", "devices", "freezer", "cpuset", "systemd",
-    ] {
-        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(ctl).join("hive-bench"));
-    }
+    remove_bench_cgroups();
     println!();
     println!("{:<40} {:>9} {:>9}", "case", "p50 ms", "p95 ms");
     for (name, (p50, p95)) in [

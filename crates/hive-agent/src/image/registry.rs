@@ -7,15 +7,12 @@
 //! layers while they stream to a file. It does not parse manifests or touch the store.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, WWW_AUTHENTICATE};
 use reqwest::{RequestBuilder, StatusCode};
-use sha2::{Digest as _, Sha256};
-use tokio::io::AsyncWriteExt;
 
 use super::reference::Reference;
 
@@ -34,6 +31,16 @@ pub struct Credentials {
     pub password: String,
 }
 
+/// A piece of a layer blob on its way from the registry to the unpacker.
+#[derive(Debug)]
+pub enum BlobChunk {
+    Data(bytes::Bytes),
+    /// Everything was sent and matched the digest and size.
+    Verified,
+    /// The download failed; what was sent must be thrown away.
+    Failed(String),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("{url}: {source}")]
@@ -50,6 +57,8 @@ pub enum RegistryError {
     Auth { url: String, message: String },
     #[error("digest mismatch: expected {digest}, got {actual}")]
     DigestMismatch { digest: String, actual: String },
+    #[error("download of {digest} stopped: its reader went away")]
+    Aborted { digest: String },
     #[error("size mismatch for {digest}: expected {expected} bytes, got {actual}")]
     SizeMismatch {
         digest: String,
@@ -60,14 +69,6 @@ pub enum RegistryError {
     TooLarge { url: String, limit: u64 },
     #[error("unsupported digest {0:?} (only sha256)")]
     UnsupportedDigest(String),
-    #[error("disk full writing {path}")]
-    DiskFull { path: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 type Result<T, E = RegistryError> = std::result::Result<T, E>;
@@ -164,40 +165,36 @@ impl RegistryClient {
         Ok(bytes)
     }
 
-    /// Streams a blob into `path` (created, must not exist), hashing as it goes. On any error
-    /// the file is removed; on success its content matches `digest` and `size`.
-    pub async fn blob_to_file(
+    /// Streams a blob into `sink` chunk by chunk, hashing as it goes, and ends with
+    /// [`BlobChunk::Verified`] only when size and digest match (else [`BlobChunk::Failed`]).
+    /// A sink that goes away (the unpacker failed) stops the download.
+    pub async fn blob_stream(
         &self,
         r: &Reference,
         digest: &str,
         size: u64,
-        path: &Path,
+        sink: &tokio::sync::mpsc::Sender<BlobChunk>,
     ) -> Result<()> {
-        let result = self.blob_to_file_inner(r, digest, size, path).await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(path).await;
-        }
+        let result = self.blob_stream_inner(r, digest, size, sink).await;
+        let end = match &result {
+            Ok(()) => BlobChunk::Verified,
+            Err(e) => BlobChunk::Failed(e.to_string()),
+        };
+        let _ = sink.send(end).await;
         result
     }
 
-    async fn blob_to_file_inner(
+    async fn blob_stream_inner(
         &self,
         r: &Reference,
         digest: &str,
         size: u64,
-        path: &Path,
+        sink: &tokio::sync::mpsc::Sender<BlobChunk>,
     ) -> Result<()> {
         check_digest(digest)?;
         let url = format!("{}/blobs/{digest}", self.base(r));
         let resp = self.send(r, &url, |c| c.get(&url)).await?;
-        let shown = path.display().to_string();
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .await
-            .map_err(|e| io_err(&shown, e))?;
-        let mut hasher = Sha256::new();
+        let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
         let mut got = 0u64;
         let mut stream = resp.bytes_stream();
         while let Some(chunk) = stream.next().await {
@@ -207,7 +204,7 @@ impl RegistryClient {
             })?;
             got += chunk.len() as u64;
             // A registry that sends more than the manifest promised is cut off here, before
-            // the extra bytes reach the disk.
+            // the extra bytes reach the unpacker.
             if got > size {
                 return Err(RegistryError::SizeMismatch {
                     digest: digest.to_owned(),
@@ -216,11 +213,12 @@ impl RegistryClient {
                 });
             }
             hasher.update(&chunk);
-            file.write_all(&chunk)
-                .await
-                .map_err(|e| io_err(&shown, e))?;
+            if sink.send(BlobChunk::Data(chunk)).await.is_err() {
+                return Err(RegistryError::Aborted {
+                    digest: digest.to_owned(),
+                });
+            }
         }
-        file.flush().await.map_err(|e| io_err(&shown, e))?;
         if got != size {
             return Err(RegistryError::SizeMismatch {
                 digest: digest.to_owned(),
@@ -228,7 +226,7 @@ impl RegistryClient {
                 actual: got,
             });
         }
-        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        let actual = format!("sha256:{}", hex::encode(hasher.finish()));
         if actual != digest {
             return Err(RegistryError::DigestMismatch {
                 digest: digest.to_owned(),
@@ -238,7 +236,6 @@ impl RegistryClient {
         Ok(())
     }
 
-    /// Sends a request, answering one auth challenge if the registry asks for it.
     async fn send(
         &self,
         r: &Reference,
@@ -478,20 +475,10 @@ fn check_digest(d: &str) -> Result<()> {
 }
 
 pub(crate) fn sha256_of(b: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(b)))
-}
-
-fn io_err(path: &str, e: std::io::Error) -> RegistryError {
-    if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
-        RegistryError::DiskFull {
-            path: path.to_owned(),
-        }
-    } else {
-        RegistryError::Io {
-            path: path.to_owned(),
-            source: e,
-        }
-    }
+    format!(
+        "sha256:{}",
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, b))
+    )
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::overlay::{KernelMounter, Mounter, OverlayError};
 use super::reference::{Reference, ReferenceError};
-use super::registry::{Credentials, RegistryClient, RegistryError, sha256_of};
+use super::registry::{BlobChunk, Credentials, RegistryClient, RegistryError, sha256_of};
 use super::unpack::{self, Compression, Limits, UnpackError};
 
 /// Which images this node can run.
@@ -652,20 +652,11 @@ impl ImageStore {
                 reference: name.to_owned(),
                 media_type: media_type.to_owned(),
             })?;
-        let blob = TmpGuard(Some(self.tmp_path("blob")));
-        let blob_path = blob.path().to_owned();
-        self.client
-            .blob_to_file(r, digest, size, &blob_path)
-            .await
-            .map_err(|source| ImageError::Layer {
-                reference: name.to_owned(),
-                digest: digest.to_owned(),
-                source,
-            })?;
-        // From here the blocking task owns the blob and the staging dir and finishes (or
-        // cleans up) even if this pull is cancelled: nothing is left behind in tmp/.
+        // The unpacker reads the blob as it arrives: download, decompression and extraction
+        // overlap. It publishes nothing unless the download ends verified.
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
         let job = PublishLayer {
-            blob: blob.disarm(),
+            source: ChunkReader::new(rx),
             staging: self.tmp_path("layer"),
             final_dir,
             compression,
@@ -675,9 +666,19 @@ impl ImageStore {
             diff_id: diff_id.to_owned(),
             media_type: media_type.to_owned(),
         };
-        tokio::task::spawn_blocking(move || job.run())
-            .await
-            .map_err(|e| ImageError::Task(e.to_string()))?
+        // The blocking task owns the staging dir and finishes (or cleans up) even if this
+        // pull is cancelled: nothing is left behind in tmp/.
+        let unpack = tokio::task::spawn_blocking(move || job.run());
+        let downloaded = self.client.blob_stream(r, digest, size, &tx).await;
+        drop(tx);
+        let published = unpack.await.map_err(|e| ImageError::Task(e.to_string()))?;
+        // The download's own error explains an unpack that saw the stream fail.
+        downloaded.map_err(|source| ImageError::Layer {
+            reference: name.to_owned(),
+            digest: digest.to_owned(),
+            source,
+        })?;
+        published
     }
 
     /// Composes the root filesystem of `instance` from `image`: an overlay mount of the
@@ -968,10 +969,6 @@ fn valid_digest(d: &str) -> bool {
 struct TmpGuard(Option<PathBuf>);
 
 impl TmpGuard {
-    fn path(&self) -> &Path {
-        self.0.as_deref().unwrap_or(Path::new(""))
-    }
-
     fn disarm(mut self) -> PathBuf {
         self.0.take().unwrap_or_default()
     }
@@ -985,11 +982,59 @@ impl Drop for TmpGuard {
     }
 }
 
-/// Unpacks a verified layer blob into a staging dir, checks its diff-id, and publishes it
-/// under `layers/` with one rename. Runs on a blocking thread; always removes the blob, and
-/// the staging dir unless it became the layer.
+/// Reads a blob from the chunks its download sends; end of file only after the download
+/// said the blob verified.
+struct ChunkReader {
+    rx: tokio::sync::mpsc::Receiver<BlobChunk>,
+    chunk: bytes::Bytes,
+    verified: bool,
+}
+
+impl ChunkReader {
+    fn new(rx: tokio::sync::mpsc::Receiver<BlobChunk>) -> Self {
+        Self {
+            rx,
+            chunk: bytes::Bytes::new(),
+            verified: false,
+        }
+    }
+
+    /// Reads what is left (a tar may end before its blob does) until the verdict.
+    fn finish(&mut self) -> std::io::Result<()> {
+        let mut sink = [0u8; 64 << 10];
+        while std::io::Read::read(self, &mut sink)? > 0 {}
+        Ok(())
+    }
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            if self.verified {
+                return Ok(0);
+            }
+            match self.rx.blocking_recv() {
+                Some(BlobChunk::Data(b)) => self.chunk = b,
+                Some(BlobChunk::Verified) => self.verified = true,
+                Some(BlobChunk::Failed(e)) => return Err(std::io::Error::other(e)),
+                None => {
+                    return Err(std::io::Error::other(
+                        "the download ended without a verdict",
+                    ));
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Unpacks a layer blob as it downloads into a staging dir, checks its diff-id, and
+/// publishes it under `layers/` with one rename once the download verified. Runs on a
+/// blocking thread; removes the staging dir unless it became the layer.
 struct PublishLayer {
-    blob: PathBuf,
+    source: ChunkReader,
     staging: PathBuf,
     final_dir: PathBuf,
     compression: Compression,
@@ -1001,8 +1046,7 @@ struct PublishLayer {
 }
 
 impl PublishLayer {
-    fn run(self) -> Result<()> {
-        let _blob = TmpGuard(Some(self.blob.clone()));
+    fn run(mut self) -> Result<()> {
         let staging = TmpGuard(Some(self.staging.clone()));
         let unpack_err = |source| ImageError::Unpack {
             reference: self.reference.clone(),
@@ -1010,15 +1054,16 @@ impl PublishLayer {
             source,
         };
         std::fs::create_dir(&self.staging).map_err(|e| io_err(&self.staging, e))?;
-        let f = std::fs::File::open(&self.blob).map_err(|e| io_err(&self.blob, e))?;
-        let reader = std::io::BufReader::with_capacity(256 << 10, f);
         let unpacked = unpack::unpack_layer(
-            reader,
+            &mut self.source,
             self.compression,
             &self.staging.join("fs"),
             self.limits,
         )
         .map_err(unpack_err)?;
+        self.source
+            .finish()
+            .map_err(|e| unpack_err(unpack::UnpackError::Archive(e)))?;
         if unpacked.diff_id != self.diff_id {
             return Err(ImageError::DiffIdMismatch {
                 reference: self.reference,

@@ -20,7 +20,6 @@ use std::rc::Rc;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, XattrFlags};
 use rustix::io::Errno;
-use sha2::{Digest as _, Sha256};
 
 /// How a layer blob is compressed (from its media type).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,7 +134,7 @@ fn unpack_into(
     let gap = Rc::new(Gap::default());
     let mut counted = Counted {
         inner: decoder,
-        hasher: Sha256::new(),
+        hasher: ring::digest::Context::new(&ring::digest::SHA256),
         bytes: 0,
         limit: limits.max_bytes,
         exceeded: false,
@@ -180,7 +179,7 @@ fn unpack_into(
         });
     }
     Ok(Unpacked {
-        diff_id: format!("sha256:{}", hex::encode(counted.hasher.finalize())),
+        diff_id: format!("sha256:{}", hex::encode(counted.hasher.finish())),
         bytes: counted.bytes,
         entries,
     })
@@ -221,7 +220,7 @@ fn read_error(e: io::Error, limit: u64) -> UnpackError {
 /// Counts and hashes the decompressed stream and refuses to go past the limit.
 struct Counted<R> {
     inner: R,
-    hasher: Sha256,
+    hasher: ring::digest::Context,
     bytes: u64,
     limit: u64,
     exceeded: bool,
@@ -671,7 +670,10 @@ mod tests {
         assert_eq!(u.entries, 5);
         assert_eq!(
             u.diff_id,
-            format!("sha256:{}", hex::encode(Sha256::digest(&tar)))
+            format!(
+                "sha256:{}",
+                hex::encode(ring::digest::digest(&ring::digest::SHA256, &tar))
+            )
         );
         assert_eq!(std::fs::read(dest.join("bin/hello")).expect("read"), b"hi");
         let md = std::fs::metadata(dest.join("bin/hello")).expect("md");
@@ -698,7 +700,10 @@ mod tests {
             let u = unpack_layer(blob.as_slice(), c, &dest, Limits::default()).expect("unpack");
             assert_eq!(
                 u.diff_id,
-                format!("sha256:{}", hex::encode(Sha256::digest(&tar)))
+                format!(
+                    "sha256:{}",
+                    hex::encode(ring::digest::digest(&ring::digest::SHA256, &tar))
+                )
             );
             assert_eq!(std::fs::read(dest.join("a")).expect("read"), b"hello");
         }
@@ -721,7 +726,10 @@ mod tests {
         assert_eq!(u.entries, 2);
         assert_eq!(
             u.diff_id,
-            format!("sha256:{}", hex::encode(Sha256::digest(&tar)))
+            format!(
+                "sha256:{}",
+                hex::encode(ring::digest::digest(&ring::digest::SHA256, &tar))
+            )
         );
         assert_eq!(std::fs::read(dest.join("b")).expect("read"), b"2");
     }

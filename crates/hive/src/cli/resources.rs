@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use futures_util::StreamExt;
 use hive_api::{
     ApiToken, ContainerSpec, EnvVar, ErrorCode, Event, Instance, Node, PortSpec, Protocol,
-    RestartPolicy, Role, Service, ServiceSpec, Tenant, TokenCreate, WatchEventType,
+    PullPolicy, RestartPolicy, Role, Service, ServiceSpec, Tenant, TokenCreate, WatchEventType,
 };
 use hive_client::ClientError;
 
@@ -112,6 +112,10 @@ pub struct TemplateArgs {
     /// always, on-failure or never.
     #[arg(long, default_value = "always", value_parser = parse_restart)]
     pub restart: RestartPolicy,
+    /// When the node pulls the image: always, if-not-present, never (default: always for
+    /// `latest` or no tag, else if-not-present).
+    #[arg(long, value_parser = parse_pull)]
+    pub pull: Option<PullPolicy>,
     /// Label KEY=VALUE (repeatable).
     #[arg(long = "label", short = 'l')]
     pub labels: Vec<String>,
@@ -148,6 +152,7 @@ impl TemplateArgs {
             env,
             ports,
             restart_policy: self.restart,
+            pull_policy: self.pull,
             ..Default::default()
         };
         template.resources.limits.cpu_millis = self.cpu;
@@ -189,6 +194,11 @@ pub struct EventsArgs {
     /// Keep printing new events.
     #[arg(long, short = 'f')]
     pub follow: bool,
+}
+
+fn parse_pull(s: &str) -> Result<PullPolicy, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| format!("pull policy {s:?}: expected always, if-not-present or never"))
 }
 
 fn parse_restart(s: &str) -> Result<RestartPolicy, String> {

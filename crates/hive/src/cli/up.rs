@@ -54,6 +54,9 @@ pub struct UpArgs {
     /// Write the CLI config even if one exists.
     #[arg(long, conflicts_with = "no_login")]
     pub login: bool,
+    /// OCI runtime of this machine's node: runc or crun.
+    #[arg(long, default_value = DEFAULT_RUNTIME)]
+    pub runtime: String,
 }
 
 /// Serves the API on the embedded store in the data dir, and runs the controllers as its
@@ -123,7 +126,7 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
     // This machine is the node: registered now, its lease kept fresh while `up` runs.
     // One machine serves every tenant: its node is shared, never bound to one tenant.
     // Its agent API listens on loopback, next to the server.
-    let mut facts = hive_agent::node::host_facts(DEFAULT_RUNTIME);
+    let mut facts = hive_agent::node::host_facts(&args.runtime);
     facts.shared = true;
     let api = bind_agent_api("127.0.0.1:0".parse()?, None).await?;
     facts.agent_url = api.1.clone();
@@ -138,7 +141,7 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
         &client,
         &node,
         &args.server.data_dir.join("agent"),
-        DEFAULT_RUNTIME,
+        &args.runtime,
         api.0,
     )?;
     let cfg_path = config::path(g.config.as_deref())?;
