@@ -6,6 +6,20 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
+/// The sizes of the two test images the benchmarks push, pull and start.
+#[derive(Debug, clap::Args)]
+pub struct ImageSizes {
+    /// MiB of the one-layer image.
+    #[arg(long, default_value_t = 256)]
+    pub big_mib: usize,
+    /// Layers of the many-layer image.
+    #[arg(long, default_value_t = 50)]
+    pub many: usize,
+    /// KiB of each of its layers.
+    #[arg(long, default_value_t = 100)]
+    pub many_kib: usize,
+}
+
 pub fn need(tool: &str) -> Result<()> {
     let ok = Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])

@@ -29,12 +29,8 @@ pub struct RegistryArgs {
     /// Repetitions of each push and pull (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
-    #[arg(long, default_value_t = 256)]
-    pub big_mib: usize,
-    #[arg(long, default_value_t = 50)]
-    pub many: usize,
-    #[arg(long, default_value_t = 100)]
-    pub many_kib: usize,
+    #[command(flatten)]
+    pub sizes: crate::images::ImageSizes,
     /// Seconds of manifest GETs per registry.
     #[arg(long, default_value_t = 10)]
     pub manifest_secs: u64,
@@ -242,8 +238,14 @@ pub fn run(args: RegistryArgs) -> Result<()> {
         need(t)?;
     }
     std::fs::create_dir_all(args.work.join("pull"))?;
-    let big = build_image(&args.work, "big", 1, args.big_mib << 20, false)?;
-    let many = build_image(&args.work, "many", args.many, args.many_kib << 10, false)?;
+    let big = build_image(&args.work, "big", 1, args.sizes.big_mib << 20, false)?;
+    let many = build_image(
+        &args.work,
+        "many",
+        args.sizes.many,
+        args.sizes.many_kib << 10,
+        false,
+    )?;
 
     let dir = tempfile::Builder::new()
         .prefix("hive-bench-registry-")
@@ -312,9 +314,9 @@ pub fn run(args: RegistryArgs) -> Result<()> {
             .nth(2)
             .unwrap_or("?"),
         args.reps,
-        args.big_mib,
-        args.many,
-        args.many_kib,
+        args.sizes.big_mib,
+        args.sizes.many,
+        args.sizes.many_kib,
         args.conc,
         args.manifest_secs,
         std::fs::read_to_string("/proc/loadavg")

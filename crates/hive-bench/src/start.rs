@@ -42,12 +42,8 @@ pub struct StartArgs {
     /// Where the test images are built (and reused on later runs).
     #[arg(long, default_value = "/tmp/hive-bench-start")]
     pub work: PathBuf,
-    #[arg(long, default_value_t = 256)]
-    pub big_mib: usize,
-    #[arg(long, default_value_t = 50)]
-    pub many: usize,
-    #[arg(long, default_value_t = 100)]
-    pub many_kib: usize,
+    #[command(flatten)]
+    pub sizes: crate::images::ImageSizes,
     /// The `hive` binary; default: next to this program.
     #[arg(long)]
     pub hive: Option<PathBuf>,
@@ -374,8 +370,14 @@ pub fn run(args: StartArgs) -> Result<()> {
     let hive = hive_binary(args.hive.clone())?;
     std::fs::create_dir_all(&args.work)?;
     let busybox = build_image(&args.work, "run-busybox", 0, 0, true)?;
-    let big = build_image(&args.work, "run-big", 1, args.big_mib << 20, true)?;
-    let many = build_image(&args.work, "run-many", args.many, args.many_kib << 10, true)?;
+    let big = build_image(&args.work, "run-big", 1, args.sizes.big_mib << 20, true)?;
+    let many = build_image(
+        &args.work,
+        "run-many",
+        args.sizes.many,
+        args.sizes.many_kib << 10,
+        true,
+    )?;
     let dir = tempfile::Builder::new()
         .prefix("hive-bench-start-")
         .tempdir()?;
@@ -390,9 +392,9 @@ pub fn run(args: StartArgs) -> Result<()> {
     println!(
         "hive-bench start: {} warm runs, cold images 1x{} MiB and {}x{} KiB, density {}; load {}",
         args.runs,
-        args.big_mib,
-        args.many,
-        args.many_kib,
+        args.sizes.big_mib,
+        args.sizes.many,
+        args.sizes.many_kib,
         args.density,
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()

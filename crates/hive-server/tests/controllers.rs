@@ -298,3 +298,98 @@ async fn instances_are_placed_on_tenant_exclusive_nodes_and_the_rest_wait_with_a
     assert!(!a_nodes.contains(cs[0].spec.node.as_ref().unwrap()));
     assert_eq!(a_nodes.len(), 2);
 }
+
+/// Renews `name`'s lease every 200 ms until the returned handle is aborted.
+fn keep_lease(c: &Client, name: &str) -> tokio::task::JoinHandle<()> {
+    let (c, name) = (c.clone(), name.to_owned());
+    tokio::spawn(async move {
+        loop {
+            if let Ok(mut n) = c.get::<Node>(None, &name).await {
+                n.status.lease_renewed_at = Some(chrono::Utc::now());
+                n.status.ready = true;
+                let _ = c.update_status(None, &n).await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stops_renewing_its_lease_is_lost_and_its_instances_replaced() {
+    let s = start().await;
+    let c = &s.client;
+    let grace = Duration::from_secs(2);
+    tokio::spawn(hive_server::controllers::NodeController::new(c.clone(), grace).run());
+    c.create(
+        None,
+        &Tenant {
+            name: "acme".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    for n in ["n1", "n2", "n3"] {
+        add_node(c, n, 4000).await;
+        // One tenant may hold several exclusive nodes only if they are shared here.
+        let mut node = c.get::<Node>(None, n).await.unwrap();
+        node.spec.shared = true;
+        c.update(None, &node).await.unwrap();
+    }
+    let leases: Vec<_> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| keep_lease(c, n))
+        .collect();
+    c.create(Some("acme"), &service("web", 3)).await.unwrap();
+    // Spread: one per node.
+    let placed = until(c, "acme", "3 placed on 3 nodes", |items| {
+        let nodes: std::collections::BTreeSet<_> =
+            items.iter().filter_map(|i| i.spec.node.clone()).collect();
+        items.len() == 3 && nodes.len() == 3
+    })
+    .await;
+    let on_n1 = placed
+        .iter()
+        .find(|i| i.spec.node.as_deref() == Some("n1"))
+        .unwrap()
+        .name
+        .clone();
+
+    // n1's agent dies: its lease stops. Within the grace (2 s) plus a sweep, n1 is not ready,
+    // its instance is gone and a replacement runs on another node.
+    leases[0].abort();
+    let t0 = Instant::now();
+    let after = until(c, "acme", "the n1 instance replaced elsewhere", |items| {
+        items.len() == 3
+            && items.iter().all(|i| i.name != on_n1)
+            && items
+                .iter()
+                .all(|i| i.spec.node.as_deref().is_some_and(|n| n != "n1"))
+    })
+    .await;
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(8), "replacement took {took:?}");
+    assert_eq!(after.len(), 3);
+    assert!(!c.get::<Node>(None, "n1").await.unwrap().status.ready);
+    let events = c.list::<hive_api::Event>(Some("acme")).await.unwrap().items;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason == "NodeLost" && e.message.contains(&on_n1)),
+        "{events:#?}"
+    );
+
+    // n1 comes back: ready again, nothing is added (the service holds 3).
+    let back = keep_lease(c, "n1");
+    let t0 = Instant::now();
+    while !c.get::<Node>(None, "n1").await.unwrap().status.ready {
+        assert!(t0.elapsed() < Duration::from_secs(5), "n1 not ready again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(instances(c, "acme", "web", 3).await.len(), 3);
+    back.abort();
+    for l in leases {
+        l.abort();
+    }
+}

@@ -4,8 +4,10 @@
 //! into a cache, a de-duplicating queue of keys, one reconcile per key at a time, and
 //! reconcilers that are correct when they see an object twice or miss a state in between.
 
+pub mod nodes;
 pub mod scheduler;
 pub mod services;
 
+pub use nodes::NodeController;
 pub use scheduler::Scheduler;
 pub use services::ServiceController;

@@ -42,6 +42,10 @@ pub struct ServerArgs {
     /// Revisions of history kept for watches to resume from.
     #[arg(long, default_value_t = 100_000)]
     pub keep_revisions: u64,
+    /// Seconds a node's lease may go unrenewed before the node is lost and its instances
+    /// are replaced elsewhere (agents renew every 5 s).
+    #[arg(long, default_value_t = hive_server::controllers::nodes::DEFAULT_GRACE.as_secs())]
+    pub node_grace_secs: u64,
 }
 
 #[derive(Debug, Args)]
@@ -82,6 +86,13 @@ async fn start(args: &ServerArgs) -> Result<Launched> {
     // Controllers are API clients of this server, acting as the platform admin.
     let controller_client = Client::new(&launched.url, Some(launched.admin_token.clone()))?;
     tokio::spawn(hive_server::controllers::ServiceController::new(controller_client.clone()).run());
+    tokio::spawn(
+        hive_server::controllers::NodeController::new(
+            controller_client.clone(),
+            Duration::from_secs(args.node_grace_secs.max(1)),
+        )
+        .run(),
+    );
     tokio::spawn(hive_server::controllers::Scheduler::new(controller_client).run());
     tracing::info!(url = %launched.url, data_dir = %args.data_dir.display(), "serving the API");
     Ok(launched)
