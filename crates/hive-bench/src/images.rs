@@ -20,6 +20,28 @@ pub struct ImageSizes {
     pub many_kib: usize,
 }
 
+impl ImageSizes {
+    /// Builds (or reuses) the two images under `work`, named `<prefix>big` and
+    /// `<prefix>many`; with `busybox` they can run. Returns (big, many).
+    pub fn build(&self, work: &Path, prefix: &str, busybox: bool) -> Result<(PathBuf, PathBuf)> {
+        let big = build_image(
+            work,
+            &format!("{prefix}big"),
+            1,
+            self.big_mib << 20,
+            busybox,
+        )?;
+        let many = build_image(
+            work,
+            &format!("{prefix}many"),
+            self.many,
+            self.many_kib << 10,
+            busybox,
+        )?;
+        Ok((big, many))
+    }
+}
+
 pub fn need(tool: &str) -> Result<()> {
     let ok = Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])

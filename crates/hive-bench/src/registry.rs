@@ -19,7 +19,7 @@ use hive_api::{Role, Tenant, TokenCreate};
 use hive_client::Client;
 use hive_server::{RateLimit, ServerConfig};
 
-use crate::images::{build_image, image_bytes, need, random_file, sh};
+use crate::images::{image_bytes, need, random_file, sh};
 
 #[derive(Debug, clap::Args)]
 pub struct RegistryArgs {
@@ -238,14 +238,7 @@ pub fn run(args: RegistryArgs) -> Result<()> {
         need(t)?;
     }
     std::fs::create_dir_all(args.work.join("pull"))?;
-    let big = build_image(&args.work, "big", 1, args.sizes.big_mib << 20, false)?;
-    let many = build_image(
-        &args.work,
-        "many",
-        args.sizes.many,
-        args.sizes.many_kib << 10,
-        false,
-    )?;
+    let (big, many) = args.sizes.build(&args.work, "", false)?;
 
     let dir = tempfile::Builder::new()
         .prefix("hive-bench-registry-")

@@ -370,14 +370,7 @@ pub fn run(args: StartArgs) -> Result<()> {
     let hive = hive_binary(args.hive.clone())?;
     std::fs::create_dir_all(&args.work)?;
     let busybox = build_image(&args.work, "run-busybox", 0, 0, true)?;
-    let big = build_image(&args.work, "run-big", 1, args.sizes.big_mib << 20, true)?;
-    let many = build_image(
-        &args.work,
-        "run-many",
-        args.sizes.many,
-        args.sizes.many_kib << 10,
-        true,
-    )?;
+    let (big, many) = args.sizes.build(&args.work, "run-", true)?;
     let dir = tempfile::Builder::new()
         .prefix("hive-bench-start-")
         .tempdir()?;
