@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Up, json, ok, start_up};
+use common::{Up, json, ok, start_agent, start_server, start_up};
 use serde_json::Value;
 
 fn run(cmd: &str, args: &[&str]) {
@@ -533,4 +533,144 @@ fn containers_survive_a_kill_9_of_hive_up_and_are_adopted_again() {
         std::thread::sleep(Duration::from_millis(200));
     }
     drop(s);
+}
+
+#[test]
+fn three_agents_one_killed_its_instances_run_elsewhere_and_it_cleans_up_when_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cli.json");
+    // Leftovers of every agent are removed whatever happens (declared first: dropped last).
+    let _cleanup: Vec<Cleanup> = (1..=3)
+        .map(|i| Cleanup {
+            agent_dir: dir.path().join(format!("n{i}")),
+        })
+        .collect();
+    let server = start_server(&dir.path().join("server"), &["--node-grace-secs", "6"]);
+    let token = std::fs::read_to_string(dir.path().join("server/admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    ok(
+        &cfg,
+        &[
+            "login",
+            "--server",
+            &server.url,
+            "--token",
+            &token,
+            "--tenant",
+            "default",
+        ],
+    );
+    ok(&cfg, &["tenant", "create", "default"]);
+    let host = server.url.trim_start_matches("http://").to_owned();
+    let layout = busybox_layout(dir.path());
+    run(
+        "skopeo",
+        &[
+            "copy",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            &format!("hive:{token}"),
+            &format!("oci:{}:test", layout.display()),
+            &format!("docker://{host}/default/busybox:test"),
+        ],
+    );
+    let mut agents: Vec<Up> = (1..=3)
+        .map(|i| {
+            start_agent(
+                &server.url,
+                &token,
+                &format!("n{i}"),
+                &dir.path().join(format!("n{i}")),
+            )
+        })
+        .collect();
+    ok(
+        &cfg,
+        &[
+            "service",
+            "create",
+            "web",
+            "--image",
+            &format!("{host}/default/busybox:test"),
+            "--replicas",
+            "3",
+            "--",
+            "sleep",
+            "1000",
+        ],
+    );
+    let running_on = |cfg: &Path| -> Vec<(String, String)> {
+        instances(cfg)
+            .iter()
+            .filter(|i| i["status"]["phase"] == "running")
+            .map(|i| {
+                (
+                    i["name"].as_str().unwrap().to_owned(),
+                    i["spec"]["node"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    };
+    let t0 = Instant::now();
+    let before = loop {
+        let r = running_on(&cfg);
+        let nodes: std::collections::BTreeSet<&String> = r.iter().map(|(_, n)| n).collect();
+        if r.len() == 3 && nodes.len() == 3 {
+            break r;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "not spread: {r:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let lost = before.iter().find(|(_, n)| n == "n1").unwrap().0.clone();
+
+    // kill -9 of n1's agent: within the grace (6 s; agents renew every 5 s), a sweep and a
+    // start, its instance runs elsewhere: under 10 s in all.
+    agents[0].child.kill().unwrap();
+    agents[0].child.wait().unwrap();
+    let t0 = Instant::now();
+    loop {
+        let r = running_on(&cfg);
+        if r.len() == 3 && r.iter().all(|(name, node)| *name != lost && node != "n1") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "not replaced in 10 s: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let replaced_in = t0.elapsed();
+    let events = ok(&cfg, &["events"]);
+    assert!(
+        events.contains("NodeLost") && events.contains(&lost),
+        "{events}"
+    );
+
+    // n1's container still runs (its supervisor outlived the agent) until the agent is back
+    // and finds its instance gone; then it removes it. The service stays at 3.
+    let n1_containers = dir.path().join("n1/containers");
+    assert_eq!(std::fs::read_dir(&n1_containers).unwrap().count(), 1);
+    agents[0] = start_agent(&server.url, &token, "n1", &dir.path().join("n1"));
+    let t0 = Instant::now();
+    while std::fs::read_dir(&n1_containers).unwrap().count() > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "n1 kept the container of its replaced instance"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(running_on(&cfg).len(), 3);
+    eprintln!("replaced in {replaced_in:?}");
+    ok(&cfg, &["scale", "web", "0"]);
+    let t0 = Instant::now();
+    while (1..=3).any(|i| {
+        std::fs::read_dir(dir.path().join(format!("n{i}/containers"))).map_or(0, |d| d.count()) > 0
+    }) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "containers left");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(agents);
+    drop(server);
 }

@@ -178,6 +178,20 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
     assert_eq!(reasons, ["Created", "Scaled"]);
 
     // Errors: one line, exit code 1, the server's message.
+    let grace_dir = tempfile::tempdir().unwrap();
+    fails(
+        &user_cfg,
+        &[
+            "server",
+            "--node-grace-secs",
+            "3",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            grace_dir.path().to_str().unwrap(),
+        ],
+        "must be longer than the agents' lease renewal",
+    );
     fails(
         &user_cfg,
         &["service", "get", "nope"],

@@ -76,6 +76,13 @@ async fn start(args: &ServerArgs) -> Result<Launched> {
         keep_revisions: args.keep_revisions,
         ..Default::default()
     };
+    anyhow::ensure!(
+        Duration::from_secs(args.node_grace_secs) > LEASE_EVERY,
+        "--node-grace-secs {}: must be longer than the agents' lease renewal ({} s), or live \
+         nodes would be declared lost between renewals",
+        args.node_grace_secs,
+        LEASE_EVERY.as_secs()
+    );
     let launched = hive_server::launch(config, args.listen, shutdown_signal()).await?;
     if launched.bootstrapped {
         tracing::info!(
@@ -89,7 +96,7 @@ async fn start(args: &ServerArgs) -> Result<Launched> {
     tokio::spawn(
         hive_server::controllers::NodeController::new(
             controller_client.clone(),
-            Duration::from_secs(args.node_grace_secs.max(1)),
+            Duration::from_secs(args.node_grace_secs),
         )
         .run(),
     );
@@ -113,6 +120,12 @@ async fn shutdown_signal() {
 
 pub async fn server(args: ServerArgs) -> Result<()> {
     let running = start(&args).await?;
+    eprintln!(
+        "hive server: API at {} (data in {}, platform admin token in {})",
+        running.url,
+        args.data_dir.display(),
+        args.data_dir.join(ADMIN_TOKEN_FILE).display()
+    );
     running.task.await?.context("serve the API")
 }
 

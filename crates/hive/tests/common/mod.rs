@@ -24,16 +24,50 @@ impl Drop for Up {
 }
 
 pub fn start_up(data: &Path, config: &Path) -> Up {
-    let child = Command::new(HIVE)
-        .args(["up", "--login", "--listen", "127.0.0.1:0", "--data-dir"])
+    let mut cmd = Command::new(HIVE);
+    cmd.args(["up", "--login", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
-        .env("HIVE_CONFIG", config)
+        .env("HIVE_CONFIG", config);
+    start_until(cmd, "hive up: API at ")
+}
+
+/// `hive server` alone (controllers included, no node), with `extra` arguments.
+pub fn start_server(data: &Path, extra: &[&str]) -> Up {
+    let mut cmd = Command::new(HIVE);
+    cmd.args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .args(extra);
+    start_until(cmd, "hive server: API at ")
+}
+
+/// `hive agent` for node `name` with its own data dir, registered with `server`, running
+/// every tenant's instances (`--shared`).
+pub fn start_agent(server: &str, token: &str, name: &str, data: &Path) -> Up {
+    let mut cmd = Command::new(HIVE);
+    cmd.args([
+        "agent",
+        "--shared",
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        name,
+    ])
+    .args(["--server", server, "--token", token, "--data-dir"])
+    .arg(data)
+    .env("HIVE_CONFIG", data.join("no-cli-config.json"));
+    start_until(cmd, "hive agent: node ")
+}
+
+/// Spawns `cmd` and waits for the stderr line starting with `marker`, whose next word is the
+/// URL it serves at.
+fn start_until(mut cmd: Command, marker: &str) -> Up {
+    let child = cmd
         .env("HIVE_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn hive up");
+        .expect("spawn hive");
     // From here on the guard kills and reaps the child on every path, panics included.
     let mut up = Up {
         child,
@@ -50,7 +84,7 @@ pub fn start_up(data: &Path, config: &Path) -> Up {
     let mut seen = Vec::new();
     while Instant::now() < deadline {
         if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-            if let Some(rest) = line.strip_prefix("hive up: API at ") {
+            if let Some(rest) = line.strip_prefix(marker) {
                 up.url = rest.split_whitespace().next().unwrap().to_owned();
                 // Keep draining so the child never blocks on a full pipe.
                 std::thread::spawn(move || while rx.recv().is_ok() {});
@@ -59,11 +93,11 @@ pub fn start_up(data: &Path, config: &Path) -> Up {
             seen.push(line);
         }
         if let Ok(Some(status)) = up.child.try_wait() {
-            panic!("hive up exited with {status}: {}", seen.join("\n"));
+            panic!("{marker}: hive exited with {status}: {}", seen.join("\n"));
         }
     }
     panic!(
-        "hive up did not report its address in 30 s: {}",
+        "hive did not report {marker:?} in 30 s: {}",
         seen.join("\n")
     );
 }
