@@ -49,13 +49,16 @@ skopeo copy -q --dest-tls-verify=false --dest-creds "hive:$(cat "$DATA/admin.tok
 echo "== demo: a service in tenant default, running as real containers"
 DEMO_IMAGE="$LISTEN/default/busybox:latest"
 if hive service get demo -o json >/dev/null 2>&1 &&
-  [ "$(hive service get demo -o json | jq -r .spec.image)" != "$DEMO_IMAGE" ]; then
+  [ "$(hive service get demo -o json | jq -r .spec.template.image)" != "$DEMO_IMAGE" ]; then
   echo "== an older demo service runs another image; replacing it"
   hive service rm demo
 fi
 hive service get demo >/dev/null 2>&1 || \
   hive service create demo --image "$DEMO_IMAGE" --replicas 2 --memory 64Mi -- \
     sh -c 'while true; do echo "hello from $(hostname)"; sleep 5; done'
+if [ "$(hive service get demo -o json | jq .spec.replicas)" = 0 ]; then
+  hive scale demo 2 >/dev/null   # scaled to nothing on an earlier run: bring the demo back
+fi
 for _ in $(seq 100); do
   [ "$(hive instance ls -o json | jq '[.[] | select(.status.phase == "running")] | length')" -ge 2 ] && break
   sleep 0.2
@@ -72,8 +75,8 @@ The CLI is logged in as the platform admin (token in $DATA/admin.token). Try:
   hive logs -f demo
   hive run --name hello $DEMO_IMAGE sh -c 'echo hello; sleep 3600' && hive logs hello
   hive scale demo 3 && hive events -f
+  hive exec -it demo sh
   hive tenant create acme && hive --tenant acme token create --role tenant-admin
 Stop it with: kill \$(cat $PIDFILE)   (containers keep running; start it again to adopt them)
-  hive exec -it demo sh
 Not built yet: networking between and into containers.
 MSG
