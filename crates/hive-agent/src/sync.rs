@@ -24,6 +24,9 @@ use crate::image::{ImageStore, StoreConfig};
 use crate::runtime::spec::{self, ContainerConfig, ImageProcess, Limits, ProcessOverride};
 use crate::runtime::{ContainerState, Containers};
 
+/// Containers started at once (pull, unpack, runtime): the hosts have two cores.
+pub const PARALLEL_STARTS: usize = 4;
+
 /// How the agent runs.
 #[derive(Clone, Debug)]
 pub struct SyncConfig {
@@ -43,23 +46,27 @@ pub enum SyncError {
     },
 }
 
+/// Both ends of a channel the loop's own tasks report on.
+type Channel<T> = (mpsc::UnboundedSender<T>, mpsc::UnboundedReceiver<T>);
+
 /// The desired instances, by uid: (tenant, instance).
 type Wanted = BTreeMap<String, (String, Instance)>;
 
 pub struct Agent {
     client: Client,
     cfg: SyncConfig,
-    images: ImageStore,
+    images: Arc<ImageStore>,
     containers: Containers,
     /// When a failed start may be tried again, and how many times it failed.
     backoff: HashMap<String, (Instant, u32)>,
+    /// Containers being started by their own task (at most [`PARALLEL_STARTS`] at once);
+    /// each reports on `started` (with whether it worked) when done.
+    starting: HashSet<String>,
+    started: Channel<(String, bool)>,
     /// Containers being stopped by their own task (a grace period must not hold the loop);
     /// each reports on `stopped` when done.
     stopping: HashSet<String>,
-    stopped: (
-        mpsc::UnboundedSender<String>,
-        mpsc::UnboundedReceiver<String>,
-    ),
+    stopped: Channel<String>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -97,15 +104,25 @@ impl Agent {
         Ok(Self {
             client,
             cfg,
-            images,
+            images: Arc::new(images),
             containers,
             backoff: HashMap::new(),
+            starting: HashSet::new(),
+            started: mpsc::unbounded_channel(),
             stopping: HashSet::new(),
             stopped: mpsc::unbounded_channel(),
         })
     }
 
-    pub async fn run(mut self) {
+    /// Runs the loop until the process ends. Starts run as local tasks (the image store's
+    /// pulls are not `Send`), so this must run on the runtime's own thread.
+    pub async fn run(self) {
+        tokio::task::LocalSet::new()
+            .run_until(self.run_local())
+            .await
+    }
+
+    async fn run_local(mut self) {
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
         let caches: Arc<Mutex<Caches>> = Arc::default();
         let discover = tokio::spawn(watch_tenants(self.client.clone(), caches.clone(), tx));
@@ -114,11 +131,15 @@ impl Agent {
             tokio::select! {
                 c = rx.recv() => if c.is_none() { break },
                 Some(id) = self.stopped.1.recv() => self.finish_stop(&id).await,
+                Some((id, ok)) = self.started.1.recv() => self.finish_start(&id, ok),
                 _ = tick.tick() => {}
             }
             while rx.try_recv().is_ok() {}
             while let Ok(id) = self.stopped.1.try_recv() {
                 self.finish_stop(&id).await;
+            }
+            while let Ok((id, ok)) = self.started.1.try_recv() {
+                self.finish_start(&id, ok);
             }
             // Until every tenant's instances are known, what is missing from the caches is
             // not "unwanted": nothing is compared (or removed) before.
@@ -154,7 +175,11 @@ impl Agent {
 
     async fn sync(&mut self, wanted: &Wanted) {
         for id in self.containers.list() {
-            if wanted.contains_key(&id) || self.stopping.contains(&id) {
+            // One being started is looked at once its start is over.
+            if wanted.contains_key(&id)
+                || self.stopping.contains(&id)
+                || self.starting.contains(&id)
+            {
                 continue;
             }
             if matches!(self.containers.state(&id), ContainerState::Running(_)) {
@@ -174,8 +199,11 @@ impl Agent {
             }
         }
         for (id, (tenant, inst)) in wanted {
+            if self.starting.contains(id) {
+                continue;
+            }
             match self.containers.state(id) {
-                ContainerState::Unknown => self.start(id, tenant, inst).await,
+                ContainerState::Unknown => self.start(id, tenant, inst),
                 ContainerState::Running(s) => {
                     if inst.status.phase != InstancePhase::Running
                         || inst.status.pid != Some(s.pid as u32)
@@ -191,7 +219,7 @@ impl Agent {
                         st.exit_code = None;
                         st.reason.clear();
                         st.message.clear();
-                        self.report(tenant, inst, st).await;
+                        report(&self.client, tenant, inst, st).await;
                     }
                 }
                 ContainerState::Exited { exit, .. } => {
@@ -222,7 +250,7 @@ impl Agent {
                             st.restarts = restarts;
                             let mut restarted = inst.clone();
                             restarted.status = st;
-                            self.start(id, tenant, &restarted).await;
+                            self.start(id, tenant, &restarted);
                         }
                     } else if matches!(
                         inst.status.phase,
@@ -244,7 +272,7 @@ impl Agent {
                         }
                         .into();
                         st.ready = false;
-                        self.report(tenant, inst, st).await;
+                        report(&self.client, tenant, inst, st).await;
                     }
                 }
                 ContainerState::Lost(_) => {
@@ -254,132 +282,69 @@ impl Agent {
         }
     }
 
-    /// Pulls, composes, writes the spec and starts; reports the outcome.
-    async fn start(&mut self, id: &str, tenant: &str, inst: &Instance) {
-        if self
-            .backoff
-            .get(id)
-            .is_some_and(|(due, _)| Instant::now() < *due)
+    /// Starts `inst` in a task of its own (pull, rootfs, spec, supervisor), unless its
+    /// backoff is not over or [`PARALLEL_STARTS`] are already under way; the task reports the
+    /// outcome in the instance's status.
+    fn start(&mut self, id: &str, tenant: &str, inst: &Instance) {
+        if self.starting.contains(id)
+            || self.starting.len() >= PARALLEL_STARTS
+            || self
+                .backoff
+                .get(id)
+                .is_some_and(|(due, _)| Instant::now() < *due)
         {
             return;
         }
-        let result = self.launch(id, tenant, inst).await;
-        let mut st = inst.status.clone();
-        st.container_id = id.to_owned();
-        match result {
-            Ok(started) => {
-                self.backoff.remove(id);
-                st.phase = InstancePhase::Running;
-                st.ready = true;
-                st.pid = Some(started.pid as u32);
-                st.started_at = Some(started.started_at);
-                st.exit_code = None;
-                st.reason.clear();
-                st.message.clear();
+        self.starting.insert(id.to_owned());
+        let (images, containers, client) = (
+            self.images.clone(),
+            self.containers.clone(),
+            self.client.clone(),
+        );
+        let done = self.started.0.clone();
+        let (id, tenant, inst) = (id.to_owned(), tenant.to_owned(), inst.clone());
+        tokio::task::spawn_local(async move {
+            let result = launch(&images, &containers, &id, &tenant, &inst).await;
+            let ok = result.is_ok();
+            let mut st = inst.status.clone();
+            st.container_id = id.clone();
+            match result {
+                Ok(started) => {
+                    st.phase = InstancePhase::Running;
+                    st.ready = true;
+                    st.pid = Some(started.pid as u32);
+                    st.started_at = Some(started.started_at);
+                    st.exit_code = None;
+                    st.reason.clear();
+                    st.message.clear();
+                }
+                Err((reason, message)) => {
+                    let _ = containers.remove(&id).await;
+                    images.release_rootfs(&id);
+                    tracing::warn!(%tenant, instance = %inst.name, %reason, %message, "start");
+                    st.phase = InstancePhase::Pending;
+                    st.ready = false;
+                    st.pid = None;
+                    st.reason = reason.into();
+                    st.message = message.chars().take(4000).collect();
+                }
             }
-            Err((reason, message)) => {
-                let _ = self.containers.remove(id).await;
-                self.images.release_rootfs(id);
-                let failures = self.backoff.get(id).map_or(0, |(_, n)| *n) + 1;
-                let wait =
-                    Duration::from_millis(200u64 << failures.min(7)).min(Duration::from_secs(30));
-                self.backoff
-                    .insert(id.to_owned(), (Instant::now() + wait, failures));
-                tracing::warn!(%tenant, instance = %inst.name, %reason, %message, "start");
-                st.phase = InstancePhase::Pending;
-                st.ready = false;
-                st.pid = None;
-                st.reason = reason.into();
-                st.message = message.chars().take(4000).collect();
-            }
-        }
-        self.report(tenant, inst, st).await;
+            report(&client, &tenant, &inst, st).await;
+            let _ = done.send((id, ok));
+        });
     }
 
-    /// Pull, compose, spec, start: the failure's reason and message for the status.
-    async fn launch(
-        &self,
-        id: &str,
-        tenant: &str,
-        inst: &Instance,
-    ) -> Result<crate::runtime::shim::Started, (&'static str, String)> {
-        let t = &inst.spec.template;
-        let t0 = Instant::now();
-        let present = match t.pull_policy() {
-            PullPolicy::Always => None,
-            PullPolicy::IfNotPresent | PullPolicy::Never => self
-                .images
-                .get(&t.image)
-                .map_err(|e| ("ImagePullFailed", e.to_string()))?,
-        };
-        let image = match (present, t.pull_policy()) {
-            (Some(image), _) => image,
-            (None, PullPolicy::Never) => {
-                return Err((
-                    "ImageNotPresent",
-                    format!(
-                        "{} is not on this node and the pull policy is never",
-                        t.image
-                    ),
-                ));
-            }
-            (None, _) => self
-                .images
-                .pull(&t.image)
-                .await
-                .map_err(|e| ("ImagePullFailed", e.to_string()))?,
-        };
-        let t_image = t0.elapsed();
-        let rootfs = self
-            .images
-            .compose_rootfs(&image, id)
-            .await
-            .map_err(|e| ("RootfsFailed", e.to_string()))?;
-        let t_rootfs = t0.elapsed();
-        let cfg = ContainerConfig {
-            id: id.to_owned(),
-            hostname: inst.name.clone(),
-            rootfs: rootfs.path.clone(),
-            image: ImageProcess {
-                entrypoint: image.config.entrypoint.clone(),
-                cmd: image.config.cmd.clone(),
-                env: image.config.env.clone(),
-                working_dir: image.config.working_dir.clone().unwrap_or_default(),
-                user: image.config.user.clone().unwrap_or_default(),
-                stop_signal: image.config.stop_signal.clone().unwrap_or_default(),
-            },
-            overrides: ProcessOverride {
-                command: t.command.clone(),
-                args: t.args.clone(),
-                env: t
-                    .env
-                    .iter()
-                    .map(|e| (e.name.clone(), e.value.clone()))
-                    .collect(),
-            },
-            limits: Limits {
-                cpu_millis: t.resources.limits.cpu_millis,
-                cpu_request_millis: t.resources.requests.cpu_millis,
-                memory_bytes: t.resources.limits.memory_bytes,
-                pids: t.resources.pids_limit,
-            },
-            cgroups_path: format!("/hive/{tenant}/{}", inst.name).into(),
-            netns: None,
-        };
-        let spec = spec::build(&cfg).map_err(|e| ("InvalidSpec", e.to_string()))?;
-        let started = self
-            .containers
-            .start(id, &spec, &cfg.cgroups_path)
-            .await
-            .map_err(|e| ("StartFailed", e.to_string()))?;
-        tracing::debug!(
-            instance = %inst.name,
-            image_ms = t_image.as_secs_f64() * 1e3,
-            rootfs_ms = (t_rootfs - t_image).as_secs_f64() * 1e3,
-            start_ms = (t0.elapsed() - t_rootfs).as_secs_f64() * 1e3,
-            "launched"
-        );
-        Ok(started)
+    /// A start task ended: a failure backs off (0.4 s doubling to 30 s) before the next try.
+    fn finish_start(&mut self, id: &str, ok: bool) {
+        self.starting.remove(id);
+        if ok {
+            self.backoff.remove(id);
+            return;
+        }
+        let failures = self.backoff.get(id).map_or(0, |(_, n)| *n) + 1;
+        let wait = Duration::from_millis(200u64 << failures.min(7)).min(Duration::from_secs(30));
+        self.backoff
+            .insert(id.to_owned(), (Instant::now() + wait, failures));
     }
 
     /// A stop task ended: the container goes (or, if it still runs, the next pass tries
@@ -402,18 +367,102 @@ impl Agent {
         }
         self.backoff.remove(id);
     }
+}
 
-    async fn report(&self, tenant: &str, inst: &Instance, status: hive_api::InstanceStatus) {
-        if inst.status == status {
-            return;
-        }
-        let mut update = inst.clone();
-        update.status = status;
-        update.revision = 0;
-        if let Err(e) = self.client.update_status(Some(tenant), &update).await {
-            tracing::debug!(%tenant, instance = %inst.name, error = %e, "report status");
-        }
+/// Writes `status` for `inst` if it changed.
+async fn report(client: &Client, tenant: &str, inst: &Instance, status: hive_api::InstanceStatus) {
+    if inst.status == status {
+        return;
     }
+    let mut update = inst.clone();
+    update.status = status;
+    update.revision = 0;
+    if let Err(e) = client.update_status(Some(tenant), &update).await {
+        tracing::debug!(%tenant, instance = %inst.name, error = %e, "report status");
+    }
+}
+
+/// Pull, compose, spec, start: the failure's reason and message for the status.
+async fn launch(
+    images: &ImageStore,
+    containers: &Containers,
+    id: &str,
+    tenant: &str,
+    inst: &Instance,
+) -> Result<crate::runtime::shim::Started, (&'static str, String)> {
+    let t = &inst.spec.template;
+    let t0 = Instant::now();
+    let present = match t.pull_policy() {
+        PullPolicy::Always => None,
+        PullPolicy::IfNotPresent | PullPolicy::Never => images
+            .get(&t.image)
+            .map_err(|e| ("ImagePullFailed", e.to_string()))?,
+    };
+    let image = match (present, t.pull_policy()) {
+        (Some(image), _) => image,
+        (None, PullPolicy::Never) => {
+            return Err((
+                "ImageNotPresent",
+                format!(
+                    "{} is not on this node and the pull policy is never",
+                    t.image
+                ),
+            ));
+        }
+        (None, _) => images
+            .pull(&t.image)
+            .await
+            .map_err(|e| ("ImagePullFailed", e.to_string()))?,
+    };
+    let t_image = t0.elapsed();
+    let rootfs = images
+        .compose_rootfs(&image, id)
+        .await
+        .map_err(|e| ("RootfsFailed", e.to_string()))?;
+    let t_rootfs = t0.elapsed();
+    let cfg = ContainerConfig {
+        id: id.to_owned(),
+        hostname: inst.name.clone(),
+        rootfs: rootfs.path.clone(),
+        image: ImageProcess {
+            entrypoint: image.config.entrypoint.clone(),
+            cmd: image.config.cmd.clone(),
+            env: image.config.env.clone(),
+            working_dir: image.config.working_dir.clone().unwrap_or_default(),
+            user: image.config.user.clone().unwrap_or_default(),
+            stop_signal: image.config.stop_signal.clone().unwrap_or_default(),
+        },
+        overrides: ProcessOverride {
+            command: t.command.clone(),
+            args: t.args.clone(),
+            env: t
+                .env
+                .iter()
+                .map(|e| (e.name.clone(), e.value.clone()))
+                .collect(),
+        },
+        limits: Limits {
+            cpu_millis: t.resources.limits.cpu_millis,
+            cpu_request_millis: t.resources.requests.cpu_millis,
+            memory_bytes: t.resources.limits.memory_bytes,
+            pids: t.resources.pids_limit,
+        },
+        cgroups_path: format!("/hive/{tenant}/{}", inst.name).into(),
+        netns: None,
+    };
+    let spec = spec::build(&cfg).map_err(|e| ("InvalidSpec", e.to_string()))?;
+    let started = containers
+        .start(id, &spec, &cfg.cgroups_path)
+        .await
+        .map_err(|e| ("StartFailed", e.to_string()))?;
+    tracing::debug!(
+        instance = %inst.name,
+        image_ms = t_image.as_secs_f64() * 1e3,
+        rootfs_ms = (t_rootfs - t_image).as_secs_f64() * 1e3,
+        start_ms = (t0.elapsed() - t_rootfs).as_secs_f64() * 1e3,
+        "launched"
+    );
+    Ok(started)
 }
 
 /// Every tenant's instances, and whether each cache holds a complete list yet.
