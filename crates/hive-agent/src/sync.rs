@@ -238,14 +238,12 @@ impl Agent {
                             .entry(id.clone())
                             .or_insert((Instant::now() + wait, restarts))
                             .0;
-                        if Instant::now() >= due {
-                            self.backoff.remove(id);
+                        // With no start slot free it waits for the next pass, still exited,
+                        // so its restart count is not lost.
+                        if Instant::now() >= due && self.starting.len() < PARALLEL_STARTS {
                             // A restart starts from a fresh root filesystem, like a new
                             // container of the same instance.
-                            let _ = self.containers.remove(id).await;
-                            for e in self.images.release_rootfs(id) {
-                                tracing::warn!(container = %id, error = %e, "release rootfs");
-                            }
+                            self.remove(id).await;
                             let mut st = inst.status.clone();
                             st.restarts = restarts;
                             let mut restarted = inst.clone();
@@ -275,9 +273,9 @@ impl Agent {
                         report(&self.client, tenant, inst, st).await;
                     }
                 }
-                ContainerState::Lost(_) => {
-                    let _ = self.containers.remove(id).await;
-                }
+                // Records say it started, yet neither it nor its supervisor lives: clear it
+                // away (rootfs included) and start it again on the next pass.
+                ContainerState::Lost(_) => self.remove(id).await,
             }
         }
     }
