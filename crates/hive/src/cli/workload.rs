@@ -107,7 +107,8 @@ fn suffix() -> String {
         .collect()
 }
 
-/// Start-up failures the agent reports in `status.reason` that waiting will not cure.
+/// Start-up failures the agent reports in `status.reason`; one that persists (the agent retries
+/// with backoff) ends `hive run`.
 const FAILED_STARTS: &[&str] = &[
     "ImagePullFailed",
     "RootfsFailed",
@@ -132,6 +133,8 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<()> {
     }
     let t0 = Instant::now();
     let mut last_reason = String::new();
+    // A failed start is retried by the agent: it is final only if it persists.
+    let mut failing_since: Option<Instant> = None;
     loop {
         let all = ctx.client.list::<Instance>(Some(&tenant)).await?;
         let mine: Vec<&Instance> = all
@@ -165,9 +168,14 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<()> {
             );
             return Ok(());
         }
-        if let Some(i) = mine
+        let failing = mine
             .iter()
-            .find(|i| FAILED_STARTS.contains(&i.status.reason.as_str()))
+            .find(|i| FAILED_STARTS.contains(&i.status.reason.as_str()));
+        if failing.is_none() {
+            failing_since = None;
+        }
+        if let Some(i) = failing
+            && failing_since.get_or_insert_with(Instant::now).elapsed() >= Duration::from_secs(3)
         {
             bail!(
                 "{name}: instance {} did not start: {}: {} (the service stays; `hive rm {name}` \
