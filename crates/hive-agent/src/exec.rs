@@ -137,16 +137,12 @@ async fn run_pipes<R: AsyncRead + Unpin>(
         .spawn()
         .map_err(|e| format!("start {}: {e}", runtime.binary.display()))?;
     let pid = child.id();
-    let out = tokio::spawn(pump(
-        child.stdout.take().expect("piped"),
-        tx.clone(),
-        Frame::Stdout,
-    ));
-    let err = tokio::spawn(pump(
-        child.stderr.take().expect("piped"),
-        tx.clone(),
-        Frame::Stderr,
-    ));
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        hang_up(pid);
+        return Err("exec: the process has no output pipes".into());
+    };
+    let out = tokio::spawn(pump(stdout, tx.clone(), Frame::Stdout));
+    let err = tokio::spawn(pump(stderr, tx.clone(), Frame::Stderr));
     let mut stdin = child.stdin.take();
     let input = async {
         while let Some(f) = next_frame(rd, pid).await {
