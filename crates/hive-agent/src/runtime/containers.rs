@@ -67,6 +67,9 @@ pub struct Containers {
     pub log_max_bytes: u64,
     pub log_keep: usize,
     pub start_timeout: Duration,
+    /// Starts hold it shared while the runtime makes cgroups; removals hold it alone while
+    /// they prune empty parent cgroups, so a prune never takes a parent from under a start.
+    parents: std::sync::Arc<tokio::sync::RwLock<()>>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -92,6 +95,7 @@ impl Containers {
             log_max_bytes: 10 << 20,
             log_keep: 2,
             start_timeout: Duration::from_secs(60),
+            parents: Default::default(),
         }
     }
 
@@ -164,6 +168,7 @@ impl Containers {
             .arg(cfg)
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
+        let _parents = self.parents.read().await;
         let out = tokio::time::timeout(self.start_timeout, cmd.output())
             .await
             .map_err(|_| ContainerError::ShimTimeout {
@@ -285,6 +290,7 @@ impl Containers {
             }
         }
         if let Some(cg) = cgroup {
+            let _alone = self.parents.write().await;
             prune_cgroup_parents(&cg);
         }
         let dir = self.dir(id);
