@@ -42,13 +42,9 @@ pub struct RegistryArgs {
     pub rss_mib: usize,
 }
 
+/// This process's resident memory (the server runs in it).
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    crate::start::rss_kib(std::process::id())
 }
 
 /// Pushes one `mib` MiB blob to Hive with curl (streamed monolithic upload) and reports this

@@ -335,7 +335,7 @@ fn mem_kib(pid: u32, file: &str, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     mem_kib(pid, "status", "VmRSS:")
 }
 

@@ -271,6 +271,22 @@ impl Client {
         .await
     }
 
+    /// `GET path` without a timeout (the body is a stream the caller reads as it comes):
+    /// the full URL and the response, once its status was a success.
+    async fn get_streamed(&self, path: &str) -> Result<(String, reqwest::Response)> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .request(Method::GET, path)
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport {
+                method: Method::GET,
+                url: url.clone(),
+                source,
+            })?;
+        Ok((url, check(resp).await?))
+    }
+
     /// Changes of kind `R` after `revision` (default: from now), as they happen.
     pub async fn watch<R: Resource>(
         &self,
@@ -281,17 +297,7 @@ impl Client {
         if let Some(r) = revision {
             path.push_str(&format!("&revision={r}"));
         }
-        let url = format!("{}{path}", self.base);
-        let resp = self
-            .request(Method::GET, &path)
-            .send()
-            .await
-            .map_err(|source| ClientError::Transport {
-                method: Method::GET,
-                url: url.clone(),
-                source,
-            })?;
-        let resp = check(resp).await?;
+        let (url, resp) = self.get_streamed(&path).await?;
         Ok(ndjson::<WatchEvent<R>>(url, resp).boxed())
     }
 
@@ -331,17 +337,7 @@ impl Client {
             Self::item_path::<hive_api::Instance>(Some(tenant), instance),
             q.to_query()
         );
-        let url = format!("{}{path}", self.base);
-        let resp = self
-            .request(Method::GET, &path)
-            .send()
-            .await
-            .map_err(|source| ClientError::Transport {
-                method: Method::GET,
-                url: url.clone(),
-                source,
-            })?;
-        let resp = check(resp).await?;
+        let (url, resp) = self.get_streamed(&path).await?;
         Ok(resp
             .bytes_stream()
             .map(move |r| {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Up, json, ok, start_agent, start_server, start_up};
+use common::{Up, json, ok, start_agent, start_server, start_up, until};
 use serde_json::Value;
 
 fn run(cmd: &str, args: &[&str]) {
@@ -199,18 +199,11 @@ fn a_service_runs_as_a_real_container_and_scaling_to_zero_removes_it() {
         .join("agent/containers")
         .join(uid)
         .join("container.log");
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("stdout F hello from hive")
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no output in {}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    until(10, &format!("no output in {}", log.display()), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("stdout F hello from hive")
+    });
     // The same output through the API, by instance and by service.
     let name = running["name"].as_str().unwrap();
     assert_eq!(ok(cfg, &["logs", name]), "hello from hive\n");
@@ -434,14 +427,9 @@ fn run_logs_follow_restart_policies_and_rm() {
     ok(cfg, &["rm", "count", "flaky", "broken", "ghost"]);
     assert!(instances(cfg).is_empty());
     let containers = s.data.join("agent/containers");
-    let t0 = Instant::now();
-    while std::fs::read_dir(&containers).unwrap().count() > 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "containers left after rm"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    until(30, "containers left after rm", || {
+        std::fs::read_dir(&containers).unwrap().count() == 0
+    });
     drop(s);
 }
 
@@ -521,17 +509,11 @@ fn containers_survive_a_kill_9_of_hive_up_and_are_adopted_again() {
     }
     // And the adopted containers are still under control: scaling down removes them.
     ok(&cfg, &["scale", "idle", "0"]);
-    let t0 = Instant::now();
-    while want
-        .values()
-        .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "adopted containers not stopped"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    until(60, "adopted containers not stopped", || {
+        !want
+            .values()
+            .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    });
     drop(s);
 }
 
@@ -641,7 +623,6 @@ fn three_agents_one_killed_its_instances_run_elsewhere_and_it_cleans_up_when_bac
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let replaced_in = t0.elapsed();
     let events = ok(&cfg, &["events"]);
     assert!(
         events.contains("NodeLost") && events.contains(&lost),
@@ -653,24 +634,17 @@ fn three_agents_one_killed_its_instances_run_elsewhere_and_it_cleans_up_when_bac
     let n1_containers = dir.path().join("n1/containers");
     assert_eq!(std::fs::read_dir(&n1_containers).unwrap().count(), 1);
     agents[0] = start_agent(&server.url, &token, "n1", &dir.path().join("n1"));
-    let t0 = Instant::now();
-    while std::fs::read_dir(&n1_containers).unwrap().count() > 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "n1 kept the container of its replaced instance"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    until(30, "n1 kept the container of its replaced instance", || {
+        std::fs::read_dir(&n1_containers).unwrap().count() == 0
+    });
     assert_eq!(running_on(&cfg).len(), 3);
-    eprintln!("replaced in {replaced_in:?}");
     ok(&cfg, &["scale", "web", "0"]);
-    let t0 = Instant::now();
-    while (1..=3).any(|i| {
-        std::fs::read_dir(dir.path().join(format!("n{i}/containers"))).map_or(0, |d| d.count()) > 0
-    }) {
-        assert!(t0.elapsed() < Duration::from_secs(30), "containers left");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    until(30, "containers left", || {
+        (1..=3).all(|i| {
+            std::fs::read_dir(dir.path().join(format!("n{i}/containers"))).map_or(0, |d| d.count())
+                == 0
+        })
+    });
     drop(agents);
     drop(server);
 }

@@ -152,3 +152,12 @@ pub fn names(v: &Value) -> Vec<String> {
         .map(|o| o["name"].as_str().unwrap().to_owned())
         .collect()
 }
+
+/// Polls `done` every 100 ms until it holds; fails with `what` after `secs` seconds.
+pub fn until(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < Duration::from_secs(secs), "{what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
