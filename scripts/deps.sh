@@ -24,6 +24,11 @@ apt_install runc crun busybox-static
 # Images and the registry's tests and benchmarks: real clients, image building, the reference
 # registry, load generators.
 apt_install skopeo podman umoci docker-registry hey wrk
+# Tenant networks: links, rules and shaping (iproute2, nftables' `nft`), and the network
+# tests' and benchmarks' tools (iperf3, tcpdump, arping).
+apt_install iproute2 nftables iperf3 tcpdump arping
+# HA control plane: etcd (the tested server) and protoc (the etcd client's build needs it).
+apt_install etcd-server protobuf-compiler
 
 if ! command -v cargo >/dev/null 2>&1; then
   for d in "$HOME/.cargo/bin" /root/.cargo/bin /usr/local/cargo/bin; do
