@@ -22,6 +22,8 @@ pub struct HostFacts {
     pub shared: bool,
     /// Where the server reaches this agent's API (empty: nowhere).
     pub agent_url: String,
+    /// This node's VXLAN endpoint on the underlay (empty: no tenant networks).
+    pub underlay_ip: String,
 }
 
 fn read_trim(path: impl AsRef<Path>) -> Option<String> {
@@ -61,6 +63,7 @@ pub fn host_facts(runtime: &str) -> HostFacts {
         runtime: runtime.to_owned(),
         shared: false,
         agent_url: String::new(),
+        underlay_ip: String::new(),
     }
 }
 
@@ -82,6 +85,7 @@ fn status(facts: &HostFacts) -> NodeStatus {
         runtime: facts.runtime.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         agent_url: facts.agent_url.clone(),
+        underlay_ip: facts.underlay_ip.clone(),
         lease_renewed_at: Some(Utc::now()),
         ready: true,
     }

@@ -39,6 +39,10 @@ pub enum ErrorCode {
     NotStarted,
     /// The node agent that holds the instance's container cannot be reached.
     NodeUnreachable,
+    /// No address is free on the network (instances wait, pending, until one is).
+    AddressExhausted,
+    /// The fixed address asked for is held by another instance.
+    AddressInUse,
     /// An internal error; details are in the server log under the request id.
     Internal,
 }
@@ -61,6 +65,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => 503,
             ErrorCode::NotStarted => 409,
             ErrorCode::NodeUnreachable => 502,
+            ErrorCode::AddressExhausted | ErrorCode::AddressInUse => 409,
         }
     }
 
@@ -82,6 +87,8 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::NotStarted => "not_started",
             ErrorCode::NodeUnreachable => "node_unreachable",
+            ErrorCode::AddressExhausted => "address_exhausted",
+            ErrorCode::AddressInUse => "address_in_use",
             ErrorCode::Internal => "internal",
         }
     }
@@ -116,6 +123,8 @@ mod tests {
             ErrorCode::MalformedBody,
             ErrorCode::NotStarted,
             ErrorCode::NodeUnreachable,
+            ErrorCode::AddressExhausted,
+            ErrorCode::AddressInUse,
         ] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));

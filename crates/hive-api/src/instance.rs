@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::meta::{Resource, Scope};
+use crate::network::InstanceNetwork;
 use crate::service::ContainerSpec;
 use crate::validate::{self, ValidationError};
 
@@ -42,6 +43,10 @@ pub struct InstanceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     pub template: ContainerSpec,
+    /// The instance's place on its network: set by the server when it binds the instance
+    /// to a node (ignored in what clients write).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<InstanceNetwork>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

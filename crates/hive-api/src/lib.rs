@@ -9,6 +9,7 @@ pub mod error;
 pub mod event;
 pub mod instance;
 pub mod meta;
+pub mod network;
 pub mod node;
 pub mod proxy;
 pub mod service;
@@ -21,6 +22,7 @@ pub use error::{ApiErrorBody, ErrorCode};
 pub use event::{Event, EventType, ObjectRef};
 pub use instance::{Instance, InstancePhase, InstanceSpec, InstanceStatus};
 pub use meta::{List, Resource, Scope};
+pub use network::{InstanceNetwork, Ipv4Cidr, Network, NetworkSpec, NetworkStatus};
 pub use node::{Node, NodeCapacity, NodeSpec, NodeStatus};
 pub use proxy::{ProxyClaims, ProxyKey, ProxyOp, ProxySigner};
 pub use service::{

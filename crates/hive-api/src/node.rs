@@ -77,6 +77,10 @@ pub struct NodeStatus {
     /// Where the API server reaches the agent (logs, exec), e.g. `http://10.0.0.5:7081`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub agent_url: String,
+    /// The node's address on the underlay: where other nodes send its tenants' VXLAN
+    /// traffic.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub underlay_ip: String,
     /// When the agent last renewed its lease; absent until an agent runs on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_renewed_at: Option<DateTime<Utc>>,
@@ -111,6 +115,13 @@ impl Resource for Node {
             ("status.agent_version", &self.status.agent_version),
         ] {
             validate::kernel_string(f, v, 256)?;
+        }
+        let ul = &self.status.underlay_ip;
+        if !ul.is_empty() && ul.parse::<std::net::Ipv4Addr>().is_err() {
+            return Err(ValidationError::new(
+                "status.underlay_ip",
+                format!("{ul:?} is not an IPv4 address"),
+            ));
         }
         let url = &self.status.agent_url;
         if !url.is_empty() {

@@ -88,9 +88,23 @@ pub struct ContainerSpec {
     /// `if-not-present` (see [`ContainerSpec::pull_policy`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull_policy: Option<PullPolicy>,
+    /// The tenant network instances join; absent: `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// A fixed address on that network (only for a single instance); absent: the server
+    /// allocates one when the instance is placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
 }
 
 impl ContainerSpec {
+    /// The network instances join.
+    pub fn network(&self) -> &str {
+        self.network
+            .as_deref()
+            .unwrap_or(crate::network::DEFAULT_NETWORK)
+    }
+
     /// The pull policy in force: the one given, else `always` for an image without a tag or
     /// tagged `latest` (it may move), else `if-not-present` (a tag or digest pins it).
     pub fn pull_policy(&self) -> PullPolicy {
@@ -213,6 +227,15 @@ impl ServiceSpec {
                 format!("{} is more than {MAX_REPLICAS}", self.replicas),
             ));
         }
+        if self.replicas > 1 && self.template.ip.is_some() {
+            return Err(ValidationError::new(
+                format!("{field}.template.ip"),
+                format!(
+                    "a fixed address can be given to one instance, not to {} replicas",
+                    self.replicas
+                ),
+            ));
+        }
         self.template.validate(&format!("{field}.template"))
     }
 }
@@ -220,6 +243,17 @@ impl ServiceSpec {
 impl ContainerSpec {
     pub fn validate(&self, field: &str) -> Result<(), ValidationError> {
         image_reference(&format!("{field}.image"), &self.image)?;
+        if let Some(n) = &self.network {
+            validate::name(&format!("{field}.network"), n)?;
+        }
+        if let Some(ip) = &self.ip
+            && ip.parse::<std::net::Ipv4Addr>().is_err()
+        {
+            return Err(ValidationError::new(
+                format!("{field}.ip"),
+                format!("{ip:?} is not an IPv4 address"),
+            ));
+        }
         for (list, name) in [(&self.command, "command"), (&self.args, "args")] {
             let f = format!("{field}.{name}");
             validate::count(&f, list, MAX_ARGS)?;

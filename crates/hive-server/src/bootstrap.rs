@@ -57,6 +57,7 @@ pub async fn bootstrap(
         if !file.exists() && tmp.exists() {
             fs::rename(&tmp, &file).map_err(io(&file))?;
         }
+        crate::networks::ensure_default_networks(store.as_ref()).await?;
         return Ok(Bootstrap::Existing);
     }
     let (secret, record) = auth::issue("admin", None, Role::PlatformAdmin, None);

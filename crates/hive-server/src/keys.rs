@@ -39,6 +39,26 @@ pub fn token_index_prefix(tenant: Option<&str>) -> String {
     }
 }
 
+/// The claim on a VNI: one network of the whole platform holds it (value: `tenant/network`).
+pub fn vni(vni: u32) -> String {
+    format!("/platform/vnis/{vni}")
+}
+
+/// The claims on a network's addresses, one key per held address (value: instance uid).
+pub fn ip_claims(tenant: &str, network: &str) -> String {
+    format!("/t/{tenant}/ipam/{network}/")
+}
+
+pub fn ip_claim(tenant: &str, network: &str, ip: std::net::Ipv4Addr) -> String {
+    format!("{}{ip}", ip_claims(tenant, network))
+}
+
+/// Changed by every create of a network in the tenant, so that two creates checking for
+/// overlapping subnets at once cannot both succeed.
+pub fn network_lock(tenant: &str) -> String {
+    format!("/t/{tenant}/network-lock")
+}
+
 /// Set once the platform admin exists.
 pub const BOOTSTRAP: &str = "/platform/bootstrap";
 

@@ -12,6 +12,7 @@ pub mod housekeeping;
 pub mod keys;
 pub mod launch;
 pub mod middleware;
+pub mod networks;
 pub mod nodeproxy;
 mod openapi;
 pub mod ratelimit;

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 
 use axum::Json;
 use axum::body::Body;
@@ -15,10 +16,10 @@ use bytes::Bytes;
 use chrono::Utc;
 use futures_util::StreamExt;
 use hive_api::{
-    ApiErrorBody, Event, EventType, List, ObjectRef, Resource, Role, Scope, Service, Tenant,
-    WatchEvent, WatchEventType,
+    ApiErrorBody, ErrorCode, Event, EventType, Instance, List, Network, ObjectRef, Resource, Role,
+    Scope, Service, Tenant, WatchEvent, WatchEventType,
 };
-use hive_store::{EventKind, KeyValue, Op, Revision, StoreError, WatchStream};
+use hive_store::{EventKind, KeyValue, Op, Revision, Store, StoreError, WatchStream};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -26,7 +27,43 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::keys;
+use crate::networks;
 use crate::state::AppState;
+
+/// Writes that go with a write of an object, in the same transaction (claims on a VNI or an
+/// address, a tenant's default network, the release of an address).
+#[derive(Debug, Default)]
+pub struct Hooked {
+    pub ops: Vec<Op>,
+    /// A conflict on this key means what the hook chose (a VNI, an address) was taken at the
+    /// same time by another writer: the write is tried again with a new choice.
+    pub retry_on: Option<String>,
+    /// A conflict on this key means the fixed address asked for is held.
+    pub in_use_on: Option<String>,
+}
+
+/// How many times a write whose hook's choice clashed is tried.
+pub const HOOK_ATTEMPTS: usize = 8;
+
+/// What a failed transaction that carried `hooked` means: `None` to try again.
+fn hooked_error(err: StoreError, hooked: &Hooked, attempt: usize) -> Option<ApiError> {
+    if let StoreError::Conflict { key, .. } = &err {
+        if Some(key) == hooked.retry_on.as_ref() && attempt + 1 < HOOK_ATTEMPTS {
+            return None;
+        }
+        if Some(key) == hooked.in_use_on.as_ref() {
+            let ip = key.rsplit('/').next().unwrap_or_default();
+            return Some(ApiError::new(
+                ErrorCode::AddressInUse,
+                format!("address {ip} is held by another instance"),
+            ));
+        }
+    }
+    Some(ApiError::new(
+        ErrorCode::Conflict,
+        format!("{err}: still taken after {HOOK_ATTEMPTS} attempts, retry"),
+    ))
+}
 
 /// What a kind of object allows, on top of [`Resource`].
 pub trait Served: Resource {
@@ -38,6 +75,34 @@ pub trait Served: Resource {
     const STATUS_WRITE: Role;
     /// Users' changes to it are recorded as Events.
     const RECORD_EVENTS: bool = false;
+
+    /// Completes a new object and returns the writes that go with its creation.
+    fn on_create(
+        _st: &AppState,
+        _tenant: Option<&str>,
+        _obj: &mut Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        async { Ok(Hooked::default()) }
+    }
+
+    /// Completes a changed spec (or refuses it) and returns the writes that go with it.
+    fn on_update(
+        _st: &AppState,
+        _tenant: Option<&str>,
+        _stored: &Self,
+        _obj: &mut Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        async { Ok(Hooked::default()) }
+    }
+
+    /// The writes that go with a deletion.
+    fn on_delete(
+        _st: &AppState,
+        _tenant: Option<&str>,
+        _stored: &Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        async { Ok(Hooked::default()) }
+    }
 }
 
 impl Served for Service {
@@ -47,10 +112,60 @@ impl Served for Service {
     const RECORD_EVENTS: bool = true;
 }
 
-impl Served for hive_api::Instance {
+impl Served for Instance {
     const READ: Role = Role::Viewer;
     const WRITE: Role = Role::PlatformAdmin;
     const STATUS_WRITE: Role = Role::PlatformAdmin;
+
+    fn on_create(
+        st: &AppState,
+        tenant: Option<&str>,
+        obj: &mut Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        networks::instance_created(st, tenant, obj)
+    }
+
+    fn on_update(
+        st: &AppState,
+        tenant: Option<&str>,
+        stored: &Self,
+        obj: &mut Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        networks::instance_updated(st, tenant, stored, obj)
+    }
+
+    fn on_delete(
+        st: &AppState,
+        tenant: Option<&str>,
+        stored: &Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        networks::instance_deleted(st, tenant, stored)
+    }
+}
+
+impl Served for Network {
+    const READ: Role = Role::Viewer;
+    const WRITE: Role = Role::TenantAdmin;
+    const STATUS_WRITE: Role = Role::PlatformAdmin;
+    const RECORD_EVENTS: bool = true;
+
+    fn on_create(
+        st: &AppState,
+        tenant: Option<&str>,
+        obj: &mut Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        networks::network_created(st, tenant, obj)
+    }
+
+    fn on_update(
+        _st: &AppState,
+        _tenant: Option<&str>,
+        stored: &Self,
+        obj: &mut Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        let r = networks::network_updated(stored, obj);
+        async { r }
+    }
 }
 
 impl Served for Event {
@@ -69,6 +184,14 @@ impl Served for Tenant {
     const READ: Role = Role::Viewer;
     const WRITE: Role = Role::PlatformAdmin;
     const STATUS_WRITE: Role = Role::PlatformAdmin;
+
+    fn on_create(
+        st: &AppState,
+        _tenant: Option<&str>,
+        obj: &mut Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        networks::tenant_created(st, obj)
+    }
 }
 
 /// A JSON body whose rejections become [`ApiError`]s with stable codes.
@@ -292,32 +415,50 @@ pub async fn create<R: Served>(
     let tenant = guard.as_ref().map(|g| g.name.as_str());
     obj.init_system_fields(tenant, new_uid(), Utc::now());
     let name = obj.name().to_owned();
-    let mut ops = Vec::with_capacity(3);
-    if let Some(g) = &guard {
-        ops.push(g.require());
+    let mut attempt = 0;
+    loop {
+        let mut obj = obj.clone();
+        let hooked = R::on_create(&st, tenant, &mut obj).await?;
+        let mut ops = Vec::with_capacity(3 + hooked.ops.len());
+        if let Some(g) = &guard {
+            ops.push(g.require());
+        }
+        ops.push(Op::Create {
+            key: keys::object::<R>(tenant, &name),
+            value: encode(&obj)?,
+        });
+        ops.extend(hooked.ops.iter().cloned());
+        if R::RECORD_EVENTS
+            && let Some(t) = tenant
+        {
+            ops.push(event_op(
+                t,
+                "Created",
+                R::KIND,
+                &name,
+                format!("{} {name} created by {}", R::KIND, p.name),
+            )?);
+        }
+        match st.store.txn(ops).await {
+            Ok(resp) => {
+                obj.set_revision(resp.revision);
+                return Ok((StatusCode::CREATED, Json(obj)));
+            }
+            Err(e) if is_hook_conflict(&e, &hooked) => {
+                if let Some(err) = hooked_error(e, &hooked, attempt) {
+                    return Err(err);
+                }
+                attempt += 1;
+            }
+            Err(e) => return Err(txn_error::<R>(e, &name, guard.as_ref())),
+        }
     }
-    ops.push(Op::Create {
-        key: keys::object::<R>(tenant, &name),
-        value: encode(&obj)?,
-    });
-    if R::RECORD_EVENTS
-        && let Some(t) = tenant
-    {
-        ops.push(event_op(
-            t,
-            "Created",
-            R::KIND,
-            &name,
-            format!("{} {name} created by {}", R::KIND, p.name),
-        )?);
-    }
-    let resp = st
-        .store
-        .txn(ops)
-        .await
-        .map_err(|e| txn_error::<R>(e, &name, guard.as_ref()))?;
-    obj.set_revision(resp.revision);
-    Ok((StatusCode::CREATED, Json(obj)))
+}
+
+/// Whether a failed transaction failed on a key a hook added a condition on.
+fn is_hook_conflict(err: &StoreError, hooked: &Hooked) -> bool {
+    matches!(err, StoreError::Conflict { key, .. }
+        if Some(key) == hooked.retry_on.as_ref() || Some(key) == hooked.in_use_on.as_ref())
 }
 
 pub async fn get<R: Served>(
@@ -441,22 +582,67 @@ async fn write_back<R: Served>(
         obj.revision()
     };
     obj.keep_system_fields(&stored);
-    if status {
-        obj.keep_spec(&stored);
-        obj.validate()?;
-    } else {
-        obj.keep_status(&stored);
+    let mut attempt = 0;
+    loop {
+        let mut obj = obj.clone();
+        let hooked = if status {
+            obj.keep_spec(&stored);
+            obj.validate()?;
+            Hooked::default()
+        } else {
+            obj.keep_status(&stored);
+            R::on_update(st, tenant, &stored, &mut obj).await?
+        };
+        match write_once(st, p, &guard, name, &stored, obj, status, expected, &hooked).await {
+            Err(WriteError::Store(e)) if is_hook_conflict(&e, &hooked) => {
+                if let Some(err) = hooked_error(e, &hooked, attempt) {
+                    return Err(err);
+                }
+                attempt += 1;
+            }
+            Err(WriteError::Store(e)) => return Err(txn_error::<R>(e, name, guard.as_ref())),
+            Err(WriteError::Api(e)) => return Err(e),
+            Ok(obj) => return Ok(Json(obj)),
+        }
     }
+}
+
+enum WriteError {
+    Store(StoreError),
+    Api(ApiError),
+}
+
+impl From<ApiError> for WriteError {
+    fn from(e: ApiError) -> Self {
+        WriteError::Api(e)
+    }
+}
+
+/// One attempt of [`write_back`]: the update, what its hook adds, and its Event.
+#[allow(clippy::too_many_arguments)]
+async fn write_once<R: Served>(
+    st: &AppState,
+    p: &Principal,
+    guard: &Option<TenantGuard>,
+    name: &str,
+    stored: &R,
+    mut obj: R,
+    status: bool,
+    expected: Revision,
+    hooked: &Hooked,
+) -> Result<R, WriteError> {
+    let tenant = guard.as_ref().map(|g| g.name.as_str());
     let mut ops = vec![Op::Update {
         key: keys::object::<R>(tenant, name),
         value: encode(&obj)?,
         mod_revision: expected,
     }];
+    ops.extend(hooked.ops.iter().cloned());
     if !status
         && R::RECORD_EVENTS
         && let Some(t) = tenant
     {
-        let mut before = serde_json::to_value(&stored).unwrap_or_default();
+        let mut before = serde_json::to_value(stored).unwrap_or_default();
         let mut after = serde_json::to_value(&obj).unwrap_or_default();
         let replicas = |v: &mut serde_json::Value| v["spec"]["replicas"].take();
         let (r0, r1) = (replicas(&mut before), replicas(&mut after));
@@ -485,13 +671,9 @@ async fn write_back<R: Served>(
             )?);
         }
     }
-    let resp = st
-        .store
-        .txn(ops)
-        .await
-        .map_err(|e| txn_error::<R>(e, name, guard.as_ref()))?;
+    let resp = st.store.txn(ops).await.map_err(WriteError::Store)?;
     obj.set_revision(resp.revision);
-    Ok(Json(obj))
+    Ok(obj)
 }
 
 pub async fn delete<R: Served>(
@@ -510,6 +692,7 @@ pub async fn delete<R: Served>(
         key: keys::object::<R>(tenant, name),
         mod_revision: Some(q.revision.unwrap_or(stored_rev)),
     }];
+    ops.extend(R::on_delete(&st, tenant, &stored).await?.ops);
     if R::RECORD_EVENTS
         && let Some(t) = tenant
     {
@@ -624,10 +807,15 @@ async fn pump<R: Resource>(
 
 /// Every page of a prefix, for small internal listings (a tenant's tokens).
 pub async fn list_all(st: &AppState, prefix: &str) -> ApiResult<Vec<KeyValue>> {
+    list_all_in(st.store.as_ref(), prefix).await
+}
+
+/// [`list_all`] on a store.
+pub async fn list_all_in(store: &dyn Store, prefix: &str) -> ApiResult<Vec<KeyValue>> {
     let mut out = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let page = st.store.list(prefix, after.as_deref(), MAX_PAGE).await?;
+        let page = store.list(prefix, after.as_deref(), MAX_PAGE).await?;
         after = page.kvs.last().map(|kv| kv.key.clone());
         out.extend(page.kvs);
         if !page.more {

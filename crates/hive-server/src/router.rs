@@ -6,8 +6,8 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, put};
 use hive_api::{
-    API_PREFIX, ApiToken, CreatedToken, Event, Instance, Node, ProxyKey, Scope, Service, Tenant,
-    TokenCreate, WhoAmI,
+    API_PREFIX, ApiToken, CreatedToken, Event, Instance, Network, Node, ProxyKey, Scope, Service,
+    Tenant, TokenCreate, WhoAmI,
 };
 use utoipa::openapi::path::HttpMethod;
 use utoipa::openapi::schema::Type;
@@ -340,6 +340,10 @@ fn table() -> Table {
     t.resource::<Service>(with_status());
     t.resource::<Instance>(with_status());
     t.resource::<Event>(Custom::default());
+    t.resource::<Network>(Custom {
+        delete: Some(axum::routing::delete(crate::networks::delete)),
+        ..Custom::default()
+    });
     t.resource::<Node>(with_status());
     t.tokens(&format!("{API_PREFIX}/tenants/{{tenant}}/tokens"), "Tenant");
     t.tokens(&format!("{API_PREFIX}/tokens"), "Platform");

@@ -52,6 +52,8 @@ pub struct AppState {
     pub proxy_signer: Arc<tokio::sync::OnceCell<hive_api::ProxySigner>>,
     /// The HTTP client requests to agents go through.
     pub proxy_http: Arc<tokio::sync::OnceCell<reqwest::Client>>,
+    /// Which instance addresses this server believes held (the store decides).
+    pub ipam: Arc<crate::networks::Ipam>,
     /// Becomes true when the server shuts down: long-lived streams end so that graceful
     /// shutdown does not wait for watchers forever.
     closing: tokio::sync::watch::Receiver<bool>,
@@ -79,6 +81,7 @@ impl AppState {
             registry: Arc::new(registry),
             proxy_signer: Arc::default(),
             proxy_http: Arc::default(),
+            ipam: Arc::default(),
             store,
             limiter: Arc::new(RateLimiter::new(config.rate_limit)),
             config: Arc::new(config),

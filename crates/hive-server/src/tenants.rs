@@ -71,6 +71,7 @@ pub async fn delete(
             prefix: keys::tenant_prefix(&tenant),
         },
     ];
+    ops.extend(crate::networks::tenant_deleted(&st, &tenant).await?);
     let rest = auth_keys.split_off(auth_keys.len().min(TOKENS_IN_DELETE_TXN));
     ops.extend(auth_keys.into_iter().map(|key| Op::Delete {
         key,

@@ -1012,3 +1012,350 @@ async fn openapi_document_matches_the_checked_in_file() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body, doc);
 }
+
+fn net_path(tenant: &str) -> String {
+    format!("/api/v1/tenants/{tenant}/networks")
+}
+
+#[tokio::test]
+async fn tenants_get_a_default_network_with_a_vni_of_its_own() {
+    let h = harness().await;
+    h.tenant("acme").await;
+    h.tenant("other").await;
+    let a = h
+        .ok(
+            Method::GET,
+            &format!("{}/default", net_path("acme")),
+            &h.admin,
+            None,
+        )
+        .await;
+    let b = h
+        .ok(
+            Method::GET,
+            &format!("{}/default", net_path("other")),
+            &h.admin,
+            None,
+        )
+        .await;
+    // The same subnet in both tenants, on different segments.
+    assert_eq!(a["spec"]["subnet"], "10.88.0.0/16");
+    assert_eq!(b["spec"]["subnet"], "10.88.0.0/16");
+    assert_eq!(a["status"]["gateway"], "10.88.0.1");
+    let (va, vb) = (
+        a["status"]["vni"].as_u64().unwrap(),
+        b["status"]["vni"].as_u64().unwrap(),
+    );
+    assert!(va >= 4096 && vb >= 4096 && va != vb, "{va} {vb}");
+    let claim = |v: u64| format!("/platform/vnis/{v}");
+    assert!(h.store.get(&claim(va)).await.unwrap().kv.is_some());
+    // The tenant's deletion releases its VNI.
+    h.ok(Method::DELETE, "/api/v1/tenants/acme", &h.admin, None)
+        .await;
+    assert!(h.store.get(&claim(va)).await.unwrap().kv.is_none());
+    assert!(h.store.get(&claim(vb)).await.unwrap().kv.is_some());
+}
+
+#[tokio::test]
+async fn networks_refuse_overlaps_bad_subnets_and_changes() {
+    let h = harness().await;
+    h.tenant("acme").await;
+    h.tenant("other").await;
+    let admin = h.token("acme", "tenant-admin").await;
+    let member = h.token("acme", "member").await;
+    let other = h.token("other", "tenant-admin").await;
+    let net = |name: &str, subnet: &str| json!({"name": name, "spec": {"subnet": subnet}});
+    let made = h
+        .ok(
+            Method::POST,
+            &net_path("acme"),
+            &admin,
+            Some(net("back", "10.89.0.0/24")),
+        )
+        .await;
+    assert!(made["status"]["vni"].as_u64().unwrap() >= 4096);
+    // Another tenant may use the same subnet.
+    h.ok(
+        Method::POST,
+        &net_path("other"),
+        &other,
+        Some(net("back", "10.89.0.0/24")),
+    )
+    .await;
+    for (subnet, field, words) in [
+        ("10.88.1.0/24", "spec.subnet", "overlaps 10.88.0.0/16"),
+        ("10.89.0.128/25", "spec.subnet", "overlaps 10.89.0.0/24"),
+        ("10.90.0.1/24", "spec.subnet", "host bits set"),
+        ("10.90.0.0/33", "spec.subnet", "more than 32"),
+        ("banana", "spec.subnet", "not in CIDR notation"),
+        ("10.90.0.0/30", "spec.subnet", "too small"),
+        ("10.0.0.0/8", "spec.subnet", "too large"),
+    ] {
+        let r = h
+            .call(
+                Method::POST,
+                &net_path("acme"),
+                &admin,
+                Some(net("x", subnet)),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            "{subnet}: {}",
+            r.body
+        );
+        assert!(
+            r.message().contains(field) && r.message().contains(words),
+            "{subnet}: {}",
+            r.message()
+        );
+    }
+    let r = h
+        .call(
+            Method::POST,
+            &net_path("acme"),
+            &admin,
+            Some(json!({"name": "x", "spec": {"subnet": "10.91.0.0/24", "gateway": "10.92.0.1"}})),
+        )
+        .await;
+    assert!(r.message().contains("spec.gateway"), "{}", r.body);
+    // A member may not create networks; another tenant's network is not found.
+    let r = h
+        .call(
+            Method::POST,
+            &net_path("acme"),
+            &member,
+            Some(net("y", "10.93.0.0/24")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = h
+        .call(
+            Method::GET,
+            &format!("{}/back", net_path("other")),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // The subnet cannot change; the default network cannot go.
+    let mut changed = made.clone();
+    changed["spec"]["subnet"] = json!("10.94.0.0/24");
+    let r = h
+        .call(
+            Method::PUT,
+            &format!("{}/back", net_path("acme")),
+            &admin,
+            Some(changed),
+        )
+        .await;
+    assert_eq!(r.code(), "invalid", "{}", r.body);
+    let r = h
+        .call(
+            Method::DELETE,
+            &format!("{}/default", net_path("acme")),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.code(), "invalid", "{}", r.body);
+    // Nothing of the refused ones was written.
+    let list = h.ok(Method::GET, &net_path("acme"), &admin, None).await;
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["back", "default"]);
+}
+
+#[tokio::test]
+async fn binding_allocates_addresses_and_deleting_releases_them() {
+    let h = harness().await;
+    h.tenant("acme").await;
+    let admin = h.token("acme", "tenant-admin").await;
+    h.ok(
+        Method::POST,
+        &net_path("acme"),
+        &admin,
+        Some(json!({"name": "tiny", "spec": {"subnet": "10.50.0.0/29"}})),
+    )
+    .await;
+    let inst_path = "/api/v1/tenants/acme/instances";
+    let instance = |name: &str, ip: Option<&str>| {
+        let mut t = json!({"image": "busybox", "network": "tiny"});
+        if let Some(ip) = ip {
+            t["ip"] = json!(ip);
+        }
+        // What a client says about the network place is ignored.
+        json!({"name": name, "spec": {"service": "s", "template": t,
+            "network": {"name": "tiny", "vni": 1, "ip": "10.50.0.6", "prefix_len": 29, "gateway": "x", "mac": "x"}}})
+    };
+    let bind = |name: &str| {
+        let name = name.to_owned();
+        let h = &h;
+        async move {
+            let mut i = h
+                .ok(Method::GET, &format!("{inst_path}/{name}"), &h.admin, None)
+                .await;
+            i["spec"]["node"] = json!("n1");
+            h.call(
+                Method::PUT,
+                &format!("{inst_path}/{name}"),
+                &h.admin,
+                Some(i),
+            )
+            .await
+        }
+    };
+    let mut ips = Vec::new();
+    for i in 0..6 {
+        let made = h
+            .ok(
+                Method::POST,
+                inst_path,
+                &h.admin,
+                Some(instance(&format!("i{i}"), None)),
+            )
+            .await;
+        assert!(made["spec"]["network"].is_null(), "{made}");
+        let r = bind(&format!("i{i}")).await;
+        if i < 5 {
+            assert!(r.status.is_success(), "{}", r.body);
+            let n = &r.body["spec"]["network"];
+            assert_eq!(
+                (
+                    n["name"].as_str(),
+                    n["prefix_len"].as_u64(),
+                    n["gateway"].as_str()
+                ),
+                (Some("tiny"), Some(29), Some("10.50.0.1"))
+            );
+            ips.push(n["ip"].as_str().unwrap().to_owned());
+            assert_eq!(
+                n["mac"].as_str().unwrap(),
+                format!("02:48:0a:32:00:{:02x}", i + 2)
+            );
+        } else {
+            // A /29 holds five instances: the sixth is refused, and stays unbound.
+            assert_eq!(
+                (r.status, r.code()),
+                (StatusCode::CONFLICT, "address_exhausted"),
+                "{}",
+                r.body
+            );
+            assert!(r.message().contains("10.50.0.0/29"), "{}", r.message());
+            let i5 = h
+                .ok(Method::GET, &format!("{inst_path}/i5"), &h.admin, None)
+                .await;
+            assert!(i5["spec"]["node"].is_null());
+        }
+    }
+    assert_eq!(
+        ips,
+        [
+            "10.50.0.2",
+            "10.50.0.3",
+            "10.50.0.4",
+            "10.50.0.5",
+            "10.50.0.6"
+        ]
+    );
+    // A fixed address that is held is refused by name.
+    h.ok(
+        Method::POST,
+        inst_path,
+        &h.admin,
+        Some(instance("fixed", Some("10.50.0.3"))),
+    )
+    .await;
+    let r = bind("fixed").await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "address_in_use"),
+        "{}",
+        r.body
+    );
+    // The network is in use: it cannot be deleted.
+    let r = h
+        .call(
+            Method::DELETE,
+            &format!("{}/tiny", net_path("acme")),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "conflict"),
+        "{}",
+        r.body
+    );
+    assert!(r.message().contains("in use"), "{}", r.message());
+    // Deleting an instance releases its address, which the waiting ones can then take.
+    h.ok(Method::DELETE, &format!("{inst_path}/i1"), &h.admin, None)
+        .await;
+    assert!(
+        h.store
+            .get("/t/acme/ipam/tiny/10.50.0.3")
+            .await
+            .unwrap()
+            .kv
+            .is_none()
+    );
+    let r = bind("fixed").await;
+    assert!(r.status.is_success(), "{}", r.body);
+    assert_eq!(r.body["spec"]["network"]["ip"], "10.50.0.3");
+    // Updates keep the place: it is not the client's to change.
+    let mut again = r.body.clone();
+    again["spec"]["network"]["ip"] = json!("10.50.0.6");
+    let r = h
+        .call(
+            Method::PUT,
+            &format!("{inst_path}/fixed"),
+            &h.admin,
+            Some(again),
+        )
+        .await;
+    assert_eq!(r.body["spec"]["network"]["ip"], "10.50.0.3", "{}", r.body);
+    // Once every instance is gone the network can be deleted, and its VNI is released.
+    let vni = h
+        .ok(
+            Method::GET,
+            &format!("{}/tiny", net_path("acme")),
+            &admin,
+            None,
+        )
+        .await["status"]["vni"]
+        .as_u64()
+        .unwrap();
+    for i in ["i0", "i2", "i3", "i4", "i5", "fixed"] {
+        h.ok(Method::DELETE, &format!("{inst_path}/{i}"), &h.admin, None)
+            .await;
+    }
+    assert!(
+        h.store
+            .list("/t/acme/ipam/tiny/", None, 0)
+            .await
+            .unwrap()
+            .kvs
+            .is_empty()
+    );
+    h.ok(
+        Method::DELETE,
+        &format!("{}/tiny", net_path("acme")),
+        &admin,
+        None,
+    )
+    .await;
+    assert!(
+        h.store
+            .get(&format!("/platform/vnis/{vni}"))
+            .await
+            .unwrap()
+            .kv
+            .is_none()
+    );
+}

@@ -240,6 +240,21 @@ async fn watch_tenants(client: Client, tx: mpsc::UnboundedSender<Change>) {
     names.abort();
 }
 
+/// The pending reason for a binding the server refused because of the instance's network.
+fn network_reason(e: &hive_client::ClientError) -> Option<&'static str> {
+    let hive_client::ClientError::Api { body, .. } = e else {
+        return None;
+    };
+    match body.code {
+        ErrorCode::AddressExhausted => Some("NetworkFull"),
+        ErrorCode::AddressInUse => Some("AddressInUse"),
+        ErrorCode::NotFound if body.message.starts_with("network ") => Some("NetworkNotFound"),
+        ErrorCode::Conflict if body.message.starts_with("network ") => Some("NetworkDeleting"),
+        ErrorCode::Invalid => Some("InvalidNetwork"),
+        _ => None,
+    }
+}
+
 impl State {
     fn enqueue(&mut self, key: Key) {
         if self.queued.insert(key.clone()) {
@@ -319,22 +334,48 @@ impl State {
                                 self.cluster.unbind_if_empty(&p.node);
                             }
                             tracing::debug!(%tenant, instance = %name, error = %e, "bind");
+                            // The network has no place for it: it waits, saying why.
+                            if let Some(reason) = network_reason(&e) {
+                                self.waiting.insert(key);
+                                let message = match &e {
+                                    hive_client::ClientError::Api { body, .. } => {
+                                        body.message.clone()
+                                    }
+                                    other => other.to_string(),
+                                };
+                                self.pending(client, &tenant, &inst, reason, message).await;
+                            }
                         }
                     }
                 }
                 Err(why) => {
                     self.waiting.insert(key);
-                    let message = why.to_string();
-                    if inst.status.reason != "Unschedulable" || inst.status.message != message {
-                        let mut pending = inst.clone();
-                        pending.status.reason = "Unschedulable".into();
-                        pending.status.message = message;
-                        if let Ok(written) = client.update_status(Some(&tenant), &pending).await {
-                            store.lock().await.insert(name, written);
-                        }
-                    }
+                    self.pending(client, &tenant, &inst, "Unschedulable", why.to_string())
+                        .await;
                 }
             }
+        }
+    }
+
+    /// Records why a pending instance waits (once per distinct reason and message).
+    async fn pending(
+        &mut self,
+        client: &Client,
+        tenant: &str,
+        inst: &Instance,
+        reason: &str,
+        message: String,
+    ) {
+        if inst.status.reason == reason && inst.status.message == message {
+            return;
+        }
+        let mut pending = inst.clone();
+        pending.status.reason = reason.into();
+        pending.status.message = message;
+        if let Ok(written) = client.update_status(Some(tenant), &pending).await
+            && let Some(store) = self.instances.get(tenant)
+        {
+            store.lock().await.insert(inst.name.clone(), written);
         }
     }
 

@@ -215,6 +215,7 @@ impl Reconciler {
                         service: name.to_owned(),
                         node: None,
                         template: svc.spec.template.clone(),
+                        network: None,
                     },
                     ..Default::default()
                 };
