@@ -86,6 +86,9 @@ pub enum Command {
     /// Manage nodes (platform admin).
     #[command(subcommand)]
     Node(resources::NodeCmd),
+    /// Manage the tenant's networks.
+    #[command(subcommand)]
+    Network(resources::NetworkCmd),
     /// Show the tenant's events.
     Events(resources::EventsArgs),
     /// Print shell completions.
@@ -235,6 +238,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Exec(args) => workload::exec(&Ctx::new(g).await?, args).await,
         Command::Instance(cmd) => resources::instance(&Ctx::new(g).await?, cmd).await,
         Command::Node(cmd) => resources::node(&Ctx::new(g).await?, cmd).await,
+        Command::Network(cmd) => resources::network(&Ctx::new(g).await?, cmd).await,
         Command::Events(args) => resources::events(&Ctx::new(g).await?, args).await,
     }
 }

@@ -4,8 +4,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use futures_util::StreamExt;
 use hive_api::{
-    ApiToken, ContainerSpec, EnvVar, ErrorCode, Event, Instance, Node, PortSpec, Protocol,
-    PullPolicy, RestartPolicy, Role, Service, ServiceSpec, Tenant, TokenCreate, WatchEventType,
+    ApiToken, ContainerSpec, EnvVar, ErrorCode, Event, Instance, Network, NetworkSpec, Node,
+    PortSpec, Protocol, PullPolicy, RestartPolicy, Role, Service, ServiceSpec, Tenant, TokenCreate,
+    WatchEventType,
 };
 use hive_client::ClientError;
 
@@ -119,6 +120,12 @@ pub struct TemplateArgs {
     /// Label KEY=VALUE (repeatable).
     #[arg(long = "label", short = 'l')]
     pub labels: Vec<String>,
+    /// The tenant network to join (default: `default`).
+    #[arg(long)]
+    pub network: Option<String>,
+    /// A fixed address on that network (one replica only).
+    #[arg(long)]
+    pub ip: Option<String>,
 }
 
 impl TemplateArgs {
@@ -153,6 +160,8 @@ impl TemplateArgs {
             ports,
             restart_policy: self.restart,
             pull_policy: self.pull,
+            network: self.network.clone(),
+            ip: self.ip.clone(),
             ..Default::default()
         };
         template.resources.limits.cpu_millis = self.cpu;
@@ -181,6 +190,24 @@ pub enum InstanceCmd {
     Ls,
     /// Show an instance.
     Get { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkCmd {
+    /// List the tenant's networks.
+    Ls,
+    /// Create a network: `hive network create back --subnet 10.89.0.0/24`.
+    Create {
+        name: String,
+        /// IPv4 subnet, /12 to /29; must not overlap the tenant's other networks.
+        #[arg(long)]
+        subnet: String,
+        /// Gateway address (default: the subnet's first address).
+        #[arg(long)]
+        gateway: Option<String>,
+    },
+    /// Delete a network no instance uses.
+    Rm { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -442,7 +469,7 @@ pub async fn scale(ctx: &Ctx, args: ScaleArgs) -> Result<()> {
 }
 
 const INSTANCE_HEADERS: &[&str] = &[
-    "NAME", "SERVICE", "NODE", "PHASE", "READY", "RESTARTS", "AGE",
+    "NAME", "SERVICE", "NODE", "IP", "PHASE", "READY", "RESTARTS", "AGE",
 ];
 
 fn instance_row(i: &Instance) -> Vec<String> {
@@ -454,6 +481,11 @@ fn instance_row(i: &Instance) -> Vec<String> {
         i.name.clone(),
         i.spec.service.clone(),
         i.spec.node.clone().unwrap_or("-".into()),
+        i.spec
+            .network
+            .as_ref()
+            .map(|n| n.ip.clone())
+            .unwrap_or("-".into()),
         phase,
         i.status.ready.to_string(),
         i.status.restarts.to_string(),
@@ -471,6 +503,45 @@ pub async fn instance(ctx: &Ctx, cmd: InstanceCmd) -> Result<()> {
         InstanceCmd::Get { name } => {
             let i = ctx.client.get::<Instance>(Some(&tenant), &name).await?;
             ctx.output.object(&i, INSTANCE_HEADERS, instance_row)
+        }
+    }
+}
+
+const NETWORK_HEADERS: &[&str] = &["NAME", "SUBNET", "GATEWAY", "VNI", "AGE"];
+
+fn network_row(n: &Network) -> Vec<String> {
+    vec![
+        n.name.clone(),
+        n.spec.subnet.clone(),
+        n.status.gateway.clone(),
+        n.status.vni.to_string(),
+        age(n.created_at),
+    ]
+}
+
+pub async fn network(ctx: &Ctx, cmd: NetworkCmd) -> Result<()> {
+    let tenant = ctx.tenant().await?;
+    match cmd {
+        NetworkCmd::Ls => {
+            let list = ctx.client.list::<Network>(Some(&tenant)).await?;
+            ctx.output.list(&list.items, NETWORK_HEADERS, network_row)
+        }
+        NetworkCmd::Create {
+            name,
+            subnet,
+            gateway,
+        } => {
+            let net = Network {
+                name,
+                spec: NetworkSpec { subnet, gateway },
+                ..Default::default()
+            };
+            let made = ctx.client.create(Some(&tenant), &net).await?;
+            ctx.output.object(&made, NETWORK_HEADERS, network_row)
+        }
+        NetworkCmd::Rm { name } => {
+            ctx.client.delete::<Network>(Some(&tenant), &name).await?;
+            Ok(())
         }
     }
 }
