@@ -6,6 +6,8 @@
 //!   supervisor that outlives the agent.
 //! - [`node`]: registers this host as a Node and keeps its lease fresh.
 //! - [`sync`]: runs the instances placed on this node and reports their status.
+//! - [`network`]: gives each instance its port on its tenant network (through `hive-net`)
+//!   and keeps every network's remote endpoints in step with the API.
 //! - [`api`]: the agent's HTTP API for the server (container logs, [`exec`] sessions),
 //!   checked with node proxy tokens.
 //!
@@ -15,6 +17,7 @@
 pub mod api;
 pub mod exec;
 pub mod image;
+pub mod network;
 pub mod node;
 pub mod runtime;
 pub mod sync;

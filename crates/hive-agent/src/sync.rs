@@ -14,13 +14,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hive_api::{Instance, InstancePhase, PullPolicy, RestartPolicy};
+use hive_api::{Instance, InstancePhase, Node, PullPolicy, RestartPolicy};
 use hive_client::Client;
 use hive_client::reflector::{Store, reflect_synced, tenant_names};
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::image::{ImageStore, StoreConfig};
+use crate::network::{NetConfig, NetState};
 use crate::runtime::spec::{self, ContainerConfig, ImageProcess, Limits, ProcessOverride};
 use crate::runtime::{ContainerState, Containers};
 
@@ -35,6 +36,8 @@ pub struct SyncConfig {
     pub resync: Duration,
     /// Grace period of a stop before SIGKILL.
     pub stop_grace: Duration,
+    /// Tenant networks on this node; none: containers get an empty network namespace.
+    pub net: Option<NetConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +70,9 @@ pub struct Agent {
     /// each reports on `stopped` when done.
     stopping: HashSet<String>,
     stopped: Channel<String>,
+    /// The node's data plane, once opened.
+    net: Option<Arc<hive_net::NodeNet>>,
+    net_state: NetState,
 }
 
 impl std::fmt::Debug for Agent {
@@ -111,6 +117,8 @@ impl Agent {
             started: mpsc::unbounded_channel(),
             stopping: HashSet::new(),
             stopped: mpsc::unbounded_channel(),
+            net: None,
+            net_state: NetState::default(),
         })
     }
 
@@ -123,8 +131,34 @@ impl Agent {
     }
 
     async fn run_local(mut self) {
+        if let Some(cfg) = &self.cfg.net {
+            match cfg.open().await {
+                Ok(net) => self.net = Some(net),
+                // Instances with a network place then fail to start, saying so.
+                Err(e) => tracing::error!(error = %e, "open the node's tenant networks"),
+            }
+        }
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
         let caches: Arc<Mutex<Caches>> = Arc::default();
+        let nodes: Store<Node> = Arc::default();
+        let (ntx, mut nrx) = mpsc::unbounded_channel();
+        let (nodes_synced, nodes_ready) = watch::channel(false);
+        caches.lock().await.nodes = Some((nodes.clone(), nodes_ready));
+        let node_poke = tx.clone();
+        let reflect_nodes = tokio::spawn(reflect_synced(
+            self.client.clone(),
+            None,
+            nodes.clone(),
+            ntx,
+            nodes_synced,
+        ));
+        let forward_nodes = tokio::spawn(async move {
+            while nrx.recv().await.is_some() {
+                if node_poke.send(()).is_err() {
+                    break;
+                }
+            }
+        });
         let discover = tokio::spawn(watch_tenants(self.client.clone(), caches.clone(), tx));
         let mut tick = tokio::time::interval(self.cfg.resync);
         loop {
@@ -143,19 +177,35 @@ impl Agent {
             }
             // Until every tenant's instances are known, what is missing from the caches is
             // not "unwanted": nothing is compared (or removed) before.
-            if let Some(wanted) = self.wanted(&caches).await {
+            if let Some((wanted, all)) = self.wanted(&caches).await {
                 self.sync(&wanted).await;
+                if let Some(net) = self.net.clone() {
+                    let here = wanted.iter().map(|(id, (_, i))| (id.clone(), i)).collect();
+                    let nodes = nodes.lock().await.clone();
+                    let containers = self.containers.list().into_iter().collect();
+                    let me = self.cfg.node.clone();
+                    self.net_state
+                        .sync(&net, &me, &here, &all, &nodes, &containers)
+                        .await;
+                }
             }
         }
         discover.abort();
+        reflect_nodes.abort();
+        forward_nodes.abort();
     }
 
-    /// The instances placed here, or None while the caches are still being filled.
-    async fn wanted(&self, caches: &Arc<Mutex<Caches>>) -> Option<Wanted> {
+    /// The instances placed here, and every instance on a network (for the other nodes'
+    /// endpoints), or None while the caches are still being filled.
+    async fn wanted(&self, caches: &Arc<Mutex<Caches>>) -> Option<(Wanted, Vec<Instance>)> {
         let mut out = Wanted::new();
+        let mut networked = Vec::new();
         let stores: Vec<(String, Store<Instance>)> = {
             let c = caches.lock().await;
-            if !c.discovered || c.tenants.values().any(|(_, synced)| !*synced.borrow()) {
+            if !c.discovered
+                || c.tenants.values().any(|(_, synced)| !*synced.borrow())
+                || c.nodes.as_ref().is_some_and(|(_, synced)| !*synced.borrow())
+            {
                 return None;
             }
             c.tenants
@@ -168,9 +218,12 @@ impl Agent {
                 if i.spec.node.as_deref() == Some(self.cfg.node.as_str()) && !i.uid.is_empty() {
                     out.insert(i.uid.clone(), (tenant.clone(), i.clone()));
                 }
+                if i.spec.network.is_some() && self.net.is_some() {
+                    networked.push(i.clone());
+                }
             }
         }
-        Some(out)
+        Some((out, networked))
     }
 
     async fn sync(&mut self, wanted: &Wanted) {
@@ -205,11 +258,19 @@ impl Agent {
             match self.containers.state(id) {
                 ContainerState::Unknown => self.start(id, tenant, inst),
                 ContainerState::Running(s) => {
+                    let ip = inst
+                        .spec
+                        .network
+                        .as_ref()
+                        .map(|n| n.ip.clone())
+                        .unwrap_or_default();
                     if inst.status.phase != InstancePhase::Running
                         || inst.status.pid != Some(s.pid as u32)
                         || !inst.status.ready
+                        || inst.status.ip != ip
                     {
                         let mut st = inst.status.clone();
+                        st.ip = ip;
                         st.phase = InstancePhase::Running;
                         // No readiness probes yet: a running container is ready.
                         st.ready = true;
@@ -301,8 +362,9 @@ impl Agent {
         );
         let done = self.started.0.clone();
         let (id, tenant, inst) = (id.to_owned(), tenant.to_owned(), inst.clone());
+        let net = self.net.clone();
         tokio::task::spawn_local(async move {
-            let result = launch(&images, &containers, &id, &tenant, &inst).await;
+            let result = launch(&images, &containers, net.as_deref(), &id, &tenant, &inst).await;
             let ok = result.is_ok();
             let mut st = inst.status.clone();
             st.container_id = id.clone();
@@ -311,6 +373,12 @@ impl Agent {
                     st.phase = InstancePhase::Running;
                     st.ready = true;
                     st.pid = Some(started.pid as u32);
+                    st.ip = inst
+                        .spec
+                        .network
+                        .as_ref()
+                        .map(|n| n.ip.clone())
+                        .unwrap_or_default();
                     st.started_at = Some(started.started_at);
                     st.exit_code = None;
                     st.reason.clear();
@@ -384,6 +452,7 @@ async fn report(client: &Client, tenant: &str, inst: &Instance, status: hive_api
 async fn launch(
     images: &ImageStore,
     containers: &Containers,
+    net: Option<&hive_net::NodeNet>,
     id: &str,
     tenant: &str,
     inst: &Instance,
@@ -418,6 +487,22 @@ async fn launch(
         .await
         .map_err(|e| ("RootfsFailed", e.to_string()))?;
     let t_rootfs = t0.elapsed();
+    // Its port first, so that the container starts with its address in place.
+    let netns = match (&inst.spec.network, net) {
+        (None, _) => None,
+        (Some(n), Some(net)) => Some(
+            crate::network::attach(net, id, n)
+                .await
+                .map_err(|e| ("NetworkSetupFailed", e))?,
+        ),
+        (Some(_), None) => {
+            return Err((
+                "NetworkUnavailable",
+                "this node's tenant networks are not set up (see the agent's log)".into(),
+            ));
+        }
+    };
+    let t_net = t0.elapsed();
     let cfg = ContainerConfig {
         id: id.to_owned(),
         hostname: inst.name.clone(),
@@ -446,7 +531,7 @@ async fn launch(
             pids: t.resources.pids_limit,
         },
         cgroups_path: format!("/hive/{tenant}/{}", inst.name).into(),
-        netns: None,
+        netns,
     };
     let spec = spec::build(&cfg).map_err(|e| ("InvalidSpec", e.to_string()))?;
     let started = containers
@@ -457,7 +542,8 @@ async fn launch(
         instance = %inst.name,
         image_ms = t_image.as_secs_f64() * 1e3,
         rootfs_ms = (t_rootfs - t_image).as_secs_f64() * 1e3,
-        start_ms = (t0.elapsed() - t_rootfs).as_secs_f64() * 1e3,
+        net_ms = (t_net - t_rootfs).as_secs_f64() * 1e3,
+        start_ms = (t0.elapsed() - t_net).as_secs_f64() * 1e3,
         "launched"
     );
     Ok(started)
@@ -468,6 +554,8 @@ async fn launch(
 struct Caches {
     /// The tenants were listed at least once.
     discovered: bool,
+    /// Every node (for the underlay addresses of other nodes' instances).
+    nodes: Option<(Store<Node>, watch::Receiver<bool>)>,
     tenants: HashMap<String, (Store<Instance>, watch::Receiver<bool>)>,
 }
 

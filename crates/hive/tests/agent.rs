@@ -9,91 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Up, json, ok, start_agent, start_server, start_up, until};
+use common::{Cleanup, Cluster, Up, busybox_layout, json, ok, run, run_in, start_up, start_up_in, until};
 use serde_json::Value;
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e} (install it: scripts/deps.sh)"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// An OCI layout with image `test`: busybox-static and a few applets, one layer.
-fn busybox_layout(dir: &Path) -> PathBuf {
-    let layout = dir.join("oci");
-    let l = layout.to_str().unwrap();
-    let image = format!("{l}:test");
-    run("umoci", &["init", "--layout", l]);
-    run("umoci", &["new", "--image", &image]);
-    run(
-        "umoci",
-        &[
-            "config",
-            "--image",
-            &image,
-            "--config.cmd",
-            "/bin/sh",
-            "--architecture",
-            "amd64",
-            "--os",
-            "linux",
-        ],
-    );
-    let bundle = dir.join("bundle");
-    run(
-        "umoci",
-        &["unpack", "--image", &image, bundle.to_str().unwrap()],
-    );
-    let bin = bundle.join("rootfs/bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static installed");
-    for a in ["sh", "echo", "sleep"] {
-        std::os::unix::fs::symlink("busybox", bin.join(a)).unwrap();
-    }
-    run(
-        "umoci",
-        &["repack", "--image", &image, bundle.to_str().unwrap()],
-    );
-    layout
-}
-
-/// Removes whatever the agent left if the test failed half way: containers, mounts, supervisors.
-struct Cleanup {
-    agent_dir: PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let containers = self.agent_dir.join("containers");
-        for e in std::fs::read_dir(&containers)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let id = e.file_name().to_string_lossy().into_owned();
-            let _ = Command::new("runc")
-                .arg("--root")
-                .arg(self.agent_dir.join("runtime"))
-                .args(["delete", "--force", &id])
-                .output();
-        }
-        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-        let dir = self.agent_dir.to_string_lossy().into_owned();
-        for m in mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1))
-            .filter(|m| m.starts_with(&dir))
-        {
-            let _ = Command::new("umount").args(["-l", m]).output();
-        }
-    }
-}
 
 fn instances(cfg: &Path) -> Vec<Value> {
     json(cfg, &["instance", "ls"]).as_array().unwrap().clone()
@@ -124,7 +41,8 @@ fn setup() -> Setup {
         .trim()
         .to_owned();
     let layout = busybox_layout(dir.path());
-    run(
+    run_in(
+        up.netns.as_ref().unwrap(),
         "skopeo",
         &[
             "copy",
@@ -231,9 +149,8 @@ fn a_service_runs_as_a_real_container_and_scaling_to_zero_removes_it() {
     assert_eq!(out.status.code(), Some(42));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
     assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
-    let mut child = Command::new(common::HIVE)
+    let mut child = common::hive_command(cfg)
         .args(["exec", "-i", "web", "sh", "-c", "tr a-z A-Z; echo done"])
-        .env("HIVE_CONFIG", cfg)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -492,7 +409,8 @@ fn containers_survive_a_kill_9_of_hive_up_and_are_adopted_again() {
             "pid {pid} died"
         );
     }
-    s.up = start_up(&s.data, &cfg);
+    let ns = s.up.netns.clone().unwrap();
+    s.up = start_up_in(&ns, &s.data, &cfg);
     // Let the new agent see everything a few times over.
     std::thread::sleep(Duration::from_secs(3));
     let after = instances(&cfg);
@@ -527,7 +445,12 @@ fn three_agents_one_killed_its_instances_run_elsewhere_and_it_cleans_up_when_bac
             agent_dir: dir.path().join(format!("n{i}")),
         })
         .collect();
-    let server = start_server(&dir.path().join("server"), &["--node-grace-secs", "6"]);
+    let cluster = Cluster::new();
+    let server = cluster.start_server(
+        &dir.path().join("server"),
+        dir.path(),
+        &["--node-grace-secs", "6"],
+    );
     let token = std::fs::read_to_string(dir.path().join("server/admin.token"))
         .unwrap()
         .trim()
@@ -547,7 +470,8 @@ fn three_agents_one_killed_its_instances_run_elsewhere_and_it_cleans_up_when_bac
     ok(&cfg, &["tenant", "create", "default"]);
     let host = server.url.trim_start_matches("http://").to_owned();
     let layout = busybox_layout(dir.path());
-    run(
+    run_in(
+        &cluster.hub,
         "skopeo",
         &[
             "copy",
@@ -560,7 +484,7 @@ fn three_agents_one_killed_its_instances_run_elsewhere_and_it_cleans_up_when_bac
     );
     let mut agents: Vec<Up> = (1..=3)
         .map(|i| {
-            start_agent(
+            cluster.start_agent(
                 &server.url,
                 &token,
                 &format!("n{i}"),
@@ -633,7 +557,7 @@ fn three_agents_one_killed_its_instances_run_elsewhere_and_it_cleans_up_when_bac
     // and finds its instance gone; then it removes it. The service stays at 3.
     let n1_containers = dir.path().join("n1/containers");
     assert_eq!(std::fs::read_dir(&n1_containers).unwrap().count(), 1);
-    agents[0] = start_agent(&server.url, &token, "n1", &dir.path().join("n1"));
+    agents[0] = cluster.start_agent(&server.url, &token, "n1", &dir.path().join("n1"));
     until(30, "n1 kept the container of its replaced instance", || {
         std::fs::read_dir(&n1_containers).unwrap().count() == 0
     });

@@ -44,9 +44,10 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
 
     // `hive agent` registers another node and keeps its lease.
     let mut agent = Up {
-        child: Command::new(HIVE)
-            .args(["agent", "--name", "extra-node"])
-            .env("HIVE_CONFIG", &admin_cfg)
+        child: common::hive_command(&admin_cfg)
+            .args(["agent", "--name", "extra-node", "--net-prefix", &common::unique_prefix()])
+            .args(["--data-dir"])
+            .arg(dir.path().join("extra-agent"))
             .env("HIVE_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -54,6 +55,7 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
             .spawn()
             .unwrap(),
         url: String::new(),
+        netns: None,
     };
     let t0 = Instant::now();
     loop {
@@ -252,6 +254,7 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
 
     // kill -9 and restart on the same data dir: everything acknowledged is there.
     let pid = up.child.id();
+    let up_netns = up.netns.clone();
     drop(up);
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists()
@@ -259,7 +262,7 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
                 .unwrap_or_default()
                 .contains(" Z ")
     );
-    let up2 = start_up(&data, &admin_cfg);
+    let up2 = common::start_up_in(up_netns.as_ref().unwrap(), &data, &admin_cfg);
     let svc = serde_json::from_str::<Value>(&ok(
         &user_cfg,
         &["--server", &up2.url, "service", "get", "web", "-o", "json"],

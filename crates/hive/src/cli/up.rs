@@ -48,6 +48,39 @@ pub struct ServerArgs {
     pub node_grace_secs: u64,
 }
 
+/// Where this node's tenant networks meet the underlay.
+#[derive(Debug, Clone, Args)]
+pub struct NetArgs {
+    /// This node's address for other nodes' VXLAN traffic (default: the address of the
+    /// default route's device, or 127.0.0.1 on a host without one).
+    #[arg(long)]
+    pub underlay_ip: Option<std::net::Ipv4Addr>,
+    /// The device that traffic leaves by; its MTU less 50 is the tenant networks' MTU
+    /// (default: the default route's device, or lo).
+    #[arg(long)]
+    pub underlay_dev: Option<String>,
+    /// Prefix of the links, namespaces and nftables table the agent makes (1 to 6 of a-z0-9;
+    /// two agents on one host need different ones).
+    #[arg(long, default_value = "hive")]
+    pub net_prefix: String,
+}
+
+impl NetArgs {
+    fn config(&self) -> hive_agent::network::NetConfig {
+        hive_agent::network::NetConfig {
+            underlay_ip: self.underlay_ip,
+            underlay_dev: self.underlay_dev.clone(),
+            prefix: self.net_prefix.clone(),
+        }
+    }
+
+    /// The underlay address reported in the node's status.
+    fn underlay_ip(&self) -> std::net::Ipv4Addr {
+        self.underlay_ip
+            .unwrap_or_else(|| hive_agent::network::detect_underlay().1)
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct UpArgs {
     #[command(flatten)]
@@ -61,6 +94,8 @@ pub struct UpArgs {
     /// OCI runtime of this machine's node: runc or crun.
     #[arg(long, default_value = DEFAULT_RUNTIME)]
     pub runtime: String,
+    #[command(flatten)]
+    pub net: NetArgs,
 }
 
 /// Serves the API on the embedded store in the data dir, and runs the controllers as its
@@ -154,6 +189,7 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
     facts.shared = true;
     let api = bind_agent_api("127.0.0.1:0".parse()?, None).await?;
     facts.agent_url = api.1.clone();
+    facts.underlay_ip = args.net.underlay_ip().to_string();
     hive_agent::node::register(&client, &facts).await?;
     let node = facts.name.clone();
     tokio::spawn(hive_agent::node::keep_lease(
@@ -167,6 +203,7 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
         &args.server.data_dir.join("agent"),
         &args.runtime,
         api.0,
+        &args.net,
     )?;
     let cfg_path = config::path(g.config.as_deref())?;
     let write = !args.no_login && (args.login || !cfg_path.exists());
@@ -222,6 +259,8 @@ pub struct AgentArgs {
     /// name when it listens on every address).
     #[arg(long)]
     pub advertise_url: Option<String>,
+    #[command(flatten)]
+    pub net: NetArgs,
 }
 
 /// Where `hive agent` serves its API by default.
@@ -256,6 +295,7 @@ fn run_agent(
     data_dir: &std::path::Path,
     runtime: &str,
     api: tokio::net::TcpListener,
+    net: &NetArgs,
 ) -> Result<()> {
     let kind: hive_agent::runtime::RuntimeKind = runtime.parse().map_err(anyhow::Error::msg)?;
     let oci = hive_agent::runtime::OciRuntime::new(kind, runtime, data_dir.join("runtime"));
@@ -292,6 +332,7 @@ fn run_agent(
         node: node.to_owned(),
         resync: Duration::from_secs(1),
         stop_grace: Duration::from_secs(10),
+        net: Some(net.config()),
     };
     let agent = hive_agent::sync::Agent::new(client.clone(), cfg, images, containers)?;
     // The image store's pull future is not `Send` (borrowing closures in its download
@@ -320,6 +361,7 @@ pub async fn agent(ctx: &super::Ctx, args: AgentArgs) -> Result<()> {
     }
     let (api, url) = bind_agent_api(args.listen, args.advertise_url).await?;
     facts.agent_url = url;
+    facts.underlay_ip = args.net.underlay_ip().to_string();
     let node = hive_agent::node::register(&ctx.client, &facts).await?;
     eprintln!(
         "hive agent: node {} registered with {} (agent API at {})",
@@ -327,7 +369,14 @@ pub async fn agent(ctx: &super::Ctx, args: AgentArgs) -> Result<()> {
         ctx.client.base(),
         facts.agent_url
     );
-    run_agent(&ctx.client, &node.name, &args.data_dir, &args.runtime, api)?;
+    run_agent(
+        &ctx.client,
+        &node.name,
+        &args.data_dir,
+        &args.runtime,
+        api,
+        &args.net,
+    )?;
     tokio::select! {
         _ = hive_agent::node::keep_lease(ctx.client.clone(), facts, LEASE_EVERY) => Ok(()),
         _ = shutdown_signal() => Ok(()),

@@ -2,18 +2,123 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 pub const HIVE: &str = env!("CARGO_BIN_EXE_hive");
 
-/// A running `hive up`, killed (by PID) when dropped.
+/// A network namespace made for one test (a node's host network, with its own loopback),
+/// and the prefix of what agents make in it. Dropped: the namespaces of its containers
+/// (files under /run/netns with the prefix) and then the namespace itself, with every link
+/// in it, are deleted.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+    /// The `--net-prefix` of the agent that runs in it.
+    pub prefix: String,
+}
+
+static NETNS_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A prefix no other test run uses at the same time: 1 to 6 of a-z0-9.
+pub fn unique_prefix() -> String {
+    let n = NETNS_SEQ.fetch_add(1, Ordering::Relaxed);
+    let x = (std::process::id().wrapping_mul(31).wrapping_add(n * 7919)) & 0xfffff;
+    format!("t{x:05x}")
+}
+
+impl Netns {
+    pub fn new() -> Arc<Netns> {
+        let prefix = unique_prefix();
+        let name = format!("hive-test-{prefix}");
+        let out = Command::new("ip").args(["netns", "add", &name]).output();
+        assert!(
+            out.as_ref().is_ok_and(|o| o.status.success()),
+            "ip netns add {name} (iproute2 needed): {out:?}"
+        );
+        let ns = Arc::new(Netns { name, prefix });
+        ns.exec(["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `program` to be run inside the namespace (network only: mounts stay the host's).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
+    /// Runs a command inside; fails the test if it fails.
+    pub fn exec<const N: usize>(&self, argv: [&str; N]) -> String {
+        let out = self.command(argv[0]).args(&argv[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{argv:?} in {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        remove_netns_files(&self.prefix);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Unmounts and removes the files of the network namespaces an agent with `prefix` made.
+pub fn remove_netns_files(prefix: &str) {
+    let start = format!("{prefix}-");
+    for e in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(&start) {
+            let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// The file beside a test's CLI configs naming the namespace its server runs in.
+fn netns_note(config: &Path) -> PathBuf {
+    config.parent().unwrap_or(Path::new(".")).join("hive-test-netns")
+}
+
+/// The `hive` command for a CLI config: inside the namespace of the test's server.
+pub fn hive_command(config: &Path) -> Command {
+    let mut cmd = match std::fs::read_to_string(netns_note(config)) {
+        Ok(name) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{}", name.trim()))
+                .arg("--")
+                .arg(HIVE);
+            c
+        }
+        Err(_) => Command::new(HIVE),
+    };
+    cmd.env("HIVE_CONFIG", config);
+    cmd
+}
+
+/// A running `hive up`, killed (by PID) when dropped (its namespace stays while any test
+/// code holds it).
 pub struct Up {
     pub child: Child,
     pub url: String,
+    pub netns: Option<Arc<Netns>>,
 }
 
 impl Drop for Up {
@@ -23,39 +128,98 @@ impl Drop for Up {
     }
 }
 
+/// `hive up` in a network namespace of its own, its CLI config in `config` (CLI calls through
+/// [`hive`] with a config in the same directory run in that namespace too).
 pub fn start_up(data: &Path, config: &Path) -> Up {
-    let mut cmd = Command::new(HIVE);
-    cmd.args(["up", "--login", "--listen", "127.0.0.1:0", "--data-dir"])
+    start_up_in(&Netns::new(), data, config)
+}
+
+/// `hive up` in `ns` (again, after a kill: the namespace keeps its tenant networks).
+pub fn start_up_in(ns: &Arc<Netns>, data: &Path, config: &Path) -> Up {
+    std::fs::write(netns_note(config), &ns.name).unwrap();
+    let mut cmd = ns.command(HIVE);
+    cmd.args(["up", "--login", "--listen", "127.0.0.1:0", "--net-prefix"])
+        .arg(&ns.prefix)
+        .arg("--data-dir")
         .arg(data)
         .env("HIVE_CONFIG", config);
-    start_until(cmd, "hive up: API at ")
+    let mut up = start_until(cmd, "hive up: API at ");
+    up.netns = Some(ns.clone());
+    up
 }
 
-/// `hive server` alone (controllers included, no node), with `extra` arguments.
-pub fn start_server(data: &Path, extra: &[&str]) -> Up {
-    let mut cmd = Command::new(HIVE);
-    cmd.args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .args(extra);
-    start_until(cmd, "hive server: API at ")
+/// Several nodes on one machine: a hub namespace holding the underlay (a bridge,
+/// 10.251.0.254/24, where the server listens) and one namespace per node, joined to the hub
+/// by a veth (`ul` in the node, 10.251.0.N/24). Addresses live only in these namespaces.
+pub struct Cluster {
+    pub hub: Arc<Netns>,
+    nodes: std::sync::Mutex<Vec<(String, Arc<Netns>)>>,
 }
 
-/// `hive agent` for node `name` with its own data dir, registered with `server`, running
-/// every tenant's instances (`--shared`).
-pub fn start_agent(server: &str, token: &str, name: &str, data: &Path) -> Up {
-    let mut cmd = Command::new(HIVE);
-    cmd.args([
-        "agent",
-        "--shared",
-        "--listen",
-        "127.0.0.1:0",
-        "--name",
-        name,
-    ])
-    .args(["--server", server, "--token", token, "--data-dir"])
-    .arg(data)
-    .env("HIVE_CONFIG", data.join("no-cli-config.json"));
-    start_until(cmd, "hive agent: node ")
+pub const HUB_IP: &str = "10.251.0.254";
+
+impl Cluster {
+    pub fn new() -> Cluster {
+        let hub = Netns::new();
+        hub.exec(["ip", "link", "add", "br0", "type", "bridge"]);
+        hub.exec(["ip", "addr", "add", &format!("{HUB_IP}/24"), "dev", "br0"]);
+        hub.exec(["ip", "link", "set", "br0", "up"]);
+        Cluster {
+            hub,
+            nodes: Default::default(),
+        }
+    }
+
+    /// The namespace of node `name` (made on first use, with its underlay address).
+    pub fn node(&self, name: &str) -> (Arc<Netns>, String) {
+        let mut nodes = self.nodes.lock().unwrap();
+        if let Some(i) = nodes.iter().position(|(n, _)| n == name) {
+            return (nodes[i].1.clone(), format!("10.251.0.{}", i + 1));
+        }
+        let ns = Netns::new();
+        let ip = format!("10.251.0.{}", nodes.len() + 1);
+        let hub_end = format!("u{}", ns.prefix);
+        let out = Command::new("ip")
+            .args(["link", "add", "ul", "netns", &ns.name, "type", "veth", "peer", "name"])
+            .args([&hub_end, "netns", &self.hub.name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        self.hub.exec(["ip", "link", "set", &hub_end, "master", "br0", "up"]);
+        ns.exec(["ip", "addr", "add", &format!("{ip}/24"), "dev", "ul"]);
+        ns.exec(["ip", "link", "set", "ul", "up"]);
+        nodes.push((name.to_owned(), ns.clone()));
+        (ns, ip)
+    }
+
+    /// `hive server` (controllers included, no node) in the hub, with `extra` arguments;
+    /// CLI configs in `cli_dir` reach it.
+    pub fn start_server(&self, data: &Path, cli_dir: &Path, extra: &[&str]) -> Up {
+        std::fs::create_dir_all(cli_dir).unwrap();
+        std::fs::write(cli_dir.join("hive-test-netns"), &self.hub.name).unwrap();
+        let mut cmd = self.hub.command(HIVE);
+        cmd.args(["server", "--listen", &format!("{HUB_IP}:0"), "--data-dir"])
+            .arg(data)
+            .args(extra);
+        let mut up = start_until(cmd, "hive server: API at ");
+        up.netns = Some(self.hub.clone());
+        up
+    }
+
+    /// `hive agent` for node `name` in its namespace, with its own data dir, registered
+    /// with `server`, running every tenant's instances (`--shared`).
+    pub fn start_agent(&self, server: &str, token: &str, name: &str, data: &Path) -> Up {
+        let (ns, ip) = self.node(name);
+        let mut cmd = ns.command(HIVE);
+        cmd.args(["agent", "--shared", "--listen", &format!("{ip}:0"), "--name", name])
+            .args(["--server", server, "--token", token, "--data-dir"])
+            .arg(data)
+            .args(["--underlay-ip", &ip, "--underlay-dev", "ul", "--net-prefix", &ns.prefix])
+            .env("HIVE_CONFIG", data.join("no-cli-config.json"));
+        let mut up = start_until(cmd, "hive agent: node ");
+        up.netns = Some(ns);
+        up
+    }
 }
 
 /// Spawns `cmd` and waits for the stderr line starting with `marker`, whose next word is the
@@ -72,6 +236,7 @@ fn start_until(mut cmd: Command, marker: &str) -> Up {
     let mut up = Up {
         child,
         url: String::new(),
+        netns: None,
     };
     let stderr = up.child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -103,9 +268,8 @@ fn start_until(mut cmd: Command, marker: &str) -> Up {
 }
 
 pub fn hive(config: &Path, args: &[&str]) -> Output {
-    Command::new(HIVE)
+    hive_command(config)
         .args(args)
-        .env("HIVE_CONFIG", config)
         .env_remove("HIVE_SERVER")
         .env_remove("HIVE_TOKEN")
         .env_remove("HIVE_TENANT")
@@ -159,5 +323,97 @@ pub fn until(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
     while !done() {
         assert!(t0.elapsed() < Duration::from_secs(secs), "{what}");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn run(cmd: &str, args: &[&str]) {
+    run_cmd(Command::new(cmd), cmd, args)
+}
+
+/// `cmd` inside network namespace `ns`.
+pub fn run_in(ns: &Netns, cmd: &str, args: &[&str]) {
+    run_cmd(ns.command(cmd), cmd, args)
+}
+
+pub fn run_cmd(mut command: Command, cmd: &str, args: &[&str]) {
+    let out = command
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (install it: scripts/deps.sh)"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An OCI layout with image `test`: busybox-static and a few applets, one layer.
+pub fn busybox_layout(dir: &Path) -> PathBuf {
+    let layout = dir.join("oci");
+    let l = layout.to_str().unwrap();
+    let image = format!("{l}:test");
+    run("umoci", &["init", "--layout", l]);
+    run("umoci", &["new", "--image", &image]);
+    run(
+        "umoci",
+        &[
+            "config",
+            "--image",
+            &image,
+            "--config.cmd",
+            "/bin/sh",
+            "--architecture",
+            "amd64",
+            "--os",
+            "linux",
+        ],
+    );
+    let bundle = dir.join("bundle");
+    run(
+        "umoci",
+        &["unpack", "--image", &image, bundle.to_str().unwrap()],
+    );
+    let bin = bundle.join("rootfs/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static installed");
+    for a in ["sh", "echo", "sleep"] {
+        std::os::unix::fs::symlink("busybox", bin.join(a)).unwrap();
+    }
+    run(
+        "umoci",
+        &["repack", "--image", &image, bundle.to_str().unwrap()],
+    );
+    layout
+}
+
+/// Removes whatever the agent left if the test failed half way: containers, mounts, supervisors.
+pub struct Cleanup {
+    pub agent_dir: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let containers = self.agent_dir.join("containers");
+        for e in std::fs::read_dir(&containers)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let _ = Command::new("runc")
+                .arg("--root")
+                .arg(self.agent_dir.join("runtime"))
+                .args(["delete", "--force", &id])
+                .output();
+        }
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let dir = self.agent_dir.to_string_lossy().into_owned();
+        for m in mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| m.starts_with(&dir))
+        {
+            let _ = Command::new("umount").args(["-l", m]).output();
+        }
     }
 }

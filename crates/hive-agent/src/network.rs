@@ -1,0 +1,277 @@
+//! The agent's side of tenant networks: which ports, networks and remote endpoints this node
+//! should have, from what the API says, handed to [`hive_net::NodeNet`] to build.
+//!
+//! - An instance placed here with a network place (`spec.network`, set by the server when it
+//!   bound the instance) gets a port before its container starts: a network namespace with
+//!   its address and MAC, on its network's bridge. The port lives as long as the instance is
+//!   placed here, across restarts of its container, and goes once both the instance and its
+//!   container are gone.
+//! - Every network with a port here learns where the other instances of that network are
+//!   (their MAC and IP, and the underlay address of their node): static FDB and neighbour
+//!   entries, kept in step with the API on every pass.
+//! - After an agent restart, the first complete pass removes what no instance wants any more.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hive_api::{Instance, InstanceNetwork, Node};
+use hive_net::{Attachment, NetworkDef, NodeNet, NodeNetConfig, RemoteEndpoint};
+
+/// How this node's tenant networks are set up.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// This node's VXLAN endpoint; default: the address of the default route's device.
+    pub underlay_ip: Option<Ipv4Addr>,
+    /// The device VXLAN traffic leaves by (its MTU sets the overlay's); default: the
+    /// default route's device.
+    pub underlay_dev: Option<String>,
+    /// Prefix of every link, namespace and table the agent creates (several agents on one
+    /// host need their own).
+    pub prefix: String,
+}
+
+/// The underlay when none is configured: the device of the IPv4 default route and its first
+/// address, or loopback on a host with no default route (a single machine).
+pub fn detect_underlay() -> (String, Ipv4Addr) {
+    let dev = std::fs::read_to_string("/proc/net/route")
+        .ok()
+        .and_then(|t| {
+            t.lines().skip(1).find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() > 2 && f[1] == "00000000").then(|| f[0].to_owned())
+            })
+        });
+    let addr_of = |dev: &str| {
+        nix::ifaddrs::getifaddrs().ok().and_then(|mut addrs| {
+            addrs.find_map(|a| {
+                (a.interface_name == dev)
+                    .then(|| a.address.and_then(|s| s.as_sockaddr_in().map(|v| v.ip())))
+                    .flatten()
+            })
+        })
+    };
+    match dev.as_deref().and_then(|d| addr_of(d).map(|ip| (d.to_owned(), ip))) {
+        Some(found) => found,
+        None => ("lo".to_owned(), Ipv4Addr::LOCALHOST),
+    }
+}
+
+impl NetConfig {
+    /// Opens the node's data plane (sysctls, the filtering table): must run on the runtime
+    /// that will drive it.
+    pub async fn open(&self) -> Result<Arc<NodeNet>, hive_net::NetError> {
+        let (dev, ip) = match (&self.underlay_dev, self.underlay_ip) {
+            (Some(d), Some(ip)) => (d.clone(), ip),
+            (dev, ip) => {
+                let (d, i) = detect_underlay();
+                (dev.clone().unwrap_or(d), ip.unwrap_or(i))
+            }
+        };
+        let net = NodeNet::open(NodeNetConfig {
+            underlay_ip: ip,
+            underlay_dev: dev,
+            netns_dir: PathBuf::from("/run/netns"),
+            prefix: self.prefix.clone(),
+        })
+        .await?;
+        Ok(Arc::new(net))
+    }
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// The network definition and the port of instance `id`, from its network place.
+fn port_of(id: &str, n: &InstanceNetwork) -> Result<(NetworkDef, Attachment), String> {
+    let bad = |what: &str| format!("instance network place: bad {what}");
+    let ip: Ipv4Addr = n.ip.parse().map_err(|_| bad("ip"))?;
+    let gateway: Ipv4Addr = n.gateway.parse().map_err(|_| bad("gateway"))?;
+    let subnet = hive_api::Ipv4Cidr::new(
+        Ipv4Addr::from(u32::from(ip) & u32::MAX.checked_shl(32 - u32::from(n.prefix_len)).unwrap_or(0)),
+        n.prefix_len,
+    )
+    .map_err(|_| bad("prefix_len"))?;
+    let def = NetworkDef {
+        vni: n.vni,
+        subnet: (subnet.addr(), subnet.prefix_len()),
+        gateway,
+    };
+    let att = Attachment {
+        key: id.to_owned(),
+        vni: n.vni,
+        ip,
+        prefix_len: n.prefix_len,
+        mac: parse_mac(&n.mac).ok_or_else(|| bad("mac"))?,
+        gateway,
+    };
+    Ok((def, att))
+}
+
+/// Gives instance `id` its port (idempotent): the network namespace its container joins.
+pub async fn attach(net: &NodeNet, id: &str, n: &InstanceNetwork) -> Result<PathBuf, String> {
+    let (def, att) = port_of(id, n)?;
+    net.ensure_network(&def).await.map_err(|e| e.to_string())?;
+    let port = net.attach(&att).await.map_err(|e| e.to_string())?;
+    Ok(port.netns_path)
+}
+
+/// What the sync loop keeps between passes.
+#[derive(Debug, Default)]
+pub struct NetState {
+    /// Ports this agent may have made: wanted once since it started, or found at startup.
+    known: HashSet<String>,
+    /// Networks with a bridge here.
+    networks: HashSet<u32>,
+    /// The remote endpoints last applied, per network.
+    remote: HashMap<u32, Vec<RemoteEndpoint>>,
+    reconciled: bool,
+}
+
+impl NetState {
+    /// Brings ports, networks and remote endpoints in line with the API. `here` are the
+    /// instances placed on this node (by uid), `all` every instance the agent knows,
+    /// `containers` the containers that exist here.
+    pub async fn sync(
+        &mut self,
+        net: &NodeNet,
+        me: &str,
+        here: &BTreeMap<String, &Instance>,
+        all: &[Instance],
+        nodes: &BTreeMap<String, Node>,
+        containers: &HashSet<String>,
+    ) {
+        let wanted: BTreeMap<&str, &InstanceNetwork> = here
+            .iter()
+            .filter_map(|(id, i)| i.spec.network.as_ref().map(|n| (id.as_str(), n)))
+            .collect();
+        let local_vnis: HashSet<u32> = wanted.values().map(|n| n.vni).collect();
+        if !self.reconciled {
+            let keep: HashSet<String> = wanted.keys().map(|k| (*k).to_owned()).collect();
+            if let Err(e) = net.reconcile(&keep, &local_vnis).await {
+                tracing::warn!(error = %e, "reconcile the node's networks");
+            }
+            self.known.extend(keep);
+            self.networks.extend(local_vnis.iter().copied());
+            self.reconciled = true;
+        }
+        self.known.extend(wanted.keys().map(|k| (*k).to_owned()));
+        // Ports whose instance is gone and whose container is gone too.
+        let gone: Vec<String> = self
+            .known
+            .iter()
+            .filter(|k| !wanted.contains_key(k.as_str()) && !containers.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            match net.detach(&key).await {
+                Ok(()) => {
+                    self.known.remove(&key);
+                }
+                Err(e) => tracing::warn!(port = %key, error = %e, "detach"),
+            }
+        }
+        // Networks the ports made (attach ensures them) are known from the wanted ones.
+        self.networks.extend(local_vnis.iter().copied());
+        let unused: Vec<u32> = self
+            .networks
+            .iter()
+            .filter(|v| !local_vnis.contains(v))
+            .copied()
+            .collect();
+        for vni in unused {
+            // Only once none of its ports is left (a stopping container keeps its port).
+            if self.known.iter().any(|k| {
+                here.get(k)
+                    .and_then(|i| i.spec.network.as_ref())
+                    .is_some_and(|n| n.vni == vni)
+            }) {
+                continue;
+            }
+            match net.remove_network(vni).await {
+                Ok(()) => {
+                    self.networks.remove(&vni);
+                    self.remote.remove(&vni);
+                }
+                Err(e) => tracing::warn!(vni, error = %e, "remove network"),
+            }
+        }
+        // Where the other instances of each local network are.
+        let mut remote: HashMap<u32, Vec<RemoteEndpoint>> =
+            local_vnis.iter().map(|v| (*v, Vec::new())).collect();
+        for i in all {
+            let (Some(n), Some(node)) = (&i.spec.network, &i.spec.node) else {
+                continue;
+            };
+            if node == me {
+                continue;
+            }
+            let Some(list) = remote.get_mut(&n.vni) else {
+                continue;
+            };
+            let node_ip = nodes
+                .get(node)
+                .and_then(|n| n.status.underlay_ip.parse::<Ipv4Addr>().ok());
+            let (Some(node_ip), Ok(ip), Some(mac)) =
+                (node_ip, n.ip.parse::<Ipv4Addr>(), parse_mac(&n.mac))
+            else {
+                continue;
+            };
+            list.push(RemoteEndpoint { mac, ip, node_ip });
+        }
+        for (vni, mut list) in remote {
+            list.sort_by_key(|e| (e.ip, e.mac, e.node_ip));
+            if self.remote.get(&vni) == Some(&list) {
+                continue;
+            }
+            match net.set_remote_endpoints(vni, &list).await {
+                Ok(()) => {
+                    self.remote.insert(vni, list);
+                }
+                // Not there yet (its first port is still being made): next pass.
+                Err(e) => tracing::debug!(vni, error = %e, "remote endpoints"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_come_from_the_network_place() {
+        let n = InstanceNetwork {
+            name: "default".into(),
+            vni: 5000,
+            ip: "10.88.0.7".into(),
+            prefix_len: 16,
+            gateway: "10.88.0.1".into(),
+            mac: "02:48:0a:58:00:07".into(),
+        };
+        let (def, att) = port_of("uid-1", &n).unwrap();
+        assert_eq!(def.subnet, (Ipv4Addr::new(10, 88, 0, 0), 16));
+        assert_eq!(att.mac, [2, 0x48, 10, 88, 0, 7]);
+        let mut bad = n.clone();
+        bad.mac = "02:48:0a:58:00".into();
+        assert!(port_of("uid-1", &bad).is_err());
+        bad.mac = "02:48:0a:58:00:07:01".into();
+        assert!(port_of("uid-1", &bad).is_err());
+    }
+
+    #[test]
+    fn the_underlay_is_found_or_loopback() {
+        let (dev, ip) = detect_underlay();
+        assert!(!dev.is_empty());
+        if dev == "lo" {
+            assert_eq!(ip, Ipv4Addr::LOCALHOST);
+        }
+    }
+}
