@@ -25,7 +25,7 @@ apt_install runc crun busybox-static
 # registry, load generators.
 apt_install skopeo podman umoci docker-registry hey wrk
 # Tenant networks: links, rules and shaping (iproute2, nftables' `nft`), and the network
-# tests' and benchmarks' tools (iperf3, tcpdump, arping).
+# tests' and benchmarks' tools (iperf3, tcpdump, arping, iputils ping for DF pings).
 apt_install iproute2 nftables iperf3 tcpdump arping iputils-ping
 # HA control plane: etcd (the tested server) and protoc (the etcd client's build needs it).
 apt_install etcd-server protobuf-compiler

@@ -1,0 +1,687 @@
+//! Hive's per-node data plane for tenant networks.
+//!
+//! One [`NodeNet`] per agent owns, in its node's network namespace: a bridge and a VXLAN
+//! device per tenant network (VNI), a veth port and a named network namespace per
+//! instance, the node's nftables table (family `bridge`) with one anti-spoofing chain per
+//! port, and the static FDB / neighbour entries that tell each VXLAN device where remote
+//! instances live. It knows nothing about services, tenants or the API: the agent hands it
+//! VNIs, addresses and keys. See `docs/networking.md` for the layout and the rules.
+//!
+//! Every operation is idempotent and converges from whatever a crash left behind; removal
+//! is best effort and reports every failure ([`NetError::Multiple`]).
+
+mod error;
+mod link;
+mod names;
+mod netns;
+mod nft;
+mod remote;
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
+use rtnetlink::Handle;
+
+pub use error::NetError;
+pub use names::{MAX_PREFIX_LEN, MAX_VNI};
+
+/// VXLAN over IPv4 adds 50 bytes: outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8.
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// The name of the instance's interface inside its namespace.
+pub const CONTAINER_IFNAME: &str = "eth0";
+
+/// Sysctls written in every instance namespace: a new namespace inherits the host's
+/// defaults (or the kernel's), neither of which is what a tenant instance should get.
+const CONTAINER_SYSCTLS: &[(&str, &str)] = &[
+    // IPv4 only for now: no link-local addresses, RS, MLD or DAD noise on tenant bridges.
+    ("net.ipv6.conf.all.disable_ipv6", "1"),
+    ("net.ipv6.conf.default.disable_ipv6", "1"),
+    ("net.ipv4.ip_forward", "0"),
+    ("net.ipv4.conf.all.rp_filter", "1"),
+    ("net.ipv4.conf.default.rp_filter", "1"),
+    ("net.ipv4.conf.all.accept_redirects", "0"),
+    ("net.ipv4.conf.default.accept_redirects", "0"),
+    ("net.ipv4.conf.all.send_redirects", "0"),
+    ("net.ipv4.conf.default.send_redirects", "0"),
+    ("net.ipv4.conf.all.accept_source_route", "0"),
+    ("net.ipv4.conf.default.accept_source_route", "0"),
+    // Unprivileged ICMP echo sockets, as podman and docker allow inside containers.
+    ("net.ipv4.ping_group_range", "0 2147483647"),
+];
+
+/// Sysctls of the node namespace. br_netfilter (built into these kernels) defaults to
+/// passing bridged frames through the IP hooks and conntrack: a node `inet` forward policy
+/// would then drop tenant traffic, and overlapping tenant subnets would share conntrack
+/// entries. Bridged tenant traffic is filtered by our `bridge` table only.
+const NODE_SYSCTLS: &[(&str, &str)] = &[
+    ("net.bridge.bridge-nf-call-iptables", "0"),
+    ("net.bridge.bridge-nf-call-ip6tables", "0"),
+    ("net.bridge.bridge-nf-call-arptables", "0"),
+];
+
+/// How a node's data plane is set up.
+#[derive(Debug, Clone)]
+pub struct NodeNetConfig {
+    /// This node's VTEP address (the VXLAN `local`, and what other nodes send to).
+    pub underlay_ip: Ipv4Addr,
+    /// The interface VXLAN packets leave by; its MTU bounds the overlay MTU.
+    pub underlay_dev: String,
+    /// Where instance namespaces are bind-mounted (like `ip netns`); default `/run/netns`.
+    pub netns_dir: PathBuf,
+    /// Prefix of every device, namespace and nft table name; 1..=6 of `[a-z0-9]`, starting
+    /// with a letter. Default `hive`. Agents (or tests) sharing a host use distinct ones,
+    /// none of which may be another's prefix followed by `b`, `x` or `p`.
+    pub prefix: String,
+    /// The node's network namespace. `None`: the namespace of the thread calling
+    /// [`NodeNet::open`] (the host's, for an agent). Tests point it at a namespace that
+    /// stands in for a node.
+    pub node_netns: Option<PathBuf>,
+}
+
+impl NodeNetConfig {
+    pub fn new(underlay_ip: Ipv4Addr, underlay_dev: impl Into<String>) -> Self {
+        Self {
+            underlay_ip,
+            underlay_dev: underlay_dev.into(),
+            netns_dir: PathBuf::from("/run/netns"),
+            prefix: "hive".to_owned(),
+            node_netns: None,
+        }
+    }
+}
+
+/// An IPv4 prefix, e.g. `10.77.0.0/24`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ipv4Subnet {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Ipv4Subnet {
+    pub fn new(addr: Ipv4Addr, prefix_len: u8) -> Result<Self, NetError> {
+        if prefix_len > 32 {
+            return Err(NetError::invalid(
+                "subnet",
+                format!("{addr}/{prefix_len}: prefix over 32"),
+            ));
+        }
+        Ok(Self { addr, prefix_len })
+    }
+
+    fn mask(self) -> u32 {
+        if self.prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix_len))
+        }
+    }
+
+    pub fn contains(self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()
+    }
+}
+
+impl std::fmt::Display for Ipv4Subnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// A tenant network as this node needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkDef {
+    pub vni: u32,
+    pub subnet: Ipv4Subnet,
+    pub gateway: Ipv4Addr,
+}
+
+/// One instance's port on a network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    /// Unique per instance (its uid); names the namespace and, hashed, the host veth.
+    pub key: String,
+    pub vni: u32,
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    pub mac: [u8; 6],
+    pub gateway: Ipv4Addr,
+}
+
+/// What the runtime needs to start the instance in its network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedPort {
+    /// For the OCI runtime spec's network namespace `path`.
+    pub netns_path: PathBuf,
+    /// The host side of the veth (the key of the port's nft chain).
+    pub host_ifname: String,
+}
+
+/// An instance of the same network on another node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RemoteEndpoint {
+    pub mac: [u8; 6],
+    pub ip: Ipv4Addr,
+    /// The VTEP (underlay address) of the node it runs on.
+    pub node_ip: Ipv4Addr,
+}
+
+/// Packets dropped by one port's anti-spoofing chain since it was (re)installed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortCounters {
+    /// Frames whose Ethernet source is not the port's MAC.
+    pub l2_spoof: u64,
+    /// ARP with a foreign sender MAC or sender IP.
+    pub arp_spoof: u64,
+    /// IPv4 with a foreign source address.
+    pub ip_spoof: u64,
+    /// Ethertypes other than IPv4 and ARP (IPv6 included, for now).
+    pub other_ethertype: u64,
+}
+
+/// The node's tenant-network data plane. `Send + Sync`; share it behind an `Arc`.
+///
+/// Callers serialise operations on one key (one runner per instance); different keys and
+/// networks may be worked on concurrently.
+#[derive(Debug)]
+pub struct NodeNet {
+    cfg: NodeNetConfig,
+    names: names::Names,
+    mtu: u32,
+    underlay_index: u32,
+    node_ns: File,
+    handle: Handle,
+}
+
+impl NodeNet {
+    /// Prepares the node: sysctls, the netns directory, the nft table. Idempotent.
+    pub async fn open(cfg: NodeNetConfig) -> Result<NodeNet, NetError> {
+        let names = names::Names::new(&cfg.prefix)?;
+        let node_ns = match &cfg.node_netns {
+            Some(p) => netns::open(p)?,
+            None => netns::current()?,
+        };
+        let socket = netns::run_in(&node_ns, "node namespace setup", || {
+            for (k, v) in NODE_SYSCTLS {
+                match netns::write_sysctl(k, v) {
+                    // No br_netfilter in this kernel: nothing to turn off.
+                    Err(e) if e.errno() == Some(nix::libc::ENOENT) => {}
+                    r => r?,
+                }
+            }
+            netns::netlink_socket()
+        })
+        .await?;
+        let handle = netns::handle_from_socket(socket)?;
+        let underlay = link::get(&handle, &cfg.underlay_dev)
+            .await?
+            .ok_or_else(|| {
+                NetError::invalid(
+                    "underlay_dev",
+                    format!("{}: no such interface", cfg.underlay_dev),
+                )
+            })?;
+        let mtu = underlay.mtu.saturating_sub(VXLAN_OVERHEAD);
+        if mtu < 576 {
+            return Err(NetError::invalid(
+                "underlay_dev",
+                format!(
+                    "{}: mtu {} leaves {mtu} for the overlay",
+                    cfg.underlay_dev, underlay.mtu
+                ),
+            ));
+        }
+        netns::prepare_dir(&cfg.netns_dir)?;
+        nft::apply(&node_ns, "create table", &nft::table_batch(names.table())).await?;
+        Ok(NodeNet {
+            mtu,
+            underlay_index: underlay.index,
+            names,
+            node_ns,
+            handle,
+            cfg,
+        })
+    }
+
+    /// The overlay MTU: bridges, VXLAN devices and both ends of every veth.
+    pub fn mtu(&self) -> u32 {
+        self.mtu
+    }
+
+    /// Bridge + VXLAN device of a network, both up with the overlay MTU. Idempotent; a
+    /// VXLAN device with other parameters (say, a changed underlay) is recreated.
+    pub async fn ensure_network(&self, net: &NetworkDef) -> Result<(), NetError> {
+        names::validate_vni(net.vni)?;
+        if !net.subnet.contains(net.gateway) {
+            return Err(NetError::invalid(
+                "network",
+                format!(
+                    "vni {}: gateway {} outside {}",
+                    net.vni, net.gateway, net.subnet
+                ),
+            ));
+        }
+        let h = &self.handle;
+        let (br_name, vx_name) = (self.names.bridge(net.vni), self.names.vxlan(net.vni));
+        let br = match link::get(h, &br_name).await? {
+            Some(l) => l,
+            None => {
+                tolerate_exists(link::add_bridge(h, &br_name, self.mtu).await)?;
+                self.must_get(&br_name).await?
+            }
+        };
+        if br.mtu != self.mtu {
+            link::set_mtu_controller(h, br.index, &br_name, self.mtu, None).await?;
+        }
+        let mut vx = link::get(h, &vx_name).await?;
+        if let Some(l) = &vx
+            && !l.vxlan_matches(net.vni, self.cfg.underlay_ip, self.underlay_index)
+        {
+            tracing::info!(vxlan = %vx_name, "recreating vxlan device with changed parameters");
+            link::del(h, l.index, &vx_name).await?;
+            vx = None;
+        }
+        let vx = match vx {
+            Some(l) => l,
+            None => {
+                tolerate_exists(
+                    link::add_vxlan(
+                        h,
+                        &vx_name,
+                        net.vni,
+                        self.cfg.underlay_ip,
+                        self.underlay_index,
+                        self.mtu,
+                        br.index,
+                    )
+                    .await,
+                )?;
+                self.must_get(&vx_name).await?
+            }
+        };
+        if vx.mtu != self.mtu || vx.controller != Some(br.index) {
+            link::set_mtu_controller(h, vx.index, &vx_name, self.mtu, Some(br.index)).await?;
+        }
+        self.disable_ipv6(vec![br_name.clone(), vx_name.clone()])
+            .await?;
+        if !br.up {
+            link::set_up(h, br.index, &br_name).await?;
+        }
+        if !vx.up {
+            link::set_up(h, vx.index, &vx_name).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a network's VXLAN device and bridge (with their FDB and neighbour entries).
+    /// Ports still on the bridge are not detached: detach them first.
+    pub async fn remove_network(&self, vni: u32) -> Result<(), NetError> {
+        names::validate_vni(vni)?;
+        let mut errors = Vec::new();
+        for name in [self.names.vxlan(vni), self.names.bridge(vni)] {
+            if let Err(e) = link::del_by_name(&self.handle, &name).await {
+                errors.push(e);
+            }
+        }
+        NetError::collect(errors)
+    }
+
+    /// Connects an instance: anti-spoofing rules first, then its namespace, veth, addresses
+    /// and route; the host side goes up last. Idempotent per key: after an agent restart it
+    /// finds and converges the existing port instead of failing.
+    pub async fn attach(&self, a: &Attachment) -> Result<AttachedPort, NetError> {
+        self.validate_attachment(a)?;
+        let h = &self.handle;
+        let port = self.names.port(&a.key);
+        let netns_path = self.cfg.netns_dir.join(self.names.netns(&a.key));
+        let br_name = self.names.bridge(a.vni);
+        let br = link::get(h, &br_name).await?.ok_or(NetError::NoNetwork {
+            vni: a.vni,
+            bridge: br_name,
+        })?;
+
+        // The rules go in while the namespace is being made: both before any link is up.
+        let rules = nft::port_batch(self.names.table(), &port, a.mac, a.ip);
+        let op = format!("install rules of port {port}");
+        let (rules, ns) = tokio::join!(
+            nft::apply(&self.node_ns, &op, &rules),
+            netns::create_or_open(netns_path.clone(), CONTAINER_SYSCTLS),
+        );
+        let created = ns.as_ref().is_ok_and(|n| n.created);
+        let result = async {
+            rules?;
+            let ns = ns?;
+            self.converge_port(a, &port, br.index, ns).await
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(AttachedPort {
+                netns_path,
+                host_ifname: port,
+            }),
+            Err(e) => {
+                // Undo only what this call started from nothing; never a live instance.
+                if created && let Err(undo) = self.detach(&a.key).await {
+                    tracing::warn!(key = %a.key, error = %undo, "undo failed attach");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn converge_port(
+        &self,
+        a: &Attachment,
+        port: &str,
+        bridge: u32,
+        ns: netns::NamedNetns,
+    ) -> Result<(), NetError> {
+        let h = &self.handle;
+        let host = match link::get(h, port).await? {
+            Some(l) => {
+                if l.controller != Some(bridge) || l.mtu != self.mtu {
+                    link::set_mtu_controller(h, l.index, port, self.mtu, Some(bridge)).await?;
+                }
+                l
+            }
+            None => {
+                link::add_veth(
+                    h,
+                    port,
+                    CONTAINER_IFNAME,
+                    ns.ns.as_raw_fd(),
+                    a.mac,
+                    self.mtu,
+                    bridge,
+                )
+                .await?;
+                self.must_get(port).await?
+            }
+        };
+        // Inside the instance namespace, through a socket made there.
+        let inner = netns::handle_from_socket(ns.socket)?;
+        let lo = link::get(&inner, "lo")
+            .await?
+            .ok_or_else(|| NetError::invalid("netns", "no lo inside the instance namespace"))?;
+        let eth = link::get(&inner, CONTAINER_IFNAME).await?.ok_or_else(|| {
+            NetError::invalid(
+                "netns",
+                format!("no {CONTAINER_IFNAME} inside the namespace of {}", a.key),
+            )
+        })?;
+        link::set_up(&inner, lo.index, "lo").await?;
+        link::add_address(&inner, eth.index, a.ip, a.prefix_len, CONTAINER_IFNAME).await?;
+        link::set_up(&inner, eth.index, CONTAINER_IFNAME).await?;
+        link::replace_default_route(&inner, a.gateway, eth.index).await?;
+        drop(inner);
+        self.disable_ipv6(vec![port.to_owned()]).await?;
+        if !host.up {
+            link::set_up(h, host.index, port).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes an instance's veth, rules and namespace. Best effort: tries every step and
+    /// reports every failure; a missing piece is not one. The veth goes first, so the port
+    /// never carries traffic without its rules.
+    pub async fn detach(&self, key: &str) -> Result<(), NetError> {
+        names::validate_key(key)?;
+        let port = self.names.port(key);
+        let mut errors = Vec::new();
+        if let Err(e) = link::del_by_name(&self.handle, &port).await {
+            errors.push(e);
+        }
+        if let Err(e) = self.remove_port_rules(&[port]).await {
+            errors.push(e);
+        }
+        if let Err(e) = netns::remove(&self.cfg.netns_dir.join(self.names.netns(key))) {
+            errors.push(e);
+        }
+        NetError::collect(errors)
+    }
+
+    async fn remove_port_rules(&self, ports: &[String]) -> Result<(), NetError> {
+        let mut batch = nft::Batch::default();
+        for p in ports {
+            batch.extend(nft::port_delete_batch(self.names.table(), p));
+        }
+        match nft::apply(
+            &self.node_ns,
+            &format!("remove rules of {}", ports.join(" ")),
+            &batch,
+        )
+        .await
+        {
+            Ok(()) => Ok(()),
+            // After teardown_all there is no table, hence nothing to remove.
+            Err(e) => match nft::table_exists(&self.node_ns, self.names.table()).await {
+                Ok(false) => Ok(()),
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// Makes the network's VXLAN forwarding state exactly `endpoints` (instances of this
+    /// network on other nodes): unicast FDB entries to their node, bridge entries towards
+    /// the VXLAN port, neighbour entries for ARP suppression, and one all-zero FDB entry per
+    /// node with endpoints, so broadcast reaches those nodes only. Endpoints whose node is
+    /// this one are ignored. Adds come before removals; every failure is reported.
+    pub async fn set_remote_endpoints(
+        &self,
+        vni: u32,
+        endpoints: &[RemoteEndpoint],
+    ) -> Result<(), NetError> {
+        names::validate_vni(vni)?;
+        let h = &self.handle;
+        let vx_name = self.names.vxlan(vni);
+        let vx = link::get(h, &vx_name).await?.ok_or(NetError::NoNetwork {
+            vni,
+            bridge: self.names.bridge(vni),
+        })?;
+        let current = link::vxlan_state(h, vx.index).await?;
+        let plan = remote::plan(self.cfg.underlay_ip, endpoints, &current)?;
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let mut errors = Vec::new();
+        let mut note = |r: Result<(), NetError>| {
+            if let Err(e) = r {
+                errors.push(e);
+            }
+        };
+        for e in &plan.add_self {
+            note(link::add_fdb_self(h, vx.index, *e).await);
+        }
+        for m in &plan.add_master {
+            note(link::add_fdb_master(h, vx.index, *m).await);
+        }
+        for (ip, mac) in &plan.set_neigh {
+            note(link::set_neigh(h, vx.index, *ip, *mac).await);
+        }
+        for e in &plan.del_self {
+            note(link::del_fdb_self(h, vx.index, *e).await);
+        }
+        for m in &plan.del_master {
+            note(link::del_fdb_master(h, vx.index, *m).await);
+        }
+        for ip in &plan.del_neigh {
+            note(link::del_neigh(h, vx.index, *ip).await);
+        }
+        NetError::collect(errors)
+    }
+
+    /// After an agent restart: removes every port, namespace, network and nft chain of
+    /// this prefix whose key or VNI is not kept. Kept ones are left as they are; `attach`
+    /// and `ensure_network` converge them.
+    pub async fn reconcile(
+        &self,
+        keep_keys: &HashSet<String>,
+        keep_vnis: &HashSet<u32>,
+    ) -> Result<(), NetError> {
+        let keep_ports: HashSet<String> = keep_keys.iter().map(|k| self.names.port(k)).collect();
+        let mut errors = Vec::new();
+        let links = link::list(&self.handle).await?;
+        let stale = |l: &&link::Link| {
+            (self.names.is_port(&l.name) && !keep_ports.contains(&l.name))
+                || self
+                    .names
+                    .parse_vxlan(&l.name)
+                    .is_some_and(|v| !keep_vnis.contains(&v))
+                || self
+                    .names
+                    .parse_bridge(&l.name)
+                    .is_some_and(|v| !keep_vnis.contains(&v))
+        };
+        // Ports, then VXLAN devices, then bridges.
+        let mut doomed: Vec<&link::Link> = links.iter().filter(stale).collect();
+        doomed.sort_by_key(|l| {
+            (
+                !self.names.is_port(&l.name),
+                self.names.parse_bridge(&l.name).is_some(),
+            )
+        });
+        for l in doomed {
+            if let Err(e) = link::del(&self.handle, l.index, &l.name).await {
+                errors.push(e);
+            }
+        }
+        match nft::list_ports(&self.node_ns, &self.names).await {
+            Ok(ports) => {
+                let stale: Vec<String> = ports
+                    .into_iter()
+                    .filter(|p| !keep_ports.contains(p))
+                    .collect();
+                if !stale.is_empty()
+                    && let Err(e) = self.remove_port_rules(&stale).await
+                {
+                    errors.push(e);
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+        match netns::list_dir(&self.cfg.netns_dir) {
+            Ok(files) => {
+                for f in files {
+                    if self
+                        .names
+                        .parse_netns(&f)
+                        .is_some_and(|k| !keep_keys.contains(k))
+                        && let Err(e) = netns::remove(&self.cfg.netns_dir.join(&f))
+                    {
+                        errors.push(e);
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+        NetError::collect(errors)
+    }
+
+    /// Removes everything of this prefix, the nft table included (node sysctls stay).
+    pub async fn teardown_all(&self) -> Result<(), NetError> {
+        let mut errors = match self.reconcile(&HashSet::new(), &HashSet::new()).await {
+            Ok(()) => Vec::new(),
+            Err(NetError::Multiple(v)) => v,
+            Err(e) => vec![e],
+        };
+        match nft::table_exists(&self.node_ns, self.names.table()).await {
+            Ok(true) => {
+                let b = nft::delete_table_batch(self.names.table());
+                if let Err(e) = nft::apply(&self.node_ns, "delete table", &b).await {
+                    errors.push(e);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => errors.push(e),
+        }
+        NetError::collect(errors)
+    }
+
+    /// The drop counters of a port's anti-spoofing chain; `None` if it has none.
+    pub async fn port_counters(&self, key: &str) -> Result<Option<PortCounters>, NetError> {
+        names::validate_key(key)?;
+        let c =
+            nft::port_counters(&self.node_ns, self.names.table(), &self.names.port(key)).await?;
+        Ok(c.map(
+            |[l2_spoof, arp_spoof, ip_spoof, other_ethertype]| PortCounters {
+                l2_spoof,
+                arp_spoof,
+                ip_spoof,
+                other_ethertype,
+            },
+        ))
+    }
+
+    /// Rewrites a port's anti-spoofing chain in one transaction (e.g. after its address
+    /// changed) without touching links or the namespace.
+    pub async fn refresh_port_rules(&self, a: &Attachment) -> Result<(), NetError> {
+        self.validate_attachment(a)?;
+        let port = self.names.port(&a.key);
+        let batch = nft::port_batch(self.names.table(), &port, a.mac, a.ip);
+        nft::apply(
+            &self.node_ns,
+            &format!("install rules of port {port}"),
+            &batch,
+        )
+        .await
+    }
+
+    fn validate_attachment(&self, a: &Attachment) -> Result<(), NetError> {
+        names::validate_key(&a.key)?;
+        names::validate_vni(a.vni)?;
+        let bad = |reason: String| {
+            Err(NetError::invalid(
+                "attachment",
+                format!("{}: {reason}", a.key),
+            ))
+        };
+        if a.mac[0] & 1 == 1 || a.mac == [0; 6] {
+            return bad(format!("mac {:02x?} is not unicast", a.mac));
+        }
+        let subnet = Ipv4Subnet::new(a.ip, a.prefix_len)?;
+        if a.prefix_len == 0 || a.prefix_len > 30 {
+            return bad(format!("prefix length {} outside 1..=30", a.prefix_len));
+        }
+        if !subnet.contains(a.gateway) || a.gateway == a.ip {
+            return bad(format!(
+                "gateway {} unusable from {}/{}",
+                a.gateway, a.ip, a.prefix_len
+            ));
+        }
+        Ok(())
+    }
+
+    async fn must_get(&self, name: &str) -> Result<link::Link, NetError> {
+        link::get(&self.handle, name)
+            .await?
+            .ok_or_else(|| NetError::Io {
+                op: format!("link {name} vanished right after it was created"),
+                source: std::io::Error::from_raw_os_error(nix::libc::ENODEV),
+            })
+    }
+
+    /// No IPv6 on our node-side devices: no link-local addresses, RS or MLD on tenant L2.
+    async fn disable_ipv6(&self, devs: Vec<String>) -> Result<(), NetError> {
+        netns::run_in(&self.node_ns, "disable ipv6", move || {
+            if !std::path::Path::new("/proc/sys/net/ipv6").exists() {
+                return Ok(());
+            }
+            for d in devs {
+                if netns::read_sysctl(&format!("net/ipv6/conf/{d}/disable_ipv6"))? != "1" {
+                    netns::write_sysctl(&format!("net/ipv6/conf/{d}/disable_ipv6"), "1")?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn tolerate_exists(r: Result<(), NetError>) -> Result<(), NetError> {
+    match r {
+        Err(e) if link::is_exists(&e) => Ok(()),
+        r => r,
+    }
+}

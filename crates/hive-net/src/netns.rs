@@ -1,0 +1,263 @@
+//! Network namespaces: creating and removing named ones, running code inside one, sysctls,
+//! and netlink connections bound to one.
+//!
+//! `setns`/`unshare(CLONE_NEWNET)` change only the calling thread, so everything that must
+//! happen "inside" a namespace runs on a short-lived dedicated std thread; nothing forks.
+//! A netlink socket stays bound to the namespace of the thread that created it, so a
+//! connection made on such a thread configures that namespace from any thread afterwards.
+//! This module owns the only `unsafe` of the crate.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::statfs::{NSFS_MAGIC, statfs};
+use rtnetlink::Handle;
+use rtnetlink::sys::{Socket, TokioSocket, protocols::NETLINK_ROUTE};
+
+use crate::NetError;
+
+/// The network namespace of the calling thread.
+pub(crate) fn current() -> Result<File, NetError> {
+    File::open("/proc/thread-self/ns/net")
+        .map_err(|e| NetError::io("open /proc/thread-self/ns/net", e))
+}
+
+/// Opens a namespace file (a bind mount like `/run/netns/NAME`).
+pub(crate) fn open(path: &Path) -> Result<File, NetError> {
+    let f =
+        File::open(path).map_err(|e| NetError::io(format!("open netns {}", path.display()), e))?;
+    if !is_nsfs(path) {
+        return Err(NetError::invalid(
+            "netns path",
+            format!("{} is not a mounted network namespace", path.display()),
+        ));
+    }
+    Ok(f)
+}
+
+fn is_nsfs(path: &Path) -> bool {
+    statfs(path).is_ok_and(|s| s.filesystem_type() == NSFS_MAGIC)
+}
+
+/// Runs `f` on a new thread that first joins the namespace `ns`, and awaits its result.
+pub(crate) async fn run_in<T, F>(ns: &File, what: &str, f: F) -> Result<T, NetError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, NetError> + Send + 'static,
+{
+    let ns = ns
+        .try_clone()
+        .map_err(|e| NetError::io(format!("{what}: dup netns fd"), e))?;
+    spawn(what, move || {
+        nix::sched::setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)
+            .map_err(|e| NetError::io("setns", e))?;
+        f()
+    })
+    .await
+}
+
+/// Runs `f` on a dedicated thread (which may then change its own namespaces freely).
+async fn spawn<T, F>(what: &str, f: F) -> Result<T, NetError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, NetError> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("hive-net-ns".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| NetError::io(format!("{what}: spawn thread"), e))?;
+    rx.await.map_err(|_| NetError::Io {
+        op: format!("{what}: namespace thread panicked"),
+        source: std::io::Error::other("thread ended without a result"),
+    })?
+}
+
+/// Writes `value` to `/proc/sys/<key with dots as slashes>` from the calling thread, so in
+/// the calling thread's network namespace.
+pub(crate) fn write_sysctl(key: &str, value: &str) -> Result<(), NetError> {
+    let path = sysctl_path(key);
+    let mut f = File::options()
+        .write(true)
+        .open(&path)
+        .map_err(|e| NetError::io(format!("sysctl {key}"), e))?;
+    f.write_all(value.as_bytes())
+        .map_err(|e| NetError::io(format!("sysctl {key}={value}"), e))
+}
+
+/// Writes several sysctls; IPv6 ones are skipped on a kernel without IPv6.
+pub(crate) fn write_sysctls(list: &[(&str, &str)]) -> Result<(), NetError> {
+    let ipv6 = Path::new("/proc/sys/net/ipv6").exists();
+    for (k, v) in list {
+        if ipv6 || !k.starts_with("net.ipv6.") {
+            write_sysctl(k, v)?;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn read_sysctl(key: &str) -> Result<String, NetError> {
+    std::fs::read_to_string(sysctl_path(key))
+        .map(|s| s.trim().to_owned())
+        .map_err(|e| NetError::io(format!("read sysctl {key}"), e))
+}
+
+fn sysctl_path(key: &str) -> PathBuf {
+    // Interface names may contain dots; callers pass those keys with '/' already.
+    Path::new("/proc/sys").join(key.replace('.', "/"))
+}
+
+/// A new netlink route socket bound to the calling thread's namespace.
+pub(crate) fn netlink_socket() -> Result<Socket, NetError> {
+    Socket::new(NETLINK_ROUTE).map_err(|e| NetError::io("netlink socket", e))
+}
+
+/// Wraps a socket made by [`netlink_socket`] (on any thread) into an rtnetlink handle whose
+/// connection task runs on the current tokio runtime and ends when the last handle clone
+/// is dropped (which also closes the socket, so the namespace is not kept alive by it).
+pub(crate) fn handle_from_socket(sock: Socket) -> Result<Handle, NetError> {
+    use std::os::fd::FromRawFd;
+    let fd = sock.into_raw_fd();
+    // SAFETY: `fd` was just released by `into_raw_fd` from a live netlink socket, so it is
+    // open, of the type TokioSocket expects, and owned by nothing else from here on.
+    let sock = unsafe { TokioSocket::from_raw_fd(fd) };
+    let (conn, handle, _) = rtnetlink::from_socket(sock);
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// What [`create_or_open`] hands back.
+pub(crate) struct NamedNetns {
+    pub(crate) ns: File,
+    pub(crate) socket: Socket,
+    pub(crate) created: bool,
+}
+
+/// Makes `dir` a shared mount point, as `ip netns add` does, so namespace bind mounts made
+/// later propagate into mount namespaces (e.g. a runtime helper's) created before them.
+pub(crate) fn prepare_dir(dir: &Path) -> Result<(), NetError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| NetError::io(format!("create {}", dir.display()), e))?;
+    let shared = MsFlags::MS_SHARED | MsFlags::MS_REC;
+    match nix::mount::mount(None::<&str>, dir, None::<&str>, shared, None::<&str>) {
+        Ok(()) => Ok(()),
+        Err(Errno::EINVAL) => {
+            // Not a mount point yet: bind it onto itself first.
+            nix::mount::mount(
+                Some(dir),
+                dir,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| NetError::io(format!("bind mount {}", dir.display()), e))?;
+            nix::mount::mount(None::<&str>, dir, None::<&str>, shared, None::<&str>)
+                .map_err(|e| NetError::io(format!("make {} shared", dir.display()), e))
+        }
+        Err(e) => Err(NetError::io(format!("make {} shared", dir.display()), e)),
+    }
+}
+
+/// Opens the named namespace at `path`, creating it (like `ip netns add`, without forking)
+/// if it does not exist. On the namespace's own thread, writes `sysctls` and makes a
+/// netlink socket bound to it.
+pub(crate) async fn create_or_open(
+    path: PathBuf,
+    sysctls: &'static [(&'static str, &'static str)],
+) -> Result<NamedNetns, NetError> {
+    let what = format!("netns {}", path.display());
+    spawn(&what.clone(), move || {
+        let created = if is_nsfs(&path) {
+            let ns = open(&path)?;
+            nix::sched::setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)
+                .map_err(|e| NetError::io(format!("setns {what}"), e))?;
+            false
+        } else {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET)
+                .map_err(|e| NetError::io(format!("{what}: unshare"), e))?;
+            // The mount point; a plain file left by a crash between create and mount is reused.
+            File::options()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o444)
+                .open(&path)
+                .map_err(|e| NetError::io(format!("create {what}"), e))?;
+            nix::mount::mount(
+                Some("/proc/thread-self/ns/net"),
+                &path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&path);
+                NetError::io(format!("bind mount {what}"), e)
+            })?;
+            true
+        };
+        write_sysctls(sysctls)?;
+        let ns = current()?;
+        let socket = netlink_socket()?;
+        Ok(NamedNetns {
+            ns,
+            socket,
+            created,
+        })
+    })
+    .await
+}
+
+/// Unmounts and deletes a named namespace file; a missing one is not an error.
+pub(crate) fn remove(path: &Path) -> Result<(), NetError> {
+    match nix::mount::umount2(path, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
+        Err(e) => return Err(NetError::io(format!("umount netns {}", path.display()), e)),
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(NetError::io(format!("remove netns {}", path.display()), e)),
+    }
+}
+
+/// Names of the files in `dir` (namespace files), sorted.
+pub(crate) fn list_dir(dir: &Path) -> Result<Vec<String>, NetError> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(NetError::io(format!("list {}", dir.display()), e)),
+    };
+    let mut names: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// A `pre_exec` hook for child processes (the `nft` binary) that must run in `ns`.
+pub(crate) fn enter_in_child(cmd: &mut tokio::process::Command, ns: &File) {
+    let fd = ns.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and only makes the setns
+    // system call, which is async-signal-safe; `fd` stays open in the child because fds
+    // are inherited by fork and only closed by exec (O_CLOEXEC), and `ns` outlives the
+    // spawn call in the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if nix::libc::setns(fd, nix::libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
