@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use hive_api::{Instance, InstanceNetwork, Node};
-use hive_net::{Attachment, NetworkDef, NodeNet, NodeNetConfig, RemoteEndpoint};
+use hive_net::{Attachment, Ipv4Subnet, NetworkDef, NodeNet, NodeNetConfig, RemoteEndpoint};
 
 /// How this node's tenant networks are set up.
 #[derive(Clone, Debug)]
@@ -69,13 +69,9 @@ impl NetConfig {
                 (dev.clone().unwrap_or(d), ip.unwrap_or(i))
             }
         };
-        let net = NodeNet::open(NodeNetConfig {
-            underlay_ip: ip,
-            underlay_dev: dev,
-            netns_dir: PathBuf::from("/run/netns"),
-            prefix: self.prefix.clone(),
-        })
-        .await?;
+        let mut cfg = NodeNetConfig::new(ip, dev);
+        cfg.prefix = self.prefix.clone();
+        let net = NodeNet::open(cfg).await?;
         Ok(Arc::new(net))
     }
 }
@@ -94,14 +90,14 @@ fn port_of(id: &str, n: &InstanceNetwork) -> Result<(NetworkDef, Attachment), St
     let bad = |what: &str| format!("instance network place: bad {what}");
     let ip: Ipv4Addr = n.ip.parse().map_err(|_| bad("ip"))?;
     let gateway: Ipv4Addr = n.gateway.parse().map_err(|_| bad("gateway"))?;
-    let subnet = hive_api::Ipv4Cidr::new(
-        Ipv4Addr::from(u32::from(ip) & u32::MAX.checked_shl(32 - u32::from(n.prefix_len)).unwrap_or(0)),
-        n.prefix_len,
-    )
-    .map_err(|_| bad("prefix_len"))?;
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(n.prefix_len))
+        .unwrap_or(0);
+    let subnet = Ipv4Subnet::new(Ipv4Addr::from(u32::from(ip) & mask), n.prefix_len)
+        .map_err(|_| bad("prefix_len"))?;
     let def = NetworkDef {
         vni: n.vni,
-        subnet: (subnet.addr(), subnet.prefix_len()),
+        subnet,
         gateway,
     };
     let att = Attachment {
@@ -257,7 +253,8 @@ mod tests {
             mac: "02:48:0a:58:00:07".into(),
         };
         let (def, att) = port_of("uid-1", &n).unwrap();
-        assert_eq!(def.subnet, (Ipv4Addr::new(10, 88, 0, 0), 16));
+        assert_eq!(def.subnet.addr, Ipv4Addr::new(10, 88, 0, 0));
+        assert_eq!(def.subnet.prefix_len, 16);
         assert_eq!(att.mac, [2, 0x48, 10, 88, 0, 7]);
         let mut bad = n.clone();
         bad.mac = "02:48:0a:58:00".into();
