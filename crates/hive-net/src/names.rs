@@ -10,11 +10,11 @@
 //! | host side of a port's veth | `{prefix}p{hash}` | `hivep0c1f9a2b7e` |
 //! | port's network namespace (file in `netns_dir`) | `{prefix}-{key}` | `hive-7d3c…` |
 //! | nftables table (family `bridge`) | `{prefix}` | `hive` |
-//! | port chains | `{host ifname}_in`, `_pps`, `_qos` | `hivep0c1f9a2b7e_in` |
+//! | port chain | `{host ifname}_in` | `hivep0c1f9a2b7e_in` |
 //!
-//! `{hash}` is the FNV-1a 64 hash of the key in lower-case hex, cut to fill the 15 bytes
-//! (10 hex digits with a 4-byte prefix, 9 with the longest 5… 6-byte prefixes it is 8). The
-//! hash is stable across releases (no `DefaultHasher`), so a restarted agent finds its ports.
+//! `{hash}` is the FNV-1a 64 hash of the key in lower-case hex, cut to fill the 15 bytes:
+//! 10 hex digits (40 bits) with the 4-byte default prefix, 8 with a 6-byte one. The hash is
+//! stable across releases (no `DefaultHasher`), so a restarted agent finds its ports.
 
 use crate::NetError;
 
@@ -161,20 +161,9 @@ impl Names {
         format!("{port}_in")
     }
 
-    pub(crate) fn chain_pps(port: &str) -> String {
-        format!("{port}_pps")
-    }
-
-    pub(crate) fn chain_qos(port: &str) -> String {
-        format!("{port}_qos")
-    }
-
     /// The port (host ifname) a chain of ours belongs to.
     pub(crate) fn parse_port_chain<'a>(&self, chain: &'a str) -> Option<&'a str> {
-        let port = chain
-            .strip_suffix("_in")
-            .or_else(|| chain.strip_suffix("_pps"))
-            .or_else(|| chain.strip_suffix("_qos"))?;
+        let port = chain.strip_suffix("_in")?;
         self.is_port(port).then_some(port)
     }
 }
@@ -238,7 +227,6 @@ mod tests {
         assert!(!n.is_port("hivepp12345678"));
         assert!(!Names::new("hiv").unwrap().is_port(&p));
         assert_eq!(n.parse_port_chain(&Names::chain_in(&p)), Some(p.as_str()));
-        assert_eq!(n.parse_port_chain(&Names::chain_qos(&p)), Some(p.as_str()));
         assert_eq!(n.parse_port_chain("ports_in"), None);
         assert_eq!(n.parse_netns("hive-uid-1"), Some("uid-1"));
         assert_eq!(n.parse_netns("hive2-uid-1"), None);

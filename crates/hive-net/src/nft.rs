@@ -11,9 +11,8 @@
 //!   map out_ports { type ifname : verdict }      (egress L4 rules: later)
 //!   chain ports_in  { hook prerouting priority -300; policy accept; iifname vmap @in_ports }
 //!   chain ports_out { hook forward priority 0;      policy accept; oifname vmap @out_ports }
-//!   chain <port>_in  : jump _pps; MAC/ARP/IPv4 source checks; jump _qos; ether type {ip, arp} accept; drop
-//!   chain <port>_pps : empty (small-frame PPS limit: later)
-//!   chain <port>_qos : empty (meta priority set <class>: later)
+//!   chain <port>_in  : MAC/ARP/IPv4 source checks; ether type {ip, arp} accept; drop
+//!                      (later: jump <port>_pps first, meta priority set before the accept)
 //! ```
 
 use std::borrow::Cow;
@@ -115,12 +114,6 @@ fn matches(
 
 fn counter() -> Statement<'static> {
     Statement::Counter(Counter::Anonymous(Some(AnonymousCounter::default())))
-}
-
-fn jump(target: String) -> Statement<'static> {
-    Statement::Jump(JumpTarget {
-        target: target.into(),
-    })
 }
 
 fn chain(table: &str, name: &str) -> Chain<'static> {
@@ -229,21 +222,18 @@ fn mac_str(mac: [u8; 6]) -> String {
 /// element is added last in the same transaction, so the port is never dispatched to a
 /// half-filled chain; the `_pps` and `_qos` chains keep whatever later slices put there.
 pub(crate) fn port_batch(table: &str, port: &str, mac: [u8; 6], ip: Ipv4Addr) -> Batch {
-    let (cin, cpps, cqos) = (
-        Names::chain_in(port),
-        Names::chain_pps(port),
-        Names::chain_qos(port),
-    );
+    let cin = Names::chain_in(port);
     let mac = mac_str(mac);
     let ip = ip.to_string();
     let mut b = Batch::default();
-    for c in [&cpps, &cqos, &cin] {
-        b.cmd(NfCmd::Add(NfListObject::Chain(chain(table, c))));
-    }
+    b.cmd(NfCmd::Add(NfListObject::Chain(chain(table, &cin))));
     b.cmd(NfCmd::Flush(FlushObject::Chain(chain(table, &cin))));
     let drop = || Statement::Drop(None);
+    // Slots for later slices, in this order: a `jump <port>_pps` (small-frame PPS limit)
+    // before the checks, a `meta priority set` (QoS class) after them. They are added by
+    // rewriting this chain in one transaction; empty sub-chains now would only triple the
+    // chain count, and nft's cache load (hence every port change) grows with it.
     let rules: Vec<(Option<&str>, Vec<Statement<'static>>)> = vec![
-        (None, vec![jump(cpps.clone())]),
         (
             Some(C_L2),
             vec![
@@ -276,7 +266,6 @@ pub(crate) fn port_batch(table: &str, port: &str, mac: [u8; 6], ip: Ipv4Addr) ->
                 drop(),
             ],
         ),
-        (None, vec![jump(cqos.clone())]),
         (
             None,
             vec![
@@ -303,23 +292,13 @@ pub(crate) fn port_batch(table: &str, port: &str, mac: [u8; 6], ip: Ipv4Addr) ->
 /// Removes one port's element and chains. Idempotent without a lookup: each object is
 /// first added (a no-op when present) and then deleted, all in one transaction.
 pub(crate) fn port_delete_batch(table: &str, port: &str) -> Batch {
-    let chains = [
-        Names::chain_in(port),
-        Names::chain_pps(port),
-        Names::chain_qos(port),
-    ];
+    let cin = Names::chain_in(port);
     let mut b = Batch::default();
-    for c in [&chains[1], &chains[2], &chains[0]] {
-        b.cmd(NfCmd::Add(NfListObject::Chain(chain(table, c))));
-    }
+    b.cmd(NfCmd::Add(NfListObject::Chain(chain(table, &cin))));
     b.cmd(NfCmd::Add(port_element(table, port)));
     b.cmd(NfCmd::Delete(port_element(table, port)));
-    for c in &chains {
-        b.cmd(NfCmd::Flush(FlushObject::Chain(chain(table, c))));
-    }
-    for c in &chains {
-        b.cmd(NfCmd::Delete(NfListObject::Chain(chain(table, c))));
-    }
+    b.cmd(NfCmd::Flush(FlushObject::Chain(chain(table, &cin))));
+    b.cmd(NfCmd::Delete(NfListObject::Chain(chain(table, &cin))));
     b
 }
 
@@ -493,7 +472,7 @@ mod tests {
         let cmds = j["nftables"].as_array().unwrap();
         let first_delete = cmds.iter().position(|c| c.get("delete").is_some()).unwrap();
         assert!(cmds[..first_delete].iter().all(|c| c.get("add").is_some()));
-        assert_eq!(cmds.iter().filter(|c| c.get("delete").is_some()).count(), 4);
+        assert_eq!(cmds.iter().filter(|c| c.get("delete").is_some()).count(), 2);
     }
 
     #[test]
