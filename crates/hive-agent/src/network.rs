@@ -52,7 +52,10 @@ pub fn detect_underlay() -> (String, Ipv4Addr) {
             })
         })
     };
-    match dev.as_deref().and_then(|d| addr_of(d).map(|ip| (d.to_owned(), ip))) {
+    match dev
+        .as_deref()
+        .and_then(|d| addr_of(d).map(|ip| (d.to_owned(), ip)))
+    {
         Some(found) => found,
         None => ("lo".to_owned(), Ipv4Addr::LOCALHOST),
     }

@@ -204,7 +204,9 @@ impl Agent {
             let c = caches.lock().await;
             if !c.discovered
                 || c.tenants.values().any(|(_, synced)| !*synced.borrow())
-                || c.nodes.as_ref().is_some_and(|(_, synced)| !*synced.borrow())
+                || c.nodes
+                    .as_ref()
+                    .is_some_and(|(_, synced)| !*synced.borrow())
             {
                 return None;
             }

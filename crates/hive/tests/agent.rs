@@ -6,10 +6,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Cleanup, Cluster, Up, busybox_layout, json, ok, run, run_in, start_up, start_up_in, until};
+use common::{
+    Cleanup, Cluster, Up, busybox_layout, json, ok, run_in, start_up, start_up_in, until,
+};
 use serde_json::Value;
 
 fn instances(cfg: &Path) -> Vec<Value> {

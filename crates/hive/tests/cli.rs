@@ -3,14 +3,14 @@
 //! nothing that was acknowledged.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 mod common;
 
-use common::{HIVE, Up, fails, hive, json, names, ok, start_up};
+use common::{Up, fails, hive, json, names, ok, start_up};
 
 #[test]
 fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
@@ -45,7 +45,13 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
     // `hive agent` registers another node and keeps its lease.
     let mut agent = Up {
         child: common::hive_command(&admin_cfg)
-            .args(["agent", "--name", "extra-node", "--net-prefix", &common::unique_prefix()])
+            .args([
+                "agent",
+                "--name",
+                "extra-node",
+                "--net-prefix",
+                &common::unique_prefix(),
+            ])
             .args(["--data-dir"])
             .arg(dir.path().join("extra-agent"))
             .env("HIVE_LOG", "warn")

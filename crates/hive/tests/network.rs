@@ -34,7 +34,9 @@ fn pings(pid: u64, ip: &str, count: u32, flags: &[&str]) -> u32 {
     let mut argv = vec!["ping", "-q", "-n", "-c", &n, "-i", "0.2", "-W", "1"];
     argv.extend(flags);
     argv.push(ip);
-    let out = in_container(pid, &argv).output().expect("ping (iputils-ping)");
+    let out = in_container(pid, &argv)
+        .output()
+        .expect("ping (iputils-ping)");
     let text = String::from_utf8_lossy(&out.stdout);
     text.split(',')
         .find_map(|f| f.trim().strip_suffix(" received"))
@@ -47,12 +49,18 @@ fn pings(pid: u64, ip: &str, count: u32, flags: &[&str]) -> u32 {
 fn captured_while(pid: u64, pattern: &str, act: impl FnOnce()) -> usize {
     // The payload pattern sits at the start of the ICMP data (after the 8-byte timestamp
     // ping puts first): match its first 4 bytes at offset 24 of the ICMP header (8 of header, 16 of timestamp).
-    let filter = format!("icmp[icmptype] == icmp-echo and icmp[24:4] == 0x{}", &pattern[..8]);
-    let mut cap = in_container(pid, &["tcpdump", "-i", "any", "-nn", "-l", "-Q", "in", &filter])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("tcpdump");
+    let filter = format!(
+        "icmp[icmptype] == icmp-echo and icmp[24:4] == 0x{}",
+        &pattern[..8]
+    );
+    let mut cap = in_container(
+        pid,
+        &["tcpdump", "-i", "any", "-nn", "-l", "-Q", "in", &filter],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("tcpdump");
     std::thread::sleep(Duration::from_millis(800));
     act();
     std::thread::sleep(Duration::from_millis(300));
@@ -150,7 +158,11 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
     let (red, blue) = loop {
         let (r, b) = (placed("red"), placed("blue"));
         let spread = |v: &[(String, String, u64)]| {
-            v.iter().map(|x| &x.0).collect::<std::collections::BTreeSet<_>>().len() == 3
+            v.iter()
+                .map(|x| &x.0)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                == 3
         };
         if r.len() == 3 && b.len() == 3 && spread(&r) && spread(&b) {
             break (r, b);
@@ -168,13 +180,21 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
         i.sort();
         i
     };
-    assert_eq!(ips(&red), ips(&blue), "both tenants hold the same addresses");
+    assert_eq!(
+        ips(&red),
+        ips(&blue),
+        "both tenants hold the same addresses"
+    );
 
     for (name, t) in [("red", &red), ("blue", &blue)] {
         let (a, b, c) = (&t[0], &t[1], &t[2]);
         for (from, to) in [(a, b), (b, c), (c, a)] {
             // Across nodes, and at the full overlay MTU with DF set (1450 - 28 = 1422).
-            assert_eq!(pings(from.2, &to.1, 3, &[]), 3, "{name}: {from:?} -> {to:?}");
+            assert_eq!(
+                pings(from.2, &to.1, 3, &[]),
+                3,
+                "{name}: {from:?} -> {to:?}"
+            );
             assert_eq!(
                 pings(from.2, &to.1, 2, &["-M", "do", "-s", "1422"]),
                 2,
@@ -204,7 +224,10 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
     // A spoofed source MAC gets nowhere; the real one works again after.
     let (a, b) = (&red[0], &red[1]);
     let link = String::from_utf8(
-        in_container(a.2, &["ip", "-o", "link", "show", "eth0"]).output().unwrap().stdout,
+        in_container(a.2, &["ip", "-o", "link", "show", "eth0"])
+            .output()
+            .unwrap()
+            .stdout,
     )
     .unwrap();
     let mac = link
@@ -219,7 +242,9 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
             .unwrap();
         assert!(s.success());
     };
-    in_container(a.2, &["ip", "neigh", "flush", "all"]).status().unwrap();
+    in_container(a.2, &["ip", "neigh", "flush", "all"])
+        .status()
+        .unwrap();
     set_mac("02:66:66:66:66:66");
     assert_eq!(pings(a.2, &b.1, 3, &[]), 0, "spoofed MAC got through");
     set_mac(&mac);
@@ -235,12 +260,20 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
             let links = ns.exec(["ip", "-o", "link", "show"]);
             let ours = links
                 .lines()
-                .filter(|l| l.split(": ").nth(1).is_some_and(|n| n.starts_with(&ns.prefix)))
+                .filter(|l| {
+                    l.split(": ")
+                        .nth(1)
+                        .is_some_and(|n| n.starts_with(&ns.prefix))
+                })
                 .count();
             let files = std::fs::read_dir("/run/netns")
                 .unwrap()
                 .flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{}-", ns.prefix)))
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("{}-", ns.prefix))
+                })
                 .count();
             ours == 0 && files == 0
         })

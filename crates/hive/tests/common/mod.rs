@@ -84,7 +84,11 @@ impl Drop for Netns {
 /// Unmounts and removes the files of the network namespaces an agent with `prefix` made.
 pub fn remove_netns_files(prefix: &str) {
     let start = format!("{prefix}-");
-    for e in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+    for e in std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if e.file_name().to_string_lossy().starts_with(&start) {
             let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
             let _ = std::fs::remove_file(e.path());
@@ -94,7 +98,10 @@ pub fn remove_netns_files(prefix: &str) {
 
 /// The file beside a test's CLI configs naming the namespace its server runs in.
 fn netns_note(config: &Path) -> PathBuf {
-    config.parent().unwrap_or(Path::new(".")).join("hive-test-netns")
+    config
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("hive-test-netns")
 }
 
 /// The `hive` command for a CLI config: inside the namespace of the test's server.
@@ -180,12 +187,19 @@ impl Cluster {
         let ip = format!("10.251.0.{}", nodes.len() + 1);
         let hub_end = format!("u{}", ns.prefix);
         let out = Command::new("ip")
-            .args(["link", "add", "ul", "netns", &ns.name, "type", "veth", "peer", "name"])
+            .args([
+                "link", "add", "ul", "netns", &ns.name, "type", "veth", "peer", "name",
+            ])
             .args([&hub_end, "netns", &self.hub.name])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        self.hub.exec(["ip", "link", "set", &hub_end, "master", "br0", "up"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.hub
+            .exec(["ip", "link", "set", &hub_end, "master", "br0", "up"]);
         ns.exec(["ip", "addr", "add", &format!("{ip}/24"), "dev", "ul"]);
         ns.exec(["ip", "link", "set", "ul", "up"]);
         nodes.push((name.to_owned(), ns.clone()));
@@ -211,11 +225,25 @@ impl Cluster {
     pub fn start_agent(&self, server: &str, token: &str, name: &str, data: &Path) -> Up {
         let (ns, ip) = self.node(name);
         let mut cmd = ns.command(HIVE);
-        cmd.args(["agent", "--shared", "--listen", &format!("{ip}:0"), "--name", name])
-            .args(["--server", server, "--token", token, "--data-dir"])
-            .arg(data)
-            .args(["--underlay-ip", &ip, "--underlay-dev", "ul", "--net-prefix", &ns.prefix])
-            .env("HIVE_CONFIG", data.join("no-cli-config.json"));
+        cmd.args([
+            "agent",
+            "--shared",
+            "--listen",
+            &format!("{ip}:0"),
+            "--name",
+            name,
+        ])
+        .args(["--server", server, "--token", token, "--data-dir"])
+        .arg(data)
+        .args([
+            "--underlay-ip",
+            &ip,
+            "--underlay-dev",
+            "ul",
+            "--net-prefix",
+            &ns.prefix,
+        ])
+        .env("HIVE_CONFIG", data.join("no-cli-config.json"));
         let mut up = start_until(cmd, "hive agent: node ");
         up.netns = Some(ns);
         up
