@@ -53,19 +53,29 @@ if hive service get demo -o json >/dev/null 2>&1 &&
   echo "== an older demo service runs another image; replacing it"
   hive service rm demo
 fi
+if hive service get demo -o json >/dev/null 2>&1 &&
+  ! hive service get demo -o json | jq -e '.spec.template.args | tostring | contains("httpd")' >/dev/null; then
+  echo "== an older demo service runs another command; replacing it"
+  hive service rm demo
+fi
 hive service get demo >/dev/null 2>&1 || \
   hive service create demo --image "$DEMO_IMAGE" --replicas 2 --memory 64Mi -- \
-    sh -c 'while true; do echo "hello from $(hostname)"; sleep 5; done'
+    sh -c 'mkdir -p /www && echo "hello from $(hostname)" >/www/index.html && echo "serving on port 8080" && exec httpd -f -vv -p 8080 -h /www'
 if [ "$(hive service get demo -o json | jq .spec.replicas)" = 0 ]; then
   hive scale demo 2 >/dev/null   # scaled to nothing on an earlier run: bring the demo back
 fi
 for _ in $(seq 100); do
-  [ "$(hive instance ls -o json | jq '[.[] | select(.status.phase == "running")] | length')" -ge 2 ] && break
+  [ "$(hive instance ls -o json | jq '[.[] | select(.status.phase == "running" and .status.ip != null)] | length')" -ge 2 ] && break
   sleep 0.2
 done
 hive service ls
 hive instance ls
 hive logs --tail 1 demo
+echo "== the demo's replicas answer each other on the tenant network (port 8080)"
+FIRST=$(hive instance ls -o json | jq -r '[.[] | select(.spec.service == "demo" and .status.phase == "running")][0].name')
+for ip in $(hive instance ls -o json | jq -r '.[] | select(.spec.service == "demo" and .status.phase == "running") | .status.ip'); do
+  echo "$FIRST -> $ip:8080: $(hive exec "$FIRST" wget -qO- "http://$ip:8080/")"
+done
 hive node ls
 hive events
 cat <<MSG
@@ -76,7 +86,9 @@ The CLI is logged in as the platform admin (token in $DATA/admin.token). Try:
   hive run --name hello $DEMO_IMAGE sh -c 'echo hello; sleep 3600' && hive logs hello
   hive scale demo 3 && hive events -f
   hive exec -it demo sh
+  hive network ls && hive network create back --subnet 10.89.0.0/24
   hive tenant create acme && hive --tenant acme token create --role tenant-admin
 Stop it with: kill \$(cat $PIDFILE)   (containers keep running; start it again to adopt them)
-Not built yet: networking between and into containers.
+Built: each tenant's private network (instances reach each other by address, across nodes).
+Not built yet: published ports (reaching containers from outside), service names, QoS.
 MSG
