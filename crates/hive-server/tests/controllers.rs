@@ -393,3 +393,88 @@ async fn a_node_that_stops_renewing_its_lease_is_lost_and_its_instances_replaced
         l.abort();
     }
 }
+
+#[tokio::test]
+async fn a_full_network_leaves_instances_pending_with_a_reason_until_addresses_free_up() {
+    let s = start().await;
+    let c = &s.client;
+    add_node(c, "n1", 64_000).await;
+    c.create(
+        None,
+        &Tenant {
+            name: "a".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // A /29 has five instance addresses.
+    c.create(
+        Some("a"),
+        &hive_api::Network {
+            name: "tiny".into(),
+            spec: hive_api::NetworkSpec {
+                subnet: "10.60.0.0/29".into(),
+                gateway: None,
+            },
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut web = service("web", 7);
+    web.spec.template.network = Some("tiny".into());
+    c.create(Some("a"), &web).await.unwrap();
+    let placed = until(c, "a", "5 placed, 2 waiting for an address", |i| {
+        i.len() == 7
+            && i.iter().filter(|i| i.spec.node.is_some()).count() == 5
+            && i.iter()
+                .filter(|i| i.spec.node.is_none())
+                .all(|i| i.status.reason == "NetworkFull")
+    })
+    .await;
+    let mut ips: Vec<String> = placed
+        .iter()
+        .filter_map(|i| i.spec.network.as_ref().map(|n| n.ip.clone()))
+        .collect();
+    ips.sort();
+    assert_eq!(
+        ips,
+        [
+            "10.60.0.2",
+            "10.60.0.3",
+            "10.60.0.4",
+            "10.60.0.5",
+            "10.60.0.6"
+        ]
+    );
+    let waiting = placed.iter().find(|i| i.spec.node.is_none()).unwrap();
+    assert!(
+        waiting.status.message.contains("no free address"),
+        "{}",
+        waiting.status.message
+    );
+    // A placed instance goes: its address is released, and a waiting instance takes it.
+    let gone = placed.iter().find(|i| i.spec.node.is_some()).unwrap();
+    let freed = gone.spec.network.as_ref().unwrap().ip.clone();
+    c.delete::<Instance>(Some("a"), &gone.name).await.unwrap();
+    let after = until(
+        c,
+        "a",
+        "the freed address taken by a waiting instance",
+        |i| {
+            i.iter().any(|i| {
+                i.name != gone.name && i.spec.network.as_ref().is_some_and(|n| n.ip == freed)
+            })
+        },
+    )
+    .await;
+    let mut held: Vec<String> = after
+        .iter()
+        .filter_map(|i| i.spec.network.as_ref().map(|n| n.ip.clone()))
+        .collect();
+    let n = held.len();
+    held.sort();
+    held.dedup();
+    assert_eq!((n, held.len()), (5, 5), "an address held twice: {after:#?}");
+}
