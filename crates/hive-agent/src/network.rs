@@ -17,7 +17,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use hive_api::{Instance, InstanceNetwork, Node};
-use hive_net::{Attachment, Ipv4Subnet, NetworkDef, NodeNet, NodeNetConfig, RemoteEndpoint};
+use hive_net::{
+    Attachment, Ipv4Subnet, NetworkDef, NodeNet, NodeNetConfig, PublishedPort, RemoteEndpoint,
+};
 
 /// How this node's tenant networks are set up.
 #[derive(Clone, Debug)]
@@ -131,6 +133,10 @@ pub struct NetState {
     networks: HashSet<u32>,
     /// The remote endpoints last applied, per network.
     remote: HashMap<u32, Vec<RemoteEndpoint>>,
+    /// The published ports last applied, per network.
+    published: HashMap<u32, Vec<PublishedPort>>,
+    /// Instances here with published ports: their network's name and their ports.
+    ports_here: BTreeMap<String, (String, Vec<hive_api::PortSpec>)>,
     reconciled: bool,
 }
 
@@ -150,6 +156,22 @@ impl NetState {
         let wanted: BTreeMap<&str, &InstanceNetwork> = here
             .iter()
             .filter_map(|(id, i)| i.spec.network.as_ref().map(|n| (id.as_str(), n)))
+            .collect();
+        self.ports_here = here
+            .iter()
+            .filter(|(_, i)| {
+                i.spec
+                    .template
+                    .ports
+                    .iter()
+                    .any(|p| p.published_port.is_some())
+            })
+            .filter_map(|(id, i)| {
+                i.spec
+                    .network
+                    .as_ref()
+                    .map(|n| (id.clone(), (n.name.clone(), i.spec.template.ports.clone())))
+            })
             .collect();
         let local_vnis: HashSet<u32> = wanted.values().map(|n| n.vni).collect();
         if !self.reconciled {
@@ -198,6 +220,7 @@ impl NetState {
                 Ok(()) => {
                     self.networks.remove(&vni);
                     self.remote.remove(&vni);
+                    self.published.remove(&vni);
                 }
                 Err(e) => tracing::warn!(vni, error = %e, "remove network"),
             }
@@ -225,6 +248,7 @@ impl NetState {
             };
             list.push(RemoteEndpoint { mac, ip, node_ip });
         }
+        self.publish(net, &wanted).await;
         for (vni, mut list) in remote {
             list.sort_by_key(|e| (e.ip, e.mac, e.node_ip));
             if self.remote.get(&vni) == Some(&list) {
@@ -236,6 +260,69 @@ impl NetState {
                 }
                 // Not there yet (its first port is still being made): next pass.
                 Err(e) => tracing::debug!(vni, error = %e, "remote endpoints"),
+            }
+        }
+    }
+}
+
+impl NetState {
+    /// Makes each local network's published ports those of its instances here. A node
+    /// port asked for twice goes to the instance first by uid; the other is logged.
+    async fn publish(&mut self, net: &NodeNet, wanted: &BTreeMap<&str, &InstanceNetwork>) {
+        let mut by_vni: HashMap<u32, (NetworkDef, Vec<PublishedPort>)> = HashMap::new();
+        let mut taken = HashSet::new();
+        for (id, (tenant_net, ports)) in &self.ports_here {
+            let Some(n) = wanted.get(id.as_str()) else {
+                continue;
+            };
+            let Ok((def, att)) = port_of(id, n) else {
+                continue;
+            };
+            let entry = by_vni.entry(n.vni).or_insert_with(|| (def, Vec::new()));
+            for p in ports {
+                let Some(node_port) = p.published_port else {
+                    continue;
+                };
+                let proto = match p.protocol {
+                    hive_api::Protocol::Tcp => hive_net::Protocol::Tcp,
+                    hive_api::Protocol::Udp => hive_net::Protocol::Udp,
+                };
+                if !taken.insert((proto, node_port)) {
+                    tracing::warn!(instance = %id, network = %tenant_net, node_port, "node port already published on this node");
+                    continue;
+                }
+                entry.1.push(PublishedPort {
+                    protocol: proto,
+                    node_port,
+                    ip: att.ip,
+                    port: p.container_port,
+                });
+            }
+        }
+        // Networks that published before and publish nothing now.
+        for vni in self.published.keys().copied().collect::<Vec<_>>() {
+            if by_vni.get(&vni).is_none_or(|(_, p)| p.is_empty()) {
+                match net.remove_router(vni).await {
+                    Ok(()) => {
+                        self.published.remove(&vni);
+                    }
+                    Err(e) => tracing::warn!(vni, error = %e, "unpublish"),
+                }
+            }
+        }
+        for (vni, (def, mut ports)) in by_vni {
+            if ports.is_empty() {
+                continue;
+            }
+            ports.sort();
+            if self.published.get(&vni) == Some(&ports) {
+                continue;
+            }
+            match net.set_published(&def, &ports).await {
+                Ok(()) => {
+                    self.published.insert(vni, ports);
+                }
+                Err(e) => tracing::warn!(vni, error = %e, "publish ports"),
             }
         }
     }

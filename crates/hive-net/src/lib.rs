@@ -15,6 +15,7 @@ mod link;
 mod names;
 mod netns;
 mod nft;
+mod publish;
 mod remote;
 
 use std::collections::HashSet;
@@ -27,6 +28,7 @@ use rtnetlink::Handle;
 
 pub use error::NetError;
 pub use names::{MAX_PREFIX_LEN, MAX_VNI};
+pub use publish::{Protocol, PublishedPort};
 
 /// VXLAN over IPv4 adds 50 bytes: outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8.
 pub const VXLAN_OVERHEAD: u32 = 50;
@@ -320,6 +322,9 @@ impl NodeNet {
     pub async fn remove_network(&self, vni: u32) -> Result<(), NetError> {
         names::validate_vni(vni)?;
         let mut errors = Vec::new();
+        if let Err(e) = self.remove_router(vni).await {
+            errors.push(e);
+        }
         for name in [self.names.vxlan(vni), self.names.bridge(vni)] {
             if let Err(e) = link::del_by_name(&self.handle, &name).await {
                 errors.push(e);
@@ -523,8 +528,21 @@ impl NodeNet {
         let keep_ports: HashSet<String> = keep_keys.iter().map(|k| self.names.port(k)).collect();
         let mut errors = Vec::new();
         let links = link::list(&self.handle).await?;
+        // Routers of networks no longer kept (their links go with the rest below).
+        for l in &links {
+            if let Some(v) = self.parse_router_link(&l.name)
+                && !keep_vnis.contains(&v)
+                && l.name == self.transit_if(v)
+                && let Err(e) = self.remove_router(v).await
+            {
+                errors.push(e);
+            }
+        }
         let stale = |l: &&link::Link| {
             (self.names.is_port(&l.name) && !keep_ports.contains(&l.name))
+                || self
+                    .parse_router_link(&l.name)
+                    .is_some_and(|v| !keep_vnis.contains(&v))
                 || self
                     .names
                     .parse_vxlan(&l.name)
@@ -564,12 +582,14 @@ impl NodeNet {
         match netns::list_dir(&self.cfg.netns_dir) {
             Ok(files) => {
                 for f in files {
-                    if self
+                    let stale = self
                         .names
                         .parse_netns(&f)
                         .is_some_and(|k| !keep_keys.contains(k))
-                        && let Err(e) = netns::remove(&self.cfg.netns_dir.join(&f))
-                    {
+                        || self
+                            .parse_router_netns(&f)
+                            .is_some_and(|v| !keep_vnis.contains(&v));
+                    if stale && let Err(e) = netns::remove(&self.cfg.netns_dir.join(&f)) {
                         errors.push(e);
                     }
                 }
@@ -586,6 +606,9 @@ impl NodeNet {
             Err(NetError::Multiple(v)) => v,
             Err(e) => vec![e],
         };
+        if let Err(e) = self.remove_node_pub_table().await {
+            errors.push(e);
+        }
         match nft::table_exists(&self.node_ns, self.names.table()).await {
             Ok(true) => {
                 let b = nft::delete_table_batch(self.names.table());

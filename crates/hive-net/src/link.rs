@@ -178,6 +178,54 @@ pub(crate) async fn add_veth(
     add(h, format!("create veth {host}"), msg).await
 }
 
+/// A veth pair whose peer is created directly inside `peer_ns` as `peer`; the host side is
+/// on no bridge and left down.
+pub(crate) async fn add_veth_pair(
+    h: &Handle,
+    host: &str,
+    peer: &str,
+    peer_ns: std::os::fd::RawFd,
+    mtu: u32,
+) -> Result<(), NetError> {
+    let peer_msg = LinkUnspec::new_with_name(peer)
+        .mtu(mtu)
+        .setns_by_fd(peer_ns)
+        .build();
+    let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        .name(host.to_owned())
+        .mtu(mtu)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+        .build();
+    add(h, format!("create veth {host}"), msg).await
+}
+
+/// The IPv4 addresses of one link (or of all), as (link index, address).
+pub(crate) async fn ipv4_addresses(
+    h: &Handle,
+    index: Option<u32>,
+) -> Result<Vec<(u32, Ipv4Addr)>, NetError> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let mut req = h.address().get();
+    if let Some(i) = index {
+        req = req.set_link_index_filter(i);
+    }
+    let msgs: Vec<_> = req
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| NetError::netlink("list addresses", e))?;
+    Ok(msgs
+        .into_iter()
+        .flat_map(|m| {
+            let idx = m.header.index;
+            m.attributes.into_iter().filter_map(move |a| match a {
+                AddressAttribute::Address(std::net::IpAddr::V4(ip)) => Some((idx, ip)),
+                _ => None,
+            })
+        })
+        .collect())
+}
+
 pub(crate) async fn set_up(h: &Handle, index: u32, name: &str) -> Result<(), NetError> {
     set(
         h,

@@ -250,9 +250,98 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
     set_mac(&mac);
     assert_eq!(pings(a.2, &b.1, 3, &[]), 3);
 
-    // Scaled to zero: every port, namespace and network is gone from every node.
+    // Published ports: each tenant serves HTTP on a node port; a client in another node's
+    // namespace reaches it through the node's underlay address, and the server sees the
+    // client's own address.
+    let mut served = Vec::new();
+    for (t, node_port) in [("red", "8080"), ("blue", "8081")] {
+        ok(
+            &cfg,
+            &[
+                "--tenant",
+                t,
+                "service",
+                "create",
+                "www",
+                "--image",
+                &format!("{host}/{t}/busybox:test"),
+                "-p",
+                &format!("{node_port}:80"),
+                "--",
+                "sh",
+                "-c",
+                &format!(
+                    "busybox mkdir -p /www && echo hello-{t} >/www/index.html && \
+                     exec busybox httpd -f -vv -p 80 -h /www"
+                ),
+            ],
+        );
+        served.push((t, node_port));
+    }
+    for (t, node_port) in &served {
+        let t0 = Instant::now();
+        let (node, pid) = loop {
+            let i = instances(&cfg, t)
+                .into_iter()
+                .find(|i| i["spec"]["service"] == "www" && i["status"]["phase"] == "running");
+            if let Some(i) = i {
+                break (
+                    i["spec"]["node"].as_str().unwrap().to_owned(),
+                    i["status"]["pid"].as_u64().unwrap(),
+                );
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{t}: www not running"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let (_, node_ip) = cluster.node(&node);
+        let client = if node == "n1" { "n2" } else { "n1" };
+        let (client_ns, client_ip) = cluster.node(client);
+        let url = format!("http://{node_ip}:{node_port}/");
+        let mut body = String::new();
+        until(20, &format!("{t}: {url} from {client}"), || {
+            let out = client_ns
+                .command("curl")
+                .args(["-sS", "--max-time", "2", &url])
+                .output()
+                .unwrap();
+            body = String::from_utf8_lossy(&out.stdout).into_owned();
+            body.trim() == format!("hello-{t}")
+        });
+        // busybox httpd -vv logs each request's peer address.
+        until(
+            10,
+            &format!("{t}: the client's address in the server's log"),
+            || ok(&cfg, &["--tenant", t, "logs", "www"]).contains(&client_ip),
+        );
+        // The instance reaches neither the node's own address nor the other node's.
+        for target in [&node_ip, &client_ip] {
+            let out = in_container(
+                pid,
+                &[
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "2",
+                    &format!("http://{target}:7/"),
+                ],
+            )
+            .output()
+            .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success() && !err.contains("refused"),
+                "{t}: instance reached {target}: {err}"
+            );
+        }
+    }
+
+    // Scaled to zero: every port, namespace, router and network is gone from every node.
     for t in ["red", "blue"] {
         ok(&cfg, &["--tenant", t, "scale", "web", "0"]);
+        ok(&cfg, &["--tenant", t, "scale", "www", "0"]);
     }
     until(60, "ports, namespaces or networks left behind", || {
         (1..=3).all(|i| {
@@ -270,12 +359,14 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
                 .unwrap()
                 .flatten()
                 .filter(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .starts_with(&format!("{}-", ns.prefix))
+                    let f = e.file_name().to_string_lossy().into_owned();
+                    f.starts_with(&format!("{}-", ns.prefix))
+                        || f.starts_with(&format!("{}_", ns.prefix))
                 })
                 .count();
-            ours == 0 && files == 0
+            let tables = ns.exec(["nft", "list", "tables"]);
+            let tables_left = tables.contains(&format!("{}pub", ns.prefix));
+            ours == 0 && files == 0 && !tables_left
         })
     });
     drop(agents);
