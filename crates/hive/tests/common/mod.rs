@@ -81,15 +81,17 @@ impl Drop for Netns {
     }
 }
 
-/// Unmounts and removes the files of the network namespaces an agent with `prefix` made.
+/// Unmounts and removes the files of the network namespaces an agent with `prefix` made
+/// (instances' `{prefix}-…`, routers' `{prefix}_…`).
 pub fn remove_netns_files(prefix: &str) {
-    let start = format!("{prefix}-");
+    let (instance, router) = (format!("{prefix}-"), format!("{prefix}_"));
     for e in std::fs::read_dir("/run/netns")
         .into_iter()
         .flatten()
         .flatten()
     {
-        if e.file_name().to_string_lossy().starts_with(&start) {
+        let f = e.file_name().to_string_lossy().into_owned();
+        if f.starts_with(&instance) || f.starts_with(&router) {
             let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
             let _ = std::fs::remove_file(e.path());
         }
