@@ -52,7 +52,8 @@ pub enum Command {
     /// Run everything on this machine: API server on an embedded store, this machine as a
     /// node, a first tenant `default`.
     Up(up::UpArgs),
-    /// Run the API server only.
+    /// Run the API server only: on the embedded store, or on etcd (`--store etcd://…`) so
+    /// that several servers share one state.
     Server(up::ServerArgs),
     /// Run this host as a node of the server given by --server/--token (or the config):
     /// register it and keep its lease.
