@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use hive_store::{EtcdStore, EtcdStoreOptions, EtcdTls, RedbStore, Store, StoreError};
+use hive_store::{
+    CopyReport, EtcdStore, EtcdStoreOptions, EtcdTls, RedbStore, Store, StoreError, copy_all,
+};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -33,6 +35,8 @@ pub enum LaunchError {
     },
     #[error("store {url}: {source}")]
     StoreUrl { url: String, source: StoreError },
+    #[error("migrate {path}: {source}")]
+    Migrate { path: PathBuf, source: StoreError },
     #[error(
         "{path} is missing: the store was bootstrapped by another server; copy the platform \
          admin token from that server's data dir"
@@ -128,6 +132,41 @@ async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, LaunchError
             Ok(Arc::new(store))
         }
     }
+}
+
+/// `hive store migrate`: copies every key of the embedded store in `data_dir` into `to`,
+/// which must be empty. The server using `data_dir` must be stopped (its store is locked
+/// while it runs). Values are kept byte for byte; revisions renumber, so watchers relist.
+pub async fn migrate_store(data_dir: &Path, to: &StoreBackend) -> Result<CopyReport, LaunchError> {
+    let db = data_dir.join(STORE_FILE);
+    if matches!(to, StoreBackend::Embedded) {
+        return Err(LaunchError::Migrate {
+            path: db,
+            source: StoreError::Invalid(
+                "the destination must be etcd (etcd://… or etcds://…)".into(),
+            ),
+        });
+    }
+    if !db.is_file() {
+        return Err(LaunchError::Io {
+            op: "open",
+            path: db,
+            source: std::io::ErrorKind::NotFound.into(),
+        });
+    }
+    let from = RedbStore::open(&db, Default::default()).map_err(|source| LaunchError::Store {
+        path: db.clone(),
+        source,
+    })?;
+    let config = ServerConfig {
+        data_dir: data_dir.to_owned(),
+        store: to.clone(),
+        ..Default::default()
+    };
+    let to = open_store(&config).await?;
+    copy_all(&from, &*to)
+        .await
+        .map_err(|source| LaunchError::Migrate { path: db, source })
 }
 
 /// Creates the data dir if needed, opens the store, bootstraps the platform admin on first

@@ -28,7 +28,7 @@ use hive_store::Store;
 use tokio::net::TcpListener;
 
 pub use bootstrap::{ADMIN_TOKEN_FILE, Bootstrap, BootstrapError, bootstrap};
-pub use launch::{LaunchError, Launched, launch, store_backend};
+pub use launch::{LaunchError, Launched, launch, migrate_store, store_backend};
 pub use ratelimit::RateLimit;
 pub use router::{openapi, router};
 pub use state::{AppState, ServerConfig, StoreBackend};

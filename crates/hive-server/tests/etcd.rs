@@ -1,5 +1,6 @@
-//! Two API servers on one etcd (a real `/usr/bin/etcd`): what one writes, the other serves and
-//! streams to its watchers. The etcd processes come from hive-store's test support.
+//! API servers on etcd (a real `/usr/bin/etcd`): two servers on one etcd see each other's
+//! writes, and a server's embedded store migrated into etcd serves on. The etcd processes
+//! come from hive-store's test support.
 
 #[path = "../../hive-store/tests/support/mod.rs"]
 mod support;
@@ -99,4 +100,65 @@ async fn two_servers_share_one_etcd() {
         .await
         .expect("delete on b");
     assert!(client_a.get::<Tenant>(None, "acme").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_store_migrated_into_etcd_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = ServerConfig {
+        data_dir: dir.path().to_owned(),
+        ..Default::default()
+    };
+    let embedded = hive_server::launch(config, "127.0.0.1:0".parse().unwrap(), async {
+        let _ = stopped.await;
+    })
+    .await
+    .expect("server on the embedded store");
+    let admin = Client::new(&embedded.url, Some(embedded.admin_token.clone())).unwrap();
+    let created = admin.create(None, &tenant("acme")).await.expect("tenant");
+    let request = hive_api::TokenCreate {
+        name: "alice".into(),
+        role: hive_api::Role::TenantAdmin,
+        expires_in_secs: None,
+    };
+    let secret = admin
+        .create_token(Some("acme"), &request)
+        .await
+        .expect("token")
+        .token;
+    let source_revision = embedded.store.current_revision().await.unwrap();
+    stop.send(()).unwrap();
+    let Launched { task, store, .. } = embedded;
+    task.await.unwrap().unwrap();
+    drop(store);
+
+    let etcd = EtcdCluster::start(1);
+    let to = StoreBackend::Etcd(etcd.store_options());
+    let report = hive_server::migrate_store(dir.path(), &to)
+        .await
+        .expect("migrate");
+    assert_eq!(report.source_revision, source_revision);
+    assert!(report.keys >= 5, "{report:?}");
+    // Into a store that is no longer empty: refused.
+    assert!(matches!(
+        hive_server::migrate_store(dir.path(), &to).await,
+        Err(LaunchError::Migrate { .. })
+    ));
+
+    // The same data dir on etcd: nothing to bootstrap, the same tokens, the same objects.
+    let on_etcd = launch(&etcd, &dir).await.expect("server on etcd");
+    assert!(!on_etcd.bootstrapped);
+    let admin = Client::new(&on_etcd.url, Some(on_etcd.admin_token.clone())).unwrap();
+    let read = admin
+        .get::<Tenant>(None, "acme")
+        .await
+        .expect("tenant on etcd");
+    assert_eq!(read.uid, created.uid);
+    let alice = Client::new(&on_etcd.url, Some(secret)).unwrap();
+    let who = alice
+        .whoami()
+        .await
+        .expect("the tenant token works on etcd");
+    assert_eq!(who.tenant.as_deref(), Some("acme"));
 }

@@ -20,9 +20,11 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 pub mod conformance;
+pub mod copy;
 pub mod etcd_store;
 pub mod redb_store;
 
+pub use copy::{CopyReport, copy_all};
 pub use etcd_store::{EtcdStore, EtcdStoreOptions, EtcdTls};
 pub use redb_store::{RedbStore, RedbStoreOptions};
 

@@ -4,6 +4,7 @@ mod config;
 mod output;
 mod quantity;
 mod resources;
+mod store;
 mod up;
 pub mod workload;
 
@@ -89,6 +90,9 @@ pub enum Command {
     Node(resources::NodeCmd),
     /// Show the tenant's events.
     Events(resources::EventsArgs),
+    /// Manage the state store (migrate the embedded store into etcd).
+    #[command(subcommand)]
+    Store(store::StoreCmd),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -202,6 +206,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Up(args) => up::up(g, args).await,
         Command::Server(args) => up::server(args).await,
+        Command::Store(cmd) => store::run(cmd).await,
         Command::Agent(args) => up::agent(&Ctx::new(g).await?, args).await,
         Command::Login(args) => login(g, args).await,
         Command::Completions { shell } => {

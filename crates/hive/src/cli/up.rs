@@ -32,15 +32,8 @@ pub struct ServerArgs {
     /// servers. Give every member: Hive moves to another when one fails.
     #[arg(long, default_value = "embedded", env = "HIVE_STORE")]
     pub store: String,
-    /// PEM file of the CA that signed the etcd members' certificates (turns on TLS).
-    #[arg(long, env = "HIVE_ETCD_CA")]
-    pub etcd_ca: Option<PathBuf>,
-    /// PEM client certificate for etcd (with --etcd-key), for etcd's --client-cert-auth.
-    #[arg(long, env = "HIVE_ETCD_CERT", requires = "etcd_key")]
-    pub etcd_cert: Option<PathBuf>,
-    /// PEM key of --etcd-cert.
-    #[arg(long, env = "HIVE_ETCD_KEY", requires = "etcd_cert")]
-    pub etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// Address to serve the API on.
     #[arg(long, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
@@ -67,6 +60,32 @@ pub struct ServerArgs {
     pub node_grace_secs: u64,
 }
 
+/// TLS towards etcd, for `--store etcds://…` (or `etcd://…` with a CA).
+#[derive(Debug, Args)]
+pub struct EtcdArgs {
+    /// PEM file of the CA that signed the etcd members' certificates (turns on TLS).
+    #[arg(long, env = "HIVE_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd (with --etcd-key), for etcd's --client-cert-auth.
+    #[arg(long, env = "HIVE_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM key of --etcd-cert.
+    #[arg(long, env = "HIVE_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    /// The store named by `url` (`embedded`, `etcd://…`, `etcds://…`) with these TLS files.
+    pub fn backend(&self, url: &str) -> Result<hive_server::StoreBackend> {
+        let identity = self.etcd_cert.as_deref().zip(self.etcd_key.as_deref());
+        Ok(hive_server::store_backend(
+            url,
+            self.etcd_ca.as_deref(),
+            identity,
+        )?)
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct UpArgs {
     #[command(flatten)]
@@ -84,8 +103,7 @@ pub struct UpArgs {
 
 /// Serves the API on the configured store, and runs the controllers as its clients.
 async fn start(args: &ServerArgs) -> Result<Launched> {
-    let identity = args.etcd_cert.as_deref().zip(args.etcd_key.as_deref());
-    let store = hive_server::store_backend(&args.store, args.etcd_ca.as_deref(), identity)?;
+    let store = args.etcd.backend(&args.store)?;
     let config = ServerConfig {
         data_dir: args.data_dir.clone(),
         store,
