@@ -27,8 +27,9 @@ apt_install skopeo podman umoci docker-registry hey wrk
 # Tenant networks: links, rules and shaping (iproute2, nftables' `nft`), and the network
 # tests' and benchmarks' tools (iperf3, tcpdump, arping, iputils ping for DF pings).
 apt_install iproute2 nftables iperf3 tcpdump arping iputils-ping
-# HA control plane: etcd (the tested server) and protoc (the etcd client's build needs it).
-apt_install etcd-server protobuf-compiler
+# HA control plane: etcd (the tested server) and protoc (the etcd client's build needs it,
+# with the well-known types google/protobuf/*.proto, which Debian ships in libprotobuf-dev).
+apt_install etcd-server protobuf-compiler libprotobuf-dev
 
 if ! command -v cargo >/dev/null 2>&1; then
   for d in "$HOME/.cargo/bin" /root/.cargo/bin /usr/local/cargo/bin; do

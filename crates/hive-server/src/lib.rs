@@ -29,10 +29,10 @@ use hive_store::Store;
 use tokio::net::TcpListener;
 
 pub use bootstrap::{ADMIN_TOKEN_FILE, Bootstrap, BootstrapError, bootstrap};
-pub use launch::{LaunchError, Launched, launch};
+pub use launch::{LaunchError, Launched, launch, migrate_store, store_backend};
 pub use ratelimit::RateLimit;
 pub use router::{openapi, router};
-pub use state::{AppState, ServerConfig};
+pub use state::{AppState, ServerConfig, StoreBackend};
 
 /// Serves the API on `listener` until `shutdown` resolves, with housekeeping running beside.
 pub async fn serve(

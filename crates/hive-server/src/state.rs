@@ -5,15 +5,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hive_registry::{Registry, RegistryConfig};
-use hive_store::Store;
+use hive_store::{EtcdStoreOptions, Store};
 
 use crate::ratelimit::{RateLimit, RateLimiter};
 
 /// How a server runs. Defaults suit `hive up` on one machine.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    /// Where the embedded store and the admin token live.
+    /// Where the embedded store (when it is the store), the admin token and the registry's
+    /// blobs live.
     pub data_dir: PathBuf,
+    /// Where the state lives.
+    pub store: StoreBackend,
     /// Largest request body accepted.
     pub body_limit_bytes: usize,
     pub rate_limit: RateLimit,
@@ -31,6 +34,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("/var/lib/hive"),
+            store: StoreBackend::Embedded,
             body_limit_bytes: 1 << 20,
             rate_limit: RateLimit::default(),
             bookmark_interval: Duration::from_secs(10),
@@ -39,6 +43,16 @@ impl Default for ServerConfig {
             housekeeping_interval: Duration::from_secs(30),
         }
     }
+}
+
+/// The store a server opens at launch.
+#[derive(Clone, Debug, Default)]
+pub enum StoreBackend {
+    /// redb in `DATA_DIR/state.redb`: one server on one machine (the default).
+    #[default]
+    Embedded,
+    /// An etcd cluster, shared by every server given the same endpoints.
+    Etcd(EtcdStoreOptions),
 }
 
 #[derive(Clone)]

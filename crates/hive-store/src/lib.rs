@@ -2,8 +2,9 @@
 //!
 //! The model is etcd's, reduced to what Hive needs, so that the embedded backend (redb, one
 //! machine) and the etcd backend (HA) are interchangeable behind [`Store`]:
-//! - one global revision, incremented by every successful transaction (all writes of one
-//!   transaction share its revision);
+//! - one global revision, incremented by every successful transaction that changes something
+//!   (all writes of one transaction share its revision; one that changes nothing, such as a
+//!   `DeletePrefix` of nothing, may or may not take one: redb gives it one, etcd does not);
 //! - every key carries the revision that created it and the one that last modified it;
 //! - transactions are atomic and conditional (create-only, update-if-revision,
 //!   delete-if-revision): optimistic concurrency without locks;
@@ -19,8 +20,12 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 pub mod conformance;
+pub mod copy;
+pub mod etcd_store;
 pub mod redb_store;
 
+pub use copy::{CopyReport, copy_all};
+pub use etcd_store::{EtcdStore, EtcdStoreOptions, EtcdTls};
 pub use redb_store::{RedbStore, RedbStoreOptions};
 
 /// A store-wide revision. Revision 0 means "before anything was written".
@@ -114,6 +119,7 @@ impl std::fmt::Display for ConflictKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TxnResponse {
     /// The revision the transaction committed at; every key it wrote has this `mod_revision`.
+    /// For a transaction that changed nothing, the store's revision after it.
     pub revision: Revision,
 }
 
@@ -198,7 +204,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies `ops` atomically at one new revision if every condition holds; otherwise applies
     /// nothing and returns [`StoreError::Conflict`] for the first failed condition. An empty
-    /// `ops` is invalid.
+    /// `ops` is invalid. [`StoreError::Unavailable`] means the outcome is not known (the
+    /// backend lost contact after sending it): re-read before retrying.
     async fn txn(&self, ops: Vec<Op>) -> Result<TxnResponse>;
 
     /// Every change under `prefix` with a revision greater than `after`, in revision order

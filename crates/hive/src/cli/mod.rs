@@ -4,6 +4,7 @@ mod config;
 mod output;
 mod quantity;
 mod resources;
+mod store;
 mod up;
 pub mod workload;
 
@@ -52,7 +53,8 @@ pub enum Command {
     /// Run everything on this machine: API server on an embedded store, this machine as a
     /// node, a first tenant `default`.
     Up(up::UpArgs),
-    /// Run the API server only.
+    /// Run the API server only: on the embedded store, or on etcd (`--store etcd://…`) so
+    /// that several servers share one state.
     Server(up::ServerArgs),
     /// Run this host as a node of the server given by --server/--token (or the config):
     /// register it and keep its lease.
@@ -91,6 +93,9 @@ pub enum Command {
     Network(resources::NetworkCmd),
     /// Show the tenant's events.
     Events(resources::EventsArgs),
+    /// Manage the state store (migrate the embedded store into etcd).
+    #[command(subcommand)]
+    Store(store::StoreCmd),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -204,6 +209,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Up(args) => up::up(g, args).await,
         Command::Server(args) => up::server(args).await,
+        Command::Store(cmd) => store::run(cmd).await,
         Command::Agent(args) => up::agent(&Ctx::new(g).await?, args).await,
         Command::Login(args) => login(g, args).await,
         Command::Completions { shell } => {

@@ -1,5 +1,5 @@
-//! `hive up` and `hive server`: the API server on the embedded store, and for `up` also this
-//! machine registered as a node, a first tenant and a logged-in CLI.
+//! `hive up` and `hive server`: the API server on its store (embedded by default, or etcd),
+//! and for `up` also this machine registered as a node, a first tenant and a logged-in CLI.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,9 +24,16 @@ pub const LEASE_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Args)]
 pub struct ServerArgs {
-    /// Where the state (embedded store) and the admin token live.
+    /// Where the embedded store, the admin token and the registry's blobs live.
     #[arg(long, default_value = "/var/lib/hive", env = "HIVE_DATA_DIR")]
     pub data_dir: PathBuf,
+    /// Where the state lives: `embedded` (a redb file in the data dir; one server), or
+    /// `etcd://HOST:PORT[,HOST:PORT…]` (`etcds://…` for TLS) to share it between several
+    /// servers. Give every member: Hive moves to another when one fails.
+    #[arg(long, default_value = "embedded", env = "HIVE_STORE")]
+    pub store: String,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// Address to serve the API on.
     #[arg(long, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
@@ -42,6 +49,11 @@ pub struct ServerArgs {
     /// Revisions of history kept for watches to resume from.
     #[arg(long, default_value_t = 100_000)]
     pub keep_revisions: u64,
+    /// Do not run the controllers (service controller, scheduler, node controller) in this
+    /// server. With several servers on one etcd, run them in exactly one: they do not elect
+    /// a leader yet.
+    #[arg(long)]
+    pub no_controllers: bool,
     /// Seconds a node's lease may go unrenewed before the node is lost and its instances
     /// are replaced elsewhere (agents renew every 5 s).
     #[arg(long, default_value_t = hive_server::controllers::nodes::DEFAULT_GRACE.as_secs())]
@@ -81,6 +93,32 @@ impl NetArgs {
     }
 }
 
+/// TLS towards etcd, for `--store etcds://…` (or `etcd://…` with a CA).
+#[derive(Debug, Args)]
+pub struct EtcdArgs {
+    /// PEM file of the CA that signed the etcd members' certificates (turns on TLS).
+    #[arg(long, env = "HIVE_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd (with --etcd-key), for etcd's --client-cert-auth.
+    #[arg(long, env = "HIVE_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM key of --etcd-cert.
+    #[arg(long, env = "HIVE_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    /// The store named by `url` (`embedded`, `etcd://…`, `etcds://…`) with these TLS files.
+    pub fn backend(&self, url: &str) -> Result<hive_server::StoreBackend> {
+        let identity = self.etcd_cert.as_deref().zip(self.etcd_key.as_deref());
+        Ok(hive_server::store_backend(
+            url,
+            self.etcd_ca.as_deref(),
+            identity,
+        )?)
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct UpArgs {
     #[command(flatten)]
@@ -98,11 +136,12 @@ pub struct UpArgs {
     pub net: NetArgs,
 }
 
-/// Serves the API on the embedded store in the data dir, and runs the controllers as its
-/// clients.
+/// Serves the API on the configured store, and runs the controllers as its clients.
 async fn start(args: &ServerArgs) -> Result<Launched> {
+    let store = args.etcd.backend(&args.store)?;
     let config = ServerConfig {
         data_dir: args.data_dir.clone(),
+        store,
         body_limit_bytes: args.body_limit,
         rate_limit: RateLimit {
             per_sec: args.rate_limit,
@@ -125,6 +164,10 @@ async fn start(args: &ServerArgs) -> Result<Launched> {
             "created the platform admin; its token is in the file"
         );
     }
+    if args.no_controllers {
+        tracing::info!(url = %launched.url, store = %args.store, "serving the API without controllers");
+        return Ok(launched);
+    }
     // Controllers are API clients of this server, acting as the platform admin.
     let controller_client = Client::new(&launched.url, Some(launched.admin_token.clone()))?;
     tokio::spawn(hive_server::controllers::ServiceController::new(controller_client.clone()).run());
@@ -136,7 +179,12 @@ async fn start(args: &ServerArgs) -> Result<Launched> {
         .run(),
     );
     tokio::spawn(hive_server::controllers::Scheduler::new(controller_client).run());
-    tracing::info!(url = %launched.url, data_dir = %args.data_dir.display(), "serving the API");
+    tracing::info!(
+        url = %launched.url,
+        data_dir = %args.data_dir.display(),
+        store = %args.store,
+        "serving the API"
+    );
     Ok(launched)
 }
 
@@ -156,8 +204,9 @@ async fn shutdown_signal() {
 pub async fn server(args: ServerArgs) -> Result<()> {
     let running = start(&args).await?;
     eprintln!(
-        "hive server: API at {} (data in {}, platform admin token in {})",
+        "hive server: API at {} (store {}, data in {}, platform admin token in {})",
         running.url,
+        args.store,
         args.data_dir.display(),
         args.data_dir.join(ADMIN_TOKEN_FILE).display()
     );

@@ -1,0 +1,164 @@
+//! API servers on etcd (a real `/usr/bin/etcd`): two servers on one etcd see each other's
+//! writes, and a server's embedded store migrated into etcd serves on. The etcd processes
+//! come from hive-store's test support.
+
+#[path = "../../hive-store/tests/support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use hive_api::{Tenant, WatchEventType};
+use hive_client::Client;
+use hive_server::{ADMIN_TOKEN_FILE, LaunchError, Launched, ServerConfig, StoreBackend};
+use support::EtcdCluster;
+
+async fn launch(etcd: &EtcdCluster, dir: &tempfile::TempDir) -> Result<Launched, LaunchError> {
+    let config = ServerConfig {
+        data_dir: dir.path().to_owned(),
+        store: StoreBackend::Etcd(etcd.store_options()),
+        ..Default::default()
+    };
+    hive_server::launch(
+        config,
+        "127.0.0.1:0".parse().unwrap(),
+        std::future::pending(),
+    )
+    .await
+}
+
+fn tenant(name: &str) -> Tenant {
+    Tenant {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_share_one_etcd() {
+    let etcd = EtcdCluster::start(1);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = launch(&etcd, &dir_a).await.expect("server a");
+    assert!(a.bootstrapped, "the first server bootstraps the store");
+
+    // The second finds the store bootstrapped and needs the admin token copied over.
+    match launch(&etcd, &dir_b).await {
+        Err(LaunchError::MissingAdminToken { path }) => {
+            assert_eq!(path, dir_b.path().join(ADMIN_TOKEN_FILE));
+        }
+        other => panic!("expected MissingAdminToken, got {other:?}"),
+    }
+    std::fs::copy(
+        dir_a.path().join(ADMIN_TOKEN_FILE),
+        dir_b.path().join(ADMIN_TOKEN_FILE),
+    )
+    .unwrap();
+    let b = launch(&etcd, &dir_b).await.expect("server b");
+    assert!(!b.bootstrapped);
+    assert_eq!(a.admin_token, b.admin_token);
+
+    let client_a = Client::new(&a.url, Some(a.admin_token.clone())).unwrap();
+    let client_b = Client::new(&b.url, Some(b.admin_token.clone())).unwrap();
+    let mut watch_b = client_b
+        .watch::<Tenant>(None, None)
+        .await
+        .expect("watch on b");
+
+    let created = client_a
+        .create(None, &tenant("acme"))
+        .await
+        .expect("create on a");
+    let read = client_b
+        .get::<Tenant>(None, "acme")
+        .await
+        .expect("get on b");
+    assert_eq!(read.uid, created.uid);
+    assert_eq!(read.revision, created.revision);
+    let listed = client_b.list::<Tenant>(None).await.expect("list on b");
+    assert!(listed.items.iter().any(|t| t.name == "acme"));
+
+    let event = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let event = watch_b
+                .next()
+                .await
+                .expect("watch ended")
+                .expect("watch item");
+            if event.type_ != WatchEventType::Bookmark {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("b's watcher saw nothing of a's write");
+    assert_eq!(event.type_, WatchEventType::Added);
+    assert_eq!(event.object.expect("object").name, "acme");
+
+    // Deleting through b is seen through a.
+    client_b
+        .delete::<Tenant>(None, "acme")
+        .await
+        .expect("delete on b");
+    assert!(client_a.get::<Tenant>(None, "acme").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_store_migrated_into_etcd_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = ServerConfig {
+        data_dir: dir.path().to_owned(),
+        ..Default::default()
+    };
+    let embedded = hive_server::launch(config, "127.0.0.1:0".parse().unwrap(), async {
+        let _ = stopped.await;
+    })
+    .await
+    .expect("server on the embedded store");
+    let admin = Client::new(&embedded.url, Some(embedded.admin_token.clone())).unwrap();
+    let created = admin.create(None, &tenant("acme")).await.expect("tenant");
+    let request = hive_api::TokenCreate {
+        name: "alice".into(),
+        role: hive_api::Role::TenantAdmin,
+        expires_in_secs: None,
+    };
+    let secret = admin
+        .create_token(Some("acme"), &request)
+        .await
+        .expect("token")
+        .token;
+    let source_revision = embedded.store.current_revision().await.unwrap();
+    stop.send(()).unwrap();
+    let Launched { task, store, .. } = embedded;
+    task.await.unwrap().unwrap();
+    drop(store);
+
+    let etcd = EtcdCluster::start(1);
+    let to = StoreBackend::Etcd(etcd.store_options());
+    let report = hive_server::migrate_store(dir.path(), &to)
+        .await
+        .expect("migrate");
+    assert_eq!(report.source_revision, source_revision);
+    assert!(report.keys >= 5, "{report:?}");
+    // Into a store that is no longer empty: refused.
+    assert!(matches!(
+        hive_server::migrate_store(dir.path(), &to).await,
+        Err(LaunchError::Migrate { .. })
+    ));
+
+    // The same data dir on etcd: nothing to bootstrap, the same tokens, the same objects.
+    let on_etcd = launch(&etcd, &dir).await.expect("server on etcd");
+    assert!(!on_etcd.bootstrapped);
+    let admin = Client::new(&on_etcd.url, Some(on_etcd.admin_token.clone())).unwrap();
+    let read = admin
+        .get::<Tenant>(None, "acme")
+        .await
+        .expect("tenant on etcd");
+    assert_eq!(read.uid, created.uid);
+    let alice = Client::new(&on_etcd.url, Some(secret)).unwrap();
+    let who = alice
+        .whoami()
+        .await
+        .expect("the tenant token works on etcd");
+    assert_eq!(who.tenant.as_deref(), Some("acme"));
+}
