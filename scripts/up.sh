@@ -61,6 +61,9 @@ fi
 hive service get demo >/dev/null 2>&1 || \
   hive service create demo --image "$DEMO_IMAGE" --replicas 2 --memory 64Mi -- \
     sh -c 'mkdir -p /www && echo "hello from $(hostname)" >/www/index.html && echo "serving on port 8080" && exec httpd -f -vv -p 8080 -h /www'
+hive service get web >/dev/null 2>&1 || \
+  hive service create web --image "$DEMO_IMAGE" --memory 64Mi -p 8080:80 -- \
+    sh -c 'mkdir -p /www && echo "hello from $(hostname), published on the node" >/www/index.html && exec httpd -f -vv -p 80 -h /www'
 if [ "$(hive service get demo -o json | jq .spec.replicas)" = 0 ]; then
   hive scale demo 2 >/dev/null   # scaled to nothing on an earlier run: bring the demo back
 fi
@@ -76,6 +79,9 @@ FIRST=$(hive instance ls -o json | jq -r '[.[] | select(.spec.service == "demo" 
 for ip in $(hive instance ls -o json | jq -r '.[] | select(.spec.service == "demo" and .status.phase == "running") | .status.ip'); do
   echo "$FIRST -> $ip:8080: $(hive exec "$FIRST" wget -qO- "http://$ip:8080/")"
 done
+NODE_IP=$(hive node ls -o json | jq -r '.[0].status.underlay_ip')
+echo "== service web publishes port 80 of its container on the node: http://$NODE_IP:8080/"
+for _ in $(seq 50); do curl -fsS --max-time 2 "http://$NODE_IP:8080/" && break; sleep 0.2; done
 hive node ls
 hive events
 cat <<MSG
@@ -89,6 +95,7 @@ The CLI is logged in as the platform admin (token in $DATA/admin.token). Try:
   hive network ls && hive network create back --subnet 10.89.0.0/24
   hive tenant create acme && hive --tenant acme token create --role tenant-admin
 Stop it with: kill \$(cat $PIDFILE)   (containers keep running; start it again to adopt them)
-Built: each tenant's private network (instances reach each other by address, across nodes).
-Not built yet: published ports (reaching containers from outside), service names, QoS.
+Built: each tenant's private network (instances reach each other by address, across nodes),
+and published ports (curl http://$NODE_IP:8080/ reaches service web).
+Not built yet: service names and addresses, security groups, QoS.
 MSG

@@ -40,6 +40,8 @@ pub struct Request {
     pub requests: Resources,
     /// Labels the node must carry.
     pub selector: BTreeMap<String, String>,
+    /// Node ports it publishes (`udp` false: TCP): a node publishes each once.
+    pub host_ports: Vec<(bool, u16)>,
 }
 
 /// Why a node cannot take a request.
@@ -51,6 +53,7 @@ pub enum Reason {
     SelectorMismatch,
     InsufficientCpu,
     InsufficientMemory,
+    PortInUse,
 }
 
 impl Reason {
@@ -62,6 +65,7 @@ impl Reason {
             Reason::SelectorMismatch => "not matching the selector",
             Reason::InsufficientCpu => "insufficient cpu",
             Reason::InsufficientMemory => "insufficient memory",
+            Reason::PortInUse => "node port already published",
         }
     }
 }
@@ -105,6 +109,8 @@ struct NodeState {
     instances: u32,
     /// Instances per `tenant/service`.
     per_service: HashMap<String, u32>,
+    /// Node ports published by the instances placed here.
+    host_ports: HashMap<(bool, u16), u32>,
 }
 
 impl NodeState {
@@ -152,6 +158,9 @@ impl NodeState {
         }
         if !req.requests.fits_in(&free) {
             return Some(Reason::InsufficientMemory);
+        }
+        if req.host_ports.iter().any(|p| self.host_ports.contains_key(p)) {
+            return Some(Reason::PortInUse);
         }
         None
     }
@@ -243,6 +252,7 @@ impl Cluster {
                     allocated: Resources::default(),
                     instances: 0,
                     per_service: HashMap::new(),
+                    host_ports: HashMap::new(),
                 }));
                 i
             }
@@ -307,6 +317,9 @@ impl Cluster {
         n.allocated.memory_bytes += req.requests.memory_bytes;
         n.instances += 1;
         *n.per_service.entry(service_key(req)).or_default() += 1;
+        for p in &req.host_ports {
+            *n.host_ports.entry(*p).or_default() += 1;
+        }
     }
 
     /// Frees what `req` held on `node` (the instance ended or was deleted).
@@ -331,6 +344,14 @@ impl Cluster {
             *c -= 1;
             if *c == 0 {
                 n.per_service.remove(&key);
+            }
+        }
+        for p in &req.host_ports {
+            if let Some(c) = n.host_ports.get_mut(p) {
+                *c -= 1;
+                if *c == 0 {
+                    n.host_ports.remove(p);
+                }
             }
         }
     }
@@ -575,6 +596,29 @@ mod tests {
             .collect();
         nodes.sort();
         assert_eq!(nodes, ["n0", "n1", "n2"]);
+    }
+
+    #[test]
+    fn a_node_port_is_published_once_per_node() {
+        let mut c = Cluster::new();
+        for i in 0..2 {
+            let mut n = node(&format!("n{i}"), 8000, 16);
+            n.shared = true;
+            c.upsert_node(n);
+        }
+        let mut web = req("a", "web", 100, 0);
+        web.host_ports = vec![(false, 8080)];
+        let first = c.place(&web).unwrap().node;
+        let second = c.place(&web).unwrap().node;
+        assert_ne!(first, second, "both publish tcp/8080");
+        let err = c.place(&web).unwrap_err();
+        assert_eq!(err.to_string(), "0/2 nodes available: 2 node port already published");
+        // UDP on the same number is another port; releasing frees the TCP one.
+        let mut dns = req("b", "dns", 100, 0);
+        dns.host_ports = vec![(true, 8080)];
+        c.place(&dns).unwrap();
+        c.release(&first, &web);
+        assert_eq!(c.place(&web).unwrap().node, first);
     }
 
     #[test]

@@ -68,6 +68,16 @@ fn request(tenant: &str, i: &Instance) -> Request {
                 .unwrap_or(0),
         },
         selector: BTreeMap::new(),
+        host_ports: i
+            .spec
+            .template
+            .ports
+            .iter()
+            .filter_map(|p| {
+                p.published_port
+                    .map(|n| (p.protocol == hive_api::Protocol::Udp, n))
+            })
+            .collect(),
     }
 }
 
