@@ -14,6 +14,7 @@ mod error;
 mod link;
 mod names;
 mod netns;
+mod nfnl;
 mod nft;
 mod publish;
 mod remote;
@@ -195,6 +196,8 @@ pub struct NodeNet {
     underlay_index: u32,
     node_ns: File,
     handle: Handle,
+    /// nf_tables netlink socket in the node's namespace: every per-port rule change.
+    nf: nfnl::NfSocket,
 }
 
 impl NodeNet {
@@ -205,7 +208,7 @@ impl NodeNet {
             Some(p) => netns::open(p)?,
             None => netns::current()?,
         };
-        let socket = netns::run_in(&node_ns, "node namespace setup", || {
+        let (socket, nf) = netns::run_in(&node_ns, "node namespace setup", || {
             for (k, v) in NODE_SYSCTLS {
                 match netns::write_sysctl(k, v) {
                     // No br_netfilter in this kernel: nothing to turn off.
@@ -213,7 +216,7 @@ impl NodeNet {
                     r => r?,
                 }
             }
-            netns::netlink_socket()
+            Ok((netns::netlink_socket()?, nfnl::NfSocket::new()?))
         })
         .await?;
         let handle = netns::handle_from_socket(socket)?;
@@ -243,6 +246,7 @@ impl NodeNet {
             names,
             node_ns,
             handle,
+            nf,
             cfg,
         })
     }
@@ -347,16 +351,14 @@ impl NodeNet {
             bridge: br_name,
         })?;
 
-        // The rules go in while the namespace is being made: both before any link is up.
+        // The rules go in first (one netlink transaction, well under a millisecond), so the
+        // port never carries a frame without them.
         let rules = nft::port_batch(self.names.table(), &port, a.mac, a.ip);
-        let op = format!("install rules of port {port}");
-        let (rules, ns) = tokio::join!(
-            nft::apply(&self.node_ns, &op, &rules),
-            netns::create_or_open(netns_path.clone(), CONTAINER_SYSCTLS),
-        );
+        self.nf
+            .apply(&format!("install rules of port {port}"), &rules)?;
+        let ns = netns::create_or_open(netns_path.clone(), CONTAINER_SYSCTLS).await;
         let created = ns.as_ref().is_ok_and(|n| n.created);
         let result = async {
-            rules?;
             let ns = ns?;
             self.converge_port(a, &port, br.index, ns).await
         }
@@ -438,7 +440,7 @@ impl NodeNet {
         if let Err(e) = link::del_by_name(&self.handle, &port).await {
             errors.push(e);
         }
-        if let Err(e) = self.remove_port_rules(&[port]).await {
+        if let Err(e) = self.remove_port_rules(&[port]) {
             errors.push(e);
         }
         if let Err(e) = netns::remove(&self.cfg.netns_dir.join(self.names.netns(key))) {
@@ -447,24 +449,31 @@ impl NodeNet {
         NetError::collect(errors)
     }
 
-    async fn remove_port_rules(&self, ports: &[String]) -> Result<(), NetError> {
-        let mut batch = nft::Batch::default();
-        for p in ports {
-            batch.extend(nft::port_delete_batch(self.names.table(), p));
+    fn remove_port_rules(&self, ports: &[String]) -> Result<(), NetError> {
+        // One transaction per ~64 KiB of messages: a batch must fit the socket's send
+        // buffer, and each port's removal is self-contained.
+        let mut errors = Vec::new();
+        let mut chunk: Vec<&str> = Vec::new();
+        let mut batch = nfnl::Batch::new(self.names.table());
+        for (i, p) in ports.iter().enumerate() {
+            nft::port_delete(&mut batch, p);
+            chunk.push(p);
+            if batch.len_bytes() > 64 * 1024 || i + 1 == ports.len() {
+                let op = format!("remove rules of {}", chunk.join(" "));
+                if let Err(e) = self.nf.apply(&op, &batch) {
+                    errors.push(e);
+                }
+                chunk.clear();
+                batch = nfnl::Batch::new(self.names.table());
+            }
         }
-        match nft::apply(
-            &self.node_ns,
-            &format!("remove rules of {}", ports.join(" ")),
-            &batch,
-        )
-        .await
-        {
-            Ok(()) => Ok(()),
-            // After teardown_all there is no table, hence nothing to remove.
-            Err(e) => match nft::table_exists(&self.node_ns, self.names.table()).await {
-                Ok(false) => Ok(()),
-                _ => Err(e),
-            },
+        if errors.is_empty() {
+            return Ok(());
+        }
+        // After teardown_all there is no table, hence nothing to remove.
+        match self.nf.table_exists(self.names.table()) {
+            Ok(false) => Ok(()),
+            _ => NetError::collect(errors),
         }
     }
 
@@ -572,7 +581,7 @@ impl NodeNet {
                     .filter(|p| !keep_ports.contains(p))
                     .collect();
                 if !stale.is_empty()
-                    && let Err(e) = self.remove_port_rules(&stale).await
+                    && let Err(e) = self.remove_port_rules(&stale)
                 {
                     errors.push(e);
                 }
@@ -609,7 +618,7 @@ impl NodeNet {
         if let Err(e) = self.remove_node_pub_table().await {
             errors.push(e);
         }
-        match nft::table_exists(&self.node_ns, self.names.table()).await {
+        match self.nf.table_exists(self.names.table()) {
             Ok(true) => {
                 let b = nft::delete_table_batch(self.names.table());
                 if let Err(e) = nft::apply(&self.node_ns, "delete table", &b).await {
@@ -625,8 +634,7 @@ impl NodeNet {
     /// The drop counters of a port's anti-spoofing chain; `None` if it has none.
     pub async fn port_counters(&self, key: &str) -> Result<Option<PortCounters>, NetError> {
         names::validate_key(key)?;
-        let c =
-            nft::port_counters(&self.node_ns, self.names.table(), &self.names.port(key)).await?;
+        let c = nft::port_counters(&self.nf, self.names.table(), &self.names.port(key))?;
         Ok(c.map(
             |[l2_spoof, arp_spoof, ip_spoof, other_ethertype]| PortCounters {
                 l2_spoof,
@@ -643,12 +651,8 @@ impl NodeNet {
         self.validate_attachment(a)?;
         let port = self.names.port(&a.key);
         let batch = nft::port_batch(self.names.table(), &port, a.mac, a.ip);
-        nft::apply(
-            &self.node_ns,
-            &format!("install rules of port {port}"),
-            &batch,
-        )
-        .await
+        self.nf
+            .apply(&format!("install rules of port {port}"), &batch)
     }
 
     fn validate_attachment(&self, a: &Attachment) -> Result<(), NetError> {

@@ -1,8 +1,12 @@
 //! The node's nftables table (family `bridge`) and the per-port anti-spoofing chains.
 //!
-//! Builds JSON batches with the `nftables` crate's types and applies each through one run
-//! of `nft -j -f -` (as netavark does), so every change is one atomic kernel transaction.
-//! Owns nothing but the table named after the node's prefix.
+//! Two paths, each change one atomic kernel transaction. The rare whole-table work (create,
+//! delete, listing ports for reconcile) is JSON built with the `nftables` crate's types and
+//! applied by one run of `nft -j -f -` (as netavark does). The per-port work (install,
+//! rewrite, remove a port's chain and map element; read its counters) is a netlink batch
+//! ([`crate::nfnl`]) on the node's long-lived socket: `nft` reloads the whole table before
+//! each change, which made a port change O(ports). Owns nothing but the table named after
+//! the node's prefix.
 //!
 //! Layout (see docs/networking.md):
 //! ```text
@@ -11,8 +15,9 @@
 //!   map out_ports { type ifname : verdict }      (egress L4 rules: later)
 //!   chain ports_in  { hook prerouting priority -300; policy accept; iifname vmap @in_ports }
 //!   chain ports_out { hook forward priority 0;      policy accept; oifname vmap @out_ports }
-//!   chain <port>_in  : MAC/ARP/IPv4 source checks; ether type {ip, arp} accept; drop
-//!                      (later: jump <port>_pps first, meta priority set before the accept)
+//!   chain <port>_in  : MAC/ARP/IPv4 source checks; ether type ip/arp accept; drop
+//!                      (later: jump <port>_pps first, meta priority set before the accepts;
+//!                      a <port>_out chain of L4 rules behind out_ports)
 //! ```
 
 use std::borrow::Cow;
@@ -20,13 +25,11 @@ use std::fs::File;
 use std::net::Ipv4Addr;
 use std::process::Stdio;
 
-use nftables::expr::{
-    Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, SetItem, Verdict,
+use nftables::expr::{Expression, Meta, NamedExpression};
+use nftables::schema::{
+    Chain, FlushObject, NfCmd, NfListObject, NfObject, Rule as JsonRule, Table,
 };
-use nftables::schema::{Chain, FlushObject, NfCmd, NfListObject, NfObject, Rule, Table};
-use nftables::stmt::{
-    AnonymousCounter, Counter, JumpTarget, Match, Operator, Statement, VerdictMap,
-};
+use nftables::stmt::{Statement, VerdictMap};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -35,6 +38,7 @@ use tokio::io::AsyncWriteExt;
 use crate::NetError;
 use crate::names::Names;
 use crate::netns;
+use crate::nfnl::{self, Base, CmpOp, Expr, MetaKey, Rule, Verdict};
 
 pub(crate) const IN_PORTS: &str = "in_ports";
 pub(crate) const OUT_PORTS: &str = "out_ports";
@@ -50,9 +54,9 @@ pub(crate) const C_ARP: &str = "arp-spoof";
 pub(crate) const C_IP: &str = "ip-spoof";
 pub(crate) const C_OTHER: &str = "other-ethertype";
 
-/// One atomic batch of nft commands.
+/// One atomic batch of `nft` JSON commands (whole-table work only).
 #[derive(Debug, Default)]
-pub(crate) struct Batch {
+pub(crate) struct JsonBatch {
     items: Vec<Item>,
 }
 
@@ -64,7 +68,7 @@ enum Item {
     Raw(Value),
 }
 
-impl Batch {
+impl JsonBatch {
     fn cmd(&mut self, c: NfCmd<'static>) -> &mut Self {
         self.items.push(Item::Typed(NfObject::CmdObject(c)));
         self
@@ -73,10 +77,6 @@ impl Batch {
     fn raw(&mut self, v: Value) -> &mut Self {
         self.items.push(Item::Raw(v));
         self
-    }
-
-    pub(crate) fn extend(&mut self, other: Batch) {
-        self.items.extend(other.items);
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -93,27 +93,6 @@ impl Batch {
 
 fn s(v: impl Into<String>) -> Expression<'static> {
     Expression::String(Cow::Owned(v.into()))
-}
-
-fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
-    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-        PayloadField {
-            protocol: protocol.into(),
-            field: field.into(),
-        },
-    )))
-}
-
-fn matches(
-    left: Expression<'static>,
-    op: Operator,
-    right: Expression<'static>,
-) -> Statement<'static> {
-    Statement::Match(Match { left, right, op })
-}
-
-fn counter() -> Statement<'static> {
-    Statement::Counter(Counter::Anonymous(Some(AnonymousCounter::default())))
 }
 
 fn chain(table: &str, name: &str) -> Chain<'static> {
@@ -141,13 +120,13 @@ fn rule(
     comment: Option<&str>,
     expr: Vec<Statement<'static>>,
 ) -> NfListObject<'static> {
-    NfListObject::Rule(Rule {
+    NfListObject::Rule(JsonRule {
         family: NfFamily::Bridge,
         table: table.to_owned().into(),
         chain: chain.to_owned().into(),
         expr: expr.into(),
         comment: comment.map(|c| c.to_owned().into()),
-        ..Rule::default()
+        ..JsonRule::default()
     })
 }
 
@@ -155,22 +134,10 @@ fn map_decl(table: &str, name: &str) -> Value {
     json!({"add": {"map": {"family": "bridge", "table": table, "name": name, "type": "ifname", "map": "verdict"}}})
 }
 
-fn port_element(table: &str, port: &str) -> NfListObject<'static> {
-    let verdict = Expression::Verdict(Verdict::Jump(JumpTarget {
-        target: Names::chain_in(port).into(),
-    }));
-    NfListObject::Element(nftables::schema::Element {
-        family: NfFamily::Bridge,
-        table: table.to_owned().into(),
-        name: IN_PORTS.into(),
-        elem: vec![Expression::List(vec![s(port), verdict])].into(),
-    })
-}
-
 /// The node table with its dispatch maps and base chains. Idempotent: the base chains are
 /// flushed and refilled in the same transaction, so no packet sees them empty.
-pub(crate) fn table_batch(table: &str) -> Batch {
-    let mut b = Batch::default();
+pub(crate) fn table_batch(table: &str) -> JsonBatch {
+    let mut b = JsonBatch::default();
     b.cmd(NfCmd::Add(NfListObject::Table(Table {
         family: NfFamily::Bridge,
         name: table.to_owned().into(),
@@ -183,10 +150,16 @@ pub(crate) fn table_batch(table: &str) -> Batch {
             PORTS_IN,
             NfHook::Prerouting,
             PORTS_IN_PRIORITY,
-            MetaKey::Iifname,
+            nftables::expr::MetaKey::Iifname,
             IN_PORTS,
         ),
-        (PORTS_OUT, NfHook::Forward, 0, MetaKey::Oifname, OUT_PORTS),
+        (
+            PORTS_OUT,
+            NfHook::Forward,
+            0,
+            nftables::expr::MetaKey::Oifname,
+            OUT_PORTS,
+        ),
     ] {
         b.cmd(NfCmd::Add(NfListObject::Chain(base_chain(
             table, name, hook, prio,
@@ -201,8 +174,8 @@ pub(crate) fn table_batch(table: &str) -> Batch {
     b
 }
 
-pub(crate) fn delete_table_batch(table: &str) -> Batch {
-    let mut b = Batch::default();
+pub(crate) fn delete_table_batch(table: &str) -> JsonBatch {
+    let mut b = JsonBatch::default();
     b.cmd(NfCmd::Delete(NfListObject::Table(Table {
         family: NfFamily::Bridge,
         name: table.to_owned().into(),
@@ -211,95 +184,111 @@ pub(crate) fn delete_table_batch(table: &str) -> Batch {
     b
 }
 
-fn mac_str(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+/// Link-layer and network-header fields the port chain reads: (base, offset, length).
+const ETHER_SADDR: (Base, u32, u32) = (Base::Link, 6, 6);
+const ETHER_TYPE: (Base, u32, u32) = (Base::Link, 12, 2);
+const ARP_SADDR_ETHER: (Base, u32, u32) = (Base::Network, 8, 6);
+const ARP_SADDR_IP: (Base, u32, u32) = (Base::Network, 14, 4);
+const IP_SADDR: (Base, u32, u32) = (Base::Network, 12, 4);
+const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+const ETH_P_ARP: [u8; 2] = [0x08, 0x06];
+
+fn load((base, offset, len): (Base, u32, u32)) -> Expr {
+    Expr::Payload { base, offset, len }
 }
 
-/// Installs (or atomically rewrites) one port's chains and its `in_ports` element. The
-/// element is added last in the same transaction, so the port is never dispatched to a
-/// half-filled chain; the `_pps` and `_qos` chains keep whatever later slices put there.
-pub(crate) fn port_batch(table: &str, port: &str, mac: [u8; 6], ip: Ipv4Addr) -> Batch {
-    let cin = Names::chain_in(port);
-    let mac = mac_str(mac);
-    let ip = ip.to_string();
-    let mut b = Batch::default();
-    b.cmd(NfCmd::Add(NfListObject::Chain(chain(table, &cin))));
-    b.cmd(NfCmd::Flush(FlushObject::Chain(chain(table, &cin))));
-    let drop = || Statement::Drop(None);
-    // Slots for later slices, in this order: a `jump <port>_pps` (small-frame PPS limit)
-    // before the checks, a `meta priority set` (QoS class) after them. They are added by
-    // rewriting this chain in one transaction; empty sub-chains now would only triple the
-    // chain count, and nft's cache load (hence every port change) grows with it.
-    let rules: Vec<(Option<&str>, Vec<Statement<'static>>)> = vec![
-        (
-            Some(C_L2),
-            vec![
-                matches(payload("ether", "saddr"), Operator::NEQ, s(&mac)),
-                counter(),
-                drop(),
-            ],
-        ),
-        (
-            Some(C_ARP),
-            vec![
-                matches(payload("arp", "saddr ether"), Operator::NEQ, s(&mac)),
-                counter(),
-                drop(),
-            ],
-        ),
-        (
-            Some(C_ARP),
-            vec![
-                matches(payload("arp", "saddr ip"), Operator::NEQ, s(&ip)),
-                counter(),
-                drop(),
-            ],
-        ),
-        (
-            Some(C_IP),
-            vec![
-                matches(payload("ip", "saddr"), Operator::NEQ, s(&ip)),
-                counter(),
-                drop(),
-            ],
-        ),
-        (
-            None,
-            vec![
-                matches(
-                    payload("ether", "type"),
-                    Operator::EQ,
-                    Expression::Named(NamedExpression::Set(vec![
-                        SetItem::Element(s("ip")),
-                        SetItem::Element(s("arp")),
-                    ])),
-                ),
-                Statement::Accept(None),
-            ],
-        ),
-        (Some(C_OTHER), vec![counter(), drop()]),
-    ];
-    for (comment, expr) in rules {
-        b.cmd(NfCmd::Add(rule(table, &cin, comment, expr)));
+fn cmp(op: CmpOp, data: &[u8]) -> Expr {
+    Expr::Cmp {
+        op,
+        data: data.to_vec(),
     }
-    b.cmd(NfCmd::Add(port_element(table, port)));
+}
+
+/// `<field> != <value> counter drop`, behind the dependency `nft` would add for the field.
+fn spoof_check(
+    comment: &'static str,
+    dep: Vec<Expr>,
+    field: (Base, u32, u32),
+    value: &[u8],
+) -> Rule {
+    let mut exprs = dep;
+    exprs.extend([
+        load(field),
+        cmp(CmpOp::Neq, value),
+        Expr::Counter,
+        Expr::Verdict(Verdict::Drop),
+    ]);
+    Rule {
+        comment: Some(comment),
+        exprs,
+    }
+}
+
+/// The anti-spoofing rules of one port, exactly what `nft` compiles these to:
+/// ```text
+/// ether saddr != <mac>                      counter drop comment "l2-spoof"
+/// arp saddr ether != <mac>                  counter drop comment "arp-spoof"
+/// arp saddr ip != <ip>                      counter drop comment "arp-spoof"
+/// ip saddr != <ip>                          counter drop comment "ip-spoof"
+/// ether type ip accept
+/// ether type arp accept
+///                                           counter drop comment "other-ethertype"
+/// ```
+/// (`arp …` implies `ether type arp`, `ip …` implies `meta protocol ip`.)
+pub(crate) fn port_rules(mac: [u8; 6], ip: Ipv4Addr) -> Vec<Rule> {
+    let is_arp = || vec![load(ETHER_TYPE), cmp(CmpOp::Eq, &ETH_P_ARP)];
+    let is_ip = vec![Expr::Meta(MetaKey::Protocol), cmp(CmpOp::Eq, &ETH_P_IP)];
+    let accept = |ty: &[u8]| Rule {
+        comment: None,
+        exprs: vec![
+            load(ETHER_TYPE),
+            cmp(CmpOp::Eq, ty),
+            Expr::Verdict(Verdict::Accept),
+        ],
+    };
+    vec![
+        spoof_check(C_L2, vec![], ETHER_SADDR, &mac),
+        spoof_check(C_ARP, is_arp(), ARP_SADDR_ETHER, &mac),
+        spoof_check(C_ARP, is_arp(), ARP_SADDR_IP, &ip.octets()),
+        spoof_check(C_IP, is_ip, IP_SADDR, &ip.octets()),
+        accept(&ETH_P_IP),
+        accept(&ETH_P_ARP),
+        Rule {
+            comment: Some(C_OTHER),
+            exprs: vec![Expr::Counter, Expr::Verdict(Verdict::Drop)],
+        },
+    ]
+}
+
+/// Installs (or atomically rewrites) one port's chain and its `in_ports` element. The
+/// element is added last in the same transaction, so the port is never dispatched to a
+/// half-filled chain.
+///
+/// Later slices extend this one batch, so a port stays one transaction: a `<port>_pps`
+/// chain (a `limit rate over N/second` on frames under 256 bytes only: nft `limit` counts
+/// GSO super-packets) jumped to first, a `meta priority set 1:<class>` rule before the
+/// accepts, and a `<port>_out` chain of L4 rules with its `out_ports` element (oifname).
+pub(crate) fn port_batch(table: &str, port: &str, mac: [u8; 6], ip: Ipv4Addr) -> nfnl::Batch {
+    let cin = Names::chain_in(port);
+    let mut b = nfnl::Batch::new(table);
+    b.add_chain(&cin).flush_chain(&cin);
+    for r in port_rules(mac, ip) {
+        b.add_rule(&cin, &r);
+    }
+    b.add_vmap_elem(IN_PORTS, port, &Verdict::Jump(cin));
     b
 }
 
-/// Removes one port's element and chains. Idempotent without a lookup: each object is
-/// first added (a no-op when present) and then deleted, all in one transaction.
-pub(crate) fn port_delete_batch(table: &str, port: &str) -> Batch {
+/// Appends the removal of one port's element and chain to `b`. Idempotent without a
+/// lookup: each object is first added (a no-op when present) and then deleted, all in one
+/// transaction.
+pub(crate) fn port_delete(b: &mut nfnl::Batch, port: &str) {
     let cin = Names::chain_in(port);
-    let mut b = Batch::default();
-    b.cmd(NfCmd::Add(NfListObject::Chain(chain(table, &cin))));
-    b.cmd(NfCmd::Add(port_element(table, port)));
-    b.cmd(NfCmd::Delete(port_element(table, port)));
-    b.cmd(NfCmd::Flush(FlushObject::Chain(chain(table, &cin))));
-    b.cmd(NfCmd::Delete(NfListObject::Chain(chain(table, &cin))));
-    b
+    b.add_chain(&cin)
+        .add_vmap_elem(IN_PORTS, port, &Verdict::Jump(cin.clone()))
+        .del_elem(IN_PORTS, port)
+        .flush_chain(&cin)
+        .del_chain(&cin);
 }
 
 /// Runs `nft` in the node's namespace.
@@ -347,7 +336,7 @@ async fn run(
     }
 }
 
-pub(crate) async fn apply(ns: &File, op: &str, batch: &Batch) -> Result<(), NetError> {
+pub(crate) async fn apply(ns: &File, op: &str, batch: &JsonBatch) -> Result<(), NetError> {
     if batch.is_empty() {
         return Ok(());
     }
@@ -376,38 +365,25 @@ async fn list(ns: &File, what: &[&str]) -> Result<Option<Vec<Value>>, NetError> 
     }
 }
 
-pub(crate) async fn table_exists(ns: &File, table: &str) -> Result<bool, NetError> {
-    // `list tables` avoids dumping every rule of a table with thousands of ports.
-    let tables = list(ns, &["tables", "bridge"]).await?.unwrap_or_default();
-    Ok(tables
-        .iter()
-        .any(|o| o["table"]["name"].as_str() == Some(table)))
-}
-
 /// Drop counters of one port's `_in` chain, summed by rule comment.
-pub(crate) async fn port_counters(
-    ns: &File,
+pub(crate) fn port_counters(
+    nf: &nfnl::NfSocket,
     table: &str,
     port: &str,
 ) -> Result<Option<[u64; 4]>, NetError> {
-    let Some(objs) = list(ns, &["chain", "bridge", table, &Names::chain_in(port)]).await? else {
+    let Some(rules) = nf.chain_counters(table, &Names::chain_in(port))? else {
         return Ok(None);
     };
     let mut c = [0u64; 4];
-    for o in &objs {
-        let r = &o["rule"];
-        let idx = match r["comment"].as_str() {
+    for r in rules {
+        let idx = match r.comment.as_deref() {
             Some(C_L2) => 0,
             Some(C_ARP) => 1,
             Some(C_IP) => 2,
             Some(C_OTHER) => 3,
             _ => continue,
         };
-        for e in r["expr"].as_array().into_iter().flatten() {
-            if let Some(p) = e["counter"]["packets"].as_u64() {
-                c[idx] += p;
-            }
-        }
+        c[idx] += r.packets;
     }
     Ok(Some(c))
 }
@@ -444,35 +420,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn port_batch_installs_checks_before_dispatch() {
-        let b = port_batch(
-            "hive",
-            "hivep0123456789",
-            [2, 0, 0, 0, 0, 1],
-            Ipv4Addr::new(10, 0, 0, 1),
+    fn port_rules_check_mac_arp_ip_then_ethertype() {
+        let mac = [2, 0, 0, 0, 0, 1];
+        let ip = Ipv4Addr::new(10, 0, 0, 1);
+        let rules = port_rules(mac, ip);
+        let comments: Vec<Option<&str>> = rules.iter().map(|r| r.comment).collect();
+        assert_eq!(
+            comments,
+            [
+                Some(C_L2),
+                Some(C_ARP),
+                Some(C_ARP),
+                Some(C_IP),
+                None,
+                None,
+                Some(C_OTHER)
+            ]
         );
-        let j: Value = serde_json::from_slice(&b.to_json().unwrap()).unwrap();
-        let cmds = j["nftables"].as_array().unwrap();
-        // The verdict-map element comes last: never a dispatch into a half-built chain.
-        let last = &cmds[cmds.len() - 1]["add"]["element"];
-        assert_eq!(last["name"], IN_PORTS);
-        assert_eq!(last["elem"][0][0], "hivep0123456789");
-        assert_eq!(last["elem"][0][1]["jump"]["target"], "hivep0123456789_in");
-        let text = j.to_string();
-        assert!(text.contains(r#""right":"02:00:00:00:00:01""#));
-        assert!(text.contains(r#""right":"10.0.0.1""#));
-        assert!(text.contains(r#""field":"saddr ether""#));
-        assert_eq!(text.matches(r#""drop":null"#).count(), 5);
-    }
-
-    #[test]
-    fn delete_batch_is_add_then_delete() {
-        let b = port_delete_batch("hive", "hivep0123456789");
-        let j: Value = serde_json::from_slice(&b.to_json().unwrap()).unwrap();
-        let cmds = j["nftables"].as_array().unwrap();
-        let first_delete = cmds.iter().position(|c| c.get("delete").is_some()).unwrap();
-        assert!(cmds[..first_delete].iter().all(|c| c.get("add").is_some()));
-        assert_eq!(cmds.iter().filter(|c| c.get("delete").is_some()).count(), 2);
+        let drops = |r: &Rule| {
+            r.exprs
+                .ends_with(&[Expr::Counter, Expr::Verdict(Verdict::Drop)])
+        };
+        assert_eq!(rules.iter().filter(|r| drops(r)).count(), 5);
+        assert!(rules[0].exprs.contains(&cmp(CmpOp::Neq, &mac)));
+        assert!(rules[1].exprs.contains(&load(ARP_SADDR_ETHER)));
+        assert!(rules[1].exprs.contains(&cmp(CmpOp::Neq, &mac)));
+        assert!(rules[2].exprs.contains(&cmp(CmpOp::Neq, &[10, 0, 0, 1])));
+        // Every ARP or IPv4 field read is guarded by its protocol check first.
+        assert_eq!(
+            rules[1].exprs[..2],
+            [load(ETHER_TYPE), cmp(CmpOp::Eq, &ETH_P_ARP)]
+        );
+        assert_eq!(
+            rules[3].exprs[..2],
+            [Expr::Meta(MetaKey::Protocol), cmp(CmpOp::Eq, &ETH_P_IP)]
+        );
+        assert!(rules[4].exprs.ends_with(&[Expr::Verdict(Verdict::Accept)]));
     }
 
     #[test]

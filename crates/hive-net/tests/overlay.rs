@@ -573,3 +573,87 @@ async fn attach_refuses_bad_input_and_unknown_networks() {
     n1.remove_network(VNI_A).await.unwrap();
     assert!(t.our_links(0).is_empty());
 }
+
+/// Rules only (no veth, no namespace) for a port that stands in for one of many instances.
+fn filler(i: u32) -> Attachment {
+    Attachment {
+        key: format!("fill-{i}"),
+        vni: VNI_A,
+        ip: std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 78, 0, 1)) + i),
+        prefix_len: 16,
+        mac: [0x02, 0x20, 0, 0, (i >> 8) as u8, i as u8],
+        gateway: std::net::Ipv4Addr::new(10, 78, 255, 254),
+    }
+}
+
+#[tokio::test]
+async fn with_hundreds_of_ports_spoofs_are_dropped_and_removals_leave_the_rest() {
+    let t = Topo::new().await;
+    let [a1, _a2, _b1, _b2] = two_tenants(&t).await;
+    let net = &t.nodes[0].net;
+    for i in 0..300 {
+        net.refresh_port_rules(&filler(i)).await.unwrap();
+    }
+    // A real port added after the 300, and the table's size as `nft` sees it.
+    let a3 = inst(1, 1, 3, VNI_A);
+    net.attach(&a3).await.unwrap();
+    let (na1, na3) = (t.inst_ns(&a1.key), t.inst_ns(&a3.key));
+    let table = t.nft_table(0).unwrap();
+    assert_eq!(
+        table.matches(" : jump ").count(),
+        303,
+        "a1, b1, a3, 300 fillers"
+    );
+    assert_eq!(
+        net.port_counters(&filler(7).key).await.unwrap(),
+        Some(PortCounters::default())
+    );
+    assert_eq!(ping(&na1, "10.77.0.11", 2, &[]), 2, "A1 -> A2 (remote)");
+    assert_eq!(ping(&na3, "10.77.0.1", 2, &[]), 2, "A3 -> A1 (same node)");
+
+    // A spoofed source MAC on A1 is dropped and counted on A1's port only.
+    let c0 = net.port_counters(&a1.key).await.unwrap().unwrap();
+    in_ns_ok(
+        &na1,
+        &["ip", "link", "set", "eth0", "address", "02:00:00:01:01:66"],
+    );
+    assert_eq!(ping(&na1, "10.77.0.3", 2, &[]), 0, "MAC-spoofed ping");
+    in_ns_ok(
+        &na1,
+        &["ip", "link", "set", "eth0", "address", &mac_str(a1.mac)],
+    );
+    let c1 = net.port_counters(&a1.key).await.unwrap().unwrap();
+    assert!(c1.l2_spoof > c0.l2_spoof, "{c1:?}");
+    let c3 = net.port_counters(&a3.key).await.unwrap().unwrap();
+    assert_eq!(c3.l2_spoof + c3.arp_spoof + c3.ip_spoof, 0, "{c3:?}");
+
+    // Another port goes (A3, a real one) and so do 100 fillers: the rest keeps working.
+    net.detach(&a3.key).await.unwrap();
+    for i in 0..100 {
+        net.detach(&filler(i).key).await.unwrap();
+    }
+    let table = t.nft_table(0).unwrap();
+    assert_eq!(
+        table.matches(" : jump ").count(),
+        202,
+        "a1, b1, 200 fillers"
+    );
+    assert!(net.port_counters(&a3.key).await.unwrap().is_none());
+    assert!(net.port_counters(&filler(7).key).await.unwrap().is_none());
+    assert!(net.port_counters(&filler(200).key).await.unwrap().is_some());
+    assert_eq!(
+        ping(&na1, "10.77.0.11", 3, &[]),
+        3,
+        "A1 -> A2 after removals"
+    );
+    // A1's rules still bite: a foreign IPv4 source (A2's MAC is resolved by now).
+    in_ns_ok(&na1, &["ip", "addr", "add", "10.77.0.50/24", "dev", "eth0"]);
+    assert_eq!(
+        ping(&na1, "10.77.0.11", 3, &["-I", "10.77.0.50"]),
+        0,
+        "IP-spoofed ping after removals"
+    );
+    in_ns_ok(&na1, &["ip", "addr", "del", "10.77.0.50/24", "dev", "eth0"]);
+    let c2 = net.port_counters(&a1.key).await.unwrap().unwrap();
+    assert!(c2.ip_spoof >= c1.ip_spoof + 3, "{c2:?}");
+}
