@@ -16,6 +16,7 @@ mod names;
 mod netns;
 mod nft;
 mod remote;
+pub mod testbed;
 
 use std::collections::HashSet;
 use std::fs::File;
