@@ -32,7 +32,7 @@ use crate::images::need;
 #[derive(Debug, clap::Args)]
 pub struct NetArgs {
     /// iperf3 rounds, each an underlay run then an overlay run.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
     /// Seconds measured per iperf3 run (after 1 s omitted).
     #[arg(long, default_value_t = 5)]
