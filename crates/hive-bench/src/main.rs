@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod api;
 mod images;
+mod net;
 mod registry;
 mod runtime;
 mod start;
@@ -36,6 +37,9 @@ enum Command {
     /// Container start through Hive (warm, cold, density), against the bare runtimes and
     /// podman.
     Start(start::StartArgs),
+    /// Tenant networks: overlay TCP throughput against the underlay, per-instance setup
+    /// time, rule update time with 1,000 instances on a node.
+    Net(net::NetArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,5 +54,6 @@ fn main() -> anyhow::Result<()> {
         Command::Runtime(args) => runtime::run(args),
         Command::Registry(args) => registry::run(args),
         Command::Start(args) => start::run(args),
+        Command::Net(args) => net::run(args),
     }
 }

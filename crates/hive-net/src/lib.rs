@@ -18,6 +18,7 @@ mod nfnl;
 mod nft;
 mod publish;
 mod remote;
+pub mod testbed;
 
 use std::collections::HashSet;
 use std::fs::File;

@@ -1,18 +1,17 @@
-//! A two-node test topology: node namespaces joined by an underlay veth, each with its own
-//! `NodeNet`, and helpers to run tools inside instance namespaces. Everything is named with
-//! a per-run prefix and removed on drop, also when a test fails.
+//! The two-node testbed (`hive_net::testbed`: node namespaces joined by an underlay veth,
+//! each with its own `NodeNet`, removed on drop, also when a test fails) with test-style
+//! accessors, and helpers to run tools inside instance namespaces.
 
 #![allow(dead_code)]
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use hive_net::{Attachment, NetworkDef, NodeNet, NodeNetConfig, RemoteEndpoint};
-
-pub const NETNS_DIR: &str = "/run/netns";
+pub use hive_net::testbed::NETNS_DIR;
+use hive_net::testbed::{Testbed, ns_command, output_ok};
+use hive_net::{Attachment, NetworkDef, RemoteEndpoint};
 const TOOLS: &[&str] = &["ip", "bridge", "nft", "ping", "tcpdump", "arping"];
 
 /// Fails loudly (never a silent pass) when the test cannot run here.
@@ -43,20 +42,6 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Unique per process and per call: `t` + 3 hex digits (each node appends a letter).
-pub fn unique_prefix() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let mix = std::process::id()
-        .wrapping_mul(2_654_435_761)
-        .wrapping_add(nanos)
-        .wrapping_add(N.fetch_add(1, Ordering::Relaxed).wrapping_mul(40_503));
-    format!("t{:03x}", mix & 0xfff)
-}
-
 pub fn run(cmd: &[&str]) -> Output {
     Command::new(cmd[0])
         .args(&cmd[1..])
@@ -65,26 +50,19 @@ pub fn run(cmd: &[&str]) -> Output {
 }
 
 pub fn run_ok(cmd: &[&str]) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    output_ok(Command::new(cmd[0]).args(&cmd[1..])).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs a command inside a named namespace (a file in /run/netns).
 pub fn in_ns(ns: &str, cmd: &[&str]) -> Output {
-    let mut full = vec!["ip", "netns", "exec", ns];
-    full.extend_from_slice(cmd);
-    run(&full)
+    ns_command(ns, cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd:?} in {ns}: {e}"))
 }
 
 pub fn in_ns_ok(ns: &str, cmd: &[&str]) -> String {
-    let mut full = vec!["ip", "netns", "exec", ns];
-    full.extend_from_slice(cmd);
-    run_ok(&full)
+    output_ok(ns_command(ns, cmd[0]).args(&cmd[1..])).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Echo replies received out of `count` pings.
@@ -214,130 +192,40 @@ fn nix_kill_int(pid: u32) -> std::io::Result<()> {
     }
 }
 
-pub struct Node {
-    /// This node's NodeNet prefix: nodes of one test share a host, like two agents would.
-    pub prefix: String,
-    pub ns: String,
-    pub dev: String,
-    pub ip: Ipv4Addr,
-    pub net: NodeNet,
-}
-
-/// Two node namespaces `<base>n1`, `<base>n2` on one underlay /24, with NodeNet prefixes
-/// `<base>a` and `<base>b`.
-pub struct Topo {
-    pub base: String,
-    pub nodes: Vec<Node>,
-}
+/// The two-node testbed of `hive_net::testbed` (underlay 10.250.0.0/24, base `t…`), with
+/// accessors that panic instead of returning errors.
+pub struct Topo(Testbed);
 
 impl Topo {
     pub async fn new() -> Topo {
         require_root_and_tools();
-        let base = unique_prefix();
-        let mut topo = Topo {
-            base: base.clone(),
-            nodes: Vec::new(),
-        };
-        let ns: Vec<String> = (1..=2).map(|i| format!("{base}n{i}")).collect();
-        let dev: Vec<String> = (1..=2).map(|i| format!("{base}u{i}")).collect();
-        for n in &ns {
-            run_ok(&["ip", "netns", "add", n]);
-            in_ns_ok(n, &["ip", "link", "set", "lo", "up"]);
-        }
-        run_ok(&[
-            "ip", "link", "add", &dev[0], "netns", &ns[0], "type", "veth", "peer", "name", &dev[1],
-            "netns", &ns[1],
-        ]);
-        for i in 0..2 {
-            let ip = Ipv4Addr::new(10, 250, 0, i as u8 + 1);
-            in_ns_ok(
-                &ns[i],
-                &["ip", "addr", "add", &format!("{ip}/24"), "dev", &dev[i]],
-            );
-            in_ns_ok(&ns[i], &["ip", "link", "set", &dev[i], "up"]);
-            let prefix = format!("{base}{}", ["a", "b"][i]);
-            let mut cfg = NodeNetConfig::new(ip, dev[i].clone());
-            cfg.prefix = prefix.clone();
-            cfg.node_netns = Some(PathBuf::from(NETNS_DIR).join(&ns[i]));
-            let net = NodeNet::open(cfg).await.expect("open node net");
-            topo.nodes.push(Node {
-                prefix,
-                ns: ns[i].clone(),
-                dev: dev[i].clone(),
-                ip,
-                net,
-            });
-        }
-        topo
+        Topo(
+            Testbed::new('t', [10, 250, 0])
+                .await
+                .expect("build the two-node testbed"),
+        )
     }
 
-    /// The namespace name (in /run/netns) of an instance, on whichever node has it.
     pub fn inst_ns(&self, key: &str) -> String {
-        self.nodes
-            .iter()
-            .map(|n| format!("{}-{key}", n.prefix))
-            .find(|name| std::path::Path::new(NETNS_DIR).join(name).exists())
+        self.0
+            .inst_ns(key)
             .unwrap_or_else(|| panic!("no namespace for instance {key}"))
     }
 
-    /// Reopens node `i`'s NodeNet, as a restarted agent would.
     pub async fn reopen(&mut self, i: usize) {
-        let n = &self.nodes[i];
-        let mut cfg = NodeNetConfig::new(n.ip, n.dev.clone());
-        cfg.prefix = n.prefix.clone();
-        cfg.node_netns = Some(PathBuf::from(NETNS_DIR).join(&n.ns));
-        self.nodes[i].net = NodeNet::open(cfg).await.expect("reopen node net");
+        self.0.reopen(i).await.expect("reopen node net");
     }
 
-    /// Links in a node namespace whose name starts with the prefix (minus the underlay).
     pub fn our_links(&self, i: usize) -> Vec<String> {
-        let out = in_ns_ok(&self.nodes[i].ns, &["ip", "-o", "link", "show"]);
-        out.lines()
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap_or(n).to_owned())
-            .filter(|n| n.starts_with(&self.nodes[i].prefix))
-            .collect()
-    }
-
-    /// Instance namespace files of node `i`.
-    pub fn our_netns(&self, i: usize) -> Vec<String> {
-        let mine = format!("{}-", self.nodes[i].prefix);
-        std::fs::read_dir(NETNS_DIR)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-                    .filter(|n| n.starts_with(&mine))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    pub fn nft_table(&self, i: usize) -> Option<String> {
-        let out = in_ns(
-            &self.nodes[i].ns,
-            &["nft", "list", "table", "bridge", &self.nodes[i].prefix],
-        );
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        self.0.our_links(i).expect("list links of a node")
     }
 }
 
-impl Drop for Topo {
-    fn drop(&mut self) {
-        // Deleting a namespace deletes its links and nft tables; instance namespaces too.
-        let mut names: Vec<String> = std::fs::read_dir(NETNS_DIR)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-                    .filter(|n| n.starts_with(&self.base))
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        for n in names {
-            let _ = run(&["ip", "netns", "del", &n]);
-        }
+impl std::ops::Deref for Topo {
+    type Target = Testbed;
+
+    fn deref(&self) -> &Testbed {
+        &self.0
     }
 }
 
