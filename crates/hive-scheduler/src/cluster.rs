@@ -159,7 +159,11 @@ impl NodeState {
         if !req.requests.fits_in(&free) {
             return Some(Reason::InsufficientMemory);
         }
-        if req.host_ports.iter().any(|p| self.host_ports.contains_key(p)) {
+        if req
+            .host_ports
+            .iter()
+            .any(|p| self.host_ports.contains_key(p))
+        {
             return Some(Reason::PortInUse);
         }
         None
@@ -612,7 +616,10 @@ mod tests {
         let second = c.place(&web).unwrap().node;
         assert_ne!(first, second, "both publish tcp/8080");
         let err = c.place(&web).unwrap_err();
-        assert_eq!(err.to_string(), "0/2 nodes available: 2 node port already published");
+        assert_eq!(
+            err.to_string(),
+            "0/2 nodes available: 2 node port already published"
+        );
         // UDP on the same number is another port; releasing frees the TCP one.
         let mut dns = req("b", "dns", 100, 0);
         dns.host_ports = vec![(true, 8080)];
