@@ -292,7 +292,7 @@ pub(crate) fn port_delete(b: &mut nfnl::Batch, port: &str) {
 }
 
 /// Runs `nft` in the node's namespace.
-async fn run(
+pub(crate) async fn run(
     ns: &File,
     op: &str,
     args: &[&str],

@@ -29,9 +29,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
-use std::process::Stdio;
-
-use tokio::io::AsyncWriteExt;
 
 use crate::{NetError, NetworkDef, NodeNet, link, netns};
 
@@ -368,7 +365,7 @@ impl NodeNet {
     /// The node map's elements: (protocol, node port) → router transit address.
     async fn node_map_elements(&self) -> Result<BTreeMap<(Protocol, u16), Ipv4Addr>, NetError> {
         let table = self.node_pub_table();
-        let out = nft_run(
+        let out = crate::nft::run(
             &self.node_ns,
             "list published ports",
             &["-j", "list", "map", "ip", &table, "ports"],
@@ -464,49 +461,9 @@ fn parse_map_elements(v: &serde_json::Value) -> BTreeMap<(Protocol, u16), Ipv4Ad
 
 /// Applies nft's own syntax in `ns` (one transaction).
 async fn nft_text(ns: &File, op: &str, text: &str) -> Result<(), NetError> {
-    nft_run(ns, op, &["-f", "-"], Some(text.as_bytes().to_vec()))
+    crate::nft::run(ns, op, &["-f", "-"], Some(text.as_bytes().to_vec()))
         .await
         .map(drop)
-}
-
-async fn nft_run(
-    ns: &File,
-    op: &str,
-    args: &[&str],
-    stdin: Option<Vec<u8>>,
-) -> Result<Vec<u8>, NetError> {
-    let mut cmd = tokio::process::Command::new("nft");
-    cmd.args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    netns::enter_in_child(&mut cmd, ns);
-    let mut child = cmd.spawn().map_err(|e| NetError::Nft {
-        op: op.to_owned(),
-        detail: format!("spawn nft: {e}"),
-    })?;
-    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(&data)
-            .await
-            .map_err(|e| NetError::io(format!("nft {op}: write"), e))?;
-    }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|e| NetError::io(format!("nft {op}: wait"), e))?;
-    if out.status.success() {
-        Ok(out.stdout)
-    } else {
-        Err(NetError::Nft {
-            op: op.to_owned(),
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
-    }
 }
 
 #[cfg(test)]
