@@ -127,8 +127,9 @@ pub async fn attach(net: &NodeNet, id: &str, n: &InstanceNetwork) -> Result<Path
 /// What the sync loop keeps between passes.
 #[derive(Debug, Default)]
 pub struct NetState {
-    /// Ports this agent may have made: wanted once since it started, or found at startup.
-    known: HashSet<String>,
+    /// Ports this agent may have made (wanted once since it started, or kept at startup),
+    /// and their network.
+    known: HashMap<String, u32>,
     /// Networks with a bridge here.
     networks: HashSet<u32>,
     /// The remote endpoints last applied, per network.
@@ -179,15 +180,15 @@ impl NetState {
             if let Err(e) = net.reconcile(&keep, &local_vnis).await {
                 tracing::warn!(error = %e, "reconcile the node's networks");
             }
-            self.known.extend(keep);
             self.networks.extend(local_vnis.iter().copied());
             self.reconciled = true;
         }
-        self.known.extend(wanted.keys().map(|k| (*k).to_owned()));
+        self.known
+            .extend(wanted.iter().map(|(k, n)| ((*k).to_owned(), n.vni)));
         // Ports whose instance is gone and whose container is gone too.
         let gone: Vec<String> = self
             .known
-            .iter()
+            .keys()
             .filter(|k| !wanted.contains_key(k.as_str()) && !containers.contains(*k))
             .cloned()
             .collect();
@@ -209,11 +210,7 @@ impl NetState {
             .collect();
         for vni in unused {
             // Only once none of its ports is left (a stopping container keeps its port).
-            if self.known.iter().any(|k| {
-                here.get(k)
-                    .and_then(|i| i.spec.network.as_ref())
-                    .is_some_and(|n| n.vni == vni)
-            }) {
+            if self.known.values().any(|v| *v == vni) {
                 continue;
             }
             match net.remove_network(vni).await {
