@@ -63,6 +63,19 @@ pub fn detect_underlay() -> (String, Ipv4Addr) {
     }
 }
 
+/// What a link without a speed of its own (veth, bridge, loopback) is taken to carry.
+pub const DEFAULT_LINK_BPS: u64 = 10_000_000_000;
+
+/// The speed of network device `dev` in bits/s, from sysfs (`speed` is in Mbit/s; virtual
+/// devices report none or -1: [`DEFAULT_LINK_BPS`]).
+pub fn link_bps(dev: &str) -> u64 {
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/speed"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+        .filter(|mbit| *mbit > 0)
+        .map_or(DEFAULT_LINK_BPS, |mbit| mbit as u64 * 1_000_000)
+}
+
 impl NetConfig {
     /// Opens the node's data plane (sysctls, the filtering table): must run on the runtime
     /// that will drive it.

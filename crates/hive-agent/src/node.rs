@@ -56,6 +56,8 @@ pub fn host_facts(runtime: &str) -> HostFacts {
         capacity: NodeCapacity {
             cpu_millis: cpus * 1000,
             memory_bytes: mem_kib * 1024,
+            // Set from the underlay's link by the caller (`network::link_bps`).
+            network_bps: 0,
         },
         kernel: read_trim("/proc/sys/kernel/osrelease").unwrap_or_default(),
         os: std::env::consts::OS.to_owned(),

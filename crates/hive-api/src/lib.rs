@@ -26,7 +26,7 @@ pub use network::{InstanceNetwork, Ipv4Cidr, Network, NetworkSpec, NetworkStatus
 pub use node::{Node, NodeCapacity, NodeSpec, NodeStatus};
 pub use proxy::{ProxyClaims, ProxyKey, ProxyOp, ProxySigner};
 pub use service::{
-    ContainerSpec, EnvVar, PortSpec, Protocol, PullPolicy, ResourceAmounts, Resources,
+    Bandwidth, ContainerSpec, EnvVar, PortSpec, Protocol, PullPolicy, ResourceAmounts, Resources,
     RestartPolicy, Service, ServiceSpec, ServiceStatus,
 };
 pub use tenant::Tenant;

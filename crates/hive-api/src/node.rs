@@ -53,6 +53,10 @@ pub struct NodeCapacity {
     pub cpu_millis: u64,
     #[serde(default)]
     pub memory_bytes: u64,
+    /// Bandwidth of the node's link (bits/s) that instances' guaranteed bandwidth is
+    /// reserved from.
+    #[serde(default)]
+    pub network_bps: u64,
 }
 
 /// Written by the node's agent.

@@ -95,6 +95,67 @@ pub struct ContainerSpec {
     /// allocates one when the instance is placed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
+    /// Network bandwidth of each instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<Bandwidth>,
+}
+
+/// Most bits/s a bandwidth figure may be (1 Tbit/s).
+pub const MAX_BPS: u64 = 1_000_000_000_000;
+/// Least bits/s a bandwidth figure may be (HTB's granularity makes less meaningless).
+pub const MIN_BPS: u64 = 8_000;
+/// Most packets/s a packet-rate limit may be.
+pub const MAX_PPS: u64 = 100_000_000;
+
+/// An instance's share of its node's link.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Bandwidth {
+    /// Bits/s reserved for the instance on its node: the scheduler places it only where the
+    /// sum of guarantees stays within the node's `network_bps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guaranteed_bps: Option<u64>,
+    /// Bits/s it may reach by borrowing what others leave idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bps: Option<u64>,
+    /// Packets/s of small frames (under 256 bytes) it may send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pps: Option<u64>,
+}
+
+impl Bandwidth {
+    pub fn validate(&self, field: &str) -> Result<(), ValidationError> {
+        for (name, v) in [
+            ("guaranteed_bps", self.guaranteed_bps),
+            ("max_bps", self.max_bps),
+        ] {
+            if let Some(v) = v
+                && !(MIN_BPS..=MAX_BPS).contains(&v)
+            {
+                return Err(ValidationError::new(
+                    format!("{field}.{name}"),
+                    format!("{v} is outside {MIN_BPS}..={MAX_BPS} bits/s"),
+                ));
+            }
+        }
+        if let (Some(g), Some(m)) = (self.guaranteed_bps, self.max_bps)
+            && g > m
+        {
+            return Err(ValidationError::new(
+                format!("{field}.guaranteed_bps"),
+                format!("{g} exceeds max_bps {m}"),
+            ));
+        }
+        if let Some(p) = self.pps
+            && !(1..=MAX_PPS).contains(&p)
+        {
+            return Err(ValidationError::new(
+                format!("{field}.pps"),
+                format!("{p} is outside 1..={MAX_PPS}"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl ContainerSpec {
@@ -282,6 +343,9 @@ impl ContainerSpec {
             }
         }
         self.resources.validate(&format!("{field}.resources"))?;
+        if let Some(b) = &self.bandwidth {
+            b.validate(&format!("{field}.bandwidth"))?;
+        }
         let f = format!("{field}.ports");
         validate::count(&f, &self.ports, MAX_PORTS)?;
         let mut container = HashSet::new();

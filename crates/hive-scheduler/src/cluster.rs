@@ -8,11 +8,15 @@ use std::fmt;
 pub struct Resources {
     pub cpu_millis: u64,
     pub memory_bytes: u64,
+    /// Guaranteed network bandwidth, bits/s.
+    pub network_bps: u64,
 }
 
 impl Resources {
     fn fits_in(&self, free: &Resources) -> bool {
-        self.cpu_millis <= free.cpu_millis && self.memory_bytes <= free.memory_bytes
+        self.cpu_millis <= free.cpu_millis
+            && self.memory_bytes <= free.memory_bytes
+            && self.network_bps <= free.network_bps
     }
 }
 
@@ -53,6 +57,7 @@ pub enum Reason {
     SelectorMismatch,
     InsufficientCpu,
     InsufficientMemory,
+    InsufficientBandwidth,
     PortInUse,
 }
 
@@ -65,6 +70,7 @@ impl Reason {
             Reason::SelectorMismatch => "not matching the selector",
             Reason::InsufficientCpu => "insufficient cpu",
             Reason::InsufficientMemory => "insufficient memory",
+            Reason::InsufficientBandwidth => "insufficient network bandwidth",
             Reason::PortInUse => "node port already published",
         }
     }
@@ -126,6 +132,11 @@ impl NodeState {
                 .allocatable
                 .memory_bytes
                 .saturating_sub(self.allocated.memory_bytes),
+            network_bps: self
+                .info
+                .allocatable
+                .network_bps
+                .saturating_sub(self.allocated.network_bps),
         }
     }
 
@@ -156,8 +167,11 @@ impl NodeState {
         if req.requests.cpu_millis > free.cpu_millis {
             return Some(Reason::InsufficientCpu);
         }
-        if !req.requests.fits_in(&free) {
+        if req.requests.memory_bytes > free.memory_bytes {
             return Some(Reason::InsufficientMemory);
+        }
+        if !req.requests.fits_in(&free) {
+            return Some(Reason::InsufficientBandwidth);
         }
         if req
             .host_ports
@@ -319,6 +333,7 @@ impl Cluster {
         };
         n.allocated.cpu_millis += req.requests.cpu_millis;
         n.allocated.memory_bytes += req.requests.memory_bytes;
+        n.allocated.network_bps += req.requests.network_bps;
         n.instances += 1;
         *n.per_service.entry(service_key(req)).or_default() += 1;
         for p in &req.host_ports {
@@ -342,6 +357,10 @@ impl Cluster {
             .allocated
             .memory_bytes
             .saturating_sub(req.requests.memory_bytes);
+        n.allocated.network_bps = n
+            .allocated
+            .network_bps
+            .saturating_sub(req.requests.network_bps);
         n.instances = n.instances.saturating_sub(1);
         let key = service_key(req);
         if let Some(c) = n.per_service.get_mut(&key) {
@@ -483,6 +502,7 @@ mod tests {
             allocatable: Resources {
                 cpu_millis: cpu,
                 memory_bytes: mem_gib * GIB,
+                network_bps: 10_000_000_000,
             },
             ready: true,
             ..Default::default()
@@ -496,9 +516,35 @@ mod tests {
             requests: Resources {
                 cpu_millis: cpu,
                 memory_bytes: mem_gib * GIB,
+                network_bps: 0,
             },
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn guaranteed_bandwidth_is_reserved_from_the_link() {
+        let mut c = Cluster::new();
+        let mut n = node("n0", 8000, 16);
+        n.shared = true;
+        c.upsert_node(n);
+        let mut video = req("a", "video", 100, 0);
+        video.requests.network_bps = 4_000_000_000;
+        c.place(&video).unwrap();
+        c.place(&video).unwrap();
+        // 8 of 10 Gbit/s are reserved: a third 4 Gbit/s guarantee does not fit.
+        let err = c.place(&video).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "0/1 nodes available: 1 insufficient network bandwidth"
+        );
+        // More than any node's link: never placed; no guarantee: placed.
+        let mut huge = req("a", "huge", 100, 0);
+        huge.requests.network_bps = 40_000_000_000;
+        assert!(c.place(&huge).is_err());
+        c.place(&req("a", "plain", 100, 0)).unwrap();
+        c.release("n0", &video);
+        c.place(&video).unwrap();
     }
 
     #[test]

@@ -1111,6 +1111,27 @@ async fn networks_refuse_overlaps_bad_subnets_and_changes() {
             r.message()
         );
     }
+    for (bandwidth, field) in [
+        (
+            json!({"guaranteed_bps": 2_000_000, "max_bps": 1_000_000}),
+            "guaranteed_bps",
+        ),
+        (json!({"max_bps": 10}), "max_bps"),
+        (json!({"pps": 0}), "pps"),
+    ] {
+        let mut svc = service("bw");
+        svc["spec"]["template"]["bandwidth"] = bandwidth;
+        let r = h
+            .call(Method::POST, &svc_path("acme"), &admin, Some(svc))
+            .await;
+        assert_eq!(r.code(), "invalid", "{}", r.body);
+        assert!(
+            r.message()
+                .starts_with(&format!("spec.template.bandwidth.{field}")),
+            "{}",
+            r.message()
+        );
+    }
     let r = h
         .call(
             Method::POST,

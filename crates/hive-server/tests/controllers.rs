@@ -168,6 +168,7 @@ async fn add_node(c: &Client, name: &str, cpu_millis: u64) {
     let cap = NodeCapacity {
         cpu_millis,
         memory_bytes: 8 << 30,
+        network_bps: 10_000_000_000,
     };
     n.status = NodeStatus {
         capacity: cap.clone(),
@@ -477,4 +478,38 @@ async fn a_full_network_leaves_instances_pending_with_a_reason_until_addresses_f
     held.sort();
     held.dedup();
     assert_eq!((n, held.len()), (5, 5), "an address held twice: {after:#?}");
+}
+
+#[tokio::test]
+async fn guaranteed_bandwidth_beyond_the_links_leaves_instances_pending() {
+    let s = start().await;
+    let c = &s.client;
+    add_node(c, "n1", 64_000).await;
+    c.create(
+        None,
+        &Tenant {
+            name: "a".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Two 4 Gbit/s guarantees fit a 10 Gbit/s link, a third does not.
+    let mut video = service("video", 3);
+    video.spec.template.bandwidth = Some(hive_api::Bandwidth {
+        guaranteed_bps: Some(4_000_000_000),
+        max_bps: Some(8_000_000_000),
+        pps: None,
+    });
+    c.create(Some("a"), &video).await.unwrap();
+    let all = until(c, "a", "2 placed, 1 waiting on bandwidth", |i| {
+        i.len() == 3
+            && i.iter().filter(|i| i.spec.node.is_some()).count() == 2
+            && i.iter().any(|i| {
+                i.status.reason == "Unschedulable"
+                    && i.status.message == "0/1 nodes available: 1 insufficient network bandwidth"
+            })
+    })
+    .await;
+    assert_eq!(all.len(), 3);
 }

@@ -66,6 +66,13 @@ fn request(tenant: &str, i: &Instance) -> Request {
                 .memory_bytes
                 .or(r.limits.memory_bytes)
                 .unwrap_or(0),
+            network_bps: i
+                .spec
+                .template
+                .bandwidth
+                .as_ref()
+                .and_then(|b| b.guaranteed_bps)
+                .unwrap_or(0),
         },
         selector: BTreeMap::new(),
         host_ports: i
@@ -91,6 +98,7 @@ fn node_info(n: &Node) -> NodeInfo {
         allocatable: Resources {
             cpu_millis: n.status.allocatable.cpu_millis,
             memory_bytes: n.status.allocatable.memory_bytes,
+            network_bps: n.status.allocatable.network_bps,
         },
         labels: n.labels.clone(),
         ready: n.status.ready && fresh,

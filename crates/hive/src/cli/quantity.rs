@@ -37,9 +37,50 @@ pub fn bytes(s: &str) -> Result<u64, String> {
     s.parse().map_err(|_| bad())
 }
 
+/// Bits per second: plain, or with a suffix k/K, M, G, T (powers of 1000), optionally
+/// followed by `bit` (`100M`, `1Gbit`).
+pub fn bits_per_sec(s: &str) -> Result<u64, String> {
+    let bad = || format!("bandwidth {s:?}: expected bits/s like 500000, 100M or 1Gbit");
+    let t = s.strip_suffix("bit").unwrap_or(s);
+    let units: [(&str, u64); 5] = [
+        ("k", 1_000),
+        ("K", 1_000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+        ("T", 1_000_000_000_000),
+    ];
+    for (suffix, mult) in units {
+        if let Some(n) = t.strip_suffix(suffix) {
+            let n: u64 = n.parse().map_err(|_| bad())?;
+            return n.checked_mul(mult).ok_or_else(bad);
+        }
+    }
+    t.parse().map_err(|_| bad())
+}
+
+/// `GUARANTEED[:MAX]` bandwidth, each in [`bits_per_sec`].
+pub fn bandwidth(s: &str) -> Result<(u64, Option<u64>), String> {
+    match s.split_once(':') {
+        Some((g, m)) => Ok((bits_per_sec(g)?, Some(bits_per_sec(m)?))),
+        None => Ok((bits_per_sec(s)?, None)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bandwidth_parses_units_and_refuses_junk() {
+        assert_eq!(bits_per_sec("100M"), Ok(100_000_000));
+        assert_eq!(bits_per_sec("1Gbit"), Ok(1_000_000_000));
+        assert_eq!(bits_per_sec("500k"), Ok(500_000));
+        assert_eq!(bits_per_sec("42"), Ok(42));
+        assert_eq!(bandwidth("100M:1G"), Ok((100_000_000, Some(1_000_000_000))));
+        for bad in ["", "M", "1.5G", "-1M", "1Q", "99999999999T"] {
+            assert!(bits_per_sec(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn cpu() {

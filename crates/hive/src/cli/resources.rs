@@ -126,6 +126,13 @@ pub struct TemplateArgs {
     /// A fixed address on that network (one replica only).
     #[arg(long)]
     pub ip: Option<String>,
+    /// Network bandwidth: GUARANTEED[:MAX] bits/s (`100M:1G`); the guarantee is reserved on
+    /// the node by the scheduler.
+    #[arg(long, value_parser = quantity::bandwidth)]
+    pub bandwidth: Option<(u64, Option<u64>)>,
+    /// Small-frame packets/s the instance may send.
+    #[arg(long)]
+    pub pps: Option<u64>,
 }
 
 impl TemplateArgs {
@@ -162,6 +169,13 @@ impl TemplateArgs {
             pull_policy: self.pull,
             network: self.network.clone(),
             ip: self.ip.clone(),
+            bandwidth: (self.bandwidth.is_some() || self.pps.is_some()).then(|| {
+                hive_api::Bandwidth {
+                    guaranteed_bps: self.bandwidth.map(|b| b.0),
+                    max_bps: self.bandwidth.and_then(|b| b.1),
+                    pps: self.pps,
+                }
+            }),
             ..Default::default()
         };
         template.resources.limits.cpu_millis = self.cpu;

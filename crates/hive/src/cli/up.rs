@@ -75,6 +75,10 @@ pub struct NetArgs {
     /// two agents on one host need different ones).
     #[arg(long, default_value = "hive")]
     pub net_prefix: String,
+    /// Bits/s of the node's link that instances' guaranteed bandwidth is reserved from
+    /// (default: the underlay device's speed, or 10 Gbit/s for a virtual one).
+    #[arg(long)]
+    pub link_bps: Option<u64>,
 }
 
 impl NetArgs {
@@ -84,6 +88,23 @@ impl NetArgs {
             underlay_dev: self.underlay_dev.clone(),
             prefix: self.net_prefix.clone(),
         }
+    }
+
+    /// The link capacity reported in the node's status.
+    fn link_bps(&self) -> u64 {
+        self.link_bps.unwrap_or_else(|| {
+            let dev = self
+                .underlay_dev
+                .clone()
+                .unwrap_or_else(|| hive_agent::network::detect_underlay().0);
+            hive_agent::network::link_bps(&dev)
+        })
+    }
+
+    /// Fills the node facts that come from the network.
+    fn fill(&self, facts: &mut hive_agent::node::HostFacts) {
+        facts.underlay_ip = self.underlay_ip().to_string();
+        facts.capacity.network_bps = self.link_bps();
     }
 
     /// The underlay address reported in the node's status.
@@ -238,7 +259,7 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
     facts.shared = true;
     let api = bind_agent_api("127.0.0.1:0".parse()?, None).await?;
     facts.agent_url = api.1.clone();
-    facts.underlay_ip = args.net.underlay_ip().to_string();
+    args.net.fill(&mut facts);
     hive_agent::node::register(&client, &facts).await?;
     let node = facts.name.clone();
     tokio::spawn(hive_agent::node::keep_lease(
@@ -410,7 +431,7 @@ pub async fn agent(ctx: &super::Ctx, args: AgentArgs) -> Result<()> {
     }
     let (api, url) = bind_agent_api(args.listen, args.advertise_url).await?;
     facts.agent_url = url;
-    facts.underlay_ip = args.net.underlay_ip().to_string();
+    args.net.fill(&mut facts);
     let node = hive_agent::node::register(&ctx.client, &facts).await?;
     eprintln!(
         "hive agent: node {} registered with {} (agent API at {})",
