@@ -14,10 +14,11 @@
 //!   map in_ports  { type ifname : verdict }      host veth -> jump <port>_in
 //!   map out_ports { type ifname : verdict }      (egress L4 rules: later)
 //!   chain ports_in  { hook prerouting priority -300; policy accept; iifname vmap @in_ports }
-//!   chain ports_out { hook forward priority 0;      policy accept; oifname vmap @out_ports }
-//!   chain <port>_in  : MAC/ARP/IPv4 source checks; ether type ip/arp accept; drop
+//!   chain <port>_in  : MAC and IPv4 source checks, ether type ip accept; ARP checks,
+//!                      ether type arp accept; drop
 //!                      (later: jump <port>_pps first, meta priority set before the accepts;
-//!                      a <port>_out chain of L4 rules behind out_ports)
+//!                      a <port>_out chain of L4 rules behind out_ports, dispatched by a
+//!                      forward-hook chain that exists only from then on)
 //! ```
 
 use std::borrow::Cow;
@@ -43,7 +44,8 @@ use crate::nfnl::{self, Base, CmpOp, Expr, MetaKey, Rule, Verdict};
 pub(crate) const IN_PORTS: &str = "in_ports";
 pub(crate) const OUT_PORTS: &str = "out_ports";
 const PORTS_IN: &str = "ports_in";
-const PORTS_OUT: &str = "ports_out";
+/// The forward-hook chain of earlier versions (`oifname vmap @out_ports`), removed by `open`.
+const LEGACY_PORTS_OUT: &str = "ports_out";
 /// Before bridge FDB learning and before anything else in the bridge prerouting hook, so
 /// spoofed frames never poison the FDB.
 const PORTS_IN_PRIORITY: i32 = -300;
@@ -134,8 +136,14 @@ fn map_decl(table: &str, name: &str) -> Value {
     json!({"add": {"map": {"family": "bridge", "table": table, "name": name, "type": "ifname", "map": "verdict"}}})
 }
 
-/// The node table with its dispatch maps and base chains. Idempotent: the base chains are
-/// flushed and refilled in the same transaction, so no packet sees them empty.
+/// The node table with its dispatch maps and base chain. Idempotent: the base chain is
+/// flushed and refilled in the same transaction, so no packet sees it empty.
+///
+/// There is no `ports_out` base chain (forward hook, `oifname vmap @out_ports`) until egress
+/// rules exist: even empty it cost every bridged frame a hook, an `oifname` copy and a map
+/// lookup (about a third of the table's per-packet cost, see docs/networking.md). One left
+/// by an earlier version is removed here (added, flushed and deleted in this transaction, so
+/// its absence is no error).
 pub(crate) fn table_batch(table: &str) -> JsonBatch {
     let mut b = JsonBatch::default();
     b.cmd(NfCmd::Add(NfListObject::Table(Table {
@@ -145,32 +153,34 @@ pub(crate) fn table_batch(table: &str) -> JsonBatch {
     })));
     b.raw(map_decl(table, IN_PORTS))
         .raw(map_decl(table, OUT_PORTS));
-    for (name, hook, prio, key, map) in [
-        (
-            PORTS_IN,
-            NfHook::Prerouting,
-            PORTS_IN_PRIORITY,
-            nftables::expr::MetaKey::Iifname,
-            IN_PORTS,
-        ),
-        (
-            PORTS_OUT,
-            NfHook::Forward,
-            0,
-            nftables::expr::MetaKey::Oifname,
-            OUT_PORTS,
-        ),
-    ] {
-        b.cmd(NfCmd::Add(NfListObject::Chain(base_chain(
-            table, name, hook, prio,
-        ))));
-        b.cmd(NfCmd::Flush(FlushObject::Chain(chain(table, name))));
-        let vmap = Statement::VerdictMap(VerdictMap {
-            key: Expression::Named(NamedExpression::Meta(Meta { key })),
-            data: s(format!("@{map}")),
-        });
-        b.cmd(NfCmd::Add(rule(table, name, None, vec![vmap])));
-    }
+    b.cmd(NfCmd::Add(NfListObject::Chain(base_chain(
+        table,
+        PORTS_IN,
+        NfHook::Prerouting,
+        PORTS_IN_PRIORITY,
+    ))));
+    b.cmd(NfCmd::Flush(FlushObject::Chain(chain(table, PORTS_IN))));
+    let vmap = Statement::VerdictMap(VerdictMap {
+        key: Expression::Named(NamedExpression::Meta(Meta {
+            key: nftables::expr::MetaKey::Iifname,
+        })),
+        data: s(format!("@{IN_PORTS}")),
+    });
+    b.cmd(NfCmd::Add(rule(table, PORTS_IN, None, vec![vmap])));
+    b.cmd(NfCmd::Add(NfListObject::Chain(base_chain(
+        table,
+        LEGACY_PORTS_OUT,
+        NfHook::Forward,
+        0,
+    ))));
+    b.cmd(NfCmd::Flush(FlushObject::Chain(chain(
+        table,
+        LEGACY_PORTS_OUT,
+    ))));
+    b.cmd(NfCmd::Delete(NfListObject::Chain(chain(
+        table,
+        LEGACY_PORTS_OUT,
+    ))));
     b
 }
 
@@ -246,12 +256,14 @@ pub(crate) fn port_rules(mac: [u8; 6], ip: Ipv4Addr) -> Vec<Rule> {
             Expr::Verdict(Verdict::Accept),
         ],
     };
+    // IPv4 first: nearly every frame is IPv4 and leaves after three rules (the ARP checks
+    // cost two more payload loads and compares per frame when they came first).
     vec![
         spoof_check(C_L2, vec![], ETHER_SADDR, &mac),
-        spoof_check(C_ARP, is_arp(), ARP_SADDR_ETHER, &mac),
-        spoof_check(C_ARP, is_arp(), ARP_SADDR_IP, &ip.octets()),
         spoof_check(C_IP, is_ip, IP_SADDR, &ip.octets()),
         accept(&ETH_P_IP),
+        spoof_check(C_ARP, is_arp(), ARP_SADDR_ETHER, &mac),
+        spoof_check(C_ARP, is_arp(), ARP_SADDR_IP, &ip.octets()),
         accept(&ETH_P_ARP),
         Rule {
             comment: Some(C_OTHER),
@@ -420,7 +432,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn port_rules_check_mac_arp_ip_then_ethertype() {
+    fn port_rules_check_mac_then_ip_then_arp() {
         let mac = [2, 0, 0, 0, 0, 1];
         let ip = Ipv4Addr::new(10, 0, 0, 1);
         let rules = port_rules(mac, ip);
@@ -429,10 +441,10 @@ mod tests {
             comments,
             [
                 Some(C_L2),
-                Some(C_ARP),
-                Some(C_ARP),
                 Some(C_IP),
                 None,
+                Some(C_ARP),
+                Some(C_ARP),
                 None,
                 Some(C_OTHER)
             ]
@@ -443,19 +455,30 @@ mod tests {
         };
         assert_eq!(rules.iter().filter(|r| drops(r)).count(), 5);
         assert!(rules[0].exprs.contains(&cmp(CmpOp::Neq, &mac)));
-        assert!(rules[1].exprs.contains(&load(ARP_SADDR_ETHER)));
-        assert!(rules[1].exprs.contains(&cmp(CmpOp::Neq, &mac)));
-        assert!(rules[2].exprs.contains(&cmp(CmpOp::Neq, &[10, 0, 0, 1])));
+        assert!(rules[1].exprs.contains(&load(IP_SADDR)));
+        assert!(rules[1].exprs.contains(&cmp(CmpOp::Neq, &[10, 0, 0, 1])));
+        assert!(rules[3].exprs.contains(&load(ARP_SADDR_ETHER)));
+        assert!(rules[3].exprs.contains(&cmp(CmpOp::Neq, &mac)));
+        assert!(rules[4].exprs.contains(&cmp(CmpOp::Neq, &[10, 0, 0, 1])));
         // Every ARP or IPv4 field read is guarded by its protocol check first.
         assert_eq!(
             rules[1].exprs[..2],
-            [load(ETHER_TYPE), cmp(CmpOp::Eq, &ETH_P_ARP)]
-        );
-        assert_eq!(
-            rules[3].exprs[..2],
             [Expr::Meta(MetaKey::Protocol), cmp(CmpOp::Eq, &ETH_P_IP)]
         );
-        assert!(rules[4].exprs.ends_with(&[Expr::Verdict(Verdict::Accept)]));
+        for r in &rules[3..5] {
+            assert_eq!(r.exprs[..2], [load(ETHER_TYPE), cmp(CmpOp::Eq, &ETH_P_ARP)]);
+        }
+        // IPv4 is accepted only after its source check, ARP only after both of its.
+        for (i, ty) in [(2, ETH_P_IP), (5, ETH_P_ARP)] {
+            assert_eq!(
+                rules[i].exprs,
+                [
+                    load(ETHER_TYPE),
+                    cmp(CmpOp::Eq, &ty),
+                    Expr::Verdict(Verdict::Accept)
+                ]
+            );
+        }
     }
 
     #[test]
@@ -465,5 +488,11 @@ mod tests {
         assert!(text.contains(r#""map":"verdict""#));
         assert!(text.contains(r#""data":"@in_ports""#));
         assert!(text.contains(r#""hook":"prerouting""#));
+        // The legacy forward-hook chain is only ever deleted (after an add, so its absence
+        // is no error), last.
+        let cmds = j["nftables"].as_array().unwrap();
+        let last = cmds.last().unwrap();
+        assert_eq!(last["delete"]["chain"]["name"], "ports_out", "{last}");
+        assert_eq!(text.matches(r#""@out_ports""#).count(), 0);
     }
 }

@@ -462,8 +462,27 @@ async fn attach_is_idempotent_and_removal_leaves_nothing() {
         "{table}"
     );
 
+    // No forward-hook chain until egress rules exist (it cost every bridged frame).
+    assert!(!table.contains("ports_out"), "{table}");
+    assert!(!table.contains("hook forward"), "{table}");
+    // One left by an earlier version goes when the node's NodeNet opens again.
+    let prefix = t.nodes[0].prefix.clone();
+    in_ns_ok(
+        &t.nodes[0].ns,
+        &[
+            "nft",
+            &format!(
+                "add chain bridge {prefix} ports_out {{ type filter hook forward priority 0; policy accept; }}; add rule bridge {prefix} ports_out oifname vmap @out_ports"
+            ),
+        ],
+    );
+    assert!(t.nft_table(0).unwrap().contains("hook forward"));
+
     // An agent restart: a new NodeNet finds the existing port.
     t.reopen(0).await;
+    let table = t.nft_table(0).unwrap();
+    assert!(!table.contains("ports_out"), "{table}");
+    assert!(!table.contains("hook forward"), "{table}");
     let n1 = &t.nodes[0].net;
     assert_eq!(n1.attach(&a1).await.unwrap(), first);
     assert_eq!(ping(&t.inst_ns(&a1.key), "10.77.0.11", 2, &[]), 2);
