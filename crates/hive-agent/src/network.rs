@@ -149,15 +149,13 @@ pub struct NetState {
     remote: HashMap<u32, Vec<RemoteEndpoint>>,
     /// The published ports last applied, per network.
     published: HashMap<u32, Vec<PublishedPort>>,
-    /// Instances here with published ports: their network's name and their ports.
-    ports_here: BTreeMap<String, (String, Vec<hive_api::PortSpec>)>,
     reconciled: bool,
 }
 
 impl NetState {
-    /// Brings ports, networks and remote endpoints in line with the API. `here` are the
-    /// instances placed on this node (by uid), `all` every instance the agent knows,
-    /// `containers` the containers that exist here.
+    /// Brings ports, networks, published ports and remote endpoints in line with the API.
+    /// `here` are the instances placed on this node (by uid), `all` every instance on a
+    /// network the agent knows, `containers` the containers that exist here.
     pub async fn sync(
         &mut self,
         net: &NodeNet,
@@ -171,7 +169,7 @@ impl NetState {
             .iter()
             .filter_map(|(id, i)| i.spec.network.as_ref().map(|n| (id.as_str(), n)))
             .collect();
-        self.ports_here = here
+        let published: Vec<(&str, &[hive_api::PortSpec])> = here
             .iter()
             .filter(|(_, i)| {
                 i.spec
@@ -180,12 +178,7 @@ impl NetState {
                     .iter()
                     .any(|p| p.published_port.is_some())
             })
-            .filter_map(|(id, i)| {
-                i.spec
-                    .network
-                    .as_ref()
-                    .map(|n| (id.clone(), (n.name.clone(), i.spec.template.ports.clone())))
-            })
+            .map(|(id, i)| (id.as_str(), i.spec.template.ports.as_slice()))
             .collect();
         let local_vnis: HashSet<u32> = wanted.values().map(|n| n.vni).collect();
         if !self.reconciled {
@@ -258,7 +251,7 @@ impl NetState {
             };
             list.push(RemoteEndpoint { mac, ip, node_ip });
         }
-        self.publish(net, &wanted).await;
+        self.publish(net, &wanted, &published).await;
         for (vni, mut list) in remote {
             list.sort_by_key(|e| (e.ip, e.mac, e.node_ip));
             if self.remote.get(&vni) == Some(&list) {
@@ -278,18 +271,23 @@ impl NetState {
 impl NetState {
     /// Makes each local network's published ports those of its instances here. A node
     /// port asked for twice goes to the instance first by uid; the other is logged.
-    async fn publish(&mut self, net: &NodeNet, wanted: &BTreeMap<&str, &InstanceNetwork>) {
+    async fn publish(
+        &mut self,
+        net: &NodeNet,
+        wanted: &BTreeMap<&str, &InstanceNetwork>,
+        published: &[(&str, &[hive_api::PortSpec])],
+    ) {
         let mut by_vni: HashMap<u32, (NetworkDef, Vec<PublishedPort>)> = HashMap::new();
         let mut taken = HashSet::new();
-        for (id, (tenant_net, ports)) in &self.ports_here {
-            let Some(n) = wanted.get(id.as_str()) else {
+        for (id, ports) in published {
+            let Some(n) = wanted.get(id) else {
                 continue;
             };
             let Ok((def, att)) = port_of(id, n) else {
                 continue;
             };
             let entry = by_vni.entry(n.vni).or_insert_with(|| (def, Vec::new()));
-            for p in ports {
+            for p in ports.iter() {
                 let Some(node_port) = p.published_port else {
                     continue;
                 };
@@ -298,7 +296,7 @@ impl NetState {
                     hive_api::Protocol::Udp => hive_net::Protocol::Udp,
                 };
                 if !taken.insert((proto, node_port)) {
-                    tracing::warn!(instance = %id, network = %tenant_net, node_port, "node port already published on this node");
+                    tracing::warn!(instance = %id, network = %n.name, node_port, "node port already published on this node");
                     continue;
                 }
                 entry.1.push(PublishedPort {
