@@ -79,15 +79,7 @@ async fn replicas_become_instances_and_follow_scaling_and_deletion() {
     let s = start().await;
     let c = &s.client;
     for t in ["acme", "other"] {
-        c.create(
-            None,
-            &Tenant {
-                name: t.into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        add_tenant(c, t).await;
     }
     c.create(Some("acme"), &service("web", 3)).await.unwrap();
     c.create(Some("other"), &service("web", 1)).await.unwrap();
@@ -140,17 +132,21 @@ async fn replicas_become_instances_and_follow_scaling_and_deletion() {
     instances(c, "other", "web", 1).await;
 
     // A tenant created after the controller started is served too.
+    add_tenant(c, "late").await;
+    c.create(Some("late"), &service("api", 2)).await.unwrap();
+    instances(c, "late", "api", 2).await;
+}
+
+async fn add_tenant(c: &Client, name: &str) {
     c.create(
         None,
         &Tenant {
-            name: "late".into(),
+            name: name.into(),
             ..Default::default()
         },
     )
     .await
     .unwrap();
-    c.create(Some("late"), &service("api", 2)).await.unwrap();
-    instances(c, "late", "api", 2).await;
 }
 
 async fn add_node(c: &Client, name: &str, cpu_millis: u64) {
@@ -208,15 +204,7 @@ async fn instances_are_placed_on_tenant_exclusive_nodes_and_the_rest_wait_with_a
     add_node(c, "n1", 4000).await;
     add_node(c, "n2", 4000).await;
     for t in ["a", "b", "c"] {
-        c.create(
-            None,
-            &Tenant {
-                name: t.into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        add_tenant(c, t).await;
     }
     let mut web = service("web", 3);
     web.spec.template.resources.requests.cpu_millis = Some(1000);
@@ -321,15 +309,7 @@ async fn a_node_that_stops_renewing_its_lease_is_lost_and_its_instances_replaced
     let c = &s.client;
     let grace = Duration::from_secs(2);
     tokio::spawn(hive_server::controllers::NodeController::new(c.clone(), grace).run());
-    c.create(
-        None,
-        &Tenant {
-            name: "acme".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    add_tenant(c, "acme").await;
     for n in ["n1", "n2", "n3"] {
         add_node(c, n, 4000).await;
         // One tenant may hold several exclusive nodes only if they are shared here.
@@ -400,15 +380,7 @@ async fn a_full_network_leaves_instances_pending_with_a_reason_until_addresses_f
     let s = start().await;
     let c = &s.client;
     add_node(c, "n1", 64_000).await;
-    c.create(
-        None,
-        &Tenant {
-            name: "a".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    add_tenant(c, "a").await;
     // A /29 has five instance addresses.
     c.create(
         Some("a"),
@@ -485,15 +457,7 @@ async fn guaranteed_bandwidth_beyond_the_links_leaves_instances_pending() {
     let s = start().await;
     let c = &s.client;
     add_node(c, "n1", 64_000).await;
-    c.create(
-        None,
-        &Tenant {
-            name: "a".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    add_tenant(c, "a").await;
     // Two 4 Gbit/s guarantees fit a 10 Gbit/s link, a third does not.
     let mut video = service("video", 3);
     video.spec.template.bandwidth = Some(hive_api::Bandwidth {

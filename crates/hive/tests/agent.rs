@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{
-    Cleanup, Cluster, Up, busybox_layout, json, ok, run_in, start_up, start_up_in, until,
+    Cleanup, Cluster, Up, admin_token, busybox_layout, json, ok, push_test_image, start_up,
+    start_up_in, until,
 };
 use serde_json::Value;
 
@@ -37,27 +38,19 @@ fn setup() -> Setup {
     };
     let up: Up = start_up(&data, &cfg);
     let host = up.url.trim_start_matches("http://").to_owned();
-    let token = std::fs::read_to_string(data.join("admin.token"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let token = admin_token(&data);
     let layout = busybox_layout(dir.path());
-    run_in(
+    let image = push_test_image(
         up.netns.as_ref().unwrap(),
-        "skopeo",
-        &[
-            "copy",
-            "--dest-tls-verify=false",
-            "--dest-creds",
-            &format!("hive:{token}"),
-            &format!("oci:{}:test", layout.display()),
-            &format!("docker://{host}/default/busybox:test"),
-        ],
+        &layout,
+        &host,
+        &token,
+        "default/busybox",
     );
     Setup {
         up,
         _cleanup: cleanup,
-        image: format!("{host}/default/busybox:test"),
+        image,
         _dir: dir,
         data,
         cfg,
@@ -452,10 +445,7 @@ fn three_agents_one_killed_its_instances_run_elsewhere_and_it_cleans_up_when_bac
         dir.path(),
         &["--node-grace-secs", "6"],
     );
-    let token = std::fs::read_to_string(dir.path().join("server/admin.token"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let token = admin_token(&dir.path().join("server"));
     ok(
         &cfg,
         &[
@@ -471,18 +461,7 @@ fn three_agents_one_killed_its_instances_run_elsewhere_and_it_cleans_up_when_bac
     ok(&cfg, &["tenant", "create", "default"]);
     let host = server.url.trim_start_matches("http://").to_owned();
     let layout = busybox_layout(dir.path());
-    run_in(
-        &cluster.hub,
-        "skopeo",
-        &[
-            "copy",
-            "--dest-tls-verify=false",
-            "--dest-creds",
-            &format!("hive:{token}"),
-            &format!("oci:{}:test", layout.display()),
-            &format!("docker://{host}/default/busybox:test"),
-        ],
-    );
+    let image = push_test_image(&cluster.hub, &layout, &host, &token, "default/busybox");
     let mut agents: Vec<Up> = (1..=3)
         .map(|i| {
             cluster.start_agent(
@@ -500,7 +479,7 @@ fn three_agents_one_killed_its_instances_run_elsewhere_and_it_cleans_up_when_bac
             "create",
             "web",
             "--image",
-            &format!("{host}/default/busybox:test"),
+            &image,
             "--replicas",
             "3",
             "--",

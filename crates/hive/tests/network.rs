@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Cleanup, Cluster, busybox_layout, json, ok, run_in, until};
+use common::{Cleanup, Cluster, admin_token, busybox_layout, json, ok, push_test_image, until};
 use serde_json::Value;
 
 fn instances(cfg: &Path, tenant: &str) -> Vec<Value> {
@@ -80,26 +80,18 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
         .collect();
     let cluster = Cluster::new();
     let server = cluster.start_server(&dir.path().join("server"), dir.path(), &[]);
-    let token = std::fs::read_to_string(dir.path().join("server/admin.token"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let token = admin_token(&dir.path().join("server"));
     ok(&cfg, &["login", "--server", &server.url, "--token", &token]);
     let host = server.url.trim_start_matches("http://").to_owned();
     let layout = busybox_layout(dir.path());
     for t in ["red", "blue"] {
         ok(&cfg, &["tenant", "create", t]);
-        run_in(
+        push_test_image(
             &cluster.hub,
-            "skopeo",
-            &[
-                "copy",
-                "--dest-tls-verify=false",
-                "--dest-creds",
-                &format!("hive:{token}"),
-                &format!("oci:{}:test", layout.display()),
-                &format!("docker://{host}/{t}/busybox:test"),
-            ],
+            &layout,
+            &host,
+            &token,
+            &format!("{t}/busybox"),
         );
     }
     let agents: Vec<_> = (1..=3)

@@ -447,3 +447,30 @@ impl Drop for Cleanup {
         }
     }
 }
+
+/// The platform admin's token a server wrote into its data dir.
+pub fn admin_token(data: &Path) -> String {
+    std::fs::read_to_string(data.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// Pushes the OCI layout's `test` image into the registry at `host` (from inside `ns`, where
+/// the server listens) as `{host}/{repo}:test`; returns that reference.
+pub fn push_test_image(ns: &Netns, layout: &Path, host: &str, token: &str, repo: &str) -> String {
+    let image = format!("{host}/{repo}:test");
+    run_in(
+        ns,
+        "skopeo",
+        &[
+            "copy",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            &format!("hive:{token}"),
+            &format!("oci:{}:test", layout.display()),
+            &format!("docker://{image}"),
+        ],
+    );
+    image
+}
