@@ -24,11 +24,10 @@ use hive_net::{
 /// How this node's tenant networks are set up.
 #[derive(Clone, Debug)]
 pub struct NetConfig {
-    /// This node's VXLAN endpoint; default: the address of the default route's device.
-    pub underlay_ip: Option<Ipv4Addr>,
-    /// The device VXLAN traffic leaves by (its MTU sets the overlay's); default: the
-    /// default route's device.
-    pub underlay_dev: Option<String>,
+    /// This node's VXLAN endpoint.
+    pub underlay_ip: Ipv4Addr,
+    /// The device VXLAN traffic leaves by (its MTU sets the overlay's).
+    pub underlay_dev: String,
     /// Prefix of every link, namespace and table the agent creates (several agents on one
     /// host need their own).
     pub prefix: String,
@@ -77,17 +76,30 @@ pub fn link_bps(dev: &str) -> u64 {
 }
 
 impl NetConfig {
+    /// The configuration with what is not given found on this host ([`detect_underlay`]).
+    pub fn resolve(
+        underlay_ip: Option<Ipv4Addr>,
+        underlay_dev: Option<String>,
+        prefix: String,
+    ) -> Self {
+        let (underlay_dev, underlay_ip) = match (underlay_dev, underlay_ip) {
+            (Some(d), Some(ip)) => (d, ip),
+            (dev, ip) => {
+                let (d, i) = detect_underlay();
+                (dev.unwrap_or(d), ip.unwrap_or(i))
+            }
+        };
+        Self {
+            underlay_ip,
+            underlay_dev,
+            prefix,
+        }
+    }
+
     /// Opens the node's data plane (sysctls, the filtering table): must run on the runtime
     /// that will drive it.
     pub async fn open(&self) -> Result<Arc<NodeNet>, hive_net::NetError> {
-        let (dev, ip) = match (&self.underlay_dev, self.underlay_ip) {
-            (Some(d), Some(ip)) => (d.clone(), ip),
-            (dev, ip) => {
-                let (d, i) = detect_underlay();
-                (dev.clone().unwrap_or(d), ip.unwrap_or(i))
-            }
-        };
-        let mut cfg = NodeNetConfig::new(ip, dev);
+        let mut cfg = NodeNetConfig::new(self.underlay_ip, self.underlay_dev.clone());
         cfg.prefix = self.prefix.clone();
         let net = NodeNet::open(cfg).await?;
         Ok(Arc::new(net))

@@ -82,35 +82,19 @@ pub struct NetArgs {
 }
 
 impl NetArgs {
-    fn config(&self) -> hive_agent::network::NetConfig {
-        hive_agent::network::NetConfig {
-            underlay_ip: self.underlay_ip,
-            underlay_dev: self.underlay_dev.clone(),
-            prefix: self.net_prefix.clone(),
-        }
-    }
-
-    /// The link capacity reported in the node's status.
-    fn link_bps(&self) -> u64 {
-        self.link_bps.unwrap_or_else(|| {
-            let dev = self
-                .underlay_dev
-                .clone()
-                .unwrap_or_else(|| hive_agent::network::detect_underlay().0);
-            hive_agent::network::link_bps(&dev)
-        })
-    }
-
-    /// Fills the node facts that come from the network.
-    fn fill(&self, facts: &mut hive_agent::node::HostFacts) {
-        facts.underlay_ip = self.underlay_ip().to_string();
-        facts.capacity.network_bps = self.link_bps();
-    }
-
-    /// The underlay address reported in the node's status.
-    fn underlay_ip(&self) -> std::net::Ipv4Addr {
-        self.underlay_ip
-            .unwrap_or_else(|| hive_agent::network::detect_underlay().1)
+    /// The agent's network configuration (the underlay found on this host once, where not
+    /// given), and the node facts that come from it: its underlay address and link capacity.
+    fn resolve(&self, facts: &mut hive_agent::node::HostFacts) -> hive_agent::network::NetConfig {
+        let net = hive_agent::network::NetConfig::resolve(
+            self.underlay_ip,
+            self.underlay_dev.clone(),
+            self.net_prefix.clone(),
+        );
+        facts.underlay_ip = net.underlay_ip.to_string();
+        facts.capacity.network_bps = self
+            .link_bps
+            .unwrap_or_else(|| hive_agent::network::link_bps(&net.underlay_dev));
+        net
     }
 }
 
@@ -259,7 +243,7 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
     facts.shared = true;
     let api = bind_agent_api("127.0.0.1:0".parse()?, None).await?;
     facts.agent_url = api.1.clone();
-    args.net.fill(&mut facts);
+    let net = args.net.resolve(&mut facts);
     hive_agent::node::register(&client, &facts).await?;
     let node = facts.name.clone();
     tokio::spawn(hive_agent::node::keep_lease(
@@ -273,7 +257,7 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
         &args.server.data_dir.join("agent"),
         &args.runtime,
         api.0,
-        &args.net,
+        net,
     )?;
     let cfg_path = config::path(g.config.as_deref())?;
     let write = !args.no_login && (args.login || !cfg_path.exists());
@@ -365,7 +349,7 @@ fn run_agent(
     data_dir: &std::path::Path,
     runtime: &str,
     api: tokio::net::TcpListener,
-    net: &NetArgs,
+    net: hive_agent::network::NetConfig,
 ) -> Result<()> {
     let kind: hive_agent::runtime::RuntimeKind = runtime.parse().map_err(anyhow::Error::msg)?;
     let oci = hive_agent::runtime::OciRuntime::new(kind, runtime, data_dir.join("runtime"));
@@ -402,7 +386,7 @@ fn run_agent(
         node: node.to_owned(),
         resync: Duration::from_secs(1),
         stop_grace: Duration::from_secs(10),
-        net: Some(net.config()),
+        net: Some(net),
     };
     let agent = hive_agent::sync::Agent::new(client.clone(), cfg, images, containers)?;
     // The image store's pull future is not `Send` (borrowing closures in its download
@@ -431,7 +415,7 @@ pub async fn agent(ctx: &super::Ctx, args: AgentArgs) -> Result<()> {
     }
     let (api, url) = bind_agent_api(args.listen, args.advertise_url).await?;
     facts.agent_url = url;
-    args.net.fill(&mut facts);
+    let net = args.net.resolve(&mut facts);
     let node = hive_agent::node::register(&ctx.client, &facts).await?;
     eprintln!(
         "hive agent: node {} registered with {} (agent API at {})",
@@ -445,7 +429,7 @@ pub async fn agent(ctx: &super::Ctx, args: AgentArgs) -> Result<()> {
         &args.data_dir,
         &args.runtime,
         api,
-        &args.net,
+        net,
     )?;
     tokio::select! {
         _ = hive_agent::node::keep_lease(ctx.client.clone(), facts, LEASE_EVERY) => Ok(()),
