@@ -36,7 +36,7 @@ use tokio::sync::Mutex;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::keys;
-use crate::resources::{self, Hooked, decode, load_tenant};
+use crate::resources::{self, Hooked, decode, encode, load_tenant};
 use crate::state::AppState;
 
 /// The allocator's memory of which addresses are held, per network.
@@ -167,12 +167,6 @@ impl Ipam {
     async fn forget(&self, tenant: &str, uid: &str) {
         self.pools.lock().await.remove(&format!("{tenant}/{uid}"));
     }
-}
-
-fn encode<T: serde::Serialize>(v: &T) -> ApiResult<Bytes> {
-    serde_json::to_vec(v)
-        .map(Bytes::from)
-        .map_err(|e| ApiError::internal("internal error").log_cause(format!("encode: {e}")))
 }
 
 fn random_vni() -> u32 {

@@ -337,7 +337,7 @@ pub fn decode<R: Resource>(kv: &KeyValue) -> ApiResult<R> {
     Ok(obj)
 }
 
-fn encode<R: Resource>(obj: &R) -> ApiResult<Bytes> {
+pub(crate) fn encode<R: Resource>(obj: &R) -> ApiResult<Bytes> {
     serde_json::to_vec(obj).map(Bytes::from).map_err(|e| {
         ApiError::internal("internal error").log_cause(format!("encode {}: {e}", R::KIND))
     })
