@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod event;
+pub mod image;
 pub mod instance;
 pub mod meta;
 pub mod network;
@@ -20,6 +21,7 @@ pub mod watch;
 
 pub use error::{ApiErrorBody, ErrorCode};
 pub use event::{Event, EventType, ObjectRef};
+pub use image::{ImageList, ImageRepository, ImageTag, ImageUpdate, RegistryGcReport};
 pub use instance::{Instance, InstancePhase, InstanceSpec, InstanceStatus};
 pub use meta::{List, Resource, Scope};
 pub use network::{InstanceNetwork, Ipv4Cidr, Network, NetworkSpec, NetworkStatus};
@@ -29,7 +31,7 @@ pub use service::{
     Bandwidth, ContainerSpec, EnvVar, PortSpec, Protocol, PullPolicy, ResourceAmounts, Resources,
     RestartPolicy, Service, ServiceSpec, ServiceStatus,
 };
-pub use tenant::Tenant;
+pub use tenant::{Tenant, TenantQuota};
 pub use token::{ApiToken, CreatedToken, Role, TokenCreate, WhoAmI};
 pub use validate::ValidationError;
 pub use watch::{WatchEvent, WatchEventType};

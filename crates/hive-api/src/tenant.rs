@@ -24,6 +24,26 @@ pub struct Tenant {
     pub created_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Limits on what the tenant may use (set by the platform admin).
+    #[serde(default, skip_serializing_if = "TenantQuota::is_unlimited")]
+    pub quota: TenantQuota,
+}
+
+/// A tenant's limits. Absent fields: no limit.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantQuota {
+    /// Most bytes the tenant's image repositories may hold: each distinct blob (layer,
+    /// config, manifest) once, however many of its repositories link it. A push that would
+    /// go over is refused with the registry's `DENIED`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_bytes: Option<u64>,
+}
+
+impl TenantQuota {
+    pub fn is_unlimited(&self) -> bool {
+        self.registry_bytes.is_none()
+    }
 }
 
 impl Resource for Tenant {
@@ -50,5 +70,10 @@ mod tests {
         assert!(t.validate().is_ok());
         let err = serde_json::from_str::<Tenant>(r#"{"name":"acme","colour":"red"}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field `colour`"), "{err}");
+        let t: Tenant =
+            serde_json::from_str(r#"{"name":"acme","quota":{"registry_bytes":1024}}"#).unwrap();
+        assert_eq!(t.quota.registry_bytes, Some(1024));
+        let err = serde_json::from_str::<Tenant>(r#"{"name":"a","quota":{"cpus":1}}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `cpus`"), "{err}");
     }
 }

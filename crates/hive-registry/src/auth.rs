@@ -29,6 +29,19 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// A caller without credentials: may pull public repositories only.
+    pub fn anonymous() -> Self {
+        Self {
+            subject: "anonymous".into(),
+            tenant: Some(String::new()),
+            push: false,
+        }
+    }
+
+    pub fn is_anonymous(&self) -> bool {
+        self.tenant.as_deref() == Some("")
+    }
+
     pub fn sees(&self, tenant: &str) -> bool {
         self.tenant.as_deref().is_none_or(|t| t == tenant)
     }
@@ -39,6 +52,11 @@ impl Principal {
 #[async_trait::async_trait]
 pub trait RegistryAuth: Send + Sync + 'static {
     async fn resolve(&self, secret: &str) -> Option<Principal>;
+
+    /// The most bytes `tenant`'s repositories may hold (distinct blobs); `None`: no limit.
+    async fn quota(&self, _tenant: &str) -> Option<u64> {
+        None
+    }
 }
 
 /// Pull or push (push implies pull, as in the Docker scopes `pull,push`).
@@ -189,8 +207,12 @@ pub fn scope_of(repo: &Repo, action: Action) -> String {
     format!("repository:{repo}:{}", action.scope())
 }
 
-/// Decides for a principal with full knowledge of its rights.
-pub fn decide(p: &Principal, repo: &Repo, action: Action) -> Result<()> {
+/// Decides for a principal with full knowledge of its rights. Anyone may pull a `public`
+/// repository; pushing stays with its tenant's members.
+pub fn decide(p: &Principal, repo: &Repo, action: Action, public: bool) -> Result<()> {
+    if public && action == Action::Pull {
+        return Ok(());
+    }
     if !p.sees(repo.tenant()) {
         return Err(name_unknown(repo));
     }
@@ -272,13 +294,23 @@ mod tests {
         };
         let own = Repo::parse("a/x").unwrap();
         let other = Repo::parse("b/x").unwrap();
-        assert!(decide(&viewer, &own, Action::Pull).is_ok());
+        assert!(decide(&viewer, &own, Action::Pull, false).is_ok());
         assert_eq!(
-            decide(&viewer, &own, Action::Push).unwrap_err().code,
+            decide(&viewer, &own, Action::Push, false).unwrap_err().code,
             Code::Denied
         );
         assert_eq!(
-            decide(&viewer, &other, Action::Pull).unwrap_err().code,
+            decide(&viewer, &other, Action::Pull, false)
+                .unwrap_err()
+                .code,
+            Code::NameUnknown
+        );
+        // A public repository: anyone pulls, only its tenant pushes.
+        assert!(decide(&viewer, &other, Action::Pull, true).is_ok());
+        assert_eq!(
+            decide(&viewer, &other, Action::Push, true)
+                .unwrap_err()
+                .code,
             Code::NameUnknown
         );
     }

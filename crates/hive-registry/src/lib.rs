@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod names;
 mod routes;
 pub mod storage;
+pub mod usage;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use std::time::Duration;
 pub use auth::{Principal, RegistryAuth};
 pub use error::{Code, RegistryError};
 pub use routes::router;
+pub use storage::{GcReport, RepoInfo};
 
 /// How the registry runs.
 #[derive(Clone, Debug)]

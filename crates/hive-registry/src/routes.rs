@@ -124,9 +124,19 @@ impl Registry {
         action: Action,
     ) -> Result<Principal> {
         let scope = Some(auth::scope_of(repo, action));
+        let public = action == Action::Pull && self.storage.is_public(repo).await;
+        if public && matches!(auth::credential(headers), Ok(Credential::None)) {
+            return Ok(Principal::anonymous());
+        }
         let (p, claims) = self.principal(headers, scope.clone()).await?;
-        auth::decide(&p, repo, action)?;
-        if let Some(c) = claims {
+        if let Err(e) = auth::decide(&p, repo, action, public) {
+            // Whoever came without credentials is asked for them, not told what exists.
+            return Err(match p.is_anonymous() {
+                true => self.unauthorized(headers, scope, "authentication required"),
+                false => e,
+            });
+        }
+        if let Some(c) = claims.filter(|_| !public) {
             let granted = c
                 .access
                 .iter()
@@ -158,11 +168,7 @@ async fn base(State(reg): State<Reg>, req: Request) -> Response {
 async fn token(State(reg): State<Reg>, req: Request) -> Response {
     let headers = req.headers();
     let principal = match auth::credential(headers) {
-        Ok(Credential::None) => Principal {
-            subject: "anonymous".into(),
-            tenant: Some(String::new()),
-            push: false,
-        },
+        Ok(Credential::None) => Principal::anonymous(),
         Ok(Credential::Secret(s)) => match reg.auth.resolve(&s).await {
             Some(p) => p,
             None => {
@@ -193,8 +199,9 @@ async fn token(State(reg): State<Reg>, req: Request) -> Response {
             let wants_push = actions
                 .iter()
                 .any(|a| matches!(*a, "push" | "delete" | "*"));
-            let can_pull = auth::decide(&principal, &repo, Action::Pull).is_ok();
-            let can_push = auth::decide(&principal, &repo, Action::Push).is_ok();
+            let public = reg.storage.is_public(&repo).await;
+            let can_pull = auth::decide(&principal, &repo, Action::Pull, public).is_ok();
+            let can_push = auth::decide(&principal, &repo, Action::Push, false).is_ok();
             if can_pull {
                 access.push((repo.to_string(), wants_push && can_push));
             }
@@ -337,6 +344,10 @@ async fn handle(reg: Reg, req: Request) -> Result<Response> {
     let principal = reg.authorize(req.headers(), &repo, action).await?;
     let q = query(&req);
     let st = &reg.storage;
+    let quota = match action {
+        Action::Push => reg.auth.quota(repo.tenant()).await,
+        Action::Pull => None,
+    };
     match (target, method) {
         (Target::Blob(d), m @ (Method::GET | Method::HEAD)) => {
             get_blob(&reg, &repo, &d, m == Method::HEAD, req.headers()).await
@@ -352,8 +363,9 @@ async fn handle(reg: Reg, req: Request) -> Result<Response> {
             if let (Some(m), Some(from)) = (param(&q, "mount"), param(&q, "from")) {
                 let d = Digest::parse(m)?;
                 let from = Repo::parse(from)?;
-                if auth::decide(&principal, &from, Action::Pull).is_ok()
-                    && st.mount(&repo, &from, &d).await?
+                let public = st.is_public(&from).await;
+                if auth::decide(&principal, &from, Action::Pull, public).is_ok()
+                    && st.mount(&repo, &from, &d, quota).await?
                 {
                     return Ok(blob_created(&repo, &d));
                 }
@@ -370,7 +382,14 @@ async fn handle(reg: Reg, req: Request) -> Result<Response> {
                 let h = chunk_headers(req.headers())?;
                 let body = req.into_body().into_data_stream();
                 if let Err(e) = st
-                    .finish(&repo, &id, &d, ChunkHeaders { range: None, ..h }, body)
+                    .finish(
+                        &repo,
+                        &id,
+                        &d,
+                        ChunkHeaders { range: None, ..h },
+                        body,
+                        quota,
+                    )
                     .await
                 {
                     let _ = st.cancel_upload(&repo, &id).await;
@@ -387,7 +406,7 @@ async fn handle(reg: Reg, req: Request) -> Result<Response> {
         (Target::Upload(Some(id)), Method::PATCH) => {
             let h = chunk_headers(req.headers())?;
             let size = st
-                .append(&repo, &id, h, req.into_body().into_data_stream())
+                .append(&repo, &id, h, req.into_body().into_data_stream(), quota)
                 .await?;
             Ok(upload_accepted(&repo, &id, size, StatusCode::ACCEPTED))
         }
@@ -400,7 +419,7 @@ async fn handle(reg: Reg, req: Request) -> Result<Response> {
             })?;
             let d = Digest::parse(d)?;
             let h = chunk_headers(req.headers())?;
-            st.finish(&repo, &id, &d, h, req.into_body().into_data_stream())
+            st.finish(&repo, &id, &d, h, req.into_body().into_data_stream(), quota)
                 .await?;
             Ok(blob_created(&repo, &d))
         }
@@ -431,7 +450,7 @@ async fn handle(reg: Reg, req: Request) -> Result<Response> {
                 .map(|c| c.split(';').next().unwrap_or(c).trim().to_owned());
             let body = read_limited(req, &format!("{repo}:{r}")).await?;
             let (digest, subject) = st
-                .put_manifest(&repo, &reference, ct.as_deref(), body)
+                .put_manifest(&repo, &reference, ct.as_deref(), body, quota)
                 .await?;
             let mut b = builder(StatusCode::CREATED)
                 .header(header::LOCATION, format!("/v2/{repo}/manifests/{digest}"))

@@ -8,6 +8,7 @@
 //! repos/<repo>/_manifests/<hex>               a manifest of the repository (holds its media type)
 //! repos/<repo>/_tags/<tag>                    the digest a tag points to
 //! repos/<repo>/_referrers/<subject>/<hex>     manifests whose subject is <subject>
+//! repos/<repo>/_public                        present: anyone may pull the repository
 //! tmp/                                        files being written, renamed into place
 //! ```
 //!
@@ -15,7 +16,9 @@
 //! reader sees all of it or nothing. Repository components never start with `_`, so the
 //! `_…` directories cannot collide with nested repository names.
 
-use std::collections::HashMap;
+mod gc;
+
+use std::collections::{HashMap, HashSet};
 use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -32,6 +35,9 @@ use crate::auth::now;
 use crate::error::{Code, RegistryError, Result};
 use crate::manifest::{self, ReferrerInfo};
 use crate::names::{Digest, Reference, Repo};
+use crate::usage::TenantUsage;
+
+pub use gc::GcReport;
 
 /// How a chunk declares itself: its `Content-Range` and `Content-Length`, when sent.
 #[derive(Clone, Copy, Debug, Default)]
@@ -75,11 +81,40 @@ pub struct Manifest {
     pub body: Bytes,
 }
 
+/// A tenant's usage, loaded from disk on first use (`loaded` false: count again).
+#[derive(Debug, Default)]
+struct UsageSlot {
+    loaded: bool,
+    usage: TenantUsage,
+}
+
+type UsageGuard = tokio::sync::OwnedMutexGuard<UsageSlot>;
+
 #[derive(Debug)]
 pub struct Storage {
     root: PathBuf,
     upload_ttl: Duration,
     sessions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Session>>>>,
+    /// Per tenant; held while a link is checked against the quota and created.
+    usage: Mutex<HashMap<String, Arc<tokio::sync::Mutex<UsageSlot>>>>,
+    /// Read-held by every step that makes a blob reachable (checks it exists, links it);
+    /// write-held by garbage collection while it unlinks and deletes, so a blob is never
+    /// deleted between another request's check and its link.
+    gc: tokio::sync::RwLock<()>,
+    /// While a collection runs: the blobs linked since it began marking (kept this round).
+    gc_seen: Mutex<Option<HashSet<String>>>,
+}
+
+/// One repository as the API lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RepoInfo {
+    pub name: String,
+    pub public: bool,
+    /// `(tag, manifest digest)`, sorted by tag.
+    pub tags: Vec<(String, String)>,
+    pub manifests: usize,
+    /// Bytes of the distinct blobs the repository links.
+    pub size: u64,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RegistryError {
@@ -106,6 +141,9 @@ impl Storage {
             root,
             upload_ttl,
             sessions: Mutex::new(HashMap::new()),
+            usage: Mutex::new(HashMap::new()),
+            gc: tokio::sync::RwLock::new(()),
+            gc_seen: Mutex::new(None),
         }
     }
 
@@ -132,8 +170,180 @@ impl Storage {
         self.root.join("uploads").join(id)
     }
 
+    /// A repository exists once something was linked into it (a parent of nested
+    /// repositories is only a directory).
     pub async fn repo_exists(&self, r: &Repo) -> bool {
-        exists(&self.repo_dir(r)).await
+        let dir = self.repo_dir(r);
+        exists(&dir.join("_layers")).await || exists(&dir.join("_manifests")).await
+    }
+
+    // ---- usage and quota
+
+    fn usage_slot(&self, tenant: &str) -> Arc<tokio::sync::Mutex<UsageSlot>> {
+        let mut map = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(tenant.to_owned()).or_default().clone()
+    }
+
+    /// The tenant's usage, counted from its links if not known yet; held until dropped.
+    async fn usage_guard(&self, tenant: &str) -> UsageGuard {
+        let mut g = self.usage_slot(tenant).lock_owned().await;
+        if !g.loaded {
+            let mut usage = TenantUsage::default();
+            let base = self.root.join("repos").join(tenant);
+            for hex in linked_blobs(&base).await {
+                if let Ok(m) = tokio::fs::metadata(self.root.join("blobs/sha256").join(&hex)).await
+                {
+                    usage.add(&hex, m.len());
+                }
+            }
+            g.usage = usage;
+            g.loaded = true;
+        }
+        g
+    }
+
+    /// Forgets what tenant `t` uses: the next push counts it again from disk.
+    async fn forget_usage(&self, tenant: &str) {
+        let mut g = self.usage_slot(tenant).lock_owned().await;
+        g.loaded = false;
+        g.usage = TenantUsage::default();
+    }
+
+    /// Bytes of the distinct blobs tenant `t`'s repositories link.
+    pub async fn tenant_usage(&self, tenant: &str) -> u64 {
+        self.usage_guard(tenant).await.usage.bytes()
+    }
+
+    /// How large an upload to `r` may grow while it arrives. With its digest known (the
+    /// last chunk, or a monolithic upload): what the tenant has left, or no bound for content
+    /// it already holds. Without (a `PATCH`): the whole quota, since the content may turn
+    /// out to be held already; linking checks exactly either way.
+    async fn upload_room(
+        &self,
+        r: &Repo,
+        quota: Option<u64>,
+        want: Option<&Digest>,
+    ) -> Option<u64> {
+        let quota = quota?;
+        let Some(want) = want else {
+            return Some(quota);
+        };
+        let g = self.usage_guard(r.tenant()).await;
+        (!g.usage.holds(want.hex())).then(|| quota.saturating_sub(g.usage.bytes()))
+    }
+
+    /// Tells a running collection that blob `hex` was just linked.
+    fn seen(&self, hex: &str) {
+        let mut g = self.gc_seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(set) = g.as_mut() {
+            set.insert(hex.to_owned());
+        }
+    }
+
+    // ---- repositories
+
+    pub async fn is_public(&self, r: &Repo) -> bool {
+        exists(&self.repo_dir(r).join("_public")).await
+    }
+
+    /// Marks `r` public (anyone may pull it) or private.
+    pub async fn set_public(&self, r: &Repo, public: bool) -> Result<()> {
+        if !self.repo_exists(r).await {
+            return Err(crate::auth::name_unknown(r));
+        }
+        let marker = self.repo_dir(r).join("_public");
+        if public {
+            self.write_atomic(&marker, b"").await
+        } else {
+            match tokio::fs::remove_file(&marker).await {
+                Ok(()) => Ok(()),
+                Err(e) if not_found(&e) => Ok(()),
+                Err(e) => Err(io(format!("make {r} private"))(e)),
+            }
+        }
+    }
+
+    /// The repositories of `tenant` with their tags and sizes, sorted by name.
+    pub async fn repositories(&self, tenant: &str) -> Result<Vec<RepoInfo>> {
+        let mut out = Vec::new();
+        for name in self.catalog(Some(tenant)).await {
+            let Ok(r) = Repo::parse(&name) else { continue };
+            if !self.repo_exists(&r).await {
+                continue;
+            }
+            let mut tags = Vec::new();
+            for t in self.tags(&r).await.unwrap_or_default() {
+                if let Ok(d) = tokio::fs::read_to_string(self.tag_path(&r, &t)).await {
+                    tags.push((t, d.trim().to_owned()));
+                }
+            }
+            let dir = self.repo_dir(&r);
+            let mut blobs: HashSet<String> =
+                list_dir(&dir.join("_layers")).await.into_iter().collect();
+            let manifests = list_dir(&dir.join("_manifests")).await;
+            let count = manifests.len();
+            blobs.extend(manifests);
+            let mut size = 0;
+            for hex in blobs {
+                if let Ok(m) = tokio::fs::metadata(self.root.join("blobs/sha256").join(hex)).await {
+                    size += m.len();
+                }
+            }
+            out.push(RepoInfo {
+                public: self.is_public(&r).await,
+                name,
+                tags,
+                manifests: count,
+                size,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes repository `r`: its tags, manifests and links (nested repositories stay).
+    /// The content goes with the next garbage collection unless others link it.
+    pub async fn delete_repo(&self, r: &Repo) -> Result<()> {
+        if !self.repo_exists(r).await {
+            return Err(crate::auth::name_unknown(r));
+        }
+        let dir = self.repo_dir(r);
+        let _usage = self.usage_guard(r.tenant()).await;
+        for entry in list_dir(&dir).await {
+            if !entry.starts_with('_') {
+                continue;
+            }
+            let p = dir.join(&entry);
+            let res = match tokio::fs::metadata(&p).await {
+                Ok(m) if m.is_dir() => tokio::fs::remove_dir_all(&p).await,
+                Ok(_) => tokio::fs::remove_file(&p).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = res
+                && !not_found(&e)
+            {
+                return Err(io(format!("delete repository {r}"))(e));
+            }
+        }
+        let _ = tokio::fs::remove_dir(&dir).await; // only when no nested repository is left
+        drop(_usage);
+        self.forget_usage(r.tenant()).await;
+        Ok(())
+    }
+
+    /// Deletes every repository of `tenant` (the tenant itself is gone).
+    pub async fn delete_tenant(&self, tenant: &str) -> Result<()> {
+        if tenant.is_empty() || tenant.contains('/') || tenant.starts_with('.') {
+            return Ok(());
+        }
+        let _usage = self.usage_guard(tenant).await;
+        match tokio::fs::remove_dir_all(self.root.join("repos").join(tenant)).await {
+            Ok(()) => {}
+            Err(e) if not_found(&e) => {}
+            Err(e) => return Err(io(format!("delete repositories of tenant {tenant}"))(e)),
+        }
+        drop(_usage);
+        self.forget_usage(tenant).await;
+        Ok(())
     }
 
     /// Writes `bytes` to `dest` atomically (temp file, fsync, rename).
@@ -186,39 +396,92 @@ impl Storage {
             })
     }
 
-    async fn link_layer(&self, r: &Repo, d: &Digest) -> Result<()> {
+    /// Links stored blob `d` into `r`, within the tenant's `quota`. The caller holds the
+    /// collection's read lock from before it knew the blob exists.
+    async fn link_layer(&self, r: &Repo, d: &Digest, quota: Option<u64>) -> Result<()> {
         let link = self.layer_link(r, d);
+        let mut u = self.usage_guard(r.tenant()).await;
         if exists(&link).await {
             return Ok(());
         }
+        let size = match tokio::fs::metadata(self.blob_path(d)).await {
+            Ok(m) => m.len(),
+            Err(e) if not_found(&e) => {
+                return Err(RegistryError::new(
+                    Code::BlobUnknown,
+                    format!("blob {d} is unknown"),
+                ));
+            }
+            Err(e) => return Err(io(format!("stat blob {d}"))(e)),
+        };
+        u.usage.admit(r.tenant(), d.hex(), size, quota)?;
         let what = format!("link blob {d} into {r}");
         tokio::fs::create_dir_all(link.parent().unwrap_or(&self.root))
             .await
             .map_err(io(what.clone()))?;
         tokio::fs::File::create(&link).await.map_err(io(what))?;
+        u.usage.add(d.hex(), size);
+        self.seen(d.hex());
         Ok(())
     }
 
     /// Makes blob `d` of repository `from` available in `r` without copying it. False when
     /// `from` does not have it.
-    pub async fn mount(&self, r: &Repo, from: &Repo, d: &Digest) -> Result<bool> {
+    pub async fn mount(
+        &self,
+        r: &Repo,
+        from: &Repo,
+        d: &Digest,
+        quota: Option<u64>,
+    ) -> Result<bool> {
+        let _gc = self.gc.read().await;
         if self.blob_size(from, d).await?.is_none() {
             return Ok(false);
         }
-        self.link_layer(r, d).await?;
+        self.link_layer(r, d, quota).await?;
         Ok(true)
     }
 
-    /// Unlinks blob `d` from `r` (the content stays for other repositories).
+    /// Unlinks blob `d` from `r` (the content stays for other repositories). Refused while
+    /// a manifest of `r` refers to it.
     pub async fn delete_blob(&self, r: &Repo, d: &Digest) -> Result<()> {
+        if let Some(m) = self.references(r).await?.get(d.hex()) {
+            return Err(RegistryError::new(
+                Code::Denied,
+                format!("blob {d} is referenced by manifest {m} of {r}: delete the manifest first"),
+            ));
+        }
+        let mut u = self.usage_guard(r.tenant()).await;
         match tokio::fs::remove_file(self.layer_link(r, d)).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                u.usage.remove(d.hex());
+                Ok(())
+            }
             Err(e) if not_found(&e) => Err(RegistryError::new(
                 Code::BlobUnknown,
                 format!("blob {d} is unknown to repository {r}"),
             )),
             Err(e) => Err(io(format!("unlink blob {d} from {r}"))(e)),
         }
+    }
+
+    /// The blobs the manifests of `r` refer to (configs, layers, child manifests), each
+    /// with one manifest that does.
+    async fn references(&self, r: &Repo) -> Result<HashMap<String, Digest>> {
+        let mut out = HashMap::new();
+        for hex in list_dir(&self.repo_dir(r).join("_manifests")).await {
+            let d = Digest::from_hex(&hex);
+            let m = match self.get_manifest(r, &Reference::Digest(d.clone())).await {
+                Ok(m) => m,
+                Err(e) if e.code == Code::ManifestUnknown => continue, // deleted meanwhile
+                Err(e) => return Err(e),
+            };
+            let parsed = manifest::parse(&m.body, Some(&m.media_type), &format!("{r}@{d}"))?;
+            for b in parsed.blobs.iter().chain(&parsed.manifests) {
+                out.entry(b.hex().to_owned()).or_insert_with(|| d.clone());
+            }
+        }
+        Ok(out)
     }
 
     // ---- uploads
@@ -333,14 +596,24 @@ impl Storage {
     /// Appends a chunk to upload `id`; returns the new size. A chunk that does not start at
     /// the current end, is shorter or longer than it declares, or breaks off is refused and
     /// leaves the upload exactly as it was.
-    pub async fn append<S, E>(&self, r: &Repo, id: &str, h: ChunkHeaders, body: S) -> Result<u64>
+    /// `quota` is the tenant's: a chunk that would take the upload past what the tenant
+    /// could still link is refused as it arrives.
+    pub async fn append<S, E>(
+        &self,
+        r: &Repo,
+        id: &str,
+        h: ChunkHeaders,
+        body: S,
+        quota: Option<u64>,
+    ) -> Result<u64>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
         let s = self.session(r, id).await?;
         let mut g = s.lock().await;
-        self.append_locked(r, id, &mut g, h, body).await
+        let room = self.upload_room(r, quota, None).await;
+        self.append_locked(r, id, &mut g, h, body, room).await
     }
 
     async fn append_locked<S, E>(
@@ -350,6 +623,7 @@ impl Storage {
         g: &mut Session,
         h: ChunkHeaders,
         mut body: S,
+        room: Option<u64>,
     ) -> Result<u64>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -394,6 +668,11 @@ impl Storage {
                     )
                 })?;
                 n += chunk.len() as u64;
+                if let Some(room) = room
+                    && start + n > room
+                {
+                    return Err(crate::usage::no_room(r.tenant(), room));
+                }
                 if let Some(hs) = g.hasher.as_mut() {
                     hs.update(&chunk);
                 }
@@ -438,6 +717,7 @@ impl Storage {
         want: &Digest,
         h: ChunkHeaders,
         body: S,
+        quota: Option<u64>,
     ) -> Result<u64>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -445,7 +725,8 @@ impl Storage {
     {
         let s = self.session(r, id).await?;
         let mut g = s.lock().await;
-        let size = self.append_locked(r, id, &mut g, h, body).await?;
+        let room = self.upload_room(r, quota, Some(want)).await;
+        let size = self.append_locked(r, id, &mut g, h, body, room).await?;
         let path = self.upload_dir(id).join("data");
         let got = match g.hasher.take() {
             Some(hs) => hex::encode(hs.finish()),
@@ -463,19 +744,29 @@ impl Storage {
         let dest = self.blob_path(want);
         let what = format!("store blob {want}");
         if !exists(&dest).await {
+            // Flushed before the lock: a collection waits only for the rename and the link.
             let f = tokio::fs::File::open(&path)
                 .await
                 .map_err(io(what.clone()))?;
             f.sync_all().await.map_err(io(what.clone()))?;
-            let dir = dest.parent().unwrap_or(&self.root).to_owned();
-            tokio::fs::create_dir_all(&dir)
-                .await
-                .map_err(io(what.clone()))?;
-            tokio::fs::rename(&path, &dest).await.map_err(io(what))?;
-            sync_dir(&dir).await;
         }
-        self.link_layer(r, want).await?;
+        let linked = async {
+            let _gc = self.gc.read().await;
+            if !exists(&dest).await {
+                let dir = dest.parent().unwrap_or(&self.root).to_owned();
+                tokio::fs::create_dir_all(&dir)
+                    .await
+                    .map_err(io(what.clone()))?;
+                tokio::fs::rename(&path, &dest).await.map_err(io(what))?;
+                sync_dir(&dir).await;
+            }
+            self.link_layer(r, want, quota).await
+        }
+        .await;
+        // Stored or refused, the session is over (an unlinked blob goes with the next
+        // collection).
         self.drop_upload(id).await;
+        linked?;
         Ok(size)
     }
 
@@ -551,6 +842,7 @@ impl Storage {
         reference: &Reference,
         content_type: Option<&str>,
         body: Bytes,
+        quota: Option<u64>,
     ) -> Result<(Digest, Option<Digest>)> {
         let name = match reference {
             Reference::Tag(t) => format!("{r}:{t}"),
@@ -566,6 +858,7 @@ impl Storage {
                 format!("manifest {name}: content is {digest}"),
             ));
         }
+        let _gc = self.gc.read().await;
         for b in &parsed.blobs {
             if self.blob_size(r, b).await?.is_none() {
                 return Err(RegistryError::new(
@@ -582,15 +875,25 @@ impl Storage {
                 ));
             }
         }
-        let blob = self.blob_path(&digest);
-        if !exists(&blob).await {
-            self.write_atomic(&blob, &body).await?;
+        {
+            let mut u = self.usage_guard(r.tenant()).await;
+            let link = self.manifest_link(r, &digest);
+            let new = !exists(&link).await;
+            if new {
+                u.usage
+                    .admit(r.tenant(), digest.hex(), body.len() as u64, quota)?;
+            }
+            let blob = self.blob_path(&digest);
+            if !exists(&blob).await {
+                self.write_atomic(&blob, &body).await?;
+            }
+            self.write_atomic(&link, parsed.media_type.as_bytes())
+                .await?;
+            if new {
+                u.usage.add(digest.hex(), body.len() as u64);
+            }
+            self.seen(digest.hex());
         }
-        self.write_atomic(
-            &self.manifest_link(r, &digest),
-            parsed.media_type.as_bytes(),
-        )
-        .await?;
         if let Some(s) = &parsed.subject {
             let link = self
                 .repo_dir(r)
@@ -620,8 +923,9 @@ impl Storage {
                 Err(e) => Err(io(format!("delete tag {r}:{t}"))(e)),
             },
             Reference::Digest(d) => {
+                let mut u = self.usage_guard(r.tenant()).await;
                 match tokio::fs::remove_file(self.manifest_link(r, d)).await {
-                    Ok(()) => {}
+                    Ok(()) => u.usage.remove(d.hex()),
                     Err(e) if not_found(&e) => {
                         return Err(RegistryError::new(
                             Code::ManifestUnknown,
@@ -722,6 +1026,24 @@ async fn list_dir(dir: &Path) -> Vec<String> {
     if let Ok(mut rd) = tokio::fs::read_dir(dir).await {
         while let Ok(Some(e)) = rd.next_entry().await {
             out.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out
+}
+
+/// Every link under `base` (a tenant's or all repositories): the blob names in the
+/// `_layers` and `_manifests` directories of it and its nested repositories, a name once per
+/// link.
+async fn linked_blobs(base: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![base.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for e in list_dir(&dir).await {
+            match e.as_str() {
+                "_layers" | "_manifests" => out.extend(list_dir(&dir.join(&e)).await),
+                _ if e.starts_with('_') => {}
+                _ => stack.push(dir.join(&e)),
+            }
         }
     }
     out

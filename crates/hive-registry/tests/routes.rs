@@ -28,14 +28,23 @@ impl RegistryAuth for Fake {
             "alice" => Some(p(Some("acme"), true)),
             "viewer" => Some(p(Some("acme"), false)),
             "bob" => Some(p(Some("other"), true)),
+            "tina" => Some(p(Some("tiny"), true)),
             "admin" => Some(p(None, true)),
             _ => None,
         }
     }
+
+    async fn quota(&self, tenant: &str) -> Option<u64> {
+        (tenant == "tiny").then_some(TINY_QUOTA)
+    }
 }
+
+/// Tenant `tiny`'s registry quota in the fake.
+const TINY_QUOTA: u64 = 1000;
 
 struct H {
     app: Router,
+    reg: Arc<Registry>,
     dir: tempfile::TempDir,
 }
 
@@ -65,15 +74,19 @@ impl Reply {
 
 fn harness() -> H {
     let dir = tempfile::tempdir().unwrap();
-    let app = app_at(dir.path());
-    H { app, dir }
+    let reg = registry_at(dir.path());
+    H {
+        app: router(reg.clone()),
+        reg,
+        dir,
+    }
 }
 
-fn app_at(root: &std::path::Path) -> Router {
-    router(Arc::new(Registry::new(
+fn registry_at(root: &std::path::Path) -> Arc<Registry> {
+    Arc::new(Registry::new(
         RegistryConfig::new(root.to_owned()),
         Arc::new(Fake),
-    )))
+    ))
 }
 
 fn digest(b: &[u8]) -> String {
@@ -116,18 +129,37 @@ impl H {
     }
 
     async fn push_blob(&self, repo: &str, auth: &str, data: &[u8]) -> String {
-        let d = digest(data);
-        let r = self
-            .req(
-                Method::POST,
-                &format!("/v2/{repo}/blobs/uploads/?digest={d}"),
-                Some(auth),
-                &[],
-                data.to_vec(),
-            )
-            .await;
+        let r = self.try_push_blob(repo, auth, data).await;
         assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.json());
-        d
+        digest(data)
+    }
+
+    /// A monolithic blob upload, whatever it answers.
+    async fn try_push_blob(&self, repo: &str, auth: &str, data: &[u8]) -> Reply {
+        let d = digest(data);
+        self.req(
+            Method::POST,
+            &format!("/v2/{repo}/blobs/uploads/?digest={d}"),
+            Some(auth),
+            &[],
+            data.to_vec(),
+        )
+        .await
+    }
+
+    /// A new upload session's location.
+    async fn start_upload(&self, repo: &str, auth: &str) -> String {
+        let uri = format!("/v2/{repo}/blobs/uploads/");
+        let r = self
+            .req(Method::POST, &uri, Some(auth), &[], Body::empty())
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.json());
+        r.header("location").to_owned()
+    }
+
+    /// The status of a bodiless request.
+    async fn status(&self, method: Method, uri: &str, auth: Option<&str>) -> StatusCode {
+        self.req(method, uri, auth, &[], Body::empty()).await.status
     }
 
     /// Pushes a config and one layer, then an OCI manifest tagged `tag`; returns the manifest.
@@ -625,8 +657,10 @@ async fn uploads_survive_a_restart() {
         b"first half, ".to_vec(),
     )
     .await;
+    let reg = registry_at(h.dir.path());
     let h2 = H {
-        app: app_at(h.dir.path()),
+        app: router(reg.clone()),
+        reg,
         dir: h.dir,
     };
     let r = h2
@@ -664,6 +698,7 @@ async fn expired_uploads_are_refused_and_purged() {
     let reg = Arc::new(Registry::new(cfg, Arc::new(Fake)));
     let h = H {
         app: router(reg.clone()),
+        reg,
         dir,
     };
     let r = h
@@ -690,7 +725,7 @@ async fn expired_uploads_are_refused_and_purged() {
     )
     .await;
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    assert_eq!(reg.storage.purge_expired_uploads().await, 1);
+    assert_eq!(h.reg.storage.purge_expired_uploads().await, 1);
     assert_eq!(h.files("uploads"), 0);
 }
 
@@ -1316,7 +1351,8 @@ async fn catalog_is_per_tenant() {
             Body::empty(),
         )
         .await;
-    assert_eq!(r.code(), "NAME_UNKNOWN");
+    // Anonymous callers are asked to log in, whether the repository exists or not.
+    assert_eq!(r.code(), "UNAUTHORIZED");
 }
 
 #[tokio::test]
@@ -1416,4 +1452,405 @@ async fn concurrent_pushes_of_one_blob_and_one_tag() {
     assert!(got == x.0 || got == y.0);
     assert_eq!(digest(&r.body), got);
     assert_eq!(h.files("tmp"), 0);
+}
+
+#[tokio::test]
+async fn quota_refuses_what_does_not_fit_and_keeps_nothing() {
+    let h = harness();
+    let big = vec![1u8; 600];
+    let d = h.push_blob("tiny/a", "tina", &big).await;
+    // The same content in a second repository of the tenant costs nothing more.
+    h.push_blob("tiny/b", "tina", &big).await;
+    assert_eq!(h.reg.storage.tenant_usage("tiny").await, 600);
+    // A monolithic upload that does not fit: refused, nothing linked, nothing stored.
+    let more = vec![2u8; 500];
+    let r = h.try_push_blob("tiny/a", "tina", &more).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::FORBIDDEN, "DENIED")
+    );
+    assert!(
+        r.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("registry quota")
+    );
+    let uri = format!("/v2/tiny/a/blobs/{}", digest(&more));
+    assert_eq!(
+        h.status(Method::HEAD, &uri, Some("tina")).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(h.files("uploads"), 0);
+    // Chunked: the chunks may hold content the tenant already has, so they are only bound
+    // by the whole quota as they arrive; completing the upload checks exactly.
+    let loc = h.start_upload("tiny/a", "tina").await;
+    let r = h
+        .req(
+            Method::PATCH,
+            &loc,
+            Some("tina"),
+            &[("content-range", "0-499")],
+            more.clone(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let put = format!("{loc}?digest={}", digest(&more));
+    let r = h
+        .req(Method::PUT, &put, Some("tina"), &[], Body::empty())
+        .await;
+    assert_eq!(r.code(), "DENIED");
+    assert_eq!(
+        h.status(Method::HEAD, &uri, Some("tina")).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(h.files("uploads"), 0, "the refused upload is gone");
+    // The same bytes as content tiny holds fit, whatever the room left.
+    let loc = h.start_upload("tiny/c", "tina").await;
+    let r = h
+        .req(
+            Method::PATCH,
+            &loc,
+            Some("tina"),
+            &[("content-range", "0-599")],
+            big.clone(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let put = format!("{loc}?digest={d}");
+    let r = h
+        .req(Method::PUT, &put, Some("tina"), &[], Body::empty())
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.json());
+    // A chunk that takes an upload past the whole quota is refused as it arrives, cut back.
+    let loc = h.start_upload("tiny/a", "tina").await;
+    let r = h
+        .req(
+            Method::PATCH,
+            &loc,
+            Some("tina"),
+            &[("content-range", "0-299")],
+            vec![3u8; 300],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let r = h
+        .req(
+            Method::PATCH,
+            &loc,
+            Some("tina"),
+            &[("content-range", "300-1099")],
+            vec![3u8; 800],
+        )
+        .await;
+    assert_eq!(r.code(), "DENIED");
+    let r = h
+        .req(Method::GET, &loc, Some("tina"), &[], Body::empty())
+        .await;
+    assert_eq!(r.header("range"), "0-299", "the refused chunk is gone");
+    // A manifest is content too: one that does not fit is refused and not tagged.
+    let config = h.push_blob("tiny/a", "tina", b"{}").await;
+    let m = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": 600}],
+        "annotations": {"pad": "x".repeat(500)}});
+    let r = h
+        .req(
+            Method::PUT,
+            "/v2/tiny/a/manifests/v1",
+            Some("tina"),
+            &[("content-type", "application/vnd.oci.image.manifest.v1+json")],
+            serde_json::to_vec(&m).unwrap(),
+        )
+        .await;
+    assert_eq!(r.code(), "DENIED");
+    assert_eq!(
+        h.status(Method::HEAD, "/v2/tiny/a/manifests/v1", Some("tina"))
+            .await,
+        StatusCode::NOT_FOUND
+    );
+    // Deleting frees room: unlinked from all three repositories, the 600 bytes no longer
+    // count.
+    for repo in ["tiny/a", "tiny/b", "tiny/c"] {
+        let uri = format!("/v2/{repo}/blobs/{d}");
+        assert_eq!(
+            h.status(Method::DELETE, &uri, Some("tina")).await,
+            StatusCode::ACCEPTED
+        );
+    }
+    assert_eq!(h.reg.storage.tenant_usage("tiny").await, 2);
+    h.push_blob("tiny/a", "tina", &more).await;
+    // Other tenants have no quota here, and never count against tiny's.
+    h.push_blob("acme/app", "alice", &vec![9u8; 5000]).await;
+    assert_eq!(h.reg.storage.tenant_usage("tiny").await, 502);
+    // A restart counts again from disk and gets the same figure.
+    let again = registry_at(h.dir.path());
+    assert_eq!(again.storage.tenant_usage("tiny").await, 502);
+}
+
+#[tokio::test]
+async fn public_repositories_are_pulled_by_anyone_pushed_by_members() {
+    let h = harness();
+    let (m, _) = h.push_image("acme/pub", "alice", "v1", "p").await;
+    let manifest = "/v2/acme/pub/manifests/v1";
+    assert_eq!(
+        h.status(Method::GET, manifest, None).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let repo = hive_registry::names::Repo::parse("acme/pub").unwrap();
+    h.reg.storage.set_public(&repo, true).await.unwrap();
+    // Without credentials, with another tenant's token, and through the token flow.
+    assert_eq!(h.status(Method::GET, manifest, None).await, StatusCode::OK);
+    assert_eq!(
+        h.status(Method::GET, manifest, Some("bob")).await,
+        StatusCode::OK
+    );
+    let r = h
+        .req(
+            Method::GET,
+            "/v2/token?service=hive-registry&scope=repository:acme/pub:pull,push",
+            None,
+            &[],
+            Body::empty(),
+        )
+        .await;
+    let tok = r.json()["token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        h.status(Method::GET, manifest, Some(&tok)).await,
+        StatusCode::OK
+    );
+    let blob = format!("/v2/acme/pub/blobs/{}", digest(b"layer p"));
+    assert_eq!(h.status(Method::GET, &blob, None).await, StatusCode::OK);
+    // Pushing stays with acme: anonymous is challenged, the anonymous token does not push,
+    // another tenant does not even see a repository to push to.
+    let upload = "/v2/acme/pub/blobs/uploads/";
+    assert_eq!(
+        h.status(Method::POST, upload, None).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        h.status(Method::POST, upload, Some(&tok)).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let r = h
+        .req(Method::POST, upload, Some("bob"), &[], Body::empty())
+        .await;
+    assert_eq!(r.code(), "NAME_UNKNOWN");
+    // Another tenant may mount from it; its catalog still lists only its own.
+    let r = h
+        .req(
+            Method::POST,
+            &format!(
+                "/v2/other/copy/blobs/uploads/?mount={}&from=acme/pub",
+                digest(b"layer p")
+            ),
+            Some("bob"),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = h
+        .req(Method::GET, "/v2/_catalog", Some("bob"), &[], Body::empty())
+        .await;
+    assert_eq!(r.json()["repositories"], json!(["other/copy"]));
+    // Private again: back to unknown for everyone but acme.
+    h.reg.storage.set_public(&repo, false).await.unwrap();
+    assert_eq!(
+        h.status(Method::GET, manifest, None).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        h.status(Method::GET, manifest, Some("bob")).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        h.status(
+            Method::GET,
+            &format!("/v2/acme/pub/manifests/{m}"),
+            Some("alice")
+        )
+        .await,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn referenced_blobs_cannot_be_deleted() {
+    let h = harness();
+    h.push_image("acme/app", "alice", "v1", "r").await;
+    let layer = format!("/v2/acme/app/blobs/{}", digest(b"layer r"));
+    let r = h
+        .req(Method::DELETE, &layer, Some("alice"), &[], Body::empty())
+        .await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (StatusCode::FORBIDDEN, "DENIED")
+    );
+    assert!(
+        r.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("delete the manifest first")
+    );
+    assert_eq!(
+        h.status(Method::GET, &layer, Some("alice")).await,
+        StatusCode::OK
+    );
+    let m = h
+        .req(
+            Method::HEAD,
+            "/v2/acme/app/manifests/v1",
+            Some("alice"),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    let uri = format!(
+        "/v2/acme/app/manifests/{}",
+        m.header("docker-content-digest")
+    );
+    assert_eq!(
+        h.status(Method::DELETE, &uri, Some("alice")).await,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        h.status(Method::DELETE, &layer, Some("alice")).await,
+        StatusCode::ACCEPTED
+    );
+}
+
+#[tokio::test]
+async fn gc_deletes_what_nothing_references() {
+    let h = harness();
+    let (keep, _) = h.push_image("acme/app", "alice", "keep", "k").await;
+    let (gone, _) = h.push_image("acme/app", "alice", "gone", "g").await;
+    // The kept image's layer is also in another repository; a loose blob nothing uses.
+    h.push_blob("acme/other", "alice", b"layer k").await;
+    let loose = h.push_blob("acme/app", "alice", b"loose").await;
+    assert_eq!(h.files("blobs/sha256"), 7);
+    let uri = format!("/v2/acme/app/manifests/{gone}");
+    assert_eq!(
+        h.status(Method::DELETE, &uri, Some("alice")).await,
+        StatusCode::ACCEPTED
+    );
+
+    // Young links are pushes in flight: a grace of an hour keeps the loose blob and the
+    // deleted image's layers; only its manifest, which nothing links any more, goes.
+    let report = h
+        .reg
+        .storage
+        .gc(std::time::Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!((report.unlinked, report.deleted), (0, 1), "{report:?}");
+    assert_eq!(h.files("blobs/sha256"), 6);
+
+    let report = h.reg.storage.gc(std::time::Duration::ZERO).await.unwrap();
+    // Unlinked: the loose blob, the deleted image's config and layer, and acme/other's
+    // copy of "layer k" (no manifest there uses it).
+    assert_eq!(report.unlinked, 4, "{report:?}");
+    // Deleted: the deleted image's config and layer, and the loose blob.
+    assert_eq!(report.deleted, 3, "{report:?}");
+    assert_eq!(h.files("blobs/sha256"), 3);
+    let blob = format!("/v2/acme/app/blobs/{loose}");
+    assert_eq!(
+        h.status(Method::HEAD, &blob, Some("alice")).await,
+        StatusCode::NOT_FOUND
+    );
+    // The kept image is whole.
+    for d in [keep.clone(), digest(br#"{"seed":"k"}"#), digest(b"layer k")] {
+        let path = if d == keep { "manifests" } else { "blobs" };
+        let uri = format!("/v2/acme/app/{path}/{d}");
+        assert_eq!(
+            h.status(Method::GET, &uri, Some("alice")).await,
+            StatusCode::OK,
+            "{d}"
+        );
+    }
+    assert_eq!(
+        h.reg.storage.tenant_usage("acme").await,
+        h.reg
+            .storage
+            .repositories("acme")
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.size)
+            .sum::<u64>()
+    );
+}
+
+/// Collections run back to back while pushers delete their images and push the same
+/// content again, so that most pushes find their blobs stored but unlinked: exactly the
+/// blobs a sweep is about to delete. Every push must still end with every blob readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gc_is_safe_while_pushes_run() {
+    let h = Arc::new(harness());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let collector = {
+        let (h, stop) = (h.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut rounds = 0;
+            let mut deleted = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = h
+                    .reg
+                    .storage
+                    .gc(std::time::Duration::from_secs(60))
+                    .await
+                    .unwrap();
+                deleted += r.deleted;
+                rounds += 1;
+            }
+            (rounds, deleted)
+        })
+    };
+    let mut pushers = Vec::new();
+    for p in 0..4 {
+        let h = h.clone();
+        pushers.push(tokio::spawn(async move {
+            let repo = format!("acme/gc{p}");
+            for i in 0..25 {
+                let seed = format!("{p}-{}", i % 3);
+                let (m, _) = h.push_image(&repo, "alice", "t", &seed).await;
+                for d in [
+                    digest(format!("{{\"seed\":\"{seed}\"}}").as_bytes()),
+                    digest(format!("layer {seed}").as_bytes()),
+                ] {
+                    let uri = format!("/v2/{repo}/blobs/{d}");
+                    let r = h
+                        .req(Method::GET, &uri, Some("alice"), &[], Body::empty())
+                        .await;
+                    assert_eq!(r.status, StatusCode::OK, "push {i} of {repo}: {d} lost");
+                    assert_eq!(digest(&r.body), d);
+                }
+                // Delete the image and its links: its content is now garbage, until the
+                // next push of the same seed links it again.
+                let uri = format!("/v2/{repo}/manifests/{m}");
+                assert_eq!(
+                    h.status(Method::DELETE, &uri, Some("alice")).await,
+                    StatusCode::ACCEPTED
+                );
+                for d in [
+                    digest(format!("{{\"seed\":\"{seed}\"}}").as_bytes()),
+                    digest(format!("layer {seed}").as_bytes()),
+                ] {
+                    let uri = format!("/v2/{repo}/blobs/{d}");
+                    assert_eq!(
+                        h.status(Method::DELETE, &uri, Some("alice")).await,
+                        StatusCode::ACCEPTED
+                    );
+                }
+            }
+        }));
+    }
+    for p in pushers {
+        p.await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (rounds, deleted) = collector.await.unwrap();
+    assert!(
+        rounds > 1 && deleted > 0,
+        "the collector ran {rounds} rounds, deleted {deleted}: it must have raced the pushes"
+    );
 }

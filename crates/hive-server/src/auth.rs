@@ -189,6 +189,10 @@ impl hive_registry::RegistryAuth for RegistryTokens {
             push: p.role >= Role::Member,
         })
     }
+
+    async fn quota(&self, tenant: &str) -> Option<u64> {
+        crate::images::quota_of(self.store.as_ref(), tenant).await
+    }
 }
 
 /// A new token record for `tenant` (with that tenant's uid), and its secret.

@@ -9,6 +9,7 @@ pub mod bootstrap;
 pub mod controllers;
 pub mod error;
 pub mod housekeeping;
+pub mod images;
 pub mod keys;
 pub mod launch;
 pub mod middleware;
@@ -43,6 +44,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let state = AppState::new(store, config);
     let upkeep = tokio::spawn(housekeeping::run(state.clone()));
+    let collector = tokio::spawn(images::run_gc(state.clone()));
     let app = router(state.clone());
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -51,5 +53,6 @@ pub async fn serve(
         })
         .await;
     upkeep.abort();
+    collector.abort();
     result
 }

@@ -6,8 +6,8 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, put};
 use hive_api::{
-    API_PREFIX, ApiToken, CreatedToken, Event, Instance, Network, Node, ProxyKey, Scope, Service,
-    Tenant, TokenCreate, WhoAmI,
+    API_PREFIX, ApiToken, CreatedToken, Event, ImageList, ImageRepository, ImageUpdate, Instance,
+    Network, Node, ProxyKey, RegistryGcReport, Scope, Service, Tenant, TokenCreate, WhoAmI,
 };
 use utoipa::openapi::path::HttpMethod;
 use utoipa::openapi::schema::Type;
@@ -17,7 +17,7 @@ use crate::middleware;
 use crate::openapi::{ApiDoc, Op, title_case};
 use crate::resources::{self, Served};
 use crate::state::AppState;
-use crate::{auth, nodeproxy, tenants, tokens};
+use crate::{auth, images, nodeproxy, tenants, tokens};
 
 const LIST_QUERY: &[(&str, &str, Type)] = &[
     (
@@ -310,6 +310,105 @@ impl Table {
     }
 }
 
+impl Table {
+    /// The tenant's image repositories (the content itself is under `/v2/`), and the
+    /// registry's garbage collection.
+    fn images(&mut self) {
+        let coll = format!("{API_PREFIX}/tenants/{{tenant}}/images");
+        let item = format!("{coll}/{{*name}}");
+        let doc_item = format!("{coll}/{{name}}");
+        self.route(&coll, get(images::list));
+        self.route(
+            &item,
+            get(images::get)
+                .patch(images::update)
+                .delete(images::delete),
+        );
+        let list = self.doc.schema::<ImageList>();
+        let repo = self.doc.schema::<ImageRepository>();
+        let update = self.doc.schema::<ImageUpdate>();
+        self.doc.add(Op {
+            method: HttpMethod::Get,
+            path: &coll,
+            id: "listImages".into(),
+            tag: "images",
+            summary: "The tenant's image repositories, their tags and sizes, and its registry \
+                      usage against its quota (viewer and up)"
+                .into(),
+            body: None,
+            ok_status: "200",
+            ok: Some(list),
+            query: &[],
+            errors: &["403", "404"],
+            auth: true,
+        });
+        self.doc.add(Op {
+            method: HttpMethod::Get,
+            path: &doc_item,
+            id: "getImage".into(),
+            tag: "images",
+            summary: "One repository; `name` is without the tenant and may contain `/`".into(),
+            body: None,
+            ok_status: "200",
+            ok: Some(repo.clone()),
+            query: &[],
+            errors: &["403", "404", "422"],
+            auth: true,
+        });
+        self.doc.add(Op {
+            method: HttpMethod::Patch,
+            path: &doc_item,
+            id: "updateImage".into(),
+            tag: "images",
+            summary: "Make a repository public (anyone may pull it) or private (member and up)"
+                .into(),
+            body: Some(update),
+            ok_status: "200",
+            ok: Some(repo.clone()),
+            query: &[],
+            errors: &["400", "403", "404", "415", "422"],
+            auth: true,
+        });
+        self.doc.add(Op {
+            method: HttpMethod::Delete,
+            path: &doc_item,
+            id: "deleteImage".into(),
+            tag: "images",
+            summary: "Delete a repository with its tags and manifests (member and up); its \
+                      content goes with the next garbage collection"
+                .into(),
+            body: None,
+            ok_status: "200",
+            ok: Some(repo),
+            query: &[],
+            errors: &["403", "404", "422"],
+            auth: true,
+        });
+        let gc = format!("{API_PREFIX}/registry/gc");
+        self.route(&gc, axum::routing::post(images::gc));
+        let report = self.doc.schema::<RegistryGcReport>();
+        self.doc.add(Op {
+            method: HttpMethod::Post,
+            path: &gc,
+            id: "collectRegistryGarbage".into(),
+            tag: "images",
+            summary: "Collect the registry's garbage now: unlink layers no manifest uses, \
+                      delete blobs nothing links (platform admin)"
+                .into(),
+            body: None,
+            ok_status: "200",
+            ok: Some(report),
+            query: &[(
+                "grace_seconds",
+                "links younger than this are pushes in flight and kept (default 3600)",
+                Type::Integer,
+            )],
+            errors: &["403", "422"],
+            auth: true,
+        });
+    }
+}
+
 #[derive(Default)]
 struct Custom {
     list: Option<MethodRouter<AppState>>,
@@ -348,6 +447,7 @@ fn table() -> Table {
     t.tokens(&format!("{API_PREFIX}/tenants/{{tenant}}/tokens"), "Tenant");
     t.tokens(&format!("{API_PREFIX}/tokens"), "Platform");
     t.node_proxy();
+    t.images();
     t.route(&format!("{API_PREFIX}/whoami"), get(tokens::whoami));
     let who = t.doc.schema::<WhoAmI>();
     t.doc.add(Op {

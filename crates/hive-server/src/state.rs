@@ -28,6 +28,8 @@ pub struct ServerConfig {
     pub event_retention: Duration,
     /// How often compaction and event clean-up run.
     pub housekeeping_interval: Duration,
+    /// How often the registry's garbage is collected (first one interval after start).
+    pub registry_gc_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -41,6 +43,7 @@ impl Default for ServerConfig {
             keep_revisions: 100_000,
             event_retention: Duration::from_secs(3600),
             housekeeping_interval: Duration::from_secs(30),
+            registry_gc_interval: Duration::from_secs(3600),
         }
     }
 }

@@ -81,6 +81,10 @@ pub async fn delete(
         .txn(ops)
         .await
         .map_err(|e| ApiError::from_store(e, "tenant", &tenant, None))?;
+    // Its images go too: a tenant created later under the same name must not find them.
+    if let Err(e) = st.registry.storage.delete_tenant(&tenant).await {
+        tracing::warn!(%tenant, error = %e, "removing the image repositories of a deleted tenant");
+    }
     for chunk in rest.chunks(TOKENS_IN_DELETE_TXN) {
         let ops = chunk
             .iter()

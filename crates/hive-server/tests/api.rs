@@ -1380,3 +1380,169 @@ async fn binding_allocates_addresses_and_deleting_releases_them() {
             .is_none()
     );
 }
+
+/// Pushes a one-layer image to `repo` through the registry's monolithic uploads.
+async fn push_image(h: &Harness, repo: &str, token: &str) {
+    use sha2::Digest as _;
+    let digest = |b: &[u8]| format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)));
+    let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+    let layer = format!("layer of {repo}").into_bytes();
+    for blob in [&config, &layer] {
+        let uri = format!("/v2/{repo}/blobs/uploads/?digest={}", digest(blob));
+        let r = h
+            .raw(Method::POST, &uri, Some(token), None, blob.clone())
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
+    let manifest = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest(&layer), "size": layer.len()}]});
+    let r = h
+        .raw(
+            Method::PUT,
+            &format!("/v2/{repo}/manifests/v1"),
+            Some(token),
+            Some("application/vnd.oci.image.manifest.v1+json"),
+            serde_json::to_vec(&manifest).unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+}
+
+#[tokio::test]
+async fn image_repositories_are_listed_changed_and_deleted_per_tenant() {
+    let h = harness().await;
+    h.tenant("acme").await;
+    h.tenant("other").await;
+    let member = h.token("acme", "member").await;
+    let viewer = h.token("acme", "viewer").await;
+    let stranger = h.token("other", "tenant-admin").await;
+    push_image(&h, "acme/tools/app", &member).await;
+    push_image(&h, "acme/tools", &member).await;
+
+    let list = h
+        .ok(Method::GET, "/api/v1/tenants/acme/images", &viewer, None)
+        .await;
+    assert_eq!(list["items"][0]["name"], "acme/tools");
+    assert_eq!(list["items"][1]["name"], "acme/tools/app");
+    assert_eq!(list["items"][1]["tags"][0]["tag"], "v1");
+    assert_eq!(list["items"][1]["public"], false);
+    assert!(list["quota_bytes"].is_null());
+    assert!(list["usage_bytes"].as_u64().unwrap() > 0);
+    let one = h
+        .ok(
+            Method::GET,
+            "/api/v1/tenants/acme/images/tools/app",
+            &viewer,
+            None,
+        )
+        .await;
+    assert_eq!(one, list["items"][1]);
+
+    // Roles, other tenants, bad names and bodies.
+    let patch = |token: &str, name: &str, body: Value| {
+        let path = format!("/api/v1/tenants/acme/images/{name}");
+        let token = token.to_owned();
+        let h = &h;
+        async move { h.call(Method::PATCH, &path, &token, Some(body)).await }
+    };
+    let r = patch(&viewer, "tools/app", json!({"public": true})).await;
+    assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "forbidden"));
+    let r = patch(&stranger, "tools/app", json!({"public": true})).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = patch(&member, "nope", json!({"public": true})).await;
+    assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
+    let r = patch(&member, "Bad..Name", json!({"public": true})).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert!(
+        r.message().contains("invalid repository name"),
+        "{}",
+        r.body
+    );
+    let r = patch(&member, "tools/app", json!({"public": true, "colour": 1})).await;
+    assert!(
+        r.status.is_client_error() && r.message().contains("colour"),
+        "{}",
+        r.body
+    );
+    let r = patch(&member, "tools/app", json!({"public": true})).await;
+    assert_eq!(
+        (r.status, &r.body["public"]),
+        (StatusCode::OK, &json!(true))
+    );
+
+    // Deleting the parent repository leaves the nested one whole.
+    let r = h
+        .call(
+            Method::DELETE,
+            "/api/v1/tenants/acme/images/tools",
+            &viewer,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    h.ok(
+        Method::DELETE,
+        "/api/v1/tenants/acme/images/tools",
+        &member,
+        None,
+    )
+    .await;
+    let list = h
+        .ok(Method::GET, "/api/v1/tenants/acme/images", &viewer, None)
+        .await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["items"][0]["name"], "acme/tools/app");
+    let r = h
+        .call(
+            Method::DELETE,
+            "/api/v1/tenants/acme/images/tools",
+            &member,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = h
+        .raw(
+            Method::GET,
+            "/v2/acme/tools/app/manifests/v1",
+            None,
+            None,
+            vec![],
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "public: pulled without credentials"
+    );
+
+    // Garbage collection is the platform admin's; its query is checked.
+    let r = h
+        .call(Method::POST, "/api/v1/registry/gc", &member, None)
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = h
+        .call(
+            Method::POST,
+            "/api/v1/registry/gc?grace_seconds=-1",
+            &h.admin.clone(),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    let report = h
+        .ok(
+            Method::POST,
+            "/api/v1/registry/gc?grace_seconds=0",
+            &h.admin.clone(),
+            None,
+        )
+        .await;
+    // The deleted repository's manifest and layer (its config is the nested one's too).
+    assert_eq!(
+        (&report["deleted"], &report["kept"]),
+        (&json!(2), &json!(3)),
+        "{report}"
+    );
+}

@@ -100,11 +100,45 @@ fn manifest_digest(layout: &Path) -> String {
 
 struct Server {
     addr: String,
+    admin: String,
     acme_member: String,
     acme_viewer: String,
     other_member: String,
+    app: axum::Router,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    /// An API request through the served application; `(status, json body)`.
+    async fn api(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
+            .unwrap();
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let b = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&b).unwrap_or(Value::Null))
+    }
+
+    async fn stop(mut self) {
+        self.stop.take().map(|s| s.send(()));
+        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
 }
 
 async fn start(data: &Path) -> Server {
@@ -123,7 +157,7 @@ async fn start(data: &Path) -> Server {
         },
         ..Default::default()
     };
-    let app = hive_server::router(AppState::new(store.clone(), config.clone()));
+    let app = hive_server::router(AppState::new(store, config));
     let call = |path: String, body: Value| {
         let app = app.clone();
         let admin = admin.clone();
@@ -160,14 +194,18 @@ async fn start(data: &Path) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(hive_server::serve(store, config, listener, async move {
+    // The application the tests call in process is the one served: one registry, one state.
+    let served = axum::serve(listener, app.clone()).with_graceful_shutdown(async move {
         let _ = rx.await;
-    }));
+    });
+    let task = tokio::spawn(async move { served.await });
     Server {
         addr,
+        admin,
         acme_member,
         acme_viewer,
         other_member,
+        app,
         stop: Some(tx),
         task,
     }
@@ -188,7 +226,7 @@ async fn skopeo_and_podman_push_and_pull_through_tenant_auth() {
     let want = manifest_digest(&layout);
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
-    let mut srv = start(&data).await;
+    let srv = start(&data).await;
     let auth_file = tmp.path().join("auth.json");
     let env: [(&str, &Path); 1] = [("REGISTRY_AUTH_FILE", &auth_file)];
     let authfile = auth_file.to_str().unwrap();
@@ -408,11 +446,426 @@ async fn skopeo_and_podman_push_and_pull_through_tenant_auth() {
     )
     .await;
     assert!(listed.contains("\"2\""), "{listed}");
+    srv.stop().await;
+}
 
-    srv.stop.take().map(|s| s.send(()));
-    tokio::time::timeout(Duration::from_secs(10), &mut srv.task)
-        .await
+/// Writes `bytes` as a blob of the OCI layout at `dir`; returns its descriptor's digest.
+fn layout_blob(dir: &Path, bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    let hex = hex::encode(sha2::Sha256::digest(bytes));
+    std::fs::write(dir.join("blobs/sha256").join(&hex), bytes).unwrap();
+    format!("sha256:{hex}")
+}
+
+/// Adds a manifest (or index) to the layout's `index.json` under reference `name`.
+fn layout_ref(dir: &Path, media_type: &str, bytes: &[u8], name: &str) -> String {
+    let digest = layout_blob(dir, bytes);
+    let path = dir.join("index.json");
+    let mut index: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    index["manifests"].as_array_mut().unwrap().push(json!({
+        "mediaType": media_type, "digest": digest, "size": bytes.len(),
+        "annotations": {"org.opencontainers.image.ref.name": name},
+    }));
+    std::fs::write(&path, index.to_string()).unwrap();
+    digest
+}
+
+/// The manifest descriptor of reference `name` in the layout's `index.json`.
+fn layout_entry(dir: &Path, name: &str) -> Value {
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    index["manifests"]
+        .as_array()
         .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {}", dir.display()))
+        .clone()
+}
+
+fn count_blobs(data: &Path) -> usize {
+    data.join("registry/blobs/sha256")
+        .read_dir()
         .unwrap()
-        .unwrap();
+        .count()
+}
+
+/// A multi-platform index and an artifact with a `subject` go through skopeo; a public
+/// repository is pulled without credentials; a tenant's quota refuses a push that does not
+/// fit; a deleted repository's content is gone after a garbage collection while the rest
+/// stays pullable; a deleted tenant's images do not come back with a new tenant of its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_artifact_public_quota_and_gc_through_real_clients() {
+    for t in ["skopeo", "podman", "umoci"] {
+        need(t);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    build_busybox(&layout).await;
+    let busybox = layout_entry(&layout, "test");
+    // A second platform: the same image with another architecture in its config.
+    let arm = format!("{}:arm", layout.display());
+    must("umoci", &["new", "--image", &arm], &[]).await;
+    must(
+        "umoci",
+        &[
+            "config",
+            "--image",
+            &arm,
+            "--architecture",
+            "arm64",
+            "--os",
+            "linux",
+        ],
+        &[],
+    )
+    .await;
+    let arm_entry = layout_entry(&layout, "arm");
+    let index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": busybox["mediaType"], "digest": busybox["digest"], "size": busybox["size"],
+             "platform": {"architecture": "amd64", "os": "linux"}},
+            {"mediaType": arm_entry["mediaType"], "digest": arm_entry["digest"], "size": arm_entry["size"],
+             "platform": {"architecture": "arm64", "os": "linux"}}]});
+    let index_bytes = serde_json::to_vec(&index).unwrap();
+    let index_digest = layout_ref(
+        &layout,
+        "application/vnd.oci.image.index.v1+json",
+        &index_bytes,
+        "multi",
+    );
+    // An artifact about the busybox image: empty config, one blob, a subject.
+    let empty = layout_blob(&layout, b"{}");
+    let sig = layout_blob(&layout, b"a signature, for the test");
+    let artifact = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.hive.test.signature",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+        "layers": [{"mediaType": "application/vnd.hive.test.signature", "digest": sig, "size": 25}],
+        "subject": {"mediaType": busybox["mediaType"], "digest": busybox["digest"], "size": busybox["size"]}});
+    let artifact_bytes = serde_json::to_vec(&artifact).unwrap();
+    let artifact_digest = layout_ref(
+        &layout,
+        "application/vnd.oci.image.manifest.v1+json",
+        &artifact_bytes,
+        "sig",
+    );
+
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let srv = start(&data).await;
+    let auth_file = tmp.path().join("auth.json");
+    std::fs::write(&auth_file, "{}").unwrap(); // no credentials: anonymous unless given
+    let env: [(&str, &Path); 1] = [("REGISTRY_AUTH_FILE", &auth_file)];
+    let reg = srv.addr.clone();
+    let creds = format!("x:{}", srv.acme_member);
+    let copy = |src: String, dst: String, extra: Vec<String>| {
+        async move {
+            let mut a: Vec<String> = vec!["copy".into(), "--quiet".into()];
+            a.extend(extra);
+            a.extend([src, dst]);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            run("skopeo", &a, &env).await
+        }
+    };
+    let push_creds = vec![
+        "--dest-tls-verify=false".to_owned(),
+        "--dest-creds".to_owned(),
+        creds.clone(),
+    ];
+    let pull_creds = vec![
+        "--src-tls-verify=false".to_owned(),
+        "--src-creds".to_owned(),
+        creds.clone(),
+    ];
+
+    // The index, every platform: pulled back byte-identical.
+    let multi = format!("docker://{reg}/acme/multi:1");
+    let mut all = push_creds.clone();
+    all.push("--all".into());
+    let o = copy(
+        format!("oci:{}:multi", layout.display()),
+        multi.clone(),
+        all,
+    )
+    .await;
+    assert!(o.ok, "push index: {}", o.stderr);
+    let back = tmp.path().join("back");
+    let mut all = pull_creds.clone();
+    all.push("--all".into());
+    let o = copy(multi.clone(), format!("oci:{}:multi", back.display()), all).await;
+    assert!(o.ok, "pull index: {}", o.stderr);
+    assert_eq!(
+        layout_entry(&back, "multi")["digest"],
+        index_digest.as_str()
+    );
+    for m in [&busybox, &arm_entry] {
+        let hex = m["digest"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("sha256:")
+            .unwrap();
+        assert!(
+            back.join("blobs/sha256").join(hex).exists(),
+            "platform {hex} missing"
+        );
+    }
+
+    // The busybox image and its artifact; the referrers API finds the artifact.
+    let app = format!("docker://{reg}/acme/app");
+    let o = copy(
+        format!("oci:{}:test", layout.display()),
+        format!("{app}:1"),
+        push_creds.clone(),
+    )
+    .await;
+    assert!(o.ok, "push image: {}", o.stderr);
+    let o = copy(
+        format!("oci:{}:sig", layout.display()),
+        format!("{app}:sig"),
+        push_creds.clone(),
+    )
+    .await;
+    assert!(o.ok, "push artifact: {}", o.stderr);
+    let subject = busybox["digest"].as_str().unwrap();
+    let (status, referrers) = srv
+        .api(
+            Method::GET,
+            &format!(
+                "/v2/acme/app/referrers/{subject}?artifactType=application/vnd.hive.test.signature"
+            ),
+            &srv.acme_viewer,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        referrers["manifests"][0]["digest"],
+        artifact_digest.as_str(),
+        "{referrers}"
+    );
+    assert_eq!(referrers["manifests"].as_array().unwrap().len(), 1);
+    let back_sig = tmp.path().join("back-sig");
+    let o = copy(
+        format!("{app}:sig"),
+        format!("oci:{}:sig", back_sig.display()),
+        pull_creds.clone(),
+    )
+    .await;
+    assert!(o.ok, "pull artifact: {}", o.stderr);
+    assert_eq!(
+        layout_entry(&back_sig, "sig")["digest"],
+        artifact_digest.as_str()
+    );
+
+    // The API lists both repositories with their tags; usage counts shared blobs once.
+    let (status, list) = srv
+        .api(
+            Method::GET,
+            "/api/v1/tenants/acme/images",
+            &srv.acme_viewer,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{list}");
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["acme/app", "acme/multi"]);
+    let sizes: u64 = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["size_bytes"].as_u64().unwrap())
+        .sum();
+    let usage = list["usage_bytes"].as_u64().unwrap();
+    assert!(
+        usage > 0 && usage < sizes,
+        "busybox's blobs are in both: usage {usage}, sizes {sizes}"
+    );
+
+    // Public: anyone pulls without credentials (skopeo and podman); private again: refused.
+    let o = copy(
+        format!("{app}:1"),
+        format!("oci:{}/anon:x", tmp.path().display()),
+        vec!["--src-tls-verify=false".into(), "--src-no-creds".into()],
+    )
+    .await;
+    assert!(!o.ok, "anonymous pull of a private repository succeeded");
+    let (status, repo) = srv
+        .api(
+            Method::PATCH,
+            "/api/v1/tenants/acme/images/app",
+            &srv.acme_member,
+            Some(json!({"public": true})),
+        )
+        .await;
+    assert_eq!(
+        (status, repo["public"].as_bool()),
+        (200, Some(true)),
+        "{repo}"
+    );
+    let (status, _) = srv
+        .api(
+            Method::PATCH,
+            "/api/v1/tenants/acme/images/app",
+            &srv.other_member,
+            Some(json!({"public": false})),
+        )
+        .await;
+    assert_eq!(status, 404, "another tenant changed acme's repository");
+    let o = copy(
+        format!("{app}:1"),
+        format!("oci:{}/anon:x", tmp.path().display()),
+        vec!["--src-tls-verify=false".into(), "--src-no-creds".into()],
+    )
+    .await;
+    assert!(o.ok, "anonymous pull of a public repository: {}", o.stderr);
+    let root = tmp.path().join("podman-root");
+    let runroot = tmp.path().join("podman-run");
+    let pod = |args: &[&str]| {
+        let mut v: Vec<String> = vec![
+            "--root".into(),
+            root.display().to_string(),
+            "--runroot".into(),
+            runroot.display().to_string(),
+            "--storage-driver".into(),
+            "vfs".into(),
+        ];
+        v.extend(args.iter().map(|s| s.to_string()));
+        v
+    };
+    let args = pod(&[
+        "pull",
+        "-q",
+        "--tls-verify=false",
+        &format!("{reg}/acme/app:1"),
+    ]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run("podman", &a, &env).await;
+    assert!(
+        o.ok,
+        "anonymous podman pull of a public repository: {}",
+        o.stderr
+    );
+    let o = copy(
+        format!("oci:{}:test", layout.display()),
+        format!("{app}:anon"),
+        vec!["--dest-tls-verify=false".into(), "--dest-no-creds".into()],
+    )
+    .await;
+    assert!(!o.ok, "anonymous push to a public repository succeeded");
+
+    // Quota: tenant other may hold 64 KiB; busybox does not fit; nothing is kept.
+    let (status, _) = srv
+        .api(
+            Method::PUT,
+            "/api/v1/tenants/other",
+            &srv.admin,
+            Some(json!({"name": "other", "quota": {"registry_bytes": 65536}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let before = count_blobs(&data);
+    let o = copy(
+        format!("oci:{}:test", layout.display()),
+        format!("docker://{reg}/other/big:1"),
+        vec![
+            "--dest-tls-verify=false".into(),
+            "--dest-creds".into(),
+            format!("x:{}", srv.other_member),
+        ],
+    )
+    .await;
+    assert!(
+        !o.ok && o.stderr.contains("quota"),
+        "push over quota: {}",
+        o.stderr
+    );
+    let (_, list) = srv
+        .api(
+            Method::GET,
+            "/api/v1/tenants/other/images",
+            &srv.other_member,
+            None,
+        )
+        .await;
+    assert_eq!(list["quota_bytes"], 65536);
+    assert!(list["usage_bytes"].as_u64().unwrap() <= 65536, "{list}");
+    assert!(
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["tags"].as_array().unwrap().is_empty()),
+        "{list}"
+    );
+
+    // Delete the index's repository and collect: its own blobs go, busybox's stay.
+    let (status, _) = srv
+        .api(
+            Method::DELETE,
+            "/api/v1/tenants/acme/images/multi",
+            &srv.acme_member,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, report) = srv
+        .api(
+            Method::POST,
+            "/api/v1/registry/gc?grace_seconds=0",
+            &srv.admin,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{report}");
+    assert!(
+        report["deleted"].as_u64().unwrap() >= 2,
+        "index and arm manifest: {report}"
+    );
+    assert!(count_blobs(&data) <= before, "{report}");
+    let (status, _) = srv
+        .api(Method::POST, "/api/v1/registry/gc", &srv.acme_member, None)
+        .await;
+    assert_eq!(status, 403, "a tenant collected the registry");
+    let back2 = tmp.path().join("back2");
+    let o = copy(
+        format!("{app}:1"),
+        format!("oci:{}:x", back2.display()),
+        pull_creds.clone(),
+    )
+    .await;
+    assert!(o.ok, "pull after gc: {}", o.stderr);
+    assert_eq!(layout_entry(&back2, "x")["digest"], busybox["digest"]);
+    let o = copy(
+        multi.clone(),
+        format!("oci:{}:m", back2.display()),
+        pull_creds.clone(),
+    )
+    .await;
+    assert!(!o.ok, "the deleted repository is still pullable");
+
+    // A deleted tenant's images do not come back with a new tenant of the same name.
+    let (status, _) = srv
+        .api(Method::DELETE, "/api/v1/tenants/acme", &srv.admin, None)
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = srv
+        .api(
+            Method::POST,
+            "/api/v1/tenants",
+            &srv.admin,
+            Some(json!({"name": "acme"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (_, list) = srv
+        .api(Method::GET, "/api/v1/tenants/acme/images", &srv.admin, None)
+        .await;
+    assert_eq!(list["items"], json!([]), "{list}");
+    assert_eq!(list["usage_bytes"], 0);
+    srv.stop().await;
 }
