@@ -324,6 +324,36 @@ impl Client {
         .await
     }
 
+    /// The tenant's image repositories and its registry usage.
+    pub async fn list_images(&self, tenant: &str) -> Result<hive_api::ImageList> {
+        self.send(Method::GET, &images_path(tenant, None), None::<&()>)
+            .await
+    }
+
+    /// Makes repository `name` (without the tenant) public or private.
+    pub async fn set_image_public(
+        &self,
+        tenant: &str,
+        name: &str,
+        public: bool,
+    ) -> Result<hive_api::ImageRepository> {
+        let body = hive_api::ImageUpdate { public };
+        self.send(Method::PATCH, &images_path(tenant, Some(name)), Some(&body))
+            .await
+    }
+
+    /// Deletes repository `name` (without the tenant).
+    pub async fn delete_image(&self, tenant: &str, name: &str) -> Result<hive_api::ImageRepository> {
+        self.send(Method::DELETE, &images_path(tenant, Some(name)), None::<&()>)
+            .await
+    }
+
+    /// Collects the registry's garbage now (platform admin).
+    pub async fn registry_gc(&self, grace_seconds: u64) -> Result<hive_api::RegistryGcReport> {
+        let path = format!("{API_PREFIX}/registry/gc?grace_seconds={grace_seconds}");
+        self.send(Method::POST, &path, None::<&()>).await
+    }
+
     /// The server's key for node proxy tokens.
     pub async fn proxy_key(&self) -> Result<hive_api::ProxyKey> {
         self.send(Method::GET, &format!("{API_PREFIX}/proxy-key"), None::<&()>)
@@ -403,6 +433,18 @@ impl Client {
                 source,
             })?;
         check(resp).await.map(drop)
+    }
+}
+
+/// `…/tenants/{tenant}/images[/{name}]`; a nested name keeps its `/` separators.
+fn images_path(tenant: &str, name: Option<&str>) -> String {
+    let base = format!("{API_PREFIX}/tenants/{}/images", segment(tenant));
+    match name {
+        Some(n) => {
+            let parts: Vec<String> = n.split('/').map(segment).collect();
+            format!("{base}/{}", parts.join("/"))
+        }
+        None => base,
     }
 }
 

@@ -30,6 +30,32 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
         names(&json(&admin_cfg, &["tenant", "ls"])),
         ["acme", "default"]
     );
+    // Quotas: set at creation, changed, removed; bad quantities are refused.
+    let q = json(
+        &admin_cfg,
+        &["tenant", "create", "quota-t", "--registry-quota", "2Mi"],
+    );
+    assert_eq!(q["quota"]["registry_bytes"], 2 << 20);
+    let q = json(
+        &admin_cfg,
+        &["tenant", "quota", "quota-t", "--registry", "1G"],
+    );
+    assert_eq!(q["quota"]["registry_bytes"], 1_000_000_000u64);
+    let q = json(
+        &admin_cfg,
+        &["tenant", "quota", "quota-t", "--registry", "none"],
+    );
+    assert!(q.get("quota").is_none(), "{q}");
+    let out = hive(
+        &admin_cfg,
+        &["tenant", "quota", "quota-t", "--registry", "lots"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("quantity \"lots\""),
+        "{err}"
+    );
+    ok(&admin_cfg, &["tenant", "rm", "quota-t"]);
     let nodes = json(&admin_cfg, &["node", "ls"]);
     assert_eq!(nodes.as_array().unwrap().len(), 1);
     assert!(

@@ -5,19 +5,31 @@ use clap::{Args, Subcommand};
 use futures_util::StreamExt;
 use hive_api::{
     ApiToken, ContainerSpec, EnvVar, ErrorCode, Event, Instance, Network, NetworkSpec, Node,
-    PortSpec, Protocol, PullPolicy, RestartPolicy, Role, Service, ServiceSpec, Tenant, TokenCreate,
-    WatchEventType,
+    PortSpec, Protocol, PullPolicy, RestartPolicy, Role, Service, ServiceSpec, Tenant, TenantQuota,
+    TokenCreate, WatchEventType,
 };
 use hive_client::ClientError;
 
 use super::Ctx;
-use super::output::age;
+use super::output::{age, human_bytes};
 use super::quantity;
 
 #[derive(Debug, Subcommand)]
 pub enum TenantCmd {
     /// Create a tenant.
-    Create { name: String },
+    Create {
+        name: String,
+        /// Most bytes its image repositories may hold (e.g. 10Gi); default: no limit.
+        #[arg(long, value_parser = quantity::bytes)]
+        registry_quota: Option<u64>,
+    },
+    /// Set a tenant's quotas.
+    Quota {
+        name: String,
+        /// Most bytes its image repositories may hold (e.g. 10Gi), or `none`.
+        #[arg(long, value_parser = registry_quota)]
+        registry: Option<Limit>,
+    },
     /// List tenants.
     Ls,
     /// Delete a tenant and everything it owns.
@@ -297,17 +309,31 @@ fn port(s: &str) -> Result<PortSpec> {
 
 pub async fn tenant(ctx: &Ctx, cmd: TenantCmd) -> Result<()> {
     match cmd {
-        TenantCmd::Create { name } => {
+        TenantCmd::Create {
+            name,
+            registry_quota,
+        } => {
             let t = ctx
                 .client
                 .create(
                     None,
                     &Tenant {
                         name,
+                        quota: TenantQuota {
+                            registry_bytes: registry_quota,
+                        },
                         ..Default::default()
                     },
                 )
                 .await?;
+            ctx.output.object(&t, TENANT_HEADERS, tenant_row)
+        }
+        TenantCmd::Quota { name, registry } => {
+            let mut t: Tenant = ctx.client.get(None, &name).await?;
+            if let Some(Limit(bytes)) = registry {
+                t.quota.registry_bytes = bytes;
+            }
+            let t = ctx.client.update(None, &t).await?;
             ctx.output.object(&t, TENANT_HEADERS, tenant_row)
         }
         TenantCmd::Ls => {
@@ -322,10 +348,25 @@ pub async fn tenant(ctx: &Ctx, cmd: TenantCmd) -> Result<()> {
     }
 }
 
-const TENANT_HEADERS: &[&str] = &["NAME", "UID", "AGE"];
+const TENANT_HEADERS: &[&str] = &["NAME", "UID", "REGISTRY QUOTA", "AGE"];
 
 fn tenant_row(t: &Tenant) -> Vec<String> {
-    vec![t.name.clone(), t.uid.clone(), age(t.created_at)]
+    let quota = t
+        .quota
+        .registry_bytes
+        .map_or_else(|| "-".to_owned(), human_bytes);
+    vec![t.name.clone(), t.uid.clone(), quota, age(t.created_at)]
+}
+
+/// A limit, or `none` for no limit.
+#[derive(Clone, Copy, Debug)]
+pub struct Limit(Option<u64>);
+
+fn registry_quota(s: &str) -> Result<Limit, String> {
+    match s {
+        "none" => Ok(Limit(None)),
+        _ => quantity::bytes(s).map(|b| Limit(Some(b))),
+    }
 }
 
 fn print_tenants(ctx: &Ctx, items: &[Tenant]) -> Result<()> {
