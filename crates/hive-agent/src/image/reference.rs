@@ -29,6 +29,17 @@ const DOCKER_HUB: &str = "docker.io";
 
 impl Reference {
     pub fn parse(s: &str) -> Result<Self, ReferenceError> {
+        Self::parse_on(s, None)
+    }
+
+    /// Parses `repository[:tag][@digest]` as a repository of `registry` (host and port): the
+    /// first component is never taken for a host (`hive push` names repositories of the
+    /// server's own registry so).
+    pub fn parse_repository(registry: &str, s: &str) -> Result<Self, ReferenceError> {
+        Self::parse_on(s, Some(registry))
+    }
+
+    fn parse_on(s: &str, on: Option<&str>) -> Result<Self, ReferenceError> {
         let err = |reason| ReferenceError {
             reference: s.to_owned(),
             reason,
@@ -64,6 +75,7 @@ impl Reference {
             }
         }
         let (registry, repository) = match name.split_once('/') {
+            _ if let Some(on) = on => (on.to_owned(), name.to_owned()),
             Some((first, path))
                 if first.contains('.') || first.contains(':') || first == "localhost" =>
             {
@@ -71,7 +83,7 @@ impl Reference {
             }
             _ => (DOCKER_HUB.to_owned(), name.to_owned()),
         };
-        let repository = if registry == DOCKER_HUB && !repository.contains('/') {
+        let repository = if on.is_none() && registry == DOCKER_HUB && !repository.contains('/') {
             format!("library/{repository}")
         } else {
             repository
@@ -162,6 +174,33 @@ mod tests {
         let r = Reference::parse("localhost:5000/x").expect("parse");
         assert_eq!(r.registry, "localhost:5000");
         assert_eq!(r.manifest_ref(), "latest");
+    }
+
+    #[test]
+    fn parses_repositories_of_a_known_registry() {
+        let r = Reference::parse_repository("hive", "acme/web:v1").expect("parse");
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("hive", "acme/web")
+        );
+        assert_eq!(r.tag.as_deref(), Some("v1"));
+        assert_eq!(r.api_host(), "hive");
+        // A first component that looks like a host is still a repository component.
+        let r = Reference::parse_repository("127.0.0.1:7080", "localhost/a/b").expect("parse");
+        assert_eq!(r.repository, "localhost/a/b");
+        assert_eq!(r.to_string(), "127.0.0.1:7080/localhost/a/b:latest");
+        let d = format!("sha256:{}", "b".repeat(64));
+        let r = Reference::parse_repository("h:1", &format!("acme/x@{d}")).expect("parse");
+        assert_eq!((r.tag, r.digest.as_deref()), (None, Some(d.as_str())));
+        // No library/ for one-part names: only Docker Hub has that rule.
+        let r = Reference::parse_repository("h:1", "web").expect("parse");
+        assert_eq!(r.repository, "web");
+        for bad in ["127.0.0.1:7080/acme/x", "Acme/x", "acme/x:", "acme//x", ""] {
+            assert!(
+                Reference::parse_repository("h:1", bad).is_err(),
+                "{bad:?} accepted"
+            );
+        }
     }
 
     #[test]

@@ -1,18 +1,26 @@
-//! A minimal OCI distribution client for pulling: manifests and blobs over the workspace's
-//! reqwest, with bearer-token auth (`401` + `WWW-Authenticate: Bearer realm,service,scope`,
-//! optionally with Basic credentials at the token endpoint) and Basic auth. Plain HTTP only
-//! for registries configured as insecure.
+//! A minimal OCI distribution client: manifests and blobs over the workspace's reqwest, with
+//! bearer-token auth (`401` + `WWW-Authenticate: Bearer realm,service,scope`, optionally with
+//! Basic credentials at the token endpoint), Basic auth, or a token sent up front
+//! ([`RegistryClient::with_token`]). Plain HTTP only for registries configured as insecure.
 //!
-//! Every byte it returns is verified against its digest: manifests and configs in memory,
-//! layers while they stream to a file. It does not parse manifests or touch the store.
+//! Pulling (the agent and `hive pull`): every byte it returns is verified against its digest,
+//! manifests and configs in memory, layers while they stream. Pushing (`hive push`): blobs are
+//! streamed from a file range and hashed on the way, manifests are put as given. It does not
+//! parse manifests, read layouts or touch the store.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::fmt;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, WWW_AUTHENTICATE};
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, LOCATION, WWW_AUTHENTICATE,
+};
 use reqwest::{RequestBuilder, StatusCode};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::reference::Reference;
 
@@ -49,10 +57,14 @@ pub enum RegistryError {
         #[source]
         source: reqwest::Error,
     },
-    #[error("{url}: not found (404)")]
-    NotFound { url: String },
-    #[error("{url}: unexpected status {status}")]
-    Status { url: String, status: u16 },
+    #[error("{url}: not found (404){remote}")]
+    NotFound { url: String, remote: RemoteErrors },
+    #[error("{url}: unexpected status {status}{remote}")]
+    Status {
+        url: String,
+        status: u16,
+        remote: RemoteErrors,
+    },
     #[error("{url}: authentication failed: {message}")]
     Auth { url: String, message: String },
     #[error("digest mismatch: expected {digest}, got {actual}")]
@@ -69,6 +81,127 @@ pub enum RegistryError {
     TooLarge { url: String, limit: u64 },
     #[error("unsupported digest {0:?} (only sha256)")]
     UnsupportedDigest(String),
+    #[error("write blob {digest}: {source}")]
+    Write {
+        digest: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("read blob {digest} to push: {source}")]
+    Read {
+        digest: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{url}: {message}")]
+    Protocol { url: String, message: String },
+}
+
+/// The errors a registry explained a failure with (`{"errors":[{"code","message"}]}`, the
+/// distribution spec's body), shown after the status: `: NAME_UNKNOWN: repository …`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteErrors(pub Vec<RemoteError>);
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct RemoteError {
+    pub code: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+impl RemoteErrors {
+    /// The errors in a response body; none when it is not the spec's JSON.
+    pub fn parse(body: &[u8]) -> Self {
+        #[derive(serde::Deserialize)]
+        struct Body {
+            errors: Vec<RemoteError>,
+        }
+        RemoteErrors(
+            serde_json::from_slice::<Body>(body)
+                .map(|b| b.errors)
+                .unwrap_or_default(),
+        )
+    }
+
+    pub fn codes(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|e| e.code.as_str())
+    }
+}
+
+impl fmt::Display for RemoteErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            let sep = if i == 0 { ": " } else { "; " };
+            write!(f, "{sep}{}", e.code)?;
+            if !e.message.is_empty() {
+                write!(f, ": {}", e.message.replace('\n', " "))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `len` bytes of a file from `offset`: a blob in an OCI layout directory, or inside an
+/// uncompressed tar. Read with `pread`, so one open file serves any number of readers.
+#[derive(Debug, Clone)]
+pub struct FileRange {
+    pub file: Arc<File>,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Called with the number of bytes each chunk moved (for progress bars).
+pub type OnBytes = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Checks a blob's size and digest as its bytes go by.
+struct Verifier {
+    digest: String,
+    size: u64,
+    got: u64,
+    hasher: ring::digest::Context,
+}
+
+impl Verifier {
+    fn new(digest: &str, size: u64) -> Self {
+        Verifier {
+            digest: digest.to_owned(),
+            size,
+            got: 0,
+            hasher: ring::digest::Context::new(&ring::digest::SHA256),
+        }
+    }
+
+    /// Fails as soon as there are more bytes than promised, before they are passed on.
+    fn update(&mut self, chunk: &[u8]) -> Result<()> {
+        self.got += chunk.len() as u64;
+        if self.got > self.size {
+            return Err(RegistryError::SizeMismatch {
+                digest: self.digest.clone(),
+                expected: self.size,
+                actual: self.got,
+            });
+        }
+        self.hasher.update(chunk);
+        Ok(())
+    }
+
+    fn finish(self) -> Result<()> {
+        if self.got != self.size {
+            return Err(RegistryError::SizeMismatch {
+                digest: self.digest,
+                expected: self.size,
+                actual: self.got,
+            });
+        }
+        let actual = format!("sha256:{}", hex::encode(self.hasher.finish()));
+        if actual != self.digest {
+            return Err(RegistryError::DigestMismatch {
+                digest: self.digest,
+                actual,
+            });
+        }
+        Ok(())
+    }
 }
 
 type Result<T, E = RegistryError> = std::result::Result<T, E>;
@@ -88,8 +221,10 @@ pub struct RegistryClient {
     http: reqwest::Client,
     insecure: Vec<String>,
     credentials: HashMap<String, Credentials>,
-    /// Bearer tokens by (registry, repository); pulls only ever need `pull` scope.
+    /// `Authorization` values by (registry, repository), from the token endpoint.
     tokens: Mutex<HashMap<(String, String), String>>,
+    /// `Authorization` values sent up front to a registry (before any challenge).
+    preset: HashMap<String, String>,
 }
 
 impl RegistryClient {
@@ -111,7 +246,24 @@ impl RegistryClient {
             insecure,
             credentials,
             tokens: Mutex::new(HashMap::new()),
+            preset: HashMap::new(),
         })
+    }
+
+    /// Sends `Authorization: Bearer <token>` to `registry` with every request, before any
+    /// challenge (Hive's registry takes a Hive API token so). The same token is also the
+    /// Basic password at a token endpoint, should the registry challenge anyway.
+    pub fn with_token(mut self, registry: &str, token: &str) -> Self {
+        self.preset
+            .insert(registry.to_owned(), format!("Bearer {token}"));
+        self.credentials.insert(
+            registry.to_owned(),
+            Credentials {
+                username: "hive".into(),
+                password: token.to_owned(),
+            },
+        );
+        self
     }
 
     fn base(&self, r: &Reference) -> String {
@@ -194,46 +346,151 @@ impl RegistryClient {
         check_digest(digest)?;
         let url = format!("{}/blobs/{digest}", self.base(r));
         let resp = self.send(r, &url, |c| c.get(&url)).await?;
-        let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut got = 0u64;
+        let mut verifier = Verifier::new(digest, size);
         let mut stream = resp.bytes_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|source| RegistryError::Http {
                 url: url.clone(),
                 source,
             })?;
-            got += chunk.len() as u64;
             // A registry that sends more than the manifest promised is cut off here, before
             // the extra bytes reach the unpacker.
-            if got > size {
-                return Err(RegistryError::SizeMismatch {
-                    digest: digest.to_owned(),
-                    expected: size,
-                    actual: got,
-                });
-            }
-            hasher.update(&chunk);
+            verifier.update(&chunk)?;
             if sink.send(BlobChunk::Data(chunk)).await.is_err() {
                 return Err(RegistryError::Aborted {
                     digest: digest.to_owned(),
                 });
             }
         }
-        if got != size {
-            return Err(RegistryError::SizeMismatch {
-                digest: digest.to_owned(),
-                expected: size,
-                actual: got,
+        verifier.finish()
+    }
+
+    /// Writes a blob into `out` as it arrives, hashing as it goes; `Ok` only when size and
+    /// digest match. On error `out` holds a partial blob: the caller throws it away.
+    pub async fn blob_to_writer<W: AsyncWrite + Unpin>(
+        &self,
+        r: &Reference,
+        digest: &str,
+        size: u64,
+        out: &mut W,
+        on_bytes: &OnBytes,
+    ) -> Result<()> {
+        check_digest(digest)?;
+        let url = format!("{}/blobs/{digest}", self.base(r));
+        let resp = self.send(r, &url, |c| c.get(&url)).await?;
+        let mut verifier = Verifier::new(digest, size);
+        let mut stream = resp.bytes_stream();
+        let write_err = |source| RegistryError::Write {
+            digest: digest.to_owned(),
+            source,
+        };
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|source| RegistryError::Http {
+                url: url.clone(),
+                source,
+            })?;
+            verifier.update(&chunk)?;
+            out.write_all(&chunk).await.map_err(write_err)?;
+            on_bytes(chunk.len() as u64);
+        }
+        out.flush().await.map_err(write_err)?;
+        verifier.finish()
+    }
+
+    /// Whether `r`'s repository has the blob (`HEAD`); a 404 is `false`.
+    pub async fn has_blob(&self, r: &Reference, digest: &str) -> Result<bool> {
+        check_digest(digest)?;
+        let url = format!("{}/blobs/{digest}", self.base(r));
+        match self.send(r, &url, |c| c.head(&url)).await {
+            Ok(_) => Ok(true),
+            Err(RegistryError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Uploads a blob in one piece (`POST` a session, then `PUT ?digest=` with the whole
+    /// content), streaming it from `from` and hashing it on the way: content that does not
+    /// match `digest` or `from.len` fails with [`RegistryError::DigestMismatch`] or
+    /// [`RegistryError::SizeMismatch`] (the registry refuses it too, and keeps nothing).
+    pub async fn push_blob(
+        &self,
+        r: &Reference,
+        digest: &str,
+        from: &FileRange,
+        on_bytes: &OnBytes,
+    ) -> Result<()> {
+        check_digest(digest)?;
+        let url = format!("{}/blobs/uploads/", self.base(r));
+        let resp = self.send(r, &url, |c| c.post(&url)).await?;
+        if resp.status() != StatusCode::ACCEPTED {
+            return Err(RegistryError::Protocol {
+                url,
+                message: format!("upload start answered {}, not 202", resp.status().as_u16()),
             });
         }
-        let actual = format!("sha256:{}", hex::encode(hasher.finish()));
-        if actual != digest {
-            return Err(RegistryError::DigestMismatch {
-                digest: digest.to_owned(),
-                actual,
-            });
+        let location = resp
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| RegistryError::Protocol {
+                url: url.clone(),
+                message: "upload start without a Location".into(),
+            })?;
+        let mut put = reqwest::Url::parse(&url)
+            .and_then(|u| u.join(location))
+            .map_err(|e| RegistryError::Protocol {
+                url: url.clone(),
+                message: format!("bad upload Location {location:?}: {e}"),
+            })?;
+        put.query_pairs_mut().append_pair("digest", digest);
+        let put_url = put.to_string();
+        // The body is made anew for a retry after a challenge; the first failure of our own
+        // reading (a layout that does not match its digest) is kept to be reported as such.
+        let local_failure: Arc<Mutex<Option<RegistryError>>> = Arc::default();
+        let result = self
+            .send(r, &put_url, |c| {
+                c.put(put.clone())
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .header(CONTENT_LENGTH, from.len)
+                    .body(file_body(
+                        digest,
+                        from.clone(),
+                        on_bytes.clone(),
+                        local_failure.clone(),
+                    ))
+            })
+            .await;
+        if let Some(e) = local_failure.lock().ok().and_then(|mut f| f.take()) {
+            return Err(e);
         }
+        result?;
         Ok(())
+    }
+
+    /// Puts a manifest (or index) as `reference` (tag or digest); returns the digest the
+    /// registry answered with (`Docker-Content-Digest`), else the content's.
+    pub async fn put_manifest(
+        &self,
+        r: &Reference,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<String> {
+        let url = format!("{}/manifests/{reference}", self.base(r));
+        let body = bytes::Bytes::copy_from_slice(bytes);
+        let resp = self
+            .send(r, &url, |c| {
+                c.put(&url)
+                    .header(CONTENT_TYPE, media_type)
+                    .body(body.clone())
+            })
+            .await?;
+        let digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map_or_else(|| sha256_of(bytes), str::to_owned);
+        Ok(digest)
     }
 
     async fn send(
@@ -253,7 +510,7 @@ impl RegistryClient {
             source,
         })?;
         if resp.status() != StatusCode::UNAUTHORIZED {
-            return check_status(resp, url);
+            return check_status(resp, url).await;
         }
         let auth = self.authorize(r, url, resp.headers()).await?;
         if let Ok(mut t) = self.tokens.lock() {
@@ -273,11 +530,15 @@ impl RegistryClient {
                 message: "credentials refused".into(),
             });
         }
-        check_status(resp, url)
+        check_status(resp, url).await
     }
 
     fn cached_token(&self, key: &(String, String)) -> Option<String> {
-        self.tokens.lock().ok().and_then(|t| t.get(key).cloned())
+        self.tokens
+            .lock()
+            .ok()
+            .and_then(|t| t.get(key).cloned())
+            .or_else(|| self.preset.get(&key.0).cloned())
     }
 
     /// Turns a `WWW-Authenticate` challenge into an `Authorization` header value.
@@ -429,17 +690,128 @@ pub fn parse_challenge(h: &str) -> (String, HashMap<String, String>) {
     (scheme.to_owned(), params)
 }
 
-fn check_status(resp: reqwest::Response, url: &str) -> Result<reqwest::Response> {
-    match resp.status() {
-        s if s.is_success() => Ok(resp),
-        StatusCode::NOT_FOUND => Err(RegistryError::NotFound {
+/// A body streaming `from`, checked against `digest` as it goes (see [`file_stream`]).
+fn file_body(
+    digest: &str,
+    from: FileRange,
+    on_bytes: OnBytes,
+    failure: Arc<Mutex<Option<RegistryError>>>,
+) -> reqwest::Body {
+    reqwest::Body::wrap_stream(file_stream(digest, from, on_bytes, failure))
+}
+
+/// The chunks of `from`, checked against `digest` as they go: a short file or a wrong digest
+/// ends the stream with an error instead of its last chunk (the upload fails, never completes
+/// with the wrong content) and leaves the cause in `failure`.
+fn file_stream(
+    digest: &str,
+    from: FileRange,
+    on_bytes: OnBytes,
+    failure: Arc<Mutex<Option<RegistryError>>>,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+    const CHUNK: u64 = 256 << 10;
+    struct State {
+        from: FileRange,
+        pos: u64,
+        verifier: Option<Verifier>,
+        on_bytes: OnBytes,
+        failure: Arc<Mutex<Option<RegistryError>>>,
+    }
+    let fail = |state: &State, e: RegistryError| {
+        if let Ok(mut f) = state.failure.lock() {
+            f.get_or_insert(e);
+        }
+        std::io::Error::other("blob content refused before upload")
+    };
+    let state = State {
+        verifier: Some(Verifier::new(digest, from.len)),
+        from,
+        pos: 0,
+        on_bytes,
+        failure,
+    };
+    let digest = digest.to_owned();
+    futures_util::stream::unfold(state, move |mut state| {
+        let digest = digest.clone();
+        async move {
+            state.verifier.as_ref()?;
+            let want = CHUNK.min(state.from.len - state.pos);
+            if want == 0 {
+                let v = state.verifier.take()?;
+                return match v.finish() {
+                    Ok(()) => None,
+                    Err(e) => Some((Err(fail(&state, e)), state)),
+                };
+            }
+            let file = state.from.file.clone();
+            let at = state.from.offset + state.pos;
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0; want as usize];
+                let n = file.read_at(&mut buf, at)?;
+                buf.truncate(n);
+                Ok::<_, std::io::Error>(buf)
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+            let buf = match read {
+                Ok(buf) if buf.is_empty() => {
+                    // The file is shorter than its descriptor says.
+                    let e = RegistryError::SizeMismatch {
+                        digest,
+                        expected: state.from.len,
+                        actual: state.pos,
+                    };
+                    state.verifier = None;
+                    return Some((Err(fail(&state, e)), state));
+                }
+                Ok(buf) => buf,
+                Err(source) => {
+                    state.verifier = None;
+                    return Some((
+                        Err(fail(&state, RegistryError::Read { digest, source })),
+                        state,
+                    ));
+                }
+            };
+            if let Some(Err(e)) = state.verifier.as_mut().map(|v| v.update(&buf)) {
+                state.verifier = None;
+                return Some((Err(fail(&state, e)), state));
+            }
+            state.pos += buf.len() as u64;
+            // The last chunk is held back unless the whole verifies: the registry then sees a
+            // broken request, not a complete upload of the wrong content.
+            if state.pos == state.from.len
+                && let Some(Err(e)) = state.verifier.take().map(Verifier::finish)
+            {
+                return Some((Err(fail(&state, e)), state));
+            }
+            (state.on_bytes)(buf.len() as u64);
+            Some((Ok(bytes::Bytes::from(buf)), state))
+        }
+    })
+}
+
+/// Turns an error status into an error, with the registry's own explanation when its body
+/// has one.
+async fn check_status(resp: reqwest::Response, url: &str) -> Result<reqwest::Response> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let body = read_small(resp, url).await.unwrap_or_default();
+    let remote = RemoteErrors::parse(&body);
+    Err(match status {
+        StatusCode::NOT_FOUND => RegistryError::NotFound {
             url: url.to_owned(),
-        }),
-        s => Err(RegistryError::Status {
+            remote,
+        },
+        s => RegistryError::Status {
             url: url.to_owned(),
             status: s.as_u16(),
-        }),
-    }
+            remote,
+        },
+    })
 }
 
 async fn read_small(resp: reqwest::Response, url: &str) -> Result<Vec<u8>> {
@@ -466,11 +838,10 @@ async fn read_small(resp: reqwest::Response, url: &str) -> Result<Vec<u8>> {
 }
 
 fn check_digest(d: &str) -> Result<()> {
-    match d.strip_prefix("sha256:") {
-        Some(h) if h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => {
-            Ok(())
-        }
-        _ => Err(RegistryError::UnsupportedDigest(d.to_owned())),
+    if super::layout::valid_digest(d) {
+        Ok(())
+    } else {
+        Err(RegistryError::UnsupportedDigest(d.to_owned()))
     }
 }
 
@@ -497,6 +868,93 @@ mod tests {
         let (s, p) = parse_challenge(r#"Basic realm="x""#);
         assert_eq!(s, "Basic");
         assert_eq!(p["realm"], "x");
+    }
+
+    #[test]
+    fn remote_errors_are_shown_after_the_status() {
+        let body = br#"{"errors":[{"code":"NAME_UNKNOWN","message":"repository a/b is not known","detail":{}},{"code":"DENIED"}]}"#;
+        let e = RegistryError::NotFound {
+            url: "http://r/v2/a/b/blobs/uploads/".into(),
+            remote: RemoteErrors::parse(body),
+        };
+        assert_eq!(
+            e.to_string(),
+            "http://r/v2/a/b/blobs/uploads/: not found (404): NAME_UNKNOWN: repository a/b is not known; DENIED"
+        );
+        let e = RegistryError::Status {
+            url: "u".into(),
+            status: 500,
+            remote: RemoteErrors::parse(b"<html>oops</html>"),
+        };
+        assert_eq!(e.to_string(), "u: unexpected status 500");
+    }
+
+    /// Collects what [`file_stream`] gives for `len` bytes of a file holding `content` at
+    /// offset 3, announced as `digest`: the chunks, whether it ended in an error, the bytes
+    /// reported, and the recorded failure.
+    async fn stream_file(
+        content: &[u8],
+        len: u64,
+        digest: &str,
+    ) -> (Vec<u8>, bool, u64, Option<RegistryError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, [b"xyz".as_slice(), content].concat()).unwrap();
+        let from = FileRange {
+            file: Arc::new(File::open(&path).unwrap()),
+            offset: 3,
+            len,
+        };
+        let counted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let c = counted.clone();
+        let on_bytes: OnBytes = Arc::new(move |n| {
+            c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        });
+        let failure = Arc::default();
+        let items: Vec<_> = file_stream(digest, from, on_bytes, Arc::clone(&failure))
+            .collect()
+            .await;
+        let failed = items.iter().any(|i| i.is_err());
+        let data = items.into_iter().flatten().flatten().collect();
+        let failure = failure.lock().unwrap().take();
+        (
+            data,
+            failed,
+            counted.load(std::sync::atomic::Ordering::Relaxed),
+            failure,
+        )
+    }
+
+    #[tokio::test]
+    async fn file_stream_sends_a_blob_only_when_it_matches_its_digest() {
+        // Several chunks (256 KiB each) and a short last one.
+        let content: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+        let digest = sha256_of(&content);
+        let n = content.len() as u64;
+        let (data, failed, counted, failure) = stream_file(&content, n, &digest).await;
+        assert!(!failed && failure.is_none());
+        assert_eq!((data, counted), (content.clone(), n));
+
+        // A wrong digest: everything but the last chunk went, then the error.
+        let wrong = sha256_of(b"something else");
+        let (data, failed, _, failure) = stream_file(&content, n, &wrong).await;
+        assert!(failed);
+        assert_eq!(data.len(), 2 * (256 << 10));
+        assert!(matches!(
+            failure,
+            Some(RegistryError::DigestMismatch { .. })
+        ));
+
+        // A file shorter than its descriptor says.
+        let (_, failed, _, failure) = stream_file(&content, n + 10, &digest).await;
+        assert!(failed);
+        assert!(
+            matches!(failure, Some(RegistryError::SizeMismatch { expected, actual, .. }) if expected == n + 10 && actual == n)
+        );
+
+        // The empty blob.
+        let (data, failed, _, failure) = stream_file(b"", 0, &sha256_of(b"")).await;
+        assert!(data.is_empty() && !failed && failure.is_none());
     }
 
     #[test]

@@ -26,6 +26,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
 use serde::{Deserialize, Serialize};
 
+use super::layout::valid_digest;
 use super::overlay::{KernelMounter, Mounter, OverlayError};
 use super::reference::{Reference, ReferenceError};
 use super::registry::{BlobChunk, Credentials, RegistryClient, RegistryError, sha256_of};
@@ -322,11 +323,11 @@ fn compression_of(media_type: &str) -> Option<Compression> {
     }
 }
 
-const INDEX_TYPES: [&str; 2] = [
+pub(crate) const INDEX_TYPES: [&str; 2] = [
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ];
-const MANIFEST_TYPES: [&str; 2] = [
+pub(crate) const MANIFEST_TYPES: [&str; 2] = [
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 ];
@@ -960,11 +961,6 @@ impl ImageStore {
     }
 }
 
-fn valid_digest(d: &str) -> bool {
-    d.strip_prefix("sha256:")
-        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
-}
-
 /// Removes a temporary file or directory when dropped, unless disarmed.
 struct TmpGuard(Option<PathBuf>);
 
@@ -1115,7 +1111,7 @@ fn check_instance_id(id: &str) -> Result<()> {
 
 /// A document's media type: its own `mediaType` field, else the `Content-Type` header, else
 /// guessed from its shape (an index has `manifests`).
-fn doc_media_type(bytes: &[u8], content_type: Option<&str>) -> String {
+pub(crate) fn doc_media_type(bytes: &[u8], content_type: Option<&str>) -> String {
     #[derive(Deserialize)]
     struct Probe {
         #[serde(rename = "mediaType")]

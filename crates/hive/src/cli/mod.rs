@@ -1,6 +1,7 @@
 //! The CLI's commands. Each verb is a small function over [`hive_client::Client`].
 
 mod config;
+mod image;
 mod output;
 mod quantity;
 mod resources;
@@ -85,6 +86,10 @@ pub enum Command {
     Logs(workload::LogsArgs),
     /// Run a command in an instance's container (exits with its exit code).
     Exec(workload::ExecArgs),
+    /// Push an OCI image layout (or a tar/tar.gz of one) to the server's registry.
+    Push(image::PushArgs),
+    /// Pull an image from the server's registry into an OCI image layout.
+    Pull(image::PullArgs),
     /// Manage nodes (platform admin).
     #[command(subcommand)]
     Node(resources::NodeCmd),
@@ -242,6 +247,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Rm(args) => workload::rm(&Ctx::new(g).await?, args).await,
         Command::Logs(args) => workload::logs(&Ctx::new(g).await?, args).await,
         Command::Exec(args) => workload::exec(&Ctx::new(g).await?, args).await,
+        Command::Push(args) => image::push(&Ctx::new(g).await?, args).await,
+        Command::Pull(args) => image::pull(&Ctx::new(g).await?, args).await,
         Command::Instance(cmd) => resources::instance(&Ctx::new(g).await?, cmd).await,
         Command::Node(cmd) => resources::node(&Ctx::new(g).await?, cmd).await,
         Command::Network(cmd) => resources::network(&Ctx::new(g).await?, cmd).await,
