@@ -6,8 +6,11 @@
 //! of `--many-kib` KiB) and cached under `--work`. Every repetition pushes to a new
 //! repository after deleting skopeo's blob-info cache, so every byte is uploaded. Hive runs
 //! in this process on its own runtime, with tenant token auth; the reference without auth.
+//! Two floors explain the pull figures: skopeo copying the same layout to another layout
+//! with no registry at all (the client's own cost: it hashes and writes every byte), and a
+//! plain `curl` GET of the big layer from each registry (the server's own cost).
 //! Last line: `push_ratio=… pull_ratio=… manifest_ratio=…` (Hive ÷ reference, geometric
-//! mean over the two images for push and pull).
+//! mean over the two images for push and pull), then the floors.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -152,6 +155,64 @@ fn push_pull(t: &Target, layout: &Path, img: &str, reps: usize, work: &Path) -> 
         let _ = std::fs::remove_dir_all(&out);
     }
     Ok((median(push), median(pull)))
+}
+
+/// Median seconds of skopeo copying `layout` to a fresh layout: a pull's client-side floor.
+fn client_floor(layout: &Path, reps: usize, work: &Path) -> Result<f64> {
+    let src = format!("oci:{}:test", layout.display());
+    let out = work.join("pull").join("floor");
+    let mut times = Vec::new();
+    for _ in 0..reps {
+        let _ = std::fs::remove_dir_all(&out);
+        let _ = std::fs::remove_file(BLOB_CACHE);
+        let dst = format!("oci:{}:test", out.display());
+        times.push(timed(&["copy", "--quiet", &src, &dst])?);
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(median(times))
+}
+
+/// The first layer's digest of the image `test` in `layout`.
+fn first_layer(layout: &Path) -> Result<String> {
+    let read = |p: PathBuf| -> Result<serde_json::Value> {
+        Ok(serde_json::from_slice(
+            &std::fs::read(&p).with_context(|| p.display().to_string())?,
+        )?)
+    };
+    let index = read(layout.join("index.json"))?;
+    let m = index["manifests"][0]["digest"]
+        .as_str()
+        .and_then(|d| d.strip_prefix("sha256:"))
+        .context("index.json has no manifest")?;
+    let manifest = read(layout.join("blobs/sha256").join(m))?;
+    manifest["layers"][0]["digest"]
+        .as_str()
+        .map(str::to_owned)
+        .context("manifest has no layer")
+}
+
+/// Median MB/s of a plain `curl` GET of blob `digest` from `repo` of `t`.
+fn blob_get_mbps(
+    t: &Target,
+    auth: Option<&str>,
+    repo: &str,
+    digest: &str,
+    reps: usize,
+) -> Result<f64> {
+    let url = format!("http://{}/v2/{repo}/blobs/{digest}", t.host);
+    let mut speeds = Vec::new();
+    for _ in 0..reps {
+        let mut a = vec!["-fsS", "-o", "/dev/null", "-w", "%{speed_download}"];
+        let h;
+        if let Some(tok) = auth {
+            h = format!("Authorization: Bearer {tok}");
+            a.extend(["-H", &h]);
+        }
+        a.push(&url);
+        let bps: f64 = sh("curl", &a)?.trim().parse().context("curl speed")?;
+        speeds.push(bps / 1e6);
+    }
+    Ok(median(speeds))
 }
 
 /// Manifest GETs per second with hey.
@@ -314,6 +375,7 @@ pub fn run(args: RegistryArgs) -> Result<()> {
     );
     let mut push_ratios = Vec::new();
     let mut pull_ratios = Vec::new();
+    let mut floors = Vec::new();
     for (img, layout) in [("big", &big), ("many", &many)] {
         let mib = image_bytes(layout)? as f64 / (1 << 20) as f64;
         let (rp, rl) = push_pull(&reference, layout, img, args.reps, &args.work)?;
@@ -330,9 +392,26 @@ pub fn run(args: RegistryArgs) -> Result<()> {
             mib / rl,
             rl / hl
         );
+        let floor = client_floor(layout, args.reps, &args.work)?;
+        println!(
+            "{img:<5} {mib:8.1} MiB  client floor (skopeo layout to layout, no registry): {floor:6.2} s ({:6.1} MiB/s)",
+            mib / floor
+        );
         push_ratios.push(rp / hp);
         pull_ratios.push(rl / hl);
+        floors.push(floor);
     }
+    // The server's own share of a pull: the big layer with curl, nothing hashed or written.
+    let pid = std::process::id();
+    let last = args.reps.saturating_sub(1);
+    let big_repo = format!("bench/big-{pid}-r{last}");
+    let layer = first_layer(&big)?;
+    let hive_get = blob_get_mbps(&hive, Some(&secret), &big_repo, &layer, args.reps)?;
+    let ref_get = blob_get_mbps(&reference, None, &big_repo, &layer, args.reps)?;
+    println!(
+        "big layer GET with curl: hive {hive_get:.0} MB/s  reference {ref_get:.0} MB/s  ratio {:.2}",
+        hive_get / ref_get
+    );
 
     // Manifest reads: one small image tagged `test` in each.
     let m_repo = format!("bench/manifest-{}", std::process::id());
@@ -382,10 +461,13 @@ pub fn run(args: RegistryArgs) -> Result<()> {
     }
     let geo = |v: &[f64]| v.iter().product::<f64>().powf(1.0 / v.len() as f64);
     println!(
-        "push_ratio={:.2} pull_ratio={:.2} manifest_ratio={:.2}",
+        "push_ratio={:.2} pull_ratio={:.2} manifest_ratio={:.2} pull_floor_big_s={:.2} pull_floor_many_s={:.2} blob_get_ratio={:.2}",
         geo(&push_ratios),
         geo(&pull_ratios),
-        hive_rps / ref_rps
+        hive_rps / ref_rps,
+        floors[0],
+        floors[1],
+        hive_get / ref_get
     );
     drop(server_rt);
     Ok(())

@@ -491,3 +491,105 @@ fn a_multi_platform_index_round_trips() {
     );
     assert_eq!(named(&by_skopeo, "1")["digest"], index_digest.as_str());
 }
+
+/// `hive image`: list with tags and usage, delete a tag, make a repository public (another
+/// tenant pulls it, and cannot once private again), delete the repository, collect garbage.
+#[test]
+fn image_ls_rm_public_private_and_gc() {
+    let s = setup();
+    let dir = s.dir.path();
+    let layout = busybox_layout(dir);
+    let layout = layout.to_str().unwrap();
+    ok(&s.user, &["push", layout, "busybox:1"]);
+    ok(&s.user, &["push", layout, "busybox:2"]);
+    ok(&s.user, &["push", layout, "acme/tools/bb:1"]);
+
+    let ls = |cfg: &Path| -> Value {
+        serde_json::from_str(&ok(cfg, &["image", "ls", "-o", "json"])).unwrap()
+    };
+    let list = ls(&s.user);
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["acme/busybox", "acme/tools/bb"]);
+    let tags = |l: &Value| -> Vec<String> {
+        l["items"][0]["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["tag"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(tags(&list), ["1", "2"]);
+    let usage = list["usage_bytes"].as_u64().unwrap();
+    let size = list["items"][0]["size_bytes"].as_u64().unwrap();
+    assert_eq!(
+        usage, size,
+        "the same image in two repositories counts once"
+    );
+    let table = ok(&s.user, &["image", "ls"]);
+    assert!(
+        table.contains("acme/busybox") && table.contains("1,2"),
+        "{table}"
+    );
+    assert!(
+        table.contains("tenant acme uses") && table.contains("no quota"),
+        "{table}"
+    );
+
+    // A tag goes, the manifest stays under the other tag.
+    let out = ok(&s.user, &["image", "rm", "busybox:1"]);
+    assert!(out.contains("acme/busybox:1 deleted"), "{out}");
+    assert_eq!(tags(&ls(&s.user)), ["2"]);
+    fails(&s.user, &["image", "rm", "busybox:1"], "MANIFEST_UNKNOWN");
+
+    // Another tenant: unknown while private, pullable while public.
+    let other = dir.join("other").join("cfg.json");
+    std::fs::create_dir_all(other.parent().unwrap()).unwrap();
+    std::fs::copy(
+        dir.join("hive-test-netns"),
+        other.parent().unwrap().join("hive-test-netns"),
+    )
+    .unwrap();
+    let admin = dir.join("admin.json");
+    let token = ok(
+        &admin,
+        &["--tenant", "other", "token", "create", "--role", "member"],
+    );
+    let url = format!("http://{}", s.host);
+    ok(
+        &other,
+        &["login", "--server", &url, "--token", token.trim()],
+    );
+    let dest = dir.join("other-pull");
+    let dest = dest.to_str().unwrap();
+    fails(&other, &["pull", "acme/busybox:2", dest], "NAME_UNKNOWN");
+    fails(&other, &["image", "public", "acme/busybox"], "not found");
+    let out = ok(&s.user, &["image", "public", "busybox"]);
+    assert_eq!(out.trim(), "repository acme/busybox is public");
+    ok(&other, &["pull", "acme/busybox:2", dest]);
+    fails(&other, &["push", layout, "acme/busybox:3"], "NAME_UNKNOWN");
+    ok(&s.user, &["image", "private", "busybox"]);
+    fails(&other, &["pull", "acme/busybox:2", dest], "NAME_UNKNOWN");
+
+    // The whole repository, then its content with a collection (platform admin only).
+    let out = ok(&s.user, &["image", "rm", "busybox"]);
+    assert_eq!(out.trim(), "repository acme/busybox deleted");
+    fails(&s.user, &["image", "gc"], "platform-admin");
+    let report: Value =
+        serde_json::from_str(&ok(&admin, &["image", "gc", "--grace", "0s", "-o", "json"])).unwrap();
+    // busybox's blobs are still linked by tools/bb: only nothing or untagged leftovers go.
+    assert_eq!(report["deleted"], 0, "{report}");
+    ok(&s.user, &["image", "rm", "acme/tools/bb"]);
+    let report: Value =
+        serde_json::from_str(&ok(&admin, &["image", "gc", "--grace", "0s", "-o", "json"])).unwrap();
+    assert_eq!(report["deleted"], 3, "manifest, config, layer: {report}");
+    let list = ls(&s.user);
+    assert_eq!(list["items"], json!([]));
+    assert_eq!(list["usage_bytes"], 0);
+    let blobs = s.data.join("registry/blobs/sha256");
+    assert_eq!(std::fs::read_dir(blobs).unwrap().count(), 0);
+}

@@ -493,6 +493,14 @@ impl RegistryClient {
         Ok(digest)
     }
 
+    /// Deletes `reference` of the repository: a tag (the manifest stays), or a manifest by
+    /// digest (with every tag pointing at it).
+    pub async fn delete_manifest(&self, r: &Reference, reference: &str) -> Result<()> {
+        let url = format!("{}/manifests/{reference}", self.base(r));
+        self.send(r, &url, |c| c.delete(&url)).await?;
+        Ok(())
+    }
+
     async fn send(
         &self,
         r: &Reference,

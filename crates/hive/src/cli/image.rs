@@ -1,7 +1,8 @@
 //! Image verbs against the server's own registry (`/v2/` on the API's port, with the CLI's
 //! token): `hive push` and `hive pull` between an OCI layout (or an archive of one) and a
-//! repository. The copying is `hive_agent::image::transfer`'s; this file resolves names,
-//! draws progress bars and prints the outcome.
+//! repository, and `hive image ls|rm|public|private|gc` on the tenant's repositories through
+//! the API. The copying is `hive_agent::image::transfer`'s; this file resolves names, draws
+//! progress bars and prints the outcome.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -9,14 +10,144 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
-use clap::Args;
+use clap::{Args, Subcommand};
 use hive_agent::image::Reference;
 use hive_agent::image::layout::{self, LayoutReader};
 use hive_agent::image::registry::RegistryClient;
 use hive_agent::image::transfer::{self, Progress, Quiet, Report};
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressStyle};
 
+use super::output::human_bytes;
 use super::{Ctx, Output};
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    /// List the tenant's repositories: tags, size, visibility, and the tenant's usage.
+    Ls,
+    /// Delete a tag (REPO:TAG), a manifest and its tags (REPO@DIGEST), or a whole repository
+    /// (REPO). The content goes with the next garbage collection.
+    Rm {
+        /// `busybox:1`, `busybox@sha256:…` or `busybox` (in the current tenant), or with the
+        /// tenant: `acme/busybox:1`.
+        image: String,
+    },
+    /// Let anyone pull a repository, without credentials.
+    Public { repository: String },
+    /// Let only the tenant pull a repository (the default).
+    Private { repository: String },
+    /// Collect the registry's garbage now (platform admin).
+    Gc {
+        /// Links younger than this are pushes in flight and kept, e.g. 0s, 10m, 1h.
+        #[arg(long, default_value = "1h", value_parser = super::resources::parse_duration_or_zero)]
+        grace: u64,
+    },
+}
+
+pub async fn image(ctx: &Ctx, cmd: ImageCmd) -> Result<()> {
+    match cmd {
+        ImageCmd::Ls => {
+            let tenant = ctx.tenant().await?;
+            let list = ctx.client.list_images(&tenant).await?;
+            if ctx.output != Output::Table {
+                return ctx.output.object(&list, &[], |_| Vec::new());
+            }
+            ctx.output.list(
+                &list.items,
+                &["REPOSITORY", "TAGS", "MANIFESTS", "SIZE", "PUBLIC"],
+                |r| {
+                    let tags: Vec<&str> = r.tags.iter().map(|t| t.tag.as_str()).collect();
+                    vec![
+                        r.name.clone(),
+                        if tags.is_empty() {
+                            "-".into()
+                        } else {
+                            tags.join(",")
+                        },
+                        r.manifests.to_string(),
+                        human_bytes(r.size_bytes),
+                        if r.public { "yes" } else { "no" }.into(),
+                    ]
+                },
+            )?;
+            let quota = list.quota_bytes.map_or_else(
+                || "no quota".to_owned(),
+                |q| format!("quota {}", human_bytes(q)),
+            );
+            println!(
+                "tenant {tenant} uses {} ({quota})",
+                human_bytes(list.usage_bytes)
+            );
+            Ok(())
+        }
+        ImageCmd::Rm { image } => {
+            let (tenant, name, reference) = split_image(&image, &ctx.tenant().await?)?;
+            match reference {
+                None => {
+                    ctx.client.delete_image(&tenant, &name).await?;
+                    println!("repository {tenant}/{name} deleted");
+                }
+                Some(r) => {
+                    let (client, target) = registry(ctx, &format!("{tenant}/{name}")).await?;
+                    client
+                        .delete_manifest(&target, &r)
+                        .await
+                        .with_context(|| format!("delete {tenant}/{name}:{r}"))?;
+                    println!(
+                        "{tenant}/{name}{}{r} deleted",
+                        if r.contains(':') { "@" } else { ":" }
+                    );
+                }
+            }
+            Ok(())
+        }
+        ImageCmd::Public { repository } => visibility(ctx, &repository, true).await,
+        ImageCmd::Private { repository } => visibility(ctx, &repository, false).await,
+        ImageCmd::Gc { grace } => {
+            let r = ctx.client.registry_gc(grace).await?;
+            if ctx.output != Output::Table {
+                return ctx.output.object(&r, &[], |_| Vec::new());
+            }
+            println!(
+                "registry garbage collected: {} layer links unlinked, {} blobs deleted ({}), {} kept",
+                r.unlinked,
+                r.deleted,
+                human_bytes(r.freed_bytes),
+                r.kept
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn visibility(ctx: &Ctx, repository: &str, public: bool) -> Result<()> {
+    let (tenant, name, reference) = split_image(repository, &ctx.tenant().await?)?;
+    if reference.is_some() {
+        bail!("{repository}: visibility is per repository, give it without a tag or digest");
+    }
+    let r = ctx.client.set_image_public(&tenant, &name, public).await?;
+    let shown = if r.public { "public" } else { "private" };
+    println!("repository {} is {shown}", r.name);
+    Ok(())
+}
+
+/// `[tenant/]name[:tag|@digest]` → (tenant, name within it, tag or digest).
+fn split_image(s: &str, current: &str) -> Result<(String, String, Option<String>)> {
+    let (repo, reference) = match s.split_once('@') {
+        Some((r, d)) => (r, Some(d.to_owned())),
+        None => match s.rsplit_once(':') {
+            Some((r, t)) if !t.contains('/') => (r, Some(t.to_owned())),
+            _ => (s, None),
+        },
+    };
+    if repo.is_empty() || reference.as_deref() == Some("") {
+        bail!("{s:?}: expected REPO, REPO:TAG or REPO@DIGEST");
+    }
+    Ok(match repo.split_once('/') {
+        Some((t, name)) if !name.is_empty() => (t.to_owned(), name.to_owned(), reference),
+        Some(_) => bail!("{s:?}: expected REPO, REPO:TAG or REPO@DIGEST"),
+        None => (current.to_owned(), repo.to_owned(), reference),
+    })
+}
 
 #[derive(Debug, Args)]
 pub struct PushArgs {
@@ -207,6 +338,24 @@ impl Progress for Bars {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_names_split_into_tenant_name_and_reference() {
+        let s = |x: &str| split_image(x, "cur").unwrap();
+        assert_eq!(s("bb"), ("cur".into(), "bb".into(), None));
+        assert_eq!(s("bb:1"), ("cur".into(), "bb".into(), Some("1".into())));
+        assert_eq!(
+            s("acme/tools/bb@sha256:ab"),
+            ("acme".into(), "tools/bb".into(), Some("sha256:ab".into()))
+        );
+        assert_eq!(
+            s("acme/bb:v2"),
+            ("acme".into(), "bb".into(), Some("v2".into()))
+        );
+        for bad in ["", ":1", "bb:", "acme/", "bb@"] {
+            assert!(split_image(bad, "cur").is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn summary_line() {

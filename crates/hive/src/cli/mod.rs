@@ -90,6 +90,9 @@ pub enum Command {
     Push(image::PushArgs),
     /// Pull an image from the server's registry into an OCI image layout.
     Pull(image::PullArgs),
+    /// Manage the tenant's image repositories.
+    #[command(subcommand)]
+    Image(image::ImageCmd),
     /// Manage nodes (platform admin).
     #[command(subcommand)]
     Node(resources::NodeCmd),
@@ -249,6 +252,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Exec(args) => workload::exec(&Ctx::new(g).await?, args).await,
         Command::Push(args) => image::push(&Ctx::new(g).await?, args).await,
         Command::Pull(args) => image::pull(&Ctx::new(g).await?, args).await,
+        Command::Image(cmd) => image::image(&Ctx::new(g).await?, cmd).await,
         Command::Instance(cmd) => resources::instance(&Ctx::new(g).await?, cmd).await,
         Command::Node(cmd) => resources::node(&Ctx::new(g).await?, cmd).await,
         Command::Network(cmd) => resources::network(&Ctx::new(g).await?, cmd).await,

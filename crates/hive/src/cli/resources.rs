@@ -259,8 +259,17 @@ fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
         .map_err(|_| format!("restart policy {s:?}: expected always, on-failure or never"))
 }
 
-/// Seconds from `90s`, `15m`, `12h`, `30d` or a plain number of seconds.
+/// Seconds from `90s`, `15m`, `12h`, `30d` or a plain number of seconds; more than zero.
 fn parse_duration(s: &str) -> Result<u64, String> {
+    parse_duration_or_zero(s).and_then(|n| {
+        (n > 0)
+            .then_some(n)
+            .ok_or_else(|| format!("duration {s:?}: must be more than zero"))
+    })
+}
+
+/// Seconds from `90s`, `15m`, `12h`, `30d` or a plain number of seconds.
+pub(crate) fn parse_duration_or_zero(s: &str) -> Result<u64, String> {
     let bad = || format!("duration {s:?}: expected e.g. 3600s, 90m, 12h or 30d");
     let (num, mult) = match s.char_indices().last() {
         Some((i, 's')) => (&s[..i], 1),
@@ -272,7 +281,6 @@ fn parse_duration(s: &str) -> Result<u64, String> {
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
-        .filter(|n| *n > 0)
         .ok_or_else(bad)
 }
 
