@@ -343,9 +343,17 @@ impl Client {
     }
 
     /// Deletes repository `name` (without the tenant).
-    pub async fn delete_image(&self, tenant: &str, name: &str) -> Result<hive_api::ImageRepository> {
-        self.send(Method::DELETE, &images_path(tenant, Some(name)), None::<&()>)
-            .await
+    pub async fn delete_image(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<hive_api::ImageRepository> {
+        self.send(
+            Method::DELETE,
+            &images_path(tenant, Some(name)),
+            None::<&()>,
+        )
+        .await
     }
 
     /// Collects the registry's garbage now (platform admin).
