@@ -90,6 +90,10 @@ struct UsageSlot {
 
 type UsageGuard = tokio::sync::OwnedMutexGuard<UsageSlot>;
 
+/// How much more of an upload that went over its tenant's quota is read (and dropped)
+/// before the refusal is sent.
+const QUOTA_DRAIN: u64 = 64 << 20;
+
 #[derive(Debug)]
 pub struct Storage {
     root: PathBuf,
@@ -671,6 +675,14 @@ impl Storage {
                 if let Some(room) = room
                     && start + n > room
                 {
+                    // Read on (not kept) so that the client, still sending, gets the
+                    // answer instead of a broken pipe; a little only.
+                    let mut drained = 0u64;
+                    while drained < QUOTA_DRAIN
+                        && let Some(Ok(c)) = body.next().await
+                    {
+                        drained += c.len() as u64;
+                    }
                     return Err(crate::usage::no_room(r.tenant(), room));
                 }
                 if let Some(hs) = g.hasher.as_mut() {

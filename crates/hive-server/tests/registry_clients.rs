@@ -503,7 +503,7 @@ async fn index_artifact_public_quota_and_gc_through_real_clients() {
     let layout = tmp.path().join("layout");
     build_busybox(&layout).await;
     let busybox = layout_entry(&layout, "test");
-    // A second platform: the same image with another architecture in its config.
+    // A second platform: another architecture in its config, and three layers.
     let arm = format!("{}:arm", layout.display());
     must("umoci", &["new", "--image", &arm], &[]).await;
     must(
@@ -520,6 +520,18 @@ async fn index_artifact_public_quota_and_gc_through_real_clients() {
         &[],
     )
     .await;
+    let bundle = tmp.path().join("arm-bundle");
+    for layer in 0..3 {
+        let b = bundle.to_str().unwrap();
+        must("umoci", &["unpack", "--image", &arm, b], &[]).await;
+        std::fs::write(
+            bundle.join(format!("rootfs/layer-{layer}")),
+            format!("{layer}"),
+        )
+        .unwrap();
+        must("umoci", &["repack", "--image", &arm, b], &[]).await;
+        std::fs::remove_dir_all(&bundle).unwrap();
+    }
     let arm_entry = layout_entry(&layout, "arm");
     let index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
         "manifests": [
