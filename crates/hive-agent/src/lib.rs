@@ -6,6 +6,7 @@
 //!   supervisor that outlives the agent.
 //! - [`node`]: registers this host as a Node and keeps its lease fresh.
 //! - [`sync`]: runs the instances placed on this node and reports their status.
+//! - [`probe`]: readiness and liveness checks of running containers, and their cgroup usage.
 //! - [`network`]: gives each instance its port on its tenant network (through `hive-net`)
 //!   and keeps every network's remote endpoints in step with the API.
 //! - [`api`]: the agent's HTTP API for the server (container logs, [`exec`] sessions),
@@ -19,5 +20,6 @@ pub mod exec;
 pub mod image;
 pub mod network;
 pub mod node;
+pub mod probe;
 pub mod runtime;
 pub mod sync;

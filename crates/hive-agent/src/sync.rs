@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hive_api::{Instance, InstancePhase, Node, PullPolicy, RestartPolicy};
+use hive_api::{Instance, InstancePhase, Node, PullPolicy, ResourceUsage, RestartPolicy};
 use hive_client::Client;
 use hive_client::reflector::{Store, reflect_synced, tenant_names};
 use tokio::sync::{Mutex, mpsc, watch};
@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::image::{ImageStore, StoreConfig};
 use crate::network::{NetConfig, NetState};
+use crate::probe::{self, Probes};
 use crate::runtime::spec::{self, ContainerConfig, ImageProcess, Limits, ProcessOverride};
 use crate::runtime::{ContainerState, Containers};
 
@@ -38,6 +39,8 @@ pub struct SyncConfig {
     pub stop_grace: Duration,
     /// Tenant networks on this node; none: containers get an empty network namespace.
     pub net: Option<NetConfig>,
+    /// How often a running container's resource use is read into its status.
+    pub usage_every: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +76,14 @@ pub struct Agent {
     /// The node's data plane, once opened.
     net: Option<Arc<hive_net::NodeNet>>,
     net_state: NetState,
+    /// The probes of running containers (dropping one stops its tasks); outcomes arrive on
+    /// `probed`.
+    probes: HashMap<String, Probes>,
+    probed: Channel<probe::Outcome>,
+    /// Containers being stopped because their liveness probe failed, and why.
+    unhealthy: HashMap<String, String>,
+    /// The last reading of each running container's resource use.
+    sampled: HashMap<String, (Instant, ResourceUsage)>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -119,6 +130,10 @@ impl Agent {
             stopped: mpsc::unbounded_channel(),
             net: None,
             net_state: NetState::default(),
+            probes: HashMap::new(),
+            probed: mpsc::unbounded_channel(),
+            unhealthy: HashMap::new(),
+            sampled: HashMap::new(),
         })
     }
 
@@ -166,7 +181,11 @@ impl Agent {
                 c = rx.recv() => if c.is_none() { break },
                 Some(id) = self.stopped.1.recv() => self.finish_stop(&id).await,
                 Some((id, ok)) = self.started.1.recv() => self.finish_start(&id, ok),
+                Some(o) = self.probed.1.recv() => self.record_probe(o),
                 _ = tick.tick() => {}
+            }
+            while let Ok(o) = self.probed.1.try_recv() {
+                self.record_probe(o);
             }
             while rx.try_recv().is_ok() {}
             while let Ok(id) = self.stopped.1.try_recv() {
@@ -266,26 +285,41 @@ impl Agent {
                         .as_ref()
                         .map(|n| n.ip.clone())
                         .unwrap_or_default();
-                    if inst.status.phase != InstancePhase::Running
-                        || inst.status.pid != Some(s.pid as u32)
-                        || !inst.status.ready
-                        || inst.status.ip != ip
-                    {
-                        let mut st = inst.status.clone();
-                        st.ip = ip;
-                        st.phase = InstancePhase::Running;
-                        // No readiness probes yet: a running container is ready.
-                        st.ready = true;
-                        st.pid = Some(s.pid as u32);
-                        st.container_id = id.clone();
-                        st.started_at = Some(s.started_at);
-                        st.exit_code = None;
+                    let probes = self.probes_of(id, inst, s.pid);
+                    let (ready, unready, dead) = (
+                        probes.ready(),
+                        probes.unready_because.clone(),
+                        probes.dead_because.clone(),
+                    );
+                    if let Some(why) = dead {
+                        self.kill_unhealthy(id, tenant, inst, why).await;
+                        continue;
+                    }
+                    let usage = self.sample(id, tenant, inst);
+                    let mut st = inst.status.clone();
+                    st.ip = ip;
+                    st.phase = InstancePhase::Running;
+                    st.ready = ready;
+                    st.pid = Some(s.pid as u32);
+                    st.container_id = id.clone();
+                    st.started_at = Some(s.started_at);
+                    st.exit_code = None;
+                    if ready {
                         st.reason.clear();
                         st.message.clear();
-                        report(&self.client, tenant, inst, st).await;
+                    } else {
+                        st.reason = "Unready".into();
+                        st.message = unready;
                     }
+                    if usage.is_some() {
+                        st.usage = usage;
+                    }
+                    report(&self.client, tenant, inst, st).await;
                 }
                 ContainerState::Exited { exit, .. } => {
+                    self.probes.remove(id);
+                    self.sampled.remove(id);
+                    let unhealthy = self.unhealthy.remove(id);
                     let failed = exit.exit_code != 0;
                     let again = match inst.spec.template.restart_policy {
                         RestartPolicy::Always => true,
@@ -326,12 +360,15 @@ impl Agent {
                         st.exit_code = Some(exit.exit_code);
                         st.reason = if exit.oom_killed {
                             "OOMKilled"
+                        } else if unhealthy.is_some() {
+                            "Unhealthy"
                         } else if failed {
                             "Error"
                         } else {
                             "Completed"
                         }
                         .into();
+                        st.message = unhealthy.unwrap_or_default();
                         st.ready = false;
                         report(&self.client, tenant, inst, st).await;
                     }
@@ -373,7 +410,8 @@ impl Agent {
             match result {
                 Ok(started) => {
                     st.phase = InstancePhase::Running;
-                    st.ready = true;
+                    // With a readiness probe it is ready once the probe passes.
+                    st.ready = inst.spec.template.readiness.is_none();
                     st.pid = Some(started.pid as u32);
                     st.ip = inst
                         .spec
@@ -424,8 +462,78 @@ impl Agent {
         }
     }
 
+    /// The probes of running container `id` (started now if it has none for `pid` yet).
+    fn probes_of(&mut self, id: &str, inst: &Instance, pid: i32) -> &Probes {
+        if self.probes.get(id).is_none_or(|p| p.pid() != pid) {
+            let target = probe::Target {
+                runtime: self.containers.runtime.clone(),
+                id: id.to_owned(),
+                pid,
+                ip: inst.spec.network.as_ref().and_then(|n| n.ip.parse().ok()),
+            };
+            let t = &inst.spec.template;
+            let p = Probes::start(
+                target,
+                t.readiness.clone(),
+                t.liveness.clone(),
+                &self.probed.0,
+            );
+            self.probes.insert(id.to_owned(), p);
+        }
+        &self.probes[id]
+    }
+
+    /// Counts a probe's outcome (one of a container since replaced is dropped).
+    fn record_probe(&mut self, o: probe::Outcome) {
+        let Some(p) = self.probes.get_mut(&o.id).filter(|p| p.pid() == o.pid) else {
+            return;
+        };
+        if let Err(e) = &o.result {
+            tracing::debug!(container = %o.id, kind = ?o.kind, error = %e, "probe failed");
+        }
+        p.record(o.kind, o.result);
+    }
+
+    /// Stops a container whose liveness probe failed (once); when it has exited, its
+    /// restart policy decides what follows.
+    async fn kill_unhealthy(&mut self, id: &str, tenant: &str, inst: &Instance, why: String) {
+        if self.unhealthy.contains_key(id) {
+            return;
+        }
+        tracing::info!(%tenant, instance = %inst.name, reason = %why, "stopping an unhealthy container");
+        self.unhealthy.insert(id.to_owned(), why.clone());
+        let mut st = inst.status.clone();
+        st.ready = false;
+        st.reason = "Unhealthy".into();
+        st.message = why;
+        report(&self.client, tenant, inst, st).await;
+        let (containers, grace, id) = (self.containers.clone(), self.cfg.stop_grace, id.to_owned());
+        tokio::spawn(async move {
+            let signal = containers.stop_signal(&id);
+            if let Err(e) = containers.stop(&id, &signal, grace).await {
+                tracing::warn!(container = %id, error = %e, "stop an unhealthy container");
+            }
+        });
+    }
+
+    /// The container's resource use, read again once the last reading is older than
+    /// `usage_every`.
+    fn sample(&mut self, id: &str, tenant: &str, inst: &Instance) -> Option<ResourceUsage> {
+        if let Some((at, u)) = self.sampled.get(id)
+            && at.elapsed() < self.cfg.usage_every
+        {
+            return Some(u.clone());
+        }
+        let u = probe::usage(&cgroups_path(tenant, &inst.name))?;
+        self.sampled
+            .insert(id.to_owned(), (Instant::now(), u.clone()));
+        Some(u)
+    }
+
     /// Removes a container that no longer runs, and its root filesystem.
     async fn remove(&mut self, id: &str) {
+        self.probes.remove(id);
+        self.sampled.remove(id);
         if let Err(e) = self.containers.remove(id).await {
             tracing::warn!(container = %id, error = %e, "remove");
             return;
@@ -435,6 +543,11 @@ impl Agent {
         }
         self.backoff.remove(id);
     }
+}
+
+/// The cgroup of an instance's container.
+fn cgroups_path(tenant: &str, instance: &str) -> PathBuf {
+    PathBuf::from(format!("/hive/{tenant}/{instance}"))
 }
 
 /// Writes `status` for `inst` if it changed.
@@ -532,7 +645,7 @@ async fn launch(
             memory_bytes: t.resources.limits.memory_bytes,
             pids: t.resources.pids_limit,
         },
-        cgroups_path: format!("/hive/{tenant}/{}", inst.name).into(),
+        cgroups_path: cgroups_path(tenant, &inst.name),
         netns,
     };
     let spec = spec::build(&cfg).map_err(|e| ("InvalidSpec", e.to_string()))?;

@@ -89,6 +89,21 @@ pub struct InstanceStatus {
     pub ready: bool,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ip: String,
+    /// What the container uses, from its cgroups; refreshed by its node every 30 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<ResourceUsage>,
+}
+
+/// A container's resource use.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceUsage {
+    /// CPU time used since the container started, in nanoseconds.
+    pub cpu_nanos: u64,
+    /// Memory in use, without the page cache it could drop (the working set).
+    pub memory_bytes: u64,
+    /// Processes and threads.
+    pub pids: u64,
 }
 
 impl Resource for Instance {

@@ -12,6 +12,7 @@ pub mod instance;
 pub mod meta;
 pub mod network;
 pub mod node;
+pub mod probe;
 pub mod proxy;
 pub mod service;
 pub mod tenant;
@@ -22,10 +23,11 @@ pub mod watch;
 pub use error::{ApiErrorBody, ErrorCode};
 pub use event::{Event, EventType, ObjectRef};
 pub use image::{ImageList, ImageRepository, ImageTag, ImageUpdate, RegistryGcReport};
-pub use instance::{Instance, InstancePhase, InstanceSpec, InstanceStatus};
+pub use instance::{Instance, InstancePhase, InstanceSpec, InstanceStatus, ResourceUsage};
 pub use meta::{List, Resource, Scope};
 pub use network::{InstanceNetwork, Ipv4Cidr, Network, NetworkSpec, NetworkStatus};
 pub use node::{Node, NodeCapacity, NodeSpec, NodeStatus};
+pub use probe::Probe;
 pub use proxy::{ProxyClaims, ProxyKey, ProxyOp, ProxySigner};
 pub use service::{
     Bandwidth, ContainerSpec, EnvVar, PortSpec, Protocol, PullPolicy, ResourceAmounts, Resources,

@@ -98,6 +98,13 @@ pub struct ContainerSpec {
     /// Network bandwidth of each instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<Bandwidth>,
+    /// Decides `ready`: until it passes, the instance takes no part in rollouts' counts of
+    /// ready replicas. Without one, a running container is ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness: Option<crate::Probe>,
+    /// A container that fails it is killed, then restarted by its restart policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<crate::Probe>,
 }
 
 /// Most bits/s a bandwidth figure may be (1 Tbit/s).
@@ -304,6 +311,12 @@ impl ServiceSpec {
 impl ContainerSpec {
     pub fn validate(&self, field: &str) -> Result<(), ValidationError> {
         image_reference(&format!("{field}.image"), &self.image)?;
+        if let Some(p) = &self.readiness {
+            p.validate(&format!("{field}.readiness"))?;
+        }
+        if let Some(p) = &self.liveness {
+            p.validate(&format!("{field}.liveness"))?;
+        }
         if let Some(n) = &self.network {
             validate::name(&format!("{field}.network"), n)?;
         }

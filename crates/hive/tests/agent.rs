@@ -552,3 +552,67 @@ fn three_agents_one_killed_its_instances_run_elsewhere_and_it_cleans_up_when_bac
     drop(agents);
     drop(server);
 }
+
+#[test]
+fn probes_decide_ready_restart_the_unhealthy_and_usage_is_reported() {
+    let s = setup();
+    // Ready only once it serves /ready, three seconds after it starts.
+    let script = "sleep 3; mkdir -p /www; echo ok > /www/ready; \
+                  exec busybox httpd -f -p 8080 -h /www";
+    ok(
+        &s.cfg,
+        &[
+            "run",
+            "--name",
+            "slow",
+            "--readiness",
+            "http:8080/ready",
+            "--probe-every",
+            "1",
+            &s.image,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    let early = wait_instance(&s.cfg, "slow", 30, |i| i["status"]["phase"] == "running");
+    assert_eq!(early["status"]["ready"], false, "{early:#}");
+    let ready = wait_instance(&s.cfg, "slow", 30, |i| i["status"]["ready"] == true);
+    assert_eq!(ready["status"]["reason"], Value::Null, "{ready:#}");
+    // Usage from its cgroups.
+    let usage = &ready["status"]["usage"];
+    assert!(usage["memory_bytes"].as_u64().unwrap() > 0, "{usage}");
+    assert!(usage["pids"].as_u64().unwrap() >= 1, "{usage}");
+    assert!(usage["cpu_nanos"].as_u64().is_some(), "{usage}");
+
+    // Alive for three seconds, then its liveness check fails twice: stopped (it exits on
+    // SIGTERM) and, by its restart policy, started again.
+    let script = "trap 'exit 1' TERM; busybox touch /tmp/alive; sleep 3; busybox rm /tmp/alive; \
+                  while true; do sleep 1; done";
+    ok(
+        &s.cfg,
+        &[
+            "run",
+            "--name",
+            "flaky",
+            "--liveness",
+            "exec:busybox test -f /tmp/alive",
+            "--probe-every",
+            "1",
+            "--probe-failures",
+            "2",
+            &s.image,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    let first = wait_instance(&s.cfg, "flaky", 30, |i| i["status"]["phase"] == "running");
+    let restarted = wait_instance(&s.cfg, "flaky", 40, |i| {
+        i["status"]["restarts"].as_u64() >= Some(1) && i["status"]["phase"] == "running"
+    });
+    assert_ne!(restarted["status"]["pid"], first["status"]["pid"]);
+    ok(&s.cfg, &["rm", "slow", "flaky"]);
+}

@@ -145,6 +145,49 @@ pub struct TemplateArgs {
     /// Small-frame packets/s the instance may send.
     #[arg(long)]
     pub pps: Option<u64>,
+    /// Readiness check: `http:PORT[/PATH]`, `tcp:PORT` or `exec:COMMAND ARGS…`; the instance
+    /// is ready once it passes.
+    #[arg(long, value_parser = parse_check)]
+    pub readiness: Option<hive_api::Probe>,
+    /// Liveness check (same forms): a container that fails it is restarted.
+    #[arg(long, value_parser = parse_check)]
+    pub liveness: Option<hive_api::Probe>,
+    /// Seconds between checks (default 10).
+    #[arg(long)]
+    pub probe_every: Option<u32>,
+    /// Failed checks in a row that fail a probe (default 3).
+    #[arg(long)]
+    pub probe_failures: Option<u32>,
+}
+
+/// `http:PORT[/PATH]`, `tcp:PORT` or `exec:COMMAND ARGS…`.
+fn parse_check(s: &str) -> Result<hive_api::Probe, String> {
+    use hive_api::probe::{ExecCheck, HttpCheck, TcpCheck};
+    let bad = || format!("check {s:?}: expected http:PORT[/PATH], tcp:PORT or exec:COMMAND…");
+    let port = |p: &str| p.parse::<u16>().map_err(|_| bad());
+    let mut probe = hive_api::Probe::default();
+    match s.split_once(':').ok_or_else(bad)? {
+        ("http", rest) => {
+            let (p, path) = match rest.find('/') {
+                Some(i) => (&rest[..i], rest[i..].to_owned()),
+                None => (rest, String::new()),
+            };
+            probe.http = Some(HttpCheck {
+                port: port(p)?,
+                path,
+            });
+        }
+        ("tcp", p) => probe.tcp = Some(TcpCheck { port: port(p)? }),
+        ("exec", cmd) => {
+            let command: Vec<String> = cmd.split_whitespace().map(str::to_owned).collect();
+            if command.is_empty() {
+                return Err(bad());
+            }
+            probe.exec = Some(ExecCheck { command });
+        }
+        _ => return Err(bad()),
+    }
+    Ok(probe)
 }
 
 impl TemplateArgs {
@@ -190,6 +233,13 @@ impl TemplateArgs {
             }),
             ..Default::default()
         };
+        let timing = |p: &hive_api::Probe| hive_api::Probe {
+            period_secs: self.probe_every,
+            failure_threshold: self.probe_failures,
+            ..p.clone()
+        };
+        template.readiness = self.readiness.as_ref().map(timing);
+        template.liveness = self.liveness.as_ref().map(timing);
         template.resources.limits.cpu_millis = self.cpu;
         template.resources.requests.cpu_millis = self.cpu_request;
         template.resources.limits.memory_bytes = self.memory;

@@ -387,6 +387,7 @@ fn run_agent(
         resync: Duration::from_secs(1),
         stop_grace: Duration::from_secs(10),
         net: Some(net),
+        usage_every: Duration::from_secs(30),
     };
     let agent = hive_agent::sync::Agent::new(client.clone(), cfg, images, containers)?;
     // The image store's pull future is not `Send` (borrowing closures in its download
