@@ -16,9 +16,9 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hive_api::{Instance, InstanceNetwork, Node};
+use hive_api::{Bandwidth, Instance, InstanceNetwork, Node};
 use hive_net::{
-    Attachment, Ipv4Subnet, NetworkDef, NodeNet, NodeNetConfig, PublishedPort, RemoteEndpoint,
+    Attachment, Ipv4Subnet, NetworkDef, NodeNet, NodeNetConfig, PublishedPort, Qos, RemoteEndpoint,
 };
 
 /// How this node's tenant networks are set up.
@@ -31,6 +31,8 @@ pub struct NetConfig {
     /// Prefix of every link, namespace and table the agent creates (several agents on one
     /// host need their own).
     pub prefix: String,
+    /// Bits/s of the underlay link: what guaranteed bandwidth is a share of.
+    pub link_bps: u64,
 }
 
 /// The underlay when none is configured: the device of the IPv4 default route and its first
@@ -89,10 +91,12 @@ impl NetConfig {
                 (dev.unwrap_or(d), ip.unwrap_or(i))
             }
         };
+        let link_bps = link_bps(&underlay_dev);
         Self {
             underlay_ip,
             underlay_dev,
             prefix,
+            link_bps,
         }
     }
 
@@ -101,6 +105,7 @@ impl NetConfig {
     pub async fn open(&self) -> Result<Arc<NodeNet>, hive_net::NetError> {
         let mut cfg = NodeNetConfig::new(self.underlay_ip, self.underlay_dev.clone());
         cfg.prefix = self.prefix.clone();
+        cfg.link_bps = self.link_bps;
         let net = NodeNet::open(cfg).await?;
         Ok(Arc::new(net))
     }
@@ -115,8 +120,21 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(out)
 }
 
+/// What the port of an instance with `bandwidth` may send and receive.
+fn qos_of(bandwidth: Option<&Bandwidth>) -> Qos {
+    bandwidth.map_or_else(Qos::default, |b| Qos {
+        guaranteed_bps: b.guaranteed_bps,
+        max_bps: b.max_bps,
+        pps: b.pps,
+    })
+}
+
 /// The network definition and the port of instance `id`, from its network place.
-fn port_of(id: &str, n: &InstanceNetwork) -> Result<(NetworkDef, Attachment), String> {
+fn port_of(
+    id: &str,
+    n: &InstanceNetwork,
+    bandwidth: Option<&Bandwidth>,
+) -> Result<(NetworkDef, Attachment), String> {
     let bad = |what: &str| format!("instance network place: bad {what}");
     let ip: Ipv4Addr = n.ip.parse().map_err(|_| bad("ip"))?;
     let gateway: Ipv4Addr = n.gateway.parse().map_err(|_| bad("gateway"))?;
@@ -137,13 +155,19 @@ fn port_of(id: &str, n: &InstanceNetwork) -> Result<(NetworkDef, Attachment), St
         prefix_len: n.prefix_len,
         mac: parse_mac(&n.mac).ok_or_else(|| bad("mac"))?,
         gateway,
+        qos: qos_of(bandwidth),
     };
     Ok((def, att))
 }
 
 /// Gives instance `id` its port (idempotent): the network namespace its container joins.
-pub async fn attach(net: &NodeNet, id: &str, n: &InstanceNetwork) -> Result<PathBuf, String> {
-    let (def, att) = port_of(id, n)?;
+pub async fn attach(
+    net: &NodeNet,
+    id: &str,
+    n: &InstanceNetwork,
+    bandwidth: Option<&Bandwidth>,
+) -> Result<PathBuf, String> {
+    let (def, att) = port_of(id, n, bandwidth)?;
     net.ensure_network(&def).await.map_err(|e| e.to_string())?;
     let port = net.attach(&att).await.map_err(|e| e.to_string())?;
     Ok(port.netns_path)
@@ -295,7 +319,7 @@ impl NetState {
             let Some(n) = wanted.get(id) else {
                 continue;
             };
-            let Ok((def, att)) = port_of(id, n) else {
+            let Ok((def, att)) = port_of(id, n, None) else {
                 continue;
             };
             let entry = by_vni.entry(n.vni).or_insert_with(|| (def, Vec::new()));
@@ -362,15 +386,15 @@ mod tests {
             gateway: "10.88.0.1".into(),
             mac: "02:48:0a:58:00:07".into(),
         };
-        let (def, att) = port_of("uid-1", &n).unwrap();
+        let (def, att) = port_of("uid-1", &n, None).unwrap();
         assert_eq!(def.subnet.addr, Ipv4Addr::new(10, 88, 0, 0));
         assert_eq!(def.subnet.prefix_len, 16);
         assert_eq!(att.mac, [2, 0x48, 10, 88, 0, 7]);
         let mut bad = n.clone();
         bad.mac = "02:48:0a:58:00".into();
-        assert!(port_of("uid-1", &bad).is_err());
+        assert!(port_of("uid-1", &bad, None).is_err());
         bad.mac = "02:48:0a:58:00:07:01".into();
-        assert!(port_of("uid-1", &bad).is_err());
+        assert!(port_of("uid-1", &bad, None).is_err());
     }
 
     #[test]

@@ -606,7 +606,7 @@ async fn launch(
     let netns = match (&inst.spec.network, net) {
         (None, _) => None,
         (Some(n), Some(net)) => Some(
-            crate::network::attach(net, id, n)
+            crate::network::attach(net, id, n, t.bandwidth.as_ref())
                 .await
                 .map_err(|e| ("NetworkSetupFailed", e))?,
         ),

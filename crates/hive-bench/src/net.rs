@@ -86,6 +86,7 @@ fn port(net: &NetworkDef, i: u32) -> Attachment {
             i as u8,
         ],
         gateway: net.gateway,
+        qos: Default::default(),
     }
 }
 

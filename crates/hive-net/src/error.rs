@@ -28,6 +28,8 @@ pub enum NetError {
     /// The `nft` binary refused a batch or could not be run.
     #[error("nft {op}: {detail}")]
     Nft { op: String, detail: String },
+    #[error("tc {op}: {detail}")]
+    Tc { op: String, detail: String },
     /// Best-effort operations (detach, reconcile, teardown) report every failure.
     #[error("{}", Multi(.0))]
     Multiple(Vec<NetError>),

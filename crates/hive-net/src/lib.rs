@@ -5,7 +5,8 @@
 //! instance, the node's nftables table (family `bridge`) with one anti-spoofing chain per
 //! port, and the static FDB / neighbour entries that tell each VXLAN device where remote
 //! instances live. It knows nothing about services, tenants or the API: the agent hands it
-//! VNIs, addresses and keys. See `docs/networking.md` for the layout and the rules.
+//! VNIs, addresses and keys. Ports with a bandwidth get HTB classes ([`qos`]) and packet
+//! rate limits. See `docs/networking.md` for the layout and the rules.
 //!
 //! Every operation is idempotent and converges from whatever a crash left behind; removal
 //! is best effort and reports every failure ([`NetError::Multiple`]).
@@ -17,6 +18,7 @@ mod netns;
 mod nfnl;
 mod nft;
 mod publish;
+pub mod qos;
 mod remote;
 pub mod testbed;
 
@@ -25,12 +27,14 @@ use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rtnetlink::Handle;
 
 pub use error::NetError;
 pub use names::{MAX_PREFIX_LEN, MAX_VNI};
 pub use publish::{Protocol, PublishedPort};
+pub use qos::Qos;
 
 /// VXLAN over IPv4 adds 50 bytes: outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8.
 pub const VXLAN_OVERHEAD: u32 = 50;
@@ -83,6 +87,8 @@ pub struct NodeNetConfig {
     /// [`NodeNet::open`] (the host's, for an agent). Tests point it at a namespace that
     /// stands in for a node.
     pub node_netns: Option<PathBuf>,
+    /// The underlay's capacity in bits/s: the HTB link class that guarantees are shares of.
+    pub link_bps: u64,
 }
 
 impl NodeNetConfig {
@@ -93,6 +99,7 @@ impl NodeNetConfig {
             netns_dir: PathBuf::from("/run/netns"),
             prefix: "hive".to_owned(),
             node_netns: None,
+            link_bps: 10_000_000_000,
         }
     }
 }
@@ -152,6 +159,8 @@ pub struct Attachment {
     pub prefix_len: u8,
     pub mac: [u8; 6],
     pub gateway: Ipv4Addr,
+    /// Its bandwidth and packet rate (none: unshaped, in the node's default class).
+    pub qos: Qos,
 }
 
 /// What the runtime needs to start the instance in its network.
@@ -183,6 +192,8 @@ pub struct PortCounters {
     pub ip_spoof: u64,
     /// Ethertypes other than IPv4 and ARP (IPv6 included, for now).
     pub other_ethertype: u64,
+    /// Small frames over the port's packet rate limit.
+    pub pps_limited: u64,
 }
 
 /// The node's tenant-network data plane. `Send + Sync`; share it behind an `Arc`.
@@ -199,6 +210,8 @@ pub struct NodeNet {
     handle: Handle,
     /// nf_tables netlink socket in the node's namespace: every per-port rule change.
     nf: nfnl::NfSocket,
+    /// The underlay carries our HTB tree (made with the first shaped port).
+    shaping: AtomicBool,
 }
 
 impl NodeNet {
@@ -241,6 +254,14 @@ impl NodeNet {
         }
         netns::prepare_dir(&cfg.netns_dir)?;
         nft::apply(&node_ns, "create table", &nft::table_batch(names.table())).await?;
+        // Without tc, ports with a bandwidth fail to attach, saying why; the rest works.
+        let shaping = match qos::port_classes(&node_ns, &cfg.underlay_dev).await {
+            Ok(classes) => !classes.is_empty(),
+            Err(e) => {
+                tracing::warn!(error = %e, "bandwidth classes unavailable");
+                false
+            }
+        };
         Ok(NodeNet {
             mtu,
             underlay_index: underlay.index,
@@ -249,6 +270,7 @@ impl NodeNet {
             handle,
             nf,
             cfg,
+            shaping: AtomicBool::new(shaping),
         })
     }
 
@@ -353,15 +375,26 @@ impl NodeNet {
         })?;
 
         // The rules go in first (one netlink transaction, well under a millisecond), so the
-        // port never carries a frame without them.
-        let rules = nft::port_batch(self.names.table(), &port, a.mac, a.ip);
-        self.nf
-            .apply(&format!("install rules of port {port}"), &rules)?;
+        // port never carries a frame without them. A port that exists already keeps its
+        // class; a new one gets it once its veth (whose index names the class) exists.
+        let class = match link::get(h, &port).await? {
+            Some(l) if a.qos.shapes() => Some(qos::class_of(l.index)?),
+            _ => None,
+        };
+        self.install_rules(a, &port, class)?;
         let ns = netns::create_or_open(netns_path.clone(), CONTAINER_SYSCTLS).await;
         let created = ns.as_ref().is_ok_and(|n| n.created);
         let result = async {
             let ns = ns?;
-            self.converge_port(a, &port, br.index, ns).await
+            let host = self.converge_port(a, &port, br.index, ns).await?;
+            // Shaped before it carries a frame: classes, then the rules that use them.
+            if a.qos.shapes() {
+                self.shape(a, &port, host.index).await?;
+            }
+            if !host.up {
+                link::set_up(h, host.index, &port).await?;
+            }
+            Ok(())
         }
         .await;
         match result {
@@ -379,13 +412,41 @@ impl NodeNet {
         }
     }
 
+    /// Installs (or rewrites) the port's chain, classified into `class` if given.
+    fn install_rules(
+        &self,
+        a: &Attachment,
+        port: &str,
+        class: Option<u32>,
+    ) -> Result<(), NetError> {
+        let shaping = nft::Shaping {
+            pps: a.qos.pps,
+            class,
+        };
+        let rules = nft::port_batch(self.names.table(), port, a.mac, a.ip, shaping);
+        self.nf
+            .apply(&format!("install rules of port {port}"), &rules)
+    }
+
+    /// The port's HTB classes (the uplink tree first, if this is the first shaped port)
+    /// and the rule that classifies its frames.
+    async fn shape(&self, a: &Attachment, port: &str, ifindex: u32) -> Result<(), NetError> {
+        let class = qos::class_of(ifindex)?;
+        let (uplink, link_bps) = (&self.cfg.underlay_dev, self.cfg.link_bps);
+        qos::ensure_uplink(&self.node_ns, uplink, link_bps).await?;
+        self.shaping.store(true, Ordering::Relaxed);
+        qos::set_port(&self.node_ns, uplink, port, class, &a.qos, link_bps).await?;
+        self.install_rules(a, port, Some(class))
+    }
+
+    /// The host side of the port, with everything but its state up.
     async fn converge_port(
         &self,
         a: &Attachment,
         port: &str,
         bridge: u32,
         ns: netns::NamedNetns,
-    ) -> Result<(), NetError> {
+    ) -> Result<link::Link, NetError> {
         let h = &self.handle;
         let host = match link::get(h, port).await? {
             Some(l) => {
@@ -425,10 +486,7 @@ impl NodeNet {
         link::replace_default_route(&inner, a.gateway, eth.index).await?;
         drop(inner);
         self.disable_ipv6(vec![port.to_owned()]).await?;
-        if !host.up {
-            link::set_up(h, host.index, port).await?;
-        }
-        Ok(())
+        Ok(host)
     }
 
     /// Removes an instance's veth, rules and namespace. Best effort: tries every step and
@@ -438,7 +496,19 @@ impl NodeNet {
         names::validate_key(key)?;
         let port = self.names.port(key);
         let mut errors = Vec::new();
+        let class = match link::get(&self.handle, &port).await {
+            Ok(l) => l.and_then(|l| qos::class_of(l.index).ok()),
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        };
         if let Err(e) = link::del_by_name(&self.handle, &port).await {
+            errors.push(e);
+        }
+        if let Some(class) = class.filter(|_| self.shaping.load(Ordering::Relaxed))
+            && let Err(e) = qos::remove_port(&self.node_ns, &self.cfg.underlay_dev, class).await
+        {
             errors.push(e);
         }
         if let Err(e) = self.remove_port_rules(&[port]) {
@@ -575,6 +645,23 @@ impl NodeNet {
                 errors.push(e);
             }
         }
+        // Classes of ports that are gone (a port's class is named by its veth's index).
+        let live: HashSet<u32> = links
+            .iter()
+            .filter(|l| keep_ports.contains(&l.name))
+            .filter_map(|l| qos::class_of(l.index).ok())
+            .collect();
+        match qos::port_classes(&self.node_ns, &self.cfg.underlay_dev).await {
+            Ok(classes) => {
+                for c in classes.into_iter().filter(|c| !live.contains(c)) {
+                    if let Err(e) = qos::remove_port(&self.node_ns, &self.cfg.underlay_dev, c).await
+                    {
+                        errors.push(e);
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
         match nft::list_ports(&self.node_ns, &self.names).await {
             Ok(ports) => {
                 let stale: Vec<String> = ports
@@ -619,6 +706,10 @@ impl NodeNet {
         if let Err(e) = self.remove_node_pub_table().await {
             errors.push(e);
         }
+        if let Err(e) = qos::remove_uplink(&self.node_ns, &self.cfg.underlay_dev).await {
+            errors.push(e);
+        }
+        self.shaping.store(false, Ordering::Relaxed);
         match self.nf.table_exists(self.names.table()) {
             Ok(true) => {
                 let b = nft::delete_table_batch(self.names.table());
@@ -637,11 +728,12 @@ impl NodeNet {
         names::validate_key(key)?;
         let c = nft::port_counters(&self.nf, self.names.table(), &self.names.port(key))?;
         Ok(c.map(
-            |[l2_spoof, arp_spoof, ip_spoof, other_ethertype]| PortCounters {
+            |[l2_spoof, arp_spoof, ip_spoof, other_ethertype, pps_limited]| PortCounters {
                 l2_spoof,
                 arp_spoof,
                 ip_spoof,
                 other_ethertype,
+                pps_limited,
             },
         ))
     }
@@ -651,9 +743,10 @@ impl NodeNet {
     pub async fn refresh_port_rules(&self, a: &Attachment) -> Result<(), NetError> {
         self.validate_attachment(a)?;
         let port = self.names.port(&a.key);
-        let batch = nft::port_batch(self.names.table(), &port, a.mac, a.ip);
-        self.nf
-            .apply(&format!("install rules of port {port}"), &batch)
+        match link::get(&self.handle, &port).await? {
+            Some(l) if a.qos.shapes() => self.shape(a, &port, l.index).await,
+            _ => self.install_rules(a, &port, None),
+        }
     }
 
     fn validate_attachment(&self, a: &Attachment) -> Result<(), NetError> {

@@ -245,6 +245,51 @@ pub(crate) fn list_dir(dir: &Path) -> Result<Vec<String>, NetError> {
 }
 
 /// A `pre_exec` hook for child processes (the `nft` binary) that must run in `ns`.
+/// Runs `program` (from Debian package `package`) with `args` in the namespace `ns`, with
+/// `stdin` written to it: its stdout when it exits with 0, else what went wrong (its stderr).
+pub(crate) async fn run_program(
+    ns: &File,
+    program: &str,
+    package: &str,
+    args: &[&str],
+    stdin: Option<Vec<u8>>,
+) -> Result<Vec<u8>, String> {
+    use std::process::Stdio;
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    enter_in_child(&mut cmd, ns);
+    let mut child = cmd.spawn().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            format!("the {program} binary is not in PATH (install {package})")
+        } else {
+            format!("spawn {program}: {e}")
+        }
+    })?;
+    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(&data)
+            .await
+            .map_err(|e| format!("write to {program}: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("wait for {program}: {e}"))?;
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
 pub(crate) fn enter_in_child(cmd: &mut tokio::process::Command, ns: &File) {
     let fd = ns.as_raw_fd();
     // SAFETY: the closure runs in the forked child before exec and only makes the setns

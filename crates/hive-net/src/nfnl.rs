@@ -70,6 +70,20 @@ const NFTA_PAYLOAD_OFFSET: u16 = 3;
 const NFTA_PAYLOAD_LEN: u16 = 4;
 const NFTA_META_DREG: u16 = 1;
 const NFTA_META_KEY: u16 = 2;
+const NFTA_META_SREG: u16 = 3;
+const NFTA_BYTEORDER_SREG: u16 = 1;
+const NFTA_BYTEORDER_DREG: u16 = 2;
+const NFTA_BYTEORDER_OP: u16 = 3;
+const NFTA_BYTEORDER_LEN: u16 = 4;
+const NFTA_BYTEORDER_SIZE: u16 = 5;
+const NFT_BYTEORDER_HTON: u32 = 1;
+const NFTA_LIMIT_RATE: u16 = 1;
+const NFTA_LIMIT_UNIT: u16 = 2;
+const NFTA_LIMIT_BURST: u16 = 3;
+const NFTA_LIMIT_TYPE: u16 = 4;
+const NFTA_LIMIT_FLAGS: u16 = 5;
+const NFT_LIMIT_PKTS: u32 = 0;
+const NFT_LIMIT_F_INV: u32 = 1;
 const NFTA_CMP_SREG: u16 = 1;
 const NFTA_CMP_OP: u16 = 2;
 const NFTA_CMP_DATA: u16 = 3;
@@ -95,14 +109,20 @@ pub(crate) enum Base {
 /// `meta` keys used here (`enum nft_meta_keys`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum MetaKey {
+    /// `skb->len` (`meta length`), host order.
+    Len = 0,
     /// `skb->protocol` (`meta protocol`), big-endian.
     Protocol = 1,
+    /// `skb->priority` (`meta priority`): a tc class id, major:minor, host order.
+    Priority = 2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CmpOp {
     Eq = 0,
     Neq = 1,
+    /// Compares as big-endian bytes (what a `byteorder` to network order prepares).
+    Lt = 2,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,9 +146,27 @@ impl Verdict {
 /// One nf_tables expression. Loads go to register 1, comparisons read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Expr {
-    Payload { base: Base, offset: u32, len: u32 },
+    Payload {
+        base: Base,
+        offset: u32,
+        len: u32,
+    },
     Meta(MetaKey),
-    Cmp { op: CmpOp, data: Vec<u8> },
+    /// Sets a meta key from register 1.
+    MetaSet(MetaKey),
+    /// Register 1 (4 bytes) from host to network order.
+    Hton32,
+    /// Loads a value into register 1.
+    Immediate(Vec<u8>),
+    Cmp {
+        op: CmpOp,
+        data: Vec<u8>,
+    },
+    /// `limit rate over <rate>/second burst <burst> packets`: matches the packets beyond.
+    LimitOver {
+        rate: u64,
+        burst: u32,
+    },
     Counter,
     Verdict(Verdict),
 }
@@ -167,6 +205,10 @@ impl Buf {
     }
 
     fn be32(&mut self, ty: u16, v: u32) {
+        self.attr(ty, &v.to_be_bytes());
+    }
+
+    fn be64(&mut self, ty: u16, v: u64) {
         self.attr(ty, &v.to_be_bytes());
     }
 
@@ -231,6 +273,40 @@ impl Buf {
                 b.nest(NFTA_EXPR_DATA, |b| {
                     b.be32(NFTA_META_DREG, NFT_REG_1);
                     b.be32(NFTA_META_KEY, *key as u32);
+                });
+            }
+            Expr::MetaSet(key) => {
+                b.str(NFTA_EXPR_NAME, "meta");
+                b.nest(NFTA_EXPR_DATA, |b| {
+                    b.be32(NFTA_META_KEY, *key as u32);
+                    b.be32(NFTA_META_SREG, NFT_REG_1);
+                });
+            }
+            Expr::Hton32 => {
+                b.str(NFTA_EXPR_NAME, "byteorder");
+                b.nest(NFTA_EXPR_DATA, |b| {
+                    b.be32(NFTA_BYTEORDER_SREG, NFT_REG_1);
+                    b.be32(NFTA_BYTEORDER_DREG, NFT_REG_1);
+                    b.be32(NFTA_BYTEORDER_OP, NFT_BYTEORDER_HTON);
+                    b.be32(NFTA_BYTEORDER_LEN, 4);
+                    b.be32(NFTA_BYTEORDER_SIZE, 4);
+                });
+            }
+            Expr::Immediate(data) => {
+                b.str(NFTA_EXPR_NAME, "immediate");
+                b.nest(NFTA_EXPR_DATA, |b| {
+                    b.be32(NFTA_IMMEDIATE_DREG, NFT_REG_1);
+                    b.data_value(NFTA_IMMEDIATE_DATA, data);
+                });
+            }
+            Expr::LimitOver { rate, burst } => {
+                b.str(NFTA_EXPR_NAME, "limit");
+                b.nest(NFTA_EXPR_DATA, |b| {
+                    b.be64(NFTA_LIMIT_RATE, *rate);
+                    b.be64(NFTA_LIMIT_UNIT, 1);
+                    b.be32(NFTA_LIMIT_BURST, *burst);
+                    b.be32(NFTA_LIMIT_TYPE, NFT_LIMIT_PKTS);
+                    b.be32(NFTA_LIMIT_FLAGS, NFT_LIMIT_F_INV);
                 });
             }
             Expr::Cmp { op, data } => {

@@ -14,17 +14,16 @@
 //!   map in_ports  { type ifname : verdict }      host veth -> jump <port>_in
 //!   map out_ports { type ifname : verdict }      (egress L4 rules: later)
 //!   chain ports_in  { hook prerouting priority -300; policy accept; iifname vmap @in_ports }
-//!   chain <port>_in  : MAC and IPv4 source checks, ether type ip accept; ARP checks,
+//!   chain <port>_in  : MAC check; [small frames over the PPS limit: drop]; [meta priority
+//!                      set 1:<class>]; IPv4 source check, ether type ip accept; ARP checks,
 //!                      ether type arp accept; drop
-//!                      (later: jump <port>_pps first, meta priority set before the accepts;
-//!                      a <port>_out chain of L4 rules behind out_ports, dispatched by a
-//!                      forward-hook chain that exists only from then on)
+//!                      (later: a <port>_out chain of L4 rules behind out_ports, dispatched
+//!                      by a forward-hook chain that exists only from then on)
 //! ```
 
 use std::borrow::Cow;
 use std::fs::File;
 use std::net::Ipv4Addr;
-use std::process::Stdio;
 
 use nftables::expr::{Expression, Meta, NamedExpression};
 use nftables::schema::{
@@ -34,7 +33,6 @@ use nftables::stmt::{Statement, VerdictMap};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
 
 use crate::NetError;
 use crate::names::Names;
@@ -55,6 +53,21 @@ pub(crate) const C_L2: &str = "l2-spoof";
 pub(crate) const C_ARP: &str = "arp-spoof";
 pub(crate) const C_IP: &str = "ip-spoof";
 pub(crate) const C_OTHER: &str = "other-ethertype";
+pub(crate) const C_PPS: &str = "pps-limit";
+
+/// Frames shorter than this count against a port's packet rate limit. Bulk TCP leaves in
+/// GSO super-packets that `limit` counts as one: a limit on all frames would cut a stream
+/// to a trickle, while small frames are exactly what a packet flood is made of.
+pub(crate) const PPS_FRAME_BYTES: u32 = 256;
+
+/// What a port's chain does besides anti-spoofing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Shaping {
+    /// Small frames per second beyond which they are dropped.
+    pub(crate) pps: Option<u64>,
+    /// The HTB class (`major << 16 | minor`) the port's frames are classified into.
+    pub(crate) class: Option<u32>,
+}
 
 /// One atomic batch of `nft` JSON commands (whole-table work only).
 #[derive(Debug, Default)]
@@ -234,9 +247,12 @@ fn spoof_check(
     }
 }
 
-/// The anti-spoofing rules of one port, exactly what `nft` compiles these to:
+/// The rules of one port, exactly what `nft` compiles these to:
 /// ```text
 /// ether saddr != <mac>                      counter drop comment "l2-spoof"
+/// meta length < 256 limit rate over <pps>/second burst <pps/100+5> packets
+///                                           counter drop comment "pps-limit"  (with pps)
+/// meta priority set 1:<minor>                                                 (with a class)
 /// arp saddr ether != <mac>                  counter drop comment "arp-spoof"
 /// arp saddr ip != <ip>                      counter drop comment "arp-spoof"
 /// ip saddr != <ip>                          counter drop comment "ip-spoof"
@@ -245,7 +261,7 @@ fn spoof_check(
 ///                                           counter drop comment "other-ethertype"
 /// ```
 /// (`arp …` implies `ether type arp`, `ip …` implies `meta protocol ip`.)
-pub(crate) fn port_rules(mac: [u8; 6], ip: Ipv4Addr) -> Vec<Rule> {
+pub(crate) fn port_rules(mac: [u8; 6], ip: Ipv4Addr, shaping: Shaping) -> Vec<Rule> {
     let is_arp = || vec![load(ETHER_TYPE), cmp(CmpOp::Eq, &ETH_P_ARP)];
     let is_ip = vec![Expr::Meta(MetaKey::Protocol), cmp(CmpOp::Eq, &ETH_P_IP)];
     let accept = |ty: &[u8]| Rule {
@@ -258,8 +274,33 @@ pub(crate) fn port_rules(mac: [u8; 6], ip: Ipv4Addr) -> Vec<Rule> {
     };
     // IPv4 first: nearly every frame is IPv4 and leaves after three rules (the ARP checks
     // cost two more payload loads and compares per frame when they came first).
-    vec![
-        spoof_check(C_L2, vec![], ETHER_SADDR, &mac),
+    let mut rules = vec![spoof_check(C_L2, vec![], ETHER_SADDR, &mac)];
+    if let Some(pps) = shaping.pps {
+        rules.push(Rule {
+            comment: Some(C_PPS),
+            exprs: vec![
+                Expr::Meta(MetaKey::Len),
+                Expr::Hton32,
+                cmp(CmpOp::Lt, &PPS_FRAME_BYTES.to_be_bytes()),
+                Expr::LimitOver {
+                    rate: pps,
+                    burst: u32::try_from(pps / 100 + 5).unwrap_or(u32::MAX),
+                },
+                Expr::Counter,
+                Expr::Verdict(Verdict::Drop),
+            ],
+        });
+    }
+    if let Some(class) = shaping.class {
+        rules.push(Rule {
+            comment: None,
+            exprs: vec![
+                Expr::Immediate(class.to_ne_bytes().to_vec()),
+                Expr::MetaSet(MetaKey::Priority),
+            ],
+        });
+    }
+    rules.extend([
         spoof_check(C_IP, is_ip, IP_SADDR, &ip.octets()),
         accept(&ETH_P_IP),
         spoof_check(C_ARP, is_arp(), ARP_SADDR_ETHER, &mac),
@@ -269,22 +310,26 @@ pub(crate) fn port_rules(mac: [u8; 6], ip: Ipv4Addr) -> Vec<Rule> {
             comment: Some(C_OTHER),
             exprs: vec![Expr::Counter, Expr::Verdict(Verdict::Drop)],
         },
-    ]
+    ]);
+    rules
 }
 
 /// Installs (or atomically rewrites) one port's chain and its `in_ports` element. The
 /// element is added last in the same transaction, so the port is never dispatched to a
 /// half-filled chain.
-///
-/// Later slices extend this one batch, so a port stays one transaction: a `<port>_pps`
-/// chain (a `limit rate over N/second` on frames under 256 bytes only: nft `limit` counts
-/// GSO super-packets) jumped to first, a `meta priority set 1:<class>` rule before the
-/// accepts, and a `<port>_out` chain of L4 rules with its `out_ports` element (oifname).
-pub(crate) fn port_batch(table: &str, port: &str, mac: [u8; 6], ip: Ipv4Addr) -> nfnl::Batch {
+/// (L4 rules will extend this one batch with a `<port>_out` chain and its `out_ports`
+/// element, so a port stays one transaction.)
+pub(crate) fn port_batch(
+    table: &str,
+    port: &str,
+    mac: [u8; 6],
+    ip: Ipv4Addr,
+    shaping: Shaping,
+) -> nfnl::Batch {
     let cin = Names::chain_in(port);
     let mut b = nfnl::Batch::new(table);
     b.add_chain(&cin).flush_chain(&cin);
-    for r in port_rules(mac, ip) {
+    for r in port_rules(mac, ip, shaping) {
         b.add_rule(&cin, &r);
     }
     b.add_vmap_elem(IN_PORTS, port, &Verdict::Jump(cin));
@@ -310,42 +355,12 @@ pub(crate) async fn run(
     args: &[&str],
     stdin: Option<Vec<u8>>,
 ) -> Result<Vec<u8>, NetError> {
-    let mut cmd = tokio::process::Command::new("nft");
-    cmd.args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    netns::enter_in_child(&mut cmd, ns);
-    let mut child = cmd.spawn().map_err(|e| NetError::Nft {
-        op: op.to_owned(),
-        detail: if e.kind() == std::io::ErrorKind::NotFound {
-            "the nft binary is not in PATH (install nftables)".to_owned()
-        } else {
-            format!("spawn nft: {e}")
-        },
-    })?;
-    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(&data)
-            .await
-            .map_err(|e| NetError::io(format!("nft {op}: write batch"), e))?;
-    }
-    let out = child
-        .wait_with_output()
+    netns::run_program(ns, "nft", "nftables", args, stdin)
         .await
-        .map_err(|e| NetError::io(format!("nft {op}: wait"), e))?;
-    if out.status.success() {
-        Ok(out.stdout)
-    } else {
-        Err(NetError::Nft {
+        .map_err(|detail| NetError::Nft {
             op: op.to_owned(),
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            detail,
         })
-    }
 }
 
 pub(crate) async fn apply(ns: &File, op: &str, batch: &JsonBatch) -> Result<(), NetError> {
@@ -382,17 +397,18 @@ pub(crate) fn port_counters(
     nf: &nfnl::NfSocket,
     table: &str,
     port: &str,
-) -> Result<Option<[u64; 4]>, NetError> {
+) -> Result<Option<[u64; 5]>, NetError> {
     let Some(rules) = nf.chain_counters(table, &Names::chain_in(port))? else {
         return Ok(None);
     };
-    let mut c = [0u64; 4];
+    let mut c = [0u64; 5];
     for r in rules {
         let idx = match r.comment.as_deref() {
             Some(C_L2) => 0,
             Some(C_ARP) => 1,
             Some(C_IP) => 2,
             Some(C_OTHER) => 3,
+            Some(C_PPS) => 4,
             _ => continue,
         };
         c[idx] += r.packets;
@@ -435,7 +451,7 @@ mod tests {
     fn port_rules_check_mac_then_ip_then_arp() {
         let mac = [2, 0, 0, 0, 0, 1];
         let ip = Ipv4Addr::new(10, 0, 0, 1);
-        let rules = port_rules(mac, ip);
+        let rules = port_rules(mac, ip, Shaping::default());
         let comments: Vec<Option<&str>> = rules.iter().map(|r| r.comment).collect();
         assert_eq!(
             comments,
@@ -479,6 +495,46 @@ mod tests {
                 ]
             );
         }
+    }
+
+    #[test]
+    fn shaping_comes_after_the_mac_check_and_before_any_accept() {
+        let mac = [2, 0, 0, 0, 0, 1];
+        let ip = Ipv4Addr::new(10, 0, 0, 1);
+        let plain = port_rules(mac, ip, Shaping::default());
+        let shaped = port_rules(
+            mac,
+            ip,
+            Shaping {
+                pps: Some(5000),
+                class: Some(0x0001_0123),
+            },
+        );
+        assert_eq!(shaped.len(), plain.len() + 2);
+        assert_eq!(shaped[0], plain[0]);
+        assert_eq!(shaped[3..], plain[1..]);
+        assert_eq!(shaped[1].comment, Some(C_PPS));
+        assert_eq!(
+            shaped[1].exprs,
+            [
+                Expr::Meta(MetaKey::Len),
+                Expr::Hton32,
+                cmp(CmpOp::Lt, &[0, 0, 1, 0]),
+                Expr::LimitOver {
+                    rate: 5000,
+                    burst: 55
+                },
+                Expr::Counter,
+                Expr::Verdict(Verdict::Drop),
+            ]
+        );
+        assert_eq!(
+            shaped[2].exprs,
+            [
+                Expr::Immediate(0x0001_0123u32.to_ne_bytes().to_vec()),
+                Expr::MetaSet(MetaKey::Priority)
+            ]
+        );
     }
 
     #[test]

@@ -106,6 +106,8 @@ pub struct Node {
 pub struct Testbed {
     pub base: String,
     pub nodes: Vec<Node>,
+    /// The link capacity every node's `NodeNet` is opened with.
+    pub link_bps: u64,
 }
 
 impl Testbed {
@@ -113,11 +115,27 @@ impl Testbed {
     /// with `<underlay>.1/24` and `<underlay>.2/24`, and a `NodeNet` in each. `lead` starts
     /// the base (tests use `t`, benchmarks `b`). What was made before a failure is removed.
     pub async fn new(lead: char, underlay: [u8; 3]) -> Result<Testbed, TestbedError> {
+        Self::with_link(
+            lead,
+            underlay,
+            NodeNetConfig::new(Ipv4Addr::UNSPECIFIED, "").link_bps,
+        )
+        .await
+    }
+
+    /// [`Testbed::new`] with nodes whose links carry `link_bps` (what bandwidth guarantees
+    /// are shares of).
+    pub async fn with_link(
+        lead: char,
+        underlay: [u8; 3],
+        link_bps: u64,
+    ) -> Result<Testbed, TestbedError> {
         let base = unique_base(lead);
         // Made first, so that a failure below drops (and cleans) what exists so far.
         let mut bed = Testbed {
             base: base.clone(),
             nodes: Vec::new(),
+            link_bps,
         };
         let ns: Vec<String> = (1..=2).map(|i| format!("{base}n{i}")).collect();
         let dev: Vec<String> = (1..=2).map(|i| format!("{base}u{i}")).collect();
@@ -137,7 +155,7 @@ impl Testbed {
             )?;
             ip_in(&ns[i], &["link", "set", &dev[i], "up"])?;
             let prefix = format!("{base}{}", ["a", "b"][i]);
-            let net = open(&prefix, &ns[i], addr, &dev[i]).await?;
+            let net = open(&prefix, &ns[i], addr, &dev[i], link_bps).await?;
             bed.nodes.push(Node {
                 prefix,
                 ns: ns[i].clone(),
@@ -160,7 +178,7 @@ impl Testbed {
     /// Reopens node `i`'s NodeNet, as a restarted agent would.
     pub async fn reopen(&mut self, i: usize) -> Result<(), TestbedError> {
         let n = &self.nodes[i];
-        let net = open(&n.prefix, &n.ns, n.ip, &n.dev).await?;
+        let net = open(&n.prefix, &n.ns, n.ip, &n.dev, self.link_bps).await?;
         self.nodes[i].net = net;
         Ok(())
     }
@@ -206,9 +224,11 @@ async fn open(
     ns: &str,
     underlay_ip: Ipv4Addr,
     dev: &str,
+    link_bps: u64,
 ) -> Result<NodeNet, TestbedError> {
     let mut cfg = NodeNetConfig::new(underlay_ip, dev);
     cfg.prefix = prefix.to_owned();
+    cfg.link_bps = link_bps;
     cfg.node_netns = Some(PathBuf::from(NETNS_DIR).join(ns));
     NodeNet::open(cfg)
         .await

@@ -602,6 +602,7 @@ fn filler(i: u32) -> Attachment {
         prefix_len: 16,
         mac: [0x02, 0x20, 0, 0, (i >> 8) as u8, i as u8],
         gateway: std::net::Ipv4Addr::new(10, 78, 255, 254),
+        qos: Default::default(),
     }
 }
 

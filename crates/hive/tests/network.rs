@@ -112,23 +112,19 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
     };
     assert_ne!(vni("red"), vni("blue"));
     for t in ["red", "blue"] {
-        ok(
-            &cfg,
-            &[
-                "--tenant",
-                t,
-                "service",
-                "create",
-                "web",
-                "--image",
-                &format!("{host}/{t}/busybox:test"),
-                "--replicas",
-                "3",
-                "--",
-                "sleep",
-                "100000",
-            ],
-        );
+        // Red's instances are shaped: 100 Mbit/s guaranteed, 400 at most, 5000 small
+        // frames a second.
+        let shaped: &[&str] = match t {
+            "red" => &["--bandwidth", "100M:400M", "--pps", "5000"],
+            _ => &[],
+        };
+        let mut args = vec!["--tenant", t, "service", "create", "web", "--image"];
+        let image = format!("{host}/{t}/busybox:test");
+        args.push(&image);
+        args.extend(["--replicas", "3"]);
+        args.extend(shaped);
+        args.extend(["--", "sleep", "100000"]);
+        ok(&cfg, &args);
     }
     // (node, ip, pid) of each tenant's running instances, once all six run on all nodes.
     let placed = |t: &str| -> Vec<(String, String, u64)> {
@@ -166,6 +162,23 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
         );
         std::thread::sleep(Duration::from_millis(200));
     };
+    // Each node's uplink has one HTB class for its red instance (none for blue's), and the
+    // red port's chain carries the packet rate limit.
+    for i in 1..=3 {
+        let (ns, _) = cluster.node(&format!("n{i}"));
+        let classes = ns.exec(["tc", "class", "show", "dev", "ul"]);
+        assert_eq!(
+            classes.matches("rate 100Mbit ceil 400Mbit").count(),
+            1,
+            "n{i}: {classes}"
+        );
+        let table = ns.exec(["nft", "list", "ruleset"]);
+        assert_eq!(
+            table.matches("limit rate over 5000/second").count(),
+            1,
+            "n{i}: {table}"
+        );
+    }
     // Addresses come from the same pool in both tenants: they overlap.
     let ips = |v: &[(String, String, u64)]| -> Vec<String> {
         let mut i: Vec<String> = v.iter().map(|x| x.1.clone()).collect();
@@ -358,7 +371,12 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
                 .count();
             let tables = ns.exec(["nft", "list", "tables"]);
             let tables_left = tables.contains(&format!("{}pub", ns.prefix));
-            ours == 0 && files == 0 && !tables_left
+            // Only the uplink's link and default classes remain.
+            let classes = ns
+                .exec(["tc", "class", "show", "dev", "ul"])
+                .lines()
+                .count();
+            ours == 0 && files == 0 && !tables_left && classes <= 2
         })
     });
     drop(agents);

@@ -2,7 +2,7 @@
 //! each with its own `NodeNet`, removed on drop, also when a test fails) with test-style
 //! accessors, and helpers to run tools inside instance namespaces.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 pub use hive_net::testbed::NETNS_DIR;
 use hive_net::testbed::{Testbed, ns_command, output_ok};
 use hive_net::{Attachment, NetworkDef, RemoteEndpoint};
-const TOOLS: &[&str] = &["ip", "bridge", "nft", "ping", "tcpdump", "arping"];
+const TOOLS: &[&str] = &[
+    "ip", "bridge", "nft", "ping", "tcpdump", "arping", "tc", "iperf3",
+];
 
 /// Fails loudly (never a silent pass) when the test cannot run here.
 pub fn require_root_and_tools() {
@@ -206,6 +208,16 @@ impl Topo {
         )
     }
 
+    /// With nodes whose links carry `link_bps`.
+    pub async fn with_link(link_bps: u64) -> Topo {
+        require_root_and_tools();
+        Topo(
+            Testbed::with_link('t', [10, 250, 0], link_bps)
+                .await
+                .expect("build the two-node testbed"),
+        )
+    }
+
     pub fn inst_ns(&self, key: &str) -> String {
         self.0
             .inst_ns(key)
@@ -239,6 +251,7 @@ pub fn inst(tenant: u8, node: u8, idx: u8, vni: u32) -> Attachment {
         prefix_len: 24,
         mac: [0x02, 0, 0, tenant, node, idx],
         gateway: Ipv4Addr::new(10, 77, 0, 254),
+        qos: Default::default(),
     }
 }
 

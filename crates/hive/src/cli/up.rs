@@ -85,15 +85,16 @@ impl NetArgs {
     /// The agent's network configuration (the underlay found on this host once, where not
     /// given), and the node facts that come from it: its underlay address and link capacity.
     fn resolve(&self, facts: &mut hive_agent::node::HostFacts) -> hive_agent::network::NetConfig {
-        let net = hive_agent::network::NetConfig::resolve(
+        let mut net = hive_agent::network::NetConfig::resolve(
             self.underlay_ip,
             self.underlay_dev.clone(),
             self.net_prefix.clone(),
         );
+        if let Some(bps) = self.link_bps {
+            net.link_bps = bps;
+        }
         facts.underlay_ip = net.underlay_ip.to_string();
-        facts.capacity.network_bps = self
-            .link_bps
-            .unwrap_or_else(|| hive_agent::network::link_bps(&net.underlay_dev));
+        facts.capacity.network_bps = net.link_bps;
         net
     }
 }
