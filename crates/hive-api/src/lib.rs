@@ -13,6 +13,7 @@ pub mod meta;
 pub mod network;
 pub mod node;
 pub mod proxy;
+pub mod rollout;
 pub mod service;
 pub mod tenant;
 pub mod token;
@@ -27,6 +28,10 @@ pub use meta::{List, Resource, Scope};
 pub use network::{InstanceNetwork, Ipv4Cidr, Network, NetworkSpec, NetworkStatus};
 pub use node::{Node, NodeCapacity, NodeSpec, NodeStatus};
 pub use proxy::{ProxyClaims, ProxyKey, ProxyOp, ProxySigner};
+pub use rollout::{
+    Amount, CanaryUpdate, RollingUpdate, RolloutAction, RolloutPhase, RolloutStatus, Strategy,
+    TemplateRevision,
+};
 pub use service::{
     Bandwidth, ContainerSpec, EnvVar, PortSpec, Protocol, PullPolicy, ResourceAmounts, Resources,
     RestartPolicy, Service, ServiceSpec, ServiceStatus,

@@ -186,7 +186,11 @@ impl TemplateArgs {
         Ok(Service {
             name,
             labels,
-            spec: ServiceSpec { replicas, template },
+            spec: ServiceSpec {
+                replicas,
+                template,
+                ..Default::default()
+            },
             ..Default::default()
         })
     }
