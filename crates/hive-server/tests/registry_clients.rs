@@ -558,12 +558,14 @@ async fn index_artifact_public_quota_and_gc_through_real_clients() {
     let env: [(&str, &Path); 1] = [("REGISTRY_AUTH_FILE", &auth_file)];
     let reg = srv.addr.clone();
     let creds = format!("x:{}", srv.acme_member);
-    let copy = |src: String, dst: String, extra: Vec<String>| async move {
-        let mut a: Vec<String> = vec!["copy".into(), "--quiet".into()];
-        a.extend(extra);
-        a.extend([src, dst]);
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        run("skopeo", &a, &env).await
+    let copy = |src: String, dst: String, extra: Vec<String>| {
+        async move {
+            let mut a: Vec<String> = vec!["copy".into(), "--quiet".into()];
+            a.extend(extra);
+            a.extend([src, dst]);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            run("skopeo", &a, &env).await
+        }
     };
     let push_creds = vec![
         "--dest-tls-verify=false".to_owned(),
