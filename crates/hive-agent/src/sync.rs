@@ -346,6 +346,17 @@ impl Agent {
                             let mut restarted = inst.clone();
                             restarted.status = st;
                             self.start(id, tenant, &restarted);
+                        } else if inst.status.ready {
+                            // Waiting out its backoff, it serves nothing: not ready.
+                            let mut st = inst.status.clone();
+                            st.ready = false;
+                            st.reason = "BackOff".into();
+                            st.message = format!(
+                                "exited with {}; restarting in {} ms",
+                                exit.exit_code,
+                                due.saturating_duration_since(Instant::now()).as_millis()
+                            );
+                            report(&self.client, tenant, inst, st).await;
                         }
                     } else if matches!(
                         inst.status.phase,

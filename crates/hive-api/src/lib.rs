@@ -14,6 +14,7 @@ pub mod network;
 pub mod node;
 pub mod probe;
 pub mod proxy;
+pub mod rollout;
 pub mod service;
 pub mod tenant;
 pub mod token;
@@ -29,6 +30,10 @@ pub use network::{InstanceNetwork, Ipv4Cidr, Network, NetworkSpec, NetworkStatus
 pub use node::{Node, NodeCapacity, NodeSpec, NodeStatus};
 pub use probe::Probe;
 pub use proxy::{ProxyClaims, ProxyKey, ProxyOp, ProxySigner};
+pub use rollout::{
+    Amount, CanaryUpdate, RollingUpdate, RolloutAction, RolloutPhase, RolloutStatus, Strategy,
+    TemplateRevision,
+};
 pub use service::{
     Bandwidth, ContainerSpec, EnvVar, PortSpec, Protocol, PullPolicy, ResourceAmounts, Resources,
     RestartPolicy, Service, ServiceSpec, ServiceStatus,

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::meta::{Resource, Scope};
+use crate::rollout::{RolloutStatus, Strategy, TemplateRevision};
 use crate::validate::{self, ValidationError};
 
 pub const MAX_REPLICAS: u32 = 1000;
@@ -58,6 +59,9 @@ pub struct ServiceSpec {
     pub replicas: u32,
     /// What each instance runs.
     pub template: ContainerSpec,
+    /// How a change of `template` replaces running instances (default: rolling, 25%/25%).
+    #[serde(default)]
+    pub strategy: Strategy,
 }
 
 fn one() -> u32 {
@@ -65,7 +69,7 @@ fn one() -> u32 {
 }
 
 /// One container: image, process, resources, ports, restart policy.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContainerSpec {
     /// Image reference: `registry/repo[:tag][@digest]`.
@@ -263,7 +267,8 @@ pub enum RestartPolicy {
     Never,
 }
 
-/// Observed by the controllers.
+/// Observed by the controllers; the template's revision and history are kept by the
+/// server (see [`crate::rollout`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceStatus {
@@ -271,6 +276,19 @@ pub struct ServiceStatus {
     pub replicas: u32,
     #[serde(default)]
     pub ready_replicas: u32,
+    /// Instances made from the current template.
+    #[serde(default)]
+    pub updated_replicas: u32,
+    /// The current template's number: 1 at creation, one more at every change of
+    /// `spec.template` (instances carry it in the label `hive.dev/revision`).
+    #[serde(default)]
+    pub template_revision: u64,
+    #[serde(default)]
+    pub rollout: RolloutStatus,
+    /// The last templates (at most 10, fewer when together over 256 KiB), oldest first,
+    /// the current one last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<TemplateRevision>,
 }
 
 impl Resource for Service {
@@ -304,6 +322,7 @@ impl ServiceSpec {
                 ),
             ));
         }
+        self.strategy.validate(&format!("{field}.strategy"))?;
         self.template.validate(&format!("{field}.template"))
     }
 }

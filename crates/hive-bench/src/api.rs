@@ -43,6 +43,7 @@ fn service(name: String) -> Service {
                 args: vec!["sleep".into(), "1000".into()],
                 ..Default::default()
             },
+            ..Default::default()
         },
         ..Default::default()
     }

@@ -133,6 +133,7 @@ fn service(name: &str, image: &str, args: &[&str]) -> Service {
                 args: args.iter().map(|s| s.to_string()).collect(),
                 ..Default::default()
             },
+            ..Default::default()
         },
         ..Default::default()
     }

@@ -271,6 +271,21 @@ impl Client {
         .await
     }
 
+    /// Acts on service `name`'s rollout (promote, rollback, undo); answers the service as
+    /// written.
+    pub async fn rollout(
+        &self,
+        tenant: &str,
+        name: &str,
+        action: &hive_api::RolloutAction,
+    ) -> Result<hive_api::Service> {
+        let path = format!(
+            "{}/rollout",
+            Self::item_path::<hive_api::Service>(Some(tenant), name)
+        );
+        self.send(Method::POST, &path, Some(action)).await
+    }
+
     /// `GET path` without a timeout (the body is a stream the caller reads as it comes):
     /// the full URL and the response, once its status was a success.
     async fn get_streamed(&self, path: &str) -> Result<(String, reqwest::Response)> {

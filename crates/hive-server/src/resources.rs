@@ -95,6 +95,13 @@ pub trait Served: Resource {
         async { Ok(Hooked::default()) }
     }
 
+    /// Sets the fields the server owns from a user's create (`stored` is `None`) or spec
+    /// update by `by`, such as a service's template revision.
+    fn stamp(_by: &str, _stored: Option<&Self>, _obj: &mut Self) {}
+
+    /// Keeps the status fields the server owns when a controller writes the status.
+    fn keep_server_status(_stored: &Self, _obj: &mut Self) {}
+
     /// The writes that go with a deletion.
     fn on_delete(
         _st: &AppState,
@@ -110,6 +117,14 @@ impl Served for Service {
     const WRITE: Role = Role::Member;
     const STATUS_WRITE: Role = Role::PlatformAdmin;
     const RECORD_EVENTS: bool = true;
+
+    fn stamp(by: &str, stored: Option<&Self>, obj: &mut Self) {
+        crate::services::stamp(by, stored, obj);
+    }
+
+    fn keep_server_status(stored: &Self, obj: &mut Self) {
+        crate::services::keep_server_status(stored, obj);
+    }
 }
 
 impl Served for Instance {
@@ -394,7 +409,11 @@ fn event_name(millis: u64) -> String {
 }
 
 /// Maps a failed transaction that also carried a tenant guard.
-fn txn_error<R: Resource>(err: StoreError, name: &str, guard: Option<&TenantGuard>) -> ApiError {
+pub(crate) fn txn_error<R: Resource>(
+    err: StoreError,
+    name: &str,
+    guard: Option<&TenantGuard>,
+) -> ApiError {
     if let (Some(g), StoreError::Conflict { key, .. }) = (guard, &err)
         && *key == keys::object::<Tenant>(None, &g.name)
     {
@@ -414,6 +433,7 @@ pub async fn create<R: Served>(
     obj.validate()?;
     let tenant = guard.as_ref().map(|g| g.name.as_str());
     obj.init_system_fields(tenant, new_uid(), Utc::now());
+    R::stamp(&p.name, None, &mut obj);
     let name = obj.name().to_owned();
     let mut attempt = 0;
     loop {
@@ -587,10 +607,12 @@ async fn write_back<R: Served>(
         let mut obj = obj.clone();
         let hooked = if status {
             obj.keep_spec(&stored);
+            R::keep_server_status(&stored, &mut obj);
             obj.validate()?;
             Hooked::default()
         } else {
             obj.keep_status(&stored);
+            R::stamp(&p.name, Some(&stored), &mut obj);
             R::on_update(st, tenant, &stored, &mut obj).await?
         };
         match write_once(st, p, &guard, name, &stored, obj, status, expected, &hooked).await {
@@ -687,28 +709,38 @@ pub async fn delete<R: Served>(
     let guard = authorize::<R>(&st, &p, &target, R::WRITE, "delete").await?;
     let name = target.name();
     let tenant = guard.as_ref().map(|g| g.name.as_str());
-    let (stored, stored_rev) = read::<R>(&st, guard.as_ref(), name).await?;
-    let mut ops = vec![Op::Delete {
-        key: keys::object::<R>(tenant, name),
-        mod_revision: Some(q.revision.unwrap_or(stored_rev)),
-    }];
-    ops.extend(R::on_delete(&st, tenant, &stored).await?.ops);
-    if R::RECORD_EVENTS
-        && let Some(t) = tenant
-    {
-        ops.push(event_op(
-            t,
-            "Deleted",
-            R::KIND,
-            name,
-            format!("{} {name} deleted by {}", R::KIND, p.name),
-        )?);
+    let key = keys::object::<R>(tenant, name);
+    let mut attempt = 0;
+    loop {
+        let (stored, stored_rev) = read::<R>(&st, guard.as_ref(), name).await?;
+        let mut ops = vec![Op::Delete {
+            key: key.clone(),
+            mod_revision: Some(q.revision.unwrap_or(stored_rev)),
+        }];
+        ops.extend(R::on_delete(&st, tenant, &stored).await?.ops);
+        if R::RECORD_EVENTS
+            && let Some(t) = tenant
+        {
+            ops.push(event_op(
+                t,
+                "Deleted",
+                R::KIND,
+                name,
+                format!("{} {name} deleted by {}", R::KIND, p.name),
+            )?);
+        }
+        match st.store.txn(ops).await {
+            Ok(_) => return Ok(Json(stored)),
+            // Without a precondition the caller wants it gone whatever changed in between
+            // (a controller writing its status): read it again.
+            Err(StoreError::Conflict { key: k, .. })
+                if q.revision.is_none() && k == key && attempt + 1 < HOOK_ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            Err(e) => return Err(txn_error::<R>(e, name, guard.as_ref())),
+        }
     }
-    st.store
-        .txn(ops)
-        .await
-        .map_err(|e| txn_error::<R>(e, name, guard.as_ref()))?;
-    Ok(Json(stored))
 }
 
 /// Streams changes under `prefix` after `after` (default: now) as newline-delimited JSON,

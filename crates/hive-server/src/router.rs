@@ -7,7 +7,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, put};
 use hive_api::{
     API_PREFIX, ApiToken, CreatedToken, Event, ImageList, ImageRepository, ImageUpdate, Instance,
-    Network, Node, ProxyKey, RegistryGcReport, Scope, Service, Tenant, TokenCreate, WhoAmI,
+    Network, Node, ProxyKey, RegistryGcReport, RolloutAction, Scope, Service, Tenant, TokenCreate,
+    WhoAmI,
 };
 use utoipa::openapi::path::HttpMethod;
 use utoipa::openapi::schema::Type;
@@ -17,7 +18,7 @@ use crate::middleware;
 use crate::openapi::{ApiDoc, Op, title_case};
 use crate::resources::{self, Served};
 use crate::state::AppState;
-use crate::{auth, images, nodeproxy, tenants, tokens};
+use crate::{auth, images, nodeproxy, services, tenants, tokens};
 
 const LIST_QUERY: &[(&str, &str, Type)] = &[
     (
@@ -311,6 +312,34 @@ impl Table {
 }
 
 impl Table {
+    /// Actions on a service's rollout.
+    fn rollout(&mut self) {
+        let path = format!("{API_PREFIX}/tenants/{{tenant}}/services/{{name}}/rollout");
+        self.route(&path, axum::routing::post(services::action));
+        let action = self.doc.schema::<RolloutAction>();
+        let svc = self.doc.schema::<Service>();
+        self.doc.add(Op {
+            method: HttpMethod::Post,
+            path: &path,
+            id: "rolloutService".into(),
+            tag: "services",
+            summary: "Act on the service's rollout (member and up): `promote` a holding canary \
+                      (it rolls on to every instance), `rollback` an unfinished rollout to the \
+                      template before it, `undo` to a kept revision (`to_revision`, default \
+                      the previous one). Rollback and undo make a new revision that rolls \
+                      without holding. 409 when the rollout's state does not allow the action"
+                .into(),
+            body: Some(action),
+            ok_status: "200",
+            ok: Some(svc),
+            query: &[],
+            errors: &["400", "403", "404", "409", "415", "422"],
+            auth: true,
+        });
+    }
+}
+
+impl Table {
     /// The tenant's image repositories (the content itself is under `/v2/`), and the
     /// registry's garbage collection.
     fn images(&mut self) {
@@ -446,6 +475,7 @@ fn table() -> Table {
     t.resource::<Node>(with_status());
     t.tokens(&format!("{API_PREFIX}/tenants/{{tenant}}/tokens"), "Tenant");
     t.tokens(&format!("{API_PREFIX}/tokens"), "Platform");
+    t.rollout();
     t.node_proxy();
     t.images();
     t.route(&format!("{API_PREFIX}/whoami"), get(tokens::whoami));

@@ -1546,3 +1546,130 @@ async fn image_repositories_are_listed_changed_and_deleted_per_tenant() {
         "{report}"
     );
 }
+
+#[tokio::test]
+async fn rollout_actions_check_roles_tenants_bodies_and_state() {
+    let h = harness().await;
+    h.tenant("acme").await;
+    h.tenant("other").await;
+    let viewer = h.token("acme", "viewer").await;
+    let member = h.token("acme", "member").await;
+    let stranger = h.token("other", "tenant-admin").await;
+    let made = h
+        .ok(
+            Method::POST,
+            &svc_path("acme"),
+            &member,
+            Some(service("web")),
+        )
+        .await;
+    assert_eq!(made["status"]["template_revision"], 1);
+    assert_eq!(made["status"]["history"][0]["cause"], "created by t");
+    assert_eq!(made["spec"]["strategy"]["rolling"]["max_surge"], "25%");
+    let path = "/api/v1/tenants/acme/services/web/rollout";
+    let undo = json!({"action": "undo"});
+
+    let r = h
+        .call(Method::POST, path, &viewer, Some(undo.clone()))
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    let r = h
+        .call(Method::POST, path, &stranger, Some(undo.clone()))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    let r = h
+        .call(
+            Method::POST,
+            "/api/v1/tenants/acme/services/nope/rollout",
+            &member,
+            Some(undo.clone()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    for bad in [
+        json!({"action": "pause"}),
+        json!({"action": "undo", "to": 1}),
+        json!({}),
+    ] {
+        let r = h.call(Method::POST, path, &member, Some(bad.clone())).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::BAD_REQUEST, "malformed_body"),
+            "{bad}: {}",
+            r.body
+        );
+    }
+    // Nothing before revision 1; nothing to promote or roll back.
+    let r = h
+        .call(Method::POST, path, &member, Some(undo.clone()))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    let r = h
+        .call(
+            Method::POST,
+            path,
+            &member,
+            Some(json!({"action": "promote"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+
+    // A template change is revision 2; undo to 1 is revision 3 with revision 1's image.
+    let mut svc = h
+        .ok(
+            Method::GET,
+            &format!("{}/web", svc_path("acme")),
+            &member,
+            None,
+        )
+        .await;
+    svc["spec"]["template"]["image"] = json!("busybox:2");
+    let v2 = h
+        .ok(
+            Method::PUT,
+            &format!("{}/web", svc_path("acme")),
+            &member,
+            Some(svc),
+        )
+        .await;
+    assert_eq!(v2["status"]["template_revision"], 2);
+    assert_eq!(v2["status"]["rollout"]["phase"], "progressing");
+    let r = h
+        .call(
+            Method::POST,
+            path,
+            &member,
+            Some(json!({"action": "undo", "to_revision": 9})),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid")
+    );
+    assert!(r.message().starts_with("to_revision:"), "{}", r.message());
+    let v3 = h
+        .ok(
+            Method::POST,
+            path,
+            &member,
+            Some(json!({"action": "undo", "to_revision": 1})),
+        )
+        .await;
+    assert_eq!(v3["status"]["template_revision"], 3);
+    assert_eq!(v3["spec"]["template"]["image"], "busybox");
+    assert_eq!(
+        v3["status"]["history"][2]["cause"],
+        "undo to revision 1 by t"
+    );
+    let events = h
+        .ok(Method::GET, "/api/v1/tenants/acme/events", &viewer, None)
+        .await;
+    assert!(
+        events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["reason"] == "RolloutUndone"),
+        "{events}"
+    );
+}

@@ -47,6 +47,7 @@ fn service(name: &str, replicas: u32) -> Service {
                 image: "busybox".into(),
                 ..Default::default()
             },
+            ..Default::default()
         },
         ..Default::default()
     }
@@ -476,4 +477,434 @@ async fn guaranteed_bandwidth_beyond_the_links_leaves_instances_pending() {
     })
     .await;
     assert_eq!(all.len(), 3);
+}
+
+// ---- Rolling and canary updates -------------------------------------------------------
+//
+// A fake agent stands in for the node: it marks instances placed on a node running and
+// ready (while its gate is open), and an image named `…/bad` fails to pull, as a real
+// agent reports it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use hive_api::{
+    Amount, CanaryUpdate, ErrorCode, EventType, InstancePhase, RollingUpdate, RolloutAction,
+    RolloutPhase, Strategy,
+};
+
+struct FakeAgent {
+    open: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn fake_agent(c: &Client, tenant: &str) -> FakeAgent {
+    let open = Arc::new(AtomicBool::new(true));
+    let (c, tenant, gate) = (c.clone(), tenant.to_owned(), open.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            if let Ok(list) = c.list::<Instance>(Some(&tenant)).await {
+                for mut i in list.items {
+                    if i.spec.node.is_none() || i.status.ready {
+                        continue;
+                    }
+                    if i.spec.template.image.ends_with("/bad") {
+                        if i.status.reason.is_empty() {
+                            i.status.reason = "ImagePullFailed".into();
+                            i.status.message = "manifest unknown".into();
+                            let _ = c.update_status(Some(&tenant), &i).await;
+                        }
+                    } else if gate.load(Ordering::SeqCst) {
+                        i.status.phase = InstancePhase::Running;
+                        i.status.ready = true;
+                        i.status.reason.clear();
+                        i.status.message.clear();
+                        let _ = c.update_status(Some(&tenant), &i).await;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    });
+    FakeAgent { open, task }
+}
+
+/// A tenant `acme` with one roomy node whose lease is kept, and a fake agent.
+async fn rollout_setup(c: &Client) -> (FakeAgent, tokio::task::JoinHandle<()>) {
+    add_tenant(c, "acme").await;
+    add_node(c, "n1", 64_000).await;
+    let lease = keep_lease(c, "n1");
+    (fake_agent(c, "acme"), lease)
+}
+
+fn versioned(name: &str, replicas: u32, image: &str, strategy: Strategy) -> Service {
+    let mut s = service(name, replicas);
+    s.spec.template.image = image.into();
+    s.spec.strategy = strategy;
+    s
+}
+
+/// Read, change the image, write under the read revision; again when the controller's
+/// status write came in between (as `hive service update` does).
+async fn set_image(c: &Client, svc: &str, image: &str) -> Service {
+    for _ in 0..10 {
+        let mut s = c.get::<Service>(Some("acme"), svc).await.unwrap();
+        s.spec.template.image = image.into();
+        match c.update(Some("acme"), &s).await {
+            Ok(s) => return s,
+            Err(e) if e.code() == Some(ErrorCode::Conflict) => continue,
+            Err(e) => panic!("update {svc}: {e}"),
+        }
+    }
+    panic!("{svc} kept changing")
+}
+
+/// Waits until the service's rollout is in `phase` with `n` instances all of `image`
+/// (`None`: any mix) and returns the service.
+async fn phase(c: &Client, svc: &str, want: RolloutPhase) -> Service {
+    let t0 = Instant::now();
+    loop {
+        let s = c.get::<Service>(Some("acme"), svc).await.unwrap();
+        if s.status.rollout.phase == want {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "{svc}: phase {:?}, want {want:?}: {:#?}",
+            s.status.rollout.phase,
+            s.status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn of_service(c: &Client, svc: &str) -> Vec<Instance> {
+    c.list::<Instance>(Some("acme"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|i| i.spec.service == svc)
+        .collect()
+}
+
+fn images(items: &[Instance]) -> Vec<String> {
+    let mut v: Vec<String> = items
+        .iter()
+        .map(|i| i.spec.template.image.clone())
+        .collect();
+    v.sort();
+    v
+}
+
+async fn reasons(c: &Client) -> Vec<(EventType, String, String)> {
+    c.list::<hive_api::Event>(Some("acme"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|e| (e.type_, e.reason, e.message))
+        .collect()
+}
+
+/// Watches `svc` every 10 ms once armed: never fewer than `min_ready` ready instances,
+/// never more than `max_total`. Returns the lowest ready count and highest total seen.
+fn monitor(
+    c: &Client,
+    svc: &str,
+    min_ready: usize,
+    max_total: usize,
+) -> tokio::task::JoinHandle<(usize, usize)> {
+    let (c, svc) = (c.clone(), svc.to_owned());
+    tokio::spawn(async move {
+        let (mut low, mut high) = (usize::MAX, 0);
+        for _ in 0..400 {
+            let items = of_service(&c, &svc).await;
+            let ready = items.iter().filter(|i| i.status.ready).count();
+            low = low.min(ready);
+            high = high.max(items.len());
+            assert!(ready >= min_ready, "{svc}: {ready} ready: {items:#?}");
+            assert!(items.len() <= max_total, "{svc}: {} instances", items.len());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (low, high)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_moves_only_as_new_instances_become_ready() {
+    let s = start().await;
+    let c = &s.client;
+    let (agent, lease) = rollout_setup(c).await;
+    let strategy = Strategy::Rolling(RollingUpdate {
+        max_surge: Amount::Count(1),
+        max_unavailable: Amount::Percent("25%".into()),
+    });
+    c.create(Some("acme"), &versioned("web", 4, "reg/web:v1", strategy))
+        .await
+        .unwrap();
+    let v1 = phase(c, "web", RolloutPhase::Complete).await;
+    assert_eq!(v1.status.template_revision, 1);
+    assert_eq!(v1.status.ready_replicas, 4);
+
+    // New instances never become ready while the gate is shut: one old one goes (25% of 4
+    // may be unavailable), two new ones wait (4 + 1 surge), three old ones serve.
+    let guard = monitor(c, "web", 3, 5);
+    agent.open.store(false, Ordering::SeqCst);
+    let v2 = set_image(c, "web", "reg/web:v2").await;
+    assert_eq!(v2.status.template_revision, 2);
+    assert_eq!(v2.status.history.len(), 2);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let items = of_service(c, "web").await;
+    assert_eq!(
+        images(&items),
+        [
+            "reg/web:v1",
+            "reg/web:v1",
+            "reg/web:v1",
+            "reg/web:v2",
+            "reg/web:v2"
+        ]
+    );
+    let s2 = c.get::<Service>(Some("acme"), "web").await.unwrap();
+    assert_eq!(s2.status.rollout.phase, RolloutPhase::Progressing);
+    assert_eq!(s2.status.updated_replicas, 2);
+    assert_eq!(s2.status.ready_replicas, 3);
+
+    // Ready: the rollout completes, every instance of v2 labelled revision 2.
+    agent.open.store(true, Ordering::SeqCst);
+    let done = phase(c, "web", RolloutPhase::Complete).await;
+    assert_eq!(done.status.updated_replicas, 4);
+    let items = of_service(c, "web").await;
+    assert_eq!(images(&items), vec!["reg/web:v2"; 4]);
+    assert!(items.iter().all(|i| i.labels["hive.dev/revision"] == "2"));
+    let (low, high) = guard.await.unwrap();
+    assert_eq!((low, high), (3, 5));
+    let ev = reasons(c).await;
+    assert!(
+        ev.iter()
+            .any(|e| e.1 == "RolloutStep" && e.2.contains("revision 2"))
+    );
+    assert!(ev.iter().any(|e| e.1 == "RolloutComplete"));
+    lease.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_that_never_starts_stalls_the_rollout_and_undo_restores() {
+    let s = start().await;
+    let c = &s.client;
+    let (_agent, lease) = rollout_setup(c).await;
+    c.create(
+        Some("acme"),
+        &versioned("web", 3, "reg/web:v1", Strategy::default()),
+    )
+    .await
+    .unwrap();
+    phase(c, "web", RolloutPhase::Complete).await;
+    let before: Vec<String> = of_service(c, "web")
+        .await
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+
+    // Default 25%/25% of 3: surge 1, none unavailable: one bad instance, three old serve.
+    let guard = monitor(c, "web", 3, 4);
+    set_image(c, "web", "reg/bad").await;
+    let stalled = phase(c, "web", RolloutPhase::Stalled).await;
+    assert!(
+        stalled.status.rollout.message.contains("ImagePullFailed"),
+        "{}",
+        stalled.status.rollout.message
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let items = of_service(c, "web").await;
+    assert_eq!(
+        images(&items),
+        ["reg/bad", "reg/web:v1", "reg/web:v1", "reg/web:v1"]
+    );
+    assert!(
+        reasons(c)
+            .await
+            .iter()
+            .any(|e| e.0 == EventType::Warning && e.1 == "RolloutStalled")
+    );
+
+    // Undo: revision 3 is revision 1's template; the old instances are current again and
+    // stay, the bad one goes.
+    let undone = c
+        .rollout("acme", "web", &RolloutAction::Undo { to_revision: None })
+        .await
+        .unwrap();
+    assert_eq!(undone.status.template_revision, 3);
+    assert_eq!(undone.spec.template.image, "reg/web:v1");
+    phase(c, "web", RolloutPhase::Complete).await;
+    let mut after: Vec<String> = of_service(c, "web")
+        .await
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    after.sort();
+    let mut before = before;
+    before.sort();
+    assert_eq!(after, before);
+    guard.await.unwrap();
+    // Nothing to roll back or promote now.
+    for a in [RolloutAction::Rollback, RolloutAction::Promote] {
+        let e = c.rollout("acme", "web", &a).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::Conflict), "{a:?}: {e}");
+    }
+    lease.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_holds_then_promote_completes_and_rollback_restores() {
+    let s = start().await;
+    let c = &s.client;
+    let (_agent, lease) = rollout_setup(c).await;
+    let canary = Strategy::Canary(CanaryUpdate {
+        step: Amount::Percent("25%".into()),
+    });
+    c.create(Some("acme"), &versioned("web", 4, "reg/web:v1", canary))
+        .await
+        .unwrap();
+    phase(c, "web", RolloutPhase::Complete).await;
+
+    set_image(c, "web", "reg/web:v2").await;
+    let paused = phase(c, "web", RolloutPhase::Paused).await;
+    assert_eq!(paused.status.updated_replicas, 1);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let items = of_service(c, "web").await;
+    assert_eq!(
+        images(&items),
+        ["reg/web:v1", "reg/web:v1", "reg/web:v1", "reg/web:v2"]
+    );
+    assert!(reasons(c).await.iter().any(|e| e.1 == "RolloutPaused"));
+
+    let promoted = c
+        .rollout("acme", "web", &RolloutAction::Promote)
+        .await
+        .unwrap();
+    assert!(promoted.status.rollout.promoted);
+    phase(c, "web", RolloutPhase::Complete).await;
+    assert_eq!(images(&of_service(c, "web").await), vec!["reg/web:v2"; 4]);
+
+    // A second canary, rolled back: the three v2 instances that kept serving are current
+    // again, the canary goes.
+    set_image(c, "web", "reg/web:v3").await;
+    phase(c, "web", RolloutPhase::Paused).await;
+    let stable: Vec<String> = of_service(c, "web")
+        .await
+        .into_iter()
+        .filter(|i| i.spec.template.image == "reg/web:v2")
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(stable.len(), 3);
+    let back = c
+        .rollout("acme", "web", &RolloutAction::Rollback)
+        .await
+        .unwrap();
+    assert_eq!(back.spec.template.image, "reg/web:v2");
+    assert_eq!(back.status.template_revision, 4);
+    let done = phase(c, "web", RolloutPhase::Complete).await;
+    assert_eq!(
+        done.status.history.last().unwrap().cause,
+        "rollback of revision 3 to 2 by admin"
+    );
+    let items = of_service(c, "web").await;
+    assert_eq!(images(&items), vec!["reg/web:v2"; 4]);
+    for n in &stable {
+        assert!(items.iter().any(|i| &i.name == n), "{n} was replaced");
+    }
+    let ev = reasons(c).await;
+    assert!(ev.iter().any(|e| e.1 == "RolloutPromoted"));
+    assert!(ev.iter().any(|e| e.1 == "RolledBack"));
+    lease.abort();
+}
+
+#[tokio::test]
+async fn concurrent_updates_conflict_and_the_history_is_bounded() {
+    let s = start().await;
+    let c = &s.client;
+    add_tenant(c, "acme").await;
+    c.create(Some("acme"), &service("web", 0)).await.unwrap();
+
+    // Two writers from the same read: one wins, the other gets 409 and changes nothing.
+    let read = c.get::<Service>(Some("acme"), "web").await.unwrap();
+    let (mut a, mut b) = (read.clone(), read.clone());
+    a.spec.template.image = "reg/a".into();
+    b.spec.template.image = "reg/b".into();
+    let (ra, rb) = tokio::join!(c.update(Some("acme"), &a), c.update(Some("acme"), &b));
+    let (won, lost) = match (ra, rb) {
+        (Ok(w), Err(e)) | (Err(e), Ok(w)) => (w, e),
+        other => panic!("want one success and one conflict: {other:?}"),
+    };
+    assert_eq!(lost.code(), Some(ErrorCode::Conflict), "{lost}");
+    let now = c.get::<Service>(Some("acme"), "web").await.unwrap();
+    assert_eq!(now.spec.template.image, won.spec.template.image);
+    assert_eq!(now.status.template_revision, 2);
+    let kept: Vec<u64> = now.status.history.iter().map(|h| h.revision).collect();
+    assert_eq!(kept, [1, 2]);
+
+    // At most ten revisions kept; undo to a dropped one is refused naming the field.
+    for i in 0..12 {
+        set_image(c, "web", &format!("reg/web:v{i}")).await;
+    }
+    let now = c.get::<Service>(Some("acme"), "web").await.unwrap();
+    assert_eq!(now.status.template_revision, 14);
+    let kept: Vec<u64> = now.status.history.iter().map(|h| h.revision).collect();
+    assert_eq!(kept, (5..=14).collect::<Vec<_>>());
+    let e = c
+        .rollout(
+            "acme",
+            "web",
+            &RolloutAction::Undo {
+                to_revision: Some(2),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Invalid), "{e}");
+    assert!(e.to_string().contains("to_revision"), "{e}");
+    let undone = c
+        .rollout(
+            "acme",
+            "web",
+            &RolloutAction::Undo {
+                to_revision: Some(7),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(undone.status.template_revision, 15);
+    assert_eq!(undone.spec.template.image, "reg/web:v4");
+
+    // A controller's status write cannot rewrite the history or the revision.
+    let mut forged = undone.clone();
+    forged.revision = 0;
+    forged.status.history.clear();
+    forged.status.template_revision = 99;
+    let written = c.update_status(Some("acme"), &forged).await.unwrap();
+    assert_eq!(written.status.template_revision, 15);
+    assert_eq!(written.status.history.len(), 10);
+
+    // Strategies are validated with the field named.
+    let mut bad = c.get::<Service>(Some("acme"), "web").await.unwrap();
+    bad.spec.strategy = Strategy::Rolling(RollingUpdate {
+        max_surge: Amount::Count(0),
+        max_unavailable: Amount::Percent("0%".into()),
+    });
+    let e = c.update(Some("acme"), &bad).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Invalid));
+    assert!(e.to_string().contains("spec.strategy.rolling"), "{e}");
+    bad.spec.strategy = Strategy::Canary(CanaryUpdate {
+        step: Amount::Percent("150%".into()),
+    });
+    let e = c.update(Some("acme"), &bad).await.unwrap_err();
+    assert!(e.to_string().contains("spec.strategy.canary.step"), "{e}");
 }

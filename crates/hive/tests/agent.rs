@@ -616,3 +616,269 @@ fn probes_decide_ready_restart_the_unhealthy_and_usage_is_reported() {
     assert_ne!(restarted["status"]["pid"], first["status"]["pid"]);
     ok(&s.cfg, &["rm", "slow", "flaky"]);
 }
+
+/// Polls a service from inside another container's network, the whole time, like a client
+/// with client-side load balancing: before every request it reads the service's ready
+/// instances from the API (there is no service address yet) and asks the next one.
+struct Poller {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Result<String, String>>>>,
+}
+
+impl Poller {
+    fn start(cfg: &Path, service: &str, from_pid: u64) -> Poller {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cfg, service, flag) = (cfg.to_owned(), service.to_owned(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut next = 0usize;
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                let ips: Vec<String> = instances(&cfg)
+                    .iter()
+                    .filter(|i| i["spec"]["service"] == service.as_str())
+                    .filter(|i| i["status"]["ready"] == true)
+                    .filter_map(|i| i["status"]["ip"].as_str().map(str::to_owned))
+                    .filter(|ip| !ip.is_empty())
+                    .collect();
+                if ips.is_empty() {
+                    seen.push(Err("no ready instance".to_owned()));
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+                next += 1;
+                let ip = &ips[next % ips.len()];
+                let out = std::process::Command::new("nsenter")
+                    .args(["-t", &from_pid.to_string(), "-n", "--"])
+                    .args(["curl", "-sS", "--max-time", "3"])
+                    .arg(format!("http://{ip}:8080/"))
+                    .output()
+                    .expect("nsenter curl");
+                let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                seen.push(if out.status.success() && body.starts_with("hello ") {
+                    Ok(body)
+                } else {
+                    Err(format!(
+                        "{ip}: {} {body}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ))
+                });
+            }
+            seen
+        });
+        Poller {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops polling; every answer, in order.
+    fn finish(mut self) -> Vec<Result<String, String>> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// The greeting part of an answer (`hello v2 from web-abcde` → `v2`).
+fn version(body: &str) -> &str {
+    body.split_whitespace().nth(1).unwrap_or_default()
+}
+
+fn assert_no_failures(what: &str, seen: &[Result<String, String>]) {
+    let failed: Vec<&String> = seen.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        seen.len() >= 20,
+        "{what}: only {} requests made",
+        seen.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{what}: {} of {} requests failed: {failed:#?}",
+        failed.len(),
+        seen.len()
+    );
+    eprintln!("{what}: {} requests, none failed", seen.len());
+}
+
+#[test]
+fn rolling_and_canary_updates_under_a_polling_client_fail_no_request() {
+    let s = setup();
+    let (cfg, image) = (&s.cfg, &s.image);
+    // httpd answers `hello $GREETING from <instance>`. On SIGTERM it keeps serving 2 s
+    // (clients that read the instance list just before it was deleted still get an
+    // answer), as a pre-stop drain would.
+    let script = "busybox mkdir -p /www && \
+                  echo \"hello $GREETING from $(busybox hostname)\" >/www/index.html && \
+                  { busybox httpd -f -p 8080 -h /www & p=$!; \
+                    trap \"sleep 2; busybox kill $p; exit 0\" TERM; wait $p; }";
+    ok(
+        cfg,
+        &[
+            "service",
+            "create",
+            "web",
+            "--image",
+            image,
+            "--replicas",
+            "3",
+            "-e",
+            "GREETING=v1",
+            // Ready once httpd answers: what the rollout waits for.
+            "--readiness",
+            "http:8080/",
+            "--probe-every",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    ok(
+        cfg,
+        &[
+            "service", "create", "probe", "--image", image, "--", "sleep", "100000",
+        ],
+    );
+    let probe = wait_instance(cfg, "probe", 60, |i| i["status"]["phase"] == "running");
+    let probe_pid = probe["status"]["pid"].as_u64().unwrap();
+    ok(cfg, &["rollout", "status", "web", "--timeout", "60"]);
+
+    // Rolling update (3 replicas, 25%/25%: one extra at a time, none unavailable).
+    let poll = Poller::start(cfg, "web", probe_pid);
+    std::thread::sleep(Duration::from_secs(2));
+    ok(cfg, &["service", "update", "web", "-e", "GREETING=v2"]);
+    let status = ok(cfg, &["rollout", "status", "web", "--timeout", "90"]);
+    assert!(status.contains("3 of 3 updated and ready"), "{status}");
+    std::thread::sleep(Duration::from_secs(2));
+    let seen = poll.finish();
+    assert_no_failures("rolling update", &seen);
+    let last: Vec<&str> = seen
+        .iter()
+        .rev()
+        .take(5)
+        .flatten()
+        .map(|b| version(b))
+        .collect();
+    assert_eq!(last, ["v2"; 5], "{seen:#?}");
+    assert!(seen.iter().flatten().any(|b| version(b) == "v1"));
+    let svc = json(cfg, &["service", "get", "web"]);
+    assert_eq!(svc["status"]["template_revision"], 2);
+    let reasons: Vec<String> = json(cfg, &["events"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap().to_owned())
+        .collect();
+    for r in ["RolloutStep", "RolloutComplete"] {
+        assert!(reasons.iter().any(|x| x == r), "{r} not in {reasons:?}");
+    }
+
+    // Canary of one, then rollback: the two instances that kept v2 stay.
+    let poll = Poller::start(cfg, "web", probe_pid);
+    ok(
+        cfg,
+        &[
+            "service",
+            "update",
+            "web",
+            "--canary",
+            "1",
+            "-e",
+            "GREETING=v3",
+        ],
+    );
+    let status = ok(cfg, &["rollout", "status", "web", "--timeout", "90"]);
+    assert!(status.contains("canary: 1 of 3"), "{status}");
+    std::thread::sleep(Duration::from_secs(3));
+    let versions: Vec<String> = instances(cfg)
+        .iter()
+        .filter(|i| i["spec"]["service"] == "web")
+        .map(|i| {
+            i["labels"]["hive.dev/revision"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let mut sorted = versions.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["2", "2", "3"], "{versions:?}");
+    ok(cfg, &["rollout", "rollback", "web"]);
+    ok(cfg, &["rollout", "status", "web", "--timeout", "90"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let seen = poll.finish();
+    assert_no_failures("canary and rollback", &seen);
+    assert!(
+        seen.iter().flatten().any(|b| version(b) == "v3"),
+        "the canary answered"
+    );
+    let last: Vec<&str> = seen
+        .iter()
+        .rev()
+        .take(5)
+        .flatten()
+        .map(|b| version(b))
+        .collect();
+    assert_eq!(last, ["v2"; 5], "{seen:#?}");
+
+    // Canary again, promoted: every instance on v4.
+    let poll = Poller::start(cfg, "web", probe_pid);
+    ok(cfg, &["service", "update", "web", "-e", "GREETING=v4"]);
+    ok(cfg, &["rollout", "status", "web", "--timeout", "90"]);
+    ok(cfg, &["rollout", "promote", "web"]);
+    let status = ok(cfg, &["rollout", "status", "web", "--timeout", "90"]);
+    assert!(status.contains("3 of 3 updated and ready"), "{status}");
+    std::thread::sleep(Duration::from_secs(2));
+    let seen = poll.finish();
+    assert_no_failures("canary and promote", &seen);
+    let last: Vec<&str> = seen
+        .iter()
+        .rev()
+        .take(5)
+        .flatten()
+        .map(|b| version(b))
+        .collect();
+    assert_eq!(last, ["v4"; 5], "{seen:#?}");
+
+    // An image that does not exist: the rollout stalls, the service keeps serving, undo
+    // restores.
+    let poll = Poller::start(cfg, "web", probe_pid);
+    let missing = image.replace("busybox:test", "nope:test");
+    ok(
+        cfg,
+        &[
+            "service",
+            "update",
+            "web",
+            "--rolling",
+            "1:0",
+            "--image",
+            &missing,
+        ],
+    );
+    common::fails(
+        cfg,
+        &["rollout", "status", "web", "--timeout", "60"],
+        "ImagePullFailed",
+    );
+    // Stalled, it stays put: three v4 instances serve, the one new instance waits.
+    std::thread::sleep(Duration::from_secs(3));
+    let web: Vec<Value> = instances(cfg)
+        .into_iter()
+        .filter(|i| i["spec"]["service"] == "web")
+        .collect();
+    let serving = web
+        .iter()
+        .filter(|i| i["status"]["ready"] == true && i["labels"]["hive.dev/revision"] == "5")
+        .count();
+    assert_eq!((web.len(), serving), (4, 3), "{web:#?}");
+    ok(cfg, &["rollout", "undo", "web"]);
+    ok(cfg, &["rollout", "status", "web", "--timeout", "60"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let seen = poll.finish();
+    assert_no_failures("stalled rollout and undo", &seen);
+    let history = ok(cfg, &["rollout", "history", "web"]);
+    assert!(history.contains("undo to revision 5"), "{history}");
+    assert!(history.contains("rollback of revision 3 to 2"), "{history}");
+    drop(s);
+}

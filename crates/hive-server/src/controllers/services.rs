@@ -6,6 +6,11 @@
 //! service's template, not yet placed); too many → delete the surplus, unready first, then
 //! the newest; a service that is gone → delete its instances. Deletion is driven by desired
 //! state, so a missed delete event changes nothing.
+//!
+//! When the template changed, instances made from another template are replaced as the
+//! service's strategy says (rolling, or a canary that holds until promoted); the decisions
+//! are [`super::rollout::plan`]'s, this module carries them out and records the rollout's
+//! phase in the status, with an Event at every step and phase change.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -13,7 +18,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use hive_api::{
-    ErrorCode, Instance, InstanceSpec, Resource, Service, ServiceStatus, Tenant, WatchEventType,
+    ErrorCode, EventType, Instance, InstancePhase, InstanceSpec, Resource, RolloutPhase, Service,
+    Tenant, WatchEventType,
 };
 use hive_client::{Client, ClientError};
 use tokio::sync::{Mutex, mpsc, watch};
@@ -21,8 +27,45 @@ use tokio::task::JoinHandle;
 
 use hive_client::reflector::{Store, reflect_synced};
 
+use super::rollout::{self, Member};
+
 /// The label every instance carries with its service's name.
 pub const SERVICE_LABEL: &str = "hive.dev/service";
+/// The label every instance carries with the template revision it was made from.
+pub const REVISION_LABEL: &str = "hive.dev/revision";
+
+/// How long a running instance may fail its readiness probe before a rollout waiting for
+/// it counts as stalled (a container starting up is not ready at once).
+const UNREADY_GRACE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+/// Why an instance does not start, when its node (or the scheduler) said: an unready
+/// instance with a reason, or one that failed for good. A readiness probe that has not
+/// passed yet is no failure until the instance has run for [`UNREADY_GRACE`].
+fn failing(i: &Instance) -> Option<String> {
+    if i.status.ready {
+        return None;
+    }
+    if i.status.reason == "Unready"
+        && i.status
+            .started_at
+            .is_none_or(|t| chrono::Utc::now() - t < UNREADY_GRACE)
+    {
+        return None;
+    }
+    if i.status.phase == InstancePhase::Failed || !i.status.reason.is_empty() {
+        let reason = if i.status.reason.is_empty() {
+            "Failed"
+        } else {
+            &i.status.reason
+        };
+        return Some(if i.status.message.is_empty() {
+            reason.to_owned()
+        } else {
+            format!("{reason}: {}", i.status.message)
+        });
+    }
+    None
+}
 
 /// Runs the service controller for every tenant, as long as the returned future is polled.
 #[derive(Clone, Debug)]
@@ -192,7 +235,7 @@ impl Reconciler {
     async fn reconcile(&self, name: &str) -> Result<(), ClientError> {
         let tenant = Some(self.tenant.as_str());
         let svc = self.services.lock().await.get(name).cloned();
-        let mut mine: Vec<Instance> = self
+        let mine: Vec<Instance> = self
             .instances
             .lock()
             .await
@@ -206,45 +249,70 @@ impl Reconciler {
             }
             return Ok(());
         };
-        let want = svc.spec.replicas as usize;
-        if mine.len() < want {
-            for _ in mine.len()..want {
-                let mut inst = Instance {
-                    name: instance_name(name),
-                    spec: InstanceSpec {
-                        service: name.to_owned(),
-                        node: None,
-                        template: svc.spec.template.clone(),
-                        network: None,
-                    },
-                    ..Default::default()
-                };
-                inst.labels
-                    .insert(SERVICE_LABEL.to_owned(), name.to_owned());
-                let created = self.client.create(tenant, &inst).await?;
-                self.instances
-                    .lock()
-                    .await
-                    .insert(created.name.clone(), created.clone());
-                mine.push(created);
-            }
-        } else if mine.len() > want {
-            // Victims: unready first, then the newest.
-            mine.sort_by(|a, b| {
-                a.status
-                    .ready
-                    .cmp(&b.status.ready)
-                    .then(b.created_at.cmp(&a.created_at))
-            });
-            let surplus = mine.len() - want;
-            for victim in mine.drain(..surplus) {
-                self.delete(&victim.name).await?;
-            }
+        // An instance is current when made from the template the service has now (whatever
+        // its revision label says: an undo to an older template makes its instances
+        // current again).
+        let members: Vec<Member> = mine
+            .iter()
+            .map(|i| Member {
+                name: i.name.clone(),
+                current: i.spec.template == svc.spec.template,
+                ready: i.status.ready,
+                failing: failing(i),
+                created_at: i.created_at,
+            })
+            .collect();
+        let plan = rollout::plan(
+            svc.spec.replicas,
+            &svc.spec.strategy,
+            svc.status.rollout.promoted,
+            &members,
+        );
+        let revision = svc.status.template_revision;
+        let mut created = Vec::new();
+        for _ in 0..plan.create {
+            let mut inst = Instance {
+                name: instance_name(name),
+                spec: InstanceSpec {
+                    service: name.to_owned(),
+                    node: None,
+                    template: svc.spec.template.clone(),
+                    network: None,
+                },
+                ..Default::default()
+            };
+            inst.labels
+                .insert(SERVICE_LABEL.to_owned(), name.to_owned());
+            inst.labels
+                .insert(REVISION_LABEL.to_owned(), revision.to_string());
+            let made = self.client.create(tenant, &inst).await?;
+            self.instances
+                .lock()
+                .await
+                .insert(made.name.clone(), made.clone());
+            created.push(made.name);
         }
-        let status = ServiceStatus {
-            replicas: mine.len() as u32,
-            ready_replicas: mine.iter().filter(|i| i.status.ready).count() as u32,
-        };
+        for victim in &plan.delete {
+            self.delete(victim).await?;
+        }
+        if plan.rolling && (!created.is_empty() || !plan.delete.is_empty()) {
+            let mut what = Vec::new();
+            if !created.is_empty() {
+                what.push(format!("created {}", created.join(", ")));
+            }
+            if !plan.delete.is_empty() {
+                what.push(format!("deleted {}", plan.delete.join(", ")));
+            }
+            let message = format!("revision {revision}: {}; {}", what.join("; "), plan.message);
+            self.note(EventType::Normal, "RolloutStep", name, message)
+                .await;
+        }
+        let mut status = svc.status.clone();
+        status.replicas = plan.replicas;
+        status.ready_replicas = plan.ready;
+        status.updated_replicas = plan.updated;
+        status.rollout.phase = plan.phase;
+        status.rollout.message = plan.message.clone();
         if svc.status != status {
             let mut update = svc.clone();
             update.status = status;
@@ -256,8 +324,38 @@ impl Reconciler {
             {
                 cache.insert(name.to_owned(), written);
             }
+            drop(cache);
+            // Only after the status is written, so a retried reconcile does not say it twice.
+            if svc.status.rollout.phase != plan.phase {
+                let (type_, reason) = match plan.phase {
+                    RolloutPhase::Complete => (EventType::Normal, "RolloutComplete"),
+                    RolloutPhase::Paused => (EventType::Normal, "RolloutPaused"),
+                    RolloutPhase::Stalled => (EventType::Warning, "RolloutStalled"),
+                    RolloutPhase::Progressing => (EventType::Normal, ""),
+                };
+                if !reason.is_empty() {
+                    let message = format!("revision {revision}: {}", plan.message);
+                    self.note(type_, reason, name, message).await;
+                }
+            }
         }
         Ok(())
+    }
+
+    async fn note(&self, type_: EventType, reason: &str, service: &str, message: String) {
+        super::record(
+            &self.client,
+            &self.tenant,
+            super::Note {
+                type_,
+                source: "service-controller",
+                reason,
+                kind: "service",
+                name: service,
+                message,
+            },
+        )
+        .await;
     }
 
     async fn delete(&self, instance: &str) -> Result<(), ClientError> {
@@ -287,5 +385,26 @@ mod tests {
             hive_api::validate::name("name", &n).unwrap();
             assert_ne!(n, instance_name(svc));
         }
+    }
+
+    #[test]
+    fn a_probe_not_passing_yet_is_no_failure_until_the_grace_is_over() {
+        let mut i = Instance::default();
+        i.status.phase = InstancePhase::Running;
+        i.status.reason = "Unready".into();
+        i.status.message = "readiness probe failed: connection refused".into();
+        i.status.started_at = Some(chrono::Utc::now());
+        assert_eq!(failing(&i), None);
+        i.status.started_at =
+            Some(chrono::Utc::now() - UNREADY_GRACE - chrono::TimeDelta::seconds(1));
+        assert_eq!(
+            failing(&i).as_deref(),
+            Some("Unready: readiness probe failed: connection refused")
+        );
+        i.status.reason = "ImagePullFailed".into();
+        i.status.started_at = Some(chrono::Utc::now());
+        assert!(failing(&i).is_some(), "other reasons count at once");
+        i.status.ready = true;
+        assert_eq!(failing(&i), None);
     }
 }

@@ -5,6 +5,7 @@ mod image;
 mod output;
 mod quantity;
 mod resources;
+mod rollout;
 mod store;
 mod up;
 pub mod workload;
@@ -78,6 +79,9 @@ pub enum Command {
     Instance(resources::InstanceCmd),
     /// Set a service's replicas (same as `hive service scale`).
     Scale(resources::ScaleArgs),
+    /// Follow, promote, roll back or undo a service's rollout, and list its revisions.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCmd),
     /// Run an image as a service of one replica and wait until its container runs.
     Run(Box<workload::RunArgs>),
     /// Remove services and their containers.
@@ -246,6 +250,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Token(cmd) => resources::token(&Ctx::new(g).await?, cmd).await,
         Command::Service(cmd) => resources::service(&Ctx::new(g).await?, cmd).await,
         Command::Scale(args) => resources::scale(&Ctx::new(g).await?, args).await,
+        Command::Rollout(cmd) => rollout::run(&Ctx::new(g).await?, cmd).await,
         Command::Run(args) => workload::run(&Ctx::new(g).await?, *args).await,
         Command::Rm(args) => workload::rm(&Ctx::new(g).await?, args).await,
         Command::Logs(args) => workload::logs(&Ctx::new(g).await?, args).await,

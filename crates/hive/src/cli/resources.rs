@@ -79,6 +79,9 @@ pub enum ServiceCmd {
     Rm { name: String },
     /// Set a service's replicas.
     Scale(ScaleArgs),
+    /// Change a service's image, environment or update strategy (a template change rolls
+    /// out as the strategy says; follow it with `hive rollout status`).
+    Update(super::rollout::UpdateArgs),
 }
 
 #[derive(Debug, Args)]
@@ -248,7 +251,11 @@ impl TemplateArgs {
         Ok(Service {
             name,
             labels,
-            spec: ServiceSpec { replicas, template },
+            spec: ServiceSpec {
+                replicas,
+                template,
+                ..Default::default()
+            },
             ..Default::default()
         })
     }
@@ -560,6 +567,10 @@ pub async fn service(ctx: &Ctx, cmd: ServiceCmd) -> Result<()> {
             Ok(())
         }
         ServiceCmd::Scale(args) => scale(ctx, args).await,
+        ServiceCmd::Update(args) => {
+            let s = super::rollout::update(ctx, args).await?;
+            print_service(ctx, &s)
+        }
     }
 }
 
