@@ -16,9 +16,11 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hive_api::{Bandwidth, Instance, InstanceNetwork, Node};
+use hive_api::secgroup::Source;
+use hive_api::{Bandwidth, Instance, InstanceNetwork, Node, RuleProtocol, SecurityGroup};
 use hive_net::{
-    Attachment, Ipv4Subnet, NetworkDef, NodeNet, NodeNetConfig, PublishedPort, Qos, RemoteEndpoint,
+    Attachment, Firewall, FwProtocol, FwRule, Ipv4Subnet, NetworkDef, NodeNet, NodeNetConfig,
+    PublishedPort, Qos, RemoteEndpoint,
 };
 
 /// How this node's tenant networks are set up.
@@ -160,6 +162,76 @@ fn port_of(
     Ok((def, att))
 }
 
+/// What may reach `inst` under its security groups, with group sources resolved to the
+/// addresses of their instances on the same network (`all`: every networked instance the
+/// agent knows; `groups`: every tenant's groups). `None`: it is in no group, so its network
+/// reaches it. A group that does not exist (yet) allows nothing: closed, not open.
+pub fn firewall_of(
+    inst: &Instance,
+    all: &[Instance],
+    groups: &HashMap<String, Vec<SecurityGroup>>,
+) -> Option<Firewall> {
+    let t = &inst.spec.template;
+    if t.security_groups.is_empty() {
+        return None;
+    }
+    let vni = inst.spec.network.as_ref().map(|n| n.vni);
+    let members = |group: &str| -> Vec<Ipv4Subnet> {
+        all.iter()
+            .filter(|i| i.tenant == inst.tenant)
+            .filter(|i| i.spec.template.security_groups.iter().any(|g| g == group))
+            .filter_map(|i| i.spec.network.as_ref())
+            .filter(|n| Some(n.vni) == vni)
+            .filter_map(|n| n.ip.parse().ok())
+            .filter_map(|ip| Ipv4Subnet::new(ip, 32).ok())
+            .collect()
+    };
+    let tenant_groups = groups
+        .get(&inst.tenant)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let mut rules = Vec::new();
+    for name in &t.security_groups {
+        let Some(g) = tenant_groups.iter().find(|g| &g.name == name) else {
+            continue;
+        };
+        for r in &g.spec.rules {
+            let mut sources = match r.source() {
+                Some(Source::Cidr(c)) => Ipv4Subnet::new(c.addr(), c.prefix_len())
+                    .into_iter()
+                    .collect(),
+                Some(Source::Group(other)) => members(other),
+                None => Vec::new(),
+            };
+            sources.sort_by_key(|s| (s.addr, s.prefix_len));
+            sources.dedup();
+            rules.push(FwRule {
+                protocol: match r.protocol {
+                    RuleProtocol::Tcp => FwProtocol::Tcp,
+                    RuleProtocol::Udp => FwProtocol::Udp,
+                    RuleProtocol::Icmp => FwProtocol::Icmp,
+                    RuleProtocol::Any => FwProtocol::Any,
+                },
+                ports: r.ports(),
+                sources,
+            });
+        }
+    }
+    let published = t
+        .ports
+        .iter()
+        .filter(|p| p.published_port.is_some())
+        .map(|p| {
+            let proto = match p.protocol {
+                hive_api::Protocol::Tcp => hive_net::Protocol::Tcp,
+                hive_api::Protocol::Udp => hive_net::Protocol::Udp,
+            };
+            (proto, p.container_port)
+        })
+        .collect();
+    Some(Firewall { published, rules })
+}
+
 /// Gives instance `id` its port (idempotent): the network namespace its container joins.
 pub async fn attach(
     net: &NodeNet,
@@ -185,22 +257,36 @@ pub struct NetState {
     remote: HashMap<u32, Vec<RemoteEndpoint>>,
     /// The published ports last applied, per network.
     published: HashMap<u32, Vec<PublishedPort>>,
+    /// The security group rules last applied, per port (none: open to its network).
+    firewalls: HashMap<String, Option<Firewall>>,
     reconciled: bool,
 }
 
+/// What one pass of the agent knows: from the API and from the node.
+#[derive(Clone, Copy, Debug)]
+pub struct Seen<'a> {
+    /// The instances placed on this node, by uid.
+    pub here: &'a BTreeMap<String, &'a Instance>,
+    /// Every instance on a network the agent knows.
+    pub all: &'a [Instance],
+    pub nodes: &'a BTreeMap<String, Node>,
+    /// The containers that exist here.
+    pub containers: &'a HashSet<String>,
+    /// Every tenant's security groups.
+    pub groups: &'a HashMap<String, Vec<SecurityGroup>>,
+}
+
 impl NetState {
-    /// Brings ports, networks, published ports and remote endpoints in line with the API.
-    /// `here` are the instances placed on this node (by uid), `all` every instance on a
-    /// network the agent knows, `containers` the containers that exist here.
-    pub async fn sync(
-        &mut self,
-        net: &NodeNet,
-        me: &str,
-        here: &BTreeMap<String, &Instance>,
-        all: &[Instance],
-        nodes: &BTreeMap<String, Node>,
-        containers: &HashSet<String>,
-    ) {
+    /// Brings ports, networks, published ports, remote endpoints and security group rules in
+    /// line with the API.
+    pub async fn sync(&mut self, net: &NodeNet, me: &str, seen: Seen<'_>) {
+        let Seen {
+            here,
+            all,
+            nodes,
+            containers,
+            groups,
+        } = seen;
         let wanted: BTreeMap<&str, &InstanceNetwork> = here
             .iter()
             .filter_map(|(id, i)| i.spec.network.as_ref().map(|n| (id.as_str(), n)))
@@ -288,6 +374,7 @@ impl NetState {
             list.push(RemoteEndpoint { mac, ip, node_ip });
         }
         self.publish(net, &wanted, &published).await;
+        self.guard(net, here, all, groups, containers).await;
         for (vni, mut list) in remote {
             list.sort_by_key(|e| (e.ip, e.mac, e.node_ip));
             if self.remote.get(&vni) == Some(&list) {
@@ -305,6 +392,37 @@ impl NetState {
 }
 
 impl NetState {
+    /// Keeps each local port's security group rules in line with its groups and their
+    /// members (a change of a group, or an instance joining or leaving one, updates every
+    /// port it concerns; a port's rules change in one transaction).
+    async fn guard(
+        &mut self,
+        net: &NodeNet,
+        here: &BTreeMap<String, &Instance>,
+        all: &[Instance],
+        groups: &HashMap<String, Vec<SecurityGroup>>,
+        containers: &HashSet<String>,
+    ) {
+        self.firewalls.retain(|k, _| self.known.contains_key(k));
+        for (id, inst) in here {
+            // Its namespace exists once its container does (attach comes first).
+            if inst.spec.network.is_none() || !containers.contains(id) {
+                continue;
+            }
+            let fw = firewall_of(inst, all, groups);
+            let applied = self.firewalls.get(id);
+            if applied == Some(&fw) || (applied.is_none() && fw.is_none()) {
+                continue;
+            }
+            match net.set_firewall(id, fw.as_ref()).await {
+                Ok(()) => {
+                    self.firewalls.insert(id.clone(), fw);
+                }
+                Err(e) => tracing::warn!(instance = %inst.name, error = %e, "security group rules"),
+            }
+        }
+    }
+
     /// Makes each local network's published ports those of its instances here. A node
     /// port asked for twice goes to the instance first by uid; the other is logged.
     async fn publish(

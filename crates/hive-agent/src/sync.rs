@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hive_api::{Instance, InstancePhase, Node, PullPolicy, ResourceUsage, RestartPolicy};
+use hive_api::{
+    Instance, InstancePhase, Node, PullPolicy, ResourceUsage, RestartPolicy, SecurityGroup,
+};
 use hive_client::Client;
 use hive_client::reflector::{Store, reflect_synced, tenant_names};
 use tokio::sync::{Mutex, mpsc, watch};
@@ -57,6 +59,9 @@ type Channel<T> = (mpsc::UnboundedSender<T>, mpsc::UnboundedReceiver<T>);
 
 /// The desired instances, by uid: (tenant, instance).
 type Wanted = BTreeMap<String, (String, Instance)>;
+
+/// Every tenant's security groups.
+pub type Groups = HashMap<String, Vec<SecurityGroup>>;
 
 pub struct Agent {
     client: Client,
@@ -196,16 +201,21 @@ impl Agent {
             }
             // Until every tenant's instances are known, what is missing from the caches is
             // not "unwanted": nothing is compared (or removed) before.
-            if let Some((wanted, all)) = self.wanted(&caches).await {
-                self.sync(&wanted).await;
+            if let Some((wanted, all, groups)) = self.wanted(&caches).await {
+                self.sync(&wanted, &all, &groups).await;
                 if let Some(net) = self.net.clone() {
                     let here = wanted.iter().map(|(id, (_, i))| (id.clone(), i)).collect();
                     let nodes = nodes.lock().await.clone();
                     let containers = self.containers.list().into_iter().collect();
                     let me = self.cfg.node.clone();
-                    self.net_state
-                        .sync(&net, &me, &here, &all, &nodes, &containers)
-                        .await;
+                    let seen = crate::network::Seen {
+                        here: &here,
+                        all: &all,
+                        nodes: &nodes,
+                        containers: &containers,
+                        groups: &groups,
+                    };
+                    self.net_state.sync(&net, &me, seen).await;
                 }
             }
         }
@@ -216,13 +226,16 @@ impl Agent {
 
     /// The instances placed here, and every instance on a network (for the other nodes'
     /// endpoints), or None while the caches are still being filled.
-    async fn wanted(&self, caches: &Arc<Mutex<Caches>>) -> Option<(Wanted, Vec<Instance>)> {
+    async fn wanted(&self, caches: &Arc<Mutex<Caches>>) -> Option<(Wanted, Vec<Instance>, Groups)> {
         let mut out = Wanted::new();
         let mut networked = Vec::new();
-        let stores: Vec<(String, Store<Instance>)> = {
+        let mut groups = Groups::new();
+        let stores: Vec<(String, Store<Instance>, Store<SecurityGroup>)> = {
             let c = caches.lock().await;
             if !c.discovered
-                || c.tenants.values().any(|(_, synced)| !*synced.borrow())
+                || c.tenants
+                    .values()
+                    .any(|t| !*t.synced.borrow() || !*t.groups_synced.borrow())
                 || c.nodes
                     .as_ref()
                     .is_some_and(|(_, synced)| !*synced.borrow())
@@ -231,10 +244,14 @@ impl Agent {
             }
             c.tenants
                 .iter()
-                .map(|(t, (s, _))| (t.clone(), s.clone()))
+                .map(|(t, c)| (t.clone(), c.instances.clone(), c.groups.clone()))
                 .collect()
         };
-        for (tenant, store) in stores {
+        for (tenant, store, group_store) in stores {
+            let g: Vec<SecurityGroup> = group_store.lock().await.values().cloned().collect();
+            if !g.is_empty() {
+                groups.insert(tenant.clone(), g);
+            }
             for i in store.lock().await.values() {
                 if i.spec.node.as_deref() == Some(self.cfg.node.as_str()) && !i.uid.is_empty() {
                     out.insert(i.uid.clone(), (tenant.clone(), i.clone()));
@@ -244,10 +261,10 @@ impl Agent {
                 }
             }
         }
-        Some((out, networked))
+        Some((out, networked, groups))
     }
 
-    async fn sync(&mut self, wanted: &Wanted) {
+    async fn sync(&mut self, wanted: &Wanted, all: &[Instance], groups: &Groups) {
         for id in self.containers.list() {
             // One being started is looked at once its start is over.
             if wanted.contains_key(&id)
@@ -277,7 +294,10 @@ impl Agent {
                 continue;
             }
             match self.containers.state(id) {
-                ContainerState::Unknown => self.start(id, tenant, inst),
+                ContainerState::Unknown => {
+                    let fw = crate::network::firewall_of(inst, all, groups);
+                    self.start(id, tenant, inst, fw);
+                }
                 ContainerState::Running(s) => {
                     let ip = inst
                         .spec
@@ -345,7 +365,8 @@ impl Agent {
                             st.restarts = restarts;
                             let mut restarted = inst.clone();
                             restarted.status = st;
-                            self.start(id, tenant, &restarted);
+                            let fw = crate::network::firewall_of(inst, all, groups);
+                            self.start(id, tenant, &restarted, fw);
                         } else if inst.status.ready {
                             // Waiting out its backoff, it serves nothing: not ready.
                             let mut st = inst.status.clone();
@@ -394,7 +415,7 @@ impl Agent {
     /// Starts `inst` in a task of its own (pull, rootfs, spec, supervisor), unless its
     /// backoff is not over or [`PARALLEL_STARTS`] are already under way; the task reports the
     /// outcome in the instance's status.
-    fn start(&mut self, id: &str, tenant: &str, inst: &Instance) {
+    fn start(&mut self, id: &str, tenant: &str, inst: &Instance, fw: Option<hive_net::Firewall>) {
         if self.starting.contains(id)
             || self.starting.len() >= PARALLEL_STARTS
             || self
@@ -414,7 +435,16 @@ impl Agent {
         let (id, tenant, inst) = (id.to_owned(), tenant.to_owned(), inst.clone());
         let net = self.net.clone();
         tokio::task::spawn_local(async move {
-            let result = launch(&images, &containers, net.as_deref(), &id, &tenant, &inst).await;
+            let result = launch(
+                &images,
+                &containers,
+                net.as_deref(),
+                &id,
+                &tenant,
+                &inst,
+                fw.as_ref(),
+            )
+            .await;
             let ok = result.is_ok();
             let mut st = inst.status.clone();
             st.container_id = id.clone();
@@ -582,6 +612,7 @@ async fn launch(
     id: &str,
     tenant: &str,
     inst: &Instance,
+    fw: Option<&hive_net::Firewall>,
 ) -> Result<crate::runtime::shim::Started, (&'static str, String)> {
     let t = &inst.spec.template;
     let t0 = Instant::now();
@@ -616,11 +647,18 @@ async fn launch(
     // Its port first, so that the container starts with its address in place.
     let netns = match (&inst.spec.network, net) {
         (None, _) => None,
-        (Some(n), Some(net)) => Some(
-            crate::network::attach(net, id, n, t.bandwidth.as_ref())
+        (Some(n), Some(net)) => {
+            let ns = crate::network::attach(net, id, n, t.bandwidth.as_ref())
                 .await
-                .map_err(|e| ("NetworkSetupFailed", e))?,
-        ),
+                .map_err(|e| ("NetworkSetupFailed", e))?;
+            // Its security groups' rules are in before its process runs.
+            if fw.is_some() {
+                net.set_firewall(id, fw)
+                    .await
+                    .map_err(|e| ("NetworkSetupFailed", e.to_string()))?;
+            }
+            Some(ns)
+        }
         (Some(_), None) => {
             return Err((
                 "NetworkUnavailable",
@@ -682,10 +720,19 @@ struct Caches {
     discovered: bool,
     /// Every node (for the underlay addresses of other nodes' instances).
     nodes: Option<(Store<Node>, watch::Receiver<bool>)>,
-    tenants: HashMap<String, (Store<Instance>, watch::Receiver<bool>)>,
+    tenants: HashMap<String, TenantCache>,
 }
 
-/// Keeps one instance cache per tenant; every change pokes `tx`.
+/// One tenant's instances and security groups, and whether each holds a complete list.
+struct TenantCache {
+    instances: Store<Instance>,
+    synced: watch::Receiver<bool>,
+    groups: Store<SecurityGroup>,
+    groups_synced: watch::Receiver<bool>,
+}
+
+/// Keeps one instance cache and one security group cache per tenant; every change pokes
+/// `tx`.
 async fn watch_tenants(client: Client, caches: Arc<Mutex<Caches>>, tx: mpsc::UnboundedSender<()>) {
     let (ttx, mut trx) = mpsc::unbounded_channel();
     let names = tokio::spawn(tenant_names(client.clone(), ttx));
@@ -705,22 +752,46 @@ async fn watch_tenants(client: Client, caches: Arc<Mutex<Caches>>, tx: mpsc::Unb
             if workers.contains_key(t) {
                 continue;
             }
-            let store: Store<Instance> = Arc::default();
+            let instances: Store<Instance> = Arc::default();
+            let groups: Store<SecurityGroup> = Arc::default();
             let (synced, ready) = watch::channel(false);
-            c.tenants.insert(t.clone(), (store.clone(), ready));
+            let (groups_synced, groups_ready) = watch::channel(false);
+            c.tenants.insert(
+                t.clone(),
+                TenantCache {
+                    instances: instances.clone(),
+                    synced: ready,
+                    groups: groups.clone(),
+                    groups_synced: groups_ready,
+                },
+            );
             let (itx, mut irx) = mpsc::unbounded_channel();
             let poke = tx.clone();
             let (client, tenant) = (client.clone(), t.clone());
             workers.insert(
                 t.clone(),
                 tokio::spawn(async move {
-                    let r = tokio::spawn(reflect_synced(client, Some(tenant), store, itx, synced));
+                    let r = tokio::spawn(reflect_synced(
+                        client.clone(),
+                        Some(tenant.clone()),
+                        instances,
+                        itx.clone(),
+                        synced,
+                    ));
+                    let g = tokio::spawn(reflect_synced(
+                        client,
+                        Some(tenant),
+                        groups,
+                        itx,
+                        groups_synced,
+                    ));
                     while irx.recv().await.is_some() {
                         if poke.send(()).is_err() {
                             break;
                         }
                     }
                     r.abort();
+                    g.abort();
                 }),
             );
         }

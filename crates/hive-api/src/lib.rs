@@ -15,6 +15,7 @@ pub mod node;
 pub mod probe;
 pub mod proxy;
 pub mod rollout;
+pub mod secgroup;
 pub mod service;
 pub mod tenant;
 pub mod token;
@@ -34,6 +35,7 @@ pub use rollout::{
     Amount, CanaryUpdate, RollingUpdate, RolloutAction, RolloutPhase, RolloutStatus, Strategy,
     TemplateRevision,
 };
+pub use secgroup::{RuleProtocol, SecurityGroup, SecurityGroupSpec, SecurityRule};
 pub use service::{
     Bandwidth, ContainerSpec, EnvVar, PortSpec, Protocol, PullPolicy, ResourceAmounts, Resources,
     RestartPolicy, Service, ServiceSpec, ServiceStatus,

@@ -109,6 +109,10 @@ pub struct ContainerSpec {
     /// A container that fails it is killed, then restarted by its restart policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub liveness: Option<crate::Probe>,
+    /// Security groups of the tenant (at most 8): only what their rules allow reaches the
+    /// instance (and its published ports, and replies). None: its network reaches it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_groups: Vec<String>,
 }
 
 /// Most bits/s a bandwidth figure may be (1 Tbit/s).
@@ -335,6 +339,15 @@ impl ContainerSpec {
         }
         if let Some(p) = &self.liveness {
             p.validate(&format!("{field}.liveness"))?;
+        }
+        let f = format!("{field}.security_groups");
+        validate::count(
+            &f,
+            &self.security_groups,
+            crate::secgroup::MAX_GROUPS_PER_INSTANCE,
+        )?;
+        for (i, g) in self.security_groups.iter().enumerate() {
+            validate::name(&format!("{f}[{i}]"), g)?;
         }
         if let Some(n) = &self.network {
             validate::name(&format!("{field}.network"), n)?;

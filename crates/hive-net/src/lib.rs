@@ -12,6 +12,7 @@
 //! is best effort and reports every failure ([`NetError::Multiple`]).
 
 mod error;
+mod firewall;
 mod link;
 mod names;
 mod netns;
@@ -32,6 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rtnetlink::Handle;
 
 pub use error::NetError;
+pub use firewall::{Firewall, FwProtocol, FwRule};
 pub use names::{MAX_PREFIX_LEN, MAX_VNI};
 pub use publish::{Protocol, PublishedPort};
 pub use qos::Qos;
@@ -721,6 +723,17 @@ impl NodeNet {
             Err(e) => errors.push(e),
         }
         NetError::collect(errors)
+    }
+
+    /// Makes what may reach instance `key` exactly `fw` (none: anything of its network, the
+    /// default), in one transaction inside its namespace. The namespace must exist
+    /// (`attach` made it); the rules go with it.
+    pub async fn set_firewall(&self, key: &str, fw: Option<&Firewall>) -> Result<(), NetError> {
+        names::validate_key(key)?;
+        let path = self.cfg.netns_dir.join(self.names.netns(key));
+        let ns = netns::open(&path)?;
+        let table = format!("{}fw", self.cfg.prefix);
+        firewall::apply(&ns, &table, fw).await
     }
 
     /// The drop counters of a port's anti-spoofing chain; `None` if it has none.

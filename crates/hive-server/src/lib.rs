@@ -19,6 +19,7 @@ mod openapi;
 pub mod ratelimit;
 pub mod resources;
 pub mod router;
+pub mod secgroups;
 pub mod services;
 pub mod state;
 pub mod tenants;

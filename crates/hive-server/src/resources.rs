@@ -118,6 +118,23 @@ impl Served for Service {
     const STATUS_WRITE: Role = Role::PlatformAdmin;
     const RECORD_EVENTS: bool = true;
 
+    fn on_create(
+        st: &AppState,
+        tenant: Option<&str>,
+        obj: &mut Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        crate::secgroups::service_written(st, tenant, obj)
+    }
+
+    fn on_update(
+        st: &AppState,
+        tenant: Option<&str>,
+        _stored: &Self,
+        obj: &mut Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        crate::secgroups::service_written(st, tenant, obj)
+    }
+
     fn stamp(by: &str, stored: Option<&Self>, obj: &mut Self) {
         crate::services::stamp(by, stored, obj);
     }
@@ -180,6 +197,38 @@ impl Served for Network {
     ) -> impl Future<Output = ApiResult<Hooked>> + Send {
         let r = networks::network_updated(stored, obj);
         async { r }
+    }
+}
+
+impl Served for hive_api::SecurityGroup {
+    const READ: Role = Role::Viewer;
+    const WRITE: Role = Role::TenantAdmin;
+    const STATUS_WRITE: Role = Role::PlatformAdmin;
+    const RECORD_EVENTS: bool = true;
+
+    fn on_create(
+        st: &AppState,
+        tenant: Option<&str>,
+        obj: &mut Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        crate::secgroups::group_written(st, tenant, obj)
+    }
+
+    fn on_update(
+        st: &AppState,
+        tenant: Option<&str>,
+        _stored: &Self,
+        obj: &mut Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        crate::secgroups::group_written(st, tenant, obj)
+    }
+
+    fn on_delete(
+        st: &AppState,
+        tenant: Option<&str>,
+        stored: &Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        crate::secgroups::group_deleted(st, tenant, stored)
     }
 }
 

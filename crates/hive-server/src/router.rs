@@ -472,6 +472,7 @@ fn table() -> Table {
         delete: Some(axum::routing::delete(crate::networks::delete)),
         ..Custom::default()
     });
+    t.resource::<hive_api::SecurityGroup>(Custom::default());
     t.resource::<Node>(with_status());
     t.tokens(&format!("{API_PREFIX}/tenants/{{tenant}}/tokens"), "Tenant");
     t.tokens(&format!("{API_PREFIX}/tokens"), "Platform");

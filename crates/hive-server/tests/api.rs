@@ -1673,3 +1673,113 @@ async fn rollout_actions_check_roles_tenants_bodies_and_state() {
         "{events}"
     );
 }
+
+#[tokio::test]
+async fn security_groups_name_only_existing_groups_of_their_tenant_and_stay_while_used() {
+    let h = harness().await;
+    h.tenant("acme").await;
+    h.tenant("other").await;
+    let admin = h.token("acme", "tenant-admin").await;
+    let member = h.token("acme", "member").await;
+    let stranger = h.token("other", "tenant-admin").await;
+    let groups = "/api/v1/tenants/acme/securitygroups";
+    let rule = |g: &str| json!({"protocol": "tcp", "from_port": 80, "group": g});
+
+    // Members may not write groups; bad rules are refused naming the field.
+    let r = h
+        .call(Method::POST, groups, &member, Some(json!({"name": "db"})))
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = h
+        .call(
+            Method::POST,
+            groups,
+            &admin,
+            Some(json!({"name": "db", "spec": {"rules": [{"protocol": "tcp", "from_port": 90, "to_port": 80, "cidr": "10.0.0.0/8"}]}})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert!(r.message().contains("spec.rules[0].to_port"), "{}", r.body);
+    // A rule may name the group itself, not a missing one.
+    let r = h
+        .call(
+            Method::POST,
+            groups,
+            &admin,
+            Some(json!({"name": "db", "spec": {"rules": [rule("app")]}})),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::NOT_FOUND, "not_found"),
+        "{}",
+        r.body
+    );
+    assert!(r.message().contains("\"app\""), "{}", r.body);
+    h.ok(
+        Method::POST,
+        groups,
+        &admin,
+        Some(json!({"name": "db", "spec": {"rules": [rule("db")]}})),
+    )
+    .await;
+    h.ok(Method::POST, groups, &admin, Some(json!({"name": "app"})))
+        .await;
+    h.ok(
+        Method::PUT,
+        &format!("{groups}/db"),
+        &admin,
+        Some(json!({"name": "db", "spec": {"rules": [rule("db"), rule("app")]}})),
+    )
+    .await;
+
+    // Another tenant: acme's groups are not found, neither to read nor to name.
+    let r = h
+        .call(Method::GET, &format!("{groups}/db"), &stranger, None)
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = h
+        .call(
+            Method::POST,
+            "/api/v1/tenants/other/securitygroups",
+            &stranger,
+            Some(json!({"name": "x", "spec": {"rules": [rule("db")]}})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+
+    // A service joins existing groups only.
+    let mut svc = service("api");
+    svc["spec"]["template"]["security_groups"] = json!(["app", "nope"]);
+    let r = h
+        .call(Method::POST, &svc_path("acme"), &member, Some(svc.clone()))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    svc["spec"]["template"]["security_groups"] = json!(["app"]);
+    h.ok(Method::POST, &svc_path("acme"), &member, Some(svc))
+        .await;
+
+    // In use: by the service (app) and by db's rule (app); db itself is free.
+    for (name, by) in [("app", "service \"api\"")] {
+        let r = h
+            .call(Method::DELETE, &format!("{groups}/{name}"), &admin, None)
+            .await;
+        assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+        assert!(r.message().contains(by), "{}", r.body);
+    }
+    h.ok(
+        Method::DELETE,
+        &format!("{}/api", svc_path("acme")),
+        &member,
+        None,
+    )
+    .await;
+    let r = h
+        .call(Method::DELETE, &format!("{groups}/app"), &admin, None)
+        .await;
+    assert!(r.message().contains("security group \"db\""), "{}", r.body);
+    h.ok(Method::DELETE, &format!("{groups}/db"), &admin, None)
+        .await;
+    h.ok(Method::DELETE, &format!("{groups}/app"), &admin, None)
+        .await;
+}

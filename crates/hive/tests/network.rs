@@ -10,7 +10,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Cleanup, Cluster, admin_token, busybox_layout, json, ok, push_test_image, until};
+use common::{
+    Cleanup, Cluster, admin_token, busybox_layout, hive, json, ok, push_test_image, until,
+};
 use serde_json::Value;
 
 fn instances(cfg: &Path, tenant: &str) -> Vec<Value> {
@@ -254,6 +256,91 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
     assert_eq!(pings(a.2, &b.1, 3, &[]), 0, "spoofed MAC got through");
     set_mac(&mac);
     assert_eq!(pings(a.2, &b.1, 3, &[]), 3);
+
+    // Security groups: `guarded` takes TCP 8081 from the instances of group `friends` only;
+    // changed live to take it from anyone; a group still in use is not deleted.
+    let red_cli = |args: &[&str]| {
+        let mut a = vec!["--tenant", "red"];
+        a.extend_from_slice(args);
+        ok(&cfg, &a)
+    };
+    let image = format!("{host}/red/busybox:test");
+    let out = hive(
+        &cfg,
+        &[
+            "--tenant",
+            "red",
+            "secgroup",
+            "create",
+            "guard",
+            "--allow",
+            "tcp/8081@friends",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "a rule naming a missing group: {out:?}"
+    );
+    red_cli(&["secgroup", "create", "friends"]);
+    red_cli(&["secgroup", "create", "guard", "--allow", "tcp/8081@friends"]);
+    for (svc, group) in [("guarded", "guard"), ("friend", "friends")] {
+        red_cli(&[
+            "service",
+            "create",
+            svc,
+            "--image",
+            &image,
+            "--security-group",
+            group,
+            "--",
+            "sleep",
+            "100000",
+        ]);
+    }
+    let running = |svc: &str| -> Option<(String, u64)> {
+        instances(&cfg, "red").iter().find_map(|i| {
+            (i["spec"]["service"] == svc && i["status"]["phase"] == "running")
+                .then(|| {
+                    Some((
+                        i["status"]["ip"].as_str()?.to_owned(),
+                        i["status"]["pid"].as_u64()?,
+                    ))
+                })
+                .flatten()
+        })
+    };
+    until(60, "guarded and friend running", || {
+        running("guarded").is_some() && running("friend").is_some()
+    });
+    let ((gip, gpid), (_, fpid)) = (running("guarded").unwrap(), running("friend").unwrap());
+    let mut httpd = in_container(gpid, &["busybox", "httpd", "-f", "-p", "8081", "-h", "/"])
+        .spawn()
+        .expect("busybox httpd");
+    let reaches = |pid: u64| {
+        in_container(pid, &["curl", "-s", "-o", "/dev/null", "--max-time", "2"])
+            .arg(format!("http://{gip}:8081/"))
+            .status()
+            .unwrap()
+            .success()
+    };
+    let stranger = red[0].2;
+    until(10, "a friend reaches guarded", || reaches(fpid));
+    assert!(!reaches(stranger), "a stranger reached guarded");
+    assert_eq!(pings(stranger, &gip, 1, &[]), 0, "no icmp rule");
+    let t0 = Instant::now();
+    red_cli(&["secgroup", "set", "guard", "--allow", "tcp/8081@0.0.0.0/0"]);
+    until(10, "the changed rule lets the stranger in", || {
+        reaches(stranger)
+    });
+    eprintln!("security group change in force after {:?}", t0.elapsed());
+    let out = hive(&cfg, &["--tenant", "red", "secgroup", "rm", "friends"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("still used"),
+        "deleting a group in use: {out:?}"
+    );
+    let _ = httpd.kill();
+    let _ = httpd.wait();
+    red_cli(&["rm", "guarded", "friend"]);
 
     // Published ports: each tenant serves HTTP on a node port; a client in another node's
     // namespace reaches it through the node's underlay address, and the server sees the

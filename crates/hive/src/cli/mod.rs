@@ -6,6 +6,7 @@ mod output;
 mod quantity;
 mod resources;
 mod rollout;
+mod secgroup;
 mod store;
 mod up;
 pub mod workload;
@@ -103,6 +104,9 @@ pub enum Command {
     /// Manage the tenant's networks.
     #[command(subcommand)]
     Network(resources::NetworkCmd),
+    /// Manage the tenant's security groups (what may reach its instances).
+    #[command(subcommand)]
+    Secgroup(secgroup::SecgroupCmd),
     /// Show the tenant's events.
     Events(resources::EventsArgs),
     /// Manage the state store (migrate the embedded store into etcd).
@@ -261,6 +265,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Instance(cmd) => resources::instance(&Ctx::new(g).await?, cmd).await,
         Command::Node(cmd) => resources::node(&Ctx::new(g).await?, cmd).await,
         Command::Network(cmd) => resources::network(&Ctx::new(g).await?, cmd).await,
+        Command::Secgroup(cmd) => secgroup::secgroup(&Ctx::new(g).await?, cmd).await,
         Command::Events(args) => resources::events(&Ctx::new(g).await?, args).await,
     }
 }

@@ -161,6 +161,9 @@ pub struct TemplateArgs {
     /// Failed checks in a row that fail a probe (default 3).
     #[arg(long)]
     pub probe_failures: Option<u32>,
+    /// A security group to join (repeatable): only its rules' traffic reaches the instance.
+    #[arg(long = "security-group")]
+    pub security_groups: Vec<String>,
 }
 
 /// `http:PORT[/PATH]`, `tcp:PORT` or `exec:COMMAND ARGS…`.
@@ -241,6 +244,7 @@ impl TemplateArgs {
             failure_threshold: self.probe_failures,
             ..p.clone()
         };
+        template.security_groups = self.security_groups.clone();
         template.readiness = self.readiness.as_ref().map(timing);
         template.liveness = self.liveness.as_ref().map(timing);
         template.resources.limits.cpu_millis = self.cpu;
