@@ -19,7 +19,7 @@ use hive_api::{
     ApiErrorBody, ErrorCode, Event, EventType, Instance, List, Network, ObjectRef, Resource, Role,
     Scope, Service, Tenant, WatchEvent, WatchEventType,
 };
-use hive_store::{EventKind, KeyValue, Op, Revision, Store, StoreError, WatchStream};
+use hive_store::{ConflictKind, EventKind, KeyValue, Op, Revision, Store, StoreError, WatchStream};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -644,14 +644,18 @@ async fn write_back<R: Served>(
         )));
     }
     let tenant = guard.as_ref().map(|g| g.name.as_str());
-    let (stored, stored_rev) = read::<R>(st, guard.as_ref(), name).await?;
-    let expected = if obj.revision() == 0 {
+    let (mut stored, stored_rev) = read::<R>(st, guard.as_ref(), name).await?;
+    // Without a precondition the write applies to whatever is stored: a change that lands
+    // between our read and our write (a controller's status, say) is read again, not a 409.
+    let unconditional = obj.revision() == 0;
+    let mut expected = if unconditional {
         stored_rev
     } else {
         obj.revision()
     };
     obj.keep_system_fields(&stored);
-    let mut attempt = 0;
+    let key = keys::object::<R>(tenant, name);
+    let (mut attempt, mut rereads) = (0, 0);
     loop {
         let mut obj = obj.clone();
         let hooked = if status {
@@ -671,12 +675,25 @@ async fn write_back<R: Served>(
                 }
                 attempt += 1;
             }
+            Err(WriteError::Store(StoreError::Conflict {
+                key: k,
+                kind: ConflictKind::RevisionMismatch { .. },
+            })) if unconditional && k == key && rereads < UNCONDITIONAL_REREADS => {
+                rereads += 1;
+                let (again, rev) = read::<R>(st, guard.as_ref(), name).await?;
+                stored = again;
+                expected = rev;
+            }
             Err(WriteError::Store(e)) => return Err(txn_error::<R>(e, name, guard.as_ref())),
             Err(WriteError::Api(e)) => return Err(e),
             Ok(obj) => return Ok(Json(obj)),
         }
     }
 }
+
+/// How many times a write without a revision precondition reads the object again after
+/// another write came in between.
+const UNCONDITIONAL_REREADS: usize = 5;
 
 enum WriteError {
     Store(StoreError),
