@@ -43,6 +43,11 @@ pub struct SyncConfig {
     pub net: Option<NetConfig>,
     /// How often a running container's resource use is read into its status.
     pub usage_every: Duration,
+    /// Bytes of unpacked layers the image store keeps (least recently used unused images
+    /// beyond it are removed).
+    pub image_budget: u64,
+    /// How often the image store is collected.
+    pub image_gc_every: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -181,8 +186,15 @@ impl Agent {
         });
         let discover = tokio::spawn(watch_tenants(self.client.clone(), caches.clone(), tx));
         let mut tick = tokio::time::interval(self.cfg.resync);
+        let every = self.cfg.image_gc_every;
+        let mut gc_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        gc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = gc_tick.tick() => {
+                    self.collect_images().await;
+                    continue;
+                }
                 c = rx.recv() => if c.is_none() { break },
                 Some(id) = self.stopped.1.recv() => self.finish_stop(&id).await,
                 Some((id, ok)) = self.started.1.recv() => self.finish_start(&id, ok),
@@ -500,6 +512,25 @@ impl Agent {
         self.stopping.remove(id);
         if !matches!(self.containers.state(id), ContainerState::Running(_)) {
             self.remove(id).await;
+        }
+    }
+
+    /// Removes images no instance uses while the store is over its budget, and layers no
+    /// image needs (pulls and composes wait meanwhile, so nothing in use goes).
+    async fn collect_images(&self) {
+        match self.images.gc(self.cfg.image_budget).await {
+            Ok(r) if !r.images_removed.is_empty() || !r.layers_removed.is_empty() => {
+                tracing::info!(
+                    images = ?r.images_removed,
+                    layers = r.layers_removed.len(),
+                    bytes_before = r.bytes_before,
+                    bytes_after = r.bytes_after,
+                    budget = self.cfg.image_budget,
+                    "image store collected"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "collect the image store"),
         }
     }
 

@@ -882,3 +882,48 @@ fn rolling_and_canary_updates_under_a_polling_client_fail_no_request() {
     assert!(history.contains("rollback of revision 3 to 2"), "{history}");
     drop(s);
 }
+
+#[test]
+fn unused_images_are_collected_under_the_budget_and_used_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cfg = dir.path().join("cli.json");
+    let _cleanup = Cleanup {
+        agent_dir: data.join("agent"),
+    };
+    // A budget of nothing, collected every second: only what runs may stay.
+    let up = common::start_up_with(
+        &common::Netns::new(),
+        &data,
+        &cfg,
+        &["--image-budget", "0", "--image-gc-secs", "1"],
+    );
+    let host = up.url.trim_start_matches("http://").to_owned();
+    let layout = busybox_layout(dir.path());
+    let image = push_test_image(
+        up.netns.as_ref().unwrap(),
+        &layout,
+        &host,
+        &admin_token(&data),
+        "default/busybox",
+    );
+    let layers = data.join("agent/images/layers");
+    let count = |p: &Path| std::fs::read_dir(p).map(|d| d.count()).unwrap_or(0);
+    ok(
+        &cfg,
+        &["run", "--name", "keep", &image, "--", "sleep", "100000"],
+    );
+    wait_instance(&cfg, "keep", 30, |i| i["status"]["phase"] == "running");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        count(&layers) > 0,
+        "a layer of a running instance was collected"
+    );
+    let running = wait_instance(&cfg, "keep", 5, |i| i["status"]["phase"] == "running");
+    assert_eq!(running["status"]["restarts"], 0);
+    ok(&cfg, &["rm", "keep"]);
+    until(30, "the unused image collected", || {
+        count(&layers) == 0 && count(&data.join("agent/images/images")) == 0
+    });
+    drop(up);
+}

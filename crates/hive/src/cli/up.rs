@@ -60,6 +60,18 @@ pub struct ServerArgs {
     pub node_grace_secs: u64,
 }
 
+/// How the node keeps its image store within a disk budget.
+#[derive(Debug, Clone, Args)]
+pub struct ImageArgs {
+    /// Most bytes of unpacked layers the node keeps: beyond it, the least recently used
+    /// images no instance uses are removed (e.g. 10Gi).
+    #[arg(long, default_value = "10Gi", value_parser = super::quantity::bytes)]
+    pub image_budget: u64,
+    /// Seconds between two collections of the image store.
+    #[arg(long, default_value_t = 300)]
+    pub image_gc_secs: u64,
+}
+
 /// Where this node's tenant networks meet the underlay.
 #[derive(Debug, Clone, Args)]
 pub struct NetArgs {
@@ -140,6 +152,8 @@ pub struct UpArgs {
     pub runtime: String,
     #[command(flatten)]
     pub net: NetArgs,
+    #[command(flatten)]
+    pub images: ImageArgs,
 }
 
 /// Serves the API on the configured store, and runs the controllers as its clients.
@@ -259,6 +273,7 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
         &args.runtime,
         api.0,
         net,
+        &args.images,
     )?;
     let cfg_path = config::path(g.config.as_deref())?;
     let write = !args.no_login && (args.login || !cfg_path.exists());
@@ -316,6 +331,8 @@ pub struct AgentArgs {
     pub advertise_url: Option<String>,
     #[command(flatten)]
     pub net: NetArgs,
+    #[command(flatten)]
+    pub images: ImageArgs,
 }
 
 /// Where `hive agent` serves its API by default.
@@ -351,6 +368,7 @@ fn run_agent(
     runtime: &str,
     api: tokio::net::TcpListener,
     net: hive_agent::network::NetConfig,
+    image_args: &ImageArgs,
 ) -> Result<()> {
     let kind: hive_agent::runtime::RuntimeKind = runtime.parse().map_err(anyhow::Error::msg)?;
     let oci = hive_agent::runtime::OciRuntime::new(kind, runtime, data_dir.join("runtime"));
@@ -389,6 +407,8 @@ fn run_agent(
         stop_grace: Duration::from_secs(10),
         net: Some(net),
         usage_every: Duration::from_secs(30),
+        image_budget: image_args.image_budget,
+        image_gc_every: Duration::from_secs(image_args.image_gc_secs.max(1)),
     };
     let agent = hive_agent::sync::Agent::new(client.clone(), cfg, images, containers)?;
     // The image store's pull future is not `Send` (borrowing closures in its download
@@ -432,6 +452,7 @@ pub async fn agent(ctx: &super::Ctx, args: AgentArgs) -> Result<()> {
         &args.runtime,
         api,
         net,
+        &args.images,
     )?;
     tokio::select! {
         _ = hive_agent::node::keep_lease(ctx.client.clone(), facts, LEASE_EVERY) => Ok(()),

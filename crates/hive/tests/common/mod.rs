@@ -145,12 +145,18 @@ pub fn start_up(data: &Path, config: &Path) -> Up {
 
 /// `hive up` in `ns` (again, after a kill: the namespace keeps its tenant networks).
 pub fn start_up_in(ns: &Arc<Netns>, data: &Path, config: &Path) -> Up {
+    start_up_with(ns, data, config, &[])
+}
+
+/// [`start_up_in`] with more arguments for `hive up`.
+pub fn start_up_with(ns: &Arc<Netns>, data: &Path, config: &Path, extra: &[&str]) -> Up {
     std::fs::write(netns_note(config), &ns.name).unwrap();
     let mut cmd = ns.command(HIVE);
     cmd.args(["up", "--login", "--listen", "127.0.0.1:0", "--net-prefix"])
         .arg(&ns.prefix)
         .arg("--data-dir")
         .arg(data)
+        .args(extra)
         .env("HIVE_CONFIG", config);
     let mut up = start_until(cmd, "hive up: API at ");
     up.netns = Some(ns.clone());
