@@ -12,6 +12,7 @@ pub mod housekeeping;
 pub mod images;
 pub mod keys;
 pub mod launch;
+pub mod leader;
 pub mod middleware;
 pub mod networks;
 pub mod nodeproxy;

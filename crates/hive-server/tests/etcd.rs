@@ -162,3 +162,70 @@ async fn an_embedded_store_migrated_into_etcd_serves_on() {
         .expect("the tenant token works on etcd");
     assert_eq!(who.tenant.as_deref(), Some("acme"));
 }
+
+/// Leadership on a 3-member etcd: one of two servers leads; when the etcd leader dies the
+/// server keeps leading (or hands over cleanly, never two at once); when the leading server
+/// dies, the other leads within the failover bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_leads_and_another_takes_over_when_it_dies() {
+    use hive_server::leader::{self, State};
+    let mut etcd = EtcdCluster::start(3);
+    let store = |etcd: &EtcdCluster| {
+        let opts = etcd.store_options();
+        async move {
+            std::sync::Arc::new(hive_store::EtcdStore::connect(opts).await.unwrap())
+                as std::sync::Arc<dyn hive_store::Store>
+        }
+    };
+    let (sa, sb) = (store(&etcd).await, store(&etcd).await);
+    let ttl = leader::DEFAULT_TTL;
+    let (txa, rxa) = tokio::sync::watch::channel(State::Following { leader: None });
+    let (txb, rxb) = tokio::sync::watch::channel(State::Following { leader: None });
+    let a = tokio::spawn(leader::elect(sa, "a".into(), ttl, txa));
+    let mut rxa2 = rxa.clone();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rxa2.wait_for(|s| matches!(s, State::Leading { .. })),
+    )
+    .await
+    .expect("a leads")
+    .unwrap();
+    let b = tokio::spawn(leader::elect(sb, "b".into(), ttl, txb));
+    // Never two leaders, through an etcd leader's death.
+    let both = |a: &tokio::sync::watch::Receiver<State>,
+                b: &tokio::sync::watch::Receiver<State>| {
+        matches!(*a.borrow(), State::Leading { .. }) && matches!(*b.borrow(), State::Leading { .. })
+    };
+    let killed = etcd.wait_leader(Duration::from_secs(10));
+    etcd.kill(killed);
+    for _ in 0..(3 * ttl.as_millis() / 50) {
+        assert!(!both(&rxa, &rxb), "two leaders at once");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        matches!(*rxa.borrow(), State::Leading { .. })
+            || matches!(*rxb.borrow(), State::Leading { .. }),
+        "no leader after the etcd leader died"
+    );
+    // The leading server dies: the other leads within ttl and a poll (plus etcd's reads).
+    let (dead, mut other) = if matches!(*rxa.borrow(), State::Leading { .. }) {
+        (a, rxb.clone())
+    } else {
+        (b, rxa.clone())
+    };
+    let t0 = std::time::Instant::now();
+    dead.abort();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        other.wait_for(|s| matches!(s, State::Leading { .. })),
+    )
+    .await
+    .expect("the other server leads")
+    .unwrap();
+    let failover = t0.elapsed();
+    eprintln!("leadership failover {failover:?} (ttl {ttl:?})");
+    assert!(
+        failover <= Duration::from_secs(5),
+        "failover took {failover:?}"
+    );
+}

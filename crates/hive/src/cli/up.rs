@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use hive_api::Tenant;
 use hive_client::Client;
-use hive_server::{ADMIN_TOKEN_FILE, Launched, RateLimit, ServerConfig};
+use hive_server::{ADMIN_TOKEN_FILE, Launched, RateLimit, ServerConfig, leader};
 
 use super::{Global, config};
 
@@ -156,9 +156,18 @@ pub struct UpArgs {
     pub images: ImageArgs,
 }
 
+/// A random number that tells this process's leadership claims from another's.
+fn rand_id() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() ^ std::process::id())
+        .unwrap_or_else(|_| std::process::id())
+}
+
 /// Serves the API on the configured store, and runs the controllers as its clients.
 async fn start(args: &ServerArgs) -> Result<Launched> {
     let store = args.etcd.backend(&args.store)?;
+    let config_store = store.clone();
     let config = ServerConfig {
         data_dir: args.data_dir.clone(),
         store,
@@ -188,17 +197,39 @@ async fn start(args: &ServerArgs) -> Result<Launched> {
         tracing::info!(url = %launched.url, store = %args.store, "serving the API without controllers");
         return Ok(launched);
     }
-    // Controllers are API clients of this server, acting as the platform admin.
-    let controller_client = Client::new(&launched.url, Some(launched.admin_token.clone()))?;
-    tokio::spawn(hive_server::controllers::ServiceController::new(controller_client.clone()).run());
-    tokio::spawn(
-        hive_server::controllers::NodeController::new(
-            controller_client.clone(),
-            Duration::from_secs(args.node_grace_secs),
-        )
-        .run(),
-    );
-    tokio::spawn(hive_server::controllers::Scheduler::new(controller_client).run());
+    // Controllers are API clients of this server, acting as the platform admin; they run
+    // on one server at a time, the one that holds leadership in the shared store.
+    let client = Client::new(&launched.url, Some(launched.admin_token.clone()))?;
+    let grace = Duration::from_secs(args.node_grace_secs);
+    let id = format!("{}-{:08x}", launched.url, rand_id());
+    let (tx, rx) = tokio::sync::watch::channel(leader::State::Following { leader: None });
+    match config_store {
+        // The embedded store is this process's alone (its file is locked): it leads.
+        hive_server::StoreBackend::Embedded => {
+            let _ = tx.send(leader::State::Leading { since: 0 });
+            // Held for the life of the process: leadership is never given up.
+            tokio::spawn(async move {
+                let _tx = tx;
+                std::future::pending::<()>().await
+            });
+        }
+        hive_server::StoreBackend::Etcd(_) => {
+            tokio::spawn(leader::elect(
+                launched.store.clone(),
+                id,
+                leader::DEFAULT_TTL,
+                tx,
+            ));
+        }
+    }
+    tokio::spawn(leader::while_leading(rx, move || {
+        use hive_server::controllers::{NodeController, Scheduler, ServiceController};
+        vec![
+            tokio::spawn(ServiceController::new(client.clone()).run()),
+            tokio::spawn(NodeController::new(client.clone(), grace).run()),
+            tokio::spawn(Scheduler::new(client.clone()).run()),
+        ]
+    }));
     tracing::info!(
         url = %launched.url,
         data_dir = %args.data_dir.display(),
