@@ -65,7 +65,12 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     token: Option<String>,
+    /// The leader's term a controller's writes are fenced to.
+    leader_epoch: Option<u64>,
 }
+
+/// The header that carries [`Client::with_leader_epoch`] (the server's `leader::EPOCH_HEADER`).
+pub const LEADER_EPOCH_HEADER: &str = "hive-leader-epoch";
 
 /// Percent-encodes one path segment, so a hostile name cannot reach another route.
 pub fn segment(s: &str) -> String {
@@ -130,6 +135,7 @@ impl Client {
             http: http()?,
             base,
             token,
+            leader_epoch: None,
         })
     }
 
@@ -147,7 +153,17 @@ impl Client {
         if let Some(t) = &self.token {
             rb = rb.bearer_auth(t);
         }
+        if let Some(e) = self.leader_epoch {
+            rb = rb.header(LEADER_EPOCH_HEADER, e.to_string());
+        }
         rb
+    }
+
+    /// This client's writes apply only while the leader's term `epoch` lasts (a
+    /// controller's client; the server checks it in each write's transaction).
+    pub fn with_leader_epoch(mut self, epoch: u64) -> Self {
+        self.leader_epoch = Some(epoch);
+        self
     }
 
     async fn send<T: DeserializeOwned>(

@@ -62,9 +62,20 @@ pub struct Principal {
     /// The uid of `tenant` when the token was issued.
     pub tenant_uid: Option<String>,
     pub role: Role,
+    /// The leader's epoch a controller's request carries (`Hive-Leader-Epoch`): its writes
+    /// apply only while that term lasts.
+    pub fence: Option<hive_store::Revision>,
 }
 
 impl Principal {
+    /// The condition that fences this caller's writes to its leader's term, if it has one.
+    pub fn fence_op(&self) -> Option<hive_store::Op> {
+        self.fence.map(|epoch| hive_store::Op::Require {
+            key: crate::leader::LEADER_KEY.into(),
+            mod_revision: epoch,
+        })
+    }
+
     pub fn is_platform_admin(&self) -> bool {
         self.role == Role::PlatformAdmin
     }
@@ -140,6 +151,7 @@ pub async fn resolve(store: &Arc<dyn Store>, secret: &str) -> ApiResult<Principa
         tenant: record.info.tenant,
         tenant_uid: record.tenant_uid,
         role: record.info.role,
+        fence: None,
     })
 }
 
@@ -150,7 +162,20 @@ pub async fn authenticate(
     next: Next,
 ) -> Result<Response, ApiError> {
     let secret = bearer(&req)?;
-    let principal = resolve(&state.store, secret).await?;
+    let mut principal = resolve(&state.store, secret).await?;
+    if let Some(v) = req.headers().get(crate::leader::EPOCH_HEADER) {
+        let epoch = v
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "header {}: expected a store revision",
+                    crate::leader::EPOCH_HEADER
+                ))
+            })?;
+        principal.fence = Some(epoch);
+    }
     if let Err(retry_after) = state.limiter.check(&principal.token_id) {
         return Err(ApiError {
             code: ErrorCode::RateLimited,
@@ -243,6 +268,7 @@ mod tests {
             tenant: Some("a".into()),
             tenant_uid: Some("u".into()),
             role: Role::Viewer,
+            fence: None,
         };
         assert!(p.sees_tenant("a") && !p.sees_tenant("b"));
         assert!(p.require(Role::Viewer, "read").is_ok());

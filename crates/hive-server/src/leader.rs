@@ -1,18 +1,22 @@
-//! One active set of controllers among all API servers sharing a store: leadership is a key
-//! (`/platform/leader`) that its holder keeps changing.
+//! One active set of controllers among all API servers sharing a store: leadership is a
+//! heartbeat key (`/platform/leader-beat`) that its holder keeps changing, and an epoch key
+//! (`/platform/leader`) written once per term.
 //!
-//! No clock is compared between servers. The leader rewrites the key every `ttl / 4` (a
-//! compare-and-swap on the revision it last wrote). A follower reads it just as often and
-//! takes over (a compare-and-swap on the revision it saw) only once it has seen that same
-//! revision for a whole `ttl` of its own monotonic clock. The leader gives up — stops its
+//! No clock is compared between servers. The leader rewrites the heartbeat every `ttl / 4` (a
+//! compare-and-swap on the revision it last wrote, under the condition that the epoch is still
+//! its own). A follower reads it just as often and takes over (a compare-and-swap on the
+//! revision it saw, writing a new epoch in the same transaction) only once it has seen that
+//! same revision for a whole `ttl` of its own monotonic clock. The leader gives up — stops its
 //! controllers — when it has not renewed for `ttl / 2` of its own clock, or at once when a
 //! renewal finds the key changed. Since a follower's `ttl` starts no earlier than the leader
 //! committed the revision it watches, the deposed leader has stopped before anyone can take
 //! over, as long as a renewal's round trip is under `ttl / 2`. Clock skew between servers does
 //! not matter; only clock rates do.
 //!
-//! What is not built yet: fencing of the controllers' writes already sent when leadership is
-//! lost (each write carrying the leader's revision, checked in its transaction).
+//! **Fencing.** A term's epoch is the revision its epoch key was written at. The controllers
+//! send it with every write (`Hive-Leader-Epoch`), and the server adds "the epoch key is still
+//! at that revision" to the write's transaction: a write a deposed leader had in flight fails
+//! (409) once another server took over, whatever the clocks.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,8 +27,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-/// The key leadership is held by.
+/// The term: who leads, written when a term begins; its revision is the term's epoch.
 pub const LEADER_KEY: &str = "/platform/leader";
+/// The heartbeat the leader keeps changing.
+pub const BEAT_KEY: &str = "/platform/leader-beat";
+/// The request header that carries a controller's epoch.
+pub const EPOCH_HEADER: &str = hive_client::LEADER_EPOCH_HEADER;
 /// Default time to live: a lost leader is replaced within about this much (plus a poll).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3);
 
@@ -49,24 +57,28 @@ pub async fn elect(store: Arc<dyn Store>, id: String, ttl: Duration, tx: watch::
     // What a follower saw last: the revision and since when it has been that one.
     let mut seen: Option<(Revision, Instant)> = None;
     loop {
-        let current = match store.get(LEADER_KEY).await {
-            Ok(r) => r.kv,
-            Err(e) => {
-                tracing::debug!(error = %e, "read the leader key");
+        let (beat, current) = match (store.get(BEAT_KEY).await, store.get(LEADER_KEY).await) {
+            (Ok(b), Ok(l)) => (b.kv, l.kv),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(error = %e, "read the leader keys");
                 tokio::time::sleep(poll).await;
                 continue;
             }
         };
-        let attempt = match &current {
+        let term = Op::Put {
+            key: LEADER_KEY.into(),
+            value: record(&id, 0),
+        };
+        let attempt = match &beat {
             None => Some(Op::Create {
-                key: LEADER_KEY.into(),
+                key: BEAT_KEY.into(),
                 value: record(&id, 0),
             }),
             Some(kv) => {
                 let rev = kv.mod_revision;
                 match seen {
                     Some((r, since)) if r == rev && since.elapsed() >= ttl => Some(Op::Update {
-                        key: LEADER_KEY.into(),
+                        key: BEAT_KEY.into(),
                         value: record(&id, 0),
                         mod_revision: rev,
                     }),
@@ -79,7 +91,7 @@ pub async fn elect(store: Arc<dyn Store>, id: String, ttl: Duration, tx: watch::
             }
         };
         if let Some(op) = attempt {
-            match store.txn(vec![op]).await {
+            match store.txn(vec![op, term]).await {
                 Ok(r) => {
                     tracing::info!(server = %id, revision = r.revision, "leading");
                     let _ = tx.send(State::Leading { since: r.revision });
@@ -115,9 +127,10 @@ fn record(id: &str, renewals: u64) -> Bytes {
     )
 }
 
-/// Renews until leadership is lost: the key changed under us, or no renewal got through for
-/// `ttl / 2`.
-async fn lead(store: &Arc<dyn Store>, id: &str, ttl: Duration, mut revision: Revision) {
+/// Renews until leadership is lost: the keys changed under us, or no renewal got through for
+/// `ttl / 2`. `revision` is the term's epoch (both keys were written at it).
+async fn lead(store: &Arc<dyn Store>, id: &str, ttl: Duration, epoch: Revision) {
+    let mut revision = epoch;
     let mut renewed = Instant::now();
     let mut renewals = 0;
     loop {
@@ -126,13 +139,19 @@ async fn lead(store: &Arc<dyn Store>, id: &str, ttl: Duration, mut revision: Rev
             return;
         }
         renewals += 1;
-        let op = Op::Update {
-            key: LEADER_KEY.into(),
-            value: record(id, renewals),
-            mod_revision: revision,
-        };
+        let ops = vec![
+            Op::Require {
+                key: LEADER_KEY.into(),
+                mod_revision: epoch,
+            },
+            Op::Update {
+                key: BEAT_KEY.into(),
+                value: record(id, renewals),
+                mod_revision: revision,
+            },
+        ];
         // A renewal that answers after the deadline does not count.
-        match tokio::time::timeout_at(renewed + ttl / 2, store.txn(vec![op])).await {
+        match tokio::time::timeout_at(renewed + ttl / 2, store.txn(ops)).await {
             Ok(Ok(r)) => {
                 revision = r.revision;
                 renewed = Instant::now();
@@ -144,20 +163,21 @@ async fn lead(store: &Arc<dyn Store>, id: &str, ttl: Duration, mut revision: Rev
     }
 }
 
-/// Runs `start`'s tasks while this server leads and aborts them as soon as it does not.
+/// Runs `start`'s tasks (given the term's epoch) while this server leads and aborts them as
+/// soon as it does not.
 pub async fn while_leading<F>(mut state: watch::Receiver<State>, start: F)
 where
-    F: Fn() -> Vec<tokio::task::JoinHandle<()>>,
+    F: Fn(Revision) -> Vec<tokio::task::JoinHandle<()>>,
 {
     loop {
-        if state
-            .wait_for(|s| matches!(s, State::Leading { .. }))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        let tasks = start();
+        let epoch = match state.wait_for(|s| matches!(s, State::Leading { .. })).await {
+            Ok(s) => match *s {
+                State::Leading { since } => since,
+                State::Following { .. } => continue,
+            },
+            Err(_) => return,
+        };
+        let tasks = start(epoch);
         let lost = state
             .wait_for(|s| !matches!(s, State::Leading { .. }))
             .await
@@ -315,7 +335,7 @@ mod tests {
         let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let alive = Arc::new(AtomicBool::new(false));
         let (r, al) = (runs.clone(), alive.clone());
-        let guard = tokio::spawn(while_leading(rx, move || {
+        let guard = tokio::spawn(while_leading(rx, move |_epoch| {
             r.fetch_add(1, Ordering::SeqCst);
             let al = al.clone();
             vec![tokio::spawn(async move {

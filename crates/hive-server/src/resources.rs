@@ -468,6 +468,14 @@ pub(crate) fn txn_error<R: Resource>(
     {
         return tenant_not_found(&g.name);
     }
+    if let StoreError::Conflict { key, .. } = &err
+        && key == crate::leader::LEADER_KEY
+    {
+        return ApiError::new(
+            hive_api::ErrorCode::Conflict,
+            "leadership moved on: this controller's term is over, nothing was written",
+        );
+    }
     ApiError::from_store(err, R::KIND, name, guard.map(|g| g.name.as_str()))
 }
 
@@ -497,6 +505,7 @@ pub async fn create<R: Served>(
             value: encode(&obj)?,
         });
         ops.extend(hooked.ops.iter().cloned());
+        ops.extend(p.fence_op());
         if R::RECORD_EVENTS
             && let Some(t) = tenant
         {
@@ -726,6 +735,7 @@ async fn write_once<R: Served>(
         mod_revision: expected,
     }];
     ops.extend(hooked.ops.iter().cloned());
+    ops.extend(p.fence_op());
     if !status
         && R::RECORD_EVENTS
         && let Some(t) = tenant
@@ -784,6 +794,7 @@ pub async fn delete<R: Served>(
             mod_revision: Some(q.revision.unwrap_or(stored_rev)),
         }];
         ops.extend(R::on_delete(&st, tenant, &stored).await?.ops);
+        ops.extend(p.fence_op());
         if R::RECORD_EVENTS
             && let Some(t) = tenant
         {

@@ -1783,3 +1783,50 @@ async fn security_groups_name_only_existing_groups_of_their_tenant_and_stay_whil
     h.ok(Method::DELETE, &format!("{groups}/app"), &admin, None)
         .await;
 }
+
+#[tokio::test]
+async fn writes_fenced_to_a_leaders_term_fail_once_the_term_is_over() {
+    let h = harness().await;
+    h.tenant("acme").await;
+    let term = |holder: &str| hive_store::Op::Put {
+        key: hive_server::leader::LEADER_KEY.into(),
+        value: bytes::Bytes::from(format!("{{\"holder\":\"{holder}\",\"renewals\":0}}")),
+    };
+    let old = h.store.txn(vec![term("a")]).await.unwrap().revision;
+    let fenced = |epoch: &str, name: &str| {
+        let body = serde_json::to_vec(&service(name)).unwrap();
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(svc_path("acme"))
+            .header(header::AUTHORIZATION, format!("Bearer {}", h.admin))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(hive_server::leader::EPOCH_HEADER, epoch)
+            .body(Body::from(body))
+            .unwrap();
+        let app = h.app.clone();
+        async move { app.oneshot(req).await.unwrap().status() }
+    };
+    assert_eq!(
+        fenced(&old.to_string(), "during").await,
+        StatusCode::CREATED
+    );
+    // Another server takes over: writes of the old term fail and write nothing.
+    h.store.txn(vec![term("b")]).await.unwrap();
+    assert_eq!(
+        fenced(&old.to_string(), "after").await,
+        StatusCode::CONFLICT
+    );
+    let r = h
+        .call(
+            Method::GET,
+            &format!("{}/after", svc_path("acme")),
+            &h.admin.clone(),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        fenced("not-a-number", "bad").await,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+}

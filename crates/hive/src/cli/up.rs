@@ -222,8 +222,13 @@ async fn start(args: &ServerArgs) -> Result<Launched> {
             ));
         }
     }
-    tokio::spawn(leader::while_leading(rx, move || {
+    tokio::spawn(leader::while_leading(rx, move |epoch| {
         use hive_server::controllers::{NodeController, Scheduler, ServiceController};
+        // Epoch 0: no term (the embedded store is this server's alone), nothing to fence.
+        let client = match epoch {
+            0 => client.clone(),
+            e => client.clone().with_leader_epoch(e),
+        };
         vec![
             tokio::spawn(ServiceController::new(client.clone()).run()),
             tokio::spawn(NodeController::new(client.clone(), grace).run()),
