@@ -260,7 +260,7 @@ impl Cluster {
 
 /// Spawns `cmd` and waits for the stderr line starting with `marker`, whose next word is the
 /// URL it serves at.
-fn start_until(mut cmd: Command, marker: &str) -> Up {
+pub fn start_until(mut cmd: Command, marker: &str) -> Up {
     let child = cmd
         .env("HIVE_LOG", "warn")
         .stdin(Stdio::null())
