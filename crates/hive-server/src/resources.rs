@@ -125,6 +125,31 @@ impl Served for Service {
     fn keep_server_status(stored: &Self, obj: &mut Self) {
         crate::services::keep_server_status(stored, obj);
     }
+
+    fn on_create(
+        st: &AppState,
+        tenant: Option<&str>,
+        obj: &mut Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        crate::vips::service_created(st, tenant, obj)
+    }
+
+    fn on_update(
+        st: &AppState,
+        tenant: Option<&str>,
+        stored: &Self,
+        obj: &mut Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        crate::vips::service_updated(st, tenant, stored, obj)
+    }
+
+    fn on_delete(
+        st: &AppState,
+        tenant: Option<&str>,
+        stored: &Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        crate::vips::service_deleted(st, tenant, stored)
+    }
 }
 
 impl Served for Instance {
@@ -668,8 +693,11 @@ async fn write_once<R: Served>(
         let mut after = serde_json::to_value(&obj).unwrap_or_default();
         let replicas = |v: &mut serde_json::Value| v["spec"]["replicas"].take();
         let (r0, r1) = (replicas(&mut before), replicas(&mut after));
+        // A spec write keeps the status, except what the server fills in (a VIP): no
+        // reason for an Event.
         for v in [&mut before, &mut after] {
             v["revision"] = serde_json::Value::Null;
+            v["status"] = serde_json::Value::Null;
         }
         if before == after && r0 != r1 {
             ops.push(event_op(
