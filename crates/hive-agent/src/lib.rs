@@ -9,6 +9,8 @@
 //! - [`probe`]: readiness and liveness checks of running containers, and their cgroup usage.
 //! - [`network`]: gives each instance its port on its tenant network (through `hive-net`)
 //!   and keeps every network's remote endpoints in step with the API.
+//! - [`discovery`]: service VIPs balanced inside each instance's namespace, and its
+//!   resolver of the tenant's names.
 //! - [`api`]: the agent's HTTP API for the server (container logs, [`exec`] sessions),
 //!   checked with node proxy tokens.
 //!
@@ -16,6 +18,7 @@
 //! store.
 
 pub mod api;
+pub mod discovery;
 pub mod exec;
 pub mod image;
 pub mod network;

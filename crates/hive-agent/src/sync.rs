@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hive_api::{
-    Instance, InstancePhase, Node, PullPolicy, ResourceUsage, RestartPolicy, SecurityGroup,
+    Instance, InstancePhase, Node, PullPolicy, ResourceUsage, RestartPolicy, SecurityGroup, Service,
 };
 use hive_client::Client;
-use hive_client::reflector::{Store, reflect_synced, tenant_names};
+use hive_client::reflector::{Store, reflect, reflect_synced, tenant_names};
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -86,6 +86,8 @@ pub struct Agent {
     /// The node's data plane, once opened.
     net: Option<Arc<hive_net::NodeNet>>,
     net_state: NetState,
+    /// Service VIPs and DNS of the instances here.
+    discovery: crate::discovery::ServiceState,
     /// The probes of running containers (dropping one stops its tasks); outcomes arrive on
     /// `probed`.
     probes: HashMap<String, Probes>,
@@ -140,6 +142,7 @@ impl Agent {
             stopped: mpsc::unbounded_channel(),
             net: None,
             net_state: NetState::default(),
+            discovery: Default::default(),
             probes: HashMap::new(),
             probed: mpsc::unbounded_channel(),
             unhealthy: HashMap::new(),
@@ -228,6 +231,8 @@ impl Agent {
                         groups: &groups,
                     };
                     self.net_state.sync(&net, &me, seen).await;
+                    let services = services_of(&caches).await;
+                    self.discovery.sync(&net, &here, &all, &services).await;
                 }
             }
         }
@@ -446,17 +451,10 @@ impl Agent {
         let done = self.started.0.clone();
         let (id, tenant, inst) = (id.to_owned(), tenant.to_owned(), inst.clone());
         let net = self.net.clone();
+        let views = self.discovery.views.clone();
         tokio::task::spawn_local(async move {
-            let result = launch(
-                &images,
-                &containers,
-                net.as_deref(),
-                &id,
-                &tenant,
-                &inst,
-                fw.as_ref(),
-            )
-            .await;
+            let net = net.as_deref().map(|n| (n, &views));
+            let result = launch(&images, &containers, net, &id, &tenant, &inst, fw.as_ref()).await;
             let ok = result.is_ok();
             let mut st = inst.status.clone();
             st.container_id = id.clone();
@@ -639,12 +637,14 @@ async fn report(client: &Client, tenant: &str, inst: &Instance, status: hive_api
 async fn launch(
     images: &ImageStore,
     containers: &Containers,
-    net: Option<&hive_net::NodeNet>,
+    net: Option<(&hive_net::NodeNet, &crate::discovery::Views)>,
     id: &str,
     tenant: &str,
     inst: &Instance,
     fw: Option<&hive_net::Firewall>,
 ) -> Result<crate::runtime::shim::Started, (&'static str, String)> {
+    let views = net.map(|(_, v)| v);
+    let net = net.map(|(n, _)| n);
     let t = &inst.spec.template;
     let t0 = Instant::now();
     let present = match t.pull_policy() {
@@ -697,6 +697,15 @@ async fn launch(
             ));
         }
     };
+    // Its tenant's VIPs and resolver, before it can ask for them.
+    let resolv = match (&inst.spec.network, net, views) {
+        (Some(n), Some(net), Some(views)) => Some(
+            crate::discovery::prepare(net, views, id, tenant, n.vni, &containers.dir(id))
+                .await
+                .map_err(|e| ("NetworkSetupFailed", e))?,
+        ),
+        _ => None,
+    };
     let t_net = t0.elapsed();
     let cfg = ContainerConfig {
         id: id.to_owned(),
@@ -728,7 +737,10 @@ async fn launch(
         cgroups_path: cgroups_path(tenant, &inst.name),
         netns,
     };
-    let spec = spec::build(&cfg).map_err(|e| ("InvalidSpec", e.to_string()))?;
+    let mut spec = spec::build(&cfg).map_err(|e| ("InvalidSpec", e.to_string()))?;
+    if let Some(path) = &resolv {
+        spec::mount_resolv_conf(&mut spec, id, path).map_err(|e| ("InvalidSpec", e.to_string()))?;
+    }
     let started = containers
         .start(id, &spec, &cfg.cgroups_path)
         .await
@@ -752,6 +764,24 @@ struct Caches {
     /// Every node (for the underlay addresses of other nodes' instances).
     nodes: Option<(Store<Node>, watch::Receiver<bool>)>,
     tenants: HashMap<String, TenantCache>,
+    /// Every tenant's services (for their VIPs and names).
+    services: HashMap<String, Store<Service>>,
+}
+
+/// Every tenant's services, from the caches.
+async fn services_of(caches: &Arc<Mutex<Caches>>) -> HashMap<String, Vec<Service>> {
+    let stores: Vec<(String, Store<Service>)> = {
+        let c = caches.lock().await;
+        c.services
+            .iter()
+            .map(|(t, s)| (t.clone(), s.clone()))
+            .collect()
+    };
+    let mut out = HashMap::new();
+    for (t, s) in stores {
+        out.insert(t, s.lock().await.values().cloned().collect());
+    }
+    out
 }
 
 /// One tenant's instances and security groups, and whether each holds a complete list.
@@ -779,6 +809,7 @@ async fn watch_tenants(client: Client, caches: Arc<Mutex<Caches>>, tx: mpsc::Unb
         let mut c = caches.lock().await;
         c.discovered = true;
         c.tenants.retain(|t, _| live.contains(t));
+        c.services.retain(|t, _| live.contains(t));
         for t in &live {
             if workers.contains_key(t) {
                 continue;
@@ -799,6 +830,8 @@ async fn watch_tenants(client: Client, caches: Arc<Mutex<Caches>>, tx: mpsc::Unb
             let (itx, mut irx) = mpsc::unbounded_channel();
             let poke = tx.clone();
             let (client, tenant) = (client.clone(), t.clone());
+            let services: Store<Service> = Arc::default();
+            c.services.insert(t.clone(), services.clone());
             workers.insert(
                 t.clone(),
                 tokio::spawn(async move {
@@ -810,12 +843,13 @@ async fn watch_tenants(client: Client, caches: Arc<Mutex<Caches>>, tx: mpsc::Unb
                         synced,
                     ));
                     let g = tokio::spawn(reflect_synced(
-                        client,
-                        Some(tenant),
+                        client.clone(),
+                        Some(tenant.clone()),
                         groups,
-                        itx,
+                        itx.clone(),
                         groups_synced,
                     ));
+                    let s = tokio::spawn(reflect(client, Some(tenant), services, itx));
                     while irx.recv().await.is_some() {
                         if poke.send(()).is_err() {
                             break;
@@ -823,6 +857,7 @@ async fn watch_tenants(client: Client, caches: Arc<Mutex<Caches>>, tx: mpsc::Unb
                     }
                     r.abort();
                     g.abort();
+                    s.abort();
                 }),
             );
         }

@@ -293,6 +293,11 @@ pub struct ServiceStatus {
     /// the current one last.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<TemplateRevision>,
+    /// The service's virtual address on its network (`spec.template.network`): allocated by
+    /// the server like an instance's address, kept for the service's life, balanced over
+    /// its ready instances on every port of the template. Empty until allocated.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub vip: String,
 }
 
 impl Resource for Service {
@@ -305,6 +310,12 @@ impl Resource for Service {
 
     fn validate(&self) -> Result<(), ValidationError> {
         self.validate_meta()?;
+        if !self.status.vip.is_empty() && self.status.vip.parse::<std::net::Ipv4Addr>().is_err() {
+            return Err(ValidationError::new(
+                "status.vip",
+                format!("{:?} is not an IPv4 address", self.status.vip),
+            ));
+        }
         self.spec.validate("spec")
     }
 }
@@ -639,6 +650,15 @@ mod tests {
             s.validate().unwrap_err().field,
             "spec.template.ports[1].published_port"
         );
+    }
+
+    #[test]
+    fn a_vip_must_be_an_address() {
+        let mut s = svc(r#"{"name":"web","spec":{"template":{"image":"busybox"}}}"#);
+        s.status.vip = "10.88.0.9".into();
+        assert!(s.validate().is_ok());
+        s.status.vip = "10.88.0.300".into();
+        assert_eq!(s.validate().unwrap_err().field, "status.vip");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! Every operation is idempotent and converges from whatever a crash left behind; removal
 //! is best effort and reports every failure ([`NetError::Multiple`]).
 
+mod dns;
 mod error;
 mod firewall;
 mod link;
@@ -21,6 +22,7 @@ mod nft;
 mod publish;
 pub mod qos;
 mod remote;
+mod services;
 pub mod testbed;
 
 use std::collections::HashSet;
@@ -32,11 +34,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rtnetlink::Handle;
 
+pub use dns::{DnsZone, RESOLVER_ADDR, SrvTarget};
 pub use error::NetError;
 pub use firewall::{Firewall, FwProtocol, FwRule};
 pub use names::{MAX_PREFIX_LEN, MAX_VNI};
 pub use publish::{Protocol, PublishedPort};
 pub use qos::Qos;
+pub use services::ServiceRoute;
 
 /// VXLAN over IPv4 adds 50 bytes: outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8.
 pub const VXLAN_OVERHEAD: u32 = 50;
@@ -214,6 +218,8 @@ pub struct NodeNet {
     nf: nfnl::NfSocket,
     /// The underlay carries our HTB tree (made with the first shaped port).
     shaping: AtomicBool,
+    /// The DNS resolver inside each instance namespace that has one.
+    dns: dns::Resolvers,
 }
 
 impl NodeNet {
@@ -273,6 +279,7 @@ impl NodeNet {
             nf,
             cfg,
             shaping: AtomicBool::new(shaping),
+            dns: dns::Resolvers::default(),
         })
     }
 
@@ -498,6 +505,8 @@ impl NodeNet {
         names::validate_key(key)?;
         let port = self.names.port(key);
         let mut errors = Vec::new();
+        // Its resolver's sockets would keep the namespace alive.
+        self.dns.remove(key);
         let class = match link::get(&self.handle, &port).await {
             Ok(l) => l.and_then(|l| qos::class_of(l.index).ok()),
             Err(e) => {
@@ -700,6 +709,7 @@ impl NodeNet {
 
     /// Removes everything of this prefix, the nft table included (node sysctls stay).
     pub async fn teardown_all(&self) -> Result<(), NetError> {
+        self.dns.clear();
         let mut errors = match self.reconcile(&HashSet::new(), &HashSet::new()).await {
             Ok(()) => Vec::new(),
             Err(NetError::Multiple(v)) => v,

@@ -25,6 +25,7 @@ pub mod services;
 pub mod state;
 pub mod tenants;
 pub mod tokens;
+pub mod vips;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -129,7 +129,7 @@ impl Pool {
 impl Ipam {
     /// Picks a free address of `net` (in `tenant`) and marks it held here; the caller claims
     /// it in the store. Fails with `address_exhausted` when every address is held.
-    async fn allocate(
+    pub(crate) async fn allocate(
         &self,
         store: &dyn Store,
         tenant: &str,

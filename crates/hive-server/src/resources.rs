@@ -118,29 +118,35 @@ impl Served for Service {
     const STATUS_WRITE: Role = Role::PlatformAdmin;
     const RECORD_EVENTS: bool = true;
 
-    fn on_create(
-        st: &AppState,
-        tenant: Option<&str>,
-        obj: &mut Self,
-    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
-        crate::secgroups::service_written(st, tenant, obj)
-    }
-
-    fn on_update(
-        st: &AppState,
-        tenant: Option<&str>,
-        _stored: &Self,
-        obj: &mut Self,
-    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
-        crate::secgroups::service_written(st, tenant, obj)
-    }
-
     fn stamp(by: &str, stored: Option<&Self>, obj: &mut Self) {
         crate::services::stamp(by, stored, obj);
     }
 
     fn keep_server_status(stored: &Self, obj: &mut Self) {
         crate::services::keep_server_status(stored, obj);
+    }
+
+    async fn on_create(st: &AppState, tenant: Option<&str>, obj: &mut Self) -> ApiResult<Hooked> {
+        crate::secgroups::service_written(st, tenant, obj).await?;
+        crate::vips::service_created(st, tenant, obj).await
+    }
+
+    async fn on_update(
+        st: &AppState,
+        tenant: Option<&str>,
+        stored: &Self,
+        obj: &mut Self,
+    ) -> ApiResult<Hooked> {
+        crate::secgroups::service_written(st, tenant, obj).await?;
+        crate::vips::service_updated(st, tenant, stored, obj).await
+    }
+
+    fn on_delete(
+        st: &AppState,
+        tenant: Option<&str>,
+        stored: &Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        crate::vips::service_deleted(st, tenant, stored)
     }
 }
 
@@ -744,8 +750,11 @@ async fn write_once<R: Served>(
         let mut after = serde_json::to_value(&obj).unwrap_or_default();
         let replicas = |v: &mut serde_json::Value| v["spec"]["replicas"].take();
         let (r0, r1) = (replicas(&mut before), replicas(&mut after));
+        // A spec write keeps the status, except what the server fills in (a VIP): no
+        // reason for an Event.
         for v in [&mut before, &mut after] {
             v["revision"] = serde_json::Value::Null;
+            v["status"] = serde_json::Value::Null;
         }
         if before == after && r0 != r1 {
             ops.push(event_op(

@@ -46,6 +46,7 @@ pub fn keep_server_status(stored: &Service, obj: &mut Service) {
     obj.status.template_revision = stored.status.template_revision;
     obj.status.history = stored.status.history.clone();
     obj.status.rollout.promoted = stored.status.rollout.promoted;
+    obj.status.vip = stored.status.vip.clone();
 }
 
 impl From<RolloutError> for ApiError {

@@ -1830,3 +1830,134 @@ async fn writes_fenced_to_a_leaders_term_fail_once_the_term_is_over() {
         StatusCode::UNPROCESSABLE_ENTITY
     );
 }
+
+#[tokio::test]
+async fn services_get_a_vip_that_instances_never_get_and_deleting_releases_it() {
+    let h = harness().await;
+    h.tenant("acme").await;
+    let admin = h.token("acme", "tenant-admin").await;
+    h.ok(
+        Method::POST,
+        &net_path("acme"),
+        &admin,
+        Some(json!({"name": "tiny", "spec": {"subnet": "10.50.0.0/29"}})),
+    )
+    .await;
+    let svcs = svc_path("acme");
+    // What a client says about the VIP is ignored.
+    let made = h
+        .ok(
+            Method::POST,
+            &svcs,
+            &admin,
+            Some(json!({"name": "web", "spec": {"replicas": 1, "template": {"image": "busybox", "network": "tiny"}},
+                "status": {"vip": "10.50.0.6"}})),
+        )
+        .await;
+    assert_eq!(made["status"]["vip"], "10.50.0.2", "{made}");
+    let uid = made["uid"].as_str().unwrap().to_owned();
+    let claim = h.store.get("/t/acme/ipam/tiny/10.50.0.2").await.unwrap().kv;
+    assert_eq!(claim.unwrap().value, uid.as_bytes());
+    // An instance bound to the network gets another address.
+    let inst_path = "/api/v1/tenants/acme/instances";
+    h.ok(
+        Method::POST,
+        inst_path,
+        &h.admin,
+        Some(
+            json!({"name": "i0", "spec": {"service": "web", "node": "n1",
+            "template": {"image": "busybox", "network": "tiny"}}}),
+        ),
+    )
+    .await;
+    let i0 = h
+        .ok(Method::GET, &format!("{inst_path}/i0"), &h.admin, None)
+        .await;
+    assert_eq!(i0["spec"]["network"]["ip"], "10.50.0.3", "{i0}");
+    // Spec updates and status writes keep it.
+    let mut upd = made.clone();
+    upd["revision"] = json!(0);
+    upd["spec"]["replicas"] = json!(3);
+    upd["status"]["vip"] = json!("10.50.0.5");
+    let r = h
+        .ok(Method::PUT, &format!("{svcs}/web"), &admin, Some(upd))
+        .await;
+    assert_eq!(r["status"]["vip"], "10.50.0.2", "{r}");
+    let mut st = r.clone();
+    st["revision"] = json!(0);
+    st["status"]["vip"] = json!("10.50.0.5");
+    let r = h
+        .ok(
+            Method::PUT,
+            &format!("{svcs}/web/status"),
+            &h.admin,
+            Some(st),
+        )
+        .await;
+    assert_eq!(r["status"]["vip"], "10.50.0.2", "{r}");
+    // Another network: the VIP moves, the old claim goes in the same write.
+    let mut moved = r.clone();
+    moved["revision"] = json!(0);
+    moved["spec"]["template"]["network"] = json!("default");
+    let r = h
+        .ok(Method::PUT, &format!("{svcs}/web"), &admin, Some(moved))
+        .await;
+    assert_eq!(r["status"]["vip"], "10.88.0.2", "{r}");
+    assert!(
+        h.store
+            .get("/t/acme/ipam/tiny/10.50.0.2")
+            .await
+            .unwrap()
+            .kv
+            .is_none()
+    );
+    // A network that does not exist yet: no VIP; once it exists, a spec write (what the
+    // service controller sends) gives one.
+    let lazy = h
+        .ok(
+            Method::POST,
+            &svcs,
+            &admin,
+            Some(json!({"name": "lazy", "spec": {"replicas": 0, "template": {"image": "busybox", "network": "later"}}})),
+        )
+        .await;
+    assert!(lazy["status"]["vip"].is_null(), "{lazy}");
+    h.ok(
+        Method::POST,
+        &net_path("acme"),
+        &admin,
+        Some(json!({"name": "later", "spec": {"subnet": "10.60.0.0/24"}})),
+    )
+    .await;
+    let events_before = h
+        .ok(Method::GET, "/api/v1/tenants/acme/events", &admin, None)
+        .await["items"]
+        .as_array()
+        .unwrap()
+        .len();
+    let r = h
+        .ok(Method::PUT, &format!("{svcs}/lazy"), &admin, Some(lazy))
+        .await;
+    assert_eq!(r["status"]["vip"], "10.60.0.2", "{r}");
+    let events_after = h
+        .ok(Method::GET, "/api/v1/tenants/acme/events", &admin, None)
+        .await["items"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(
+        events_before, events_after,
+        "an unchanged spec records no event"
+    );
+    // Deleting releases.
+    for s in ["web", "lazy"] {
+        h.ok(Method::DELETE, &format!("{svcs}/{s}"), &admin, None)
+            .await;
+    }
+    for key in [
+        "/t/acme/ipam/default/10.88.0.2",
+        "/t/acme/ipam/later/10.60.0.2",
+    ] {
+        assert!(h.store.get(key).await.unwrap().kv.is_none(), "{key}");
+    }
+}

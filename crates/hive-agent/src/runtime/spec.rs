@@ -294,6 +294,29 @@ fn build_err(id: &str) -> impl Fn(oci_spec::OciSpecError) -> SpecError + '_ {
     }
 }
 
+/// Bind-mounts `file` read-only over the container's `/etc/resolv.conf` (its instance's
+/// resolver, see `discovery`).
+pub fn mount_resolv_conf(spec: &mut Spec, id: &str, file: &Path) -> Result<(), SpecError> {
+    let m = oci_spec::runtime::MountBuilder::default()
+        .destination("/etc/resolv.conf")
+        .typ("bind")
+        .source(file)
+        .options(vec![
+            "rbind".to_owned(),
+            "ro".to_owned(),
+            "nosuid".to_owned(),
+            "nodev".to_owned(),
+            "noexec".to_owned(),
+        ])
+        .build()
+        .map_err(build_err(id))?;
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    mounts.retain(|x| x.destination() != Path::new("/etc/resolv.conf"));
+    mounts.push(m);
+    spec.set_mounts(Some(mounts));
+    Ok(())
+}
+
 /// The whole spec.
 pub fn build(cfg: &ContainerConfig) -> Result<Spec, SpecError> {
     let id = cfg.id.as_str();

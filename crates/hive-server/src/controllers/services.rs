@@ -243,12 +243,30 @@ impl Reconciler {
             .filter(|i| i.spec.service == name)
             .cloned()
             .collect();
-        let Some(svc) = svc else {
+        let Some(mut svc) = svc else {
             for i in mine {
                 self.delete(&i.name).await?;
             }
             return Ok(());
         };
+        // A service made before VIPs existed (or before its network) has none: writing its
+        // spec back unchanged lets the server allocate one. Only once an instance was placed
+        // on the network (so it exists), under the cached revision (a stale cache gets a
+        // 409 and never overwrites a user's change).
+        if svc.status.vip.is_empty() && mine.iter().any(|i| i.spec.network.is_some()) {
+            match self.client.update(tenant, &svc).await {
+                Ok(written) => {
+                    self.services
+                        .lock()
+                        .await
+                        .insert(name.to_owned(), written.clone());
+                    svc = written;
+                }
+                Err(e) => {
+                    tracing::debug!(tenant = %self.tenant, service = %name, error = %e, "give the service a vip")
+                }
+            }
+        }
         // An instance is current when made from the template the service has now (whatever
         // its revision label says: an undo to an older template makes its instances
         // current again).

@@ -525,7 +525,9 @@ pub async fn token(ctx: &Ctx, cmd: TokenCmd) -> Result<()> {
     }
 }
 
-const SERVICE_HEADERS: &[&str] = &["NAME", "IMAGE", "REPLICAS", "READY", "REVISION", "AGE"];
+const SERVICE_HEADERS: &[&str] = &[
+    "NAME", "IMAGE", "REPLICAS", "READY", "VIP", "REVISION", "AGE",
+];
 
 fn service_row(s: &Service) -> Vec<String> {
     vec![
@@ -533,6 +535,11 @@ fn service_row(s: &Service) -> Vec<String> {
         s.spec.template.image.clone(),
         s.spec.replicas.to_string(),
         format!("{}/{}", s.status.ready_replicas, s.spec.replicas),
+        if s.status.vip.is_empty() {
+            "-".to_owned()
+        } else {
+            s.status.vip.clone()
+        },
         s.revision.to_string(),
         age(s.created_at),
     ]

@@ -1,0 +1,352 @@
+//! Service discovery on this node: for every instance placed here, the VIPs of its
+//! tenant's services on its network (balanced inside its namespace over the services' ready
+//! instances, by [`hive_net::NodeNet::set_service_routes`]) and a resolver answering its
+//! tenant's names ([`hive_net::NodeNet::serve_dns`]), with the container's
+//! `/etc/resolv.conf` pointing at it.
+//!
+//! What an instance sees is a function of its network (VNI: unique platform-wide, so one
+//! tenant's) alone: one [`View`] per network with instances here, recomputed from the
+//! caches of services and instances on every pass of the sync loop and applied to the
+//! instances whose view changed. A starting container gets the current view before it
+//! starts ([`prepare`]). Only services of the same tenant and network are ever in a view:
+//! another tenant's names are NXDOMAIN, its VIPs mean nothing here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use hive_api::{Instance, InstancePhase, Service};
+use hive_net::{DnsZone, NodeNet, Protocol, ServiceRoute, SrvTarget};
+
+/// What the instances of one network see.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    pub routes: Vec<ServiceRoute>,
+    pub zone: DnsZone,
+}
+
+/// The current view of each network with instances here, by VNI (shared with start tasks).
+pub type Views = Arc<Mutex<HashMap<u32, Arc<View>>>>;
+
+/// The domain of a tenant's names.
+pub fn domain(tenant: &str) -> String {
+    format!("{tenant}.hive")
+}
+
+fn proto(p: hive_api::Protocol) -> Protocol {
+    match p {
+        hive_api::Protocol::Tcp => Protocol::Tcp,
+        hive_api::Protocol::Udp => Protocol::Udp,
+    }
+}
+
+/// Whether `i` takes connections for its service: running, ready, with an address.
+fn serving(i: &Instance) -> Option<Ipv4Addr> {
+    let n = i.spec.network.as_ref()?;
+    (i.status.ready && i.status.phase == InstancePhase::Running)
+        .then(|| n.ip.parse().ok())
+        .flatten()
+}
+
+/// The view of network `vni` (named `network`) of `tenant`: its services with a VIP, their
+/// ready instances on that network, and the names of both.
+pub fn view(
+    tenant: &str,
+    network: &str,
+    vni: u32,
+    services: &[Service],
+    instances: &[Instance],
+) -> View {
+    let mut v = View {
+        zone: DnsZone {
+            domain: domain(tenant),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut by_service: BTreeMap<&str, Vec<(&str, Ipv4Addr)>> = BTreeMap::new();
+    for i in instances {
+        if i.tenant != tenant || i.spec.network.as_ref().is_none_or(|n| n.vni != vni) {
+            continue;
+        }
+        if let Some(ip) = serving(i) {
+            by_service
+                .entry(i.spec.service.as_str())
+                .or_default()
+                .push((i.name.as_str(), ip));
+        }
+    }
+    for s in services {
+        if s.tenant != tenant || s.spec.template.network() != network {
+            continue;
+        }
+        let Ok(vip) = s.status.vip.parse::<Ipv4Addr>() else {
+            continue;
+        };
+        let mut backends = by_service.remove(s.name.as_str()).unwrap_or_default();
+        backends.sort();
+        let mut ports: Vec<(Protocol, u16)> = s
+            .spec
+            .template
+            .ports
+            .iter()
+            .map(|p| (proto(p.protocol), p.container_port))
+            .collect();
+        ports.sort();
+        ports.dedup();
+        let mut ips: Vec<Ipv4Addr> = backends.iter().map(|(_, ip)| *ip).collect();
+        ips.sort();
+        ips.dedup();
+        v.routes.push(ServiceRoute {
+            vip,
+            ports: ports.clone(),
+            backends: ips,
+        });
+        v.zone.a.insert(s.name.clone(), vec![vip]);
+        for (name, ip) in &backends {
+            v.zone.a.insert(format!("{name}.{}", s.name), vec![*ip]);
+        }
+        for (p, port) in &ports {
+            let p = match p {
+                Protocol::Tcp => "tcp",
+                Protocol::Udp => "udp",
+            };
+            v.zone.srv.insert(
+                format!("_{port}._{p}.{}", s.name),
+                backends
+                    .iter()
+                    .map(|(name, _)| SrvTarget {
+                        port: *port,
+                        target: format!("{name}.{}", s.name),
+                    })
+                    .collect(),
+            );
+        }
+    }
+    v.routes.sort();
+    // Two services claiming one VIP (a corrupt store) must not fail the whole table.
+    v.routes.dedup_by_key(|r| r.vip);
+    v
+}
+
+/// The `/etc/resolv.conf` of an instance of `tenant`.
+pub fn resolv_conf(tenant: &str) -> String {
+    format!(
+        "nameserver {}\nsearch {}\noptions ndots:1\n",
+        hive_net::RESOLVER_ADDR,
+        domain(tenant)
+    )
+}
+
+/// Before a container starts: its network's current view in its namespace, and its
+/// `resolv.conf` written into `dir` (returned, for the spec to bind-mount).
+pub async fn prepare(
+    net: &NodeNet,
+    views: &Views,
+    id: &str,
+    tenant: &str,
+    vni: u32,
+    dir: &Path,
+) -> Result<PathBuf, String> {
+    let view = views
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&vni)
+        .cloned();
+    let view = view.unwrap_or_else(|| {
+        Arc::new(View {
+            zone: DnsZone {
+                domain: domain(tenant),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+    });
+    net.set_service_routes(id, &view.routes)
+        .await
+        .map_err(|e| e.to_string())?;
+    net.serve_dns(id, view.zone.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let path = dir.join("resolv.conf");
+    std::fs::write(&path, resolv_conf(tenant))
+        .map_err(|e| format!("write {}: {e}", path.display()))?;
+    Ok(path)
+}
+
+/// What the sync loop keeps between passes.
+#[derive(Debug, Default)]
+pub struct ServiceState {
+    pub views: Views,
+    /// The view last applied to each local instance (by uid).
+    applied: HashMap<String, Arc<View>>,
+}
+
+impl ServiceState {
+    /// Recomputes the view of every network with instances here and applies the changed
+    /// ones. `here`: the instances placed here (uid → instance); `all`: every instance on a
+    /// network; `services`: every tenant's services (tenant → services).
+    pub async fn sync(
+        &mut self,
+        net: &NodeNet,
+        here: &BTreeMap<String, &Instance>,
+        all: &[Instance],
+        services: &HashMap<String, Vec<Service>>,
+    ) {
+        let mut views: HashMap<u32, Arc<View>> = HashMap::new();
+        for i in here.values() {
+            let Some(n) = &i.spec.network else { continue };
+            if views.contains_key(&n.vni) {
+                continue;
+            }
+            let svcs = services.get(&i.tenant).map_or(&[][..], |s| s.as_slice());
+            let v = view(&i.tenant, &n.name, n.vni, svcs, all);
+            let v = match self
+                .views
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&n.vni)
+            {
+                Some(old) if **old == v => old.clone(),
+                _ => Arc::new(v),
+            };
+            views.insert(n.vni, v);
+        }
+        *self.views.lock().unwrap_or_else(|e| e.into_inner()) = views.clone();
+        self.applied.retain(|id, _| here.contains_key(id));
+        let mut work = Vec::new();
+        for (id, i) in here {
+            let Some(v) = i.spec.network.as_ref().and_then(|n| views.get(&n.vni)) else {
+                continue;
+            };
+            if self
+                .applied
+                .get(id)
+                .is_some_and(|a| Arc::ptr_eq(a, v) || a == v)
+            {
+                continue;
+            }
+            let (id, v) = (id.clone(), v.clone());
+            work.push(async move {
+                // No namespace yet (its start is under way): the start applies the view.
+                let r = async {
+                    net.set_service_routes(&id, &v.routes).await?;
+                    net.serve_dns(&id, v.zone.clone()).await
+                }
+                .await;
+                (id, v, r)
+            });
+        }
+        for (id, v, r) in futures_util::future::join_all(work).await {
+            match r {
+                Ok(()) => {
+                    self.applied.insert(id, v);
+                }
+                Err(e) => tracing::debug!(instance = %id, error = %e, "service routes"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hive_api::{InstanceNetwork, PortSpec};
+
+    fn svc(tenant: &str, name: &str, vip: &str, network: Option<&str>) -> Service {
+        let mut s = Service {
+            name: name.into(),
+            tenant: tenant.into(),
+            ..Default::default()
+        };
+        s.status.vip = vip.into();
+        s.spec.template.network = network.map(str::to_owned);
+        s.spec.template.ports = vec![
+            PortSpec {
+                container_port: 80,
+                ..Default::default()
+            },
+            PortSpec {
+                container_port: 53,
+                protocol: hive_api::Protocol::Udp,
+                published_port: None,
+            },
+        ];
+        s
+    }
+
+    fn inst(tenant: &str, name: &str, service: &str, vni: u32, ip: &str, ready: bool) -> Instance {
+        let mut i = Instance {
+            name: name.into(),
+            tenant: tenant.into(),
+            ..Default::default()
+        };
+        i.spec.service = service.into();
+        i.spec.network = Some(InstanceNetwork {
+            name: "default".into(),
+            vni,
+            ip: ip.into(),
+            prefix_len: 16,
+            gateway: "10.88.0.1".into(),
+            mac: "02:48:0a:58:00:09".into(),
+        });
+        i.status.ready = ready;
+        i.status.phase = InstancePhase::Running;
+        i
+    }
+
+    #[test]
+    fn a_view_holds_the_tenants_services_on_its_network_and_their_ready_instances() {
+        let services = [
+            svc("acme", "web", "10.88.0.2", None),
+            svc("acme", "db", "10.50.0.2", Some("backend")),
+            svc("acme", "novip", "", None),
+        ];
+        let instances = [
+            inst("acme", "web-a", "web", 5000, "10.88.0.5", true),
+            inst("acme", "web-b", "web", 5000, "10.88.0.4", true),
+            inst("acme", "web-c", "web", 5000, "10.88.0.6", false),
+            // Another tenant's instance with the same service name, VNI differs.
+            inst("blue", "web-x", "web", 6000, "10.88.0.7", true),
+        ];
+        let v = view("acme", "default", 5000, &services, &instances);
+        assert_eq!(
+            v.routes,
+            [ServiceRoute {
+                vip: "10.88.0.2".parse().unwrap(),
+                ports: vec![(Protocol::Tcp, 80), (Protocol::Udp, 53)],
+                backends: vec!["10.88.0.4".parse().unwrap(), "10.88.0.5".parse().unwrap()],
+            }]
+        );
+        assert_eq!(v.zone.domain, "acme.hive");
+        assert_eq!(v.zone.a["web"], ["10.88.0.2".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(
+            v.zone.a["web-a.web"],
+            ["10.88.0.5".parse::<Ipv4Addr>().unwrap()]
+        );
+        assert!(!v.zone.a.contains_key("web-c.web"), "unready");
+        assert!(!v.zone.a.contains_key("db"), "another network");
+        assert!(!v.zone.a.contains_key("novip"));
+        let srv: Vec<&str> = v.zone.srv["_80._tcp.web"]
+            .iter()
+            .map(|t| t.target.as_str())
+            .collect();
+        assert_eq!(srv, ["web-a.web", "web-b.web"]);
+        assert!(v.zone.srv.contains_key("_53._udp.web"));
+        // The other tenant, even with an instance of a same-named service, sees nothing of
+        // acme's.
+        let b = view("blue", "default", 6000, &services, &instances);
+        assert!(b.routes.is_empty() && b.zone.a.is_empty(), "{b:?}");
+        assert_eq!(b.zone.domain, "blue.hive");
+    }
+
+    #[test]
+    fn resolv_conf_points_at_the_namespace_resolver() {
+        assert_eq!(
+            resolv_conf("acme"),
+            "nameserver 127.0.0.53\nsearch acme.hive\noptions ndots:1\n"
+        );
+    }
+}
