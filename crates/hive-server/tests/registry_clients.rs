@@ -380,20 +380,7 @@ async fn skopeo_and_podman_push_and_pull_through_tenant_auth() {
     assert!(!o.ok, "login with a wrong token succeeded");
 
     // podman: login, pull, tag, push to another repository, private storage.
-    let root = tmp.path().join("podman-root");
-    let runroot = tmp.path().join("podman-run");
-    let pod = |args: &[&str]| {
-        let mut v: Vec<String> = vec![
-            "--root".into(),
-            root.display().to_string(),
-            "--runroot".into(),
-            runroot.display().to_string(),
-            "--storage-driver".into(),
-            "vfs".into(),
-        ];
-        v.extend(args.iter().map(|s| s.to_string()));
-        v
-    };
+    let pod = |args: &[&str]| podman_args(tmp.path(), args);
     let podman = |args: Vec<String>| async move {
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         must("podman", &a, &env).await
@@ -447,6 +434,20 @@ async fn skopeo_and_podman_push_and_pull_through_tenant_auth() {
     .await;
     assert!(listed.contains("\"2\""), "{listed}");
     srv.stop().await;
+}
+
+/// podman's arguments with private storage under `dir` (vfs, no system store touched).
+fn podman_args(dir: &Path, args: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "--root".into(),
+        dir.join("podman-root").display().to_string(),
+        "--runroot".into(),
+        dir.join("podman-run").display().to_string(),
+        "--storage-driver".into(),
+        "vfs".into(),
+    ];
+    v.extend(args.iter().map(|s| s.to_string()));
+    v
 }
 
 /// Writes `bytes` as a blob of the OCI layout at `dir`; returns its descriptor's digest.
@@ -733,20 +734,7 @@ async fn index_artifact_public_quota_and_gc_through_real_clients() {
     )
     .await;
     assert!(o.ok, "anonymous pull of a public repository: {}", o.stderr);
-    let root = tmp.path().join("podman-root");
-    let runroot = tmp.path().join("podman-run");
-    let pod = |args: &[&str]| {
-        let mut v: Vec<String> = vec![
-            "--root".into(),
-            root.display().to_string(),
-            "--runroot".into(),
-            runroot.display().to_string(),
-            "--storage-driver".into(),
-            "vfs".into(),
-        ];
-        v.extend(args.iter().map(|s| s.to_string()));
-        v
-    };
+    let pod = |args: &[&str]| podman_args(tmp.path(), args);
     let args = pod(&[
         "pull",
         "-q",

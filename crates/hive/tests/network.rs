@@ -10,9 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{
-    Cleanup, Cluster, admin_token, busybox_layout, hive, json, ok, push_test_image, until,
-};
+use common::{hive, json, ok, until};
 use serde_json::Value;
 
 fn instances(cfg: &Path, tenant: &str) -> Vec<Value> {
@@ -74,38 +72,8 @@ fn captured_while(pid: u64, pattern: &str, act: impl FnOnce()) -> usize {
 #[test]
 fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("cli.json");
-    let _cleanup: Vec<Cleanup> = (1..=3)
-        .map(|i| Cleanup {
-            agent_dir: dir.path().join(format!("n{i}")),
-        })
-        .collect();
-    let cluster = Cluster::new();
-    let server = cluster.start_server(&dir.path().join("server"), dir.path(), &[]);
-    let token = admin_token(&dir.path().join("server"));
-    ok(&cfg, &["login", "--server", &server.url, "--token", &token]);
-    let host = server.url.trim_start_matches("http://").to_owned();
-    let layout = busybox_layout(dir.path());
-    for t in ["red", "blue"] {
-        ok(&cfg, &["tenant", "create", t]);
-        push_test_image(
-            &cluster.hub,
-            &layout,
-            &host,
-            &token,
-            &format!("{t}/busybox"),
-        );
-    }
-    let agents: Vec<_> = (1..=3)
-        .map(|i| {
-            cluster.start_agent(
-                &server.url,
-                &token,
-                &format!("n{i}"),
-                &dir.path().join(format!("n{i}")),
-            )
-        })
-        .collect();
+    let tt = common::TwoTenants::start(dir.path(), 3);
+    let (cfg, cluster, host) = (&tt.cfg, &tt.cluster, &tt.host);
     // Both tenants' default networks are 10.88.0.0/16, on different VNIs.
     let vni = |t: &str| {
         json(&cfg, &["--tenant", t, "network", "ls"])[0]["status"]["vni"]
@@ -466,6 +434,5 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
             ours == 0 && files == 0 && !tables_left && classes <= 2
         })
     });
-    drop(agents);
-    drop(server);
+    drop(tt);
 }

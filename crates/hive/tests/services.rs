@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Cleanup, Cluster, admin_token, busybox_layout, json, ok, push_test_image, until};
+use common::{json, ok, until};
 use serde_json::Value;
 
 fn instances(cfg: &Path, tenant: &str) -> Vec<Value> {
@@ -82,38 +82,8 @@ fn running(cfg: &Path, tenant: &str, service: &str) -> Vec<(String, String, u64,
 #[test]
 fn services_resolve_and_balance_within_their_tenant_only() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("cli.json");
-    let _cleanup: Vec<Cleanup> = (1..=2)
-        .map(|i| Cleanup {
-            agent_dir: dir.path().join(format!("n{i}")),
-        })
-        .collect();
-    let cluster = Cluster::new();
-    let server = cluster.start_server(&dir.path().join("server"), dir.path(), &[]);
-    let token = admin_token(&dir.path().join("server"));
-    ok(&cfg, &["login", "--server", &server.url, "--token", &token]);
-    let host = server.url.trim_start_matches("http://").to_owned();
-    let layout = busybox_layout(dir.path());
-    for t in ["red", "blue"] {
-        ok(&cfg, &["tenant", "create", t]);
-        push_test_image(
-            &cluster.hub,
-            &layout,
-            &host,
-            &token,
-            &format!("{t}/busybox"),
-        );
-    }
-    let agents: Vec<_> = (1..=2)
-        .map(|i| {
-            cluster.start_agent(
-                &server.url,
-                &token,
-                &format!("n{i}"),
-                &dir.path().join(format!("n{i}")),
-            )
-        })
-        .collect();
+    let tt = common::TwoTenants::start(dir.path(), 2);
+    let (cfg, cluster, host) = (&tt.cfg, &tt.cluster, &tt.host);
     let image = |t: &str| format!("{host}/{t}/busybox:test");
     let create = |t: &str, name: &str, extra: &[&str], cmd: &str| {
         let img = image(t);
@@ -308,6 +278,5 @@ fn services_resolve_and_balance_within_their_tenant_only() {
     });
     let claims = json(&cfg, &["--tenant", "red", "service", "ls"]);
     assert!(claims.as_array().unwrap().is_empty());
-    drop(agents);
-    drop(server);
+    drop(tt);
 }

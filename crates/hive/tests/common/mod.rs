@@ -480,3 +480,61 @@ pub fn push_test_image(ns: &Netns, layout: &Path, host: &str, token: &str, repo:
     );
     image
 }
+
+/// `hive server` in a [`Cluster`]'s hub with `nodes` agents (`n1`…), tenants `red` and `blue`
+/// each with the busybox test image pushed, and a CLI config (`cfg`) logged in as the
+/// platform admin. Dropped in field order: agents, server, leftovers, namespaces.
+pub struct TwoTenants {
+    pub agents: Vec<Up>,
+    pub server: Up,
+    _cleanup: Vec<Cleanup>,
+    pub cluster: Cluster,
+    pub cfg: PathBuf,
+    /// `host:port` of the server (and its registry).
+    pub host: String,
+}
+
+impl TwoTenants {
+    pub fn start(dir: &Path, nodes: usize) -> TwoTenants {
+        let cfg = dir.join("cli.json");
+        let cleanup: Vec<Cleanup> = (1..=nodes)
+            .map(|i| Cleanup {
+                agent_dir: dir.join(format!("n{i}")),
+            })
+            .collect();
+        let cluster = Cluster::new();
+        let server = cluster.start_server(&dir.join("server"), dir, &[]);
+        let token = admin_token(&dir.join("server"));
+        ok(&cfg, &["login", "--server", &server.url, "--token", &token]);
+        let host = server.url.trim_start_matches("http://").to_owned();
+        let layout = busybox_layout(dir);
+        for t in ["red", "blue"] {
+            ok(&cfg, &["tenant", "create", t]);
+            push_test_image(
+                &cluster.hub,
+                &layout,
+                &host,
+                &token,
+                &format!("{t}/busybox"),
+            );
+        }
+        let agents = (1..=nodes)
+            .map(|i| {
+                cluster.start_agent(
+                    &server.url,
+                    &token,
+                    &format!("n{i}"),
+                    &dir.join(format!("n{i}")),
+                )
+            })
+            .collect();
+        TwoTenants {
+            agents,
+            server,
+            _cleanup: cleanup,
+            cluster,
+            cfg,
+            host,
+        }
+    }
+}
