@@ -76,7 +76,7 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
     let (cfg, cluster, host) = (&tt.cfg, &tt.cluster, &tt.host);
     // Both tenants' default networks are 10.88.0.0/16, on different VNIs.
     let vni = |t: &str| {
-        json(&cfg, &["--tenant", t, "network", "ls"])[0]["status"]["vni"]
+        json(cfg, &["--tenant", t, "network", "ls"])[0]["status"]["vni"]
             .as_u64()
             .unwrap()
     };
@@ -94,11 +94,11 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
         args.extend(["--replicas", "3"]);
         args.extend(shaped);
         args.extend(["--", "sleep", "100000"]);
-        ok(&cfg, &args);
+        ok(cfg, &args);
     }
     // (node, ip, pid) of each tenant's running instances, once all six run on all nodes.
     let placed = |t: &str| -> Vec<(String, String, u64)> {
-        let mut v: Vec<_> = instances(&cfg, t)
+        let mut v: Vec<_> = instances(cfg, t)
             .iter()
             .filter(|i| i["status"]["phase"] == "running" && i["status"]["ip"].is_string())
             .map(|i| {
@@ -128,7 +128,7 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
         assert!(
             t0.elapsed() < Duration::from_secs(90),
             "not all running with addresses: red {r:?} blue {b:?}\n{:#?}",
-            instances(&cfg, "red")
+            instances(cfg, "red")
         );
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -230,11 +230,11 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
     let red_cli = |args: &[&str]| {
         let mut a = vec!["--tenant", "red"];
         a.extend_from_slice(args);
-        ok(&cfg, &a)
+        ok(cfg, &a)
     };
     let image = format!("{host}/red/busybox:test");
     let out = hive(
-        &cfg,
+        cfg,
         &[
             "--tenant",
             "red",
@@ -266,7 +266,7 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
         ]);
     }
     let running = |svc: &str| -> Option<(String, u64)> {
-        instances(&cfg, "red").iter().find_map(|i| {
+        instances(cfg, "red").iter().find_map(|i| {
             (i["spec"]["service"] == svc && i["status"]["phase"] == "running")
                 .then(|| {
                     Some((
@@ -301,7 +301,7 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
         reaches(stranger)
     });
     eprintln!("security group change in force after {:?}", t0.elapsed());
-    let out = hive(&cfg, &["--tenant", "red", "secgroup", "rm", "friends"]);
+    let out = hive(cfg, &["--tenant", "red", "secgroup", "rm", "friends"]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("still used"),
         "deleting a group in use: {out:?}"
@@ -316,7 +316,7 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
     let mut served = Vec::new();
     for (t, node_port) in [("red", "8080"), ("blue", "8081")] {
         ok(
-            &cfg,
+            cfg,
             &[
                 "--tenant",
                 t,
@@ -341,7 +341,7 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
     for (t, node_port) in &served {
         let t0 = Instant::now();
         let (node, pid) = loop {
-            let i = instances(&cfg, t)
+            let i = instances(cfg, t)
                 .into_iter()
                 .find(|i| i["spec"]["service"] == "www" && i["status"]["phase"] == "running");
             if let Some(i) = i {
@@ -374,7 +374,7 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
         until(
             10,
             &format!("{t}: the client's address in the server's log"),
-            || ok(&cfg, &["--tenant", t, "logs", "www"]).contains(&client_ip),
+            || ok(cfg, &["--tenant", t, "logs", "www"]).contains(&client_ip),
         );
         // The instance reaches neither the node's own address nor the other node's.
         for target in [&node_ip, &client_ip] {
@@ -400,8 +400,8 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
 
     // Scaled to zero: every port, namespace, router and network is gone from every node.
     for t in ["red", "blue"] {
-        ok(&cfg, &["--tenant", t, "scale", "web", "0"]);
-        ok(&cfg, &["--tenant", t, "scale", "www", "0"]);
+        ok(cfg, &["--tenant", t, "scale", "web", "0"]);
+        ok(cfg, &["--tenant", t, "scale", "www", "0"]);
     }
     until(60, "ports, namespaces or networks left behind", || {
         (1..=3).all(|i| {

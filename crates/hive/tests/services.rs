@@ -90,7 +90,7 @@ fn services_resolve_and_balance_within_their_tenant_only() {
         let mut args = vec!["--tenant", t, "service", "create", name, "--image", &img];
         args.extend(extra);
         args.extend(["--", "sh", "-c", cmd]);
-        ok(&cfg, &args);
+        ok(cfg, &args);
     };
     // Blue's service first: its VIP takes the same address red's will (both networks are
     // 10.88.0.0/16, both start allocating at .2).
@@ -114,7 +114,7 @@ fn services_resolve_and_balance_within_their_tenant_only() {
     );
     create("red", "cli", &[], "exec sleep 100000");
     let vip = |t: &str, s: &str| {
-        json(&cfg, &["--tenant", t, "service", "get", s])["status"]["vip"]
+        json(cfg, &["--tenant", t, "service", "get", s])["status"]["vip"]
             .as_str()
             .unwrap_or_default()
             .to_owned()
@@ -127,29 +127,29 @@ fn services_resolve_and_balance_within_their_tenant_only() {
     );
     assert!(!red_vip.is_empty());
     // `service ls` shows it.
-    assert!(ok(&cfg, &["--tenant", "red", "service", "ls"]).contains(&red_vip));
+    assert!(ok(cfg, &["--tenant", "red", "service", "ls"]).contains(&red_vip));
 
     let t0 = Instant::now();
     let ready = || {
-        instances(&cfg, "red")
+        instances(cfg, "red")
             .iter()
             .filter(|i| i["spec"]["service"] == "web" && i["status"]["ready"] == true)
             .count()
     };
     while ready() < 2
-        || running(&cfg, "red", "cli").is_empty()
-        || running(&cfg, "blue", "cli").is_empty()
+        || running(cfg, "red", "cli").is_empty()
+        || running(cfg, "blue", "cli").is_empty()
     {
         assert!(
             t0.elapsed() < Duration::from_secs(90),
             "web not ready or clients not running: {:#?}",
-            instances(&cfg, "red")
+            instances(cfg, "red")
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let webs = running(&cfg, "red", "web");
-    let cli = running(&cfg, "red", "cli").remove(0);
-    let blue_cli = running(&cfg, "blue", "cli").remove(0);
+    let webs = running(cfg, "red", "web");
+    let cli = running(cfg, "red", "cli").remove(0);
+    let blue_cli = running(cfg, "blue", "cli").remove(0);
 
     // Names: the short one (searched) and the full one, A records of the VIP; the SRV of
     // port 80 lists both replicas.
@@ -213,14 +213,14 @@ fn services_resolve_and_balance_within_their_tenant_only() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let before = table();
-    let web_ips: Vec<String> = instances(&cfg, "red")
+    let web_ips: Vec<String> = instances(cfg, "red")
         .iter()
         .filter(|i| i["spec"]["service"] == "web")
         .map(|i| i["status"]["ip"].as_str().unwrap().to_owned())
         .collect();
     assert!(web_ips.iter().all(|ip| before.contains(ip)), "{before}");
     let t0 = Instant::now();
-    ok(&cfg, &["--tenant", "red", "scale", "web", "1"]);
+    ok(cfg, &["--tenant", "red", "scale", "web", "1"]);
     let scaled = t0.elapsed();
     let propagated = loop {
         let now = table();
@@ -248,7 +248,7 @@ fn services_resolve_and_balance_within_their_tenant_only() {
         propagated < Duration::from_secs(1),
         "endpoint change took {propagated:?}"
     );
-    let left: Vec<String> = instances(&cfg, "red")
+    let left: Vec<String> = instances(cfg, "red")
         .iter()
         .filter(|i| i["spec"]["service"] == "web")
         .map(|i| i["name"].as_str().unwrap().to_owned())
@@ -265,7 +265,7 @@ fn services_resolve_and_balance_within_their_tenant_only() {
         ("blue", "db"),
         ("blue", "cli"),
     ] {
-        ok(&cfg, &["--tenant", t, "service", "rm", s]);
+        ok(cfg, &["--tenant", t, "service", "rm", s]);
     }
     until(60, "namespaces left behind", || {
         (1..=2).all(|i| {
@@ -276,7 +276,7 @@ fn services_resolve_and_balance_within_their_tenant_only() {
                 .all(|e| !e.file_name().to_string_lossy().starts_with(&ns.prefix))
         })
     });
-    let claims = json(&cfg, &["--tenant", "red", "service", "ls"]);
+    let claims = json(cfg, &["--tenant", "red", "service", "ls"]);
     assert!(claims.as_array().unwrap().is_empty());
     drop(tt);
 }
