@@ -4,6 +4,7 @@
 //! into a cache, a de-duplicating queue of keys, one reconcile per key at a time, and
 //! reconcilers that are correct when they see an object twice or miss a state in between.
 
+pub mod events;
 pub mod nodes;
 pub mod scheduler;
 pub mod services;

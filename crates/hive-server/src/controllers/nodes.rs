@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use hive_api::{Event, EventType, Instance, Node, ObjectRef, Tenant};
+use hive_api::{EventType, Instance, Node, Tenant};
 use hive_client::reflector::{Store, reflect_synced};
 use hive_client::{Client, ClientError};
 use tokio::sync::{Mutex, mpsc, watch};
@@ -142,8 +142,8 @@ impl NodeController {
     }
 }
 
-/// Records a Warning Event in `tenant` from a controller. Best effort: an event that cannot
-/// be written is logged, never a reason to stop.
+/// Records a Warning Event in `tenant` from the node controller. Best effort: an event that
+/// cannot be written is logged, never a reason to stop.
 pub async fn record(
     client: &Client,
     tenant: &str,
@@ -152,22 +152,15 @@ pub async fn record(
     name: &str,
     message: String,
 ) {
-    let millis = Utc::now().timestamp_millis().max(0) as u64;
-    let ev = Event {
-        name: format!("{:016x}-{:04x}", millis << 16, rand::random::<u16>()),
-        type_: EventType::Warning,
-        reason: reason.to_owned(),
-        object: ObjectRef {
-            kind: kind.to_owned(),
-            name: name.to_owned(),
-        },
-        message: message.chars().take(4000).collect(),
-        source: "node-controller".to_owned(),
-        ..Default::default()
-    };
-    if let Err(e) = client.create(Some(tenant), &ev).await {
-        tracing::warn!(%tenant, %reason, error = %e, "record event");
-    }
+    let ev = super::events::new_event(
+        EventType::Warning,
+        "node-controller",
+        reason,
+        kind,
+        name,
+        message,
+    );
+    super::events::create(client, tenant, &ev).await;
 }
 
 #[cfg(test)]

@@ -58,6 +58,10 @@ pub struct ServerArgs {
     /// are replaced elsewhere (agents renew every 5 s).
     #[arg(long, default_value_t = hive_server::controllers::nodes::DEFAULT_GRACE.as_secs())]
     pub node_grace_secs: u64,
+    /// Seconds a node the scheduler took from the shared pool for a tenant may run nothing
+    /// before it goes back to the pool (nodes bound by the operator are never returned).
+    #[arg(long, default_value_t = hive_server::controllers::scheduler::DEFAULT_POOL_GRACE.as_secs())]
+    pub pool_grace_secs: u64,
 }
 
 /// Where this node's tenant networks meet the underlay.
@@ -183,7 +187,11 @@ async fn start(args: &ServerArgs) -> Result<Launched> {
         )
         .run(),
     );
-    tokio::spawn(hive_server::controllers::Scheduler::new(controller_client).run());
+    tokio::spawn(
+        hive_server::controllers::Scheduler::new(controller_client)
+            .with_pool_grace(Duration::from_secs(args.pool_grace_secs))
+            .run(),
+    );
     tracing::info!(
         url = %launched.url,
         data_dir = %args.data_dir.display(),
