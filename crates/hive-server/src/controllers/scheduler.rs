@@ -203,11 +203,22 @@ impl Scheduler {
         let mut workers: HashMap<String, JoinHandle<()>> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         loop {
-            let change = tokio::select! {
-                c = rx.recv() => match c { Some(c) => Some(c), None => break },
-                _ = tick.tick() => None,
+            // While work is queued, changes are only picked up between batches (not waited
+            // for): a tenant's new instance joins the queue after at most one batch, however
+            // long the queue.
+            let busy = st.complete() && !st.queue.is_empty();
+            let (change, ticked) = if busy {
+                match rx.try_recv() {
+                    Ok(c) => (Some(c), false),
+                    Err(mpsc::error::TryRecvError::Empty) => (None, false),
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            } else {
+                tokio::select! {
+                    c = rx.recv() => match c { Some(c) => (Some(c), false), None => break },
+                    _ = tick.tick() => (None, true),
+                }
             };
-            let ticked = change.is_none();
             let mut changes: Vec<Change> = change.into_iter().collect();
             while let Ok(c) = rx.try_recv() {
                 changes.push(c);
@@ -290,7 +301,7 @@ impl Scheduler {
                 }
             }
             if st.complete() {
-                st.drain(&self.client).await;
+                st.place_batch(&self.client).await;
                 if ticked {
                     st.return_idle_nodes(&self.client).await;
                 }
@@ -423,43 +434,41 @@ impl State {
         }
     }
 
-    /// Places everything queued, tenant by tenant in turn, writing the bindings in batches.
-    async fn drain(&mut self, client: &Client) {
-        loop {
-            let mut batch: Vec<Bind> = Vec::new();
-            while batch.len() < BIND_BATCH {
-                let Some((tenant, name)) = self.queue.pop() else {
-                    break;
-                };
-                let key = (tenant.clone(), name.clone());
-                self.queued.remove(&key);
-                let Some(store) = self.instances.get(&tenant) else {
-                    continue;
-                };
-                let Some(inst) = store.lock().await.get(&name).cloned() else {
-                    continue;
-                };
-                if inst.spec.node.is_some() || self.placed.contains_key(&key) {
-                    continue;
-                }
-                let req = request(&tenant, &inst);
-                match self.cluster.place(&req) {
-                    Ok(placement) => batch.push(Bind {
-                        key,
-                        inst,
-                        req,
-                        placement,
-                    }),
-                    Err(why) => {
-                        self.waiting.insert(key, inst.spec.template.priority);
-                        self.pending(client, &tenant, &inst, "Unschedulable", why.to_string())
-                            .await;
-                    }
+    /// Places the next batch of what is queued, tenant by tenant in turn, and writes the
+    /// bindings. The loop calls it again (after taking in changes) while the queue is not empty.
+    async fn place_batch(&mut self, client: &Client) {
+        let mut batch: Vec<Bind> = Vec::new();
+        while batch.len() < BIND_BATCH {
+            let Some((tenant, name)) = self.queue.pop() else {
+                break;
+            };
+            let key = (tenant.clone(), name.clone());
+            self.queued.remove(&key);
+            let Some(store) = self.instances.get(&tenant) else {
+                continue;
+            };
+            let Some(inst) = store.lock().await.get(&name).cloned() else {
+                continue;
+            };
+            if inst.spec.node.is_some() || self.placed.contains_key(&key) {
+                continue;
+            }
+            let req = request(&tenant, &inst);
+            match self.cluster.place(&req) {
+                Ok(placement) => batch.push(Bind {
+                    key,
+                    inst,
+                    req,
+                    placement,
+                }),
+                Err(why) => {
+                    self.waiting.insert(key, inst.spec.template.priority);
+                    self.pending(client, &tenant, &inst, "Unschedulable", why.to_string())
+                        .await;
                 }
             }
-            if batch.is_empty() {
-                return;
-            }
+        }
+        if !batch.is_empty() {
             self.bind(client, batch).await;
         }
     }
