@@ -28,7 +28,7 @@ pub use image::{ImageList, ImageRepository, ImageTag, ImageUpdate, RegistryGcRep
 pub use instance::{Instance, InstancePhase, InstanceSpec, InstanceStatus, ResourceUsage};
 pub use meta::{List, Resource, Scope};
 pub use network::{InstanceNetwork, Ipv4Cidr, Network, NetworkSpec, NetworkStatus};
-pub use node::{Node, NodeCapacity, NodeSpec, NodeStatus};
+pub use node::{Node, NodeCapacity, NodeSpec, NodeStatus, POOL_BOUND_LABEL};
 pub use probe::Probe;
 pub use proxy::{ProxyClaims, ProxyKey, ProxyOp, ProxySigner};
 pub use rollout::{
@@ -37,10 +37,12 @@ pub use rollout::{
 };
 pub use secgroup::{RuleProtocol, SecurityGroup, SecurityGroupSpec, SecurityRule};
 pub use service::{
-    Bandwidth, ContainerSpec, EnvVar, PortSpec, Protocol, PullPolicy, ResourceAmounts, Resources,
-    RestartPolicy, Service, ServiceSpec, ServiceStatus,
+    Bandwidth, ContainerSpec, EnvVar, MAX_PRIORITY, PortSpec, Protocol, PullPolicy,
+    ResourceAmounts, Resources, RestartPolicy, Service, ServiceSpec, ServiceStatus,
 };
-pub use tenant::{Tenant, TenantQuota};
+pub use tenant::{
+    MAX_SCHEDULING_WEIGHT, SCHEDULING_WEIGHT_LABEL, Tenant, TenantQuota, scheduling_weight,
+};
 pub use token::{ApiToken, CreatedToken, Role, TokenCreate, WhoAmI};
 pub use validate::ValidationError;
 pub use watch::{WatchEvent, WatchEventType};

@@ -30,6 +30,13 @@ pub struct Node {
     pub status: NodeStatus,
 }
 
+/// Label the scheduler puts on a pool node when it binds it to a tenant (value: that
+/// tenant). It tells a node bound by the scheduler, which goes back to the pool once it has
+/// run nothing for the pool grace, from one the operator bound (`spec.tenant` written without
+/// this label, or with another tenant in it), which stays bound. The scheduler removes it when
+/// it returns the node; an operator who wants to keep a node the scheduler bound removes it.
+pub const POOL_BOUND_LABEL: &str = "hive.dev/pool-bound";
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSpec {

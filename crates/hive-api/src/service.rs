@@ -113,7 +113,19 @@ pub struct ContainerSpec {
     /// instance (and its published ports, and replies). None: its network reaches it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub security_groups: Vec<String>,
+    /// Order among the tenant's own pending instances: higher is placed first (default 0,
+    /// from -1000 to 1000). It never moves an instance ahead of another tenant's: tenants are
+    /// served in turn whatever their instances' priorities.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
 }
+
+fn is_zero(v: &i32) -> bool {
+    *v == 0
+}
+
+/// Bounds of [`ContainerSpec::priority`].
+pub const MAX_PRIORITY: i32 = 1000;
 
 /// Most bits/s a bandwidth figure may be (1 Tbit/s).
 pub const MAX_BPS: u64 = 1_000_000_000_000;
@@ -345,6 +357,15 @@ impl ServiceSpec {
 impl ContainerSpec {
     pub fn validate(&self, field: &str) -> Result<(), ValidationError> {
         image_reference(&format!("{field}.image"), &self.image)?;
+        if !(-MAX_PRIORITY..=MAX_PRIORITY).contains(&self.priority) {
+            return Err(ValidationError::new(
+                format!("{field}.priority"),
+                format!(
+                    "{} is outside -{MAX_PRIORITY}..={MAX_PRIORITY}",
+                    self.priority
+                ),
+            ));
+        }
         if let Some(p) = &self.readiness {
             p.validate(&format!("{field}.readiness"))?;
         }
@@ -591,6 +612,18 @@ mod tests {
         assert_eq!(s.spec.replicas, 1);
         assert_eq!(s.spec.template.restart_policy, RestartPolicy::Always);
         assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn priority_is_bounded_and_left_out_when_zero() {
+        let mut s = svc(r#"{"name":"web","spec":{"template":{"image":"b","priority":1000}}}"#);
+        assert_eq!(s.spec.template.priority, 1000);
+        assert!(s.validate().is_ok());
+        s.spec.template.priority = -1001;
+        assert_eq!(s.validate().unwrap_err().field, "spec.template.priority");
+        s.spec.template.priority = 0;
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(!json.contains("priority"), "{json}");
     }
 
     #[test]

@@ -55,13 +55,64 @@ impl Resource for Tenant {
     crate::impl_spec_status!(none);
 
     fn validate(&self) -> Result<(), ValidationError> {
-        self.validate_meta()
+        self.validate_meta()?;
+        if let Some(v) = self.labels.get(SCHEDULING_WEIGHT_LABEL)
+            && scheduling_weight(v).is_none()
+        {
+            return Err(ValidationError::new(
+                format!("labels.{SCHEDULING_WEIGHT_LABEL}"),
+                format!("{v:?} is not a whole number from 1 to {MAX_SCHEDULING_WEIGHT}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Label of a tenant that sets its share of the scheduler against other tenants' (1 to
+/// [`MAX_SCHEDULING_WEIGHT`], default 1): a tenant of weight 3 has three of its pending
+/// instances placed for every one of a tenant of weight 1 while both wait. Only the platform
+/// admin writes tenants, so a tenant cannot raise its own.
+pub const SCHEDULING_WEIGHT_LABEL: &str = "hive.dev/scheduling-weight";
+/// Largest scheduling weight.
+pub const MAX_SCHEDULING_WEIGHT: u32 = 100;
+
+/// The weight a value of [`SCHEDULING_WEIGHT_LABEL`] gives, if it is a valid one.
+pub fn scheduling_weight(value: &str) -> Option<u32> {
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|w| (1..=MAX_SCHEDULING_WEIGHT).contains(w))
+}
+
+impl Tenant {
+    /// The tenant's scheduling weight (1 without the label).
+    pub fn scheduling_weight(&self) -> u32 {
+        self.labels
+            .get(SCHEDULING_WEIGHT_LABEL)
+            .and_then(|v| scheduling_weight(v))
+            .unwrap_or(1)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scheduling_weight_label_is_a_bounded_number() {
+        let mut t = Tenant {
+            name: "acme".into(),
+            ..Default::default()
+        };
+        assert_eq!(t.scheduling_weight(), 1);
+        t.labels.insert(SCHEDULING_WEIGHT_LABEL.into(), "3".into());
+        assert!(t.validate().is_ok());
+        assert_eq!(t.scheduling_weight(), 3);
+        for bad in ["0", "101", "x", "-1"] {
+            t.labels.insert(SCHEDULING_WEIGHT_LABEL.into(), bad.into());
+            assert!(t.validate().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn create_body_is_just_a_name() {

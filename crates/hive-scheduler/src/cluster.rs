@@ -205,8 +205,10 @@ impl NodeState {
         let same = self.per_service.get(key).copied().unwrap_or(0);
         let spread = 100.0 / (1.0 + same as f64);
         // Tenants hold whole nodes: fill the tenant's own nodes before taking one from the pool.
+        // More than the other scores can add up to (300), or spreading and balance would take
+        // a fresh pool node while the tenant's own still have room.
         let own = if self.info.tenant.as_deref() == Some(req.tenant.as_str()) {
-            200.0
+            1000.0
         } else {
             0.0
         };
@@ -576,6 +578,20 @@ mod tests {
             !c.unbind_if_empty(&p.node),
             "a node still running something stays bound"
         );
+    }
+
+    #[test]
+    fn a_tenant_fills_its_own_nodes_before_taking_another_from_the_pool() {
+        let mut c = Cluster::new();
+        for i in 0..4 {
+            c.upsert_node(node(&format!("n{i}"), 1000, 8));
+        }
+        // CPU-only requests: spreading and balance alone would prefer an empty pool node.
+        let mut used = BTreeSet::new();
+        for _ in 0..20 {
+            used.insert(c.place(&req("a", "web", 100, 0)).unwrap().node);
+        }
+        assert_eq!(used.len(), 2, "{used:?}");
     }
 
     #[test]

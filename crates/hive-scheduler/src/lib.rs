@@ -10,9 +10,13 @@
 //! - [`FairQueue`] keeps one queue per tenant and serves tenants by weighted round robin
 //!   (deficit round robin with unit costs), highest priority first within a tenant, so one
 //!   tenant's burst cannot delay another's single request.
+//! - [`PoolReturn`] times how long each node the scheduler bound from the pool has been
+//!   empty, so the loop returns it to the pool after a grace.
 
 mod cluster;
+mod pool;
 mod queue;
 
 pub use cluster::{Cluster, NodeInfo, Placement, Reason, Request, Resources, Unschedulable};
+pub use pool::PoolReturn;
 pub use queue::FairQueue;

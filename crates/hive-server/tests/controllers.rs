@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use hive_api::{ContainerSpec, Instance, Service, ServiceSpec, Tenant};
+use hive_api::{ContainerSpec, Event, Instance, POOL_BOUND_LABEL, Service, ServiceSpec, Tenant};
 use hive_api::{Node, NodeCapacity, NodeStatus};
 use hive_client::Client;
 use hive_server::controllers::{Scheduler, ServiceController};
@@ -16,6 +16,11 @@ struct Server {
 }
 
 async fn start() -> Server {
+    start_with(Scheduler::new).await
+}
+
+/// A server with the controllers, the scheduler made by `scheduler` from the admin client.
+async fn start_with(scheduler: impl FnOnce(Client) -> Scheduler) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let config = ServerConfig {
         data_dir: dir.path().to_owned(),
@@ -34,7 +39,7 @@ async fn start() -> Server {
     .unwrap();
     let client = Client::new(&server.url, Some(server.admin_token)).unwrap();
     tokio::spawn(ServiceController::new(client.clone()).run());
-    tokio::spawn(Scheduler::new(client.clone()).run());
+    tokio::spawn(scheduler(client.clone()).run());
     Server { client, _dir: dir }
 }
 
@@ -903,4 +908,188 @@ async fn concurrent_updates_conflict_and_the_history_is_bounded() {
     });
     let e = c.update(Some("acme"), &bad).await.unwrap_err();
     assert!(e.to_string().contains("spec.strategy.canary.step"), "{e}");
+}
+
+/// Waits until `tenant` has an Event with `reason` whose message satisfies `matches`.
+async fn event(c: &Client, tenant: &str, reason: &str, matches: impl Fn(&str) -> bool) -> Event {
+    let t0 = Instant::now();
+    loop {
+        let items = c.list::<Event>(Some(tenant)).await.unwrap().items;
+        if let Some(e) = items
+            .iter()
+            .find(|e| e.reason == reason && matches(&e.message))
+        {
+            return e.clone();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{tenant}: no {reason} event: {items:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_taken_from_the_pool_goes_back_after_the_grace_but_an_operator_bound_one_stays() {
+    let s = start_with(|c| Scheduler::new(c).with_pool_grace(Duration::from_secs(1))).await;
+    let c = &s.client;
+    add_node(c, "pool1", 4000).await;
+    add_node(c, "mine", 4000).await;
+    for t in ["a", "b", "c"] {
+        add_tenant(c, t).await;
+    }
+    // The operator binds "mine" to a.
+    let mut mine = c.get::<Node>(None, "mine").await.unwrap();
+    mine.spec.tenant = Some("a".into());
+    c.update(None, &mine).await.unwrap();
+
+    c.create(Some("a"), &service("web", 1)).await.unwrap();
+    c.create(Some("b"), &service("db", 1)).await.unwrap();
+    until(c, "a", "placed on its own node", |i| {
+        i.len() == 1 && i[0].spec.node.as_deref() == Some("mine")
+    })
+    .await;
+    until(c, "b", "placed on the pool node", |i| {
+        i.len() == 1 && i[0].spec.node.as_deref() == Some("pool1")
+    })
+    .await;
+    let pool1 = c.get::<Node>(None, "pool1").await.unwrap();
+    assert_eq!(pool1.spec.tenant.as_deref(), Some("b"));
+    assert_eq!(
+        pool1.labels[POOL_BOUND_LABEL], "b",
+        "marked as bound by the scheduler"
+    );
+    assert!(
+        !c.get::<Node>(None, "mine")
+            .await
+            .unwrap()
+            .labels
+            .contains_key(POOL_BOUND_LABEL)
+    );
+
+    // c waits: the only pool node is b's.
+    c.create(Some("c"), &service("x", 1)).await.unwrap();
+    until(c, "c", "unschedulable", |i| {
+        i.len() == 1 && i[0].status.reason == "Unschedulable"
+    })
+    .await;
+
+    // Both tenants' nodes empty: b's goes back after the grace (and c gets it), a's stays.
+    let emptied = Instant::now();
+    c.delete::<Service>(Some("a"), "web").await.unwrap();
+    c.delete::<Service>(Some("b"), "db").await.unwrap();
+    until(c, "b", "gone", |i| i.is_empty()).await;
+    until(c, "a", "gone", |i| i.is_empty()).await;
+    let returned = event(c, "b", "NodeReturned", |m| m.contains("pool1")).await;
+    let after = emptied.elapsed();
+    assert!(
+        after >= Duration::from_secs(1) && after < Duration::from_secs(6),
+        "returned {after:?} after the node emptied (grace 1 s, checked every 2 s)"
+    );
+    assert_eq!(returned.object.name, "pool1");
+    until(c, "c", "placed on the returned node", |i| {
+        i.len() == 1 && i[0].spec.node.as_deref() == Some("pool1")
+    })
+    .await;
+    assert_eq!(
+        c.get::<Node>(None, "pool1").await.unwrap().labels[POOL_BOUND_LABEL],
+        "c"
+    );
+    // Well past the grace, the operator's node is still a's.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mine = c.get::<Node>(None, "mine").await.unwrap();
+    assert_eq!(mine.spec.tenant.as_deref(), Some("a"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unschedulable_instance_gets_one_failed_scheduling_event_with_reason_counts() {
+    let s = start().await;
+    let c = &s.client;
+    add_node(c, "theirs", 4000).await;
+    add_node(c, "small", 100).await;
+    add_tenant(c, "z").await;
+    add_tenant(c, "a").await;
+    let mut theirs = c.get::<Node>(None, "theirs").await.unwrap();
+    theirs.spec.tenant = Some("z".into());
+    c.update(None, &theirs).await.unwrap();
+
+    let mut big = service("big", 1);
+    big.spec.template.resources.requests.cpu_millis = Some(500);
+    c.create(Some("a"), &big).await.unwrap();
+    let failed = event(c, "a", "FailedScheduling", |_| true).await;
+    assert_eq!(
+        failed.message,
+        "Unschedulable: 0/2 nodes available: 1 bound to another tenant, 1 insufficient cpu"
+    );
+    assert_eq!(failed.type_, hive_api::EventType::Warning);
+    assert!(failed.object.name.starts_with("big-"));
+    // Retried on every 2 s tick with the same outcome: still one Event.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let events = c.list::<Event>(Some("a")).await.unwrap().items;
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.reason == "FailedScheduling")
+            .count(),
+        1,
+        "{events:#?}"
+    );
+
+    // A node that fits: placed, with a Scheduled Event.
+    add_node(c, "roomy", 4000).await;
+    let placed = event(c, "a", "Scheduled", |_| true).await;
+    assert_eq!(placed.object.name, failed.object.name);
+    assert!(
+        placed.message.contains("on node roomy"),
+        "{}",
+        placed.message
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bindings_written_in_batches_fill_pool_nodes_exactly_to_capacity() {
+    let s = start().await;
+    let c = &s.client;
+    for i in 0..12 {
+        add_node(c, &format!("p{i:02}"), 1000).await;
+    }
+    for t in ["a", "b", "c"] {
+        add_tenant(c, t).await;
+    }
+    // 100 replicas of 100m: more than one batch of bindings, exactly 10 nodes' worth.
+    let mut web = service("web", 100);
+    web.spec.template.resources.requests.cpu_millis = Some(100);
+    c.create(Some("a"), &web).await.unwrap();
+    let a = until(c, "a", "100 placed", |i| {
+        i.len() == 100 && i.iter().all(|i| i.spec.node.is_some())
+    })
+    .await;
+    let mut per_node = std::collections::BTreeMap::<String, u32>::new();
+    for i in &a {
+        *per_node.entry(i.spec.node.clone().unwrap()).or_default() += 1;
+    }
+    assert_eq!(per_node.len(), 10, "{per_node:?}");
+    assert!(per_node.values().all(|&n| n == 10), "{per_node:?}");
+    for n in per_node.keys() {
+        let node = c.get::<Node>(None, n).await.unwrap();
+        assert_eq!(node.spec.tenant.as_deref(), Some("a"), "{n}");
+        assert_eq!(node.labels[POOL_BOUND_LABEL], "a", "{n}");
+    }
+    // The two nodes left go to b; c finds none.
+    let mut db = service("db", 20);
+    db.spec.template.resources.requests.cpu_millis = Some(100);
+    c.create(Some("b"), &db).await.unwrap();
+    let b = until(c, "b", "20 placed", |i| {
+        i.len() == 20 && i.iter().all(|i| i.spec.node.is_some())
+    })
+    .await;
+    let b_nodes: std::collections::BTreeSet<String> =
+        b.into_iter().filter_map(|i| i.spec.node).collect();
+    assert_eq!(b_nodes.len(), 2);
+    assert!(b_nodes.iter().all(|n| !per_node.contains_key(n)));
+    c.create(Some("c"), &service("x", 1)).await.unwrap();
+    until(c, "c", "unschedulable", |i| {
+        i.len() == 1 && i[0].status.message == "0/12 nodes available: 12 bound to another tenant"
+    })
+    .await;
 }

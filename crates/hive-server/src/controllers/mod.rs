@@ -4,6 +4,7 @@
 //! into a cache, a de-duplicating queue of keys, one reconcile per key at a time, and
 //! reconcilers that are correct when they see an object twice or miss a state in between.
 
+pub mod events;
 pub mod nodes;
 pub mod rollout;
 pub mod scheduler;
@@ -13,8 +14,7 @@ pub use nodes::NodeController;
 pub use scheduler::Scheduler;
 pub use services::ServiceController;
 
-use chrono::Utc;
-use hive_api::{Event, EventType, ObjectRef};
+use hive_api::EventType;
 use hive_client::Client;
 
 /// An Event a controller records.
@@ -32,20 +32,13 @@ pub struct Note<'a> {
 /// Records an Event in `tenant` from a controller. Best effort: an event that cannot be
 /// written is logged, never a reason to stop.
 pub async fn record(client: &Client, tenant: &str, note: Note<'_>) {
-    let millis = Utc::now().timestamp_millis().max(0) as u64;
-    let ev = Event {
-        name: format!("{:016x}-{:04x}", millis << 16, rand::random::<u16>()),
-        type_: note.type_,
-        reason: note.reason.to_owned(),
-        object: ObjectRef {
-            kind: note.kind.to_owned(),
-            name: note.name.to_owned(),
-        },
-        message: note.message.chars().take(4000).collect(),
-        source: note.source.to_owned(),
-        ..Default::default()
-    };
-    if let Err(e) = client.create(Some(tenant), &ev).await {
-        tracing::warn!(%tenant, reason = %note.reason, error = %e, "record event");
-    }
+    let ev = events::new_event(
+        note.type_,
+        note.source,
+        note.reason,
+        note.kind,
+        note.name,
+        note.message,
+    );
+    events::create(client, tenant, &ev).await;
 }

@@ -4,30 +4,48 @@
 //! not delay another), places each with [`Cluster`], and binds it by writing `spec.node` under
 //! the instance's revision (compare-and-swap: a concurrent change re-queues it, nothing is
 //! ever placed twice). A node taken from the shared pool is bound to the tenant (`spec.tenant`
-//! of the Node). An instance no node can take gets status reason `Unschedulable` with every
-//! node's reason counted, and is retried when the nodes change.
+//! of the Node, with the [`POOL_BOUND_LABEL`] naming the tenant); once such a node has run
+//! nothing for the pool grace it is returned to the pool. Nodes the operator bound (no label)
+//! are never returned. An instance no node can take gets status reason `Unschedulable` with
+//! every node's reason counted, and is retried when the nodes change.
+//!
+//! Placement is one task; binding is not: up to [`BIND_BATCH`] placed instances are written
+//! at once, so the store commits them together (group commit) instead of one fsync after
+//! another. Every binding is still its own compare-and-swap. Each decision is an Event in the
+//! instance's tenant: `Scheduled` once per placement, `FailedScheduling` once per distinct
+//! message however often a waiting instance is retried.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use hive_api::{ErrorCode, Instance, Node};
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+use hive_api::{ErrorCode, EventType, Instance, Node, POOL_BOUND_LABEL, Tenant, WatchEventType};
 use hive_client::Client;
-use hive_scheduler::{Cluster, FairQueue, NodeInfo, Request, Resources};
+use hive_scheduler::{Cluster, FairQueue, NodeInfo, Placement, PoolReturn, Request, Resources};
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 
-use hive_client::reflector::{Store, reflect_synced, tenant_names};
+use super::events::{Dedup, create, new_event};
+use hive_client::reflector::{Store, reflect_synced};
 
 /// A node whose lease is older than this is not ready.
 pub const LEASE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a node bound from the pool may run nothing before it goes back, by default.
+pub const DEFAULT_POOL_GRACE: Duration = Duration::from_secs(60);
+/// Most bindings written at once.
+pub const BIND_BATCH: usize = 64;
+/// What the scheduler's Events say they come from.
+const SOURCE: &str = "scheduler";
 
 type Key = (String, String);
 
 #[derive(Clone, Debug)]
 pub struct Scheduler {
     client: Client,
+    pool_grace: Duration,
 }
 
 /// What the loop knows; one task owns it.
@@ -38,8 +56,12 @@ struct State {
     placed: HashMap<Key, (String, Request)>,
     queue: FairQueue<String>,
     queued: HashSet<Key>,
-    /// Pending instances no node could take: retried when nodes change.
-    waiting: HashSet<Key>,
+    /// Pending instances no node could take, with their priority: retried when nodes change.
+    waiting: HashMap<Key, i32>,
+    /// The last `FailedScheduling` message of each waiting instance.
+    reported: Dedup<Key>,
+    /// How long the nodes bound from the pool have been empty.
+    pool: PoolReturn,
     instances: HashMap<String, Store<Instance>>,
     /// Whether each cache holds a complete list yet (nodes under the empty name), and
     /// whether the tenants were listed: nothing is placed before, or nodes would be
@@ -49,9 +71,34 @@ struct State {
 }
 
 impl State {
+    fn new(pool_grace: Duration) -> Self {
+        State {
+            cluster: Cluster::new(),
+            nodes: BTreeMap::new(),
+            placed: HashMap::new(),
+            queue: FairQueue::new(),
+            queued: HashSet::new(),
+            waiting: HashMap::new(),
+            reported: Dedup::default(),
+            pool: PoolReturn::new(pool_grace),
+            instances: HashMap::new(),
+            synced: HashMap::new(),
+            discovered: false,
+        }
+    }
+
     fn complete(&self) -> bool {
         self.discovered && self.synced.values().all(|r| *r.borrow())
     }
+}
+
+/// Whether the scheduler bound `n` from the pool (and so may return it): bound, not shared,
+/// and labelled with the tenant it is bound to. A node the operator bound has no label, or
+/// one naming another tenant.
+pub fn bound_from_pool(n: &Node) -> bool {
+    !n.spec.shared
+        && n.spec.tenant.is_some()
+        && n.labels.get(POOL_BOUND_LABEL) == n.spec.tenant.as_ref()
 }
 
 fn request(tenant: &str, i: &Instance) -> Request {
@@ -111,28 +158,28 @@ fn node_info(n: &Node) -> NodeInfo {
 enum Change {
     Node(String),
     Instance(String, String),
-    Tenants(Vec<String>),
+    /// The live tenants and their scheduling weights.
+    Tenants(Vec<(String, u32)>),
 }
 
 impl Scheduler {
     /// `client` must act as the platform admin.
     pub fn new(client: Client) -> Self {
-        Self { client }
+        Self {
+            client,
+            pool_grace: DEFAULT_POOL_GRACE,
+        }
+    }
+
+    /// How long a node bound from the pool may run nothing before it goes back to the pool.
+    pub fn with_pool_grace(mut self, grace: Duration) -> Self {
+        self.pool_grace = grace;
+        self
     }
 
     pub async fn run(self) {
         let (tx, mut rx) = mpsc::unbounded_channel::<Change>();
-        let mut st = State {
-            cluster: Cluster::new(),
-            nodes: BTreeMap::new(),
-            placed: HashMap::new(),
-            queue: FairQueue::new(),
-            queued: HashSet::new(),
-            waiting: HashSet::new(),
-            instances: HashMap::new(),
-            synced: HashMap::new(),
-            discovered: false,
-        };
+        let mut st = State::new(self.pool_grace);
         let nodes: Store<Node> = Arc::new(Mutex::new(BTreeMap::new()));
         let (ntx, mut nrx) = mpsc::unbounded_channel();
         let (nodes_synced, ready) = watch::channel(false);
@@ -156,16 +203,28 @@ impl Scheduler {
         let mut workers: HashMap<String, JoinHandle<()>> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         loop {
-            let change = tokio::select! {
-                c = rx.recv() => match c { Some(c) => Some(c), None => break },
-                _ = tick.tick() => None,
+            // While work is queued, changes are only picked up between batches (not waited
+            // for): a tenant's new instance joins the queue after at most one batch, however
+            // long the queue.
+            let busy = st.complete() && !st.queue.is_empty();
+            let (change, ticked) = if busy {
+                match rx.try_recv() {
+                    Ok(c) => (Some(c), false),
+                    Err(mpsc::error::TryRecvError::Empty) => (None, false),
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            } else {
+                tokio::select! {
+                    c = rx.recv() => match c { Some(c) => (Some(c), false), None => break },
+                    _ = tick.tick() => (None, true),
+                }
             };
             let mut changes: Vec<Change> = change.into_iter().collect();
             while let Ok(c) = rx.try_recv() {
                 changes.push(c);
             }
-            // A tick (no change) re-reads leases: their expiry is a change nobody writes.
-            let mut nodes_changed = changes.is_empty();
+            // A tick re-reads leases: their expiry is a change nobody writes.
+            let mut nodes_changed = ticked;
             for c in changes {
                 match c {
                     Change::Node(name) => {
@@ -181,7 +240,12 @@ impl Scheduler {
                             }
                         }
                     }
-                    Change::Tenants(live) => {
+                    Change::Tenants(weighted) => {
+                        let mut live = Vec::with_capacity(weighted.len());
+                        for (t, w) in weighted {
+                            st.queue.set_weight(&t, w);
+                            live.push(t);
+                        }
                         workers.retain(|t, h| {
                             let keep = live.contains(t) && !h.is_finished();
                             if !keep {
@@ -232,12 +296,15 @@ impl Scheduler {
                 for n in st.nodes.values() {
                     st.cluster.upsert_node(node_info(n));
                 }
-                for key in std::mem::take(&mut st.waiting) {
-                    st.enqueue(key);
+                for (key, priority) in std::mem::take(&mut st.waiting) {
+                    st.enqueue(key, priority);
                 }
             }
             if st.complete() {
-                st.drain(&self.client).await;
+                st.place_batch(&self.client).await;
+                if ticked {
+                    st.return_idle_nodes(&self.client).await;
+                }
             }
         }
         for t in tasks.into_iter().chain(workers.into_values()) {
@@ -246,16 +313,51 @@ impl Scheduler {
     }
 }
 
-/// Forwards the live tenant list on start and whenever tenants come or go.
+/// Forwards the live tenants and their weights on start and whenever one comes, goes or
+/// changes.
 async fn watch_tenants(client: Client, tx: mpsc::UnboundedSender<Change>) {
-    let (ttx, mut trx) = mpsc::unbounded_channel();
-    let names = tokio::spawn(tenant_names(client, ttx));
-    while let Some(live) = trx.recv().await {
-        if tx.send(Change::Tenants(live)).is_err() {
-            break;
+    loop {
+        let Ok(list) = client.list::<Tenant>(None).await else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        let mut live: BTreeMap<String, u32> = list
+            .items
+            .iter()
+            .map(|t| (t.name.clone(), t.scheduling_weight()))
+            .collect();
+        let send = |live: &BTreeMap<String, u32>| {
+            tx.send(Change::Tenants(
+                live.iter().map(|(t, w)| (t.clone(), *w)).collect(),
+            ))
+        };
+        if send(&live).is_err() {
+            return;
         }
+        let Ok(mut stream) = client.watch::<Tenant>(None, Some(list.revision)).await else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        while let Some(Ok(ev)) = stream.next().await {
+            match (ev.type_, ev.object) {
+                (WatchEventType::Added | WatchEventType::Modified, Some(t)) => {
+                    let w = t.scheduling_weight();
+                    if live.insert(t.name, w) == Some(w) {
+                        continue;
+                    }
+                }
+                (WatchEventType::Deleted, Some(t)) => {
+                    live.remove(&t.name);
+                }
+                (WatchEventType::Error, _) => break,
+                _ => continue,
+            }
+            if send(&live).is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    names.abort();
 }
 
 /// The pending reason for a binding the server refused because of the instance's network.
@@ -273,10 +375,25 @@ fn network_reason(e: &hive_client::ClientError) -> Option<&'static str> {
     }
 }
 
+/// One placed instance whose binding is being written.
+struct Bind {
+    key: Key,
+    inst: Instance,
+    req: Request,
+    placement: Placement,
+}
+
 impl State {
-    fn enqueue(&mut self, key: Key) {
+    fn enqueue(&mut self, key: Key, priority: i32) {
         if self.queued.insert(key.clone()) {
-            self.queue.push(&key.0, 0, key.1);
+            self.queue.push(&key.0, priority, key.1);
+        }
+    }
+
+    /// Queues again every instance that waits (something changed that may let it fit).
+    fn retry_waiting(&mut self) {
+        for (k, priority) in std::mem::take(&mut self.waiting) {
+            self.enqueue(k, priority);
         }
     }
 
@@ -294,32 +411,37 @@ impl State {
             self.cluster.release(&node, &req);
             self.placed.remove(&key);
             // Capacity was freed: what waits may fit now.
-            for k in std::mem::take(&mut self.waiting) {
-                self.enqueue(k);
-            }
+            self.retry_waiting();
         }
         match (current, now_on) {
             (Some(i), Some(node)) => {
+                self.reported.forget(&key);
                 if !self.placed.contains_key(&key) {
                     let req = request(tenant, &i);
                     self.cluster.add_placed(&node, &req);
                     self.placed.insert(key, (node, req));
                 }
             }
-            (Some(_), None) => {
-                if !self.waiting.contains(&key) {
-                    self.enqueue(key);
+            (Some(i), None) => {
+                if !self.waiting.contains_key(&key) {
+                    self.enqueue(key, i.spec.template.priority);
                 }
             }
             (None, _) => {
                 self.waiting.remove(&key);
+                self.reported.forget(&key);
             }
         }
     }
 
-    /// Places everything queued, tenant by tenant in turn.
-    async fn drain(&mut self, client: &Client) {
-        while let Some((tenant, name)) = self.queue.pop() {
+    /// Places the next batch of what is queued, tenant by tenant in turn, and writes the
+    /// bindings. The loop calls it again (after taking in changes) while the queue is not empty.
+    async fn place_batch(&mut self, client: &Client) {
+        let mut batch: Vec<Bind> = Vec::new();
+        while batch.len() < BIND_BATCH {
+            let Some((tenant, name)) = self.queue.pop() else {
+                break;
+            };
             let key = (tenant.clone(), name.clone());
             self.queued.remove(&key);
             let Some(store) = self.instances.get(&tenant) else {
@@ -333,49 +455,107 @@ impl State {
             }
             let req = request(&tenant, &inst);
             match self.cluster.place(&req) {
-                Ok(p) => {
-                    let mut bound = inst.clone();
-                    bound.spec.node = Some(p.node.clone());
-                    match client.update(Some(&tenant), &bound).await {
-                        Ok(written) => {
-                            self.placed.insert(key, (p.node.clone(), req));
-                            store.lock().await.insert(name, written);
-                            if p.binds_tenant {
-                                self.bind_node(client, &p.node, &tenant).await;
-                            }
-                        }
-                        Err(e) => {
-                            // Changed or gone meanwhile: undo the reservation; the watch brings
-                            // the new version, which is queued again if still pending.
-                            self.cluster.release(&p.node, &req);
-                            if p.binds_tenant {
-                                self.cluster.unbind_if_empty(&p.node);
-                            }
-                            tracing::debug!(%tenant, instance = %name, error = %e, "bind");
-                            // The network has no place for it: it waits, saying why.
-                            if let Some(reason) = network_reason(&e) {
-                                self.waiting.insert(key);
-                                let message = match &e {
-                                    hive_client::ClientError::Api { body, .. } => {
-                                        body.message.clone()
-                                    }
-                                    other => other.to_string(),
-                                };
-                                self.pending(client, &tenant, &inst, reason, message).await;
-                            }
-                        }
-                    }
-                }
+                Ok(placement) => batch.push(Bind {
+                    key,
+                    inst,
+                    req,
+                    placement,
+                }),
                 Err(why) => {
-                    self.waiting.insert(key);
+                    self.waiting.insert(key, inst.spec.template.priority);
                     self.pending(client, &tenant, &inst, "Unschedulable", why.to_string())
                         .await;
                 }
             }
         }
+        if !batch.is_empty() {
+            self.bind(client, batch).await;
+        }
     }
 
-    /// Records why a pending instance waits (once per distinct reason and message).
+    /// Writes a batch of bindings at once and settles each outcome.
+    async fn bind(&mut self, client: &Client, batch: Vec<Bind>) {
+        let written = join_all(batch.iter().map(|b| {
+            let mut bound = b.inst.clone();
+            bound.spec.node = Some(b.placement.node.clone());
+            async move { client.update(Some(&b.key.0), &bound).await }
+        }))
+        .await;
+        // Pool nodes this batch took, per tenant: bound for real only if something stays.
+        let mut taken: BTreeMap<String, String> = BTreeMap::new();
+        let mut scheduled = Vec::new();
+        for (b, result) in batch.into_iter().zip(written) {
+            let Bind {
+                key,
+                inst,
+                req,
+                placement: p,
+            } = b;
+            let (tenant, name) = &key;
+            if p.binds_tenant {
+                taken.insert(p.node.clone(), tenant.clone());
+            }
+            match result {
+                Ok(written) => {
+                    if let Some(store) = self.instances.get(tenant) {
+                        store.lock().await.insert(name.clone(), written);
+                    }
+                    self.reported.forget(&key);
+                    let message = format!(
+                        "instance {name} placed on node {}{}",
+                        p.node,
+                        if p.binds_tenant {
+                            " (taken from the pool for this tenant)"
+                        } else {
+                            ""
+                        }
+                    );
+                    let ev = new_event(
+                        EventType::Normal,
+                        SOURCE,
+                        "Scheduled",
+                        "instance",
+                        name,
+                        message,
+                    );
+                    scheduled.push((tenant.clone(), ev));
+                    self.placed.insert(key, (p.node, req));
+                }
+                Err(e) => {
+                    // Changed or gone meanwhile: undo the reservation; the watch brings the
+                    // new version, which is queued again if still pending.
+                    self.cluster.release(&p.node, &req);
+                    tracing::debug!(%tenant, instance = %name, error = %e, "bind");
+                    // The network has no place for it: it waits, saying why.
+                    if let Some(reason) = network_reason(&e) {
+                        self.waiting
+                            .insert(key.clone(), inst.spec.template.priority);
+                        let message = match &e {
+                            hive_client::ClientError::Api { body, .. } => body.message.clone(),
+                            other => other.to_string(),
+                        };
+                        self.pending(client, tenant, &inst, reason, message).await;
+                    }
+                }
+            }
+        }
+        for (node, tenant) in taken {
+            if self.cluster.instances_on(&node).unwrap_or(0) > 0 {
+                self.bind_node(client, &node, &tenant).await;
+            } else {
+                self.cluster.unbind_if_empty(&node);
+            }
+        }
+        join_all(
+            scheduled
+                .iter()
+                .map(|(tenant, ev)| create(client, tenant, ev)),
+        )
+        .await;
+    }
+
+    /// Records why a pending instance waits: its status (when reason or message changed) and
+    /// a `FailedScheduling` Event (once per distinct message).
     async fn pending(
         &mut self,
         client: &Client,
@@ -384,6 +564,18 @@ impl State {
         reason: &str,
         message: String,
     ) {
+        let key = (tenant.to_owned(), inst.name.clone());
+        if self.reported.first(key, &message) {
+            let ev = new_event(
+                EventType::Warning,
+                SOURCE,
+                "FailedScheduling",
+                "instance",
+                &inst.name,
+                format!("{reason}: {message}"),
+            );
+            create(client, tenant, &ev).await;
+        }
         if inst.status.reason == reason && inst.status.message == message {
             return;
         }
@@ -397,12 +589,15 @@ impl State {
         }
     }
 
+    /// Binds pool node `node` to `tenant`, labelled as bound by the scheduler.
     async fn bind_node(&mut self, client: &Client, node: &str, tenant: &str) {
         for _ in 0..5 {
             let Ok(mut n) = client.get::<Node>(None, node).await else {
                 return;
             };
             n.spec.tenant = Some(tenant.to_owned());
+            n.labels
+                .insert(POOL_BOUND_LABEL.to_owned(), tenant.to_owned());
             match client.update(None, &n).await {
                 Ok(written) => {
                     self.nodes.insert(node.to_owned(), written);
@@ -415,5 +610,130 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Returns to the pool every node the scheduler bound that has run nothing for the grace.
+    async fn return_idle_nodes(&mut self, client: &Client) {
+        let now = Instant::now();
+        let mut eligible = HashSet::new();
+        for (name, n) in &self.nodes {
+            if bound_from_pool(n) {
+                let empty = self.cluster.instances_on(name) == Some(0);
+                self.pool.observe(name, empty, now);
+                eligible.insert(name.clone());
+            }
+        }
+        let gone: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|n| !eligible.contains(*n))
+            .cloned()
+            .collect();
+        for n in gone {
+            self.pool.forget(&n);
+        }
+        for node in self.pool.due(now) {
+            if !eligible.contains(&node) {
+                self.pool.forget(&node);
+                continue;
+            }
+            self.unbind_node(client, &node).await;
+        }
+    }
+
+    /// Writes `spec.tenant = None` (and drops the label) on `node`, under its revision; if
+    /// it changed meanwhile, reads it again and re-checks that it is still the scheduler's
+    /// and empty.
+    async fn unbind_node(&mut self, client: &Client, node: &str) {
+        let Some(mut n) = self.nodes.get(node).cloned() else {
+            return;
+        };
+        for _ in 0..3 {
+            if !bound_from_pool(&n) || self.cluster.instances_on(node) != Some(0) {
+                self.pool.forget(node);
+                return;
+            }
+            let tenant = n.spec.tenant.clone().unwrap_or_default();
+            let mut back = n.clone();
+            back.spec.tenant = None;
+            back.labels.remove(POOL_BOUND_LABEL);
+            match client.update(None, &back).await {
+                Ok(written) => {
+                    self.cluster.upsert_node(node_info(&written));
+                    self.cluster.unbind_if_empty(node);
+                    self.nodes.insert(node.to_owned(), written);
+                    self.pool.forget(node);
+                    tracing::info!(%node, %tenant, "node returned to the pool");
+                    let ev = new_event(
+                        EventType::Normal,
+                        SOURCE,
+                        "NodeReturned",
+                        "node",
+                        node,
+                        format!(
+                            "node {node} returned to the pool after {} s without instances",
+                            self.pool.grace().as_secs()
+                        ),
+                    );
+                    create(client, &tenant, &ev).await;
+                    // A free pool node may let waiting instances of other tenants in.
+                    self.retry_waiting();
+                    return;
+                }
+                Err(e) if e.code() == Some(ErrorCode::Conflict) => {
+                    match client.get::<Node>(None, node).await {
+                        Ok(fresh) => n = fresh,
+                        Err(_) => return,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%node, error = %e, "return node to the pool");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_nodes_the_scheduler_bound_may_go_back_to_the_pool() {
+        let mut n = Node {
+            name: "n1".into(),
+            ..Default::default()
+        };
+        assert!(!bound_from_pool(&n), "a pool node is not bound");
+        n.spec.tenant = Some("a".into());
+        assert!(!bound_from_pool(&n), "bound by the operator: no label");
+        n.labels.insert(POOL_BOUND_LABEL.into(), "b".into());
+        assert!(
+            !bound_from_pool(&n),
+            "the operator moved it to another tenant"
+        );
+        n.labels.insert(POOL_BOUND_LABEL.into(), "a".into());
+        assert!(bound_from_pool(&n));
+    }
+
+    #[tokio::test]
+    async fn pending_instances_are_queued_by_their_priority_within_the_tenant() {
+        let mut st = State::new(DEFAULT_POOL_GRACE);
+        let store: Store<Instance> = Arc::new(Mutex::new(BTreeMap::new()));
+        for (name, priority) in [("batch", -10), ("plain", 0), ("web", 100), ("db", 100)] {
+            let mut i = Instance {
+                name: name.into(),
+                ..Default::default()
+            };
+            i.spec.template.priority = priority;
+            store.lock().await.insert(name.into(), i);
+        }
+        st.instances.insert("t".into(), store);
+        for name in ["batch", "plain", "web", "db"] {
+            st.observe("t", name).await;
+        }
+        let order: Vec<String> = std::iter::from_fn(|| st.queue.pop().map(|(_, n)| n)).collect();
+        assert_eq!(order, ["web", "db", "plain", "batch"]);
     }
 }

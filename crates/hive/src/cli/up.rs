@@ -58,6 +58,10 @@ pub struct ServerArgs {
     /// are replaced elsewhere (agents renew every 5 s).
     #[arg(long, default_value_t = hive_server::controllers::nodes::DEFAULT_GRACE.as_secs())]
     pub node_grace_secs: u64,
+    /// Seconds a node the scheduler took from the shared pool for a tenant may run nothing
+    /// before it goes back to the pool (nodes bound by the operator are never returned).
+    #[arg(long, default_value_t = hive_server::controllers::scheduler::DEFAULT_POOL_GRACE.as_secs())]
+    pub pool_grace_secs: u64,
 }
 
 /// How the node keeps its image store within a disk budget.
@@ -201,6 +205,7 @@ async fn start(args: &ServerArgs) -> Result<Launched> {
     // on one server at a time, the one that holds leadership in the shared store.
     let client = Client::new(&launched.url, Some(launched.admin_token.clone()))?;
     let grace = Duration::from_secs(args.node_grace_secs);
+    let pool_grace = Duration::from_secs(args.pool_grace_secs);
     let id = format!("{}-{:08x}", launched.url, rand_id());
     let (tx, rx) = tokio::sync::watch::channel(leader::State::Following { leader: None });
     match config_store {
@@ -232,7 +237,11 @@ async fn start(args: &ServerArgs) -> Result<Launched> {
         vec![
             tokio::spawn(ServiceController::new(client.clone()).run()),
             tokio::spawn(NodeController::new(client.clone(), grace).run()),
-            tokio::spawn(Scheduler::new(client.clone()).run()),
+            tokio::spawn(
+                Scheduler::new(client.clone())
+                    .with_pool_grace(pool_grace)
+                    .run(),
+            ),
         ]
     }));
     tracing::info!(
