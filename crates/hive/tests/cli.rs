@@ -203,10 +203,12 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
         "{inst_table}"
     );
     let events = json(&user_cfg, &["events"]);
+    // About the service (the scheduler's words are about its instances).
     let reasons: Vec<&str> = events
         .as_array()
         .unwrap()
         .iter()
+        .filter(|e| e["object"]["kind"] == "service")
         .map(|e| e["reason"].as_str().unwrap())
         .collect();
     // The users' changes, and the controller's word that the image never starts.
