@@ -19,8 +19,9 @@ use tokio::sync::{Mutex, mpsc, watch};
 
 /// How long a lease may go unrenewed before its node is lost (agents renew every 5 s).
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(8);
-/// How often a node that stays lost is swept for instances again.
-const SWEEP_AGAIN: Duration = Duration::from_secs(10);
+/// How often a node that stays lost is swept for instances again: a scheduler that had not
+/// yet seen the node go may have bound a replacement to it, and that one must not wait long.
+const SWEEP_AGAIN: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug)]
 pub struct NodeController {
