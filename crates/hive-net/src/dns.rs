@@ -207,6 +207,9 @@ struct Running {
 #[derive(Default)]
 pub(crate) struct Resolvers {
     by_key: Mutex<HashMap<String, Running>>,
+    /// Held by `set` from its look-up to its insert: two calls for one key (an instance's
+    /// start and the loop's pass over running instances) must not both bind.
+    starting: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Resolvers {
@@ -225,6 +228,7 @@ impl Resolvers {
         ns: &std::fs::File,
         zone: DnsZone,
     ) -> Result<(), NetError> {
+        let _starting = self.starting.lock().await;
         if let Some(r) = self.lock().get(key) {
             let mut z = r.zone.write().unwrap_or_else(|e| e.into_inner());
             if **z != zone {
