@@ -87,17 +87,17 @@ where
     Ok(total as f64 / start.elapsed().as_secs_f64())
 }
 
-pub fn run(args: ApiArgs) -> Result<()> {
-    let dir = tempfile::Builder::new()
-        .prefix("hive-bench-api-")
-        .tempdir()?;
-    // The server gets its own runtime so client and server work are both visible as such.
+/// An API server on 127.0.0.1 with no rate limit, on a 2-thread runtime of its own (so
+/// client and server work show apart), its data in `data_dir`.
+pub(crate) fn launch_unlimited(
+    data_dir: &std::path::Path,
+) -> Result<(tokio::runtime::Runtime, hive_server::Launched)> {
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let config = ServerConfig {
-        data_dir: dir.path().to_owned(),
+        data_dir: data_dir.to_owned(),
         rate_limit: RateLimit {
             per_sec: 0.0,
             burst: 0.0,
@@ -109,6 +109,15 @@ pub fn run(args: ApiArgs) -> Result<()> {
         "127.0.0.1:0".parse()?,
         std::future::pending(),
     ))?;
+    Ok((server_rt, server))
+}
+
+pub fn run(args: ApiArgs) -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("hive-bench-api-")
+        .tempdir()?;
+    // The server gets its own runtime so client and server work are both visible as such.
+    let (server_rt, server) = crate::api::launch_unlimited(dir.path())?;
     let (url, admin, store) = (
         server.url.clone(),
         server.admin_token.clone(),

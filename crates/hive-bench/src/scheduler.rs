@@ -33,7 +33,7 @@ use hive_api::{
 use hive_client::Client;
 use hive_scheduler::{Cluster, FairQueue, NodeInfo, Request, Resources};
 use hive_server::controllers::events::new_event;
-use hive_server::{RateLimit, ServerConfig, keys};
+use hive_server::keys;
 use hive_store::{MAX_TXN_OPS, Op, RedbStore, RedbStoreOptions, Store};
 use tokio::sync::{Semaphore, mpsc};
 
@@ -659,23 +659,7 @@ fn api_run(args: &SchedulerArgs) -> Result<f64> {
     let dir = tempfile::Builder::new()
         .prefix("hive-bench-scheduler-api-")
         .tempdir()?;
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let config = ServerConfig {
-        data_dir: dir.path().to_owned(),
-        rate_limit: RateLimit {
-            per_sec: 0.0,
-            burst: 0.0,
-        },
-        ..Default::default()
-    };
-    let server = server_rt.block_on(hive_server::launch(
-        config,
-        "127.0.0.1:0".parse()?,
-        std::future::pending(),
-    ))?;
+    let (server_rt, server) = crate::api::launch_unlimited(dir.path())?;
     let client = Client::new(&server.url, Some(server.admin_token.clone()))?;
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
