@@ -5,6 +5,8 @@
 //! [`Resource`], plus tokens and `whoami`. API errors come back as [`ClientError::Api`] with the
 //! server's stable code.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub mod exec;
@@ -67,10 +69,18 @@ pub struct Client {
     token: Option<String>,
     /// The leader's term a controller's writes are fenced to.
     leader_epoch: Option<u64>,
+    /// The newest revision the server reported (`Hive-Revision`), shared by clones: every
+    /// request asks for a state at least that new (`Hive-Min-Revision`), so what this client
+    /// wrote or read it sees again, from whichever server of an HA control plane answers.
+    seen: Arc<AtomicU64>,
 }
 
 /// The header that carries [`Client::with_leader_epoch`] (the server's `leader::EPOCH_HEADER`).
 pub const LEADER_EPOCH_HEADER: &str = "hive-leader-epoch";
+/// The revision a request must be answered at or after (the server's `MIN_REVISION_HEADER`).
+pub const MIN_REVISION_HEADER: &str = "hive-min-revision";
+/// The revision a response is at least as new as (the server's `REVISION_HEADER`).
+pub const REVISION_HEADER: &str = "hive-revision";
 
 /// Percent-encodes one path segment, so a hostile name cannot reach another route.
 pub fn segment(s: &str) -> String {
@@ -136,6 +146,7 @@ impl Client {
             base,
             token,
             leader_epoch: None,
+            seen: Arc::default(),
         })
     }
 
@@ -149,6 +160,11 @@ impl Client {
     }
 
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.request_at(method, path).0
+    }
+
+    /// A request, and the revision it asks to be answered at or after (0: any).
+    fn request_at(&self, method: Method, path: &str) -> (RequestBuilder, u64) {
         let mut rb = self.http.request(method, format!("{}{path}", self.base));
         if let Some(t) = &self.token {
             rb = rb.bearer_auth(t);
@@ -156,7 +172,32 @@ impl Client {
         if let Some(e) = self.leader_epoch {
             rb = rb.header(LEADER_EPOCH_HEADER, e.to_string());
         }
-        rb
+        match self.seen.load(Ordering::Acquire) {
+            0 => (rb, 0),
+            seen => (rb.header(MIN_REVISION_HEADER, seen), seen),
+        }
+    }
+
+    /// Takes in the revision a response reports. One below what was asked means the server's
+    /// store has another history (it was migrated or replaced): start again from its own.
+    fn note_revision(&self, resp: &reqwest::Response, asked: u64) {
+        let Some(reported) = resp
+            .headers()
+            .get(REVISION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
+            return;
+        };
+        let _ = self
+            .seen
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |seen| {
+                Some(if reported < asked {
+                    reported
+                } else {
+                    seen.max(reported)
+                })
+            });
     }
 
     /// This client's writes apply only while the leader's term `epoch` lasts (a
@@ -172,7 +213,8 @@ impl Client {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<T> {
-        let mut rb = self.request(method.clone(), path).timeout(REQUEST_TIMEOUT);
+        let (rb, asked) = self.request_at(method.clone(), path);
+        let mut rb = rb.timeout(REQUEST_TIMEOUT);
         if let Some(b) = body {
             rb = rb.json(b);
         }
@@ -182,6 +224,7 @@ impl Client {
             url: url.clone(),
             source,
         })?;
+        self.note_revision(&resp, asked);
         let resp = check(resp).await?;
         let bytes = resp
             .bytes()
@@ -306,15 +349,13 @@ impl Client {
     /// the full URL and the response, once its status was a success.
     async fn get_streamed(&self, path: &str) -> Result<(String, reqwest::Response)> {
         let url = format!("{}{path}", self.base);
-        let resp = self
-            .request(Method::GET, path)
-            .send()
-            .await
-            .map_err(|source| ClientError::Transport {
-                method: Method::GET,
-                url: url.clone(),
-                source,
-            })?;
+        let (rb, asked) = self.request_at(Method::GET, path);
+        let resp = rb.send().await.map_err(|source| ClientError::Transport {
+            method: Method::GET,
+            url: url.clone(),
+            source,
+        })?;
+        self.note_revision(&resp, asked);
         Ok((url, check(resp).await?))
     }
 

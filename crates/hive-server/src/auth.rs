@@ -119,9 +119,31 @@ fn bearer(req: &Request) -> ApiResult<&str> {
 }
 
 /// Resolves a secret to its principal, checking expiry and that its tenant still exists.
+///
+/// Read from the watch cache first; a token it does not know (or whose tenant it does not
+/// know as the token's) is looked up in the store itself, so a token created through another
+/// server a moment ago works here at once.
 pub async fn resolve(store: &Arc<dyn Store>, secret: &str) -> ApiResult<Principal> {
+    match resolve_with(store, secret, false).await {
+        Err(e) if e.code == ErrorCode::Unauthenticated => resolve_with(store, secret, true).await,
+        resolved => resolved,
+    }
+}
+
+async fn resolve_with(
+    store: &Arc<dyn Store>,
+    secret: &str,
+    uncached: bool,
+) -> ApiResult<Principal> {
+    let read = |key: String| async move {
+        if uncached {
+            store.get_uncached(&key).await
+        } else {
+            store.get(&key).await
+        }
+    };
     let hash = hash_secret(secret);
-    let got = store.get(&keys::auth(&hash)).await?;
+    let got = read(keys::auth(&hash)).await?;
     let kv = got
         .kv
         .ok_or_else(|| ApiError::unauthenticated("token is unknown or revoked"))?;
@@ -137,7 +159,7 @@ pub async fn resolve(store: &Arc<dyn Store>, secret: &str) -> ApiResult<Principa
         ));
     }
     if let Some(tenant) = &record.info.tenant {
-        let t = store.get(&keys::object::<Tenant>(None, tenant)).await?;
+        let t = read(keys::object::<Tenant>(None, tenant)).await?;
         let alive =
             t.kv.and_then(|kv| serde_json::from_slice::<Tenant>(&kv.value).ok())
                 .is_some_and(|t| Some(&t.uid) == record.tenant_uid.as_ref());

@@ -16,7 +16,7 @@ use hive_store::{ConflictKind, StoreError};
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
-    /// Seconds, for `rate_limited`.
+    /// Seconds, for `rate_limited` and `unavailable`.
     pub retry_after: Option<u64>,
 }
 
@@ -100,10 +100,13 @@ impl From<StoreError> for ApiError {
             ),
             StoreError::Unavailable(msg) => {
                 tracing::warn!(error = %msg, "store unavailable");
-                Self::new(
-                    ErrorCode::Unavailable,
-                    "the state store is unavailable, retry later",
-                )
+                Self {
+                    retry_after: Some(1),
+                    ..Self::new(
+                        ErrorCode::Unavailable,
+                        "the state store is unavailable, retry later",
+                    )
+                }
             }
             StoreError::Invalid(msg) => Self::invalid(msg),
             StoreError::Conflict { key, kind } => Self::new(

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hive_store::{
-    CopyReport, EtcdStore, EtcdStoreOptions, EtcdTls, RedbStore, Store, StoreError, copy_all,
+    CopyReport, EtcdStore, EtcdStoreOptions, EtcdTls, RedbStore, Store, StoreError, WatchCache,
+    copy_all,
 };
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -35,6 +36,8 @@ pub enum LaunchError {
     },
     #[error("store {url}: {source}")]
     StoreUrl { url: String, source: StoreError },
+    #[error("load the watch cache from the store: {0}")]
+    WatchCache(StoreError),
     #[error("migrate {path}: {source}")]
     Migrate { path: PathBuf, source: StoreError },
     #[error(
@@ -53,6 +56,7 @@ pub struct Launched {
     pub admin_token: String,
     /// The platform admin was created by this start.
     pub bootstrapped: bool,
+    /// The store itself (not the server's watch cache in front of it).
     pub store: Arc<dyn Store>,
     /// Ends when the server stopped (after `shutdown` resolved).
     pub task: JoinHandle<std::io::Result<()>>,
@@ -210,7 +214,16 @@ pub async fn launch(
         path: listen.to_string().into(),
         source,
     })?;
-    let task = tokio::spawn(crate::serve(store.clone(), config, listener, shutdown));
+    let state = match config.watch_cache.clone() {
+        Some(options) => {
+            let cache = WatchCache::start(store.clone(), options)
+                .await
+                .map_err(LaunchError::WatchCache)?;
+            crate::AppState::cached(Arc::new(cache), config)
+        }
+        None => crate::AppState::new(store.clone(), config),
+    };
+    let task = tokio::spawn(crate::serve(state, listener, shutdown));
     Ok(Launched {
         url: format!("http://{addr}"),
         admin_token,

@@ -28,9 +28,7 @@ pub mod tokens;
 pub mod vips;
 
 use std::future::Future;
-use std::sync::Arc;
 
-use hive_store::Store;
 use tokio::net::TcpListener;
 
 pub use bootstrap::{ADMIN_TOKEN_FILE, Bootstrap, BootstrapError, bootstrap};
@@ -41,12 +39,10 @@ pub use state::{AppState, ServerConfig, StoreBackend};
 
 /// Serves the API on `listener` until `shutdown` resolves, with housekeeping running beside.
 pub async fn serve(
-    store: Arc<dyn Store>,
-    config: ServerConfig,
+    state: AppState,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let state = AppState::new(store, config);
     let upkeep = tokio::spawn(housekeeping::run(state.clone()));
     let collector = tokio::spawn(images::run_gc(state.clone()));
     let app = router(state.clone());

@@ -4,15 +4,21 @@
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hive_api::{ApiErrorBody, ErrorCode};
 
 use crate::error::ApiError;
+use crate::state::AppState;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// A request's lowest acceptable revision: the server answers from a state at least that new
+/// (what the client has seen, from any server).
+pub const MIN_REVISION_HEADER: &str = "hive-min-revision";
+/// A response's revision: a committed revision at least as new as what the answer reflects.
+pub const REVISION_HEADER: &str = "hive-revision";
 
 /// The id of the request being served (also in the `x-request-id` response header).
 #[derive(Clone, Debug)]
@@ -55,6 +61,31 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
+    response
+}
+
+/// Consistent reads through the watch cache: waits until it has applied the revision the
+/// request names (`Hive-Min-Revision`), and tells the client the revision its answer is at
+/// least as new as (`Hive-Revision`), for it to name next time, to whichever server.
+pub async fn consistent(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(cache) = st.cache.clone() else {
+        return next.run(req).await;
+    };
+    if let Some(v) = req.headers().get(MIN_REVISION_HEADER) {
+        let Some(revision) = v.to_str().ok().and_then(|s| s.parse::<u64>().ok()) else {
+            return ApiError::invalid(format!(
+                "header {MIN_REVISION_HEADER} must be a revision (an unsigned integer)"
+            ))
+            .into_response();
+        };
+        if let Err(e) = cache.wait_for(revision).await {
+            return ApiError::from(e).into_response();
+        }
+    }
+    let mut response = next.run(req).await;
+    response
+        .headers_mut()
+        .insert(REVISION_HEADER, HeaderValue::from(cache.known_revision()));
     response
 }
 

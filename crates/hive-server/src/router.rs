@@ -532,10 +532,17 @@ pub fn openapi() -> OpenApi {
 pub fn router(state: AppState) -> Router {
     let t = table();
     let spec = t.doc.finish().to_pretty_json().unwrap_or_default();
-    let authed = t.authed.route_layer(axum::middleware::from_fn_with_state(
-        state.clone(),
-        auth::authenticate,
-    ));
+    // Route layers run outside in: authentication first, then the consistent read.
+    let authed = t
+        .authed
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::consistent,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
     Router::new()
         .merge(authed)
         .route(

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hive_registry::{Registry, RegistryConfig};
-use hive_store::{EtcdStoreOptions, Store};
+use hive_store::{EtcdStoreOptions, Store, WatchCache, WatchCacheOptions};
 
 use crate::ratelimit::{RateLimit, RateLimiter};
 
@@ -30,6 +30,9 @@ pub struct ServerConfig {
     pub housekeeping_interval: Duration,
     /// How often the registry's garbage is collected (first one interval after start).
     pub registry_gc_interval: Duration,
+    /// Reads and watches are served from a watch cache with these options (`None`: straight
+    /// from the store).
+    pub watch_cache: Option<WatchCacheOptions>,
 }
 
 impl Default for ServerConfig {
@@ -44,6 +47,7 @@ impl Default for ServerConfig {
             event_retention: Duration::from_secs(3600),
             housekeeping_interval: Duration::from_secs(30),
             registry_gc_interval: Duration::from_secs(3600),
+            watch_cache: Some(WatchCacheOptions::default()),
         }
     }
 }
@@ -60,7 +64,10 @@ pub enum StoreBackend {
 
 #[derive(Clone)]
 pub struct AppState {
+    /// What handlers read and write: the watch cache when there is one, else the store.
     pub store: Arc<dyn Store>,
+    /// The watch cache in front of the store, if the server runs one.
+    pub cache: Option<Arc<WatchCache>>,
     pub limiter: Arc<RateLimiter>,
     pub config: Arc<ServerConfig>,
     /// The image registry served under `/v2/`, its data under `DATA_DIR/registry`.
@@ -95,6 +102,7 @@ impl AppState {
             }),
         );
         Self {
+            cache: None,
             registry: Arc::new(registry),
             proxy_signer: Arc::default(),
             proxy_http: Arc::default(),
@@ -105,6 +113,13 @@ impl AppState {
             closing,
             closer: Arc::new(closer),
         }
+    }
+
+    /// A server reading through `cache` (writes go through it to its store).
+    pub fn cached(cache: Arc<WatchCache>, config: ServerConfig) -> Self {
+        let mut state = Self::new(cache.clone(), config);
+        state.cache = Some(cache);
+        state
     }
 
     /// Ends every watch stream (called when the server begins to shut down).

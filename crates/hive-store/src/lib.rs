@@ -4,11 +4,12 @@
 //! machine) and the etcd backend (HA) are interchangeable behind [`Store`]:
 //! - one global revision, incremented by every successful transaction that changes something
 //!   (all writes of one transaction share its revision; one that changes nothing, such as a
-//!   `DeletePrefix` of nothing, may or may not take one: redb gives it one, etcd does not);
+//!   `DeletePrefix` of nothing, takes none), so a watch on every key sees every revision;
 //! - every key carries the revision that created it and the one that last modified it;
 //! - transactions are atomic and conditional (create-only, update-if-revision,
 //!   delete-if-revision): optimistic concurrency without locks;
-//! - watches deliver every change after a revision, in order, with the previous value; a
+//! - watches deliver every change after a revision, in order, with the previous value, the
+//!   events of one revision together (once the first is yielded the rest are ready); a
 //!   watch from a revision that compaction already dropped fails with
 //!   [`StoreError::Compacted`] so the caller relists.
 //!
@@ -19,11 +20,13 @@ use std::pin::Pin;
 use bytes::Bytes;
 use futures_util::Stream;
 
+pub mod cache;
 pub mod conformance;
 pub mod copy;
 pub mod etcd_store;
 pub mod redb_store;
 
+pub use cache::{WatchCache, WatchCacheOptions};
 pub use copy::{CopyReport, copy_all};
 pub use etcd_store::{EtcdStore, EtcdStoreOptions, EtcdTls};
 pub use redb_store::{RedbStore, RedbStoreOptions};
@@ -192,6 +195,13 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub trait Store: Send + Sync + 'static {
     /// Reads one key.
     async fn get(&self, key: &str) -> Result<GetResponse>;
+
+    /// Reads one key as the store holds it now, past any cache in front of it: for a lookup
+    /// that must not miss what another server has just written (a new token, say). Backends
+    /// without a cache answer it as [`Store::get`].
+    async fn get_uncached(&self, key: &str) -> Result<GetResponse> {
+        self.get(key).await
+    }
 
     /// Lists keys starting with `prefix` in key order, strictly after `start_after` when given,
     /// at most `limit` of them (`limit` 0 means no limit). One page is one consistent snapshot.

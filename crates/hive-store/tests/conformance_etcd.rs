@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use hive_store::{
-    EtcdStore, GetResponse, ListResponse, Op, Result, Revision, Store, TxnResponse, WatchStream,
-    conformance,
+    EtcdStore, GetResponse, ListResponse, Op, Result, Revision, Store, TxnResponse, WatchCache,
+    WatchCacheOptions, WatchStream, conformance,
 };
 use support::EtcdCluster;
 
@@ -84,4 +84,22 @@ async fn revisions_are_etcds() {
         .await
         .expect("txn");
     assert_eq!(written.revision, 2);
+}
+
+/// The watch cache in front of etcd keeps the contract: the same suite, unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_cache_over_etcd_passes_the_conformance_suite() {
+    conformance::run_all(|| {
+        let etcd = EtcdCluster::start(1);
+        let options = etcd.store_options();
+        async move {
+            let store = EtcdStore::connect(options).await.expect("connect to etcd");
+            let own: std::sync::Arc<dyn Store> =
+                std::sync::Arc::new(OwnEtcd { store, _etcd: etcd });
+            WatchCache::start(own, WatchCacheOptions::default())
+                .await
+                .expect("start the watch cache")
+        }
+    })
+    .await;
 }

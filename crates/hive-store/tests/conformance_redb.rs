@@ -8,7 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use hive_store::{
-    Event, Op, RedbStore, RedbStoreOptions, Store, StoreError, WatchStream, conformance,
+    Event, Op, RedbStore, RedbStoreOptions, Store, StoreError, WatchCache, WatchCacheOptions,
+    WatchStream, conformance,
 };
 
 fn open(dir: &tempfile::TempDir, name: &str, options: RedbStoreOptions) -> RedbStore {
@@ -52,6 +53,27 @@ async fn redb_passes_the_conformance_suite() {
 
 /// With a watch buffer of 4, a watcher that does not read is cut off almost at once; it must
 /// still get everything from the log, and compaction overtaking it must end it.
+/// The watch cache in front of redb keeps the contract: the same suite, unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_cache_over_redb_passes_the_conformance_suite() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let counter = AtomicUsize::new(0);
+    conformance::run_all(|| {
+        let n = counter.fetch_add(1, Ordering::Relaxed);
+        let store: Arc<dyn Store> = Arc::new(open(
+            &root,
+            &format!("store-{n}.redb"),
+            RedbStoreOptions::default(),
+        ));
+        async move {
+            WatchCache::start(store, WatchCacheOptions::default())
+                .await
+                .expect("start the watch cache")
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_cut_off_by_a_tiny_buffer_catches_up_then_hits_compaction() {
     let root = tempfile::tempdir().expect("temp dir");

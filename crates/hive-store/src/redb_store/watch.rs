@@ -135,8 +135,8 @@ impl Watch {
     }
 }
 
-/// Reads up to `limit` log entries after `after` and at or before revision `upto`, in one
-/// snapshot; returns those under `prefix` and the new cursor.
+/// Reads `limit` log entries after `after` and at or before revision `upto` (more to finish
+/// the last revision), in one snapshot; returns those under `prefix` and the new cursor.
 fn read_log(
     shared: &Shared,
     prefix: &str,
@@ -165,21 +165,23 @@ fn read_log(
         StoreError::Backend(format!("read the log after revision {}: {e}", after.0))
     };
     let mut events = Vec::new();
-    let mut scanned = 0;
-    for entry in log
+    let mut last = after.0;
+    for (scanned, entry) in log
         .range::<Cursor>((Bound::Excluded(after), Bound::Included(end)))
         .map_err(read_err)?
+        .enumerate()
     {
         let (key, value) = entry.map_err(read_err)?;
         let (revision, seq) = key.value();
+        // A page ends between revisions: the events of one revision are handed out together.
+        if scanned >= limit && revision != last {
+            return Ok((events, (last, COMPLETE)));
+        }
         let event = codec::decode_event(revision, seq, value.value())?;
         if event.kv.key.starts_with(prefix) {
             events.push(event);
         }
-        scanned += 1;
-        if scanned == limit {
-            return Ok((events, (revision, seq)));
-        }
+        last = revision;
     }
     Ok((events, end))
 }

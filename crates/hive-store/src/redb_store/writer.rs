@@ -229,6 +229,14 @@ impl Writer {
                         Check::Holds(prevs) => {
                             let revision = state.revision + 1;
                             let events = apply(&mut kv, &mut log, revision, ops, prevs)?;
+                            if events.is_empty() {
+                                // Changed nothing (`Require`s, a `DeletePrefix` of nothing):
+                                // no revision, as etcd, so every revision has an event.
+                                *outcome = Some(Ok(TxnResponse {
+                                    revision: state.revision,
+                                }));
+                                continue;
+                            }
                             state.revision = revision;
                             dirty = true;
                             published.push(Arc::new(RevisionEvents { revision, events }));

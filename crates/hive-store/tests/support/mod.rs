@@ -313,6 +313,30 @@ impl EtcdCluster {
         }
     }
 
+    /// SIGSTOP to member `index`: its connections stay open but nothing is answered, as a
+    /// network partition looks to its clients. [`EtcdCluster::resume`] ends it.
+    pub fn pause(&self, index: usize) {
+        self.signal(index, "STOP");
+    }
+
+    /// SIGCONT to a member [`EtcdCluster::pause`] stopped.
+    pub fn resume(&self, index: usize) {
+        self.signal(index, "CONT");
+    }
+
+    fn signal(&self, index: usize, signal: &str) {
+        let child = self.members[index]
+            .child
+            .as_ref()
+            .expect("member is running");
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} etcd member {index}");
+    }
+
     /// SIGKILL to member `index`, by the PID this helper started it with; waits for it.
     pub fn kill(&mut self, index: usize) {
         if let Some(mut child) = self.members[index].child.take() {

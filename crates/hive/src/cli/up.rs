@@ -10,6 +10,7 @@ use clap::Args;
 use hive_api::Tenant;
 use hive_client::Client;
 use hive_server::{ADMIN_TOKEN_FILE, Launched, RateLimit, ServerConfig, leader};
+use hive_store::WatchCacheOptions;
 
 use super::{Global, config};
 
@@ -50,10 +51,17 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 100_000)]
     pub keep_revisions: u64,
     /// Do not run the controllers (service controller, scheduler, node controller) in this
-    /// server. With several servers on one etcd, run them in exactly one: they do not elect
-    /// a leader yet.
+    /// server. Servers on one etcd elect the one that runs them; this one then never does.
     #[arg(long)]
     pub no_controllers: bool,
+    /// Serve reads and watches straight from the store instead of from the in-memory watch
+    /// cache (for comparison; the cache is what lets many clients read cheaply).
+    #[arg(long)]
+    pub no_watch_cache: bool,
+    /// Seconds a read may lag the store: once the watch cache cannot show it matched the store
+    /// within this, requests fail with 503 and Retry-After instead of answering from it.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub max_staleness_secs: u64,
     /// Seconds a node's lease may go unrenewed before the node is lost and its instances
     /// are replaced elsewhere (agents renew every 5 s).
     #[arg(long, default_value_t = hive_server::controllers::nodes::DEFAULT_GRACE.as_secs())]
@@ -181,6 +189,10 @@ async fn start(args: &ServerArgs) -> Result<Launched> {
             burst: args.rate_burst,
         },
         keep_revisions: args.keep_revisions,
+        watch_cache: (!args.no_watch_cache).then(|| WatchCacheOptions {
+            max_staleness: Duration::from_secs(args.max_staleness_secs),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     anyhow::ensure!(
