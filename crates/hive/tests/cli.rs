@@ -159,6 +159,8 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
             "8080:80",
             "--memory",
             "64Mi",
+            "--priority",
+            "-5",
             "--",
             "httpd",
             "-f",
@@ -166,6 +168,7 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
     );
     let svc = json(&user_cfg, &["service", "get", "web"]);
     assert_eq!(svc["spec"]["replicas"], 2);
+    assert_eq!(svc["spec"]["template"]["priority"], -5);
     assert_eq!(
         svc["spec"]["template"]["args"],
         serde_json::json!(["httpd", "-f"])
@@ -182,6 +185,10 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
     loop {
         let inst = json(&user_cfg, &["instance", "ls"]);
         if inst.as_array().unwrap().len() == 5 {
+            // Each carries the template's priority, which orders it in the scheduler.
+            for i in inst.as_array().unwrap() {
+                assert_eq!(i["spec"]["template"]["priority"], -5, "{i}");
+            }
             break;
         }
         assert!(
@@ -275,6 +282,18 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
             "restart policy \"sometimes\"",
         ),
         (&["service", "create"], "required"),
+        (
+            &[
+                "service",
+                "create",
+                "x",
+                "--image",
+                "busybox",
+                "--priority",
+                "1001",
+            ],
+            "priority \"1001\": expected a whole number from -1000 to 1000",
+        ),
     ] {
         let out = hive(&user_cfg, args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");

@@ -6,6 +6,7 @@
 
 pub mod events;
 pub mod nodes;
+pub mod queue;
 pub mod rollout;
 pub mod scheduler;
 pub mod services;

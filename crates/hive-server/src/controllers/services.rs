@@ -1,10 +1,13 @@
 //! The service controller: keeps each service's instances at its replica count and reports
 //! how many exist and are ready.
 //!
-//! Per tenant it caches the tenant's services and instances (list + watch) and reconciles
-//! one service at a time from the cache: too few instances → create them (each a copy of the
-//! service's template, not yet placed); too many → delete the surplus, unready first, then
-//! the newest; a service that is gone → delete its instances. Deletion is driven by desired
+//! Per tenant it caches the tenant's services and instances (list + watch) and queues the
+//! names of services to reconcile in a [`WorkQueue`]: several workers, never two on one
+//! service; replacements of lost instances and deletions before scale-ups and other
+//! changes, and those before the periodic resync. Each reconcile works from the cache: too
+//! few instances → create them (each a copy of the service's template, not yet placed); too
+//! many → delete the surplus, unready first, then the newest; a service that is gone →
+//! delete its instances. Deletion is driven by desired
 //! state, so a missed delete event changes nothing.
 //!
 //! When the template changed, instances made from another template are replaced as the
@@ -12,7 +15,7 @@
 //! are [`super::rollout::plan`]'s, this module carries them out and records the rollout's
 //! phase in the status, with an Event at every step and phase change.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +30,7 @@ use tokio::task::JoinHandle;
 
 use hive_client::reflector::{Store, reflect_synced};
 
+use super::queue::{Priority, WorkQueue};
 use super::rollout::{self, Member};
 
 /// The label every instance carries with its service's name.
@@ -128,11 +132,13 @@ impl ServiceController {
     }
 }
 
-/// Why a service goes through reconcile again.
-enum Key {
-    Service(String),
-    Instance(String),
-}
+/// Parallel reconciles per tenant (different services; never one service twice at once).
+const WORKERS: usize = 4;
+/// How often every service is reconciled although nothing was seen to change: a missed
+/// event, or time itself (a probe failing past its grace makes a rollout stalled).
+const RESYNC: Duration = Duration::from_secs(30);
+/// How long a failed reconcile waits before it is retried.
+const RETRY: Duration = Duration::from_millis(500);
 
 async fn tenant_loop(client: Client, tenant: String) {
     let services: Store<Service> = Arc::new(Mutex::new(BTreeMap::new()));
@@ -146,7 +152,7 @@ async fn tenant_loop(client: Client, tenant: String) {
             client.clone(),
             Some(tenant.clone()),
             services.clone(),
-            stx.clone(),
+            stx,
             s_synced,
         )),
         tokio::spawn(reflect_synced(
@@ -162,56 +168,78 @@ async fn tenant_loop(client: Client, tenant: String) {
     if s_ready.wait_for(|r| *r).await.is_err() || i_ready.wait_for(|r| *r).await.is_err() {
         return;
     }
-    let ctx = Reconciler {
+    let ctx = Arc::new(Reconciler {
         client,
         tenant,
         services,
         instances,
-    };
+        deleted: std::sync::Mutex::new(HashSet::new()),
+    });
+    let queue: Arc<WorkQueue<String>> = WorkQueue::new();
+    let workers: Vec<JoinHandle<()>> = (0..WORKERS)
+        .map(|_| tokio::spawn(work(ctx.clone(), queue.clone())))
+        .collect();
+    // The service of each instance seen, to tell which one lost it when it is deleted.
+    let mut owner: HashMap<String, String> = HashMap::new();
+    let mut resync = tokio::time::interval(RESYNC);
+    resync.tick().await;
     loop {
-        let first = tokio::select! {
-            Some(s) = srx.recv() => Key::Service(s),
-            Some(i) = irx.recv() => Key::Instance(i),
-            else => break,
-        };
-        let mut keys = vec![first];
-        while let Ok(s) = srx.try_recv() {
-            keys.push(Key::Service(s));
-        }
-        while let Ok(i) = irx.try_recv() {
-            keys.push(Key::Instance(i));
-        }
-        let mut due = BTreeSet::new();
-        {
-            let inst = ctx.instances.lock().await;
-            for k in keys {
-                match k {
-                    Key::Service(s) => {
-                        due.insert(s);
+        tokio::select! {
+            Some(s) = srx.recv() => {
+                let p = ctx.priority(&s, false).await;
+                queue.add(s, p);
+            }
+            Some(i) = irx.recv() => {
+                let service = ctx.instances.lock().await.get(&i).map(|o| o.spec.service.clone());
+                match service {
+                    Some(svc) => {
+                        owner.insert(i, svc.clone());
+                        let p = ctx.priority(&svc, false).await;
+                        queue.add(svc, p);
                     }
-                    Key::Instance(i) => match inst.get(&i) {
-                        Some(o) => {
-                            due.insert(o.spec.service.clone());
+                    None => {
+                        // Deleted: by this controller, or behind its back (a lost node,
+                        // a user), when its service may need a replacement at once.
+                        let lost = !ctx.forget_deleted(&i);
+                        let due: Vec<String> = match owner.remove(&i) {
+                            Some(svc) => vec![svc],
+                            None => ctx.services.lock().await.keys().cloned().collect(),
+                        };
+                        for svc in due {
+                            let p = ctx.priority(&svc, lost).await;
+                            queue.add(svc, p);
                         }
-                        // Deleted: its service, whichever it was, may need a replacement.
-                        None => due.extend(ctx.services.lock().await.keys().cloned()),
-                    },
+                    }
                 }
             }
-        }
-        for svc in due {
-            if let Err(e) = ctx.reconcile(&svc).await {
-                tracing::debug!(tenant = %ctx.tenant, service = %svc, error = %e, "reconcile; retrying");
-                let again = stx.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    let _ = again.send(svc);
-                });
+            _ = resync.tick() => {
+                for svc in ctx.services.lock().await.keys() {
+                    queue.add(svc.clone(), Priority::Resync);
+                }
             }
+            else => break,
         }
     }
-    for r in reflectors {
-        r.abort();
+    for t in reflectors.into_iter().chain(workers) {
+        t.abort();
+    }
+}
+
+/// One worker: reconciles the keys the queue hands it; a failed one is queued again after
+/// [`RETRY`] with the priority it had.
+async fn work(ctx: Arc<Reconciler>, queue: Arc<WorkQueue<String>>) {
+    loop {
+        let lease = queue.next().await;
+        let svc = lease.key().clone();
+        if let Err(e) = ctx.reconcile(&svc).await {
+            tracing::debug!(tenant = %ctx.tenant, service = %svc, error = %e, "reconcile; retrying");
+            let (again, priority) = (queue.clone(), lease.priority());
+            tokio::spawn(async move {
+                tokio::time::sleep(RETRY).await;
+                again.add(svc, priority);
+            });
+        }
+        drop(lease);
     }
 }
 
@@ -220,6 +248,22 @@ struct Reconciler {
     tenant: String,
     services: Store<Service>,
     instances: Store<Instance>,
+    /// Instances this controller deleted whose delete event has not come yet: their going
+    /// is no loss to recover from.
+    deleted: std::sync::Mutex<HashSet<String>>,
+}
+
+/// The priority of a reconcile of a service with `replicas` wanted and `have` instances
+/// cached, after one was `lost` (deleted by someone else) or not.
+fn classify(replicas: u32, have: usize, lost: bool) -> Priority {
+    let want = replicas as usize;
+    if have > want {
+        Priority::Delete
+    } else if have < want && lost {
+        Priority::Recover
+    } else {
+        Priority::Change
+    }
 }
 
 fn instance_name(service: &str) -> String {
@@ -232,6 +276,36 @@ fn instance_name(service: &str) -> String {
 }
 
 impl Reconciler {
+    /// How urgent a reconcile of `service` is, from the caches: gone or above its replicas
+    /// → deletions; below them because an instance was `lost` → recovery; else a change.
+    async fn priority(&self, service: &str, lost: bool) -> Priority {
+        let Some(replicas) = self
+            .services
+            .lock()
+            .await
+            .get(service)
+            .map(|s| s.spec.replicas)
+        else {
+            return Priority::Delete;
+        };
+        let have = self
+            .instances
+            .lock()
+            .await
+            .values()
+            .filter(|i| i.spec.service == service)
+            .count();
+        classify(replicas, have, lost)
+    }
+
+    /// Whether this controller deleted `instance` (and forgets it).
+    fn forget_deleted(&self, instance: &str) -> bool {
+        self.deleted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(instance)
+    }
+
     async fn reconcile(&self, name: &str) -> Result<(), ClientError> {
         let tenant = Some(self.tenant.as_str());
         let svc = self.services.lock().await.get(name).cloned();
@@ -377,14 +451,24 @@ impl Reconciler {
     }
 
     async fn delete(&self, instance: &str) -> Result<(), ClientError> {
+        self.deleted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(instance.to_owned());
         match self
             .client
             .delete::<Instance>(Some(&self.tenant), instance)
             .await
         {
             Ok(_) => {}
-            Err(e) if e.code() == Some(ErrorCode::NotFound) => {}
-            Err(e) => return Err(e),
+            Err(e) => {
+                // No delete event of ours follows (gone already: its event came or comes
+                // as someone else's).
+                self.forget_deleted(instance);
+                if e.code() != Some(ErrorCode::NotFound) {
+                    return Err(e);
+                }
+            }
         }
         self.instances.lock().await.remove(instance);
         Ok(())
@@ -394,6 +478,16 @@ impl Reconciler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn losses_are_recovered_first_then_deletions_then_changes() {
+        assert_eq!(classify(3, 2, true), Priority::Recover, "a node took one");
+        assert_eq!(classify(3, 2, false), Priority::Change, "a scale-up");
+        assert_eq!(classify(3, 4, false), Priority::Delete, "a scale-down");
+        assert_eq!(classify(0, 1, true), Priority::Delete);
+        assert_eq!(classify(3, 3, true), Priority::Change, "replaced already");
+        assert_eq!(classify(3, 3, false), Priority::Change, "a status");
+    }
 
     #[test]
     fn instance_names_are_valid_and_distinct() {

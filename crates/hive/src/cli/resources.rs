@@ -164,6 +164,19 @@ pub struct TemplateArgs {
     /// A security group to join (repeatable): only its rules' traffic reaches the instance.
     #[arg(long = "security-group")]
     pub security_groups: Vec<String>,
+    /// Scheduling priority, -1000 to 1000 (default 0): within the tenant, pending instances
+    /// of a higher priority are placed first.
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_priority)]
+    pub priority: Option<i32>,
+}
+
+/// A scheduling priority: a whole number from -1000 to 1000.
+pub fn parse_priority(s: &str) -> Result<i32, String> {
+    let max = hive_api::MAX_PRIORITY;
+    s.parse::<i32>()
+        .ok()
+        .filter(|p| (-max..=max).contains(p))
+        .ok_or_else(|| format!("priority {s:?}: expected a whole number from -{max} to {max}"))
 }
 
 /// `http:PORT[/PATH]`, `tcp:PORT` or `exec:COMMAND ARGS…`.
@@ -252,6 +265,7 @@ impl TemplateArgs {
         template.resources.limits.memory_bytes = self.memory;
         template.resources.requests.memory_bytes = self.memory_request;
         template.resources.pids_limit = self.pids_limit;
+        template.priority = self.priority.unwrap_or_default();
         Ok(Service {
             name,
             labels,
@@ -771,6 +785,61 @@ pub async fn events(ctx: &Ctx, args: EventsArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn priority_is_a_flag_of_run_create_and_update_from_minus_1000_to_1000() {
+        use crate::cli::{Cli, Command};
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("hive").chain(args.iter().copied()))
+        };
+        let create =
+            |p: &str| parse(&["service", "create", "web", "--image", "b", "--priority", p]);
+        for (given, want) in [("-1000", -1000), ("-7", -7), ("0", 0), ("1000", 1000)] {
+            let Command::Service(ServiceCmd::Create(c)) = create(given).unwrap().command else {
+                panic!("not a service create");
+            };
+            let svc = c.template.service(c.name, c.image, 1, c.args).unwrap();
+            assert_eq!(svc.spec.template.priority, want, "{given}");
+            hive_api::Resource::validate(&svc).unwrap();
+        }
+        let Command::Service(ServiceCmd::Create(c)) =
+            parse(&["service", "create", "web", "--image", "b"])
+                .unwrap()
+                .command
+        else {
+            panic!("not a service create");
+        };
+        let plain = c.template.service(c.name, c.image, 1, c.args).unwrap();
+        assert_eq!(plain.spec.template.priority, 0, "the default");
+        for bad in ["1001", "-1001", "high", "1.5", "99999999999"] {
+            let err = create(bad).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{bad}");
+            assert!(
+                err.to_string().contains(&format!(
+                    "priority {bad:?}: expected a whole number from -1000 to 1000"
+                )),
+                "{err}"
+            );
+        }
+        let Command::Run(r) = parse(&["run", "--priority", "-3", "img", "sleep", "1"])
+            .unwrap()
+            .command
+        else {
+            panic!("not a run");
+        };
+        assert_eq!(r.template.priority, Some(-3));
+        assert_eq!(r.args, ["sleep", "1"]);
+        let Command::Service(ServiceCmd::Update(u)) =
+            parse(&["service", "update", "web", "--priority", "12"])
+                .unwrap()
+                .command
+        else {
+            panic!("not a service update");
+        };
+        assert_eq!(u.priority, Some(12));
+        assert!(parse(&["service", "update", "web", "--priority", "2000"]).is_err());
+    }
 
     #[test]
     fn ports_parse() {

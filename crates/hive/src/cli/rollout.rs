@@ -60,6 +60,10 @@ pub struct UpdateArgs {
     /// Canary updates: move STEP instances (or STEP%) and hold until promoted.
     #[arg(long, value_parser = parse_amount)]
     pub canary: Option<Amount>,
+    /// New scheduling priority, -1000 to 1000 (part of the template: it rolls out like an
+    /// image change, and only new instances are placed by it).
+    #[arg(long, allow_negative_numbers = true, value_parser = super::resources::parse_priority)]
+    pub priority: Option<i32>,
 }
 
 fn parse_amount(s: &str) -> Result<Amount, String> {
@@ -103,6 +107,9 @@ impl UpdateArgs {
             .template
             .env
             .retain(|e| !self.env_rm.contains(&e.name));
+        if let Some(p) = self.priority {
+            svc.spec.template.priority = p;
+        }
         if let Some(r) = &self.rolling {
             svc.spec.strategy = Strategy::Rolling(r.clone());
         }
@@ -252,9 +259,11 @@ mod tests {
             env_rm: vec!["B".into()],
             rolling: None,
             canary: Some(Amount::Count(1)),
+            priority: Some(-20),
         };
         args.apply(&mut svc).unwrap();
         assert_eq!(svc.spec.template.image, "a");
+        assert_eq!(svc.spec.template.priority, -20);
         let env: Vec<(&str, &str)> = svc
             .spec
             .template

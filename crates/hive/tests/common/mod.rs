@@ -231,27 +231,36 @@ impl Cluster {
     /// `hive agent` for node `name` in its namespace, with its own data dir, registered
     /// with `server`, running every tenant's instances (`--shared`).
     pub fn start_agent(&self, server: &str, token: &str, name: &str, data: &Path) -> Up {
+        self.start_agent_as(Nodes::Shared, server, token, name, data)
+    }
+
+    /// [`Cluster::start_agent`], registered as a shared or a pool node.
+    pub fn start_agent_as(
+        &self,
+        kind: Nodes,
+        server: &str,
+        token: &str,
+        name: &str,
+        data: &Path,
+    ) -> Up {
         let (ns, ip) = self.node(name);
         let mut cmd = ns.command(HIVE);
-        cmd.args([
-            "agent",
-            "--shared",
-            "--listen",
-            &format!("{ip}:0"),
-            "--name",
-            name,
-        ])
-        .args(["--server", server, "--token", token, "--data-dir"])
-        .arg(data)
-        .args([
-            "--underlay-ip",
-            &ip,
-            "--underlay-dev",
-            "ul",
-            "--net-prefix",
-            &ns.prefix,
-        ])
-        .env("HIVE_CONFIG", data.join("no-cli-config.json"));
+        cmd.arg("agent");
+        if kind == Nodes::Shared {
+            cmd.arg("--shared");
+        }
+        cmd.args(["--listen", &format!("{ip}:0"), "--name", name])
+            .args(["--server", server, "--token", token, "--data-dir"])
+            .arg(data)
+            .args([
+                "--underlay-ip",
+                &ip,
+                "--underlay-dev",
+                "ul",
+                "--net-prefix",
+                &ns.prefix,
+            ])
+            .env("HIVE_CONFIG", data.join("no-cli-config.json"));
         let mut up = start_until(cmd, "hive agent: node ");
         up.netns = Some(ns);
         up
@@ -494,8 +503,21 @@ pub struct TwoTenants {
     pub host: String,
 }
 
+/// How agents register: every tenant's instances on every node (`--shared`), or pool nodes
+/// the scheduler binds to one tenant at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nodes {
+    Shared,
+    Pool,
+}
+
 impl TwoTenants {
     pub fn start(dir: &Path, nodes: usize) -> TwoTenants {
+        Self::start_with(dir, nodes, Nodes::Shared, &[])
+    }
+
+    /// [`TwoTenants::start`] with agents of `kind` and more arguments for `hive server`.
+    pub fn start_with(dir: &Path, nodes: usize, kind: Nodes, server_args: &[&str]) -> TwoTenants {
         let cfg = dir.join("cli.json");
         let cleanup: Vec<Cleanup> = (1..=nodes)
             .map(|i| Cleanup {
@@ -503,7 +525,7 @@ impl TwoTenants {
             })
             .collect();
         let cluster = Cluster::new();
-        let server = cluster.start_server(&dir.join("server"), dir, &[]);
+        let server = cluster.start_server(&dir.join("server"), dir, server_args);
         let token = admin_token(&dir.join("server"));
         ok(&cfg, &["login", "--server", &server.url, "--token", &token]);
         let host = server.url.trim_start_matches("http://").to_owned();
@@ -520,7 +542,8 @@ impl TwoTenants {
         }
         let agents = (1..=nodes)
             .map(|i| {
-                cluster.start_agent(
+                cluster.start_agent_as(
+                    kind,
                     &server.url,
                     &token,
                     &format!("n{i}"),

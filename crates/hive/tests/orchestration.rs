@@ -1,0 +1,434 @@
+//! End to end on one machine (root): `hive server` and three `hive agent` processes
+//! registered as pool nodes (not `--shared`), each with its own data dir, and two tenants.
+//! Red scales a service 0 → 10 → 3 while blue runs and grows its own; a monitor polls the API
+//! and the agents' container directories the whole time and records any node that holds
+//! two tenants' instances or containers.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Nodes, TwoTenants, json, ok};
+use serde_json::Value;
+
+const NODES: usize = 3;
+
+fn instances(cfg: &Path, tenant: &str) -> Vec<Value> {
+    json(cfg, &["--tenant", tenant, "instance", "ls"])
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// The tenant and instance of every container an agent has (from the cgroup path in its
+/// bundle, `/hive/<tenant>/<instance>`). A container being made or removed may have no
+/// readable bundle: it is skipped, the next look sees it.
+fn containers(agent_dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(agent_dir.join("containers"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(raw) = std::fs::read(e.path().join("bundle/config.json")) else {
+            continue;
+        };
+        let Ok(spec) = serde_json::from_slice::<Value>(&raw) else {
+            continue;
+        };
+        let path = spec["linux"]["cgroupsPath"].as_str().unwrap_or_default();
+        let mut parts = path.trim_start_matches('/').split('/');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some("hive"), Some(t), Some(i)) => out.push((t.to_owned(), i.to_owned())),
+            _ => panic!("container {:?}: cgroup path {path:?}", e.path()),
+        }
+    }
+    out
+}
+
+/// What one look at the cluster found wrong: a node with two tenants' instances, an
+/// instance on a node bound to another tenant, an agent running two tenants' containers, a
+/// node that changed tenants (the pool grace is longer than the test, so none may).
+#[derive(Default)]
+struct Watch {
+    /// The tenant each node was first seen serving.
+    owner: BTreeMap<String, String>,
+    rounds: usize,
+    violations: Vec<String>,
+}
+
+impl Watch {
+    fn look(&mut self, cfg: &Path, dir: &Path) {
+        let nodes = json(cfg, &["node", "ls"]);
+        let mut on: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for t in ["red", "blue"] {
+            for i in instances(cfg, t) {
+                if let Some(n) = i["spec"]["node"].as_str() {
+                    on.entry(n.to_owned()).or_default().insert(t.to_owned());
+                }
+            }
+        }
+        for n in nodes.as_array().unwrap() {
+            let name = n["name"].as_str().unwrap();
+            if n["spec"]["shared"] == true {
+                self.violations.push(format!("node {name} is shared"));
+            }
+            let tenants = on.remove(name).unwrap_or_default();
+            if tenants.len() > 1 {
+                self.violations
+                    .push(format!("node {name} has instances of {tenants:?}"));
+            }
+            // The node's binding is written just after its first instance's: unbound with
+            // an instance is a moment in between, bound to another tenant never.
+            if let Some(bound) = n["spec"]["tenant"].as_str()
+                && tenants.iter().any(|t| t != bound)
+            {
+                self.violations.push(format!(
+                    "node {name} is bound to {bound} but has instances of {tenants:?}"
+                ));
+            }
+            let i: usize = name.trim_start_matches('n').parse().unwrap();
+            let held: BTreeSet<String> = containers(&dir.join(format!("n{i}")))
+                .into_iter()
+                .map(|(t, _)| t)
+                .collect();
+            if held.len() > 1 {
+                self.violations
+                    .push(format!("agent of node {name} runs containers of {held:?}"));
+            }
+            let bound = n["spec"]["tenant"].as_str().map(str::to_owned);
+            let seen = tenants.iter().chain(&held).chain(bound.as_ref());
+            for t in seen {
+                let first = self.owner.entry(name.to_owned()).or_insert(t.clone());
+                if first != t {
+                    self.violations
+                        .push(format!("node {name} served {first}, then {t}"));
+                }
+            }
+        }
+        if !on.is_empty() {
+            self.violations
+                .push(format!("instances on nodes that do not exist: {on:?}"));
+        }
+        self.rounds += 1;
+    }
+}
+
+/// Polls [`Watch::look`] in a thread until stopped.
+struct Monitor {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Watch>>,
+}
+
+impl Monitor {
+    fn start(cfg: PathBuf, dir: PathBuf) -> Monitor {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut w = Watch::default();
+            while !flag.load(Ordering::SeqCst) {
+                w.look(&cfg, &dir);
+            }
+            w
+        });
+        Monitor {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Watch {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One running instance: name, node, pid.
+type Running = (String, String, u64);
+
+/// The instances of `service`, and those of them that run (with a node and a pid).
+fn service_instances(cfg: &Path, tenant: &str, service: &str) -> (Vec<Value>, Vec<Running>) {
+    let all: Vec<Value> = instances(cfg, tenant)
+        .into_iter()
+        .filter(|i| i["spec"]["service"] == service)
+        .collect();
+    let running = all
+        .iter()
+        .filter(|i| i["status"]["phase"] == "running")
+        .filter_map(|i| {
+            Some((
+                i["name"].as_str()?.to_owned(),
+                i["spec"]["node"].as_str()?.to_owned(),
+                i["status"]["pid"].as_u64()?,
+            ))
+        })
+        .collect();
+    (all, running)
+}
+
+/// Waits until `service` has exactly `n` instances and all run; returns them.
+fn wait_running(cfg: &Path, tenant: &str, service: &str, n: usize, secs: u64) -> Vec<Running> {
+    let t0 = Instant::now();
+    loop {
+        let (all, running) = service_instances(cfg, tenant, service);
+        if all.len() == n && running.len() == n {
+            return running;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "{tenant}/{service}: {} of {n} running after {secs} s ({} instances): {all:#?}",
+            running.len(),
+            all.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Each instance is a live process in its tenant's cgroup, running the service's command.
+fn assert_real_processes(tenant: &str, running: &[Running]) {
+    for (name, node, pid) in running {
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .unwrap_or_else(|e| panic!("{tenant}/{name} on {node}: pid {pid}: {e}"));
+        assert!(
+            cgroup.contains(&format!("/hive/{tenant}/{name}")),
+            "{tenant}/{name}: pid {pid} is in {cgroup}"
+        );
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(
+            String::from_utf8_lossy(&cmdline).contains("trap"),
+            "{tenant}/{name}: pid {pid} runs {:?}",
+            String::from_utf8_lossy(&cmdline)
+        );
+    }
+}
+
+/// Instances per node.
+fn per_node(running: &[Running]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for (_, node, _) in running {
+        *m.entry(node.clone()).or_default() += 1;
+    }
+    m
+}
+
+/// The containers of `tenant` on every agent, by node.
+fn containers_of(dir: &Path, tenant: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let mut m: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for i in 1..=NODES {
+        for (t, inst) in containers(&dir.join(format!("n{i}"))) {
+            if t == tenant {
+                m.entry(format!("n{i}")).or_default().insert(inst);
+            }
+        }
+    }
+    m
+}
+
+/// The node's binding as (`spec.tenant`, the scheduler's `hive.dev/pool-bound` label).
+fn bindings(cfg: &Path) -> BTreeMap<String, (Option<String>, Option<String>)> {
+    json(cfg, &["node", "ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let s = |v: &Value| v.as_str().map(str::to_owned);
+            (
+                n["name"].as_str().unwrap().to_owned(),
+                (
+                    s(&n["spec"]["tenant"]),
+                    s(&n["labels"]["hive.dev/pool-bound"]),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Exactly 6 instances fit on a node: a sixth of what each node reports (the nodes all run on
+/// this machine, so they report the same cores), rounded down; 7 of them are more than it has.
+fn cpu_request(cfg: &Path) -> String {
+    let nodes = json(cfg, &["node", "ls"]);
+    let cpus: BTreeSet<u64> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["status"]["allocatable"]["cpu_millis"].as_u64().unwrap())
+        .collect();
+    assert_eq!(cpus.len(), 1, "{nodes:#}");
+    let per = cpus.first().unwrap() / 6;
+    assert!(per * 7 > *cpus.first().unwrap(), "{cpus:?}");
+    format!("{per}m")
+}
+
+fn create(cfg: &Path, host: &str, tenant: &str, service: &str, replicas: u32, cpu: &str) {
+    let image = format!("{host}/{tenant}/busybox:test");
+    let replicas = replicas.to_string();
+    // The trap makes the container stop at once on SIGTERM (a shell as pid 1 ignores it
+    // otherwise, and waits for the kill after the stop grace).
+    ok(
+        cfg,
+        &[
+            "--tenant",
+            tenant,
+            "service",
+            "create",
+            service,
+            "--image",
+            &image,
+            "--replicas",
+            &replicas,
+            "--cpu-request",
+            cpu,
+            "--memory-request",
+            "32Mi",
+            "--",
+            "sh",
+            "-c",
+            "trap 'exit 0' TERM; while :; do sleep 1; done",
+        ],
+    );
+}
+
+#[test]
+fn scale_0_10_3_on_pool_nodes_while_another_tenant_runs_and_no_node_mixes_tenants() {
+    let t_start = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    // The pool grace is longer than the test: a node a tenant emptied stays its own, so
+    // the monitor may also insist that no node ever changes tenants.
+    let tt = TwoTenants::start_with(
+        dir.path(),
+        NODES,
+        Nodes::Pool,
+        &["--pool-grace-secs", "600"],
+    );
+    let (cfg, host, d) = (&tt.cfg, &tt.host, dir.path());
+    let b = bindings(cfg);
+    assert_eq!(b.len(), NODES, "{b:?}");
+    assert!(b.values().all(|v| *v == (None, None)), "{b:?}");
+    let cpu = cpu_request(cfg);
+
+    // Scale 0: a service and nothing else; no node taken from the pool.
+    create(cfg, host, "red", "web", 0, &cpu);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(instances(cfg, "red").is_empty());
+    assert!(bindings(cfg).values().all(|v| *v == (None, None)));
+
+    let monitor = Monitor::start(cfg.clone(), d.to_owned());
+    // 0 → 10 for red while blue starts 3 of its own.
+    ok(cfg, &["--tenant", "red", "scale", "web", "10"]);
+    create(cfg, host, "blue", "api", 3, &cpu);
+    let red = wait_running(cfg, "red", "web", 10, 60);
+    let blue = wait_running(cfg, "blue", "api", 3, 30);
+    let t_ten = t_start.elapsed();
+    assert_real_processes("red", &red);
+    assert_real_processes("blue", &blue);
+    // Red fills one node (6 fit) before it takes a second; blue has the third.
+    let mut counts: Vec<usize> = per_node(&red).into_values().collect();
+    counts.sort();
+    assert_eq!(counts, [4, 6], "{red:?}");
+    let blue_nodes: BTreeSet<String> = per_node(&blue).into_keys().collect();
+    assert_eq!(blue_nodes.len(), 1, "{blue:?}");
+    let blue_node = blue_nodes.into_iter().next().unwrap();
+    let red_nodes: BTreeSet<String> = per_node(&red).into_keys().collect();
+    assert!(!red_nodes.contains(&blue_node), "{red:?} {blue:?}");
+    // The agents hold exactly these containers.
+    let want: BTreeMap<String, BTreeSet<String>> =
+        red.iter().fold(BTreeMap::new(), |mut m, (n, node, _)| {
+            m.entry(node.clone()).or_default().insert(n.clone());
+            m
+        });
+    assert_eq!(containers_of(d, "red"), want);
+    common::until(10, "nodes bound to their tenants", || {
+        bindings(cfg).iter().all(|(n, (t, label))| {
+            let owner = if *n == blue_node { "blue" } else { "red" };
+            t.as_deref() == Some(owner) && label.as_deref() == Some(owner)
+        })
+    });
+
+    // 10 → 3 for red while blue grows to 8: blue's node takes 6, and red's nodes, though
+    // they have room now, are red's: blue's last two wait, saying why.
+    ok(cfg, &["--tenant", "red", "scale", "web", "3"]);
+    ok(cfg, &["--tenant", "blue", "scale", "api", "8"]);
+    let red3 = wait_running(cfg, "red", "web", 3, 30);
+    assert_real_processes("red", &red3);
+    let kept: BTreeSet<&String> = red3.iter().map(|r| &r.0).collect();
+    let gone: Vec<&Running> = red.iter().filter(|r| !kept.contains(&r.0)).collect();
+    assert_eq!(gone.len(), 7, "the 3 left are 3 of the 10: {red3:?}");
+    common::until(20, "containers of scaled-down instances removed", || {
+        let left = containers_of(d, "red");
+        left.values().map(BTreeSet::len).sum::<usize>() == 3
+            && left.values().flatten().all(|i| kept.contains(i))
+            && gone
+                .iter()
+                .all(|(_, _, pid)| !Path::new(&format!("/proc/{pid}")).exists())
+    });
+    let t0 = Instant::now();
+    let (blue8, waiting) = loop {
+        let (all, running) = service_instances(cfg, "blue", "api");
+        let waiting: Vec<&Value> = all
+            .iter()
+            .filter(|i| i["spec"]["node"].is_null() && i["status"]["reason"] == "Unschedulable")
+            .collect();
+        if all.len() == 8 && running.len() == 6 && waiting.len() == 2 {
+            let msgs: Vec<String> = waiting
+                .iter()
+                .map(|i| i["status"]["message"].as_str().unwrap().to_owned())
+                .collect();
+            break (running, msgs);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "blue: {} running, {} waiting: {all:#?}",
+            running.len(),
+            waiting.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_real_processes("blue", &blue8);
+    assert_eq!(
+        per_node(&blue8).into_keys().collect::<Vec<_>>(),
+        [blue_node.as_str()]
+    );
+    for m in &waiting {
+        assert_eq!(
+            m, "0/3 nodes available: 2 bound to another tenant, 1 insufficient cpu",
+            "{waiting:?}"
+        );
+    }
+    let watch = monitor.finish();
+    assert!(
+        watch.violations.is_empty(),
+        "over {} looks: {:#?}",
+        watch.rounds,
+        watch.violations
+    );
+    assert!(watch.rounds >= 5, "only {} looks", watch.rounds);
+    // Every node was seen serving its tenant.
+    assert_eq!(watch.owner.len(), NODES, "{:?}", watch.owner);
+    let t_done = t_start.elapsed();
+
+    // Scaled to zero, every container goes; the agents' directories are empty.
+    ok(cfg, &["--tenant", "red", "scale", "web", "0"]);
+    ok(cfg, &["--tenant", "blue", "scale", "api", "0"]);
+    common::until(30, "containers left after scaling to zero", || {
+        (1..=NODES).all(|i| containers(&d.join(format!("n{i}"))).is_empty())
+    });
+    eprintln!(
+        "10 + 3 running after {:.1} s; scaled down, checked after {:.1} s; {} looks; all \
+         gone after {:.1} s",
+        t_ten.as_secs_f64(),
+        t_done.as_secs_f64(),
+        watch.rounds,
+        t_start.elapsed().as_secs_f64()
+    );
+    drop(tt);
+}
