@@ -1141,3 +1141,71 @@ fn a_restarted_agent_catches_up_from_its_saved_revision() {
     drop(agent);
     drop(server);
 }
+
+/// A terminal exec's process asks for its size first thing, 48 times, 4 at once (the agent,
+/// runc and the container busy meanwhile): it always has one. (Its terminal used to get a
+/// size only once runc's first resize came, after the process started: under load busybox
+/// `stty size` saw 0 rows and said `standard input: No child processes`.) The line ending
+/// is not checked: runc clears `ONLCR` on the container's terminal only after the process may
+/// have written, so early output sometimes ends `\r\r\n` (seen before this fix as well; open).
+#[test]
+fn a_terminal_exec_has_its_size_from_the_start_even_under_load() {
+    let s = setup();
+    let (cfg, image) = (&s.cfg, &s.image);
+    ok(
+        cfg,
+        &[
+            "service", "create", "web", "--image", image, "--", "sleep", "1000",
+        ],
+    );
+    wait_instance(cfg, "web", 60, |i| i["status"]["phase"] == "running");
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    (0..12)
+                        .filter_map(|_| {
+                            let out =
+                                common::hive(cfg, &["exec", "-t", "web", "sh", "-c", "stty size"]);
+                            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+                            (stdout.trim_end_matches(['\r', '\n']) != "24 80"
+                                || !out.status.success())
+                            .then(|| {
+                                format!(
+                                    "{:?}: {stdout:?} {:?}",
+                                    out.status.code(),
+                                    String::from_utf8_lossy(&out.stderr)
+                                )
+                            })
+                        })
+                        .collect::<Vec<String>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of 48 failed: {failures:#?}",
+        failures.len()
+    );
+    // Nothing of the sessions is left in the container's directory.
+    let uid = instances(cfg)[0]["uid"].as_str().unwrap().to_owned();
+    let dir = s.data.join("agent/containers").join(uid);
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.starts_with("exec-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    ok(cfg, &["rm", "web"]);
+    until(30, "containers left after rm", || {
+        std::fs::read_dir(s.data.join("agent/containers"))
+            .unwrap()
+            .count()
+            == 0
+    });
+}
