@@ -239,6 +239,7 @@ async fn container_exec(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let runtime = api.containers.runtime.clone();
     let exec = ExecRequest {
+        bundle: api.containers.dir(&id).join("bundle"),
         container: id,
         command,
         tty: q.tty,

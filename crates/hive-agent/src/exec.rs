@@ -5,11 +5,16 @@
 //! the runtime runs in the foreground on a pseudo-terminal the agent allocates (its
 //! controlling terminal): the runtime gives the process a terminal of its own and copies
 //! between the two, and a size set on ours reaches it as SIGWINCH. (`--console-socket` would
-//! need `--detach`, and then nobody could wait for the exit code.) When the client goes away,
-//! the process gets SIGHUP (the runtime forwards it), like a closed terminal.
+//! need `--detach`, and then nobody could wait for the exit code.) The process is described
+//! by a process spec file (`--process`) that carries the terminal's size, so its terminal has
+//! that size from the start: the runtime's own first resize comes only after the process
+//! started. When the client goes away, the process gets SIGHUP (the runtime forwards it),
+//! like a closed terminal.
 
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use hive_client::exec::{Frame, read_frame};
@@ -22,6 +27,9 @@ use crate::runtime::OciRuntime;
 #[derive(Clone, Debug)]
 pub struct ExecRequest {
     pub container: String,
+    /// The container's bundle (its `config.json` holds the process a terminal exec starts
+    /// from).
+    pub bundle: PathBuf,
     pub command: Vec<String>,
     pub tty: bool,
 }
@@ -165,14 +173,58 @@ async fn run_pipes<R: AsyncRead + Unpin>(
     Ok(code)
 }
 
+/// The size a terminal starts with, until the client sends its own: (columns, rows).
+const INITIAL_SIZE: (u16, u16) = (80, 24);
+
+/// An exec's process spec file, removed when dropped.
+struct ProcessFile(PathBuf);
+
+impl Drop for ProcessFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Writes the OCI process spec of a terminal exec beside the container's bundle: the
+/// container's own process (user, environment, working directory, capabilities, limits:
+/// what the runtime's `exec ARGS` starts from too) running `command`, on a terminal of
+/// `cols` × `rows` from the start. Without the size the process may start on a 0×0 terminal
+/// (the runtime sizes it only once the process runs), and one that asks at once fails:
+/// busybox `stty size` said `standard input: No child processes`, a stale errno after a
+/// successful ioctl that answered 0 rows.
+fn process_file(req: &ExecRequest, cols: u16, rows: u16) -> Result<ProcessFile, String> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let config = req.bundle.join("config.json");
+    let spec: serde_json::Value = std::fs::read(&config)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        .map_err(|e| format!("read {}: {e}", config.display()))?;
+    let mut process = match spec.get("process") {
+        Some(p @ serde_json::Value::Object(_)) => p.clone(),
+        _ => return Err(format!("{}: no process", config.display())),
+    };
+    process["args"] = serde_json::json!(req.command);
+    process["terminal"] = true.into();
+    process["consoleSize"] = serde_json::json!({ "height": rows, "width": cols });
+    let dir = req.bundle.parent().unwrap_or(&req.bundle);
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    let path = dir.join(format!("exec-{}-{n}.json", std::process::id()));
+    std::fs::write(&path, process.to_string())
+        .map_err(|e| format!("write {}: {e}", path.display()))?;
+    Ok(ProcessFile(path))
+}
+
 async fn run_tty<R: AsyncRead + Unpin>(
     rd: &mut R,
     tx: &mpsc::Sender<Frame>,
     runtime: &OciRuntime,
     req: &ExecRequest,
 ) -> Result<i32, String> {
-    let (master, slave) = open_pty().map_err(|e| format!("allocate a terminal: {e}"))?;
-    let mut cmd = runtime.exec_command(&req.container, &req.command, true);
+    let (cols, rows) = INITIAL_SIZE;
+    let (master, slave) = open_pty(cols, rows).map_err(|e| format!("allocate a terminal: {e}"))?;
+    // Kept until the process has exited (the runtime reads it as it starts).
+    let process = process_file(req, cols, rows)?;
+    let mut cmd = runtime.exec_process_command(&req.container, &process.0);
     let stdio = |f: &OwnedFd| f.try_clone().map(Stdio::from);
     cmd.stdin(stdio(&slave).map_err(|e| e.to_string())?)
         .stdout(stdio(&slave).map_err(|e| e.to_string())?)
@@ -223,14 +275,15 @@ async fn run_tty<R: AsyncRead + Unpin>(
         }
     };
     let code = wait(&mut child, input).await?;
+    drop(process);
     // The master reads EIO once nothing holds the slave any more; what was written before
     // is still delivered.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), out).await;
     Ok(code)
 }
 
-/// A new pseudo-terminal: (master, slave).
-fn open_pty() -> std::io::Result<(OwnedFd, OwnedFd)> {
+/// A new pseudo-terminal of `cols` × `rows`: (master, slave).
+fn open_pty(cols: u16, rows: u16) -> std::io::Result<(OwnedFd, OwnedFd)> {
     use rustix::fs::{Mode, OFlags};
     use rustix::pty::OpenptFlags;
     let master =
@@ -251,8 +304,8 @@ fn open_pty() -> std::io::Result<(OwnedFd, OwnedFd)> {
     rustix::termios::tcsetwinsize(
         &master,
         rustix::termios::Winsize {
-            ws_col: 80,
-            ws_row: 24,
+            ws_col: cols,
+            ws_row: rows,
             ws_xpixel: 0,
             ws_ypixel: 0,
         },

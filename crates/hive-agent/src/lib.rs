@@ -6,6 +6,8 @@
 //!   supervisor that outlives the agent.
 //! - [`node`]: registers this host as a Node and keeps its lease fresh.
 //! - [`sync`]: runs the instances placed on this node and reports their status.
+//! - [`resume`]: the instance cache saved on disk, so a restarted agent catches up from its
+//!   last revision instead of listing everything.
 //! - [`probe`]: readiness and liveness checks of running containers, and their cgroup usage.
 //! - [`network`]: gives each instance its port on its tenant network (through `hive-net`)
 //!   and keeps every network's remote endpoints in step with the API.
@@ -24,5 +26,6 @@ pub mod image;
 pub mod network;
 pub mod node;
 pub mod probe;
+pub mod resume;
 pub mod runtime;
 pub mod sync;

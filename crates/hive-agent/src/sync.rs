@@ -7,9 +7,11 @@
 //! uid): start what is missing (pull, compose the rootfs, write the spec, start under a
 //! supervisor), report `Running` with the pid, apply the restart policy to what exited, and
 //! stop and remove what is no longer wanted. Everything it needs survives a restart of the
-//! agent on disk, so a new agent picks up where the old one was.
+//! agent on disk, so a new agent picks up where the old one was: the containers (each under
+//! its supervisor) and, through [`crate::resume`], each tenant's instance cache and its
+//! revision, from which the new agent's watch resumes.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,18 +20,25 @@ use hive_api::{
     Instance, InstancePhase, Node, PullPolicy, ResourceUsage, RestartPolicy, SecurityGroup, Service,
 };
 use hive_client::Client;
-use hive_client::reflector::{Store, reflect, reflect_synced, tenant_names};
+use hive_client::reflector::{
+    Cursor, Saved, Store, reflect, reflect_resumable, reflect_synced, tenant_names,
+};
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::image::{ImageStore, StoreConfig};
 use crate::network::{NetConfig, NetState};
 use crate::probe::{self, Probes};
+use crate::resume::{self, Report};
 use crate::runtime::spec::{self, ContainerConfig, ImageProcess, Limits, ProcessOverride};
 use crate::runtime::{ContainerState, Containers};
 
 /// Containers started at once (pull, unpack, runtime): the hosts have two cores.
 pub const PARALLEL_STARTS: usize = 4;
+
+/// How often a tenant's instance cache is saved while only statuses change. A change of the
+/// instances bound here is saved at once, before it is acted on.
+pub const SAVE_EVERY: Duration = Duration::from_secs(5);
 
 /// How the agent runs.
 #[derive(Clone, Debug)]
@@ -48,6 +57,9 @@ pub struct SyncConfig {
     pub image_budget: u64,
     /// How often the image store is collected.
     pub image_gc_every: Duration,
+    /// Where each tenant's instance cache is saved to resume from after a restart (see
+    /// [`crate::resume`]); None: never saved, every start lists.
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +79,23 @@ type Wanted = BTreeMap<String, (String, Instance)>;
 
 /// Every tenant's security groups.
 pub type Groups = HashMap<String, Vec<SecurityGroup>>;
+
+/// One tenant's instance cache as one pass saw it, for [`crate::resume`].
+struct TenantView {
+    /// The revision the cache is at, and how it started.
+    cursor: Cursor,
+    /// The uids of its instances bound here.
+    bound: BTreeSet<String>,
+    /// What to save, when a save is due.
+    save: Option<Vec<Instance>>,
+}
+
+/// What was last saved of a tenant's cache.
+struct SaveMark {
+    revision: u64,
+    bound: BTreeSet<String>,
+    at: Instant,
+}
 
 pub struct Agent {
     client: Client,
@@ -96,6 +125,10 @@ pub struct Agent {
     unhealthy: HashMap<String, String>,
     /// The last reading of each running container's resource use.
     sampled: HashMap<String, (Instant, ResourceUsage)>,
+    /// What was last saved of each tenant's instance cache.
+    saved: HashMap<String, SaveMark>,
+    /// The catch-up report last written.
+    report: BTreeMap<String, Report>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -147,6 +180,8 @@ impl Agent {
             probed: mpsc::unbounded_channel(),
             unhealthy: HashMap::new(),
             sampled: HashMap::new(),
+            saved: HashMap::new(),
+            report: BTreeMap::new(),
         })
     }
 
@@ -165,6 +200,35 @@ impl Agent {
                 // Instances with a network place then fail to start, saying so.
                 Err(e) => tracing::error!(error = %e, "open the node's tenant networks"),
             }
+        }
+        // The caches saved by the last run: each tenant's watch resumes from its revision.
+        let saved = match &self.cfg.state_dir {
+            Some(dir) => {
+                let dir = dir.clone();
+                let node = self.cfg.node.clone();
+                tokio::task::spawn_blocking(move || resume::load_all(&dir, &node))
+                    .await
+                    .unwrap_or_default()
+            }
+            None => HashMap::new(),
+        };
+        for (t, s) in &saved {
+            let bound = s
+                .instances
+                .iter()
+                .filter(|i| i.spec.node.as_deref() == Some(self.cfg.node.as_str()))
+                .map(|i| i.uid.clone())
+                .collect();
+            let at = Instant::now();
+            let revision = s.revision;
+            self.saved.insert(
+                t.clone(),
+                SaveMark {
+                    revision,
+                    bound,
+                    at,
+                },
+            );
         }
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
         let caches: Arc<Mutex<Caches>> = Arc::default();
@@ -187,7 +251,12 @@ impl Agent {
                 }
             }
         });
-        let discover = tokio::spawn(watch_tenants(self.client.clone(), caches.clone(), tx));
+        let discover = tokio::spawn(watch_tenants(
+            self.client.clone(),
+            caches.clone(),
+            tx,
+            saved,
+        ));
         let mut tick = tokio::time::interval(self.cfg.resync);
         let every = self.cfg.image_gc_every;
         let mut gc_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -216,7 +285,10 @@ impl Agent {
             }
             // Until every tenant's instances are known, what is missing from the caches is
             // not "unwanted": nothing is compared (or removed) before.
-            if let Some((wanted, all, groups)) = self.wanted(&caches).await {
+            if let Some((wanted, all, groups, views)) = self.wanted(&caches).await {
+                // Saved before acted on: a restart resumes from a cache that knows every
+                // container this pass may start.
+                self.persist(views).await;
                 self.sync(&wanted, &all, &groups).await;
                 if let Some(net) = self.net.clone() {
                     let here = wanted.iter().map(|(id, (_, i))| (id.clone(), i)).collect();
@@ -241,13 +313,24 @@ impl Agent {
         forward_nodes.abort();
     }
 
-    /// The instances placed here, and every instance on a network (for the other nodes'
-    /// endpoints), or None while the caches are still being filled.
-    async fn wanted(&self, caches: &Arc<Mutex<Caches>>) -> Option<(Wanted, Vec<Instance>, Groups)> {
+    /// The instances placed here, every instance on a network (for the other nodes'
+    /// endpoints), the security groups and each tenant's cache as seen (with what to save of
+    /// it), or None while the caches are still being filled.
+    async fn wanted(
+        &self,
+        caches: &Arc<Mutex<Caches>>,
+    ) -> Option<(Wanted, Vec<Instance>, Groups, BTreeMap<String, TenantView>)> {
         let mut out = Wanted::new();
         let mut networked = Vec::new();
         let mut groups = Groups::new();
-        let stores: Vec<(String, Store<Instance>, Store<SecurityGroup>)> = {
+        let mut views = BTreeMap::new();
+        type Stores = Vec<(
+            String,
+            Store<Instance>,
+            watch::Receiver<Cursor>,
+            Store<SecurityGroup>,
+        )>;
+        let stores: Stores = {
             let c = caches.lock().await;
             if !c.discovered
                 || c.tenants
@@ -261,24 +344,121 @@ impl Agent {
             }
             c.tenants
                 .iter()
-                .map(|(t, c)| (t.clone(), c.instances.clone(), c.groups.clone()))
+                .map(|(t, c)| {
+                    let cursor = c.cursor.clone();
+                    (t.clone(), c.instances.clone(), cursor, c.groups.clone())
+                })
                 .collect()
         };
-        for (tenant, store, group_store) in stores {
+        let me = Some(self.cfg.node.as_str());
+        for (tenant, store, cursor, group_store) in stores {
             let g: Vec<SecurityGroup> = group_store.lock().await.values().cloned().collect();
             if !g.is_empty() {
                 groups.insert(tenant.clone(), g);
             }
-            for i in store.lock().await.values() {
-                if i.spec.node.as_deref() == Some(self.cfg.node.as_str()) && !i.uid.is_empty() {
+            let store = store.lock().await;
+            // Read under the store's lock: the revision matches the contents.
+            let cursor = cursor.borrow().clone();
+            let mut bound = BTreeSet::new();
+            for i in store.values() {
+                if i.spec.node.as_deref() == me && !i.uid.is_empty() {
                     out.insert(i.uid.clone(), (tenant.clone(), i.clone()));
+                    bound.insert(i.uid.clone());
                 }
                 if i.spec.network.is_some() && self.net.is_some() {
                     networked.push(i.clone());
                 }
             }
+            let due = self.cfg.state_dir.is_some()
+                && cursor.revision > 0
+                && self.saved.get(&tenant).is_none_or(|m| {
+                    m.bound != bound
+                        || (m.revision != cursor.revision && m.at.elapsed() >= SAVE_EVERY)
+                });
+            // What a restart needs: its instances, and those on networks (endpoints).
+            let save = due.then(|| {
+                store
+                    .values()
+                    .filter(|i| i.spec.node.as_deref() == me || i.spec.network.is_some())
+                    .cloned()
+                    .collect()
+            });
+            drop(store);
+            views.insert(
+                tenant,
+                TenantView {
+                    cursor,
+                    bound,
+                    save,
+                },
+            );
         }
-        Some((out, networked, groups))
+        Some((out, networked, groups, views))
+    }
+
+    /// Saves the tenants' caches that are due (see [`SAVE_EVERY`]), forgets those of tenants
+    /// gone, and writes the catch-up report when it changed. A cache that cannot be saved
+    /// has its old file removed: the next start lists rather than resume from a revision
+    /// older than what was acted on.
+    async fn persist(&mut self, views: BTreeMap<String, TenantView>) {
+        let Some(dir) = self.cfg.state_dir.clone() else {
+            return;
+        };
+        let report: BTreeMap<String, Report> = views
+            .iter()
+            .filter_map(|(t, v)| Report::of(&v.cursor.start).map(|r| (t.clone(), r)))
+            .collect();
+        if report != self.report {
+            for (t, r) in &report {
+                if self.report.get(t) != Some(r) {
+                    tracing::info!(tenant = %t, start = ?r, "instance cache");
+                }
+            }
+            let (d, r) = (dir.clone(), report.clone());
+            match tokio::task::spawn_blocking(move || resume::write_report(&d, &r)).await {
+                Ok(Ok(())) => self.report = report,
+                Ok(Err(e)) => tracing::warn!(error = %e, "write the catch-up report"),
+                Err(e) => tracing::warn!(error = %e, "write the catch-up report"),
+            }
+        }
+        let gone: Vec<String> = self
+            .saved
+            .keys()
+            .filter(|t| !views.contains_key(*t))
+            .cloned()
+            .collect();
+        for t in gone {
+            resume::remove(&dir, &t);
+            self.saved.remove(&t);
+        }
+        for (tenant, v) in views {
+            let Some(instances) = v.save else { continue };
+            let saved = resume::Saved {
+                version: resume::VERSION,
+                node: self.cfg.node.clone(),
+                tenant: tenant.clone(),
+                revision: v.cursor.revision,
+                instances,
+            };
+            let d = dir.clone();
+            let result = tokio::task::spawn_blocking(move || resume::save(&d, &saved)).await;
+            let error = match result {
+                Ok(Ok(())) => {
+                    let mark = SaveMark {
+                        revision: v.cursor.revision,
+                        bound: v.bound,
+                        at: Instant::now(),
+                    };
+                    self.saved.insert(tenant, mark);
+                    continue;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(%tenant, error = %error, "save the instance cache");
+            resume::remove(&dir, &tenant);
+            self.saved.remove(&tenant);
+        }
     }
 
     async fn sync(&mut self, wanted: &Wanted, all: &[Instance], groups: &Groups) {
@@ -788,13 +968,20 @@ async fn services_of(caches: &Arc<Mutex<Caches>>) -> HashMap<String, Vec<Service
 struct TenantCache {
     instances: Store<Instance>,
     synced: watch::Receiver<bool>,
+    /// The instance cache's revision and how it started.
+    cursor: watch::Receiver<Cursor>,
     groups: Store<SecurityGroup>,
     groups_synced: watch::Receiver<bool>,
 }
 
 /// Keeps one instance cache and one security group cache per tenant; every change pokes
-/// `tx`.
-async fn watch_tenants(client: Client, caches: Arc<Mutex<Caches>>, tx: mpsc::UnboundedSender<()>) {
+/// `tx`. A tenant's instance cache starts from its `saved` state when there is one.
+async fn watch_tenants(
+    client: Client,
+    caches: Arc<Mutex<Caches>>,
+    tx: mpsc::UnboundedSender<()>,
+    mut saved: HashMap<String, resume::Saved>,
+) {
     let (ttx, mut trx) = mpsc::unbounded_channel();
     let names = tokio::spawn(tenant_names(client.clone(), ttx));
     let mut workers: HashMap<String, JoinHandle<()>> = HashMap::new();
@@ -818,11 +1005,19 @@ async fn watch_tenants(client: Client, caches: Arc<Mutex<Caches>>, tx: mpsc::Unb
             let groups: Store<SecurityGroup> = Arc::default();
             let (synced, ready) = watch::channel(false);
             let (groups_synced, groups_ready) = watch::channel(false);
+            let (cursor, cursor_rx) = watch::channel(Cursor::default());
+            // Only the first worker of a tenant resumes: a later one (the tenant came back)
+            // lists.
+            let resume_from = saved.remove(t).map(|s| Saved {
+                revision: s.revision,
+                objects: s.instances,
+            });
             c.tenants.insert(
                 t.clone(),
                 TenantCache {
                     instances: instances.clone(),
                     synced: ready,
+                    cursor: cursor_rx,
                     groups: groups.clone(),
                     groups_synced: groups_ready,
                 },
@@ -835,12 +1030,14 @@ async fn watch_tenants(client: Client, caches: Arc<Mutex<Caches>>, tx: mpsc::Unb
             workers.insert(
                 t.clone(),
                 tokio::spawn(async move {
-                    let r = tokio::spawn(reflect_synced(
+                    let r = tokio::spawn(reflect_resumable(
                         client.clone(),
                         Some(tenant.clone()),
                         instances,
                         itx.clone(),
                         synced,
+                        cursor,
+                        resume_from,
                     ));
                     let g = tokio::spawn(reflect_synced(
                         client.clone(),

@@ -35,52 +35,199 @@ pub async fn reflect_synced<R: Resource>(
     changed: mpsc::UnboundedSender<String>,
     synced: watch::Sender<bool>,
 ) {
+    let cursor = watch::channel(Cursor::default()).0;
+    reflect_resumable(client, tenant, store, changed, synced, cursor, None).await
+}
+
+/// Where a reflector's store stands.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// The store revision the contents are at (0 before the first list). Set while the
+    /// store's lock is held: a reader that holds the lock reads a matching pair.
+    pub revision: u64,
+    /// How the contents were last filled.
+    pub start: Start,
+}
+
+/// How a reflector's store was last filled.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Start {
+    /// Not yet.
+    #[default]
+    Pending,
+    /// Listed whole at `revision`, because of `reason` (no saved state, a saved revision the
+    /// server no longer has, a broken watch).
+    Listed { revision: u64, reason: String },
+    /// Loaded from a saved state at revision `from`, then caught up by watching from it:
+    /// `changes` events up to `to` (the server's revision when it resumed) were applied.
+    /// `caught_up` once they all were (the store counts as synced from then on).
+    Resumed {
+        from: u64,
+        to: u64,
+        changes: u64,
+        caught_up: bool,
+    },
+}
+
+/// A store's contents saved at a revision, to resume from instead of listing.
+#[derive(Clone, Debug)]
+pub struct Saved<R> {
+    pub revision: u64,
+    pub objects: Vec<R>,
+}
+
+/// Once no event has come for this long after a resume, the replayed history is over. (The
+/// watch does not mark the end of its replay; an event at or past the server's revision at
+/// the resume ends it sooner.)
+pub const CATCH_UP_QUIET: Duration = Duration::from_millis(500);
+
+/// [`reflect_synced`], starting from `resume` when given: the saved objects go into the store
+/// and the watch starts from their revision, so only what changed since is read. `synced` is
+/// set once those changes are applied. A saved revision the server has compacted away (or has
+/// not reached: another store) falls back to a list. `cursor` follows the store's revision and
+/// says how it started.
+pub async fn reflect_resumable<R: Resource>(
+    client: Client,
+    tenant: Option<String>,
+    store: Store<R>,
+    changed: mpsc::UnboundedSender<String>,
+    synced: watch::Sender<bool>,
+    cursor: watch::Sender<Cursor>,
+    mut resume: Option<Saved<R>>,
+) {
     let tenant_ref = tenant.as_deref();
     let tenant = tenant_ref.unwrap_or("-");
+    let mut reason = "no saved state".to_owned();
     loop {
-        let list = match client.list::<R>(tenant_ref).await {
-            Ok(l) => l,
-            Err(e) => {
-                if e.code() == Some(hive_api::ErrorCode::NotFound) {
-                    return; // the tenant is gone
+        // The server's revision when a resume began: events up to it are the catch-up.
+        let mut catching_up: Option<u64> = None;
+        let mut stream = if let Some(saved) = resume.take() {
+            match open_resumed::<R>(&client, tenant_ref, saved.revision).await {
+                Ok((stream, to)) => {
+                    let mut s = store.lock().await;
+                    let fresh: BTreeMap<String, R> = saved
+                        .objects
+                        .into_iter()
+                        .map(|o| (o.name().to_owned(), o))
+                        .collect();
+                    let names: Vec<String> = s.keys().chain(fresh.keys()).cloned().collect();
+                    *s = fresh;
+                    cursor.send_replace(Cursor {
+                        revision: saved.revision,
+                        start: Start::Resumed {
+                            from: saved.revision,
+                            to,
+                            changes: 0,
+                            caught_up: false,
+                        },
+                    });
+                    tracing::info!(%tenant, kind = R::KIND, from = saved.revision, to, "resuming the watch from a saved revision");
+                    for n in names {
+                        if changed.send(n).is_err() {
+                            return;
+                        }
+                    }
+                    drop(s);
+                    if to == saved.revision {
+                        caught_up(&cursor, &synced, tenant, R::KIND);
+                    } else {
+                        catching_up = Some(to);
+                    }
+                    stream
                 }
-                tracing::warn!(%tenant, kind = R::KIND, error = %e, "list");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+                Err(why) => {
+                    match why.code() {
+                        Some(hive_api::ErrorCode::NotFound) => return, // the tenant is gone
+                        // The server is away or busy: the saved revision may still do.
+                        None | Some(hive_api::ErrorCode::Unavailable)
+                            if !matches!(why, ResumeRefused::Behind { .. }) =>
+                        {
+                            tracing::warn!(%tenant, kind = R::KIND, error = %why, "resume the watch");
+                            resume = Some(saved);
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    tracing::info!(%tenant, kind = R::KIND, from = saved.revision, reason = %why, "cannot resume the watch: listing");
+                    reason = why.to_string();
+                    continue;
+                }
+            }
+        } else {
+            let list = match client.list::<R>(tenant_ref).await {
+                Ok(l) => l,
+                Err(e) => {
+                    if e.code() == Some(hive_api::ErrorCode::NotFound) {
+                        return; // the tenant is gone
+                    }
+                    tracing::warn!(%tenant, kind = R::KIND, error = %e, "list");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            {
+                let mut s = store.lock().await;
+                let fresh: BTreeMap<String, R> = list
+                    .items
+                    .into_iter()
+                    .map(|o| (o.name().to_owned(), o))
+                    .collect();
+                let names: Vec<String> = s.keys().chain(fresh.keys()).cloned().collect();
+                *s = fresh;
+                cursor.send_replace(Cursor {
+                    revision: list.revision,
+                    start: Start::Listed {
+                        revision: list.revision,
+                        reason: std::mem::take(&mut reason),
+                    },
+                });
+                synced.send_replace(true);
+                for n in names {
+                    if changed.send(n).is_err() {
+                        return;
+                    }
+                }
+            }
+            match client.watch::<R>(tenant_ref, Some(list.revision)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%tenant, kind = R::KIND, error = %e, "watch");
+                    reason = format!("watch: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
             }
         };
-        {
-            let mut s = store.lock().await;
-            let fresh: BTreeMap<String, R> = list
-                .items
-                .into_iter()
-                .map(|o| (o.name().to_owned(), o))
-                .collect();
-            let names: Vec<String> = s.keys().chain(fresh.keys()).cloned().collect();
-            *s = fresh;
-            synced.send_replace(true);
-            for n in names {
-                if changed.send(n).is_err() {
-                    return;
-                }
-            }
-        }
-        let mut stream = match client.watch::<R>(tenant_ref, Some(list.revision)).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(%tenant, kind = R::KIND, error = %e, "watch");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        while let Some(item) = stream.next().await {
-            let Ok(ev) = item else { break };
+        loop {
+            let item = match catching_up {
+                None => stream.next().await,
+                Some(_) => match tokio::time::timeout(CATCH_UP_QUIET, stream.next()).await {
+                    Ok(item) => item,
+                    Err(_) => {
+                        // Quiet: the history since the saved revision was all replayed.
+                        catching_up = None;
+                        caught_up(&cursor, &synced, tenant, R::KIND);
+                        continue;
+                    }
+                },
+            };
+            let Some(Ok(ev)) = item else {
+                reason = "the watch ended".into();
+                break;
+            };
             let (name, gone) = match (&ev.type_, &ev.object) {
                 (WatchEventType::Added | WatchEventType::Modified, Some(o)) => {
                     (o.name().to_owned(), false)
                 }
                 (WatchEventType::Deleted, Some(o)) => (o.name().to_owned(), true),
-                (WatchEventType::Error, _) => break,
+                (WatchEventType::Error, _) => {
+                    reason = match &ev.error {
+                        Some(e) => format!("watch: {}", e.message),
+                        None => "watch: error".into(),
+                    };
+                    break;
+                }
                 _ => continue,
             };
             {
@@ -95,6 +242,18 @@ pub async fn reflect_synced<R: Resource>(
                         s.insert(name.clone(), o);
                     }
                 }
+                cursor.send_modify(|c| {
+                    c.revision = c.revision.max(ev.revision);
+                    if let (Some(to), Start::Resumed { changes, .. }) = (catching_up, &mut c.start)
+                        && ev.revision <= to
+                    {
+                        *changes += 1;
+                    }
+                });
+            }
+            if catching_up.is_some_and(|to| ev.revision >= to) {
+                catching_up = None;
+                caught_up(&cursor, &synced, tenant, R::KIND);
             }
             if changed.send(name).is_err() {
                 return;
@@ -103,6 +262,70 @@ pub async fn reflect_synced<R: Resource>(
         // The stream ended (server restart, compaction, error): relist.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Opens a watch from `from`, after checking the server has reached it (a server behind a
+/// saved revision holds another store); answers the stream and the server's revision.
+async fn open_resumed<R: Resource>(
+    client: &Client,
+    tenant: Option<&str>,
+    from: u64,
+) -> Result<(crate::WatchStream<R>, u64), ResumeRefused> {
+    // One object's page: its revision is the server's, at the price of one object.
+    let now = client
+        .list_page::<R>(tenant, Some(1), None)
+        .await
+        .map_err(ResumeRefused::Client)?
+        .revision;
+    if now < from {
+        return Err(ResumeRefused::Behind { from, now });
+    }
+    let stream = client
+        .watch::<R>(tenant, Some(from))
+        .await
+        .map_err(ResumeRefused::Client)?;
+    Ok((stream, now))
+}
+
+/// Why a saved revision could not be resumed from.
+#[derive(Debug, thiserror::Error)]
+enum ResumeRefused {
+    #[error("the server is at revision {now}, before the saved revision {from} (another store)")]
+    Behind { from: u64, now: u64 },
+    /// Compacted (`revision_compacted`), or the server could not be asked.
+    #[error("resume from the saved revision: {0}")]
+    Client(crate::ClientError),
+}
+
+impl ResumeRefused {
+    fn code(&self) -> Option<hive_api::ErrorCode> {
+        match self {
+            ResumeRefused::Behind { .. } => None,
+            ResumeRefused::Client(e) => e.code(),
+        }
+    }
+}
+
+/// A resumed store has caught up: it counts as synced.
+fn caught_up(
+    cursor: &watch::Sender<Cursor>,
+    synced: &watch::Sender<bool>,
+    tenant: &str,
+    kind: &str,
+) {
+    cursor.send_modify(|c| {
+        if let Start::Resumed {
+            from,
+            to,
+            changes,
+            caught_up,
+        } = &mut c.start
+        {
+            *caught_up = true;
+            tracing::info!(%tenant, kind, from = *from, to = *to, changes = *changes, "resumed from revision {from}, {changes} changes");
+        }
+    });
+    synced.send_replace(true);
 }
 
 /// Sends the names of all tenants now, then again whenever a tenant comes or goes. Needs a

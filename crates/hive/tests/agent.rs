@@ -927,3 +927,285 @@ fn unused_images_are_collected_under_the_budget_and_used_ones_kept() {
     });
     drop(up);
 }
+
+/// The saved instance cache of node `n1` for tenant `default`: its revision and the uids of
+/// the instances bound to the node.
+fn saved_cache(agent_dir: &Path) -> Option<(u64, Vec<String>)> {
+    let bytes = std::fs::read(agent_dir.join("watch/tenants/default.json")).ok()?;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    let bound = v["instances"]
+        .as_array()?
+        .iter()
+        .filter(|i| i["spec"]["node"] == "n1")
+        .map(|i| i["uid"].as_str().unwrap_or("").to_owned())
+        .collect();
+    Some((v["revision"].as_u64()?, bound))
+}
+
+/// How the agent's cache of tenant `default` started (`watch/catch-up.json`).
+fn catch_up(agent_dir: &Path) -> Value {
+    let path = agent_dir.join("watch/catch-up.json");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_slice::<Value>(&bytes).unwrap()["default"].clone()
+}
+
+#[test]
+fn a_restarted_agent_catches_up_from_its_saved_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cli.json");
+    let agent_dir = dir.path().join("n1");
+    // Leftovers are removed whatever happens (declared first: dropped last).
+    let _cleanup = Cleanup {
+        agent_dir: agent_dir.clone(),
+    };
+    let cluster = Cluster::new();
+    // The node stays (its lease within the grace) while its agent is down.
+    let server = cluster.start_server(
+        &dir.path().join("server"),
+        dir.path(),
+        &["--node-grace-secs", "300"],
+    );
+    let token = admin_token(&dir.path().join("server"));
+    let login = [
+        "login",
+        "--server",
+        &server.url,
+        "--token",
+        &token,
+        "--tenant",
+        "default",
+    ];
+    ok(&cfg, &login);
+    ok(&cfg, &["tenant", "create", "default"]);
+    let host = server.url.trim_start_matches("http://").to_owned();
+    let layout = busybox_layout(dir.path());
+    let image = push_test_image(&cluster.hub, &layout, &host, &token, "default/busybox");
+    let mut agent = cluster.start_agent(&server.url, &token, "n1", &agent_dir);
+    for (name, replicas) in [("keep", "3"), ("gone", "1"), ("shrink", "2")] {
+        ok(
+            &cfg,
+            &[
+                "service",
+                "create",
+                name,
+                "--image",
+                &image,
+                "--replicas",
+                replicas,
+                "--",
+                "sleep",
+                "1000",
+            ],
+        );
+    }
+    // service → name → pid of its running instances.
+    let running = |cfg: &Path| -> std::collections::BTreeMap<String, (String, u64)> {
+        instances(cfg)
+            .iter()
+            .filter(|i| i["status"]["phase"] == "running")
+            .map(|i| {
+                (
+                    i["name"].as_str().unwrap().to_owned(),
+                    (
+                        i["spec"]["service"].as_str().unwrap().to_owned(),
+                        i["status"]["pid"].as_u64().unwrap(),
+                    ),
+                )
+            })
+            .collect()
+    };
+    let t0 = Instant::now();
+    let before = loop {
+        let r = running(&cfg);
+        if r.len() == 6 {
+            break r;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "{} of 6 running",
+            r.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // A first start lists (nothing was saved); the cache is saved before its containers start.
+    assert_eq!(
+        catch_up(&agent_dir)["start"],
+        "listed",
+        "{}",
+        catch_up(&agent_dir)
+    );
+    let (_, bound) = saved_cache(&agent_dir).expect("a saved instance cache");
+    assert_eq!(bound.len(), 6, "{bound:?}");
+
+    // kill -9 of the agent alone; meanwhile one service goes, one shrinks, one is added.
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    let (from, _) = saved_cache(&agent_dir).unwrap();
+    ok(&cfg, &["rm", "gone"]);
+    ok(&cfg, &["scale", "shrink", "1"]);
+    ok(
+        &cfg,
+        &[
+            "service", "create", "added", "--image", &image, "--", "sleep", "1000",
+        ],
+    );
+    until(30, "the new instance not placed", || {
+        instances(&cfg)
+            .iter()
+            .any(|i| i["spec"]["service"] == "added" && i["spec"]["node"] == "n1")
+    });
+    let wanted: Vec<String> = instances(&cfg)
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(wanted.len(), 5, "{wanted:?}");
+
+    let t0 = Instant::now();
+    agent = cluster.start_agent(&server.url, &token, "n1", &agent_dir);
+    // The instances left run in the same containers; the deleted ones' are stopped; the
+    // added one runs.
+    let pid_alive = |pid: u64| Path::new(&format!("/proc/{pid}")).exists();
+    let t_start = Instant::now();
+    let after = loop {
+        let r = running(&cfg);
+        let stale_alive: Vec<u64> = before
+            .iter()
+            .filter(|(name, _)| !wanted.contains(name))
+            .map(|(_, (_, pid))| *pid)
+            .filter(|pid| pid_alive(*pid))
+            .collect();
+        if r.len() == 5 && r.keys().all(|n| wanted.contains(n)) && stale_alive.is_empty() {
+            break r;
+        }
+        assert!(
+            t_start.elapsed() < Duration::from_secs(60),
+            "after the restart: running {r:?}, want {wanted:?}; deleted instances' pids \
+             still alive: {stale_alive:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let caught_up_in = t0.elapsed();
+    for (name, (service, pid)) in &after {
+        if let Some((_, old)) = before.get(name) {
+            assert_eq!(pid, old, "{name} of {service} was restarted");
+        } else {
+            assert_eq!(service, "added", "{name}");
+        }
+    }
+    for i in instances(&cfg) {
+        assert_eq!(i["status"]["restarts"], 0, "{i:#}");
+    }
+    // It resumed from the saved revision and read only what changed meanwhile: the deletes
+    // of two instances, the new instance and its placement (status writes between the last
+    // save and the kill may add a few).
+    let report = catch_up(&agent_dir);
+    assert_eq!(report["start"], "resumed", "{report}");
+    assert_eq!(report["from"], from, "{report}");
+    assert_eq!(report["caught_up"], true, "{report}");
+    let changes = report["changes"].as_u64().unwrap();
+    assert!(
+        (3..=30).contains(&changes),
+        "{changes} changes caught up: {report}"
+    );
+    eprintln!("resumed from revision {from}: {changes} changes, all running in {caught_up_in:?}");
+
+    // A corrupt saved cache: the next start lists, and still adopts every container.
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    std::fs::write(
+        agent_dir.join("watch/tenants/default.json"),
+        b"{\"version\": 1, \"node",
+    )
+    .unwrap();
+    agent = cluster.start_agent(&server.url, &token, "n1", &agent_dir);
+    until(
+        30,
+        "no catch-up report after a start from a corrupt file",
+        || catch_up(&agent_dir)["start"] == "listed",
+    );
+    assert_eq!(catch_up(&agent_dir)["reason"], "no saved state");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        running(&cfg),
+        after,
+        "containers changed after a listing start"
+    );
+
+    for s in ["keep", "shrink", "added"] {
+        ok(&cfg, &["scale", s, "0"]);
+    }
+    let containers = agent_dir.join("containers");
+    until(60, "containers left", || {
+        std::fs::read_dir(&containers).map_or(0, |d| d.count()) == 0
+    });
+    drop(agent);
+    drop(server);
+}
+
+/// A terminal exec's process asks for its size first thing, 48 times, 4 at once (the agent,
+/// runc and the container busy meanwhile): it always has one. (Its terminal used to get a
+/// size only once runc's first resize came, after the process started: under load busybox
+/// `stty size` saw 0 rows and said `standard input: No child processes`.) The line ending
+/// is not checked: runc clears `ONLCR` on the container's terminal only after the process may
+/// have written, so early output sometimes ends `\r\r\n` (seen before this fix as well; open).
+#[test]
+fn a_terminal_exec_has_its_size_from_the_start_even_under_load() {
+    let s = setup();
+    let (cfg, image) = (&s.cfg, &s.image);
+    ok(
+        cfg,
+        &[
+            "service", "create", "web", "--image", image, "--", "sleep", "1000",
+        ],
+    );
+    wait_instance(cfg, "web", 60, |i| i["status"]["phase"] == "running");
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    (0..12)
+                        .filter_map(|_| {
+                            let out =
+                                common::hive(cfg, &["exec", "-t", "web", "sh", "-c", "stty size"]);
+                            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+                            (stdout.trim_end_matches(['\r', '\n']) != "24 80"
+                                || !out.status.success())
+                            .then(|| {
+                                format!(
+                                    "{:?}: {stdout:?} {:?}",
+                                    out.status.code(),
+                                    String::from_utf8_lossy(&out.stderr)
+                                )
+                            })
+                        })
+                        .collect::<Vec<String>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of 48 failed: {failures:#?}",
+        failures.len()
+    );
+    // Nothing of the sessions is left in the container's directory.
+    let uid = instances(cfg)[0]["uid"].as_str().unwrap().to_owned();
+    let dir = s.data.join("agent/containers").join(uid);
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.starts_with("exec-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    ok(cfg, &["rm", "web"]);
+    until(30, "containers left after rm", || {
+        std::fs::read_dir(s.data.join("agent/containers"))
+            .unwrap()
+            .count()
+            == 0
+    });
+}

@@ -265,6 +265,14 @@ impl OciRuntime {
         c
     }
 
+    /// [`Self::exec_command`] for a process described by an OCI process spec file
+    /// (`--process`): what a terminal process needs, as its size from the start.
+    pub fn exec_process_command(&self, id: &str, process: &Path) -> Command {
+        let mut c = self.command(None);
+        c.arg("exec").arg("--process").arg(process).arg(id);
+        c
+    }
+
     /// Removes the container (its cgroup and runtime state). `force` kills it first.
     pub fn delete(&self, id: &str, force: bool) -> Result<(), OciError> {
         let mut c = self.command(None);

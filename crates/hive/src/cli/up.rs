@@ -466,6 +466,7 @@ fn run_agent(
         usage_every: Duration::from_secs(30),
         image_budget: image_args.image_budget,
         image_gc_every: Duration::from_secs(image_args.image_gc_secs.max(1)),
+        state_dir: Some(data_dir.join("watch")),
     };
     let agent = hive_agent::sync::Agent::new(client.clone(), cfg, images, containers)?;
     // The image store's pull future is not `Send` (borrowing closures in its download
