@@ -58,7 +58,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Runs `op(i)` from `clients` tasks for `secs` seconds; returns completed operations per second.
-async fn throughput<F, Fut>(clients: usize, secs: u64, op: F) -> Result<f64>
+pub(crate) async fn throughput<F, Fut>(clients: usize, secs: u64, op: F) -> Result<f64>
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send,

@@ -5,6 +5,7 @@
 use clap::{Parser, Subcommand};
 
 mod api;
+mod ha;
 mod images;
 mod net;
 mod registry;
@@ -45,6 +46,9 @@ enum Command {
     /// store (5,000 simulated nodes, 100,000 instances), against one global FIFO served by
     /// one worker; fairness under a 50,000-instance burst; a smaller run over HTTP.
     Scheduler(scheduler::SchedulerArgs),
+    /// Several API servers on a 3-member etcd: reads through the watch cache against reads
+    /// straight from etcd, writes through three servers beside etcd's own, leader failover.
+    Ha(ha::HaArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,5 +65,6 @@ fn main() -> anyhow::Result<()> {
         Command::Start(args) => start::run(args),
         Command::Net(args) => net::run(args),
         Command::Scheduler(args) => scheduler::run(args),
+        Command::Ha(args) => ha::run(args),
     }
 }

@@ -52,12 +52,12 @@ pub struct StartArgs {
     pub runtime: String,
 }
 
-/// `hive up` as a child process, killed (by pid) when dropped; its containers are removed
-/// by the benchmark before that.
-struct HiveUp {
+/// A `hive up` or `hive server` child process, killed (by pid) when dropped (a benchmark
+/// removes its containers before that).
+pub(crate) struct HiveUp {
     child: Child,
-    url: String,
-    token: String,
+    pub(crate) url: String,
+    pub(crate) token: String,
 }
 
 impl Drop for HiveUp {
@@ -68,24 +68,31 @@ impl Drop for HiveUp {
 }
 
 fn start_hive(hive: &Path, runtime: &str, data: &Path, cli_config: &Path) -> Result<HiveUp> {
-    let mut child = Command::new(hive)
-        .args([
-            "up",
-            "--no-login",
-            "--listen",
-            "127.0.0.1:0",
-            "--runtime",
-            runtime,
-        ])
-        .arg("--data-dir")
-        .arg(data)
-        .env("HIVE_CONFIG", cli_config)
+    let mut cmd = Command::new(hive);
+    cmd.args([
+        "up",
+        "--no-login",
+        "--listen",
+        "127.0.0.1:0",
+        "--runtime",
+        runtime,
+    ])
+    .arg("--data-dir")
+    .arg(data)
+    .env("HIVE_CONFIG", cli_config);
+    spawn_api(cmd, "hive up: API at ", data)
+}
+
+/// Starts `cmd` (a `hive up` or `hive server` with `--data-dir data`) and waits for the line
+/// starting with `marker` that gives its URL; the token is the data dir's admin token.
+pub(crate) fn spawn_api(mut cmd: Command, marker: &str, data: &Path) -> Result<HiveUp> {
+    let mut child = cmd
         .env("HIVE_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .context("start hive up")?;
+        .context("start hive")?;
     let stderr = child.stderr.take().context("stderr")?;
     let mut up = HiveUp {
         child,
@@ -96,7 +103,7 @@ fn start_hive(hive: &Path, runtime: &str, data: &Path, cli_config: &Path) -> Res
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
-                // Keep draining so hive up never blocks on a full pipe.
+                // Keep draining so hive never blocks on a full pipe.
                 continue;
             }
         }
@@ -104,7 +111,7 @@ fn start_hive(hive: &Path, runtime: &str, data: &Path, cli_config: &Path) -> Res
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if let Ok(line) = rx.recv_timeout(Duration::from_millis(200))
-            && let Some(rest) = line.strip_prefix("hive up: API at ")
+            && let Some(rest) = line.strip_prefix(marker)
         {
             up.url = rest
                 .split_whitespace()
@@ -117,10 +124,10 @@ fn start_hive(hive: &Path, runtime: &str, data: &Path, cli_config: &Path) -> Res
             return Ok(up);
         }
         if let Some(status) = up.child.try_wait()? {
-            bail!("hive up exited: {status}");
+            bail!("{marker}exited: {status}");
         }
     }
-    bail!("hive up did not report its address in 30 s")
+    bail!("hive did not report its address ({marker}…) in 30 s")
 }
 
 fn service(name: &str, image: &str, args: &[&str]) -> Service {

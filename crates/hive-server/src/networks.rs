@@ -10,7 +10,8 @@
 //!   an instance holds it. Allocation is next-fit from a cursor that only moves forward (an
 //!   address just released is the last to be given again) over a bitmap of the held
 //!   addresses, reloaded from the claims whenever the cursor wraps: several API servers
-//!   allocate at once, and a clash (another server took the address) retries.
+//!   allocate at once, each skipping the addresses it sees claimed (through its watch cache)
+//!   past its own bitmap, and a clash (another server took the address meanwhile) retries.
 //!
 //! A network is deleted in two steps so that no instance is placed on it meanwhile: it is
 //! marked `deleting` (placements read the network and require its revision, so one in
@@ -145,22 +146,42 @@ impl Ipam {
             pools.insert(id.clone(), pool);
         }
         let pool = pools.get_mut(&id).expect("inserted above");
-        if let Some(ip) = pool.next_free() {
-            return Ok(ip);
+        let mut wrapped = false;
+        let mut skipped = 0u32;
+        loop {
+            let ip = match pool.next_free() {
+                Some(ip) => ip,
+                None if !wrapped => {
+                    // Wrapped: start over with what the store holds now (addresses were
+                    // released, possibly by other servers).
+                    wrapped = true;
+                    pool.load(&resources::list_all_in(store, &prefix).await?, &prefix);
+                    pool.cursor = 0;
+                    continue;
+                }
+                None => {
+                    return Err(ApiError::new(
+                        ErrorCode::AddressExhausted,
+                        format!(
+                            "network {:?} of tenant {tenant:?} has no free address: all of \
+                             {subnet} is held",
+                            net.name
+                        ),
+                    ));
+                }
+            };
+            // Other servers allocate from the same addresses: skip what they claimed as far
+            // as this server's (watch-cached) view goes, so that servers do not chase each
+            // other's cursors from conflict to conflict.
+            if store.get(&format!("{prefix}{ip}")).await?.kv.is_none() {
+                return Ok(ip);
+            }
+            skipped += 1;
+            if skipped % 64 == 0 {
+                // Far behind the others: take in everything they hold at once.
+                pool.load(&resources::list_all_in(store, &prefix).await?, &prefix);
+            }
         }
-        // Wrapped: start over with what the store holds now (addresses were released,
-        // possibly by other servers).
-        pool.load(&resources::list_all_in(store, &prefix).await?, &prefix);
-        pool.cursor = 0;
-        pool.next_free().ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::AddressExhausted,
-                format!(
-                    "network {:?} of tenant {tenant:?} has no free address: all of {subnet} is held",
-                    net.name
-                ),
-            )
-        })
     }
 
     /// Forgets the pools of a tenant's network (deleted).
