@@ -30,6 +30,9 @@ apt_install iproute2 nftables iperf3 tcpdump arping iputils-ping
 # HA control plane: etcd (the tested server) and protoc (the etcd client's build needs it,
 # with the well-known types google/protobuf/*.proto, which Debian ships in libprotobuf-dev).
 apt_install etcd-server protobuf-compiler libprotobuf-dev
+# Fault tests: libfaketime (the `faketime` command and the LD_PRELOAD library it uses) runs a
+# `hive server` with its clocks skewed and running at another rate (crates/hive/tests/ha.rs).
+apt_install faketime
 
 if ! command -v cargo >/dev/null 2>&1; then
   for d in "$HOME/.cargo/bin" /root/.cargo/bin /usr/local/cargo/bin; do

@@ -11,7 +11,9 @@
 //! renewal finds the key changed. Since a follower's `ttl` starts no earlier than the leader
 //! committed the revision it watches, the deposed leader has stopped before anyone can take
 //! over, as long as a renewal's round trip is under `ttl / 2`. Clock skew between servers does
-//! not matter; only clock rates do.
+//! not matter; only clock rates do: the leader stops first while a follower's clock runs less
+//! than twice as fast as its own, and beyond that fencing still keeps every write correct
+//! (`crates/hive/tests/ha.rs` runs servers an hour apart at 1.5× and 0.7×).
 //!
 //! **Fencing.** A term's epoch is the revision its epoch key was written at. The controllers
 //! send it with every write (`Hive-Leader-Epoch`), and the server adds "the epoch key is still

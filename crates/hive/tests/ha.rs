@@ -3,6 +3,8 @@
 //! servers while the etcd leader is killed and then the server leading the controllers;
 //! every acknowledged write is there afterwards, no service has more instances than it
 //! asked for (never two controllers at once), and the scheduler of the new leader places.
+//! The same again with two of the servers' clocks skewed by libfaketime (an hour ahead and
+//! fast, an hour behind and slow), killing the leader twice so that each server leads.
 
 #[path = "../../hive-store/tests/support/mod.rs"]
 mod support;
@@ -23,11 +25,173 @@ use hive_client::Client;
 use support::EtcdCluster;
 
 fn server(etcd_url: &str, data: &Path) -> Up {
+    start_until(server_command(etcd_url, data), "hive server: API at ")
+}
+
+fn server_command(etcd_url: &str, data: &Path) -> Command {
     let mut cmd = Command::new(HIVE);
     cmd.args(["server", "--store", etcd_url, "--listen", "127.0.0.1:0"])
         .args(["--rate-limit", "0", "--node-grace-secs", "8", "--data-dir"])
         .arg(data);
+    cmd
+}
+
+/// Debian's libfaketime (package `faketime`).
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// `hive server` with libfaketime preloaded and `FAKETIME=faketime`: its wall clock and its
+/// monotonic clock (libfaketime fakes both by default) are offset and run at another rate.
+fn skewed_server(etcd_url: &str, data: &Path, faketime: &str) -> Up {
+    assert!(
+        Path::new(LIBFAKETIME).is_file(),
+        "this test needs libfaketime at {LIBFAKETIME} (Debian: apt-get install faketime, or run \
+         scripts/deps.sh)"
+    );
+    let mut cmd = server_command(etcd_url, data);
+    cmd.env("LD_PRELOAD", LIBFAKETIME)
+        .env("FAKETIME", faketime)
+        .env_remove("FAKETIME_DONT_FAKE_MONOTONIC");
     start_until(cmd, "hive server: API at ")
+}
+
+/// `etcd://` and the members' `host:port`s, as `--store` takes them.
+fn etcd_url(etcd: &EtcdCluster) -> String {
+    format!(
+        "etcd://{}",
+        etcd.endpoints()
+            .iter()
+            .map(|e| e.trim_start_matches("http://").to_owned())
+            .collect::<Vec<_>>()
+            .join(",")
+    )
+}
+
+/// Tenant `acme` and node `sim`, shared and ready, its lease renewed (with the test's clock)
+/// through each server in turn until `stop`.
+async fn tenant_and_node(clients: &[Client], stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+    let c0 = &clients[0];
+    c0.create(
+        None,
+        &Tenant {
+            name: "acme".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let node = c0
+        .create(
+            None,
+            &Node {
+                name: "sim".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let cap = NodeCapacity {
+        cpu_millis: 64_000,
+        memory_bytes: 256 << 30,
+        network_bps: 10_000_000_000,
+    };
+    let mut n = node;
+    n.status = NodeStatus {
+        capacity: cap.clone(),
+        allocatable: cap,
+        ready: true,
+        lease_renewed_at: Some(chrono::Utc::now()),
+        ..Default::default()
+    };
+    n.spec.shared = true;
+    n.revision = 0;
+    c0.update(None, &n).await.unwrap();
+    c0.update_status(None, &n).await.unwrap();
+    let clients = clients.to_vec();
+    tokio::spawn(async move {
+        let mut i = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let c = &clients[i % clients.len()];
+            if let Ok(mut n) = c.get::<Node>(None, "sim").await {
+                n.status.lease_renewed_at = Some(chrono::Utc::now());
+                n.status.ready = true;
+                n.revision = 0;
+                let _ = c.update_status(None, &n).await;
+            }
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+}
+
+/// Waits until `svc` has `n` instances, all placed on `sim`; how long that took.
+async fn placed(c: &Client, svc: &str, n: usize) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let is = instances(c, svc).await;
+        if is.len() == n && is.iter().all(|i| i.spec.node.as_deref() == Some("sim")) {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{svc}: {is:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Creates services `w-0`, `w-1`… through the servers in turn every 20 ms until `stop`; the
+/// names of those acknowledged go into `acked`.
+fn write_load(
+    clients: &[Client],
+    stop: Arc<AtomicBool>,
+    acked: Arc<std::sync::Mutex<Vec<String>>>,
+) -> tokio::task::JoinHandle<()> {
+    let clients = clients.to_vec();
+    tokio::spawn(async move {
+        let mut i = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            let name = format!("w-{i}");
+            if clients[i % clients.len()]
+                .create(Some("acme"), &service(&name, 0))
+                .await
+                .is_ok()
+            {
+                acked.lock().unwrap().push(name);
+            }
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+/// The holder of the current term, from the term key in etcd.
+async fn term_holder(store: &hive_store::EtcdStore) -> String {
+    let term = hive_store::Store::get(store, hive_server::leader::LEADER_KEY)
+        .await
+        .unwrap()
+        .kv
+        .expect("a leader");
+    let holder: serde_json::Value = serde_json::from_slice(&term.value).unwrap();
+    holder["holder"].as_str().unwrap().to_owned()
+}
+
+/// Which of `servers` the holder id (`URL-random`) names.
+fn server_of(holder: &str, urls: &[String]) -> usize {
+    urls.iter()
+        .position(|u| holder.starts_with(&format!("{u}-")))
+        .unwrap_or_else(|| panic!("{holder} is none of {urls:?}"))
+}
+
+/// Every acknowledged write is listed through `c`.
+async fn assert_none_lost(c: &Client, acked: &[String]) {
+    let names: std::collections::HashSet<String> = c
+        .list::<Service>(Some("acme"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert!(acked.len() > 50, "only {} writes acknowledged", acked.len());
+    let missing: Vec<&String> = acked.iter().filter(|n| !names.contains(*n)).collect();
+    assert!(missing.is_empty(), "acknowledged but missing: {missing:?}");
 }
 
 fn service(name: &str, replicas: u32) -> Service {
@@ -58,14 +222,7 @@ async fn instances(c: &Client, service: &str) -> Vec<Instance> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_servers_lose_an_etcd_member_and_the_leading_server_and_lose_nothing() {
     let mut etcd = EtcdCluster::start(3);
-    let url = format!(
-        "etcd://{}",
-        etcd.endpoints()
-            .iter()
-            .map(|e| e.trim_start_matches("http://").to_owned())
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let url = etcd_url(&etcd);
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut servers: Vec<Option<Up>> = vec![Some(server(&url, dirs[0].path()))];
     let token = std::fs::read_to_string(dirs[0].path().join("admin.token"))
@@ -84,98 +241,22 @@ async fn three_servers_lose_an_etcd_member_and_the_leading_server_and_lose_nothi
         .iter()
         .map(|s| Client::new(&s.as_ref().unwrap().url, Some(token.clone())).unwrap())
         .collect();
+    let urls: Vec<String> = servers
+        .iter()
+        .map(|s| s.as_ref().unwrap().url.clone())
+        .collect();
     let c0 = &clients[0];
-    c0.create(
-        None,
-        &Tenant {
-            name: "acme".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    // The simulated node, its lease renewed through whichever server answers.
-    let node = c0
-        .create(
-            None,
-            &Node {
-                name: "sim".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let cap = NodeCapacity {
-        cpu_millis: 64_000,
-        memory_bytes: 256 << 30,
-        network_bps: 10_000_000_000,
-    };
-    let mut n = node;
-    n.status = NodeStatus {
-        capacity: cap.clone(),
-        allocatable: cap,
-        ready: true,
-        lease_renewed_at: Some(chrono::Utc::now()),
-        ..Default::default()
-    };
-    n.spec.shared = true;
-    n.revision = 0;
-    c0.update(None, &n).await.unwrap();
-    c0.update_status(None, &n).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let lease = {
-        let (clients, stop) = (clients.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let c = &clients[i % clients.len()];
-                if let Ok(mut n) = c.get::<Node>(None, "sim").await {
-                    n.status.lease_renewed_at = Some(chrono::Utc::now());
-                    n.status.ready = true;
-                    n.revision = 0;
-                    let _ = c.update_status(None, &n).await;
-                }
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-    };
+    // The simulated node, its lease renewed through whichever server answers.
+    let lease = tenant_and_node(&clients, stop.clone()).await;
     c0.create(Some("acme"), &service("before", 2))
         .await
         .unwrap();
-    let placed = |c: Client, svc: &'static str, n: usize| async move {
-        let t0 = Instant::now();
-        loop {
-            let is = instances(&c, svc).await;
-            if is.len() == n && is.iter().all(|i| i.spec.node.as_deref() == Some("sim")) {
-                return t0.elapsed();
-            }
-            assert!(t0.elapsed() < Duration::from_secs(30), "{svc}: {is:#?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    placed(c0.clone(), "before", 2).await;
+    placed(c0, "before", 2).await;
 
     // Writes through all three servers, the whole time.
     let acked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let load = {
-        let (clients, stop, acked) = (clients.clone(), stop.clone(), acked.clone());
-        tokio::spawn(async move {
-            let mut i = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                let name = format!("w-{i}");
-                if clients[i % 3]
-                    .create(Some("acme"), &service(&name, 0))
-                    .await
-                    .is_ok()
-                {
-                    acked.lock().unwrap().push(name);
-                }
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let load = write_load(&clients, stop.clone(), acked.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let dead_member = etcd.wait_leader(Duration::from_secs(10));
     etcd.kill(dead_member);
@@ -185,17 +266,7 @@ async fn three_servers_lose_an_etcd_member_and_the_leading_server_and_lose_nothi
     let store = hive_store::EtcdStore::connect(etcd.store_options())
         .await
         .unwrap();
-    let term = hive_store::Store::get(&store, hive_server::leader::LEADER_KEY)
-        .await
-        .unwrap()
-        .kv
-        .expect("a leader");
-    let holder: serde_json::Value = serde_json::from_slice(&term.value).unwrap();
-    let holder = holder["holder"].as_str().unwrap().to_owned();
-    let leading = servers
-        .iter()
-        .position(|s| holder.starts_with(&s.as_ref().unwrap().url))
-        .expect("the leader is one of the three");
+    let leading = server_of(&term_holder(&store).await, &urls);
     drop(servers[leading].take());
     let killed_at = Instant::now();
     let survivor = clients[(leading + 1) % 3].clone();
@@ -203,9 +274,7 @@ async fn three_servers_lose_an_etcd_member_and_the_leading_server_and_lose_nothi
         .create(Some("acme"), &service("after", 2))
         .await
         .unwrap();
-    let failover = placed(survivor.clone(), "after", 2)
-        .await
-        .max(killed_at.elapsed());
+    let failover = placed(&survivor, "after", 2).await.max(killed_at.elapsed());
     eprintln!("placement by the new leader {failover:?} after the leading server was killed");
     assert!(failover < Duration::from_secs(10), "{failover:?}");
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -215,22 +284,280 @@ async fn three_servers_lose_an_etcd_member_and_the_leading_server_and_lose_nothi
 
     // Every acknowledged write is there; the first service still has exactly its two
     // instances (no second controller ever made more).
-    let names: std::collections::HashSet<String> = survivor
-        .list::<Service>(Some("acme"))
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .map(|s| s.name)
-        .collect();
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 50, "only {} writes acknowledged", acked.len());
-    let missing: Vec<&String> = acked.iter().filter(|n| !names.contains(*n)).collect();
-    assert!(missing.is_empty(), "acknowledged but missing: {missing:?}");
+    assert_none_lost(&survivor, &acked).await;
     assert_eq!(instances(&survivor, "before").await.len(), 2);
     assert_eq!(instances(&survivor, "after").await.len(), 2);
     eprintln!(
         "{} writes acknowledged through three servers, none lost",
+        acked.len()
+    );
+}
+
+/// The wall clock of the server at `url`, from the `Date` header of its answer.
+fn server_date(url: &str) -> chrono::DateTime<chrono::Utc> {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET /healthz HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let date = response
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("date"))
+        })
+        .unwrap_or_else(|| panic!("no Date header from {url}: {response}"))
+        .1
+        .trim();
+    chrono::DateTime::parse_from_rfc2822(date)
+        .unwrap()
+        .with_timezone(&chrono::Utc)
+}
+
+/// One heartbeat write as the test saw it: when, at which revision, by whom, which renewal.
+#[derive(Clone, Debug)]
+struct Beat {
+    at: Instant,
+    revision: u64,
+    holder: String,
+    renewals: u64,
+}
+
+/// Records every write of the heartbeat key from now on (resuming after a lost watch).
+fn record_beats(
+    store: Arc<hive_store::EtcdStore>,
+    beats: Arc<std::sync::Mutex<Vec<Beat>>>,
+) -> tokio::task::JoinHandle<()> {
+    use futures_util::StreamExt;
+    use hive_store::Store;
+    tokio::spawn(async move {
+        let mut after = store.current_revision().await.unwrap();
+        loop {
+            if let Ok(mut w) = store.watch(hive_server::leader::BEAT_KEY, after).await {
+                while let Some(Ok(e)) = w.next().await {
+                    after = e.revision();
+                    let v: serde_json::Value = serde_json::from_slice(&e.kv.value).unwrap();
+                    beats.lock().unwrap().push(Beat {
+                        at: Instant::now(),
+                        revision: e.revision(),
+                        holder: v["holder"].as_str().unwrap().to_owned(),
+                        renewals: v["renewals"].as_u64().unwrap(),
+                    });
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// Clock skew between servers: server 0's clocks are the machine's, server 1's wall clock is
+/// an hour ahead and both its clocks run 1.5× fast, server 2's are an hour behind and run at
+/// 0.7×. The leader is killed twice, so each server leads in turn. Leadership never passes
+/// back and forth, every heartbeat after a takeover is the new holder's, each new leader
+/// places within the bound, no service ever has more instances than it asked for, and no
+/// acknowledged write is lost. The skew is checked to be in effect: each server's `Date`
+/// header, and the rate at which each renews the heartbeat (every `ttl / 4` of its own
+/// monotonic clock, so 1.5× and 0.7× as often as server 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_with_skewed_clocks_keep_one_leader_and_lose_nothing() {
+    const SKEW: [(Option<&str>, i64, f64); 3] = [
+        (None, 0, 1.0),
+        (Some("+1h x1.5"), 3600, 1.5),
+        (Some("-1h x0.7"), -3600, 0.7),
+    ];
+    let etcd = EtcdCluster::start(3);
+    let url = etcd_url(&etcd);
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let start = |i: usize| match SKEW[i].0 {
+        None => server(&url, dirs[i].path()),
+        Some(f) => skewed_server(&url, dirs[i].path(), f),
+    };
+    let mut servers: Vec<Option<Up>> = vec![Some(start(0))];
+    for d in &dirs[1..] {
+        std::fs::copy(
+            dirs[0].path().join("admin.token"),
+            d.path().join("admin.token"),
+        )
+        .unwrap();
+    }
+    servers.extend((1..3).map(|i| Some(start(i))));
+    let token = common::admin_token(dirs[0].path());
+    let urls: Vec<String> = servers
+        .iter()
+        .map(|s| s.as_ref().unwrap().url.clone())
+        .collect();
+    let clients: Vec<Client> = urls
+        .iter()
+        .map(|u| Client::new(u, Some(token.clone())).unwrap())
+        .collect();
+
+    // The skew is in effect: each server's wall clock, within what its rate adds in a minute.
+    for (i, u) in urls.iter().enumerate() {
+        let offset = (server_date(u) - chrono::Utc::now()).num_seconds();
+        let want = SKEW[i].1;
+        assert!(
+            (offset - want).abs() <= 60,
+            "server {i} ({:?}): its clock is {offset} s off, not {want} s: is libfaketime \
+             working?",
+            SKEW[i].0
+        );
+    }
+
+    let store = Arc::new(
+        hive_store::EtcdStore::connect(etcd.store_options())
+            .await
+            .unwrap(),
+    );
+    let beats = Arc::new(std::sync::Mutex::new(Vec::<Beat>::new()));
+    let recorder = record_beats(store.clone(), beats.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let lease = tenant_and_node(&clients, stop.clone()).await;
+    clients[0]
+        .create(Some("acme"), &service("before", 2))
+        .await
+        .unwrap();
+    placed(&clients[0], "before", 2).await;
+    // The most instances each service ever had, sampled through the servers in turn.
+    let most = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        String,
+        usize,
+    >::new()));
+    let sampler = {
+        let (clients, stop, most) = (clients.clone(), stop.clone(), most.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(l) = clients[i % 3].list::<Instance>(Some("acme")).await {
+                    let mut counts = std::collections::HashMap::<String, usize>::new();
+                    for inst in l.items {
+                        *counts.entry(inst.spec.service).or_default() += 1;
+                    }
+                    let mut most = most.lock().unwrap();
+                    for (s, n) in counts {
+                        let m = most.entry(s).or_default();
+                        *m = (*m).max(n);
+                    }
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let acked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let load = write_load(&clients, stop.clone(), acked.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Kill the leader twice; each time another server must place a new service.
+    let mut leaders = Vec::new();
+    let mut failovers = Vec::new();
+    for round in 0..2 {
+        let leading = server_of(&term_holder(&store).await, &urls);
+        leaders.push(leading);
+        drop(servers[leading].take());
+        let killed_at = Instant::now();
+        let survivor = (0..3).find(|&i| servers[i].is_some()).unwrap();
+        let name = format!("after-{round}");
+        clients[survivor]
+            .create(Some("acme"), &service(&name, 2))
+            .await
+            .unwrap();
+        placed(&clients[survivor], &name, 2).await;
+        let failover = killed_at.elapsed();
+        let next = server_of(&term_holder(&store).await, &urls);
+        assert_ne!(next, leading, "the killed server still holds the term");
+        eprintln!(
+            "server {leading} ({:?}) killed: server {next} ({:?}) leads and placed {name} \
+             {failover:?} later",
+            SKEW[leading].0, SKEW[next].0
+        );
+        assert!(failover < Duration::from_secs(10), "{failover:?}");
+        failovers.push(failover);
+        // Long enough for the new leader's renewal rate to show.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let last = (0..3).find(|&i| servers[i].is_some()).unwrap();
+    leaders.push(last);
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    lease.await.unwrap();
+    sampler.await.unwrap();
+    recorder.abort();
+    let _ = recorder.await;
+
+    // One leader at a time: the heartbeat's writers form one run per term, in the order the
+    // servers led, each run starting with a takeover (renewal 0) and counting up; a deposed
+    // holder never wrote again.
+    let beats = beats.lock().unwrap().clone();
+    let mut runs: Vec<Vec<Beat>> = Vec::new();
+    for b in beats {
+        match runs.last_mut() {
+            Some(r) if r[0].holder == b.holder => r.push(b),
+            _ => runs.push(vec![b]),
+        }
+    }
+    let order: Vec<usize> = runs
+        .iter()
+        .map(|r| server_of(&r[0].holder, &urls))
+        .collect();
+    assert_eq!(order, leaders, "terms in the heartbeat's history");
+    for (k, r) in runs.iter().enumerate() {
+        assert!(
+            k == 0 || r[0].renewals == 0,
+            "term {k} did not begin with a takeover: {:?}",
+            r[0]
+        );
+        assert!(
+            r.windows(2)
+                .all(|w| w[1].renewals == w[0].renewals + 1 && w[1].revision > w[0].revision),
+            "term {k}: renewals out of order: {r:?}"
+        );
+    }
+    // Each leader renewed every ttl / 4 of its own monotonic clock: the fake rates show.
+    let mut period = [Duration::ZERO; 3];
+    for r in &runs {
+        let mut gaps: Vec<Duration> = r.windows(2).map(|w| w[1].at - w[0].at).collect();
+        assert!(gaps.len() >= 3, "too few renewals to time: {r:?}");
+        gaps.sort();
+        let s = server_of(&r[0].holder, &urls);
+        period[s] = gaps[gaps.len() / 2];
+    }
+    for k in 1..runs.len() {
+        let (old, new) = (&runs[k - 1], &runs[k]);
+        eprintln!(
+            "takeover by server {}: {:?} after server {}'s last renewal",
+            order[k],
+            new[0].at - old.last().unwrap().at,
+            order[k - 1]
+        );
+    }
+    eprintln!(
+        "renewal period (real time) per server: {period:?}; expected 0.75 s divided by {:?}",
+        SKEW.map(|s| s.2)
+    );
+    for (i, p) in period.iter().enumerate() {
+        let expected = Duration::from_secs_f64(0.75 / SKEW[i].2);
+        let ratio = p.as_secs_f64() / expected.as_secs_f64();
+        assert!(
+            (0.85..1.25).contains(&ratio),
+            "server {i} renewed every {p:?}, not about {expected:?}: is its monotonic clock \
+             faked?"
+        );
+    }
+
+    // Nothing lost; no service ever had more instances than it asked for.
+    let survivor = &clients[last];
+    let acked = acked.lock().unwrap().clone();
+    assert_none_lost(survivor, &acked).await;
+    let most = most.lock().unwrap().clone();
+    for s in ["before", "after-0", "after-1"] {
+        assert_eq!(instances(survivor, s).await.len(), 2, "{s}");
+        assert!(most.get(s).is_some_and(|&n| n <= 2), "{s}: {most:?}");
+    }
+    eprintln!(
+        "{} writes acknowledged through three skewed servers, none lost; failovers {failovers:?}",
         acked.len()
     );
 }

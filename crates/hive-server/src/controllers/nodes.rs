@@ -4,8 +4,12 @@
 //! back it renews the lease (ready again) and removes the containers of the deleted
 //! instances, so no service stays above its replicas.
 //!
-//! A lease counts from the later of its renewal and this controller's own start: a control
-//! plane that was down itself must not declare every node lost the moment it returns.
+//! A lease's age is measured on this server's own monotonic clock, from the moment this
+//! controller saw its current renewal ([`LeaseAges`]): `lease_renewed_at` is only compared
+//! with the value it had, never with this server's wall clock, because the agent that wrote
+//! it and the server that leads may disagree about the time (an hour, or a clock running
+//! fast). It follows that a lease counts from no earlier than this controller's start: a
+//! control plane that was down itself must not declare every node lost the moment it returns.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -36,7 +40,7 @@ impl NodeController {
     }
 
     pub async fn run(self) {
-        let started = Utc::now();
+        let mut ages = LeaseAges::default();
         let nodes: Store<Node> = Arc::new(Mutex::new(BTreeMap::new()));
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (synced, ready) = watch::channel(false);
@@ -60,11 +64,12 @@ impl NodeController {
             if !*ready.borrow() {
                 continue;
             }
-            let now = Utc::now();
+            let now = Instant::now();
             let snapshot: Vec<Node> = nodes.lock().await.values().cloned().collect();
             lost.retain(|name, _| snapshot.iter().any(|n| n.name == *name));
+            ages.retain(|name| snapshot.iter().any(|n| n.name == name));
             for n in snapshot {
-                if !self.stale(&n, started, now) {
+                if ages.age(&n, now) <= self.grace {
                     lost.remove(&n.name);
                     continue;
                 }
@@ -83,17 +88,6 @@ impl NodeController {
             }
         }
         reflector.abort();
-    }
-
-    /// Whether `n`'s lease has run out, counting from no earlier than `started`.
-    fn stale(&self, n: &Node, started: DateTime<Utc>, now: DateTime<Utc>) -> bool {
-        let renewed = n
-            .status
-            .lease_renewed_at
-            .or(n.created_at)
-            .unwrap_or(started)
-            .max(started);
-        (now - renewed).to_std().unwrap_or_default() > self.grace
     }
 
     /// Marks `n` not ready and deletes the instances placed on it, with an Event in each
@@ -155,6 +149,37 @@ impl NodeController {
     }
 }
 
+/// How long ago each node's lease was last renewed, as this process saw it: the time since
+/// its `lease_renewed_at` last changed (or since it was first seen), on this process's
+/// monotonic clock. No clock of another machine is compared with this one.
+#[derive(Debug, Default)]
+pub struct LeaseAges {
+    seen: HashMap<String, (Option<DateTime<Utc>>, Instant)>,
+}
+
+impl LeaseAges {
+    /// The age of `n`'s lease at `now`, noting its renewal if it changed.
+    pub fn age(&mut self, n: &Node, now: Instant) -> Duration {
+        let renewed = n.status.lease_renewed_at;
+        match self.seen.get_mut(&n.name) {
+            Some((last, at)) if *last == renewed => now.saturating_duration_since(*at),
+            Some(entry) => {
+                *entry = (renewed, now);
+                Duration::ZERO
+            }
+            None => {
+                self.seen.insert(n.name.clone(), (renewed, now));
+                Duration::ZERO
+            }
+        }
+    }
+
+    /// Forgets the nodes `keep` says are gone.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.seen.retain(|name, _| keep(name));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,22 +194,32 @@ mod tests {
     }
 
     #[test]
-    fn a_lease_runs_out_after_the_grace_counting_from_the_controller_start() {
-        let c = NodeController::new(
-            Client::new("http://127.0.0.1:1", None).unwrap(),
-            Duration::from_secs(8),
+    fn a_lease_ages_on_this_clock_from_when_its_renewal_was_seen_whatever_it_says() {
+        let mut ages = LeaseAges::default();
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let h = chrono::Duration::hours;
+        // Written by an agent whose clock is an hour behind this server's, then one whose
+        // clock is an hour ahead: neither is lost, or fresh, for what the timestamp says.
+        let behind = node(Some(Utc::now() - h(1)));
+        assert_eq!(ages.age(&behind, t0), Duration::ZERO);
+        assert_eq!(ages.age(&behind, t0 + s(5)), s(5));
+        assert_eq!(ages.age(&behind, t0 + s(9)), s(9), "not renewed for 9 s");
+        let ahead = node(Some(Utc::now() + h(1)));
+        assert_eq!(ages.age(&ahead, t0 + s(10)), Duration::ZERO, "renewed");
+        assert_eq!(
+            ages.age(&ahead, t0 + s(19)),
+            s(9),
+            "not renewed again for 9 s"
         );
-        let t0 = Utc::now();
-        let s = |secs| chrono::Duration::seconds(secs);
-        // Renewed 3 s ago: fresh.
-        assert!(!c.stale(&node(Some(t0 - s(3))), t0 - s(100), t0));
-        // Renewed 9 s ago: lost.
-        assert!(c.stale(&node(Some(t0 - s(9))), t0 - s(100), t0));
-        // Renewed an hour ago, but the controller started 2 s ago: not yet.
-        assert!(!c.stale(&node(Some(t0 - s(3600))), t0 - s(2), t0));
-        // ... and 9 s after its start, lost.
-        assert!(c.stale(&node(Some(t0 - s(3600))), t0 - s(9), t0));
-        // Never renewed: counted from the controller's start.
-        assert!(!c.stale(&node(None), t0 - s(2), t0));
+        // A renewal that goes back in time is still a renewal.
+        assert_eq!(ages.age(&behind, t0 + s(20)), Duration::ZERO);
+        // Never renewed: counted from when it was first seen (this controller's start).
+        let mut other = node(None);
+        other.name = "n2".into();
+        assert_eq!(ages.age(&other, t0 + s(30)), Duration::ZERO);
+        assert_eq!(ages.age(&other, t0 + s(32)), s(2));
+        ages.retain(|n| n == "n2");
+        assert_eq!(ages.age(&behind, t0 + s(40)), Duration::ZERO, "forgotten");
     }
 }

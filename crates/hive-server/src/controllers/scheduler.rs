@@ -19,7 +19,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use futures_util::StreamExt;
 use futures_util::future::join_all;
 use hive_api::{ErrorCode, EventType, Instance, Node, POOL_BOUND_LABEL, Tenant, WatchEventType};
@@ -29,9 +28,11 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::events::{Dedup, create, new_event};
+use super::nodes::LeaseAges;
 use hive_client::reflector::{Store, reflect_synced};
 
-/// A node whose lease is older than this is not ready.
+/// A node whose lease this scheduler has not seen renewed for this long (on its own clock)
+/// is not ready.
 pub const LEASE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a node bound from the pool may run nothing before it goes back, by default.
 pub const DEFAULT_POOL_GRACE: Duration = Duration::from_secs(60);
@@ -52,6 +53,8 @@ pub struct Scheduler {
 struct State {
     cluster: Cluster,
     nodes: BTreeMap<String, Node>,
+    /// How long ago each node's lease was renewed, on this process's clock.
+    leases: LeaseAges,
     /// Instances the cluster accounts for, and where.
     placed: HashMap<Key, (String, Request)>,
     queue: FairQueue<String>,
@@ -75,6 +78,7 @@ impl State {
         State {
             cluster: Cluster::new(),
             nodes: BTreeMap::new(),
+            leases: LeaseAges::default(),
             placed: HashMap::new(),
             queue: FairQueue::new(),
             queued: HashSet::new(),
@@ -135,11 +139,10 @@ fn request(tenant: &str, i: &Instance) -> Request {
     }
 }
 
-fn node_info(n: &Node) -> NodeInfo {
-    let fresh = n
-        .status
-        .lease_renewed_at
-        .is_some_and(|t| (Utc::now() - t).to_std().unwrap_or_default() < LEASE_TIMEOUT);
+/// `n` as the placement engine sees it; `lease_age` is how long ago this scheduler saw its
+/// lease renewed, on its own clock (see [`LeaseAges`]).
+fn node_info(n: &Node, lease_age: Duration) -> NodeInfo {
+    let fresh = n.status.lease_renewed_at.is_some() && lease_age < LEASE_TIMEOUT;
     NodeInfo {
         name: n.name.clone(),
         allocatable: Resources {
@@ -231,11 +234,13 @@ impl Scheduler {
                         nodes_changed = true;
                         match nodes.lock().await.get(&name).cloned() {
                             Some(n) => {
-                                st.cluster.upsert_node(node_info(&n));
+                                let age = st.leases.age(&n, Instant::now());
+                                st.cluster.upsert_node(node_info(&n, age));
                                 st.nodes.insert(name, n);
                             }
                             None => {
                                 st.cluster.remove_node(&name);
+                                st.leases.retain(|n| n != name);
                                 st.nodes.remove(&name);
                             }
                         }
@@ -293,8 +298,9 @@ impl Scheduler {
                 }
             }
             if nodes_changed {
+                let now = Instant::now();
                 for n in st.nodes.values() {
-                    st.cluster.upsert_node(node_info(n));
+                    st.cluster.upsert_node(node_info(n, st.leases.age(n, now)));
                 }
                 for (key, priority) in std::mem::take(&mut st.waiting) {
                     st.enqueue(key, priority);
@@ -659,7 +665,8 @@ impl State {
             back.labels.remove(POOL_BOUND_LABEL);
             match client.update(None, &back).await {
                 Ok(written) => {
-                    self.cluster.upsert_node(node_info(&written));
+                    let age = self.leases.age(&written, Instant::now());
+                    self.cluster.upsert_node(node_info(&written, age));
                     self.cluster.unbind_if_empty(node);
                     self.nodes.insert(node.to_owned(), written);
                     self.pool.forget(node);
