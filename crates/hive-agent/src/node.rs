@@ -1,19 +1,77 @@
-//! The node's registration and lease: this host as a `Node` object (capacity, kernel,
-//! runtime), kept fresh by renewing `status.lease_renewed_at` every few seconds through the
-//! API. A node whose lease is stale is considered lost by the control plane.
+//! The node's registration and lease: this host as a `Node` object (capacity, what of it
+//! instances may be given, kernel, runtime, the containers it holds), kept fresh by renewing
+//! `status.lease_renewed_at` every few seconds through the API, and written again at once
+//! when the containers held change. A node whose lease is stale is considered lost by the
+//! control plane.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use chrono::Utc;
 use hive_api::{ErrorCode, Node, NodeCapacity, NodeStatus};
 use hive_client::{Client, ClientError};
+use tokio::sync::watch;
+
+/// The containers the agent holds, counted per tenant (`status.containers`).
+pub type Held = BTreeMap<String, u32>;
+
+/// How much of the host the node offers instances (`hive agent --cpus --memory`); None:
+/// all of it. Several agents on one machine each get a share this way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeSize {
+    pub cpu_millis: Option<u64>,
+    pub memory_bytes: Option<u64>,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("--cpus must be more than 0")]
+    NoCpu,
+    #[error("--memory must be more than 0 bytes")]
+    NoMemory,
+    #[error("--cpus {asked}m is more than this host's {host}m")]
+    CpuAboveHost { asked: u64, host: u64 },
+    #[error("--memory {asked} bytes is more than this host's {host} bytes")]
+    MemoryAboveHost { asked: u64, host: u64 },
+}
+
+impl NodeSize {
+    /// Checks the size against what the host has: each part positive and at most the host's.
+    pub fn check(&self, host: &NodeCapacity) -> Result<(), SizeError> {
+        if let Some(cpu) = self.cpu_millis {
+            if cpu == 0 {
+                return Err(SizeError::NoCpu);
+            }
+            if cpu > host.cpu_millis {
+                return Err(SizeError::CpuAboveHost {
+                    asked: cpu,
+                    host: host.cpu_millis,
+                });
+            }
+        }
+        if let Some(mem) = self.memory_bytes {
+            if mem == 0 {
+                return Err(SizeError::NoMemory);
+            }
+            if mem > host.memory_bytes {
+                return Err(SizeError::MemoryAboveHost {
+                    asked: mem,
+                    host: host.memory_bytes,
+                });
+            }
+        }
+        Ok(())
+    }
+}
 
 /// What this host has and runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostFacts {
     pub name: String,
     pub capacity: NodeCapacity,
+    /// What of the capacity instances may be given (see [`HostFacts::size`]).
+    pub size: NodeSize,
     pub kernel: String,
     pub os: String,
     pub arch: String,
@@ -59,6 +117,7 @@ pub fn host_facts(runtime: &str) -> HostFacts {
             // Set from the underlay's link by the caller (`network::link_bps`).
             network_bps: 0,
         },
+        size: NodeSize::default(),
         kernel: read_trim("/proc/sys/kernel/osrelease").unwrap_or_default(),
         os: std::env::consts::OS.to_owned(),
         arch: std::env::consts::ARCH.to_owned(),
@@ -77,10 +136,37 @@ pub enum NodeError {
     Renew { name: String, source: ClientError },
 }
 
-fn status(facts: &HostFacts) -> NodeStatus {
+impl HostFacts {
+    /// Caps what the node offers at `size`, refused when it is not within the host.
+    pub fn size(&mut self, size: NodeSize) -> Result<(), SizeError> {
+        size.check(&self.capacity)?;
+        self.size = size;
+        Ok(())
+    }
+
+    /// The capacity, less what [`HostFacts::size`] keeps back.
+    pub fn allocatable(&self) -> NodeCapacity {
+        let c = &self.capacity;
+        NodeCapacity {
+            cpu_millis: self
+                .size
+                .cpu_millis
+                .unwrap_or(c.cpu_millis)
+                .min(c.cpu_millis),
+            memory_bytes: self
+                .size
+                .memory_bytes
+                .unwrap_or(c.memory_bytes)
+                .min(c.memory_bytes),
+            network_bps: c.network_bps,
+        }
+    }
+}
+
+fn status(facts: &HostFacts, held: &Held) -> NodeStatus {
     NodeStatus {
         capacity: facts.capacity.clone(),
-        allocatable: facts.capacity.clone(),
+        allocatable: facts.allocatable(),
         kernel: facts.kernel.clone(),
         os: facts.os.clone(),
         arch: facts.arch.clone(),
@@ -90,12 +176,14 @@ fn status(facts: &HostFacts) -> NodeStatus {
         underlay_ip: facts.underlay_ip.clone(),
         lease_renewed_at: Some(Utc::now()),
         ready: true,
+        containers: held.clone(),
     }
 }
 
-/// Creates the Node if it does not exist and reports this host's facts and a fresh lease.
-pub async fn register(client: &Client, facts: &HostFacts) -> Result<Node, NodeError> {
-    register_or_refresh(client, facts)
+/// Creates the Node if it does not exist and reports this host's facts, the containers it
+/// holds and a fresh lease.
+pub async fn register(client: &Client, facts: &HostFacts, held: &Held) -> Result<Node, NodeError> {
+    register_or_refresh(client, facts, held)
         .await
         .map_err(|source| NodeError::Register {
             name: facts.name.clone(),
@@ -103,7 +191,11 @@ pub async fn register(client: &Client, facts: &HostFacts) -> Result<Node, NodeEr
         })
 }
 
-async fn register_or_refresh(client: &Client, facts: &HostFacts) -> Result<Node, ClientError> {
+async fn register_or_refresh(
+    client: &Client,
+    facts: &HostFacts,
+    held: &Held,
+) -> Result<Node, ClientError> {
     let node = match client.get::<Node>(None, &facts.name).await {
         Ok(n) => n,
         Err(e) if e.code() == Some(ErrorCode::NotFound) => {
@@ -134,7 +226,7 @@ async fn register_or_refresh(client: &Client, facts: &HostFacts) -> Result<Node,
     } else {
         node
     };
-    write_status(client, node, facts).await
+    write_status(client, node, facts, held).await
 }
 
 /// Writes the status, re-reading and retrying when another writer got there first.
@@ -142,9 +234,10 @@ async fn write_status(
     client: &Client,
     mut node: Node,
     facts: &HostFacts,
+    held: &Held,
 ) -> Result<Node, ClientError> {
     for _ in 0..5 {
-        node.status = status(facts);
+        node.status = status(facts, held);
         match client.update_status(None, &node).await {
             Ok(n) => return Ok(n),
             Err(e) if e.code() == Some(ErrorCode::Conflict) => {
@@ -153,21 +246,38 @@ async fn write_status(
             Err(e) => return Err(e),
         }
     }
-    node.status = status(facts);
+    node.status = status(facts, held);
     node.revision = 0;
     client.update_status(None, &node).await
 }
 
-/// Renews the lease every `every` until the process ends. Failures are logged and retried at
-/// the next tick: a control plane that is away must not stop the node.
-pub async fn keep_lease(client: Client, facts: HostFacts, every: Duration) {
+/// Renews the lease every `every` until the process ends, and writes the status at once
+/// whenever the containers held (from the sync loop) change. Failures are logged and retried
+/// at the next tick: a control plane that is away must not stop the node.
+pub async fn keep_lease(
+    client: Client,
+    facts: HostFacts,
+    every: Duration,
+    mut held: watch::Receiver<Held>,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    let mut open = true;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = held.changed(), if open => {
+                // The sync loop ended: only the lease is left to renew.
+                if changed.is_err() {
+                    open = false;
+                    continue;
+                }
+            }
+        }
+        let now = held.borrow_and_update().clone();
         // Re-registers too, should the Node have been deleted meanwhile.
-        let renewed = register_or_refresh(&client, &facts).await;
+        let renewed = register_or_refresh(&client, &facts, &now).await;
         if let Err(source) = renewed {
             tracing::warn!(error = %NodeError::Renew { name: facts.name.clone(), source }, "lease");
         }
@@ -192,6 +302,87 @@ mod tests {
         assert!(f.capacity.cpu_millis >= 1000);
         assert!(f.capacity.memory_bytes > 0);
         assert!(!f.kernel.is_empty());
-        assert!(status(&f).ready && status(&f).lease_renewed_at.is_some());
+        let s = status(&f, &Held::new());
+        assert!(s.ready && s.lease_renewed_at.is_some());
+        assert_eq!(s.allocatable, f.capacity);
+        assert!(s.containers.is_empty());
+    }
+
+    #[test]
+    fn a_size_caps_what_the_node_offers_within_the_host() {
+        let mut f = host_facts("runc");
+        f.capacity = NodeCapacity {
+            cpu_millis: 2000,
+            memory_bytes: 4 << 30,
+            network_bps: 10_000,
+        };
+        let half = NodeSize {
+            cpu_millis: Some(1200),
+            memory_bytes: Some(1 << 30),
+        };
+        f.size(half).unwrap();
+        let held = Held::from([("red".to_owned(), 2)]);
+        let s = status(&f, &held);
+        assert_eq!(s.capacity, f.capacity, "capacity stays the host's");
+        assert_eq!(
+            s.allocatable,
+            NodeCapacity {
+                cpu_millis: 1200,
+                memory_bytes: 1 << 30,
+                network_bps: 10_000
+            }
+        );
+        assert_eq!(s.containers, held);
+        // One part alone caps only that part.
+        f.size(NodeSize {
+            cpu_millis: None,
+            memory_bytes: Some(1 << 20),
+        })
+        .unwrap();
+        assert_eq!(f.allocatable().cpu_millis, 2000);
+        assert_eq!(f.allocatable().memory_bytes, 1 << 20);
+        // The whole host is allowed; more, or nothing, is not, and the size is kept as was.
+        let exact = NodeSize {
+            cpu_millis: Some(2000),
+            memory_bytes: Some(4 << 30),
+        };
+        assert_eq!(exact.check(&f.capacity), Ok(()));
+        let cases = [
+            (Some(0), None, SizeError::NoCpu),
+            (None, Some(0), SizeError::NoMemory),
+            (
+                Some(2001),
+                None,
+                SizeError::CpuAboveHost {
+                    asked: 2001,
+                    host: 2000,
+                },
+            ),
+            (
+                None,
+                Some((4 << 30) + 1),
+                SizeError::MemoryAboveHost {
+                    asked: (4 << 30) + 1,
+                    host: 4 << 30,
+                },
+            ),
+        ];
+        for (cpu, mem, want) in cases {
+            let size = NodeSize {
+                cpu_millis: cpu,
+                memory_bytes: mem,
+            };
+            assert_eq!(f.size(size), Err(want));
+        }
+        assert_eq!(f.allocatable().memory_bytes, 1 << 20);
+        assert_eq!(
+            SizeError::CpuAboveHost {
+                asked: 4000,
+                host: 2000
+            }
+            .to_string(),
+            "--cpus 4000m is more than this host's 2000m"
+        );
+        assert!(SizeError::NoMemory.to_string().starts_with("--memory"));
     }
 }

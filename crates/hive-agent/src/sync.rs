@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 
 use crate::image::{ImageStore, StoreConfig};
 use crate::network::{NetConfig, NetState};
+use crate::node::Held;
 use crate::probe::{self, Probes};
 use crate::resume::{self, Report};
 use crate::runtime::spec::{self, ContainerConfig, ImageProcess, Limits, ProcessOverride};
@@ -129,6 +130,10 @@ pub struct Agent {
     saved: HashMap<String, SaveMark>,
     /// The catch-up report last written.
     report: BTreeMap<String, Report>,
+    /// The tenant of each container here (from its instance, or its bundle).
+    tenant_of: HashMap<String, String>,
+    /// The containers held, per tenant, for the node's status (see [`Agent::held`]).
+    held: watch::Sender<Held>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -163,6 +168,9 @@ impl Agent {
             path,
             source: Box::new(source),
         })?;
+        // What the last run left is held from the start, before any cache is filled.
+        let mut tenant_of = HashMap::new();
+        let held = count_held(&containers, &HashSet::new(), &mut tenant_of);
         Ok(Self {
             client,
             cfg,
@@ -182,7 +190,32 @@ impl Agent {
             sampled: HashMap::new(),
             saved: HashMap::new(),
             report: BTreeMap::new(),
+            tenant_of,
+            held: watch::Sender::new(held),
         })
+    }
+
+    /// The node's containers (the agent's API serves their logs and execs).
+    pub fn containers(&self) -> &Containers {
+        &self.containers
+    }
+
+    /// The containers this node holds, per tenant: every container with a directory here
+    /// (running, stopping, exited and not yet removed) and every one being started. Updated
+    /// by the loop after each pass, start and stop; the node's lease task writes it into
+    /// `status.containers`. Holds what the last run left from the moment the agent is made.
+    pub fn held(&self) -> watch::Receiver<Held> {
+        self.held.subscribe()
+    }
+
+    /// Counts the containers held again and publishes the count if it changed.
+    fn publish_held(&mut self) {
+        let now = count_held(&self.containers, &self.starting, &mut self.tenant_of);
+        self.held.send_if_modified(|h| {
+            let changed = *h != now;
+            *h = now;
+            changed
+        });
     }
 
     /// Runs the loop until the process ends. Starts run as local tasks (the image store's
@@ -283,6 +316,8 @@ impl Agent {
             while let Ok((id, ok)) = self.started.1.try_recv() {
                 self.finish_start(&id, ok);
             }
+            // Before the caches are filled too: a stop finished is reported at once.
+            self.publish_held();
             // Until every tenant's instances are known, what is missing from the caches is
             // not "unwanted": nothing is compared (or removed) before.
             if let Some((wanted, all, groups, views)) = self.wanted(&caches).await {
@@ -306,6 +341,8 @@ impl Agent {
                     let services = services_of(&caches).await;
                     self.discovery.sync(&net, &here, &all, &services).await;
                 }
+                // Starts begun by this pass count as held at once.
+                self.publish_held();
             }
         }
         discover.abort();
@@ -623,6 +660,7 @@ impl Agent {
             return;
         }
         self.starting.insert(id.to_owned());
+        self.tenant_of.insert(id.to_owned(), tenant.to_owned());
         let (images, containers, client) = (
             self.images.clone(),
             self.containers.clone(),
@@ -793,6 +831,38 @@ impl Agent {
         }
         self.backoff.remove(id);
     }
+}
+
+/// The containers held per tenant: those with a directory and those being started. A
+/// container's tenant comes from `known` (filled when it is started) or else from its
+/// bundle; one with neither was never handed to the runtime and holds nothing. `known` is
+/// trimmed to the containers counted.
+fn count_held(
+    containers: &Containers,
+    starting: &HashSet<String>,
+    known: &mut HashMap<String, String>,
+) -> Held {
+    let ids: BTreeSet<String> = containers
+        .list()
+        .into_iter()
+        .chain(starting.iter().cloned())
+        .collect();
+    known.retain(|id, _| ids.contains(id));
+    let mut held = Held::new();
+    for id in ids {
+        let tenant = match known.get(&id) {
+            Some(t) => t.clone(),
+            None => match containers.tenant_of(&id) {
+                Some(t) => {
+                    known.insert(id.clone(), t.clone());
+                    t
+                }
+                None => continue,
+            },
+        };
+        *held.entry(tenant).or_default() += 1;
+    }
+    held
 }
 
 /// The cgroup of an instance's container.

@@ -97,7 +97,17 @@ pub struct NodeStatus {
     pub lease_renewed_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub ready: bool,
+    /// The containers the agent still holds on this node, counted per tenant: starting,
+    /// running, stopping, or exited and not yet removed. Written by the agent whenever it
+    /// changes and with every lease renewal. A node the scheduler bound from the pool goes
+    /// back to it only once this is empty, so the next tenant never lands beside the last
+    /// one's containers while they stop.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub containers: BTreeMap<String, u32>,
 }
+
+/// Most tenants a node's `status.containers` may name.
+pub const MAX_CONTAINER_TENANTS: usize = 10_000;
 
 impl Resource for Node {
     const KIND: &'static str = "node";
@@ -126,6 +136,21 @@ impl Resource for Node {
             ("status.agent_version", &self.status.agent_version),
         ] {
             validate::kernel_string(f, v, 256)?;
+        }
+        if self.status.containers.len() > MAX_CONTAINER_TENANTS {
+            return Err(ValidationError::new(
+                "status.containers",
+                format!("names more than {MAX_CONTAINER_TENANTS} tenants"),
+            ));
+        }
+        for (t, n) in &self.status.containers {
+            validate::name("status.containers", t)?;
+            if *n == 0 {
+                return Err(ValidationError::new(
+                    "status.containers",
+                    format!("tenant {t} has 0 containers (leave it out)"),
+                ));
+            }
         }
         let ul = &self.status.underlay_ip;
         if !ul.is_empty() && ul.parse::<std::net::Ipv4Addr>().is_err() {
@@ -160,6 +185,27 @@ impl Resource for Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn containers_held_name_tenants_with_a_count() {
+        let mut n = Node {
+            name: "n1".into(),
+            ..Default::default()
+        };
+        n.status.containers.insert("red".into(), 2);
+        assert!(n.validate().is_ok());
+        let json = serde_json::to_value(&n).unwrap();
+        assert_eq!(json["status"]["containers"]["red"], 2);
+        n.status.containers.insert("Bad Name".into(), 1);
+        assert_eq!(n.validate().unwrap_err().field, "status.containers");
+        n.status.containers.clear();
+        n.status.containers.insert("blue".into(), 0);
+        assert_eq!(n.validate().unwrap_err().field, "status.containers");
+        // Absent when nothing is held: the old shape of the status.
+        n.status.containers.clear();
+        let json = serde_json::to_value(&n).unwrap();
+        assert!(json["status"].get("containers").is_none());
+    }
 
     #[test]
     fn agent_urls_are_scheme_host_and_port_only() {

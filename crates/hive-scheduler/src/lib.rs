@@ -11,12 +11,13 @@
 //!   (deficit round robin with unit costs), highest priority first within a tenant, so one
 //!   tenant's burst cannot delay another's single request.
 //! - [`PoolReturn`] times how long each node the scheduler bound from the pool has been
-//!   empty, so the loop returns it to the pool after a grace.
+//!   empty (no instance placed, no container its agent still holds), so the loop returns
+//!   it to the pool after a grace.
 
 mod cluster;
 mod pool;
 mod queue;
 
 pub use cluster::{Cluster, NodeInfo, Placement, Reason, Request, Resources, Unschedulable};
-pub use pool::PoolReturn;
+pub use pool::{Occupancy, PoolReturn};
 pub use queue::FairQueue;

@@ -1,8 +1,13 @@
-//! End to end on one machine (root): `hive server` and three `hive agent` processes
-//! registered as pool nodes (not `--shared`), each with its own data dir, and two tenants.
-//! Red scales a service 0 → 10 → 3 while blue runs and grows its own; a monitor polls the API
-//! and the agents' container directories the whole time and records any node that holds
-//! two tenants' instances or containers.
+//! End to end on one machine (root): `hive server` and `hive agent` processes registered as
+//! pool nodes (not `--shared`), each with its own data dir and sized with `--cpus 600m
+//! --memory 1Gi`, and two tenants.
+//!
+//! - Red scales a service 0 → 10 → 3 while blue runs and grows its own; a monitor polls the
+//!   API and the agents' container directories the whole time and records any node that holds
+//!   two tenants' instances or containers.
+//! - With a 1 s pool grace, a node whose last instance is deleted while its container ignores
+//!   SIGTERM (so it stops only at the agent's 10 s stop grace) stays bound to its tenant as
+//!   long as the container's process lives, and goes to the waiting tenant after.
 
 mod common;
 
@@ -16,6 +21,18 @@ use common::{Nodes, TwoTenants, json, ok};
 use serde_json::Value;
 
 const NODES: usize = 3;
+
+/// What every agent offers (`hive agent --cpus --memory`), whatever the host has.
+const AGENT_SIZE: [&str; 4] = ["--cpus", "600m", "--memory", "1Gi"];
+/// A sixth of the agents' 600m: 6 instances fit on a node, 7 do not.
+const CPU_REQUEST: &str = "100m";
+
+/// Runs until stopped, and stops at once on SIGTERM (a shell as pid 1 ignores it otherwise,
+/// and waits for the kill after the stop grace).
+const STOPS_AT_ONCE: &str = "trap 'exit 0' TERM; while :; do sleep 1; done";
+/// Runs until killed: as pid 1 without a handler, the shell ignores SIGTERM, so a stop takes
+/// the agent's whole stop grace (10 s) and ends with SIGKILL.
+const IGNORES_SIGTERM: &str = "while :; do sleep 1; done";
 
 fn instances(cfg: &Path, tenant: &str) -> Vec<Value> {
     json(cfg, &["--tenant", tenant, "instance", "ls"])
@@ -253,27 +270,21 @@ fn bindings(cfg: &Path) -> BTreeMap<String, (Option<String>, Option<String>)> {
         .collect()
 }
 
-/// Exactly 6 instances fit on a node: a sixth of what each node reports (the nodes all run on
-/// this machine, so they report the same cores), rounded down; 7 of them are more than it has.
-fn cpu_request(cfg: &Path) -> String {
+/// Every node offers what its agent was sized to, whatever the host has.
+fn assert_sized(cfg: &Path) {
     let nodes = json(cfg, &["node", "ls"]);
-    let cpus: BTreeSet<u64> = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["status"]["allocatable"]["cpu_millis"].as_u64().unwrap())
-        .collect();
-    assert_eq!(cpus.len(), 1, "{nodes:#}");
-    let per = cpus.first().unwrap() / 6;
-    assert!(per * 7 > *cpus.first().unwrap(), "{cpus:?}");
-    format!("{per}m")
+    for n in nodes.as_array().unwrap() {
+        let (cap, alloc) = (&n["status"]["capacity"], &n["status"]["allocatable"]);
+        assert_eq!(alloc["cpu_millis"], 600, "{n:#}");
+        assert_eq!(alloc["memory_bytes"], 1u64 << 30, "{n:#}");
+        assert!(cap["cpu_millis"].as_u64().unwrap() >= 600, "{n:#}");
+        assert!(cap["memory_bytes"].as_u64().unwrap() >= 1 << 30, "{n:#}");
+    }
 }
 
-fn create(cfg: &Path, host: &str, tenant: &str, service: &str, replicas: u32, cpu: &str) {
+fn create(cfg: &Path, host: &str, tenant: &str, service: &str, replicas: u32, script: &str) {
     let image = format!("{host}/{tenant}/busybox:test");
     let replicas = replicas.to_string();
-    // The trap makes the container stop at once on SIGTERM (a shell as pid 1 ignores it
-    // otherwise, and waits for the kill after the stop grace).
     ok(
         cfg,
         &[
@@ -287,13 +298,13 @@ fn create(cfg: &Path, host: &str, tenant: &str, service: &str, replicas: u32, cp
             "--replicas",
             &replicas,
             "--cpu-request",
-            cpu,
+            CPU_REQUEST,
             "--memory-request",
             "32Mi",
             "--",
             "sh",
             "-c",
-            "trap 'exit 0' TERM; while :; do sleep 1; done",
+            script,
         ],
     );
 }
@@ -309,15 +320,16 @@ fn scale_0_10_3_on_pool_nodes_while_another_tenant_runs_and_no_node_mixes_tenant
         NODES,
         Nodes::Pool,
         &["--pool-grace-secs", "600"],
+        &AGENT_SIZE,
     );
     let (cfg, host, d) = (&tt.cfg, &tt.host, dir.path());
     let b = bindings(cfg);
     assert_eq!(b.len(), NODES, "{b:?}");
     assert!(b.values().all(|v| *v == (None, None)), "{b:?}");
-    let cpu = cpu_request(cfg);
+    assert_sized(cfg);
 
     // Scale 0: a service and nothing else; no node taken from the pool.
-    create(cfg, host, "red", "web", 0, &cpu);
+    create(cfg, host, "red", "web", 0, STOPS_AT_ONCE);
     std::thread::sleep(Duration::from_secs(1));
     assert!(instances(cfg, "red").is_empty());
     assert!(bindings(cfg).values().all(|v| *v == (None, None)));
@@ -325,7 +337,7 @@ fn scale_0_10_3_on_pool_nodes_while_another_tenant_runs_and_no_node_mixes_tenant
     let monitor = Monitor::start(cfg.clone(), d.to_owned());
     // 0 → 10 for red while blue starts 3 of its own.
     ok(cfg, &["--tenant", "red", "scale", "web", "10"]);
-    create(cfg, host, "blue", "api", 3, &cpu);
+    create(cfg, host, "blue", "api", 3, STOPS_AT_ONCE);
     let red = wait_running(cfg, "red", "web", 10, 60);
     let blue = wait_running(cfg, "blue", "api", 3, 30);
     let t_ten = t_start.elapsed();
@@ -428,6 +440,175 @@ fn scale_0_10_3_on_pool_nodes_while_another_tenant_runs_and_no_node_mixes_tenant
         t_ten.as_secs_f64(),
         t_done.as_secs_f64(),
         watch.rounds,
+        t_start.elapsed().as_secs_f64()
+    );
+    drop(tt);
+}
+
+/// Node `name` as the API shows it.
+fn node(cfg: &Path, name: &str) -> Value {
+    json(cfg, &["node", "ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("no node {name}"))
+        .clone()
+}
+
+fn alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn a_pool_node_goes_back_only_once_its_containers_are_gone() {
+    let t_start = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    // One pool node and a grace far shorter than the agent's 10 s stop grace.
+    let tt = TwoTenants::start_with(
+        dir.path(),
+        1,
+        Nodes::Pool,
+        &["--pool-grace-secs", "1"],
+        &AGENT_SIZE,
+    );
+    let (cfg, host, d) = (&tt.cfg, &tt.host, dir.path());
+    assert_sized(cfg);
+
+    // Red takes the node with one container that ignores SIGTERM.
+    create(cfg, host, "red", "slow", 1, IGNORES_SIGTERM);
+    let red = wait_running(cfg, "red", "slow", 1, 60);
+    let (name, on, pid) = red[0].clone();
+    assert_eq!(on, "n1");
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(cgroup.contains(&format!("/hive/red/{name}")), "{cgroup}");
+    common::until(10, "n1 bound to red, reporting red's container", || {
+        let n = node(cfg, "n1");
+        n["spec"]["tenant"] == "red"
+            && n["labels"]["hive.dev/pool-bound"] == "red"
+            && n["status"]["containers"] == serde_json::json!({"red": 1})
+    });
+    // Blue waits: the only node is red's.
+    create(cfg, host, "blue", "api", 1, STOPS_AT_ONCE);
+    common::until(10, "blue's instance waiting for a node", || {
+        instances(cfg, "blue").iter().any(|i| {
+            i["spec"]["node"].is_null()
+                && i["status"]["message"] == "0/1 nodes available: 1 bound to another tenant"
+        })
+    });
+
+    // Red's instance goes from the API at once; its container stops for 10 s. All that time
+    // the node stays red's, and says it still holds red's container.
+    ok(cfg, &["--tenant", "red", "scale", "slow", "0"]);
+    let t_scaled = Instant::now();
+    let mut looks_without_instance = 0;
+    let mut reported_while_stopping = 0;
+    while alive(pid) {
+        let n = node(cfg, "n1");
+        let red_left = instances(cfg, "red").len();
+        let blue_on_n1 = instances(cfg, "blue")
+            .iter()
+            .any(|i| i["spec"]["node"] == "n1");
+        // Read before the pid is checked again: what was seen, was seen while it lived.
+        if !alive(pid) {
+            break;
+        }
+        assert_eq!(
+            n["spec"]["tenant"],
+            "red",
+            "n1 left red {:.1} s after the scale-down while red's pid {pid} lives: {n:#}",
+            t_scaled.elapsed().as_secs_f64()
+        );
+        assert!(!blue_on_n1, "blue placed on n1 beside red's live pid {pid}");
+        if red_left == 0 {
+            looks_without_instance += 1;
+            if n["status"]["containers"]["red"] == 1 {
+                reported_while_stopping += 1;
+            }
+        }
+        assert!(
+            t_scaled.elapsed() < Duration::from_secs(30),
+            "red's pid {pid} outlived the stop grace by far"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t_dead = t_scaled.elapsed();
+    // The container really ignored SIGTERM (else the test proves nothing): it lived until
+    // the stop grace ran out, most of it with no instance in the API.
+    assert!(
+        t_dead >= Duration::from_secs(8),
+        "red's pid died after {t_dead:?}"
+    );
+    assert!(
+        looks_without_instance >= 5,
+        "{looks_without_instance} looks without red's instance"
+    );
+    assert!(
+        reported_while_stopping >= 5,
+        "{reported_while_stopping} looks with red's container reported"
+    );
+
+    // Gone: the node reports nothing, goes back after the 1 s grace, and blue gets it.
+    let t_died = Instant::now();
+    let returned_after = loop {
+        let n = node(cfg, "n1");
+        if n["spec"]["tenant"] != "red" {
+            break t_died.elapsed();
+        }
+        assert!(
+            t_died.elapsed() < Duration::from_secs(15),
+            "n1 still red's 15 s after red's container died: {n:#}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The grace counts from the container's end, not from the instance's deletion (10 s
+    // before); the scheduler's 2 s tick adds at most 2 s, the report a little more.
+    assert!(
+        returned_after >= Duration::from_millis(800),
+        "returned {returned_after:?} after red's container died"
+    );
+    let blue = wait_running(cfg, "blue", "api", 1, 30);
+    assert_eq!(blue[0].1, "n1");
+    assert_real_processes("blue", &blue);
+    common::until(
+        10,
+        "n1 bound to blue, holding only blue's container",
+        || {
+            let n = node(cfg, "n1");
+            n["spec"]["tenant"] == "blue"
+                && n["labels"]["hive.dev/pool-bound"] == "blue"
+                && n["status"]["containers"] == serde_json::json!({"blue": 1})
+        },
+    );
+    assert_eq!(
+        containers(&d.join("n1"))
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect::<Vec<_>>(),
+        ["blue"]
+    );
+    let returned: Vec<String> = json(cfg, &["--tenant", "red", "events"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["reason"] == "NodeReturned")
+        .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        returned,
+        ["node n1 returned to the pool after 1 s without instances or containers"]
+    );
+
+    ok(cfg, &["--tenant", "blue", "scale", "api", "0"]);
+    common::until(30, "containers left after scaling to zero", || {
+        containers(&d.join("n1")).is_empty()
+    });
+    eprintln!(
+        "red's container died {:.1} s after its instance was deleted; n1 returned {:.1} s \
+         after that; {} looks while it stopped; whole test {:.1} s",
+        t_dead.as_secs_f64(),
+        returned_after.as_secs_f64(),
+        looks_without_instance,
         t_start.elapsed().as_secs_f64()
     );
     drop(tt);

@@ -306,6 +306,16 @@ impl Containers {
         }
     }
 
+    /// The tenant container `id` belongs to, from the cgroup path of its bundle
+    /// (`/hive/<tenant>/<instance>`); None without a readable bundle (a container without
+    /// one was never handed to the runtime, so no process of it runs).
+    pub fn tenant_of(&self, id: &str) -> Option<String> {
+        let raw = fs::read(self.dir(id).join("bundle/config.json")).ok()?;
+        let spec = serde_json::from_slice::<Spec>(&raw).ok()?;
+        let path = spec.linux().as_ref()?.cgroups_path().clone()?;
+        tenant_of_cgroup(&path)
+    }
+
     /// Every container with a directory here (for re-adoption after an agent restart).
     pub fn list(&self) -> Vec<String> {
         let mut ids: Vec<String> = fs::read_dir(&self.root)
@@ -318,6 +328,15 @@ impl Containers {
             .collect();
         ids.sort();
         ids
+    }
+}
+
+/// The tenant in a container's cgroup path, `/hive/<tenant>/<instance>`.
+fn tenant_of_cgroup(path: &Path) -> Option<String> {
+    let mut parts = path.strip_prefix("/").unwrap_or(path).iter();
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(h), Some(t), Some(_), None) if h == "hive" => t.to_str().map(str::to_owned),
+        _ => None,
     }
 }
 
@@ -344,6 +363,21 @@ fn prune_cgroup_parents(cgroups_path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tenant_is_read_from_the_cgroup_path() {
+        assert_eq!(
+            tenant_of_cgroup(Path::new("/hive/red/web-1")).as_deref(),
+            Some("red")
+        );
+        assert_eq!(
+            tenant_of_cgroup(Path::new("hive/blue/api")).as_deref(),
+            Some("blue")
+        );
+        for other in ["/hive/red", "/other/red/web", "/hive/red/web/x", "/"] {
+            assert_eq!(tenant_of_cgroup(Path::new(other)), None, "{other}");
+        }
+    }
 
     #[test]
     fn ids_cannot_escape_the_root() {

@@ -5,7 +5,9 @@
 //! the instance's revision (compare-and-swap: a concurrent change re-queues it, nothing is
 //! ever placed twice). A node taken from the shared pool is bound to the tenant (`spec.tenant`
 //! of the Node, with the [`POOL_BOUND_LABEL`] naming the tenant); once such a node has run
-//! nothing for the pool grace it is returned to the pool. Nodes the operator bound (no label)
+//! nothing for the pool grace (no instance placed there, and no container its agent reports
+//! in `status.containers`: a deleted instance's container may still be stopping) it is
+//! returned to the pool. Nodes the operator bound (no label)
 //! are never returned. An instance no node can take gets status reason `Unschedulable` with
 //! every node's reason counted, and is retried when the nodes change.
 //!
@@ -23,7 +25,9 @@ use futures_util::StreamExt;
 use futures_util::future::join_all;
 use hive_api::{ErrorCode, EventType, Instance, Node, POOL_BOUND_LABEL, Tenant, WatchEventType};
 use hive_client::Client;
-use hive_scheduler::{Cluster, FairQueue, NodeInfo, Placement, PoolReturn, Request, Resources};
+use hive_scheduler::{
+    Cluster, FairQueue, NodeInfo, Occupancy, Placement, PoolReturn, Request, Resources,
+};
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -103,6 +107,16 @@ pub fn bound_from_pool(n: &Node) -> bool {
     !n.spec.shared
         && n.spec.tenant.is_some()
         && n.labels.get(POOL_BOUND_LABEL) == n.spec.tenant.as_ref()
+}
+
+/// What `n` still has: the instances the scheduler accounts there (None: it does not know
+/// the node) and the containers its agent reports, of every tenant.
+fn occupancy(instances: Option<u32>, n: &Node) -> Occupancy {
+    Occupancy {
+        // An unknown node is never taken for empty.
+        instances: instances.map_or(u64::MAX, u64::from),
+        containers: n.status.containers.values().map(|c| u64::from(*c)).sum(),
+    }
 }
 
 fn request(tenant: &str, i: &Instance) -> Request {
@@ -624,8 +638,8 @@ impl State {
         let mut eligible = HashSet::new();
         for (name, n) in &self.nodes {
             if bound_from_pool(n) {
-                let empty = self.cluster.instances_on(name) == Some(0);
-                self.pool.observe(name, empty, now);
+                let has = occupancy(self.cluster.instances_on(name), n);
+                self.pool.observe(name, has, now);
                 eligible.insert(name.clone());
             }
         }
@@ -649,13 +663,13 @@ impl State {
 
     /// Writes `spec.tenant = None` (and drops the label) on `node`, under its revision; if
     /// it changed meanwhile, reads it again and re-checks that it is still the scheduler's
-    /// and empty.
+    /// and empty (no instance, no container reported).
     async fn unbind_node(&mut self, client: &Client, node: &str) {
         let Some(mut n) = self.nodes.get(node).cloned() else {
             return;
         };
         for _ in 0..3 {
-            if !bound_from_pool(&n) || self.cluster.instances_on(node) != Some(0) {
+            if !bound_from_pool(&n) || !occupancy(self.cluster.instances_on(node), &n).empty() {
                 self.pool.forget(node);
                 return;
             }
@@ -678,7 +692,7 @@ impl State {
                         "node",
                         node,
                         format!(
-                            "node {node} returned to the pool after {} s without instances",
+                            "node {node} returned to the pool after {} s without instances or containers",
                             self.pool.grace().as_secs()
                         ),
                     );
@@ -722,6 +736,24 @@ mod tests {
         );
         n.labels.insert(POOL_BOUND_LABEL.into(), "a".into());
         assert!(bound_from_pool(&n));
+    }
+
+    #[test]
+    fn a_node_is_empty_only_without_instances_and_without_containers_of_any_tenant() {
+        let mut n = Node {
+            name: "n1".into(),
+            ..Default::default()
+        };
+        assert!(occupancy(Some(0), &n).empty());
+        assert!(
+            !occupancy(None, &n).empty(),
+            "a node the cluster does not know"
+        );
+        assert!(!occupancy(Some(1), &n).empty());
+        n.status.containers.insert("red".into(), 2);
+        n.status.containers.insert("blue".into(), 1);
+        assert_eq!(occupancy(Some(0), &n).containers, 3);
+        assert!(!occupancy(Some(0), &n).empty());
     }
 
     #[tokio::test]

@@ -84,6 +84,31 @@ pub struct ImageArgs {
     pub image_gc_secs: u64,
 }
 
+/// How much of this machine the node offers instances (several agents on one machine each
+/// take a share this way). Checked against the host: more than it has is refused.
+#[derive(Debug, Clone, Args)]
+pub struct SizeArgs {
+    /// CPUs the node offers as allocatable, in cores (2, 0.5) or millicores (500m); at most
+    /// this host's (default: all of them).
+    #[arg(long, value_parser = super::quantity::cpu_millis)]
+    pub cpus: Option<u64>,
+    /// Memory the node offers as allocatable (e.g. 4Gi, 512Mi); at most this host's
+    /// (default: all of it).
+    #[arg(long, value_parser = super::quantity::bytes)]
+    pub memory: Option<u64>,
+}
+
+impl SizeArgs {
+    /// Caps what `facts` offers; an error names the flag.
+    pub fn apply(&self, facts: &mut hive_agent::node::HostFacts) -> Result<()> {
+        facts.size(hive_agent::node::NodeSize {
+            cpu_millis: self.cpus,
+            memory_bytes: self.memory,
+        })?;
+        Ok(())
+    }
+}
+
 /// Where this node's tenant networks meet the underlay.
 #[derive(Debug, Clone, Args)]
 pub struct NetArgs {
@@ -166,6 +191,8 @@ pub struct UpArgs {
     pub net: NetArgs,
     #[command(flatten)]
     pub images: ImageArgs,
+    #[command(flatten)]
+    pub size: SizeArgs,
 }
 
 /// A random number that tells this process's leadership claims from another's.
@@ -313,25 +340,28 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
     // Its agent API listens on loopback, next to the server.
     let mut facts = hive_agent::node::host_facts(&args.runtime);
     facts.shared = true;
+    args.size.apply(&mut facts)?;
     let api = bind_agent_api("127.0.0.1:0".parse()?, None).await?;
     facts.agent_url = api.1.clone();
     let net = args.net.resolve(&mut facts);
-    hive_agent::node::register(&client, &facts).await?;
     let node = facts.name.clone();
-    tokio::spawn(hive_agent::node::keep_lease(
-        client.clone(),
-        facts,
-        LEASE_EVERY,
-    ));
-    run_agent(
+    let agent = make_agent(
         &client,
         &node,
         &args.server.data_dir.join("agent"),
         &args.runtime,
-        api.0,
         net,
         &args.images,
     )?;
+    let held = agent.held();
+    hive_agent::node::register(&client, &facts, &held.borrow()).await?;
+    tokio::spawn(hive_agent::node::keep_lease(
+        client.clone(),
+        facts,
+        LEASE_EVERY,
+        held,
+    ));
+    run_agent(&client, &node, api.0, agent)?;
     let cfg_path = config::path(g.config.as_deref())?;
     let write = !args.no_login && (args.login || !cfg_path.exists());
     if write {
@@ -390,6 +420,8 @@ pub struct AgentArgs {
     pub net: NetArgs,
     #[command(flatten)]
     pub images: ImageArgs,
+    #[command(flatten)]
+    pub size: SizeArgs,
 }
 
 /// Where `hive agent` serves its API by default.
@@ -416,17 +448,18 @@ async fn bind_agent_api(
     Ok((listener, url))
 }
 
-/// Starts the sync loop: this node runs the instances placed on it, pulling images from the
-/// server's registry (plain HTTP when the server is on loopback) with the agent's token.
-fn run_agent(
+/// The sync loop, not started yet: this node runs the instances placed on it, pulling images
+/// from the server's registry (plain HTTP when the server is on loopback) with the agent's
+/// token. Made before the node registers, so the registration reports the containers a
+/// previous run left ([`hive_agent::sync::Agent::held`]).
+fn make_agent(
     client: &Client,
     node: &str,
     data_dir: &std::path::Path,
     runtime: &str,
-    api: tokio::net::TcpListener,
     net: hive_agent::network::NetConfig,
     image_args: &ImageArgs,
-) -> Result<()> {
+) -> Result<hive_agent::sync::Agent> {
     let kind: hive_agent::runtime::RuntimeKind = runtime.parse().map_err(anyhow::Error::msg)?;
     let oci = hive_agent::runtime::OciRuntime::new(kind, runtime, data_dir.join("runtime"));
     let shim = hive_agent::runtime::ShimCommand {
@@ -434,13 +467,6 @@ fn run_agent(
         args: vec!["shim".into()],
     };
     let (mut images, containers) = hive_agent::sync::layout(data_dir, oci, shim);
-    let agent_api =
-        hive_agent::api::AgentApi::new(node.to_owned(), containers.clone(), client.clone());
-    tokio::spawn(async move {
-        if let Err(e) = hive_agent::api::serve(api, agent_api).await {
-            tracing::error!(error = %e, "agent API");
-        }
-    });
     let host = client
         .base()
         .trim_start_matches("http://")
@@ -468,7 +494,28 @@ fn run_agent(
         image_gc_every: Duration::from_secs(image_args.image_gc_secs.max(1)),
         state_dir: Some(data_dir.join("watch")),
     };
-    let agent = hive_agent::sync::Agent::new(client.clone(), cfg, images, containers)?;
+    Ok(hive_agent::sync::Agent::new(
+        client.clone(),
+        cfg,
+        images,
+        containers,
+    )?)
+}
+
+/// Serves the agent's API and starts `agent`'s sync loop.
+fn run_agent(
+    client: &Client,
+    node: &str,
+    api: tokio::net::TcpListener,
+    agent: hive_agent::sync::Agent,
+) -> Result<()> {
+    let agent_api =
+        hive_agent::api::AgentApi::new(node.to_owned(), agent.containers().clone(), client.clone());
+    tokio::spawn(async move {
+        if let Err(e) = hive_agent::api::serve(api, agent_api).await {
+            tracing::error!(error = %e, "agent API");
+        }
+    });
     // The image store's pull future is not `Send` (borrowing closures in its download
     // stream), so the sync loop gets a thread and a single-threaded runtime of its own.
     std::thread::Builder::new()
@@ -489,6 +536,7 @@ fn run_agent(
 pub async fn agent(ctx: &super::Ctx, args: AgentArgs) -> Result<()> {
     let mut facts = hive_agent::node::host_facts(&args.runtime);
     facts.shared = args.shared;
+    args.size.apply(&mut facts)?;
     if let Some(name) = args.name {
         hive_api::validate::name("--name", &name)?;
         facts.name = name;
@@ -496,24 +544,25 @@ pub async fn agent(ctx: &super::Ctx, args: AgentArgs) -> Result<()> {
     let (api, url) = bind_agent_api(args.listen, args.advertise_url).await?;
     facts.agent_url = url;
     let net = args.net.resolve(&mut facts);
-    let node = hive_agent::node::register(&ctx.client, &facts).await?;
+    let agent = make_agent(
+        &ctx.client,
+        &facts.name,
+        &args.data_dir,
+        &args.runtime,
+        net,
+        &args.images,
+    )?;
+    let held = agent.held();
+    let node = hive_agent::node::register(&ctx.client, &facts, &held.borrow()).await?;
     eprintln!(
         "hive agent: node {} registered with {} (agent API at {})",
         node.name,
         ctx.client.base(),
         facts.agent_url
     );
-    run_agent(
-        &ctx.client,
-        &node.name,
-        &args.data_dir,
-        &args.runtime,
-        api,
-        net,
-        &args.images,
-    )?;
+    run_agent(&ctx.client, &node.name, api, agent)?;
     tokio::select! {
-        _ = hive_agent::node::keep_lease(ctx.client.clone(), facts, LEASE_EVERY) => Ok(()),
+        _ = hive_agent::node::keep_lease(ctx.client.clone(), facts, LEASE_EVERY, held) => Ok(()),
         _ = shutdown_signal() => Ok(()),
     }
 }
@@ -532,5 +581,75 @@ async fn ensure_tenant(client: &Client, name: &str) -> Result<()> {
         Ok(_) => Ok(()),
         Err(e) if e.code() == Some(hive_api::ErrorCode::AlreadyExists) => Ok(()),
         Err(e) => Err(e).context(format!("create tenant {name}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command};
+
+    fn agent(args: &[&str]) -> Result<super::AgentArgs, clap::Error> {
+        let argv = ["hive", "agent"].iter().chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Agent(a) => Ok(a),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn node_size_flags_parse_cores_millicores_and_memory_and_are_checked_against_the_host() {
+        let a = agent(&["--cpus", "1.2", "--memory", "1Gi"]).unwrap();
+        assert_eq!((a.size.cpus, a.size.memory), (Some(1200), Some(1 << 30)));
+        let a = agent(&["--cpus", "500m"]).unwrap();
+        assert_eq!((a.size.cpus, a.size.memory), (Some(500), None));
+        let a = agent(&[]).unwrap();
+        assert_eq!((a.size.cpus, a.size.memory), (None, None));
+        // `hive up` takes the same flags.
+        let up = Cli::try_parse_from(["hive", "up", "--cpus", "2", "--memory", "512Mi"]).unwrap();
+        let Command::Up(up) = up.command else {
+            panic!("not up")
+        };
+        assert_eq!(
+            (up.size.cpus, up.size.memory),
+            (Some(2000), Some(512 << 20))
+        );
+        // Junk is a usage error naming the flag.
+        for (flag, bad) in [("--cpus", "two"), ("--cpus", "-1"), ("--memory", "1Xi")] {
+            let e = agent(&[&format!("{flag}={bad}")]).unwrap_err().to_string();
+            assert!(e.contains(flag), "{flag} {bad}: {e}");
+        }
+        // Zero and more than the host are refused by the check, naming the flag.
+        let mut facts = hive_agent::node::host_facts("runc");
+        let host = facts.capacity.clone();
+        for (args, flag) in [
+            (vec!["--cpus", "0m"], "--cpus"),
+            (vec!["--memory", "0"], "--memory"),
+        ] {
+            let e = agent(&args).unwrap().size.apply(&mut facts).unwrap_err();
+            assert!(e.to_string().starts_with(flag), "{args:?}: {e}");
+        }
+        let more_cpu = format!("{}m", host.cpu_millis + 1);
+        let e = agent(&["--cpus", &more_cpu])
+            .unwrap()
+            .size
+            .apply(&mut facts);
+        assert!(
+            e.unwrap_err().to_string().starts_with("--cpus"),
+            "{more_cpu}"
+        );
+        let more_mem = (host.memory_bytes + 1).to_string();
+        let e = agent(&["--memory", &more_mem])
+            .unwrap()
+            .size
+            .apply(&mut facts);
+        assert!(e.unwrap_err().to_string().starts_with("--memory"));
+        // Within the host: the node offers exactly that, its capacity stays the host's.
+        let a = agent(&["--cpus", "1m", "--memory", "1Mi"]).unwrap();
+        a.size.apply(&mut facts).unwrap();
+        assert_eq!(facts.allocatable().cpu_millis, 1);
+        assert_eq!(facts.allocatable().memory_bytes, 1 << 20);
+        assert_eq!(facts.capacity, host);
     }
 }

@@ -231,10 +231,11 @@ impl Cluster {
     /// `hive agent` for node `name` in its namespace, with its own data dir, registered
     /// with `server`, running every tenant's instances (`--shared`).
     pub fn start_agent(&self, server: &str, token: &str, name: &str, data: &Path) -> Up {
-        self.start_agent_as(Nodes::Shared, server, token, name, data)
+        self.start_agent_as(Nodes::Shared, server, token, name, data, &[])
     }
 
-    /// [`Cluster::start_agent`], registered as a shared or a pool node.
+    /// [`Cluster::start_agent`], registered as a shared or a pool node, with `extra`
+    /// arguments (e.g. `--cpus`).
     pub fn start_agent_as(
         &self,
         kind: Nodes,
@@ -242,6 +243,7 @@ impl Cluster {
         token: &str,
         name: &str,
         data: &Path,
+        extra: &[&str],
     ) -> Up {
         let (ns, ip) = self.node(name);
         let mut cmd = ns.command(HIVE);
@@ -260,6 +262,7 @@ impl Cluster {
                 "--net-prefix",
                 &ns.prefix,
             ])
+            .args(extra)
             .env("HIVE_CONFIG", data.join("no-cli-config.json"));
         let mut up = start_until(cmd, "hive agent: node ");
         up.netns = Some(ns);
@@ -513,11 +516,18 @@ pub enum Nodes {
 
 impl TwoTenants {
     pub fn start(dir: &Path, nodes: usize) -> TwoTenants {
-        Self::start_with(dir, nodes, Nodes::Shared, &[])
+        Self::start_with(dir, nodes, Nodes::Shared, &[], &[])
     }
 
-    /// [`TwoTenants::start`] with agents of `kind` and more arguments for `hive server`.
-    pub fn start_with(dir: &Path, nodes: usize, kind: Nodes, server_args: &[&str]) -> TwoTenants {
+    /// [`TwoTenants::start`] with agents of `kind`, and more arguments for `hive server` and
+    /// for every `hive agent`.
+    pub fn start_with(
+        dir: &Path,
+        nodes: usize,
+        kind: Nodes,
+        server_args: &[&str],
+        agent_args: &[&str],
+    ) -> TwoTenants {
         let cfg = dir.join("cli.json");
         let cleanup: Vec<Cleanup> = (1..=nodes)
             .map(|i| Cleanup {
@@ -548,6 +558,7 @@ impl TwoTenants {
                     &token,
                     &format!("n{i}"),
                     &dir.join(format!("n{i}")),
+                    agent_args,
                 )
             })
             .collect();
