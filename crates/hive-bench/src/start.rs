@@ -102,9 +102,10 @@ pub(crate) fn spawn_api(mut cmd: Command, marker: &str, data: &Path) -> Result<H
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                // Keep draining so hive never blocks on a full pipe.
-                continue;
+            // Once started, what it still says (warnings and errors) goes to our stderr, and
+            // the pipe keeps draining so hive never blocks on it.
+            if let Err(std::sync::mpsc::SendError(line)) = tx.send(line) {
+                eprintln!("hive: {line}");
             }
         }
     });

@@ -45,6 +45,11 @@ use crate::state::AppState;
 pub struct Ipam {
     /// By `tenant/network-uid` (a network deleted and created again starts afresh).
     pools: Mutex<HashMap<String, Pool>>,
+    /// Several servers allocate from the same networks: each starts at a random address, and
+    /// moves to another random one when it finds its next address taken, so that servers do
+    /// not chase each other's cursors from conflict to conflict. One server alone hands out
+    /// addresses in order.
+    spread: bool,
 }
 
 #[derive(Debug)]
@@ -105,6 +110,11 @@ impl Pool {
         }
     }
 
+    /// Moves the cursor to a random address.
+    fn jump(&mut self) {
+        self.cursor = rand::rng().random_range(0..self.subnet.size()) as u32;
+    }
+
     /// The first free address at or after the cursor, marked held; None past the end.
     fn next_free(&mut self) -> Option<Ipv4Addr> {
         let size = self.subnet.size();
@@ -128,6 +138,14 @@ impl Pool {
 }
 
 impl Ipam {
+    /// An allocator for a server that shares its store with others (`spread`) or not.
+    pub fn new(spread: bool) -> Self {
+        Self {
+            pools: Mutex::default(),
+            spread,
+        }
+    }
+
     /// Picks a free address of `net` (in `tenant`) and marks it held here; the caller claims
     /// it in the store. Fails with `address_exhausted` when every address is held.
     pub(crate) async fn allocate(
@@ -143,41 +161,44 @@ impl Ipam {
         if !pools.contains_key(&id) {
             let mut pool = Pool::new(subnet, gateway);
             pool.load(&resources::list_all_in(store, &prefix).await?, &prefix);
+            if self.spread {
+                pool.jump();
+            }
             pools.insert(id.clone(), pool);
         }
         let pool = pools.get_mut(&id).expect("inserted above");
-        let mut wrapped = false;
         let mut skipped = 0u32;
         loop {
-            let ip = match pool.next_free() {
-                Some(ip) => ip,
-                None if !wrapped => {
+            let next = match pool.next_free() {
+                Some(ip) => Some(ip),
+                None => {
                     // Wrapped: start over with what the store holds now (addresses were
                     // released, possibly by other servers).
-                    wrapped = true;
                     pool.load(&resources::list_all_in(store, &prefix).await?, &prefix);
                     pool.cursor = 0;
-                    continue;
-                }
-                None => {
-                    return Err(ApiError::new(
-                        ErrorCode::AddressExhausted,
-                        format!(
-                            "network {:?} of tenant {tenant:?} has no free address: all of \
-                             {subnet} is held",
-                            net.name
-                        ),
-                    ));
+                    pool.next_free()
                 }
             };
+            let Some(ip) = next else {
+                return Err(ApiError::new(
+                    ErrorCode::AddressExhausted,
+                    format!(
+                        "network {:?} of tenant {tenant:?} has no free address: all of {subnet} \
+                         is held",
+                        net.name
+                    ),
+                ));
+            };
             // Other servers allocate from the same addresses: skip what they claimed as far
-            // as this server's (watch-cached) view goes, so that servers do not chase each
-            // other's cursors from conflict to conflict.
+            // as this server's (watch-cached) view goes.
             if store.get(&format!("{prefix}{ip}")).await?.kv.is_none() {
                 return Ok(ip);
             }
+            if self.spread {
+                pool.jump();
+            }
             skipped += 1;
-            if skipped % 64 == 0 {
+            if skipped.is_multiple_of(64) {
                 // Far behind the others: take in everything they hold at once.
                 pool.load(&resources::list_all_in(store, &prefix).await?, &prefix);
             }

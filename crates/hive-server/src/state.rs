@@ -106,7 +106,10 @@ impl AppState {
             registry: Arc::new(registry),
             proxy_signer: Arc::default(),
             proxy_http: Arc::default(),
-            ipam: Arc::default(),
+            ipam: Arc::new(crate::networks::Ipam::new(matches!(
+                config.store,
+                StoreBackend::Etcd(_)
+            ))),
             store,
             limiter: Arc::new(RateLimiter::new(config.rate_limit)),
             config: Arc::new(config),
