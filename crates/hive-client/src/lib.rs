@@ -137,16 +137,24 @@ pub type ByteStream = std::pin::Pin<Box<dyn Stream<Item = Result<bytes::Bytes>> 
 impl Client {
     /// A client of the server at `base` (`http://127.0.0.1:7080`) acting with `token`.
     pub fn new(base: &str, token: Option<String>) -> Result<Self> {
-        let base = base.trim_end_matches('/').to_owned();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(ClientError::Url(base));
-        }
         Ok(Self {
             http: http()?,
-            base,
+            base: base_url(base)?,
             token,
             leader_epoch: None,
             seen: Arc::default(),
+        })
+    }
+
+    /// The same client (token, leader epoch, and the revisions it has seen) talking to
+    /// another server of the same control plane: what it wrote or read through one, it reads
+    /// at least as new through the other. Clients made with [`Client::new`] are separate
+    /// sessions, which see each other's writes once the answering server's watch cache has
+    /// them (milliseconds, at most its staleness bound).
+    pub fn for_server(&self, base: &str) -> Result<Self> {
+        Ok(Self {
+            base: base_url(base)?,
+            ..self.clone()
         })
     }
 
@@ -514,6 +522,15 @@ impl Client {
             })?;
         check(resp).await.map(drop)
     }
+}
+
+/// A server's base URL without its trailing `/`; only `http://` and `https://`.
+fn base_url(base: &str) -> Result<String> {
+    let base = base.trim_end_matches('/').to_owned();
+    if !(base.starts_with("http://") || base.starts_with("https://")) {
+        return Err(ClientError::Url(base));
+    }
+    Ok(base)
 }
 
 /// `…/tenants/{tenant}/images[/{name}]`; a nested name keeps its `/` separators.

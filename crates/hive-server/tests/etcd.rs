@@ -57,8 +57,10 @@ async fn two_servers_share_one_etcd() {
     assert!(!b.bootstrapped);
     assert_eq!(a.admin_token, b.admin_token);
 
+    // One client's session on both servers: what it writes through one it reads through the
+    // other (the servers' watch caches are consistent per session, not across sessions).
     let client_a = Client::new(&a.url, Some(a.admin_token.clone())).unwrap();
-    let client_b = Client::new(&b.url, Some(b.admin_token.clone())).unwrap();
+    let client_b = client_a.for_server(&b.url).unwrap();
     let mut watch_b = client_b
         .watch::<Tenant>(None, None)
         .await

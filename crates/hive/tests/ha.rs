@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{HIVE, Up, start_until};
+use futures_util::StreamExt;
 use hive_api::{
     ContainerSpec, Instance, Node, NodeCapacity, NodeStatus, Service, ServiceSpec, Tenant,
 };
@@ -237,9 +238,12 @@ async fn three_servers_lose_an_etcd_member_and_the_leading_server_and_lose_nothi
         .unwrap();
         servers.push(Some(server(&url, d.path())));
     }
+    // One session across the three servers: every read names the newest revision any of its
+    // writes got, so "every acknowledged write is there" is checked exactly.
+    let session = Client::new(&servers[0].as_ref().unwrap().url, Some(token.clone())).unwrap();
     let clients: Vec<Client> = servers
         .iter()
-        .map(|s| Client::new(&s.as_ref().unwrap().url, Some(token.clone())).unwrap())
+        .map(|s| session.for_server(&s.as_ref().unwrap().url).unwrap())
         .collect();
     let urls: Vec<String> = servers
         .iter()
@@ -267,9 +271,41 @@ async fn three_servers_lose_an_etcd_member_and_the_leading_server_and_lose_nothi
         .await
         .unwrap();
     let leading = server_of(&term_holder(&store).await, &urls);
+    let survivor = clients[(leading + 1) % 3].clone();
+    // A watcher of the services on the server about to die; when its stream ends it resumes
+    // on another server from the last revision it saw.
+    // What exists, and the revision it was read at, in one read.
+    let page = survivor
+        .list_page::<Service>(Some("acme"), Some(1000), None)
+        .await
+        .unwrap();
+    assert!(page.continue_.is_none(), "more than a page of services");
+    let from = page.revision;
+    let before: std::collections::HashSet<String> =
+        page.items.into_iter().map(|s| s.name).collect();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<(u64, String)>::new()));
+    let watcher = {
+        let (first, then, seen) = (clients[leading].clone(), survivor.clone(), seen.clone());
+        tokio::spawn(async move {
+            let mut last = from;
+            for c in [first, then] {
+                let Ok(mut stream) = c.watch::<Service>(Some("acme"), Some(last)).await else {
+                    continue;
+                };
+                while let Some(Ok(ev)) = stream.next().await {
+                    last = last.max(ev.revision);
+                    if ev.type_ == hive_api::WatchEventType::Added
+                        && let Some(s) = ev.object
+                    {
+                        seen.lock().unwrap().push((ev.revision, s.name));
+                    }
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
     drop(servers[leading].take());
     let killed_at = Instant::now();
-    let survivor = clients[(leading + 1) % 3].clone();
     survivor
         .create(Some("acme"), &service("after", 2))
         .await
@@ -288,6 +324,48 @@ async fn three_servers_lose_an_etcd_member_and_the_leading_server_and_lose_nothi
     assert_none_lost(&survivor, &acked).await;
     assert_eq!(instances(&survivor, "before").await.len(), 2);
     assert_eq!(instances(&survivor, "after").await.len(), 2);
+
+    // The watch across the server's death: every service created after it began exactly
+    // once, in revision order (no gap, no repeat).
+    let expected: std::collections::BTreeSet<String> = survivor
+        .list::<Service>(Some("acme"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|s| s.name)
+        .filter(|n| !before.contains(n))
+        .collect();
+    let t0 = Instant::now();
+    loop {
+        let names: std::collections::BTreeSet<String> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, n)| n.clone())
+            .collect();
+        if names == expected {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the watch missed {:?} and saw extra {:?}",
+            expected.difference(&names).collect::<Vec<_>>(),
+            names.difference(&expected).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    watcher.abort();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), expected.len(), "a service was delivered twice");
+    assert!(
+        seen.windows(2).all(|w| w[0].0 < w[1].0),
+        "events out of order across the resume"
+    );
+    eprintln!(
+        "one watch across the server's death: {} creations, each once, in order",
+        seen.len()
+    );
     eprintln!(
         "{} writes acknowledged through three servers, none lost",
         acked.len()
@@ -331,7 +409,6 @@ fn record_beats(
     store: Arc<hive_store::EtcdStore>,
     beats: Arc<std::sync::Mutex<Vec<Beat>>>,
 ) -> tokio::task::JoinHandle<()> {
-    use futures_util::StreamExt;
     use hive_store::Store;
     tokio::spawn(async move {
         let mut after = store.current_revision().await.unwrap();
@@ -389,9 +466,10 @@ async fn three_servers_with_skewed_clocks_keep_one_leader_and_lose_nothing() {
         .iter()
         .map(|s| s.as_ref().unwrap().url.clone())
         .collect();
+    let session = Client::new(&urls[0], Some(token.clone())).unwrap();
     let clients: Vec<Client> = urls
         .iter()
-        .map(|u| Client::new(u, Some(token.clone())).unwrap())
+        .map(|u| session.for_server(u).unwrap())
         .collect();
 
     // The skew is in effect: each server's wall clock, within what its rate adds in a minute.
