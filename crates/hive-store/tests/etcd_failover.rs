@@ -6,7 +6,7 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -55,6 +55,7 @@ async fn write_until_stopped(
     store: Arc<EtcdStore>,
     writer: usize,
     stop: Arc<AtomicBool>,
+    acks: Arc<AtomicUsize>,
 ) -> Outcomes {
     let mut outcomes = Outcomes::default();
     for n in 0u64.. {
@@ -63,9 +64,12 @@ async fn write_until_stopped(
         }
         let key = format!("/load/w{writer}/{n:06}");
         match store.txn(vec![put(&key)]).await {
-            Ok(response) => outcomes
-                .acked
-                .push((key, response.revision, Instant::now())),
+            Ok(response) => {
+                acks.fetch_add(1, Ordering::Relaxed);
+                outcomes
+                    .acked
+                    .push((key, response.revision, Instant::now()))
+            }
             Err(StoreError::Unavailable(_)) => outcomes.unknown.push(key),
             Err(other) => panic!("writer {writer}: {key}: {other}"),
         }
@@ -86,6 +90,7 @@ async fn killing_the_leader_loses_no_acknowledged_write_and_applies_none_twice()
     let base = store.current_revision().await.expect("revision");
     let mut watch = store.watch("/load/", base).await.expect("watch");
     let stop = Arc::new(AtomicBool::new(false));
+    let acks = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
@@ -93,13 +98,22 @@ async fn killing_the_leader_loses_no_acknowledged_write_and_applies_none_twice()
                 Arc::clone(&store),
                 w,
                 Arc::clone(&stop),
+                Arc::clone(&acks),
             ))
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let killed_at = Instant::now();
     etcd.kill(leader);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Writes in flight on the killed member may wait out the request timeout (5 s) before
+    // the store moves on: load until writes flow again (bounded), then a little more.
+    let at_kill = acks.load(Ordering::Relaxed);
+    let waited = Instant::now();
+    while acks.load(Ordering::Relaxed) < at_kill + 100 && waited.elapsed() < Duration::from_secs(20)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     let mut acked = Vec::new();
     let mut unknown = Vec::new();
