@@ -149,32 +149,40 @@ impl NodeController {
     }
 }
 
-/// How long ago each node's lease was last renewed, as this process saw it: the time since
-/// its `lease_renewed_at` last changed (or since it was first seen), on this process's
-/// monotonic clock. No clock of another machine is compared with this one.
+/// How long ago a timestamp another machine wrote (a node's `lease_renewed_at`, an
+/// instance's `started_at`) took its current value, as this process saw it: the time since
+/// the value last changed (or since it was first seen), on this process's monotonic clock.
+/// No clock of another machine is compared with this one.
 #[derive(Debug, Default)]
-pub struct LeaseAges {
+pub struct Ages {
     seen: HashMap<String, (Option<DateTime<Utc>>, Instant)>,
 }
 
-impl LeaseAges {
-    /// The age of `n`'s lease at `now`, noting its renewal if it changed.
-    pub fn age(&mut self, n: &Node, now: Instant) -> Duration {
-        let renewed = n.status.lease_renewed_at;
-        match self.seen.get_mut(&n.name) {
-            Some((last, at)) if *last == renewed => now.saturating_duration_since(*at),
+/// The age of each node's lease.
+pub type LeaseAges = Ages;
+
+impl Ages {
+    /// The age of `value`, the timestamp of `key`, at `now`, noting it if it changed.
+    pub fn of(&mut self, key: &str, value: Option<DateTime<Utc>>, now: Instant) -> Duration {
+        match self.seen.get_mut(key) {
+            Some((last, at)) if *last == value => now.saturating_duration_since(*at),
             Some(entry) => {
-                *entry = (renewed, now);
+                *entry = (value, now);
                 Duration::ZERO
             }
             None => {
-                self.seen.insert(n.name.clone(), (renewed, now));
+                self.seen.insert(key.to_owned(), (value, now));
                 Duration::ZERO
             }
         }
     }
 
-    /// Forgets the nodes `keep` says are gone.
+    /// The age of `n`'s lease at `now`, noting its renewal if it changed.
+    pub fn age(&mut self, n: &Node, now: Instant) -> Duration {
+        self.of(&n.name, n.status.lease_renewed_at, now)
+    }
+
+    /// Forgets the keys `keep` says are gone.
     pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
         self.seen.retain(|name, _| keep(name));
     }

@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 
 use hive_client::reflector::{Store, reflect_synced};
 
+use super::nodes::Ages;
 use super::queue::{Priority, WorkQueue};
 use super::rollout::{self, Member};
 
@@ -40,20 +41,18 @@ pub const REVISION_LABEL: &str = "hive.dev/revision";
 
 /// How long a running instance may fail its readiness probe before a rollout waiting for
 /// it counts as stalled (a container starting up is not ready at once).
-const UNREADY_GRACE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+const UNREADY_GRACE: Duration = Duration::from_secs(60);
 
 /// Why an instance does not start, when its node (or the scheduler) said: an unready
 /// instance with a reason, or one that failed for good. A readiness probe that has not
-/// passed yet is no failure until the instance has run for [`UNREADY_GRACE`].
-fn failing(i: &Instance) -> Option<String> {
+/// passed yet is no failure until the instance has run for [`UNREADY_GRACE`]: `ran` is how
+/// long ago this controller saw its current `started_at` (the node's clock and this
+/// server's may disagree, so the timestamp itself is never compared with now).
+fn failing(i: &Instance, ran: Duration) -> Option<String> {
     if i.status.ready {
         return None;
     }
-    if i.status.reason == "Unready"
-        && i.status
-            .started_at
-            .is_none_or(|t| chrono::Utc::now() - t < UNREADY_GRACE)
-    {
+    if i.status.reason == "Unready" && (i.status.started_at.is_none() || ran < UNREADY_GRACE) {
         return None;
     }
     if i.status.phase == InstancePhase::Failed || !i.status.reason.is_empty() {
@@ -174,6 +173,7 @@ async fn tenant_loop(client: Client, tenant: String) {
         services,
         instances,
         deleted: std::sync::Mutex::new(HashSet::new()),
+        started: std::sync::Mutex::new(HashMap::new()),
     });
     let queue: Arc<WorkQueue<String>> = WorkQueue::new();
     let workers: Vec<JoinHandle<()>> = (0..WORKERS)
@@ -251,6 +251,9 @@ struct Reconciler {
     /// Instances this controller deleted whose delete event has not come yet: their going
     /// is no loss to recover from.
     deleted: std::sync::Mutex<HashSet<String>>,
+    /// Per service, when each of its instances' `started_at` took its value, on this
+    /// process's clock.
+    started: std::sync::Mutex<HashMap<String, Ages>>,
 }
 
 /// The priority of a reconcile of a service with `replicas` wanted and `have` instances
@@ -317,6 +320,20 @@ impl Reconciler {
             .filter(|i| i.spec.service == name)
             .cloned()
             .collect();
+        let ran: HashMap<String, Duration> = {
+            let mut started = self.started.lock().unwrap_or_else(|e| e.into_inner());
+            if svc.is_none() {
+                started.remove(name);
+                HashMap::new()
+            } else {
+                let ages = started.entry(name.to_owned()).or_default();
+                ages.retain(|inst| mine.iter().any(|i| i.name == inst));
+                let now = std::time::Instant::now();
+                mine.iter()
+                    .map(|i| (i.name.clone(), ages.of(&i.name, i.status.started_at, now)))
+                    .collect()
+            }
+        };
         let Some(mut svc) = svc else {
             for i in mine {
                 self.delete(&i.name).await?;
@@ -350,7 +367,7 @@ impl Reconciler {
                 name: i.name.clone(),
                 current: i.spec.template == svc.spec.template,
                 ready: i.status.ready,
-                failing: failing(i),
+                failing: failing(i, ran.get(&i.name).copied().unwrap_or_default()),
                 created_at: i.created_at,
             })
             .collect();
@@ -505,18 +522,23 @@ mod tests {
         i.status.phase = InstancePhase::Running;
         i.status.reason = "Unready".into();
         i.status.message = "readiness probe failed: connection refused".into();
-        i.status.started_at = Some(chrono::Utc::now());
-        assert_eq!(failing(&i), None);
-        i.status.started_at =
-            Some(chrono::Utc::now() - UNREADY_GRACE - chrono::TimeDelta::seconds(1));
-        assert_eq!(
-            failing(&i).as_deref(),
-            Some("Unready: readiness probe failed: connection refused")
-        );
+        // The node's clock an hour off either way changes nothing: only how long this
+        // controller has seen the instance running counts.
+        for skew in [-3600, 0, 3600] {
+            i.status.started_at = Some(chrono::Utc::now() + chrono::TimeDelta::seconds(skew));
+            assert_eq!(failing(&i, Duration::from_secs(1)), None, "skew {skew}");
+            assert_eq!(
+                failing(&i, UNREADY_GRACE + Duration::from_secs(1)).as_deref(),
+                Some("Unready: readiness probe failed: connection refused"),
+                "skew {skew}"
+            );
+        }
         i.status.reason = "ImagePullFailed".into();
-        i.status.started_at = Some(chrono::Utc::now());
-        assert!(failing(&i).is_some(), "other reasons count at once");
+        assert!(
+            failing(&i, Duration::ZERO).is_some(),
+            "other reasons count at once"
+        );
         i.status.ready = true;
-        assert_eq!(failing(&i), None);
+        assert_eq!(failing(&i, Duration::ZERO), None);
     }
 }
