@@ -191,7 +191,12 @@ impl Ipam {
             };
             // Other servers allocate from the same addresses: skip what they claimed as far
             // as this server's (watch-cached) view goes.
-            if store.get(&format!("{prefix}{ip}")).await?.kv.is_none() {
+            if store
+                .get(&keys::ip_claim(tenant, &net.name, ip))
+                .await?
+                .kv
+                .is_none()
+            {
                 return Ok(ip);
             }
             if self.spread {

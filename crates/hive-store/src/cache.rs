@@ -212,11 +212,6 @@ impl WatchCache {
         })
     }
 
-    /// The store behind the cache.
-    pub fn inner(&self) -> &Arc<dyn Store> {
-        &self.inner
-    }
-
     /// The newest revision applied.
     pub fn revision(&self) -> Revision {
         *self.shared.applied.borrow()
