@@ -219,7 +219,10 @@ pub fn run(args: HaArgs) -> Result<()> {
     ))?;
     drop(uncached);
     drop(servers);
-    let failover = rt.block_on(failovers(&args, &hive, &etcd, dir.path()))?;
+    let failover = match args.failovers {
+        0 => Vec::new(),
+        _ => rt.block_on(failovers(&args, &hive, &etcd, dir.path()))?,
+    };
 
     println!();
     println!("{:<44} {:>12} {:>12} {:>7}", "", "cache", "etcd", "ratio");

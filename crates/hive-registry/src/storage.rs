@@ -10,13 +10,21 @@
 //! repos/<repo>/_referrers/<subject>/<hex>     manifests whose subject is <subject>
 //! repos/<repo>/_public                        present: anyone may pull the repository
 //! tmp/                                        files being written, renamed into place
+//! locks/gc                                    flock: shared by linkers, exclusive for GC
+//! locks/usage-<tenant>                        flock + the tenant's usage generation
 //! ```
 //!
 //! Every file that becomes visible is written elsewhere first, fsynced and renamed, so a
 //! reader sees all of it or nothing. Repository components never start with `_`, so the
 //! `_…` directories cannot collide with nested repository names.
+//!
+//! Several processes may serve one root (API servers sharing a directory): everything they
+//! must agree on is on disk, and the two orderings that matter hold across processes through
+//! file locks ([`locks`]): no blob is collected between a request's check that it exists and
+//! its link, and a tenant's quota is checked against every process's links.
 
 mod gc;
+mod locks;
 
 use std::collections::{HashMap, HashSet};
 use std::io::SeekFrom;
@@ -36,6 +44,7 @@ use crate::error::{Code, RegistryError, Result};
 use crate::manifest::{self, ReferrerInfo};
 use crate::names::{Digest, Reference, Repo};
 use crate::usage::TenantUsage;
+use locks::FileLock;
 
 pub use gc::GcReport;
 
@@ -63,6 +72,17 @@ struct Session {
     hasher: Option<Sha256>,
 }
 
+impl Session {
+    /// The upload's data is `size` bytes on disk: when another process appended since this
+    /// one did, continue from there and hash the whole data at the end.
+    fn continue_at(&mut self, size: u64) {
+        if size != self.size {
+            self.size = size;
+            self.hasher = (size == 0).then(|| Sha256::new(&SHA256));
+        }
+    }
+}
+
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
@@ -81,14 +101,68 @@ pub struct Manifest {
     pub body: Bytes,
 }
 
-/// A tenant's usage, loaded from disk on first use (`loaded` false: count again).
+/// A tenant's usage, loaded from disk on first use (`loaded` false: count again), and the
+/// generation of the tenant's links it was counted at.
 #[derive(Debug, Default)]
 struct UsageSlot {
     loaded: bool,
+    generation: u64,
     usage: TenantUsage,
 }
 
-type UsageGuard = tokio::sync::OwnedMutexGuard<UsageSlot>;
+/// A tenant's usage, held for a check and a change: this process's slot and the tenant's
+/// lock file. Every change of the tenant's links made under it moves the generation in the
+/// lock file on drop, so another process's count from before is recounted before its next
+/// use.
+struct UsageGuard {
+    slot: tokio::sync::OwnedMutexGuard<UsageSlot>,
+    lock: FileLock,
+    changed: bool,
+}
+
+impl UsageGuard {
+    fn usage(&self) -> &TenantUsage {
+        &self.slot.usage
+    }
+
+    /// Counts one more link to blob `hex`.
+    fn add(&mut self, hex: &str, size: u64) {
+        self.slot.usage.add(hex, size);
+        self.changed = true;
+    }
+
+    /// Counts one link to blob `hex` fewer.
+    fn remove(&mut self, hex: &str) {
+        self.slot.usage.remove(hex);
+        self.changed = true;
+    }
+
+    /// The tenant's links changed wholesale: count again from disk next time, here and in
+    /// every other process.
+    fn forget(&mut self) {
+        self.slot.loaded = false;
+        self.slot.usage = TenantUsage::default();
+        self.changed = true;
+    }
+}
+
+impl Drop for UsageGuard {
+    fn drop(&mut self) {
+        if !self.changed {
+            return;
+        }
+        let next = self.slot.generation.wrapping_add(1);
+        match self.lock.set_counter(next) {
+            Ok(()) => self.slot.generation = next,
+            // The other processes may not learn of the change: count again here, and hope
+            // the next change gets through to them.
+            Err(e) => {
+                tracing::warn!(error = %e, "registry: recording a usage change");
+                self.slot.loaded = false;
+            }
+        }
+    }
+}
 
 /// How much more of an upload that went over its tenant's quota is read (and dropped)
 /// before the refusal is sent.
@@ -103,10 +177,16 @@ pub struct Storage {
     usage: Mutex<HashMap<String, Arc<tokio::sync::Mutex<UsageSlot>>>>,
     /// Read-held by every step that makes a blob reachable (checks it exists, links it);
     /// write-held by garbage collection while it unlinks and deletes, so a blob is never
-    /// deleted between another request's check and its link.
+    /// deleted between another request's check and its link. In front of `locks/gc`, which
+    /// orders the same steps across processes.
     gc: tokio::sync::RwLock<()>,
-    /// While a collection runs: the blobs linked since it began marking (kept this round).
-    gc_seen: Mutex<Option<HashSet<String>>>,
+}
+
+/// Held from a check that a blob exists until its link is written: this process's and every
+/// process's collection waits ([`Storage::gc_shared`]).
+struct GcShared<'a> {
+    _local: tokio::sync::RwLockReadGuard<'a, ()>,
+    _file: FileLock,
 }
 
 /// One repository as the API lists it.
@@ -147,8 +227,33 @@ impl Storage {
             sessions: Mutex::new(HashMap::new()),
             usage: Mutex::new(HashMap::new()),
             gc: tokio::sync::RwLock::new(()),
-            gc_seen: Mutex::new(None),
         }
+    }
+
+    fn lock_path(&self, name: &str) -> PathBuf {
+        self.root.join("locks").join(name)
+    }
+
+    /// The collection's lock, shared: held by every step that makes a blob reachable.
+    async fn gc_shared(&self) -> Result<GcShared<'_>> {
+        let local = self.gc.read().await;
+        let file = FileLock::acquire(self.lock_path("gc"), false)
+            .await
+            .map_err(io("lock the registry for a link"))?;
+        Ok(GcShared {
+            _local: local,
+            _file: file,
+        })
+    }
+
+    /// The collection's lock, exclusive: no step that makes a blob reachable is under way in
+    /// any process while it is held.
+    async fn gc_exclusive(&self) -> Result<(tokio::sync::RwLockWriteGuard<'_, ()>, FileLock)> {
+        let local = self.gc.write().await;
+        let file = FileLock::acquire(self.lock_path("gc"), true)
+            .await
+            .map_err(io("lock the registry for garbage collection"))?;
+        Ok((local, file))
     }
 
     pub fn root(&self) -> &Path {
@@ -188,10 +293,22 @@ impl Storage {
         map.entry(tenant.to_owned()).or_default().clone()
     }
 
-    /// The tenant's usage, counted from its links if not known yet; held until dropped.
-    async fn usage_guard(&self, tenant: &str) -> UsageGuard {
-        let mut g = self.usage_slot(tenant).lock_owned().await;
-        if !g.loaded {
+    /// The tenant's usage, held until dropped: counted again from its links when not known
+    /// yet or when another process changed them since (the generation in the tenant's lock
+    /// file moved).
+    async fn usage_guard(&self, tenant: &str) -> Result<UsageGuard> {
+        if tenant.is_empty() || tenant.contains('/') || tenant.starts_with('.') {
+            return Err(RegistryError::new(
+                Code::NameInvalid,
+                format!("{tenant:?} is not a tenant name"),
+            ));
+        }
+        let mut slot = self.usage_slot(tenant).lock_owned().await;
+        let lock = FileLock::acquire(self.lock_path(&format!("usage-{tenant}")), true)
+            .await
+            .map_err(io(format!("lock the registry usage of tenant {tenant}")))?;
+        let generation = lock.counter();
+        if !slot.loaded || slot.generation != generation {
             let mut usage = TenantUsage::default();
             let base = self.root.join("repos").join(tenant);
             for hex in linked_blobs(&base).await {
@@ -200,22 +317,20 @@ impl Storage {
                     usage.add(&hex, m.len());
                 }
             }
-            g.usage = usage;
-            g.loaded = true;
+            slot.usage = usage;
+            slot.loaded = true;
+            slot.generation = generation;
         }
-        g
-    }
-
-    /// Forgets what tenant `t` uses: the next push counts it again from disk.
-    async fn forget_usage(&self, tenant: &str) {
-        let mut g = self.usage_slot(tenant).lock_owned().await;
-        g.loaded = false;
-        g.usage = TenantUsage::default();
+        Ok(UsageGuard {
+            slot,
+            lock,
+            changed: false,
+        })
     }
 
     /// Bytes of the distinct blobs tenant `t`'s repositories link.
-    pub async fn tenant_usage(&self, tenant: &str) -> u64 {
-        self.usage_guard(tenant).await.usage.bytes()
+    pub async fn tenant_usage(&self, tenant: &str) -> Result<u64> {
+        Ok(self.usage_guard(tenant).await?.usage().bytes())
     }
 
     /// How large an upload to `r` may grow while it arrives. With its digest known (the
@@ -227,21 +342,16 @@ impl Storage {
         r: &Repo,
         quota: Option<u64>,
         want: Option<&Digest>,
-    ) -> Option<u64> {
-        let quota = quota?;
-        let Some(want) = want else {
-            return Some(quota);
+    ) -> Result<Option<u64>> {
+        let Some(quota) = quota else {
+            return Ok(None);
         };
-        let g = self.usage_guard(r.tenant()).await;
-        (!g.usage.holds(want.hex())).then(|| quota.saturating_sub(g.usage.bytes()))
-    }
-
-    /// Tells a running collection that blob `hex` was just linked.
-    fn seen(&self, hex: &str) {
-        let mut g = self.gc_seen.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(set) = g.as_mut() {
-            set.insert(hex.to_owned());
-        }
+        let Some(want) = want else {
+            return Ok(Some(quota));
+        };
+        let g = self.usage_guard(r.tenant()).await?;
+        let u = g.usage();
+        Ok((!u.holds(want.hex())).then(|| quota.saturating_sub(u.bytes())))
     }
 
     // ---- repositories
@@ -311,7 +421,8 @@ impl Storage {
             return Err(crate::auth::name_unknown(r));
         }
         let dir = self.repo_dir(r);
-        let _usage = self.usage_guard(r.tenant()).await;
+        let mut usage = self.usage_guard(r.tenant()).await?;
+        usage.forget();
         for entry in list_dir(&dir).await {
             if !entry.starts_with('_') {
                 continue;
@@ -329,8 +440,6 @@ impl Storage {
             }
         }
         let _ = tokio::fs::remove_dir(&dir).await; // only when no nested repository is left
-        drop(_usage);
-        self.forget_usage(r.tenant()).await;
         Ok(())
     }
 
@@ -339,15 +448,13 @@ impl Storage {
         if tenant.is_empty() || tenant.contains('/') || tenant.starts_with('.') {
             return Ok(());
         }
-        let _usage = self.usage_guard(tenant).await;
+        let mut usage = self.usage_guard(tenant).await?;
+        usage.forget();
         match tokio::fs::remove_dir_all(self.root.join("repos").join(tenant)).await {
-            Ok(()) => {}
-            Err(e) if not_found(&e) => {}
-            Err(e) => return Err(io(format!("delete repositories of tenant {tenant}"))(e)),
+            Ok(()) => Ok(()),
+            Err(e) if not_found(&e) => Ok(()),
+            Err(e) => Err(io(format!("delete repositories of tenant {tenant}"))(e)),
         }
-        drop(_usage);
-        self.forget_usage(tenant).await;
-        Ok(())
     }
 
     /// Writes `bytes` to `dest` atomically (temp file, fsync, rename).
@@ -404,7 +511,7 @@ impl Storage {
     /// collection's read lock from before it knew the blob exists.
     async fn link_layer(&self, r: &Repo, d: &Digest, quota: Option<u64>) -> Result<()> {
         let link = self.layer_link(r, d);
-        let mut u = self.usage_guard(r.tenant()).await;
+        let mut u = self.usage_guard(r.tenant()).await?;
         if exists(&link).await {
             return Ok(());
         }
@@ -418,14 +525,13 @@ impl Storage {
             }
             Err(e) => return Err(io(format!("stat blob {d}"))(e)),
         };
-        u.usage.admit(r.tenant(), d.hex(), size, quota)?;
+        u.usage().admit(r.tenant(), d.hex(), size, quota)?;
         let what = format!("link blob {d} into {r}");
         tokio::fs::create_dir_all(link.parent().unwrap_or(&self.root))
             .await
             .map_err(io(what.clone()))?;
         tokio::fs::File::create(&link).await.map_err(io(what))?;
-        u.usage.add(d.hex(), size);
-        self.seen(d.hex());
+        u.add(d.hex(), size);
         Ok(())
     }
 
@@ -438,7 +544,7 @@ impl Storage {
         d: &Digest,
         quota: Option<u64>,
     ) -> Result<bool> {
-        let _gc = self.gc.read().await;
+        let _gc = self.gc_shared().await?;
         if self.blob_size(from, d).await?.is_none() {
             return Ok(false);
         }
@@ -455,10 +561,10 @@ impl Storage {
                 format!("blob {d} is referenced by manifest {m} of {r}: delete the manifest first"),
             ));
         }
-        let mut u = self.usage_guard(r.tenant()).await;
+        let mut u = self.usage_guard(r.tenant()).await?;
         match tokio::fs::remove_file(self.layer_link(r, d)).await {
             Ok(()) => {
-                u.usage.remove(d.hex());
+                u.remove(d.hex());
                 Ok(())
             }
             Err(e) if not_found(&e) => Err(RegistryError::new(
@@ -578,6 +684,25 @@ impl Storage {
         Ok(s)
     }
 
+    /// Opens the data of upload `id` for writing, locked against every other process (one
+    /// chunk at a time, whichever server takes it).
+    async fn open_upload(&self, r: &Repo, id: &str) -> Result<tokio::fs::File> {
+        let path = self.upload_dir(id).join("data");
+        let opened = tokio::task::spawn_blocking(move || {
+            let f = std::fs::OpenOptions::new().write(true).open(path)?;
+            f.lock()?;
+            std::io::Result::Ok(f)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        match opened {
+            Ok(f) => Ok(tokio::fs::File::from_std(f)),
+            Err(e) if not_found(&e) => Err(Self::unknown_upload(r, id)),
+            Err(e) => Err(io(format!("upload {id}: open"))(e)),
+        }
+    }
+
     async fn drop_upload(&self, id: &str) {
         self.lock_sessions().remove(id);
         let _ = tokio::fs::remove_dir_all(self.upload_dir(id)).await;
@@ -586,7 +711,13 @@ impl Storage {
     /// Bytes received so far by upload `id`.
     pub async fn upload_size(&self, r: &Repo, id: &str) -> Result<u64> {
         let s = self.session(r, id).await?;
-        let g = s.lock().await;
+        let mut g = s.lock().await;
+        // What is on disk: another process may have taken chunks since this one did.
+        let on_disk = tokio::fs::metadata(self.upload_dir(id).join("data"))
+            .await
+            .map_err(|_| Self::unknown_upload(r, id))?
+            .len();
+        g.continue_at(on_disk);
         Ok(g.size)
     }
 
@@ -616,15 +747,20 @@ impl Storage {
     {
         let s = self.session(r, id).await?;
         let mut g = s.lock().await;
-        let room = self.upload_room(r, quota, None).await;
-        self.append_locked(r, id, &mut g, h, body, room).await
+        let room = self.upload_room(r, quota, None).await?;
+        let mut file = self.open_upload(r, id).await?;
+        self.append_locked(r, id, &mut g, &mut file, h, body, room)
+            .await
     }
 
+    /// Appends to the upload's data, `file`, opened (and locked) by [`Self::open_upload`].
+    #[allow(clippy::too_many_arguments)]
     async fn append_locked<S, E>(
         &self,
         r: &Repo,
         id: &str,
         g: &mut Session,
+        file: &mut tokio::fs::File,
         h: ChunkHeaders,
         mut body: S,
         room: Option<u64>,
@@ -633,6 +769,14 @@ impl Storage {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
+        // Another process may have taken chunks of this upload since this one last did
+        // (servers behind one address): continue from what is on disk.
+        let on_disk = file
+            .metadata()
+            .await
+            .map_err(io(format!("upload {id}: stat")))?
+            .len();
+        g.continue_at(on_disk);
         let start = g.size;
         if let Some((a, b)) = h.range {
             if a != start || b < a {
@@ -652,18 +796,12 @@ impl Storage {
                 ));
             }
         }
-        let path = self.upload_dir(id).join("data");
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .await
-            .map_err(|_| Self::unknown_upload(r, id))?;
         let mut n: u64 = 0;
         let written: Result<()> = async {
             file.seek(SeekFrom::Start(start))
                 .await
                 .map_err(io(format!("upload {id}: seek")))?;
-            let mut w = BufWriter::with_capacity(1 << 20, &mut file);
+            let mut w = BufWriter::with_capacity(1 << 20, &mut *file);
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| {
                     RegistryError::new(
@@ -737,8 +875,13 @@ impl Storage {
     {
         let s = self.session(r, id).await?;
         let mut g = s.lock().await;
-        let room = self.upload_room(r, quota, Some(want)).await;
-        let size = self.append_locked(r, id, &mut g, h, body, room).await?;
+        let room = self.upload_room(r, quota, Some(want)).await?;
+        // Locked until the content is verified and stored: no other process appends to it
+        // in between.
+        let mut file = self.open_upload(r, id).await?;
+        let size = self
+            .append_locked(r, id, &mut g, &mut file, h, body, room)
+            .await?;
         let path = self.upload_dir(id).join("data");
         let got = match g.hasher.take() {
             Some(hs) => hex::encode(hs.finish()),
@@ -757,13 +900,10 @@ impl Storage {
         let what = format!("store blob {want}");
         if !exists(&dest).await {
             // Flushed before the lock: a collection waits only for the rename and the link.
-            let f = tokio::fs::File::open(&path)
-                .await
-                .map_err(io(what.clone()))?;
-            f.sync_all().await.map_err(io(what.clone()))?;
+            file.sync_all().await.map_err(io(what.clone()))?;
         }
         let linked = async {
-            let _gc = self.gc.read().await;
+            let _gc = self.gc_shared().await?;
             if !exists(&dest).await {
                 let dir = dest.parent().unwrap_or(&self.root).to_owned();
                 tokio::fs::create_dir_all(&dir)
@@ -870,7 +1010,7 @@ impl Storage {
                 format!("manifest {name}: content is {digest}"),
             ));
         }
-        let _gc = self.gc.read().await;
+        let _gc = self.gc_shared().await?;
         for b in &parsed.blobs {
             if self.blob_size(r, b).await?.is_none() {
                 return Err(RegistryError::new(
@@ -888,11 +1028,11 @@ impl Storage {
             }
         }
         {
-            let mut u = self.usage_guard(r.tenant()).await;
+            let mut u = self.usage_guard(r.tenant()).await?;
             let link = self.manifest_link(r, &digest);
             let new = !exists(&link).await;
             if new {
-                u.usage
+                u.usage()
                     .admit(r.tenant(), digest.hex(), body.len() as u64, quota)?;
             }
             let blob = self.blob_path(&digest);
@@ -902,9 +1042,8 @@ impl Storage {
             self.write_atomic(&link, parsed.media_type.as_bytes())
                 .await?;
             if new {
-                u.usage.add(digest.hex(), body.len() as u64);
+                u.add(digest.hex(), body.len() as u64);
             }
-            self.seen(digest.hex());
         }
         if let Some(s) = &parsed.subject {
             let link = self
@@ -935,9 +1074,9 @@ impl Storage {
                 Err(e) => Err(io(format!("delete tag {r}:{t}"))(e)),
             },
             Reference::Digest(d) => {
-                let mut u = self.usage_guard(r.tenant()).await;
+                let mut u = self.usage_guard(r.tenant()).await?;
                 match tokio::fs::remove_file(self.manifest_link(r, d)).await {
-                    Ok(()) => u.usage.remove(d.hex()),
+                    Ok(()) => u.remove(d.hex()),
                     Err(e) if not_found(&e) => {
                         return Err(RegistryError::new(
                             Code::ManifestUnknown,

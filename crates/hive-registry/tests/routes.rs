@@ -45,7 +45,7 @@ const TINY_QUOTA: u64 = 1000;
 struct H {
     app: Router,
     reg: Arc<Registry>,
-    dir: tempfile::TempDir,
+    dir: Arc<tempfile::TempDir>,
 }
 
 struct Reply {
@@ -78,7 +78,7 @@ fn harness() -> H {
     H {
         app: router(reg.clone()),
         reg,
-        dir,
+        dir: Arc::new(dir),
     }
 }
 
@@ -94,6 +94,17 @@ fn digest(b: &[u8]) -> String {
 }
 
 impl H {
+    /// Another server on the same registry root (its own process state: sessions, usage
+    /// counts, in-process locks), as API servers sharing a directory are.
+    fn beside(&self) -> H {
+        let reg = registry_at(self.dir.path());
+        H {
+            app: router(reg.clone()),
+            reg,
+            dir: self.dir.clone(),
+        }
+    }
+
     async fn req(
         &self,
         method: Method,
@@ -657,12 +668,8 @@ async fn uploads_survive_a_restart() {
         b"first half, ".to_vec(),
     )
     .await;
-    let reg = registry_at(h.dir.path());
-    let h2 = H {
-        app: router(reg.clone()),
-        reg,
-        dir: h.dir,
-    };
+    let h2 = h.beside();
+    drop(h);
     let r = h2
         .req(Method::GET, &loc, Some("alice"), &[], Body::empty())
         .await;
@@ -699,7 +706,7 @@ async fn expired_uploads_are_refused_and_purged() {
     let h = H {
         app: router(reg.clone()),
         reg,
-        dir,
+        dir: Arc::new(dir),
     };
     let r = h
         .req(
@@ -1461,7 +1468,7 @@ async fn quota_refuses_what_does_not_fit_and_keeps_nothing() {
     let d = h.push_blob("tiny/a", "tina", &big).await;
     // The same content in a second repository of the tenant costs nothing more.
     h.push_blob("tiny/b", "tina", &big).await;
-    assert_eq!(h.reg.storage.tenant_usage("tiny").await, 600);
+    assert_eq!(h.reg.storage.tenant_usage("tiny").await.unwrap(), 600);
     // A monolithic upload that does not fit: refused, nothing linked, nothing stored.
     let more = vec![2u8; 500];
     let r = h.try_push_blob("tiny/a", "tina", &more).await;
@@ -1577,14 +1584,14 @@ async fn quota_refuses_what_does_not_fit_and_keeps_nothing() {
             StatusCode::ACCEPTED
         );
     }
-    assert_eq!(h.reg.storage.tenant_usage("tiny").await, 2);
+    assert_eq!(h.reg.storage.tenant_usage("tiny").await.unwrap(), 2);
     h.push_blob("tiny/a", "tina", &more).await;
     // Other tenants have no quota here, and never count against tiny's.
     h.push_blob("acme/app", "alice", &vec![9u8; 5000]).await;
-    assert_eq!(h.reg.storage.tenant_usage("tiny").await, 502);
+    assert_eq!(h.reg.storage.tenant_usage("tiny").await.unwrap(), 502);
     // A restart counts again from disk and gets the same figure.
     let again = registry_at(h.dir.path());
-    assert_eq!(again.storage.tenant_usage("tiny").await, 502);
+    assert_eq!(again.storage.tenant_usage("tiny").await.unwrap(), 502);
 }
 
 #[tokio::test]
@@ -1768,7 +1775,7 @@ async fn gc_deletes_what_nothing_references() {
         );
     }
     assert_eq!(
-        h.reg.storage.tenant_usage("acme").await,
+        h.reg.storage.tenant_usage("acme").await.unwrap(),
         h.reg
             .storage
             .repositories("acme")
@@ -1786,14 +1793,27 @@ async fn gc_deletes_what_nothing_references() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gc_is_safe_while_pushes_run() {
     let h = Arc::new(harness());
+    gc_races_pushes(h.clone(), h).await;
+}
+
+/// The same race with the collector in another server on the same root: only the file
+/// locks order its sweep against the pushes' links.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gc_in_another_server_is_safe_while_pushes_run() {
+    let h = Arc::new(harness());
+    let other = Arc::new(h.beside());
+    gc_races_pushes(other, h).await;
+}
+
+async fn gc_races_pushes(collector_server: Arc<H>, h: Arc<H>) {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let collector = {
-        let (h, stop) = (h.clone(), stop.clone());
+        let stop = stop.clone();
         tokio::spawn(async move {
             let mut rounds = 0;
             let mut deleted = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let r = h
+                let r = collector_server
                     .reg
                     .storage
                     .gc(std::time::Duration::from_secs(60))
@@ -1853,4 +1873,111 @@ async fn gc_is_safe_while_pushes_run() {
         rounds > 1 && deleted > 0,
         "the collector ran {rounds} rounds, deleted {deleted}: it must have raced the pushes"
     );
+}
+
+/// Two servers on one root count a tenant's quota together: what one links is counted by
+/// the other before it admits more.
+#[tokio::test]
+async fn quota_holds_across_servers_on_one_root() {
+    let a = harness();
+    let b = a.beside();
+    // Both have counted the tenant (empty) before either pushes.
+    assert_eq!(a.reg.storage.tenant_usage("tiny").await.unwrap(), 0);
+    assert_eq!(b.reg.storage.tenant_usage("tiny").await.unwrap(), 0);
+    let first = vec![b'a'; 600];
+    a.push_blob("tiny/app", "tina", &first).await;
+    assert_eq!(b.reg.storage.tenant_usage("tiny").await.unwrap(), 600);
+    let second = vec![b'b'; 600];
+    let r = b.try_push_blob("tiny/app", "tina", &second).await;
+    assert_eq!(r.code(), "DENIED", "{:?}", r.json());
+    // The same content again through the other server costs nothing and is admitted.
+    let r = b.try_push_blob("tiny/other", "tina", &first).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.json());
+    // A deletion through one server frees room in the other.
+    let d = digest(&first);
+    for (h, repo) in [(&a, "tiny/app"), (&b, "tiny/other")] {
+        let uri = format!("/v2/{repo}/blobs/{d}");
+        assert_eq!(
+            h.status(Method::DELETE, &uri, Some("tina")).await,
+            StatusCode::ACCEPTED
+        );
+    }
+    assert_eq!(a.reg.storage.tenant_usage("tiny").await.unwrap(), 0);
+    let r = a.try_push_blob("tiny/app", "tina", &second).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.json());
+}
+
+/// A chunked upload whose requests alternate between two servers on one root (a load
+/// balancer in front) arrives whole and verified; a chunk that repeats what the other
+/// server already took is refused.
+#[tokio::test]
+async fn chunked_upload_alternates_between_servers() {
+    let a = harness();
+    let b = a.beside();
+    let loc = a.start_upload("acme/app", "alice").await;
+    let parts: [&[u8]; 4] = [b"one ", b"two ", b"three ", b"four"];
+    let mut at = 0usize;
+    for (i, part) in parts.iter().enumerate() {
+        let h = if i % 2 == 0 { &a } else { &b };
+        let range = format!("{}-{}", at, at + part.len() - 1);
+        let r = h
+            .req(
+                Method::PATCH,
+                &loc,
+                Some("alice"),
+                &[("content-range", &range)],
+                part.to_vec(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "chunk {i}: {:?}", r.json());
+        at += part.len();
+        assert_eq!(r.header("range"), format!("0-{}", at - 1));
+        // The other server knows how far the upload got.
+        let other = if i % 2 == 0 { &b } else { &a };
+        let r = other
+            .req(Method::GET, &loc, Some("alice"), &[], Body::empty())
+            .await;
+        assert_eq!(
+            r.header("range"),
+            format!("0-{}", at - 1),
+            "after chunk {i}"
+        );
+    }
+    // `a` took chunk 2 at offset 8; sending it again from a stale view is refused.
+    let r = a
+        .req(
+            Method::PATCH,
+            &loc,
+            Some("alice"),
+            &[("content-range", "8-13")],
+            b"three ".to_vec(),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        "{:?}",
+        r.json()
+    );
+    let d = digest(b"one two three four");
+    let r = b
+        .req(
+            Method::PUT,
+            &format!("{loc}?digest={d}"),
+            Some("alice"),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.json());
+    let r = a
+        .req(
+            Method::GET,
+            &format!("/v2/acme/app/blobs/{d}"),
+            Some("alice"),
+            &[],
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(&r.body[..], b"one two three four");
 }

@@ -123,18 +123,91 @@ fn bearer(req: &Request) -> ApiResult<&str> {
 /// Read from the watch cache first; a token it does not know (or whose tenant it does not
 /// know as the token's) is looked up in the store itself, so a token created through another
 /// server a moment ago works here at once.
-pub async fn resolve(store: &Arc<dyn Store>, secret: &str) -> ApiResult<Principal> {
-    match resolve_with(store, secret, false).await {
+pub async fn resolve(
+    store: &Arc<dyn Store>,
+    cache: &PrincipalCache,
+    secret: &str,
+) -> ApiResult<Principal> {
+    if let Some(known) = cache.get(secret)
+        && known.still_valid(store.as_ref()).await?
+    {
+        return Ok(known.principal.clone());
+    }
+    let resolved = match resolve_with(store, secret, false).await {
         Err(e) if e.code == ErrorCode::Unauthenticated => resolve_with(store, secret, true).await,
         resolved => resolved,
+    }?;
+    let principal = resolved.principal.clone();
+    cache.insert(secret, resolved);
+    Ok(principal)
+}
+
+/// A secret resolved: its principal, and what it was resolved from.
+#[derive(Debug)]
+struct Resolved {
+    principal: Principal,
+    expires_at: Option<DateTime<Utc>>,
+    /// The token record's key and revision.
+    token: (String, hive_store::Revision),
+    /// The tenant's key and revision, for a tenant's token.
+    tenant: Option<(String, hive_store::Revision)>,
+}
+
+impl Resolved {
+    /// True while the token record and the tenant are exactly what this was resolved from
+    /// (any change — revoked, re-issued, tenant deleted or re-created — moves a revision) and
+    /// the token has not expired. Two reads of the store (of the watch cache: lookups in
+    /// memory), no hashing, no decoding.
+    async fn still_valid(&self, store: &dyn Store) -> ApiResult<bool> {
+        if self.expires_at.is_some_and(|exp| exp <= Utc::now()) {
+            return Ok(false);
+        }
+        let same =
+            |kv: Option<hive_store::KeyValue>, rev| kv.is_some_and(|kv| kv.mod_revision == rev);
+        if !same(store.get(&self.token.0).await?.kv, self.token.1) {
+            return Ok(false);
+        }
+        match &self.tenant {
+            Some((key, rev)) => Ok(same(store.get(key).await?.kv, *rev)),
+            None => Ok(true),
+        }
     }
 }
 
-async fn resolve_with(
-    store: &Arc<dyn Store>,
-    secret: &str,
-    uncached: bool,
-) -> ApiResult<Principal> {
+/// Secrets already resolved (at most [`PrincipalCache::MAX`]; emptied when full), each checked
+/// against the store on every use, so a revoked token or a deleted tenant is refused exactly
+/// as without it. What it saves per request is hashing the secret and decoding two records.
+#[derive(Clone, Default)]
+pub struct PrincipalCache(Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Resolved>>>>);
+
+impl std::fmt::Debug for PrincipalCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secrets.
+        let n = self.0.lock().map(|m| m.len()).unwrap_or_default();
+        f.debug_struct("PrincipalCache")
+            .field("entries", &n)
+            .finish()
+    }
+}
+
+impl PrincipalCache {
+    const MAX: usize = 10_000;
+
+    fn get(&self, secret: &str) -> Option<Arc<Resolved>> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(secret).cloned()
+    }
+
+    fn insert(&self, secret: &str, resolved: Resolved) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= Self::MAX {
+            map.clear();
+        }
+        map.insert(secret.to_owned(), Arc::new(resolved));
+    }
+}
+
+async fn resolve_with(store: &Arc<dyn Store>, secret: &str, uncached: bool) -> ApiResult<Resolved> {
     let read = |key: String| async move {
         if uncached {
             store.get_uncached(&key).await
@@ -158,22 +231,31 @@ async fn resolve_with(
             format!("token {} expired at {}", record.info.id, exp.to_rfc3339()),
         ));
     }
-    if let Some(tenant) = &record.info.tenant {
-        let t = read(keys::object::<Tenant>(None, tenant)).await?;
-        let alive =
-            t.kv.and_then(|kv| serde_json::from_slice::<Tenant>(&kv.value).ok())
-                .is_some_and(|t| Some(&t.uid) == record.tenant_uid.as_ref());
+    let mut tenant = None;
+    if let Some(name) = &record.info.tenant {
+        let key = keys::object::<Tenant>(None, name);
+        let t = read(key.clone()).await?.kv;
+        let rev = t.as_ref().map(|kv| kv.mod_revision).unwrap_or_default();
+        let alive = t
+            .and_then(|kv| serde_json::from_slice::<Tenant>(&kv.value).ok())
+            .is_some_and(|t| Some(&t.uid) == record.tenant_uid.as_ref());
         if !alive {
             return Err(ApiError::unauthenticated("token is unknown or revoked"));
         }
+        tenant = Some((key, rev));
     }
-    Ok(Principal {
-        token_id: record.info.id,
-        name: record.info.name,
-        tenant: record.info.tenant,
-        tenant_uid: record.tenant_uid,
-        role: record.info.role,
-        fence: None,
+    Ok(Resolved {
+        expires_at: record.info.expires_at,
+        token: (kv.key, kv.mod_revision),
+        tenant,
+        principal: Principal {
+            token_id: record.info.id,
+            name: record.info.name,
+            tenant: record.info.tenant,
+            tenant_uid: record.tenant_uid,
+            role: record.info.role,
+            fence: None,
+        },
     })
 }
 
@@ -184,7 +266,7 @@ pub async fn authenticate(
     next: Next,
 ) -> Result<Response, ApiError> {
     let secret = bearer(&req)?;
-    let mut principal = resolve(&state.store, secret).await?;
+    let mut principal = resolve(&state.store, &state.principals, secret).await?;
     if let Some(v) = req.headers().get(crate::leader::EPOCH_HEADER) {
         let epoch = v
             .to_str()
@@ -217,6 +299,7 @@ pub async fn authenticate(
 #[derive(Clone)]
 pub struct RegistryTokens {
     pub store: Arc<dyn Store>,
+    pub principals: PrincipalCache,
 }
 
 impl std::fmt::Debug for RegistryTokens {
@@ -228,7 +311,7 @@ impl std::fmt::Debug for RegistryTokens {
 #[async_trait::async_trait]
 impl hive_registry::RegistryAuth for RegistryTokens {
     async fn resolve(&self, secret: &str) -> Option<hive_registry::Principal> {
-        let p = resolve(&self.store, secret).await.ok()?;
+        let p = resolve(&self.store, &self.principals, secret).await.ok()?;
         let admin = p.is_platform_admin();
         Some(hive_registry::Principal {
             subject: p.name,

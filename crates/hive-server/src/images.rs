@@ -55,9 +55,13 @@ pub async fn list(
         .repositories(&tenant)
         .await
         .map_err(|e| registry_error(e, &tenant, ""))?;
+    let usage_bytes = storage
+        .tenant_usage(&tenant)
+        .await
+        .map_err(|e| registry_error(e, &tenant, ""))?;
     Ok(Json(ImageList {
         items: items.into_iter().map(repository).collect(),
-        usage_bytes: storage.tenant_usage(&tenant).await,
+        usage_bytes,
         quota_bytes: guard.tenant.quota.registry_bytes,
     }))
 }

@@ -18,6 +18,7 @@ pub mod networks;
 pub mod nodeproxy;
 mod openapi;
 pub mod ratelimit;
+pub mod rendered;
 pub mod resources;
 pub mod router;
 pub mod secgroups;

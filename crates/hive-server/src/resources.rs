@@ -549,10 +549,30 @@ pub async fn get<R: Served>(
     State(st): State<AppState>,
     Extension(p): Extension<Principal>,
     Path(params): Path<HashMap<String, String>>,
-) -> ApiResult<Json<R>> {
+) -> ApiResult<Response> {
     let target = Target::of::<R>(params);
     let guard = authorize::<R>(&st, &p, &target, R::READ, "read").await?;
-    Ok(Json(read::<R>(&st, guard.as_ref(), target.name()).await?.0))
+    let tenant = guard.as_ref().map(|g| g.name.as_str());
+    let name = target.name();
+    let kv = st
+        .store
+        .get(&keys::object::<R>(tenant, name))
+        .await?
+        .kv
+        .ok_or_else(|| ApiError::not_found(R::KIND, name, tenant))?;
+    Ok(json_response(st.rendered.json::<R>(&kv)?))
+}
+
+/// A `200` with a JSON body already rendered.
+fn json_response(body: Bytes) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// Reads one object, or "not found".
@@ -582,7 +602,21 @@ pub async fn list<R: Served>(
     if q.watch {
         return watch::<R>(&st, &prefix, q.revision).await;
     }
-    Ok(Json(list_page::<R>(&st, &prefix, &q).await?).into_response())
+    let page = read_page(&st, &prefix, &q).await?;
+    let continue_ = continue_after(&page, &prefix);
+    Ok(json_response(st.rendered.list::<R>(
+        &page.kvs,
+        page.revision,
+        continue_,
+    )?))
+}
+
+/// Where the page after `page` starts: the name of its last object, if more follow.
+fn continue_after<'a>(page: &'a hive_store::ListResponse, prefix: &str) -> Option<&'a str> {
+    page.more
+        .then(|| page.kvs.last())
+        .flatten()
+        .and_then(|kv| kv.key.strip_prefix(prefix))
 }
 
 pub async fn list_page<R: Resource>(
@@ -590,6 +624,25 @@ pub async fn list_page<R: Resource>(
     prefix: &str,
     q: &ListQuery,
 ) -> ApiResult<List<R>> {
+    let page = read_page(st, prefix, q).await?;
+    let items = page
+        .kvs
+        .iter()
+        .map(decode::<R>)
+        .collect::<ApiResult<Vec<R>>>()?;
+    Ok(List {
+        continue_: continue_after(&page, prefix).map(Into::into),
+        items,
+        revision: page.revision,
+    })
+}
+
+/// One page of the keys under `prefix`, as the query asks.
+async fn read_page(
+    st: &AppState,
+    prefix: &str,
+    q: &ListQuery,
+) -> ApiResult<hive_store::ListResponse> {
     let limit = q.limit.unwrap_or(MAX_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::invalid(format!(
@@ -600,22 +653,7 @@ pub async fn list_page<R: Resource>(
         hive_api::validate::name("continue", c)?;
     }
     let start_after = q.continue_.as_ref().map(|name| format!("{prefix}{name}"));
-    let page = st.store.list(prefix, start_after.as_deref(), limit).await?;
-    let items = page
-        .kvs
-        .iter()
-        .map(decode::<R>)
-        .collect::<ApiResult<Vec<R>>>()?;
-    let continue_ = if page.more {
-        items.last().map(|o| o.name().to_owned())
-    } else {
-        None
-    };
-    Ok(List {
-        items,
-        revision: page.revision,
-        continue_,
-    })
+    Ok(st.store.list(prefix, start_after.as_deref(), limit).await?)
 }
 
 pub async fn update<R: Served>(

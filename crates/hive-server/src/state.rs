@@ -15,6 +15,10 @@ pub struct ServerConfig {
     /// Where the embedded store (when it is the store), the admin token and the registry's
     /// blobs live.
     pub data_dir: PathBuf,
+    /// Where the registry's blobs and repositories live (`None`: `DATA_DIR/registry`).
+    /// Servers on one etcd share one directory: the registry orders what must be ordered
+    /// between them with file locks.
+    pub registry_dir: Option<PathBuf>,
     /// Where the state lives.
     pub store: StoreBackend,
     /// Largest request body accepted.
@@ -39,6 +43,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("/var/lib/hive"),
+            registry_dir: None,
             store: StoreBackend::Embedded,
             body_limit_bytes: 1 << 20,
             rate_limit: RateLimit::default(),
@@ -62,8 +67,19 @@ pub enum StoreBackend {
     Etcd(EtcdStoreOptions),
 }
 
-#[derive(Clone)]
-pub struct AppState {
+/// What every handler shares: one pointer, so that the clones axum makes for each request
+/// and layer cost one reference count, not one per field.
+#[derive(Clone, Debug)]
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     /// What handlers read and write: the watch cache when there is one, else the store.
     pub store: Arc<dyn Store>,
     /// The watch cache in front of the store, if the server runs one.
@@ -78,13 +94,17 @@ pub struct AppState {
     pub proxy_http: Arc<tokio::sync::OnceCell<reqwest::Client>>,
     /// Which instance addresses this server believes held (the store decides).
     pub ipam: Arc<crate::networks::Ipam>,
+    /// Tokens already resolved, checked against the store on every use.
+    pub principals: crate::auth::PrincipalCache,
+    /// Objects' API JSON, kept per revision for reads that find them unchanged.
+    pub rendered: crate::rendered::Rendered,
     /// Becomes true when the server shuts down: long-lived streams end so that graceful
     /// shutdown does not wait for watchers forever.
     closing: tokio::sync::watch::Receiver<bool>,
     closer: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
-impl std::fmt::Debug for AppState {
+impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppState")
             .field("config", &self.config)
@@ -94,15 +114,31 @@ impl std::fmt::Debug for AppState {
 
 impl AppState {
     pub fn new(store: Arc<dyn Store>, config: ServerConfig) -> Self {
+        Self::build(store, None, config)
+    }
+
+    /// A server reading through `cache` (writes go through it to its store).
+    pub fn cached(cache: Arc<WatchCache>, config: ServerConfig) -> Self {
+        Self::build(cache.clone(), Some(cache), config)
+    }
+
+    fn build(store: Arc<dyn Store>, cache: Option<Arc<WatchCache>>, config: ServerConfig) -> Self {
         let (closer, closing) = tokio::sync::watch::channel(false);
+        let principals = crate::auth::PrincipalCache::default();
         let registry = Registry::new(
-            RegistryConfig::new(config.data_dir.join("registry")),
+            RegistryConfig::new(
+                config
+                    .registry_dir
+                    .clone()
+                    .unwrap_or_else(|| config.data_dir.join("registry")),
+            ),
             Arc::new(crate::auth::RegistryTokens {
                 store: store.clone(),
+                principals: principals.clone(),
             }),
         );
-        Self {
-            cache: None,
+        Self(Arc::new(Shared {
+            cache,
             registry: Arc::new(registry),
             proxy_signer: Arc::default(),
             proxy_http: Arc::default(),
@@ -113,16 +149,11 @@ impl AppState {
             store,
             limiter: Arc::new(RateLimiter::new(config.rate_limit)),
             config: Arc::new(config),
+            principals,
+            rendered: Default::default(),
             closing,
             closer: Arc::new(closer),
-        }
-    }
-
-    /// A server reading through `cache` (writes go through it to its store).
-    pub fn cached(cache: Arc<WatchCache>, config: ServerConfig) -> Self {
-        let mut state = Self::new(cache.clone(), config);
-        state.cache = Some(cache);
-        state
+        }))
     }
 
     /// Ends every watch stream (called when the server begins to shut down).

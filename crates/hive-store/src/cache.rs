@@ -130,6 +130,8 @@ struct Shared {
     /// When a probe last found the cache caught up (the probe's start).
     fresh: Mutex<Instant>,
     closed: AtomicBool,
+    /// A read of the store's revision after a write of unknown outcome is under way.
+    learning: AtomicBool,
     options: WatchCacheOptions,
 }
 
@@ -199,6 +201,7 @@ impl WatchCache {
             compacted: AtomicU64::new(compacted),
             fresh: Mutex::new(began),
             closed: AtomicBool::new(false),
+            learning: AtomicBool::new(false),
             options,
         });
         let tasks = vec![
@@ -265,12 +268,28 @@ impl WatchCache {
         Ok(())
     }
 
-    /// After a failed write: the store is at least where the failure shows, so reads wait for
+    /// After a conflict: the store is at least where the failure shows, so reads wait for
     /// that (a retry must not read the state the write failed on again).
-    async fn learn_from_failure(&self) {
+    async fn learn_from_conflict(&self) {
         if let Ok(current) = self.inner.current_revision().await {
             self.shared.raise_floor(current);
         }
+    }
+
+    /// After a write of unknown outcome (the store did not answer): the same, off the
+    /// request's path — while the store is away that read waits out its own timeout, and the
+    /// `Unavailable` answer should not. One such read at a time.
+    fn learn_in_background(&self) {
+        if self.shared.learning.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (inner, shared) = (self.inner.clone(), self.shared.clone());
+        tokio::spawn(async move {
+            if let Ok(current) = inner.current_revision().await {
+                shared.raise_floor(current);
+            }
+            shared.learning.store(false, Ordering::Release);
+        });
     }
 }
 
@@ -324,8 +343,12 @@ impl Store for WatchCache {
                 self.shared.raise_floor(resp.revision);
                 Ok(resp)
             }
-            Err(e @ (StoreError::Conflict { .. } | StoreError::Unavailable(_))) => {
-                self.learn_from_failure().await;
+            Err(e @ StoreError::Conflict { .. }) => {
+                self.learn_from_conflict().await;
+                Err(e)
+            }
+            Err(e @ StoreError::Unavailable(_)) => {
+                self.learn_in_background();
                 Err(e)
             }
             Err(e) => Err(e),

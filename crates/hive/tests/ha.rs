@@ -23,17 +23,24 @@ use hive_api::{
     ContainerSpec, Instance, Node, NodeCapacity, NodeStatus, Service, ServiceSpec, Tenant,
 };
 use hive_client::Client;
+use sha2::Digest as _;
 use support::EtcdCluster;
 
-fn server(etcd_url: &str, data: &Path) -> Up {
-    start_until(server_command(etcd_url, data), "hive server: API at ")
+/// A server with its own data dir and the registry directory all servers share.
+fn server(etcd_url: &str, data: &Path, registry: &Path) -> Up {
+    start_until(
+        server_command(etcd_url, data, registry),
+        "hive server: API at ",
+    )
 }
 
-fn server_command(etcd_url: &str, data: &Path) -> Command {
+fn server_command(etcd_url: &str, data: &Path, registry: &Path) -> Command {
     let mut cmd = Command::new(HIVE);
     cmd.args(["server", "--store", etcd_url, "--listen", "127.0.0.1:0"])
         .args(["--rate-limit", "0", "--node-grace-secs", "8", "--data-dir"])
-        .arg(data);
+        .arg(data)
+        .arg("--registry-dir")
+        .arg(registry);
     cmd
 }
 
@@ -42,13 +49,13 @@ const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 /// `hive server` with libfaketime preloaded and `FAKETIME=faketime`: its wall clock and its
 /// monotonic clock (libfaketime fakes both by default) are offset and run at another rate.
-fn skewed_server(etcd_url: &str, data: &Path, faketime: &str) -> Up {
+fn skewed_server(etcd_url: &str, data: &Path, registry: &Path, faketime: &str) -> Up {
     assert!(
         Path::new(LIBFAKETIME).is_file(),
         "this test needs libfaketime at {LIBFAKETIME} (Debian: apt-get install faketime, or run \
          scripts/deps.sh)"
     );
-    let mut cmd = server_command(etcd_url, data);
+    let mut cmd = server_command(etcd_url, data, registry);
     cmd.env("LD_PRELOAD", LIBFAKETIME)
         .env("FAKETIME", faketime)
         .env_remove("FAKETIME_DONT_FAKE_MONOTONIC");
@@ -162,6 +169,85 @@ fn write_load(
     })
 }
 
+/// The servers share one registry directory: a blob uploaded in chunks whose requests go to
+/// each server in turn (as through a load balancer), and an image pushed through one server,
+/// are pulled through the others.
+async fn one_registry_behind_three_servers(urls: &[String], token: &str) {
+    let http = hive_client::http().unwrap();
+    let send = |method: reqwest::Method, url: String, body: Vec<u8>, range: Option<String>| {
+        let mut r = http.request(method, url).bearer_auth(token).body(body);
+        if let Some(range) = range {
+            r = r.header("content-range", range);
+        }
+        async move { r.send().await.unwrap() }
+    };
+    let sha = |b: &[u8]| format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)));
+    let layer: Vec<u8> = (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let r = send(
+        reqwest::Method::POST,
+        format!("{}/v2/acme/shared/blobs/uploads/", urls[0]),
+        vec![],
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let chunks: Vec<&[u8]> = layer.chunks(400_000).collect();
+    let mut at = 0;
+    for (i, chunk) in chunks.iter().enumerate() {
+        let range = format!("{at}-{}", at + chunk.len() - 1);
+        let url = format!("{}{location}", urls[i % 3]);
+        let r = send(reqwest::Method::PATCH, url, chunk.to_vec(), Some(range)).await;
+        assert_eq!(r.status(), 202, "chunk {i} through server {}", i % 3);
+        at += chunk.len();
+    }
+    let layer_digest = sha(&layer);
+    let url = format!("{}{location}?digest={layer_digest}", urls[chunks.len() % 3]);
+    let r = send(reqwest::Method::PUT, url, vec![], None).await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+    let config_digest = sha(&config);
+    let url = format!(
+        "{}/v2/acme/shared/blobs/uploads/?digest={config_digest}",
+        urls[1]
+    );
+    assert_eq!(
+        send(reqwest::Method::POST, url, config.clone(), None)
+            .await
+            .status(),
+        201
+    );
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": layer_digest, "size": layer.len()}]}))
+    .unwrap();
+    let r = http
+        .put(format!("{}/v2/acme/shared/manifests/v1", urls[2]))
+        .bearer_auth(token)
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    for url in urls {
+        let get = |path: String| {
+            let r = http.get(format!("{url}{path}")).bearer_auth(token);
+            async move { r.send().await.unwrap().bytes().await.unwrap() }
+        };
+        assert_eq!(
+            get("/v2/acme/shared/manifests/v1".into()).await,
+            manifest,
+            "{url}"
+        );
+        let blob = get(format!("/v2/acme/shared/blobs/{layer_digest}")).await;
+        assert!(blob == layer, "{url}: the layer differs");
+    }
+}
+
 /// The holder of the current term, from the term key in etcd.
 async fn term_holder(store: &hive_store::EtcdStore) -> String {
     let term = hive_store::Store::get(store, hive_server::leader::LEADER_KEY)
@@ -171,6 +257,32 @@ async fn term_holder(store: &hive_store::EtcdStore) -> String {
         .expect("a leader");
     let holder: serde_json::Value = serde_json::from_slice(&term.value).unwrap();
     holder["holder"].as_str().unwrap().to_owned()
+}
+
+/// The holder of the current term once it is steady: the heartbeat names the same holder
+/// as the term and has advanced under it (so the server named is leading now, not one that
+/// has already stepped down during an etcd failover and whose death would cost nothing).
+async fn stable_leader(store: &hive_store::EtcdStore) -> String {
+    let beat = || async {
+        let kv = hive_store::Store::get(store, hive_server::leader::BEAT_KEY)
+            .await
+            .ok()?
+            .kv?;
+        let v: serde_json::Value = serde_json::from_slice(&kv.value).ok()?;
+        Some((v["holder"].as_str()?.to_owned(), kv.mod_revision))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "no steady leader within 20 s");
+        let first = beat().await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let (Some((h1, r1)), Some((h2, r2))) = (first, beat().await) else {
+            continue;
+        };
+        if h1 == h2 && r2 > r1 && term_holder(store).await == h2 {
+            return h2;
+        }
+    }
 }
 
 /// Which of `servers` the holder id (`URL-random`) names.
@@ -237,7 +349,8 @@ async fn three_servers_lose_an_etcd_member_and_the_leading_server_and_lose_nothi
     let mut etcd = EtcdCluster::start(3);
     let url = etcd_url(&etcd);
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut servers: Vec<Option<Up>> = vec![Some(server(&url, dirs[0].path()))];
+    let registry = tempfile::tempdir().unwrap();
+    let mut servers: Vec<Option<Up>> = vec![Some(server(&url, dirs[0].path(), registry.path()))];
     let token = std::fs::read_to_string(dirs[0].path().join("admin.token"))
         .unwrap()
         .trim()
@@ -248,7 +361,7 @@ async fn three_servers_lose_an_etcd_member_and_the_leading_server_and_lose_nothi
             d.path().join("admin.token"),
         )
         .unwrap();
-        servers.push(Some(server(&url, d.path())));
+        servers.push(Some(server(&url, d.path(), registry.path())));
     }
     // A session per server (one shared session would make the load wait, request after
     // request, for a server whose watch cache is behind while its etcd member is replaced).
@@ -268,6 +381,7 @@ async fn three_servers_lose_an_etcd_member_and_the_leading_server_and_lose_nothi
         .await
         .unwrap();
     placed(c0, "before", 2).await;
+    one_registry_behind_three_servers(&urls, &token).await;
 
     // Writes through all three servers, the whole time.
     let acked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
@@ -281,7 +395,7 @@ async fn three_servers_lose_an_etcd_member_and_the_leading_server_and_lose_nothi
     let store = hive_store::EtcdStore::connect(etcd.store_options())
         .await
         .unwrap();
-    let leading = server_of(&term_holder(&store).await, &urls);
+    let leading = server_of(&stable_leader(&store).await, &urls);
     let survivor = clients[(leading + 1) % 3].clone();
     // A watcher of the services on the server about to die; when its stream ends it resumes
     // on another server from the last revision it saw.
@@ -469,9 +583,10 @@ async fn three_servers_with_skewed_clocks_keep_one_leader_and_lose_nothing() {
     let etcd = EtcdCluster::start(3);
     let url = etcd_url(&etcd);
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let registry = tempfile::tempdir().unwrap();
     let start = |i: usize| match SKEW[i].0 {
-        None => server(&url, dirs[i].path()),
-        Some(f) => skewed_server(&url, dirs[i].path(), f),
+        None => server(&url, dirs[i].path(), registry.path()),
+        Some(f) => skewed_server(&url, dirs[i].path(), registry.path(), f),
     };
     let mut servers: Vec<Option<Up>> = vec![Some(start(0))];
     for d in &dirs[1..] {
@@ -552,7 +667,7 @@ async fn three_servers_with_skewed_clocks_keep_one_leader_and_lose_nothing() {
     let mut leaders = Vec::new();
     let mut failovers = Vec::new();
     for round in 0..2 {
-        let leading = server_of(&term_holder(&store).await, &urls);
+        let leading = server_of(&stable_leader(&store).await, &urls);
         leaders.push(leading);
         drop(servers[leading].take());
         let killed_at = Instant::now();

@@ -1,14 +1,16 @@
-//! Garbage collection: mark and sweep, safe while pushes run.
+//! Garbage collection: mark and sweep, safe while pushes run, in this process or in any
+//! other serving the same root.
 //!
 //! 1. **Unreferenced layers.** In each repository, layer links that none of its manifests
 //!    refers to are unlinked once older than the grace period: a push uploads its layers
 //!    before its manifest, so a young link is a push in flight, not garbage. Held under the
-//!    write lock per repository, so no manifest is being checked against those links.
-//! 2. **Mark.** Every blob any repository links (layer or manifest). Links made while this
-//!    runs are recorded by the requests that make them.
-//! 3. **Sweep**, under the write lock: blobs neither marked nor recorded are deleted.
-//!    Every request that makes a blob reachable read-holds that lock from its check that the
-//!    blob exists until its link is written, so no blob is deleted under a push.
+//!    exclusive lock per repository, so no manifest is being checked against those links.
+//! 2. **Mark**, without a lock: every blob any repository links (layer or manifest); the
+//!    blobs not among them are the candidates.
+//! 3. **Sweep**, under the exclusive lock: the links are read again (no link can be in the
+//!    making then: every request that makes a blob reachable holds the lock shared from its
+//!    check that the blob exists until its link is written), and candidates still unlinked
+//!    are deleted. Pushes wait for that second reading only when there is garbage.
 //!
 //! Manifests are never collected (an untagged manifest is still pullable by digest); they
 //! go when deleted, and their blobs with the next collection.
@@ -49,40 +51,44 @@ impl Storage {
             report.unlinked += self.unlink_unreferenced(&r, grace).await?;
         }
 
-        *self.gc_seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(HashSet::new());
         let marked: HashSet<String> = linked_blobs(&self.root.join("repos"))
             .await
             .into_iter()
             .collect();
-
-        let _w = self.gc.write().await;
-        let seen = self
-            .gc_seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .unwrap_or_default();
         let blobs = self.root.join("blobs/sha256");
-        for hex in list_dir(&blobs).await {
-            if marked.contains(&hex) || seen.contains(&hex) {
-                report.kept += 1;
-                continue;
-            }
-            let path = blobs.join(&hex);
-            let size = tokio::fs::metadata(&path)
+        let all = list_dir(&blobs).await;
+        let candidates: Vec<String> = all
+            .iter()
+            .filter(|h| !marked.contains(*h))
+            .cloned()
+            .collect();
+        report.kept = all.len() - candidates.len();
+        if !candidates.is_empty() {
+            let _x = self.gc_exclusive().await?;
+            let linked: HashSet<String> = linked_blobs(&self.root.join("repos"))
                 .await
-                .map(|m| m.len())
-                .unwrap_or(0);
-            match tokio::fs::remove_file(&path).await {
-                Ok(()) => {
-                    report.deleted += 1;
-                    report.freed_bytes += size;
+                .into_iter()
+                .collect();
+            for hex in candidates {
+                if linked.contains(&hex) {
+                    report.kept += 1;
+                    continue;
                 }
-                Err(e) if not_found(&e) => {}
-                Err(e) => tracing::warn!(blob = %hex, error = %e, "registry gc: delete"),
+                let path = blobs.join(&hex);
+                let size = tokio::fs::metadata(&path)
+                    .await
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                match tokio::fs::remove_file(&path).await {
+                    Ok(()) => {
+                        report.deleted += 1;
+                        report.freed_bytes += size;
+                    }
+                    Err(e) if not_found(&e) => {}
+                    Err(e) => tracing::warn!(blob = %hex, error = %e, "registry gc: delete"),
+                }
             }
         }
-        drop(_w);
 
         // Temporary files of writes that never finished (a crash between write and rename).
         let tmp = self.root.join("tmp");
@@ -101,7 +107,7 @@ impl Storage {
     /// Unlinks the layers of `r` that none of its manifests refers to and that were linked
     /// longer than `grace` ago.
     async fn unlink_unreferenced(&self, r: &Repo, grace: Duration) -> Result<usize> {
-        let _w = self.gc.write().await;
+        let x = self.gc_exclusive().await?;
         let referenced = self.references(r).await?;
         let dir = self.repo_dir(r).join("_layers");
         let mut n = 0;
@@ -122,9 +128,9 @@ impl Storage {
                 Err(e) => tracing::warn!(repo = %r, blob = %hex, error = %e, "registry gc: unlink"),
             }
         }
-        drop(_w);
+        drop(x);
         if n > 0 {
-            self.forget_usage(r.tenant()).await;
+            self.usage_guard(r.tenant()).await?.forget();
         }
         Ok(n)
     }

@@ -28,6 +28,11 @@ pub struct ServerArgs {
     /// Where the embedded store, the admin token and the registry's blobs live.
     #[arg(long, default_value = "/var/lib/hive", env = "HIVE_DATA_DIR")]
     pub data_dir: PathBuf,
+    /// Where the registry keeps its blobs, uploads and repositories (default:
+    /// `DATA_DIR/registry`). Servers sharing one etcd must share this directory too (one
+    /// filesystem path they all mount), or an image pushed through one is unknown to another.
+    #[arg(long, env = "HIVE_REGISTRY_DIR")]
+    pub registry_dir: Option<PathBuf>,
     /// Where the state lives: `embedded` (a redb file in the data dir; one server), or
     /// `etcd://HOST:PORT[,HOST:PORT…]` (`etcds://…` for TLS) to share it between several
     /// servers. Give every member: Hive moves to another when one fails.
@@ -209,6 +214,7 @@ async fn start(args: &ServerArgs) -> Result<Launched> {
     let config_store = store.clone();
     let config = ServerConfig {
         data_dir: args.data_dir.clone(),
+        registry_dir: args.registry_dir.clone(),
         store,
         body_limit_bytes: args.body_limit,
         rate_limit: RateLimit {
