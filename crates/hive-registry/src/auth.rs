@@ -107,6 +107,21 @@ impl Signer {
         }
     }
 
+    /// The key kept in `root/token.key`, made by the first process that needs it: every
+    /// server on the same registry directory signs and checks with it (a token fetched from
+    /// one server works on another), and tokens outlive a restart. Readable by the owner
+    /// only. Without a usable file, a key of this process alone (logged).
+    pub fn shared(root: &std::path::Path) -> Self {
+        match load_or_create_key(&root.join("token.key")) {
+            Ok(key) => Self { key },
+            Err(e) => {
+                tracing::warn!(error = %e, root = %root.display(),
+                    "registry token key: using one of this process only");
+                Self::new()
+            }
+        }
+    }
+
     fn mac(&self, msg: &[u8]) -> [u8; 32] {
         hmac_sha256(&self.key, msg)
     }
@@ -134,6 +149,40 @@ impl Signer {
 impl Default for Signer {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Reads the 32-byte key at `path`, or writes a new one there if there is none. The new key
+/// is written whole to a temporary file and linked into place, so that of two processes
+/// starting at once one key wins and both read it.
+fn load_or_create_key(path: &std::path::Path) -> std::io::Result<[u8; 32]> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let read = |path: &std::path::Path| -> std::io::Result<[u8; 32]> {
+        std::fs::read(path)?.try_into().map_err(|_| {
+            std::io::Error::other(format!("{} does not hold 32 bytes", path.display()))
+        })
+    };
+    match read(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        other => return other,
+    }
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".token.key.{}", uuid::Uuid::new_v4()));
+    let key: [u8; 32] = rand::random();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    let written = f.write_all(&key).and_then(|()| f.sync_all());
+    let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(key),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read(path),
+        Err(e) => Err(e),
     }
 }
 
@@ -246,6 +295,33 @@ pub fn parse_scope(s: &str) -> Option<(Repo, Vec<&str>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_file_is_shared_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Signer::shared(dir.path());
+        let b = Signer::shared(dir.path());
+        assert_eq!(a.key, b.key, "two processes on one directory sign alike");
+        let claims = Claims {
+            principal: Principal {
+                subject: "x".into(),
+                tenant: None,
+                push: false,
+            },
+            exp: now() + 60,
+            access: vec![],
+        };
+        assert!(b.verify(&a.sign(&claims)).is_some());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("token.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::write(dir.path().join("token.key"), b"short").unwrap();
+        let c = Signer::shared(dir.path());
+        assert_ne!(c.key, a.key, "a damaged file: a key of this process");
+    }
 
     #[test]
     fn hmac_matches_rfc4231_shape() {

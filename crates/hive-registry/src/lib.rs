@@ -70,9 +70,9 @@ impl Registry {
     pub fn new(config: RegistryConfig, auth: Arc<dyn RegistryAuth>) -> Self {
         Self {
             storage: storage::Storage::new(config.root.clone(), config.upload_ttl),
+            signer: auth::Signer::shared(&config.root),
             config,
             auth,
-            signer: auth::Signer::new(),
         }
     }
 }

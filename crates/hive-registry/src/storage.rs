@@ -12,6 +12,7 @@
 //! tmp/                                        files being written, renamed into place
 //! locks/gc                                    flock: shared by linkers, exclusive for GC
 //! locks/usage-<tenant>                        flock + the tenant's usage generation
+//! token.key                                   registry token signing key (see `auth`)
 //! ```
 //!
 //! Every file that becomes visible is written elsewhere first, fsynced and renamed, so a

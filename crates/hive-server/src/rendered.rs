@@ -91,6 +91,45 @@ impl Rendered {
     }
 }
 
+/// Objects decoded once per revision (the tenants every request checks its token against):
+/// shared, never changed, used only for the exact revision they were decoded from.
+#[derive(Debug)]
+pub struct Decoded<R> {
+    inner: RwLock<HashMap<String, (Revision, std::sync::Arc<R>)>>,
+}
+
+impl<R> Default for Decoded<R> {
+    fn default() -> Self {
+        Self {
+            inner: RwLock::default(),
+        }
+    }
+}
+
+/// Objects kept decoded before the cache starts over.
+const MAX_DECODED: usize = 100_000;
+
+impl<R: Resource> Decoded<R> {
+    /// The object `kv` holds, with its revision.
+    pub fn get(&self, kv: &KeyValue) -> ApiResult<std::sync::Arc<R>> {
+        {
+            let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+            if let Some((rev, obj)) = inner.get(&kv.key)
+                && *rev == kv.mod_revision
+            {
+                return Ok(obj.clone());
+            }
+        }
+        let obj = std::sync::Arc::new(decode::<R>(kv)?);
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if inner.len() >= MAX_DECODED {
+            inner.clear();
+        }
+        inner.insert(kv.key.clone(), (kv.mod_revision, obj.clone()));
+        Ok(obj)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +163,17 @@ mod tests {
             (9, 3),
             "a new revision renders again"
         );
+    }
+
+    #[test]
+    fn decoded_once_per_revision() {
+        let d = Decoded::<Service>::default();
+        let a = kv("a", 5, 1);
+        let first = d.get(&a).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&first, &d.get(&a).unwrap()));
+        assert_eq!(*first, decode::<Service>(&a).unwrap());
+        let later = d.get(&kv("a", 6, 4)).unwrap();
+        assert_eq!((later.revision, later.spec.replicas), (6, 4));
     }
 
     #[test]

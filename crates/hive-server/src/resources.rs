@@ -340,7 +340,7 @@ pub struct TenantGuard {
     pub name: String,
     pub uid: String,
     pub revision: Revision,
-    pub tenant: Tenant,
+    pub tenant: std::sync::Arc<Tenant>,
     pub read_at: Revision,
 }
 
@@ -366,7 +366,7 @@ pub async fn load_tenant(st: &AppState, p: &Principal, name: &str) -> ApiResult<
     }
     let got = st.store.get(&keys::object::<Tenant>(None, name)).await?;
     let kv = got.kv.ok_or_else(|| tenant_not_found(name))?;
-    let tenant: Tenant = decode(&kv)?;
+    let tenant = st.tenants.get(&kv)?;
     if !p.is_platform_admin() && p.tenant_uid.as_deref() != Some(tenant.uid.as_str()) {
         return Err(tenant_not_found(name));
     }

@@ -98,6 +98,8 @@ pub struct Shared {
     pub principals: crate::auth::PrincipalCache,
     /// Objects' API JSON, kept per revision for reads that find them unchanged.
     pub rendered: crate::rendered::Rendered,
+    /// Tenants decoded per revision (every tenant-scoped request reads its tenant).
+    pub tenants: crate::rendered::Decoded<hive_api::Tenant>,
     /// Becomes true when the server shuts down: long-lived streams end so that graceful
     /// shutdown does not wait for watchers forever.
     closing: tokio::sync::watch::Receiver<bool>,
@@ -151,6 +153,7 @@ impl AppState {
             config: Arc::new(config),
             principals,
             rendered: Default::default(),
+            tenants: Default::default(),
             closing,
             closer: Arc::new(closer),
         }))

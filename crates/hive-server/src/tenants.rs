@@ -28,7 +28,7 @@ pub async fn list(
     let own = p.tenant.clone().unwrap_or_default();
     let guard = load_tenant(&st, &p, &own).await?;
     Ok(Json(List {
-        items: vec![guard.tenant],
+        items: vec![std::sync::Arc::unwrap_or_clone(guard.tenant)],
         revision: guard.read_at,
         continue_: None,
     })
@@ -40,7 +40,9 @@ pub async fn get(
     Extension(p): Extension<Principal>,
     Path(tenant): Path<String>,
 ) -> ApiResult<Json<Tenant>> {
-    Ok(Json(load_tenant(&st, &p, &tenant).await?.tenant))
+    Ok(Json(std::sync::Arc::unwrap_or_clone(
+        load_tenant(&st, &p, &tenant).await?.tenant,
+    )))
 }
 
 /// Most token records removed in the same transaction as the tenant; any beyond are removed
@@ -97,5 +99,5 @@ pub async fn delete(
             tracing::warn!(%tenant, error = %e, "removing token records of a deleted tenant");
         }
     }
-    Ok(Json(guard.tenant))
+    Ok(Json(std::sync::Arc::unwrap_or_clone(guard.tenant)))
 }

@@ -233,6 +233,33 @@ async fn one_registry_behind_three_servers(urls: &[String], token: &str) {
         .await
         .unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    // A registry token (the Docker token flow) from one server is good on the others: they
+    // share the signing key kept in the registry directory.
+    let r = http
+        .get(format!(
+            "{}/v2/token?service=hive-registry&scope=repository:acme/shared:pull",
+            urls[0]
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let registry_token = v["token"].as_str().unwrap().to_owned();
+    for url in &urls[1..] {
+        let r = http
+            .get(format!("{url}/v2/acme/shared/manifests/v1"))
+            .bearer_auth(&registry_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "{url}: the registry token from another server"
+        );
+    }
     for url in urls {
         let get = |path: String| {
             let r = http.get(format!("{url}{path}")).bearer_auth(token);
