@@ -1,9 +1,9 @@
 //! `hive-bench ha`: the control plane on a 3-member etcd on loopback (Debian's `etcd`), with
 //! real `hive server` processes.
 //!
-//! - **Reads:** gets/s and lists/s over HTTP from a server reading through its watch cache,
-//!   against a server started with `--no-watch-cache` (every read straight from etcd), same
-//!   objects and concurrency; and the same two reads at the store level (`WatchCache` against
+//! - **Reads:** gets/s and lists/s over HTTP (load from `wrk`) from a server reading through
+//!   its watch cache, against a server started with `--no-watch-cache` (every read straight
+//!   from etcd), same objects and concurrency; and the same two reads at the store level (`WatchCache` against
 //!   `EtcdStore`, no HTTP), what the cache itself saves.
 //! - **Writes:** creates/s through three servers at once, beside etcd's own figure in the same
 //!   run: transactions of one `Create` of the same value straight through the etcd client, same
@@ -302,32 +302,27 @@ async fn reads(args: &HaArgs, etcd: &Etcd, cached: &HiveUp, uncached: &HiveUp) -
         .await?;
     anyhow::ensure!(created.len() == n);
     let secs = args.duration_secs;
-    // Over HTTP the bodies are read but not decoded: on two shared cores the client's JSON
-    // decoding would otherwise take the CPU the servers are measured on.
-    let http = hive_client::http()?;
+    // Over HTTP the load comes from wrk (C, one thread, keep-alive connections): an
+    // in-process Rust client took about half of the two cores the servers are measured on.
     let mut pairs = Vec::new();
     for up in [cached, uncached] {
-        let base = format!("{}/api/v1/tenants/bench/services", up.url);
-        let fetch = {
-            let (http, token) = (http.clone(), up.token.clone());
-            move |url: String| {
-                let (http, token) = (http.clone(), token.clone());
-                async move {
-                    let resp = http.get(&url).bearer_auth(&token).send().await?;
-                    anyhow::ensure!(resp.status().is_success(), "{url}: {}", resp.status());
-                    resp.bytes().await?;
-                    Ok(())
-                }
-            }
-        };
-        let (f, b) = (fetch.clone(), base.clone());
-        let gets = throughput(args.clients, secs, move |i| f(format!("{b}/s{}", i % n)))
-            .await
-            .context("gets")?;
-        let (f, b) = (fetch.clone(), base.clone());
-        let lists = throughput(args.clients, secs, move |_| f(format!("{b}?limit=100")))
-            .await
-            .context("lists")?;
+        let base = "/api/v1/tenants/bench/services";
+        let gets = wrk(
+            &up.url,
+            &up.token,
+            args.clients,
+            secs,
+            &format!("\"{base}/s\" .. math.random(0, {})", n - 1),
+        )
+        .context("gets")?;
+        let lists = wrk(
+            &up.url,
+            &up.token,
+            args.clients,
+            secs,
+            &format!("\"{base}?limit=100\""),
+        )
+        .context("lists")?;
         pairs.push((gets, lists));
     }
 
@@ -363,6 +358,36 @@ async fn reads(args: &HaArgs, etcd: &Etcd, cached: &HiveUp, uncached: &HiveUp) -
         store_gets: (store_pairs[0].0, store_pairs[1].0),
         store_lists: (store_pairs[0].1, store_pairs[1].1),
     })
+}
+
+/// Requests/s of `wrk` against `url` for `secs` seconds over `clients` connections, each
+/// request's path the Lua expression `path`; fails on any answer but 2xx.
+fn wrk(url: &str, token: &str, clients: usize, secs: u64, path: &str) -> Result<f64> {
+    let script = tempfile::Builder::new().suffix(".lua").tempfile()?;
+    std::fs::write(
+        script.path(),
+        format!("request = function()\n  return wrk.format(nil, {path})\nend\n"),
+    )?;
+    let out = Command::new("wrk")
+        .args(["-t", "1", "-c", &clients.max(1).to_string()])
+        .args(["-d", &format!("{secs}s"), "-H"])
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg("-s")
+        .arg(script.path())
+        .arg(url)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run wrk (Debian package wrk; scripts/deps.sh installs it)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(out.status.success(), "wrk failed: {text}");
+    anyhow::ensure!(
+        !text.contains("Non-2xx") && !text.contains("Socket errors"),
+        "wrk saw failed requests: {text}"
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("wrk printed no Requests/sec: {text}"))
 }
 
 /// Creates/s through all three servers at once, and etcd's own figure (same value, same
