@@ -70,6 +70,14 @@ pub struct SchedulerArgs {
     /// Tenants of that run.
     #[arg(long, default_value_t = 10)]
     api_tenants: usize,
+    /// Modes to run, in this order (the last line names only their figures): `fair-batched`,
+    /// `fair-1-per-txn`, `serial-fifo`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "fair-batched,fair-1-per-txn,serial-fifo"
+    )]
+    modes: Vec<String>,
 }
 
 const CPU: u64 = 16_000;
@@ -469,6 +477,7 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 
 async fn run_mode(args: &SchedulerArgs, dir: &Path, name: &str, mode: Mode) -> Result<ModeResult> {
     let path = dir.join(format!("{name}.redb"));
+    let populating = Instant::now();
     let mut w = World::open(&path, args.nodes).await?;
     let mut items = Vec::with_capacity(args.instances);
     let per_tenant = args.instances.div_ceil(args.tenants);
@@ -479,6 +488,10 @@ async fn run_mode(args: &SchedulerArgs, dir: &Path, name: &str, mode: Mode) -> R
     let big = w.add("big", args.big).await?;
     let probes = w.add("probe", PROBES).await?;
 
+    println!(
+        "  {name}: store populated in {:.2} s",
+        populating.elapsed().as_secs_f64()
+    );
     // All at once.
     let t0 = Instant::now();
     let done = drive(&mut w, mode, &items, None, None).await?;
@@ -573,24 +586,29 @@ pub fn run(args: SchedulerArgs) -> Result<()> {
         args.instances,
         dir.path().display()
     );
-    let modes = [
-        (
-            "fair-batched",
-            Mode::Fair {
-                per_txn: args.per_txn,
-                in_flight: args.in_flight,
-            },
-        ),
-        (
-            "fair-1-per-txn",
-            Mode::Fair {
-                per_txn: 1,
-                in_flight: 64,
-            },
-        ),
-        ("serial-fifo", Mode::Serial),
-    ];
-    let mut results = Vec::new();
+    // Every name checked before the first (long) mode runs.
+    let modes = args
+        .modes
+        .iter()
+        .map(|name| {
+            let mode = match name.as_str() {
+                "fair-batched" => Mode::Fair {
+                    per_txn: args.per_txn,
+                    in_flight: args.in_flight,
+                },
+                "fair-1-per-txn" => Mode::Fair {
+                    per_txn: 1,
+                    in_flight: 64,
+                },
+                "serial-fifo" => Mode::Serial,
+                other => {
+                    bail!("unknown mode {other}: fair-batched, fair-1-per-txn or serial-fifo")
+                }
+            };
+            Ok((name.as_str(), mode))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut results: Vec<ModeResult> = Vec::new();
     for (name, mode) in modes {
         let r = rt
             .block_on(run_mode(&args, dir.path(), name, mode))
@@ -626,22 +644,34 @@ pub fn run(args: SchedulerArgs) -> Result<()> {
     } else {
         None
     };
-    let (fair, one, serial) = (&results[0], &results[1], &results[2]);
-    let mut last = format!(
-        "placements_per_s={:.0} serial_per_s={:.0} ratio={:.1} p50_ms={:.1} p99_ms={:.1} \
-         fair_p99_ms={:.1} serial_fair_p99_ms={:.0} per_txn_1_per_s={:.0} nodes={} tenants={} instances={}",
-        fair.per_s(),
-        serial.per_s(),
-        fair.per_s() / serial.per_s(),
-        fair.p50_ms,
-        fair.p99_ms,
-        fair.fair_p99_ms,
-        serial.fair_p99_ms,
-        one.per_s(),
-        args.nodes,
-        args.tenants,
-        args.instances
-    );
+    let find = |name: &str| results.iter().find(|r| r.name == name);
+    let mut fields: Vec<String> = Vec::new();
+    if let Some(fair) = find("fair-batched") {
+        fields.push(format!("placements_per_s={:.0}", fair.per_s()));
+    }
+    if let Some(serial) = find("serial-fifo") {
+        fields.push(format!("serial_per_s={:.0}", serial.per_s()));
+        if let Some(fair) = find("fair-batched") {
+            fields.push(format!("ratio={:.1}", fair.per_s() / serial.per_s()));
+        }
+    }
+    if let Some(fair) = find("fair-batched") {
+        fields.push(format!(
+            "p50_ms={:.1} p99_ms={:.1} fair_p99_ms={:.1}",
+            fair.p50_ms, fair.p99_ms, fair.fair_p99_ms
+        ));
+    }
+    if let Some(serial) = find("serial-fifo") {
+        fields.push(format!("serial_fair_p99_ms={:.0}", serial.fair_p99_ms));
+    }
+    if let Some(one) = find("fair-1-per-txn") {
+        fields.push(format!("per_txn_1_per_s={:.0}", one.per_s()));
+    }
+    fields.push(format!(
+        "nodes={} tenants={} instances={}",
+        args.nodes, args.tenants, args.instances
+    ));
+    let mut last = fields.join(" ");
     if let Some(a) = api {
         last.push_str(&format!(
             " api_per_s={a:.0} api_instances={}",

@@ -20,17 +20,27 @@ const KIND_PUT: u8 = 1;
 const KIND_DELETE: u8 = 2;
 
 /// Encodes the current value of a key.
-pub(super) fn encode_value(
+#[cfg(test)]
+fn encode_value(create_revision: Revision, mod_revision: Revision, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_value_into(&mut out, create_revision, mod_revision, value);
+    out
+}
+
+/// Encodes the current value of a key into `out`, replacing what it held (the writer reuses
+/// one buffer for every record of a batch).
+pub(super) fn encode_value_into(
+    out: &mut Vec<u8>,
     create_revision: Revision,
     mod_revision: Revision,
     value: &[u8],
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + 8 + 8 + 4 + value.len());
+) {
+    out.clear();
+    out.reserve(1 + 8 + 8 + 4 + value.len());
     out.push(VERSION);
     out.extend_from_slice(&create_revision.to_le_bytes());
     out.extend_from_slice(&mod_revision.to_le_bytes());
-    put_bytes(&mut out, value);
-    out
+    put_bytes(out, value);
 }
 
 /// Decodes the current value of `key`.
@@ -64,29 +74,35 @@ pub(super) fn decode_value(key: &str, bytes: &[u8]) -> Result<KeyValue, StoreErr
 }
 
 /// Encodes one event of the log; its revision is the log key, not part of the record.
-pub(super) fn encode_event(event: &Event) -> Vec<u8> {
+#[cfg(test)]
+fn encode_event(event: &Event) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_event_into(&mut out, event);
+    out
+}
+
+/// Encodes one event of the log into `out`, replacing what it held.
+pub(super) fn encode_event_into(out: &mut Vec<u8>, event: &Event) {
     let prev_len = event.prev.as_ref().map_or(0, |p| 8 + 8 + 4 + p.value.len());
-    let mut out = Vec::with_capacity(
-        2 + 4 + event.kv.key.len() + 8 + 4 + event.kv.value.len() + 1 + prev_len,
-    );
+    out.clear();
+    out.reserve(2 + 4 + event.kv.key.len() + 8 + 4 + event.kv.value.len() + 1 + prev_len);
     out.push(VERSION);
     out.push(match event.kind {
         EventKind::Put => KIND_PUT,
         EventKind::Delete => KIND_DELETE,
     });
-    put_bytes(&mut out, event.kv.key.as_bytes());
+    put_bytes(out, event.kv.key.as_bytes());
     out.extend_from_slice(&event.kv.create_revision.to_le_bytes());
-    put_bytes(&mut out, &event.kv.value);
+    put_bytes(out, &event.kv.value);
     match &event.prev {
         None => out.push(0),
         Some(prev) => {
             out.push(1);
             out.extend_from_slice(&prev.create_revision.to_le_bytes());
             out.extend_from_slice(&prev.mod_revision.to_le_bytes());
-            put_bytes(&mut out, &prev.value);
+            put_bytes(out, &prev.value);
         }
     }
-    out
 }
 
 /// Decodes the log entry at `(revision, seq)`.

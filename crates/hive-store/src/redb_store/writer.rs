@@ -3,8 +3,9 @@
 //! redb allows one write transaction at a time and each durable commit costs an fsync, so one
 //! thread takes every request pending (up to `max_batch`), applies them in arrival order in
 //! one redb write transaction (each successful txn at its own consecutive revision, later ones
-//! seeing earlier ones), commits once, publishes the events to the hub and only then answers
-//! the callers. It must never block on a watcher.
+//! seeing earlier ones), takes in those that arrived meanwhile the same way, commits once,
+//! publishes the events to the hub and only then answers the callers. It must never block on
+//! a watcher, nor wait for requests that have not come.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -74,6 +75,23 @@ enum Work {
     },
 }
 
+impl From<Request> for Work {
+    fn from(request: Request) -> Self {
+        match request {
+            Request::Txn { ops, reply } => Work::Txn {
+                ops,
+                reply,
+                outcome: None,
+            },
+            Request::Compact { revision, reply } => Work::Compact {
+                revision,
+                reply,
+                outcome: None,
+            },
+        }
+    }
+}
+
 struct Committed {
     state: WriterState,
     published: Vec<Arc<RevisionEvents>>,
@@ -130,21 +148,7 @@ impl Writer {
     }
 
     fn process(&mut self, batch: Vec<Request>) {
-        let mut works: Vec<Work> = batch
-            .into_iter()
-            .map(|request| match request {
-                Request::Txn { ops, reply } => Work::Txn {
-                    ops,
-                    reply,
-                    outcome: None,
-                },
-                Request::Compact { revision, reply } => Work::Compact {
-                    revision,
-                    reply,
-                    outcome: None,
-                },
-            })
-            .collect();
+        let mut works: Vec<Work> = batch.into_iter().map(Work::from).collect();
         match self.commit(&mut works) {
             Ok(committed) => {
                 let trimmed = !committed.state.trim_pending;
@@ -206,7 +210,13 @@ impl Writer {
 
     /// Applies a batch in one durable redb transaction. An `Err` means nothing of the batch
     /// is committed; conflicts are per-request outcomes, not errors of the batch.
-    fn commit(&self, works: &mut [Work]) -> Result<Committed, StoreError> {
+    ///
+    /// Requests that arrive while the batch is being applied join it (up to `max_batch`):
+    /// they would otherwise wait for this commit's fsync and then pay a commit of their own.
+    /// Under a pipeline of concurrent writers (the scheduler's bindings) commits used to
+    /// alternate between a lone request, taken as soon as it came, and all those that came
+    /// during its fsync. Nothing waits for late requests: a lone writer is committed at once.
+    fn commit(&self, works: &mut Vec<Work>) -> Result<Committed, StoreError> {
         let mut wtxn = self
             .shared
             .db
@@ -222,13 +232,29 @@ impl Writer {
             let mut kv = wtxn.open_table(KV).map_err(backend("open table kv"))?;
             let mut log = wtxn.open_table(LOG).map_err(backend("open table log"))?;
             let mut meta = wtxn.open_table(META).map_err(backend("open table meta"))?;
-            for work in works.iter_mut() {
+            let max_batch = self.shared.options.max_batch.max(1);
+            let mut scratch = Scratch::default();
+            let mut next = 0;
+            loop {
+                if next == works.len() {
+                    if works.len() >= max_batch {
+                        break;
+                    }
+                    match self.requests.try_recv() {
+                        Ok(request) => works.push(Work::from(request)),
+                        Err(_) => break,
+                    }
+                }
+                let work = &mut works[next];
+                next += 1;
                 match work {
                     Work::Txn { ops, outcome, .. } => match check(&kv, ops)? {
                         Check::Fails(err) => *outcome = Some(Err(err)),
                         Check::Holds(prevs) => {
                             let revision = state.revision + 1;
-                            let events = apply(&mut kv, &mut log, revision, ops, prevs)?;
+                            let ops = std::mem::take(ops);
+                            let events =
+                                apply(&mut kv, &mut log, &mut scratch, revision, ops, prevs)?;
                             if events.is_empty() {
                                 // Changed nothing (`Require`s, a `DeletePrefix` of nothing):
                                 // no revision, as etcd, so every revision has an event.
@@ -381,29 +407,36 @@ fn check(kv: &KvTable<'_>, ops: &[Op]) -> Result<Check, StoreError> {
     Ok(Check::Holds(prevs))
 }
 
+/// Buffers the records of a batch are encoded into, reused from one record to the next.
+#[derive(Default)]
+struct Scratch {
+    value: Vec<u8>,
+    event: Vec<u8>,
+}
+
 /// Applies a checked txn at `revision` and appends its events (in key order) to the log.
+/// Takes the ops: their keys and values move into the events.
 fn apply(
     kv: &mut KvTable<'_>,
     log: &mut LogTable<'_>,
+    scratch: &mut Scratch,
     revision: Revision,
-    ops: &[Op],
+    ops: Vec<Op>,
     prevs: Vec<Option<KeyValue>>,
 ) -> Result<Vec<Event>, StoreError> {
     let mut events = Vec::with_capacity(ops.len());
-    for (op, prev) in ops.iter().zip(prevs) {
+    for (op, prev) in ops.into_iter().zip(prevs) {
         match op {
             Op::Create { key, value } | Op::Update { key, value, .. } | Op::Put { key, value } => {
                 let create_revision = prev.as_ref().map_or(revision, |p| p.create_revision);
-                kv.insert(
-                    key.as_str(),
-                    codec::encode_value(create_revision, revision, value).as_slice(),
-                )
-                .map_err(|e| StoreError::Backend(format!("write key {key}: {e}")))?;
+                codec::encode_value_into(&mut scratch.value, create_revision, revision, &value);
+                kv.insert(key.as_str(), scratch.value.as_slice())
+                    .map_err(|e| StoreError::Backend(format!("write key {key}: {e}")))?;
                 events.push(Event {
                     kind: EventKind::Put,
                     kv: KeyValue {
-                        key: key.clone(),
-                        value: value.clone(),
+                        key,
+                        value,
                         create_revision,
                         mod_revision: revision,
                     },
@@ -413,12 +446,12 @@ fn apply(
             Op::Delete { key, .. } => {
                 kv.remove(key.as_str())
                     .map_err(|e| StoreError::Backend(format!("delete key {key}: {e}")))?;
-                events.push(delete_event(key.clone(), revision, prev));
+                events.push(delete_event(key, revision, prev));
             }
             // A condition only: checked above, writes nothing and leaves no event.
             Op::Require { .. } => {}
             Op::DeletePrefix { prefix } => {
-                let doomed = scan_prefix(kv, prefix)?;
+                let doomed = scan_prefix(kv, &prefix)?;
                 for current in doomed {
                     kv.remove(current.key.as_str()).map_err(|e| {
                         StoreError::Backend(format!("delete key {}: {e}", current.key))
@@ -436,7 +469,8 @@ fn apply(
                 u32::MAX
             ))
         })?;
-        log.insert((revision, seq), codec::encode_event(event).as_slice())
+        codec::encode_event_into(&mut scratch.event, event);
+        log.insert((revision, seq), scratch.event.as_slice())
             .map_err(|e| {
                 StoreError::Backend(format!("append revision {revision} to the log: {e}"))
             })?;
