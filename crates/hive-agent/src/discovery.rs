@@ -11,7 +11,7 @@
 //! starts ([`prepare`]). Only services of the same tenant and network are ever in a view:
 //! another tenant's names are NXDOMAIN, its VIPs mean nothing here.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -28,6 +28,10 @@ pub struct View {
 
 /// The current view of each network with instances here, by VNI (shared with start tasks).
 pub type Views = Arc<Mutex<HashMap<u32, Arc<View>>>>;
+
+/// The view last applied to each local instance (by uid), shared by the sync loop and the
+/// start tasks (a start applies its instance's view before the container runs).
+pub type Applied = Arc<Mutex<HashMap<String, Arc<View>>>>;
 
 /// The domain of a tenant's names.
 pub fn domain(tenant: &str) -> String {
@@ -141,13 +145,18 @@ pub fn resolv_conf(tenant: &str) -> String {
 
 /// Before a container starts: its network's current view in its namespace, and its
 /// `resolv.conf` written into `dir` (returned, for the spec to bind-mount).
+// Every argument is one fact of this start (the instance, its network, where its files go,
+// whether its namespace is new); a struct for them would be built at its one call only.
+#[allow(clippy::too_many_arguments)]
 pub async fn prepare(
     net: &NodeNet,
     views: &Views,
+    applied: &Applied,
     id: &str,
     tenant: &str,
     vni: u32,
     dir: &Path,
+    fresh_netns: bool,
 ) -> Result<PathBuf, String> {
     let view = views
         .lock()
@@ -163,12 +172,21 @@ pub async fn prepare(
             ..Default::default()
         })
     });
-    net.set_service_routes(id, &view.routes)
-        .await
-        .map_err(|e| e.to_string())?;
+    // A namespace just made has no table to replace: with no VIP to route, there is nothing
+    // to write (and no `nft` program to start, ~8 ms of the start).
+    if !(fresh_netns && view.routes.is_empty()) {
+        net.set_service_routes(id, &view.routes)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     net.serve_dns(id, view.zone.clone())
         .await
         .map_err(|e| e.to_string())?;
+    // Applied: the loop's next pass need not write the same view again.
+    applied
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id.to_owned(), view);
     std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     let path = dir.join("resolv.conf");
     std::fs::write(&path, resolv_conf(tenant))
@@ -181,19 +199,21 @@ pub async fn prepare(
 pub struct ServiceState {
     pub views: Views,
     /// The view last applied to each local instance (by uid).
-    applied: HashMap<String, Arc<View>>,
+    pub applied: Applied,
 }
 
 impl ServiceState {
     /// Recomputes the view of every network with instances here and applies the changed
     /// ones. `here`: the instances placed here (uid → instance); `all`: every instance on a
-    /// network; `services`: every tenant's services (tenant → services).
+    /// network; `services`: every tenant's services (tenant → services); `starting`: the
+    /// instances whose start task is under way (it applies their view itself).
     pub async fn sync(
         &mut self,
         net: &NodeNet,
         here: &BTreeMap<String, &Instance>,
         all: &[Instance],
         services: &HashMap<String, Vec<Service>>,
+        starting: &HashSet<String>,
     ) {
         let mut views: HashMap<u32, Arc<View>> = HashMap::new();
         for i in here.values() {
@@ -215,16 +235,22 @@ impl ServiceState {
             views.insert(n.vni, v);
         }
         *self.views.lock().unwrap_or_else(|e| e.into_inner()) = views.clone();
-        self.applied.retain(|id, _| here.contains_key(id));
+        let applied = self
+            .applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, _| here.contains_key(id) || starting.contains(id));
         let mut work = Vec::new();
         for (id, i) in here {
             let Some(v) = i.spec.network.as_ref().and_then(|n| views.get(&n.vni)) else {
                 continue;
             };
-            if self
-                .applied
-                .get(id)
-                .is_some_and(|a| Arc::ptr_eq(a, v) || a == v)
+            // One being started gets its view from its start task.
+            if starting.contains(id) || applied.get(id).is_some_and(|a| Arc::ptr_eq(a, v) || a == v)
             {
                 continue;
             }
@@ -242,7 +268,10 @@ impl ServiceState {
         for (id, v, r) in futures_util::future::join_all(work).await {
             match r {
                 Ok(()) => {
-                    self.applied.insert(id, v);
+                    self.applied
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id, v);
                 }
                 Err(e) => tracing::debug!(instance = %id, error = %e, "service routes"),
             }

@@ -13,7 +13,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use hive_api::secgroup::Source;
@@ -232,17 +231,17 @@ pub fn firewall_of(
     Some(Firewall { published, rules })
 }
 
-/// Gives instance `id` its port (idempotent): the network namespace its container joins.
+/// Gives instance `id` its port (idempotent): the network namespace its container joins, and
+/// whether this call made it.
 pub async fn attach(
     net: &NodeNet,
     id: &str,
     n: &InstanceNetwork,
     bandwidth: Option<&Bandwidth>,
-) -> Result<PathBuf, String> {
+) -> Result<hive_net::AttachedPort, String> {
     let (def, att) = port_of(id, n, bandwidth)?;
     net.ensure_network(&def).await.map_err(|e| e.to_string())?;
-    let port = net.attach(&att).await.map_err(|e| e.to_string())?;
-    Ok(port.netns_path)
+    net.attach(&att).await.map_err(|e| e.to_string())
 }
 
 /// What the sync loop keeps between passes.

@@ -339,7 +339,9 @@ impl Agent {
                     };
                     self.net_state.sync(&net, &me, seen).await;
                     let services = services_of(&caches).await;
-                    self.discovery.sync(&net, &here, &all, &services).await;
+                    self.discovery
+                        .sync(&net, &here, &all, &services, &self.starting)
+                        .await;
                 }
                 // Starts begun by this pass count as held at once.
                 self.publish_held();
@@ -670,8 +672,9 @@ impl Agent {
         let (id, tenant, inst) = (id.to_owned(), tenant.to_owned(), inst.clone());
         let net = self.net.clone();
         let views = self.discovery.views.clone();
+        let applied = self.discovery.applied.clone();
         tokio::task::spawn_local(async move {
-            let net = net.as_deref().map(|n| (n, &views));
+            let net = net.as_deref().map(|n| (n, &views, &applied));
             let result = launch(&images, &containers, net, &id, &tenant, &inst, fw.as_ref()).await;
             let ok = result.is_ok();
             let mut st = inst.status.clone();
@@ -887,14 +890,18 @@ async fn report(client: &Client, tenant: &str, inst: &Instance, status: hive_api
 async fn launch(
     images: &ImageStore,
     containers: &Containers,
-    net: Option<(&hive_net::NodeNet, &crate::discovery::Views)>,
+    net: Option<(
+        &hive_net::NodeNet,
+        &crate::discovery::Views,
+        &crate::discovery::Applied,
+    )>,
     id: &str,
     tenant: &str,
     inst: &Instance,
     fw: Option<&hive_net::Firewall>,
 ) -> Result<crate::runtime::shim::Started, (&'static str, String)> {
-    let views = net.map(|(_, v)| v);
-    let net = net.map(|(n, _)| n);
+    let views = net.map(|(_, v, a)| (v, a));
+    let net = net.map(|(n, _, _)| n);
     let t = &inst.spec.template;
     let t0 = Instant::now();
     let present = match t.pull_policy() {
@@ -926,10 +933,10 @@ async fn launch(
         .map_err(|e| ("RootfsFailed", e.to_string()))?;
     let t_rootfs = t0.elapsed();
     // Its port first, so that the container starts with its address in place.
-    let netns = match (&inst.spec.network, net) {
+    let port = match (&inst.spec.network, net) {
         (None, _) => None,
         (Some(n), Some(net)) => {
-            let ns = crate::network::attach(net, id, n, t.bandwidth.as_ref())
+            let port = crate::network::attach(net, id, n, t.bandwidth.as_ref())
                 .await
                 .map_err(|e| ("NetworkSetupFailed", e))?;
             // Its security groups' rules are in before its process runs.
@@ -938,7 +945,7 @@ async fn launch(
                     .await
                     .map_err(|e| ("NetworkSetupFailed", e.to_string()))?;
             }
-            Some(ns)
+            Some(port)
         }
         (Some(_), None) => {
             return Err((
@@ -949,10 +956,19 @@ async fn launch(
     };
     // Its tenant's VIPs and resolver, before it can ask for them.
     let resolv = match (&inst.spec.network, net, views) {
-        (Some(n), Some(net), Some(views)) => Some(
-            crate::discovery::prepare(net, views, id, tenant, n.vni, &containers.dir(id))
-                .await
-                .map_err(|e| ("NetworkSetupFailed", e))?,
+        (Some(n), Some(net), Some((views, applied))) => Some(
+            crate::discovery::prepare(
+                net,
+                views,
+                applied,
+                id,
+                tenant,
+                n.vni,
+                &containers.dir(id),
+                port.as_ref().is_some_and(|p| p.created),
+            )
+            .await
+            .map_err(|e| ("NetworkSetupFailed", e))?,
         ),
         _ => None,
     };
@@ -985,7 +1001,7 @@ async fn launch(
             pids: t.resources.pids_limit,
         },
         cgroups_path: cgroups_path(tenant, &inst.name),
-        netns,
+        netns: port.map(|p| p.netns_path),
     };
     let mut spec = spec::build(&cfg).map_err(|e| ("InvalidSpec", e.to_string()))?;
     if let Some(path) = &resolv {

@@ -2,8 +2,9 @@
 //! in the same run.
 //!
 //! - Warm: API create of a one-replica service → its instance reported `running` (seen on a
-//!   watch), busybox already on the node; `--runs` runs. Floor: bare `runc`/`crun` create +
-//!   start of the same busybox (until `start` returns). Peer: `podman run --rm --network none`
+//!   watch), busybox already on the node; `--runs` runs. Floor: bare `runc`/`crun`
+//!   `run --detach` of the same busybox with the same spec (until it returns: the process
+//!   runs). Peer: `podman run --rm --network none`
 //!   of the same image from local storage (runc, the hosts' ulimits).
 //! - Cold: an image never seen by the node, pushed to Hive's registry first: one 256 MiB layer,
 //!   and 50 layers of 100 KiB; API create → running (pull + unpack + start), against
@@ -373,7 +374,7 @@ fn shims(containers: &Path) -> Vec<u32> {
 }
 
 pub fn run(args: StartArgs) -> Result<()> {
-    for t in ["skopeo", "umoci", "podman", "runc", "crun", "unshare"] {
+    for t in ["skopeo", "umoci", "podman", "runc", "crun"] {
         need(t)?;
     }
     let hive = hive_binary(args.hive.clone())?;
@@ -475,8 +476,8 @@ pub fn run(args: StartArgs) -> Result<()> {
             format!("hive: API create -> running ({})", args.runtime).as_str(),
             warm,
         ),
-        ("bare runc create + start", runc),
-        ("bare crun create + start (hybrid wrapper)", crun),
+        ("bare runc run --detach (process running)", runc),
+        ("bare crun run --detach (cgroup2 hidden)", crun),
         ("podman run --rm --network none (runc)", podman),
     ] {
         println!("{name:<52} {p50:>9.1} {p95:>9.1}");

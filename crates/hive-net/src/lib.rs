@@ -176,6 +176,9 @@ pub struct AttachedPort {
     pub netns_path: PathBuf,
     /// The host side of the veth (the key of the port's nft chain).
     pub host_ifname: String,
+    /// The namespace was made by this call (it holds nothing but the port: no nft table),
+    /// rather than found (e.g. after an agent restart).
+    pub created: bool,
 }
 
 /// An instance of the same network on another node.
@@ -410,6 +413,7 @@ impl NodeNet {
             Ok(()) => Ok(AttachedPort {
                 netns_path,
                 host_ifname: port,
+                created,
             }),
             Err(e) => {
                 // Undo only what this call started from nothing; never a live instance.

@@ -1,7 +1,7 @@
 //! The per-container supervisor ("shim"), like conmon or a containerd shim.
 //!
-//! `hive shim CONFIG` forks: the parent waits until the child has created and started the
-//! container, prints `ok <pid>` (or the error) and exits, so the agent gets an answer and
+//! `hive shim CONFIG` forks: the parent waits until the child has started the container (one
+//! `runtime run --detach`: set up and started in one call), prints `ok <pid>` (or the error) and exits, so the agent gets an answer and
 //! never has the long-lived process as its child. The child detaches (new session), becomes
 //! the child subreaper (so the container's init, once its runtime process exits, is
 //! re-parented to it), holds the container's stdout and stderr pipes and copies them into
@@ -211,24 +211,7 @@ fn supervise(cfg: &ShimConfig, sync_w: OwnedFd) -> i32 {
         stdout: Stdio::from(out_w),
         stderr: Stdio::from(err_w),
     };
-    if let Err(e) = runtime.create(&cfg.id, &cfg.bundle, &pid_file, io, &dir.join(RUNTIME_LOG)) {
-        let _ = runtime.delete(&cfg.id, true);
-        return fail(&mut sync, e.to_string());
-    }
-    let pid: i32 = match fs::read_to_string(&pid_file)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-    {
-        Some(p) => p,
-        None => {
-            let _ = runtime.delete(&cfg.id, true);
-            return fail(
-                &mut sync,
-                format!("shim {}: no pid in {}", cfg.id, pid_file.display()),
-            );
-        }
-    };
-    // Start copying before the process runs so nothing it writes early is lost.
+    // Copying starts before the process runs so nothing it writes early is lost.
     let copiers: Vec<_> = [(out_r, Stream::Stdout), (err_r, Stream::Stderr)]
         .into_iter()
         .map(|(fd, stream)| {
@@ -238,10 +221,29 @@ fn supervise(cfg: &ShimConfig, sync_w: OwnedFd) -> i32 {
             })
         })
         .collect();
-    if let Err(e) = runtime.start(&cfg.id) {
+    // Set up and started in one runtime call; `io` is the runtime's and the container's
+    // only copy of the pipes' write ends, so the copiers end when the container's last
+    // process does.
+    if let Err(e) =
+        runtime.run_detached(&cfg.id, &cfg.bundle, &pid_file, io, &dir.join(RUNTIME_LOG))
+    {
         let _ = runtime.delete(&cfg.id, true);
         return fail(&mut sync, e.to_string());
     }
+    let pid: i32 = match fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+    {
+        Some(p) => p,
+        None => {
+            let _ = runtime.kill(&cfg.id, "KILL", true);
+            let _ = runtime.delete(&cfg.id, true);
+            return fail(
+                &mut sync,
+                format!("shim {}: no pid in {}", cfg.id, pid_file.display()),
+            );
+        }
+    };
     let started = Started {
         pid,
         shim_pid: std::process::id() as i32,
