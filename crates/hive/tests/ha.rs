@@ -715,8 +715,27 @@ async fn three_servers_with_skewed_clocks_keep_one_leader_and_lose_nothing() {
         );
         assert!(failover < Duration::from_secs(10), "{failover:?}");
         failovers.push(failover);
-        // Long enough for the new leader's renewal rate to show.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Long enough for the new leader's renewal rate to show: at least five renewals of
+        // its term recorded (the slow server renews every ~1.07 s).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let renewals = {
+                let b = beats.lock().unwrap();
+                let holder = b.last().map(|x| x.holder.clone());
+                b.iter()
+                    .rev()
+                    .take_while(|x| Some(&x.holder) == holder.as_ref())
+                    .count()
+            };
+            if renewals >= 5 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the new leader renewed {renewals} times in 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     let last = (0..3).find(|&i| servers[i].is_some()).unwrap();
     leaders.push(last);
