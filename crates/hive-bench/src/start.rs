@@ -51,6 +51,10 @@ pub struct StartArgs {
     /// The OCI runtime `hive up` drives: runc or crun.
     #[arg(long, default_value = "runc")]
     pub runtime: String,
+    /// One more argument for `hive up` (repeat for several), to compare configurations,
+    /// e.g. `--up-arg=--no-watch-cache`.
+    #[arg(long = "up-arg", allow_hyphen_values = true)]
+    pub up_args: Vec<String>,
 }
 
 /// A `hive up` or `hive server` child process, killed (by pid) when dropped (a benchmark
@@ -68,7 +72,13 @@ impl Drop for HiveUp {
     }
 }
 
-fn start_hive(hive: &Path, runtime: &str, data: &Path, cli_config: &Path) -> Result<HiveUp> {
+fn start_hive(
+    hive: &Path,
+    runtime: &str,
+    extra: &[String],
+    data: &Path,
+    cli_config: &Path,
+) -> Result<HiveUp> {
     let mut cmd = Command::new(hive);
     cmd.args([
         "up",
@@ -80,6 +90,7 @@ fn start_hive(hive: &Path, runtime: &str, data: &Path, cli_config: &Path) -> Res
     ])
     .arg("--data-dir")
     .arg(data)
+    .args(extra)
     .env("HIVE_CONFIG", cli_config);
     spawn_api(cmd, "hive up: API at ", data)
 }
@@ -385,7 +396,13 @@ pub fn run(args: StartArgs) -> Result<()> {
         .prefix("hive-bench-start-")
         .tempdir()?;
     let data = dir.path().join("hive");
-    let up = start_hive(&hive, &args.runtime, &data, &dir.path().join("cli.json"))?;
+    let up = start_hive(
+        &hive,
+        &args.runtime,
+        &args.up_args,
+        &data,
+        &dir.path().join("cli.json"),
+    )?;
     let host = up.url.trim_start_matches("http://").to_owned();
     let creds = format!("hive:{}", up.token);
     let rt = tokio::runtime::Builder::new_current_thread()
