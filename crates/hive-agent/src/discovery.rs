@@ -235,15 +235,11 @@ impl ServiceState {
             views.insert(n.vni, v);
         }
         *self.views.lock().unwrap_or_else(|e| e.into_inner()) = views.clone();
-        let applied = self
-            .applied
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        self.applied
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|id, _| here.contains_key(id) || starting.contains(id));
+        let applied = {
+            let mut a = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+            a.retain(|id, _| here.contains_key(id) || starting.contains(id));
+            a.clone()
+        };
         let mut work = Vec::new();
         for (id, i) in here {
             let Some(v) = i.spec.network.as_ref().and_then(|n| views.get(&n.vni)) else {

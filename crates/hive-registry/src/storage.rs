@@ -298,7 +298,7 @@ impl Storage {
     /// yet or when another process changed them since (the generation in the tenant's lock
     /// file moved).
     async fn usage_guard(&self, tenant: &str) -> Result<UsageGuard> {
-        if tenant.is_empty() || tenant.contains('/') || tenant.starts_with('.') {
+        if !plain_tenant(tenant) {
             return Err(RegistryError::new(
                 Code::NameInvalid,
                 format!("{tenant:?} is not a tenant name"),
@@ -446,7 +446,7 @@ impl Storage {
 
     /// Deletes every repository of `tenant` (the tenant itself is gone).
     pub async fn delete_tenant(&self, tenant: &str) -> Result<()> {
-        if tenant.is_empty() || tenant.contains('/') || tenant.starts_with('.') {
+        if !plain_tenant(tenant) {
             return Ok(());
         }
         let mut usage = self.usage_guard(tenant).await?;
@@ -1173,6 +1173,11 @@ impl Storage {
     }
 }
 
+/// A tenant name that is one plain path component (usable under `repos/` and `locks/`).
+fn plain_tenant(tenant: &str) -> bool {
+    !(tenant.is_empty() || tenant.contains('/') || tenant.starts_with('.'))
+}
+
 async fn list_dir(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     if let Ok(mut rd) = tokio::fs::read_dir(dir).await {
@@ -1181,6 +1186,14 @@ async fn list_dir(dir: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// The distinct blobs any repository links.
+async fn linked_set(root: &Path) -> HashSet<String> {
+    linked_blobs(&root.join("repos"))
+        .await
+        .into_iter()
+        .collect()
 }
 
 /// Every link under `base` (a tenant's or all repositories): the blob names in the

@@ -9,7 +9,7 @@
 //! full (rendering again is only the work it saves).
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use hive_api::Resource;
@@ -18,46 +18,79 @@ use hive_store::{KeyValue, Revision};
 use crate::error::ApiResult;
 use crate::resources::{decode, encode};
 
+/// Values derived from stored objects, one per key, each used only for the exact revision
+/// it was derived from; bounded by a weight (emptied when it would pass it: deriving again
+/// is only the work it saves).
+#[derive(Debug)]
+struct ByRevision<V> {
+    inner: RwLock<Entries<V>>,
+    max_weight: usize,
+    weight: fn(&V) -> usize,
+}
+
+#[derive(Debug)]
+struct Entries<V> {
+    values: HashMap<String, (Revision, V)>,
+    weight: usize,
+}
+
+impl<V: Clone> ByRevision<V> {
+    fn new(max_weight: usize, weight: fn(&V) -> usize) -> Self {
+        Self {
+            inner: RwLock::new(Entries {
+                values: HashMap::new(),
+                weight: 0,
+            }),
+            max_weight,
+            weight,
+        }
+    }
+
+    /// The value for `kv` at its revision: kept, or made by `derive` and kept.
+    fn get_or(&self, kv: &KeyValue, derive: impl FnOnce() -> ApiResult<V>) -> ApiResult<V> {
+        {
+            let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+            if let Some((rev, v)) = inner.values.get(&kv.key)
+                && *rev == kv.mod_revision
+            {
+                return Ok(v.clone());
+            }
+        }
+        let v = derive()?;
+        let w = (self.weight)(&v);
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if inner.weight + w > self.max_weight {
+            inner.values.clear();
+            inner.weight = 0;
+        }
+        inner.weight += w;
+        if let Some((_, old)) = inner
+            .values
+            .insert(kv.key.clone(), (kv.mod_revision, v.clone()))
+        {
+            inner.weight -= (self.weight)(&old);
+        }
+        Ok(v)
+    }
+}
+
 /// Bytes of rendered JSON kept before the cache starts over.
 const MAX_BYTES: usize = 64 << 20;
 
-#[derive(Debug, Default)]
-pub struct Rendered {
-    inner: RwLock<Inner>,
-}
+#[derive(Debug)]
+pub struct Rendered(ByRevision<Bytes>);
 
-#[derive(Debug, Default)]
-struct Inner {
-    objects: HashMap<String, (Revision, Bytes)>,
-    bytes: usize,
+impl Default for Rendered {
+    fn default() -> Self {
+        Self(ByRevision::new(MAX_BYTES, Bytes::len))
+    }
 }
 
 impl Rendered {
     /// The JSON of the object `kv` holds, as a `R` with its revision (what
     /// `serde_json::to_vec(&decode::<R>(kv))` gives).
     pub fn json<R: Resource>(&self, kv: &KeyValue) -> ApiResult<Bytes> {
-        {
-            let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
-            if let Some((rev, json)) = inner.objects.get(&kv.key)
-                && *rev == kv.mod_revision
-            {
-                return Ok(json.clone());
-            }
-        }
-        let json = encode(&decode::<R>(kv)?)?;
-        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        if inner.bytes + json.len() > MAX_BYTES {
-            inner.objects.clear();
-            inner.bytes = 0;
-        }
-        inner.bytes += json.len();
-        if let Some((_, old)) = inner
-            .objects
-            .insert(kv.key.clone(), (kv.mod_revision, json.clone()))
-        {
-            inner.bytes -= old.len();
-        }
-        Ok(json)
+        self.0.get_or(kv, || encode(&decode::<R>(kv)?))
     }
 
     /// A list page's JSON (`hive_api::List<R>`) of the objects in `kvs`.
@@ -91,42 +124,24 @@ impl Rendered {
     }
 }
 
-/// Objects decoded once per revision (the tenants every request checks its token against):
-/// shared, never changed, used only for the exact revision they were decoded from.
-#[derive(Debug)]
-pub struct Decoded<R> {
-    inner: RwLock<HashMap<String, (Revision, std::sync::Arc<R>)>>,
-}
-
-impl<R> Default for Decoded<R> {
-    fn default() -> Self {
-        Self {
-            inner: RwLock::default(),
-        }
-    }
-}
-
 /// Objects kept decoded before the cache starts over.
 const MAX_DECODED: usize = 100_000;
 
+/// Objects decoded once per revision (the tenants every request checks its token against):
+/// shared, never changed, used only for the exact revision they were decoded from.
+#[derive(Debug)]
+pub struct Decoded<R>(ByRevision<Arc<R>>);
+
+impl<R> Default for Decoded<R> {
+    fn default() -> Self {
+        Self(ByRevision::new(MAX_DECODED, |_| 1))
+    }
+}
+
 impl<R: Resource> Decoded<R> {
     /// The object `kv` holds, with its revision.
-    pub fn get(&self, kv: &KeyValue) -> ApiResult<std::sync::Arc<R>> {
-        {
-            let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
-            if let Some((rev, obj)) = inner.get(&kv.key)
-                && *rev == kv.mod_revision
-            {
-                return Ok(obj.clone());
-            }
-        }
-        let obj = std::sync::Arc::new(decode::<R>(kv)?);
-        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        if inner.len() >= MAX_DECODED {
-            inner.clear();
-        }
-        inner.insert(kv.key.clone(), (kv.mod_revision, obj.clone()));
-        Ok(obj)
+    pub fn get(&self, kv: &KeyValue) -> ApiResult<Arc<R>> {
+        self.0.get_or(kv, || decode::<R>(kv).map(Arc::new))
     }
 }
 
@@ -170,7 +185,7 @@ mod tests {
         let d = Decoded::<Service>::default();
         let a = kv("a", 5, 1);
         let first = d.get(&a).unwrap();
-        assert!(std::sync::Arc::ptr_eq(&first, &d.get(&a).unwrap()));
+        assert!(Arc::ptr_eq(&first, &d.get(&a).unwrap()));
         assert_eq!(*first, decode::<Service>(&a).unwrap());
         let later = d.get(&kv("a", 6, 4)).unwrap();
         assert_eq!((later.revision, later.spec.replicas), (6, 4));

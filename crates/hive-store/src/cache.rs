@@ -271,9 +271,7 @@ impl WatchCache {
     /// After a conflict: the store is at least where the failure shows, so reads wait for
     /// that (a retry must not read the state the write failed on again).
     async fn learn_from_conflict(&self) {
-        if let Ok(current) = self.inner.current_revision().await {
-            self.shared.raise_floor(current);
-        }
+        learn_revision(self.inner.as_ref(), &self.shared).await;
     }
 
     /// After a write of unknown outcome (the store did not answer): the same, off the
@@ -285,11 +283,16 @@ impl WatchCache {
         }
         let (inner, shared) = (self.inner.clone(), self.shared.clone());
         tokio::spawn(async move {
-            if let Ok(current) = inner.current_revision().await {
-                shared.raise_floor(current);
-            }
+            learn_revision(inner.as_ref(), &shared).await;
             shared.learning.store(false, Ordering::Release);
         });
+    }
+}
+
+/// Raises the read floor to the store's current revision, when the store answers.
+async fn learn_revision(store: &dyn Store, shared: &Shared) {
+    if let Ok(current) = store.current_revision().await {
+        shared.raise_floor(current);
     }
 }
 

@@ -319,6 +319,16 @@ fn server_of(holder: &str, urls: &[String]) -> usize {
         .unwrap_or_else(|| panic!("{holder} is none of {urls:?}"))
 }
 
+/// The names of tenant `acme`'s services, listed through `c`.
+async fn service_names(c: &Client) -> impl Iterator<Item = String> {
+    c.list::<Service>(Some("acme"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|s| s.name)
+}
+
 /// Every acknowledged write is listed through `c`: at once for its own session, and for the
 /// writes other clients made through other servers within the servers' staleness bound (5 s;
 /// reads are consistent per session, not across sessions).
@@ -326,14 +336,7 @@ async fn assert_none_lost(c: &Client, acked: &[String]) {
     assert!(acked.len() > 50, "only {} writes acknowledged", acked.len());
     let t0 = Instant::now();
     loop {
-        let names: std::collections::HashSet<String> = c
-            .list::<Service>(Some("acme"))
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .map(|s| s.name)
-            .collect();
+        let names: std::collections::HashSet<String> = service_names(c).await.collect();
         let missing: Vec<&String> = acked.iter().filter(|n| !names.contains(*n)).collect();
         if missing.is_empty() {
             return;
@@ -489,13 +492,8 @@ async fn three_servers_lose_an_etcd_member_and_the_leading_server_and_lose_nothi
 
     // The watch across the server's death: every service created after it began exactly
     // once, in revision order (no gap, no repeat).
-    let expected: std::collections::BTreeSet<String> = survivor
-        .list::<Service>(Some("acme"))
+    let expected: std::collections::BTreeSet<String> = service_names(&survivor)
         .await
-        .unwrap()
-        .items
-        .into_iter()
-        .map(|s| s.name)
         .filter(|n| !before.contains(n))
         .collect();
     let t0 = Instant::now();

@@ -15,10 +15,9 @@
 //! Manifests are never collected (an untagged manifest is still pullable by digest); they
 //! go when deleted, and their blobs with the next collection.
 
-use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
-use super::{Storage, linked_blobs, list_dir, not_found};
+use super::{Storage, linked_set, list_dir, not_found};
 use crate::error::Result;
 use crate::names::Repo;
 
@@ -51,10 +50,7 @@ impl Storage {
             report.unlinked += self.unlink_unreferenced(&r, grace).await?;
         }
 
-        let marked: HashSet<String> = linked_blobs(&self.root.join("repos"))
-            .await
-            .into_iter()
-            .collect();
+        let marked = linked_set(&self.root).await;
         let blobs = self.root.join("blobs/sha256");
         let all = list_dir(&blobs).await;
         let candidates: Vec<String> = all
@@ -65,10 +61,7 @@ impl Storage {
         report.kept = all.len() - candidates.len();
         if !candidates.is_empty() {
             let _x = self.gc_exclusive().await?;
-            let linked: HashSet<String> = linked_blobs(&self.root.join("repos"))
-                .await
-                .into_iter()
-                .collect();
+            let linked = linked_set(&self.root).await;
             for hex in candidates {
                 if linked.contains(&hex) {
                     report.kept += 1;
