@@ -1961,3 +1961,60 @@ async fn services_get_a_vip_that_instances_never_get_and_deleting_releases_it() 
         assert!(h.store.get(key).await.unwrap().kv.is_none(), "{key}");
     }
 }
+
+/// Through a watch cache: `Hive-Min-Revision` that is not a revision is refused (422,
+/// naming the header); one beyond the store's (a client of a replaced store) is answered at
+/// the store's current revision; every answer carries `Hive-Revision`.
+#[tokio::test]
+async fn min_revision_header_through_the_watch_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> =
+        Arc::new(RedbStore::open(dir.path().join("state.redb"), Default::default()).unwrap());
+    hive_server::bootstrap(&store, dir.path()).await.unwrap();
+    let admin = std::fs::read_to_string(dir.path().join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let cache = Arc::new(
+        hive_store::WatchCache::start(store.clone(), Default::default())
+            .await
+            .unwrap(),
+    );
+    let app = hive_server::router(AppState::cached(
+        cache,
+        ServerConfig {
+            data_dir: dir.path().to_owned(),
+            ..Default::default()
+        },
+    ));
+    let get = |min: &'static str| {
+        let req = Request::get("/api/v1/tenants")
+            .header(header::AUTHORIZATION, format!("Bearer {admin}"))
+            .header("hive-min-revision", min)
+            .body(Body::empty())
+            .unwrap();
+        let app = app.clone();
+        async move { app.oneshot(req).await.unwrap() }
+    };
+    let bad = get("soon").await;
+    assert_eq!(bad.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: Value =
+        serde_json::from_slice(&bad.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["code"], "invalid");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("hive-min-revision"),
+        "{body}"
+    );
+    let current = store.current_revision().await.unwrap();
+    let far = get("999999999").await;
+    assert_eq!(far.status(), StatusCode::OK);
+    let seen: u64 = far.headers()["hive-revision"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(seen >= current && seen < 999_999_999, "{seen}");
+}
