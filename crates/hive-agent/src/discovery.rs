@@ -173,7 +173,7 @@ pub async fn prepare(
         })
     });
     // A namespace just made has no table to replace: with no VIP to route, there is nothing
-    // to write (and no `nft` program to start, ~8 ms of the start).
+    // to write (nor a socket to make inside it).
     if !(fresh_netns && view.routes.is_empty()) {
         net.set_service_routes(id, &view.routes)
             .await

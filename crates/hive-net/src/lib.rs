@@ -223,6 +223,8 @@ pub struct NodeNet {
     shaping: AtomicBool,
     /// The DNS resolver inside each instance namespace that has one.
     dns: dns::Resolvers,
+    /// The VIP routes last written into each instance namespace.
+    services: services::Tables,
 }
 
 impl NodeNet {
@@ -283,6 +285,7 @@ impl NodeNet {
             cfg,
             shaping: AtomicBool::new(shaping),
             dns: dns::Resolvers::default(),
+            services: services::Tables::default(),
         })
     }
 
@@ -511,6 +514,7 @@ impl NodeNet {
         let mut errors = Vec::new();
         // Its resolver's sockets would keep the namespace alive.
         self.dns.remove(key);
+        self.services.remove(key);
         let class = match link::get(&self.handle, &port).await {
             Ok(l) => l.and_then(|l| qos::class_of(l.index).ok()),
             Err(e) => {

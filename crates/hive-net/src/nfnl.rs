@@ -33,21 +33,58 @@ const NLA_TYPE_MASK: u16 = 0x3fff;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
-const NFPROTO_BRIDGE: u8 = 7;
 
+const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_DELCHAIN: u16 = 5;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 
 const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_DATA_TYPE: u16 = 6;
+const NFTA_SET_DATA_LEN: u16 = 7;
+const NFTA_SET_ID: u16 = 10;
+const NFT_SET_MAP: u32 = 0x8;
+/// The data type of a verdict map's values (`NFT_DATA_VERDICT`).
+const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
+const NFTA_LOOKUP_SET: u16 = 1;
+const NFTA_LOOKUP_SREG: u16 = 2;
+const NFTA_LOOKUP_DREG: u16 = 3;
+const NFTA_REJECT_TYPE: u16 = 1;
+const NFTA_REJECT_ICMP_CODE: u16 = 2;
+const NFT_REJECT_ICMP_UNREACH: u32 = 0;
+const NFT_REJECT_TCP_RST: u32 = 1;
+/// ICMP "port unreachable", what `reject` sends by default.
+const ICMP_PORT_UNREACH: u8 = 3;
+const NFTA_NG_DREG: u16 = 1;
+const NFTA_NG_MODULUS: u16 = 2;
+const NFTA_NG_TYPE: u16 = 3;
+const NFT_NG_RANDOM: u32 = 1;
+const NFTA_NAT_TYPE: u16 = 1;
+const NFTA_NAT_FAMILY: u16 = 2;
+const NFTA_NAT_REG_ADDR_MIN: u16 = 3;
+const NFT_NAT_DNAT: u32 = 1;
+const NFPROTO_IPV4: u32 = 2;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
 const NFTA_RULE_EXPRESSIONS: u16 = 4;
@@ -95,7 +132,59 @@ const NFTNL_UDATA_RULE_COMMENT: u8 = 0;
 
 const NFT_REG_VERDICT: u32 = 0;
 const NFT_REG_1: u32 = 1;
+/// The first 4-byte register (`NFT_REG32_00`, overlapping register 1): concatenations load
+/// each field into the next one of these.
+pub(crate) const NFT_REG32_00: u32 = 8;
 const IFNAMSIZ: usize = 16;
+/// Batches larger than this get a send buffer of their size first.
+const DEFAULT_SNDBUF: usize = 128 * 1024;
+
+/// The address family of a table (`nfgenmsg.nfgen_family`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Family {
+    Ip = 2,
+    Bridge = 7,
+}
+
+/// Netfilter hooks (`enum nf_inet_hooks`) a base chain may attach to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hook {
+    Output = 3,
+}
+
+/// A base chain's attachment: hook, priority and type (`filter`, `nat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BaseChain {
+    pub(crate) hook: Hook,
+    pub(crate) priority: i32,
+    pub(crate) kind: &'static str,
+}
+
+/// A named set or map: its key's type id (as `nft` names types, for listings) and length,
+/// and what its elements map to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SetSpec {
+    pub(crate) key_type: u32,
+    pub(crate) key_len: u32,
+    pub(crate) values: SetValues,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SetValues {
+    /// A plain set.
+    None,
+    /// A verdict map.
+    Verdicts,
+    /// A map to values of this type id and length.
+    Data { data_type: u32, len: u32 },
+}
+
+/// A set element's value in a map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ElemData {
+    Value(Vec<u8>),
+    Verdict(Verdict),
+}
 
 /// Where a payload expression reads from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +193,8 @@ pub(crate) enum Base {
     Link = 0,
     /// The header after it (`ip …`, `arp …`).
     Network = 1,
+    /// The transport header (`th …`, `tcp …`).
+    Transport = 2,
 }
 
 /// `meta` keys used here (`enum nft_meta_keys`).
@@ -115,6 +206,8 @@ pub(crate) enum MetaKey {
     Protocol = 1,
     /// `skb->priority` (`meta priority`): a tc class id, major:minor, host order.
     Priority = 2,
+    /// The transport protocol (`meta l4proto`), one byte.
+    L4Proto = 16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +223,7 @@ pub(crate) enum Verdict {
     Accept,
     Drop,
     Jump(String),
+    Goto(String),
 }
 
 impl Verdict {
@@ -139,6 +233,15 @@ impl Verdict {
             Verdict::Accept => 1,
             // NFT_JUMP = -3
             Verdict::Jump(_) => (-3i32) as u32,
+            // NFT_GOTO = -4
+            Verdict::Goto(_) => (-4i32) as u32,
+        }
+    }
+
+    fn chain(&self) -> Option<&str> {
+        match self {
+            Verdict::Jump(c) | Verdict::Goto(c) => Some(c),
+            Verdict::Accept | Verdict::Drop => None,
         }
     }
 }
@@ -169,6 +272,36 @@ pub(crate) enum Expr {
     },
     Counter,
     Verdict(Verdict),
+    /// A payload field into register `reg` (a concatenation's parts go to consecutive
+    /// 4-byte registers from [`NFT_REG32_00`]).
+    PayloadTo {
+        base: Base,
+        offset: u32,
+        len: u32,
+        reg: u32,
+    },
+    /// A meta key into register `reg`.
+    MetaTo {
+        key: MetaKey,
+        reg: u32,
+    },
+    /// Looks the key in `reg` up in a named set (no match: the rule ends); with `dreg`, the
+    /// map's value goes there (register 0: the verdict).
+    Lookup {
+        set: String,
+        reg: u32,
+        dreg: Option<u32>,
+    },
+    /// `numgen random mod <modulus>` into register 1.
+    NumgenRandom {
+        modulus: u32,
+    },
+    /// DNAT to the IPv4 address in register 1.
+    Dnat,
+    /// `reject with tcp reset`.
+    RejectTcpReset,
+    /// `reject` (ICMP port unreachable).
+    RejectPortUnreachable,
 }
 
 /// A rule: its expressions, and a comment `nft list` shows (and counters are named by).
@@ -221,8 +354,17 @@ impl Buf {
         self.0[start + 2..start + 4].copy_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
     }
 
-    /// An nlmsghdr + nfgenmsg (family bridge) whose length is filled in after `f`.
-    fn msg(&mut self, ty: u16, flags: u16, res_id: u16, seq: u32, f: impl FnOnce(&mut Buf)) {
+    /// An nlmsghdr + nfgenmsg (`family` for nf_tables messages) whose length is filled in
+    /// after `f`.
+    fn msg(
+        &mut self,
+        family: Family,
+        ty: u16,
+        flags: u16,
+        res_id: u16,
+        seq: u32,
+        f: impl FnOnce(&mut Buf),
+    ) {
         let start = self.0.len();
         self.0.extend_from_slice(&[0; 4]);
         self.0.extend_from_slice(&ty.to_ne_bytes());
@@ -231,7 +373,7 @@ impl Buf {
         self.0.extend_from_slice(&seq.to_ne_bytes());
         self.0.extend_from_slice(&0u32.to_ne_bytes());
         let family = if ty >> 8 == NFNL_SUBSYS_NFTABLES {
-            NFPROTO_BRIDGE
+            family as u8
         } else {
             0
         };
@@ -250,7 +392,7 @@ impl Buf {
         self.nest(ty, |b| {
             b.nest(NFTA_DATA_VERDICT, |b| {
                 b.be32(NFTA_VERDICT_CODE, v.code());
-                if let Verdict::Jump(chain) = v {
+                if let Some(chain) = v.chain() {
                     b.str(NFTA_VERDICT_CHAIN, chain);
                 }
             })
@@ -326,6 +468,66 @@ impl Buf {
                     b.data_verdict(NFTA_IMMEDIATE_DATA, v);
                 });
             }
+            Expr::PayloadTo {
+                base,
+                offset,
+                len,
+                reg,
+            } => {
+                b.str(NFTA_EXPR_NAME, "payload");
+                b.nest(NFTA_EXPR_DATA, |b| {
+                    b.be32(NFTA_PAYLOAD_DREG, *reg);
+                    b.be32(NFTA_PAYLOAD_BASE, *base as u32);
+                    b.be32(NFTA_PAYLOAD_OFFSET, *offset);
+                    b.be32(NFTA_PAYLOAD_LEN, *len);
+                });
+            }
+            Expr::MetaTo { key, reg } => {
+                b.str(NFTA_EXPR_NAME, "meta");
+                b.nest(NFTA_EXPR_DATA, |b| {
+                    b.be32(NFTA_META_DREG, *reg);
+                    b.be32(NFTA_META_KEY, *key as u32);
+                });
+            }
+            Expr::Lookup { set, reg, dreg } => {
+                b.str(NFTA_EXPR_NAME, "lookup");
+                b.nest(NFTA_EXPR_DATA, |b| {
+                    b.str(NFTA_LOOKUP_SET, set);
+                    b.be32(NFTA_LOOKUP_SREG, *reg);
+                    if let Some(d) = dreg {
+                        b.be32(NFTA_LOOKUP_DREG, *d);
+                    }
+                });
+            }
+            Expr::NumgenRandom { modulus } => {
+                b.str(NFTA_EXPR_NAME, "numgen");
+                b.nest(NFTA_EXPR_DATA, |b| {
+                    b.be32(NFTA_NG_DREG, NFT_REG_1);
+                    b.be32(NFTA_NG_MODULUS, *modulus);
+                    b.be32(NFTA_NG_TYPE, NFT_NG_RANDOM);
+                });
+            }
+            Expr::Dnat => {
+                b.str(NFTA_EXPR_NAME, "nat");
+                b.nest(NFTA_EXPR_DATA, |b| {
+                    b.be32(NFTA_NAT_TYPE, NFT_NAT_DNAT);
+                    b.be32(NFTA_NAT_FAMILY, NFPROTO_IPV4);
+                    b.be32(NFTA_NAT_REG_ADDR_MIN, NFT_REG_1);
+                });
+            }
+            Expr::RejectTcpReset => {
+                b.str(NFTA_EXPR_NAME, "reject");
+                b.nest(NFTA_EXPR_DATA, |b| {
+                    b.be32(NFTA_REJECT_TYPE, NFT_REJECT_TCP_RST)
+                });
+            }
+            Expr::RejectPortUnreachable => {
+                b.str(NFTA_EXPR_NAME, "reject");
+                b.nest(NFTA_EXPR_DATA, |b| {
+                    b.be32(NFTA_REJECT_TYPE, NFT_REJECT_ICMP_UNREACH);
+                    b.attr(NFTA_REJECT_ICMP_CODE, &[ICMP_PORT_UNREACH]);
+                });
+            }
         });
     }
 }
@@ -338,10 +540,11 @@ fn ifname_key(name: &str) -> [u8; IFNAMSIZ] {
     k
 }
 
-/// One atomic transaction on one table of family `bridge`: messages are applied in
-/// order, all or none. Each message carries a description for error reports.
+/// One atomic transaction on one table: messages are applied in order, all or none. Each
+/// message carries a description for error reports.
 #[derive(Debug)]
 pub(crate) struct Batch {
+    family: Family,
     table: String,
     buf: Buf,
     /// Offset of each message in `buf` (its seq is patched in at send time) and what it does.
@@ -349,8 +552,14 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
+    /// A batch on a table of family `bridge`.
     pub(crate) fn new(table: &str) -> Self {
+        Self::of(Family::Bridge, table)
+    }
+
+    pub(crate) fn of(family: Family, table: &str) -> Self {
         Batch {
+            family,
             table: table.to_owned(),
             buf: Buf::default(),
             msgs: Vec::new(),
@@ -366,14 +575,44 @@ impl Batch {
         self.buf.0.len()
     }
 
+    /// What each message does, in order.
+    #[cfg(test)]
+    pub(crate) fn ops(&self) -> Vec<&str> {
+        self.msgs.iter().map(|(_, w)| w.as_str()).collect()
+    }
+
     fn push(&mut self, ty: u16, flags: u16, what: String, f: impl FnOnce(&mut Buf, &str)) {
         self.msgs.push((self.buf.0.len(), what));
         let table = std::mem::take(&mut self.table);
-        self.buf
-            .msg((NFNL_SUBSYS_NFTABLES << 8) | ty, flags, 0, 0, |b| {
-                f(b, &table)
-            });
+        self.buf.msg(
+            self.family,
+            (NFNL_SUBSYS_NFTABLES << 8) | ty,
+            flags,
+            0,
+            0,
+            |b| f(b, &table),
+        );
         self.table = table;
+    }
+
+    /// Creates the table; a no-op if it exists.
+    pub(crate) fn add_table(&mut self) -> &mut Self {
+        self.push(
+            NFT_MSG_NEWTABLE,
+            NLM_F_CREATE,
+            "add table".to_owned(),
+            |b, t| b.str(NFTA_TABLE_NAME, t),
+        );
+        self
+    }
+
+    /// Deletes the table and everything in it (after [`Batch::add_table`] in the same batch,
+    /// whether or not it existed).
+    pub(crate) fn del_table(&mut self) -> &mut Self {
+        self.push(NFT_MSG_DELTABLE, 0, "delete table".to_owned(), |b, t| {
+            b.str(NFTA_TABLE_NAME, t)
+        });
+        self
     }
 
     /// Creates a regular chain; a no-op if it exists.
@@ -385,6 +624,27 @@ impl Batch {
             |b, t| {
                 b.str(NFTA_CHAIN_TABLE, t);
                 b.str(NFTA_CHAIN_NAME, chain);
+            },
+        );
+        self
+    }
+
+    /// Creates a base chain (policy accept) on a hook.
+    pub(crate) fn add_base_chain(&mut self, chain: &str, base: BaseChain) -> &mut Self {
+        self.push(
+            NFT_MSG_NEWCHAIN,
+            NLM_F_CREATE,
+            format!("add {} chain {chain}", base.kind),
+            |b, t| {
+                b.str(NFTA_CHAIN_TABLE, t);
+                b.str(NFTA_CHAIN_NAME, chain);
+                b.nest(NFTA_CHAIN_HOOK, |b| {
+                    b.be32(NFTA_HOOK_HOOKNUM, base.hook as u32);
+                    b.be32(NFTA_HOOK_PRIORITY, base.priority as u32);
+                });
+                // NF_ACCEPT
+                b.be32(NFTA_CHAIN_POLICY, 1);
+                b.str(NFTA_CHAIN_TYPE, base.kind);
             },
         );
         self
@@ -404,7 +664,7 @@ impl Batch {
         self
     }
 
-    /// Deletes an empty, unreferenced chain.
+    /// Deletes a chain and its rules (nothing may refer to it any more).
     pub(crate) fn del_chain(&mut self, chain: &str) -> &mut Self {
         self.push(
             NFT_MSG_DELCHAIN,
@@ -450,19 +710,79 @@ impl Batch {
         self
     }
 
-    /// Adds `ifname : verdict` to a verdict map; a no-op if the same element exists.
-    pub(crate) fn add_vmap_elem(&mut self, map: &str, ifname: &str, v: &Verdict) -> &mut Self {
+    /// Creates a named set or map; a no-op if it exists.
+    pub(crate) fn add_set(&mut self, set: &str, spec: SetSpec) -> &mut Self {
+        // Unique within the batch (the kernel requires one; lookups here go by name).
+        let id = self.msgs.len() as u32 + 1;
+        self.push(
+            NFT_MSG_NEWSET,
+            NLM_F_CREATE,
+            format!("add set {set}"),
+            |b, t| {
+                b.str(NFTA_SET_TABLE, t);
+                b.str(NFTA_SET_NAME, set);
+                b.be32(NFTA_SET_KEY_TYPE, spec.key_type);
+                b.be32(NFTA_SET_KEY_LEN, spec.key_len);
+                b.be32(NFTA_SET_ID, id);
+                match spec.values {
+                    SetValues::None => {}
+                    SetValues::Verdicts => {
+                        b.be32(NFTA_SET_FLAGS, NFT_SET_MAP);
+                        b.be32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
+                    }
+                    SetValues::Data { data_type, len } => {
+                        b.be32(NFTA_SET_FLAGS, NFT_SET_MAP);
+                        b.be32(NFTA_SET_DATA_TYPE, data_type);
+                        b.be32(NFTA_SET_DATA_LEN, len);
+                    }
+                }
+            },
+        );
+        self
+    }
+
+    /// Deletes a named set (no rule may look it up any more).
+    pub(crate) fn del_set(&mut self, set: &str) -> &mut Self {
+        self.push(NFT_MSG_DELSET, 0, format!("delete set {set}"), |b, t| {
+            b.str(NFTA_SET_TABLE, t);
+            b.str(NFTA_SET_NAME, set);
+        });
+        self
+    }
+
+    /// Removes every element of a set.
+    pub(crate) fn flush_set(&mut self, set: &str) -> &mut Self {
+        self.push(NFT_MSG_DELSETELEM, 0, format!("flush set {set}"), |b, t| {
+            b.str(NFTA_SET_ELEM_LIST_TABLE, t);
+            b.str(NFTA_SET_ELEM_LIST_SET, set);
+        });
+        self
+    }
+
+    /// Adds an element (`key`, and its value in a map); a no-op if the same one exists.
+    /// `label` names it in errors.
+    pub(crate) fn add_elem(
+        &mut self,
+        set: &str,
+        label: &str,
+        key: &[u8],
+        data: Option<&ElemData>,
+    ) -> &mut Self {
         self.push(
             NFT_MSG_NEWSETELEM,
             NLM_F_CREATE,
-            format!("add element {ifname} to map {map}"),
+            format!("add element {label} to {set}"),
             |b, t| {
                 b.str(NFTA_SET_ELEM_LIST_TABLE, t);
-                b.str(NFTA_SET_ELEM_LIST_SET, map);
+                b.str(NFTA_SET_ELEM_LIST_SET, set);
                 b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
                     b.nest(NFTA_LIST_ELEM, |b| {
-                        b.data_value(NFTA_SET_ELEM_KEY, &ifname_key(ifname));
-                        b.data_verdict(NFTA_SET_ELEM_DATA, v);
+                        b.data_value(NFTA_SET_ELEM_KEY, key);
+                        match data {
+                            Some(ElemData::Value(v)) => b.data_value(NFTA_SET_ELEM_DATA, v),
+                            Some(ElemData::Verdict(v)) => b.data_verdict(NFTA_SET_ELEM_DATA, v),
+                            None => {}
+                        }
                     })
                 });
             },
@@ -470,23 +790,32 @@ impl Batch {
         self
     }
 
-    /// Removes the element keyed `ifname` from a map.
-    pub(crate) fn del_elem(&mut self, map: &str, ifname: &str) -> &mut Self {
+    /// Removes the element keyed `key` (named `label` in errors) from a set or map.
+    pub(crate) fn del_elem(&mut self, set: &str, label: &str, key: &[u8]) -> &mut Self {
         self.push(
             NFT_MSG_DELSETELEM,
             0,
-            format!("delete element {ifname} from map {map}"),
+            format!("delete element {label} from {set}"),
             |b, t| {
                 b.str(NFTA_SET_ELEM_LIST_TABLE, t);
-                b.str(NFTA_SET_ELEM_LIST_SET, map);
+                b.str(NFTA_SET_ELEM_LIST_SET, set);
                 b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
-                    b.nest(NFTA_LIST_ELEM, |b| {
-                        b.data_value(NFTA_SET_ELEM_KEY, &ifname_key(ifname));
-                    })
+                    b.nest(NFTA_LIST_ELEM, |b| b.data_value(NFTA_SET_ELEM_KEY, key))
                 });
             },
         );
         self
+    }
+
+    /// Adds `ifname : verdict` to a verdict map; a no-op if the same element exists.
+    pub(crate) fn add_vmap_elem(&mut self, map: &str, ifname: &str, v: &Verdict) -> &mut Self {
+        let data = ElemData::Verdict(v.clone());
+        self.add_elem(map, ifname, &ifname_key(ifname), Some(&data))
+    }
+
+    /// Removes the element keyed `ifname` from a map.
+    pub(crate) fn del_ifname_elem(&mut self, map: &str, ifname: &str) -> &mut Self {
+        self.del_elem(map, ifname, &ifname_key(ifname))
     }
 
     /// The wire bytes: BATCH_BEGIN, the messages with seqs `seq0 + 1 ..`, BATCH_END. Only the
@@ -495,7 +824,7 @@ impl Batch {
     fn encode(&self, seq0: u32) -> Vec<u8> {
         let mut out = Buf::default();
         let res = NFNL_SUBSYS_NFTABLES;
-        out.msg(NFNL_MSG_BATCH_BEGIN, 0, res, seq0, |_| {});
+        out.msg(self.family, NFNL_MSG_BATCH_BEGIN, 0, res, seq0, |_| {});
         let mut body = self.buf.0.clone();
         for (i, (off, _)) in self.msgs.iter().enumerate() {
             let seq = seq0.wrapping_add(1 + i as u32);
@@ -507,7 +836,7 @@ impl Batch {
         }
         out.0.extend_from_slice(&body);
         let end_seq = seq0.wrapping_add(1 + self.msgs.len() as u32);
-        out.msg(NFNL_MSG_BATCH_END, 0, res, end_seq, |_| {});
+        out.msg(self.family, NFNL_MSG_BATCH_END, 0, res, end_seq, |_| {});
         out.0
     }
 }
@@ -670,6 +999,16 @@ impl NfSocket {
         let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
         // Answers left over from an earlier, interrupted exchange are not ours.
         let _ = Self::drain(&sock, |_, _, _| {});
+        // A batch must fit the send buffer whole (~208 KiB by default); `nft` grows it too.
+        if wire.len() > DEFAULT_SNDBUF {
+            use nix::sys::socket::{setsockopt, sockopt::SndBufForce};
+            setsockopt(&*sock, SndBufForce, &(wire.len() + 4096)).map_err(|e| {
+                NetError::io(
+                    format!("nf_tables {op}: grow send buffer"),
+                    std::io::Error::from(e),
+                )
+            })?;
+        }
         sock.send(&wire, 0)
             .map_err(|e| NetError::io(format!("nf_tables {op}: send batch"), e))?;
         let mut acked = false;
@@ -719,6 +1058,7 @@ impl NfSocket {
         let seq = self.next_seqs(0);
         let mut b = Buf::default();
         b.msg(
+            Family::Bridge,
             (NFNL_SUBSYS_NFTABLES << 8) | ty,
             flags | NLM_F_ACK,
             0,

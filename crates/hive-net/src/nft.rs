@@ -343,7 +343,7 @@ pub(crate) fn port_delete(b: &mut nfnl::Batch, port: &str) {
     let cin = Names::chain_in(port);
     b.add_chain(&cin)
         .add_vmap_elem(IN_PORTS, port, &Verdict::Jump(cin.clone()))
-        .del_elem(IN_PORTS, port)
+        .del_ifname_elem(IN_PORTS, port)
         .flush_chain(&cin)
         .del_chain(&cin);
 }

@@ -4,14 +4,17 @@
 //!
 //! ```text
 //! table ip <prefix> {
-//!   map services { type ipv4_addr . inet_proto . inet_service : verdict; }  # vip . proto . port → goto svc_N
-//!   set vips     { type ipv4_addr; }                                        # every VIP
-//!   chain nat_out   { type nat hook output priority -100; ip daddr . meta l4proto . th dport vmap @services }
+//!   set vips     { type ipv4_addr }                                         # every VIP
+//!   map services { type ipv4_addr . inet_proto . inet_service : verdict }   # vip . proto . port → goto svc_<vip>
+//!   chain nat_out   { type nat hook output priority -100;
+//!                     ip daddr . meta l4proto . th dport vmap @services }
 //!   chain guard_out { type filter hook output priority filter;
 //!                     ip daddr @vips meta l4proto tcp reject with tcp reset; ip daddr @vips reject }
-//!   chain svc_N     { dnat to numgen random mod K map { 0 : ip0, 1 : ip1, … } }
+//!   map be_<vip>    { type integer : ipv4_addr }                            # 0 … K-1 → backend
+//!   chain svc_<vip> { dnat to numgen random mod K map @be_<vip> }
 //! }
 //! ```
+//! (`<vip>` is the address in hex; a VIP without backends has no map, chain or element.)
 //!
 //! Balancing on the client's side needs no hairpin and no SNAT: the backend sees the
 //! client's own address and replies straight to it, and conntrack (in the client's
@@ -20,18 +23,40 @@
 //! timing out on an address nobody answers ARP for: the filter chain runs after the DNAT,
 //! so only what was not translated still goes to a VIP.
 //!
-//! The whole table is rewritten in one `nft -f` transaction per change, run in the
-//! namespace; it goes with the namespace. This module knows addresses and ports, never
-//! services or tenants.
+//! Each change is one nf_tables netlink transaction ([`crate::nfnl`]) sent from a thread in
+//! the namespace, no `nft` program: a node re-routes every local instance of a network when
+//! one of its services changes, and `nft` (a process, which reads the table before it
+//! writes) made that O(instances × services) per change. The last routes applied to each
+//! namespace are remembered, so a change writes only the VIPs that differ; a namespace whose
+//! table is unknown (this process has not written it yet, or a change failed) is rewritten
+//! whole (the table deleted and made again in the same transaction). The table goes with
+//! the namespace. This module knows addresses and ports, never services or tenants.
 
-use std::collections::HashSet;
-use std::fmt::Write as _;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
+use crate::nfnl::{self, Base, BaseChain, CmpOp, ElemData, Expr, Hook, MetaKey, Rule, Verdict};
 use crate::{NetError, NodeNet, Protocol, names, netns};
 
 /// Most backends of one VIP (a map of that many elements is still one small rule).
 pub const MAX_BACKENDS: usize = 4096;
+
+const VIPS: &str = "vips";
+const SERVICES: &str = "services";
+const NAT_OUT: &str = "nat_out";
+const GUARD_OUT: &str = "guard_out";
+
+/// `nft`'s type ids, so that `nft list` shows the sets as it would have made them.
+const TYPE_INTEGER: u32 = 4;
+const TYPE_IPADDR: u32 = 7;
+const TYPE_INET_PROTOCOL: u32 = 12;
+const TYPE_INET_SERVICE: u32 = 13;
+/// A concatenation's type id: its parts' ids, 6 bits each.
+const TYPE_VIP_PROTO_PORT: u32 =
+    (((TYPE_IPADDR << 6) | TYPE_INET_PROTOCOL) << 6) | TYPE_INET_SERVICE;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
 
 /// One VIP as the instances of a network reach it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -43,70 +68,52 @@ pub struct ServiceRoute {
     pub backends: Vec<Ipv4Addr>,
 }
 
-/// The `nft -f` text that makes table `table` exactly `routes` (deletes it for none).
-pub(crate) fn table_text(table: &str, routes: &[ServiceRoute]) -> String {
-    // Declaring the table first makes the delete succeed whether or not it exists.
-    let mut t = format!("table ip {table} {{}}\ndelete table ip {table}\n");
-    if routes.is_empty() {
-        return t;
+/// Per instance namespace (by key): a nf_tables socket made inside it and the routes last
+/// written through it (`None`: unknown, the next change rewrites the table whole). Each
+/// namespace's entry is held while it is written.
+#[derive(Debug, Default)]
+pub(crate) struct Tables {
+    by_key: std::sync::Mutex<HashMap<String, Slot>>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Table>>>;
+
+/// The table in one namespace, as this process last wrote it.
+#[derive(Debug)]
+struct Table {
+    /// The namespace the socket is in (device, inode): a namespace made again under the same
+    /// name is another one.
+    ns_id: (u64, u64),
+    sock: nfnl::NfSocket,
+    last: Option<Vec<ServiceRoute>>,
+}
+
+impl Tables {
+    fn slot(&self, key: &str) -> Slot {
+        let mut m = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(key.to_owned()).or_default().clone()
     }
-    let mut elements = Vec::new();
-    for (i, r) in routes.iter().enumerate() {
-        if r.backends.is_empty() {
-            continue;
-        }
-        for (proto, port) in &r.ports {
-            elements.push(format!(
-                "{} . {} . {port} : goto svc_{i}",
-                r.vip,
-                proto_str(*proto)
-            ));
-        }
+
+    /// Forgets a namespace (it is gone) and closes its socket.
+    pub(crate) fn remove(&self, key: &str) {
+        let mut m = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
+        m.remove(key);
     }
-    let vips: Vec<String> = routes.iter().map(|r| r.vip.to_string()).collect();
-    let _ = writeln!(t, "table ip {table} {{");
-    let _ = write!(
-        t,
-        "  map services {{ type ipv4_addr . inet_proto . inet_service : verdict;"
-    );
-    if !elements.is_empty() {
-        let _ = write!(t, " elements = {{ {} }}", elements.join(", "));
+}
+
+fn ns_id(ns: &std::fs::File) -> Result<(u64, u64), NetError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = ns
+        .metadata()
+        .map_err(|e| NetError::io("stat network namespace", e))?;
+    Ok((m.dev(), m.ino()))
+}
+
+fn proto_num(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => IPPROTO_TCP,
+        Protocol::Udp => IPPROTO_UDP,
     }
-    let _ = writeln!(t, " }}");
-    let _ = writeln!(
-        t,
-        "  set vips {{ type ipv4_addr; elements = {{ {} }} }}",
-        vips.join(", ")
-    );
-    let _ = writeln!(
-        t,
-        "  chain nat_out {{\n    type nat hook output priority -100; policy accept;\n    \
-         ip daddr . meta l4proto . th dport vmap @services\n  }}"
-    );
-    let _ = writeln!(
-        t,
-        "  chain guard_out {{\n    type filter hook output priority filter; policy accept;\n    \
-         ip daddr @vips meta l4proto tcp reject with tcp reset\n    ip daddr @vips reject\n  }}"
-    );
-    for (i, r) in routes.iter().enumerate() {
-        if r.backends.is_empty() {
-            continue;
-        }
-        let map: Vec<String> = r
-            .backends
-            .iter()
-            .enumerate()
-            .map(|(n, ip)| format!("{n} : {ip}"))
-            .collect();
-        let _ = writeln!(
-            t,
-            "  chain svc_{i} {{\n    dnat to numgen random mod {} map {{ {} }}\n  }}",
-            r.backends.len(),
-            map.join(", ")
-        );
-    }
-    t.push_str("}\n");
-    t
 }
 
 fn proto_str(p: Protocol) -> &'static str {
@@ -114,6 +121,278 @@ fn proto_str(p: Protocol) -> &'static str {
         Protocol::Tcp => "tcp",
         Protocol::Udp => "udp",
     }
+}
+
+/// The `services` key of `vip . proto . port`: each part in its own 4-byte register,
+/// zero-padded as the kernel leaves a register after a shorter load.
+fn service_key(vip: Ipv4Addr, proto: Protocol, port: u16) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&vip.octets());
+    k[4] = proto_num(proto);
+    k[8..10].copy_from_slice(&port.to_be_bytes());
+    k
+}
+
+fn vip_chain(vip: Ipv4Addr) -> String {
+    format!("svc_{:08x}", u32::from(vip))
+}
+
+fn vip_map(vip: Ipv4Addr) -> String {
+    format!("be_{:08x}", u32::from(vip))
+}
+
+fn load_daddr(reg: u32) -> Expr {
+    Expr::PayloadTo {
+        base: Base::Network,
+        offset: 16,
+        len: 4,
+        reg,
+    }
+}
+
+/// Writes the whole table for `routes` (none: no table), replacing what is there.
+fn full(b: &mut nfnl::Batch, routes: &[ServiceRoute]) {
+    // Declaring the table first makes the delete succeed whether or not it exists.
+    b.add_table().del_table();
+    if routes.is_empty() {
+        return;
+    }
+    let r0 = nfnl::NFT_REG32_00;
+    b.add_table()
+        .add_set(
+            VIPS,
+            nfnl::SetSpec {
+                key_type: TYPE_IPADDR,
+                key_len: 4,
+                values: nfnl::SetValues::None,
+            },
+        )
+        .add_set(
+            SERVICES,
+            nfnl::SetSpec {
+                key_type: TYPE_VIP_PROTO_PORT,
+                key_len: 12,
+                values: nfnl::SetValues::Verdicts,
+            },
+        )
+        .add_base_chain(
+            NAT_OUT,
+            BaseChain {
+                hook: Hook::Output,
+                priority: -100,
+                kind: "nat",
+            },
+        )
+        .add_rule(
+            NAT_OUT,
+            &Rule {
+                comment: None,
+                exprs: vec![
+                    load_daddr(r0),
+                    Expr::MetaTo {
+                        key: MetaKey::L4Proto,
+                        reg: r0 + 1,
+                    },
+                    Expr::PayloadTo {
+                        base: Base::Transport,
+                        offset: 2,
+                        len: 2,
+                        reg: r0 + 2,
+                    },
+                    Expr::Lookup {
+                        set: SERVICES.into(),
+                        reg: r0,
+                        dreg: Some(0),
+                    },
+                ],
+            },
+        )
+        .add_base_chain(
+            GUARD_OUT,
+            BaseChain {
+                hook: Hook::Output,
+                priority: 0,
+                kind: "filter",
+            },
+        );
+    let to_vip = || {
+        vec![
+            load_daddr(1),
+            Expr::Lookup {
+                set: VIPS.into(),
+                reg: 1,
+                dreg: None,
+            },
+        ]
+    };
+    let mut tcp = to_vip();
+    tcp.extend([
+        Expr::MetaTo {
+            key: MetaKey::L4Proto,
+            reg: 1,
+        },
+        Expr::Cmp {
+            op: CmpOp::Eq,
+            data: vec![IPPROTO_TCP],
+        },
+        Expr::RejectTcpReset,
+    ]);
+    let mut other = to_vip();
+    other.push(Expr::RejectPortUnreachable);
+    b.add_rule(
+        GUARD_OUT,
+        &Rule {
+            comment: None,
+            exprs: tcp,
+        },
+    )
+    .add_rule(
+        GUARD_OUT,
+        &Rule {
+            comment: None,
+            exprs: other,
+        },
+    );
+    for r in routes {
+        add_route(b, r);
+    }
+}
+
+/// Writes what differs between `old` and `new` (both sorted, one route per VIP, both
+/// non-empty: the table exists before and after).
+fn diff(b: &mut nfnl::Batch, old: &[ServiceRoute], new: &[ServiceRoute]) {
+    let old: BTreeMap<Ipv4Addr, &ServiceRoute> = old.iter().map(|r| (r.vip, r)).collect();
+    let new: BTreeMap<Ipv4Addr, &ServiceRoute> = new.iter().map(|r| (r.vip, r)).collect();
+    // Removals first: what goes frees its names before anything is added.
+    for (vip, o) in &old {
+        if !new.contains_key(vip) {
+            remove_backends(b, o);
+            b.del_elem(VIPS, &vip.to_string(), &vip.octets());
+        }
+    }
+    for (vip, n) in &new {
+        let Some(o) = old.get(vip) else {
+            add_route(b, n);
+            continue;
+        };
+        if o == n {
+            continue;
+        }
+        match (o.backends.is_empty(), n.backends.is_empty()) {
+            (true, true) => {}
+            (false, true) => remove_backends(b, o),
+            (true, false) => add_backends(b, n),
+            (false, false) => {
+                if o.backends != n.backends {
+                    let map = vip_map(*vip);
+                    b.flush_set(&map);
+                    add_backend_elems(b, n);
+                    let chain = vip_chain(*vip);
+                    b.flush_chain(&chain).add_rule(&chain, &dnat_rule(n));
+                }
+                for &(p, port) in o.ports.iter().filter(|x| !n.ports.contains(x)) {
+                    b.del_elem(
+                        SERVICES,
+                        &elem_label(*vip, p, port),
+                        &service_key(*vip, p, port),
+                    );
+                }
+                let goto = ElemData::Verdict(Verdict::Goto(vip_chain(*vip)));
+                for &(p, port) in n.ports.iter().filter(|x| !o.ports.contains(x)) {
+                    b.add_elem(
+                        SERVICES,
+                        &elem_label(*vip, p, port),
+                        &service_key(*vip, p, port),
+                        Some(&goto),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn elem_label(vip: Ipv4Addr, p: Protocol, port: u16) -> String {
+    format!("{vip} . {} . {port}", proto_str(p))
+}
+
+fn add_route(b: &mut nfnl::Batch, r: &ServiceRoute) {
+    b.add_elem(VIPS, &r.vip.to_string(), &r.vip.octets(), None);
+    if !r.backends.is_empty() {
+        add_backends(b, r);
+    }
+}
+
+fn dnat_rule(r: &ServiceRoute) -> Rule {
+    Rule {
+        comment: None,
+        exprs: vec![
+            Expr::NumgenRandom {
+                modulus: r.backends.len() as u32,
+            },
+            Expr::Lookup {
+                set: vip_map(r.vip),
+                reg: 1,
+                dreg: Some(1),
+            },
+            Expr::Dnat,
+        ],
+    }
+}
+
+fn add_backend_elems(b: &mut nfnl::Batch, r: &ServiceRoute) {
+    let map = vip_map(r.vip);
+    for (i, ip) in r.backends.iter().enumerate() {
+        let i = i as u32;
+        b.add_elem(
+            &map,
+            &format!("{i} : {ip}"),
+            &i.to_ne_bytes(),
+            Some(&ElemData::Value(ip.octets().to_vec())),
+        );
+    }
+}
+
+/// A VIP's backend map, its chain and its ports' elements (it has backends).
+fn add_backends(b: &mut nfnl::Batch, r: &ServiceRoute) {
+    let (map, chain) = (vip_map(r.vip), vip_chain(r.vip));
+    b.add_set(
+        &map,
+        nfnl::SetSpec {
+            key_type: TYPE_INTEGER,
+            key_len: 4,
+            values: nfnl::SetValues::Data {
+                data_type: TYPE_IPADDR,
+                len: 4,
+            },
+        },
+    );
+    add_backend_elems(b, r);
+    b.add_chain(&chain).add_rule(&chain, &dnat_rule(r));
+    let goto = ElemData::Verdict(Verdict::Goto(chain));
+    for &(p, port) in &r.ports {
+        b.add_elem(
+            SERVICES,
+            &elem_label(r.vip, p, port),
+            &service_key(r.vip, p, port),
+            Some(&goto),
+        );
+    }
+}
+
+/// Undoes [`add_backends`] (the VIP had backends): elements, then the chain they go to,
+/// then the map its rule looked up.
+fn remove_backends(b: &mut nfnl::Batch, r: &ServiceRoute) {
+    if r.backends.is_empty() {
+        return;
+    }
+    for &(p, port) in &r.ports {
+        b.del_elem(
+            SERVICES,
+            &elem_label(r.vip, p, port),
+            &service_key(r.vip, p, port),
+        );
+    }
+    b.del_chain(&vip_chain(r.vip)).del_set(&vip_map(r.vip));
 }
 
 fn validate(key: &str, routes: &[ServiceRoute]) -> Result<(), NetError> {
@@ -140,6 +419,24 @@ fn validate(key: &str, routes: &[ServiceRoute]) -> Result<(), NetError> {
     Ok(())
 }
 
+/// Sorted, each route's ports and backends sorted and deduplicated: one form per meaning,
+/// so that comparing with the last routes written is exact.
+fn normalized(routes: &[ServiceRoute]) -> Vec<ServiceRoute> {
+    let mut out: Vec<ServiceRoute> = routes
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r.ports.sort();
+            r.ports.dedup();
+            r.backends.sort();
+            r.backends.dedup();
+            r
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 impl NodeNet {
     /// Makes the VIP table inside instance `key`'s namespace exactly `routes` (one
     /// transaction; none removes the table). Idempotent; the table goes with the namespace
@@ -151,17 +448,47 @@ impl NodeNet {
     ) -> Result<(), NetError> {
         names::validate_key(key)?;
         validate(key, routes)?;
+        let routes = normalized(routes);
         let path = self.cfg.netns_dir.join(self.names.netns(key));
         let ns = netns::open(&path)?;
-        let text = table_text(self.names.table(), routes);
-        crate::nft::run(
-            &ns,
-            &format!("service routes of {key}"),
-            &["-f", "-"],
-            Some(text.into_bytes()),
-        )
-        .await
-        .map(drop)
+        let slot = self.services.slot(key);
+        let mut table = slot.lock().await;
+        let id = ns_id(&ns)?;
+        let op = format!("service routes of {key}");
+        let t = match table.take() {
+            Some(t) if t.ns_id == id => table.insert(t),
+            // The socket is made inside the namespace once; writes through it need no
+            // thread in there.
+            _ => {
+                let sock = netns::run_in(&ns, &op, nfnl::NfSocket::new).await?;
+                table.insert(Table {
+                    ns_id: id,
+                    sock,
+                    last: None,
+                })
+            }
+        };
+        let name = self.names.table();
+        let mut batch = nfnl::Batch::of(nfnl::Family::Ip, name);
+        match t.last.as_deref() {
+            Some(old) if old == routes => return Ok(()),
+            Some(old) if !old.is_empty() && !routes.is_empty() => diff(&mut batch, old, &routes),
+            _ => full(&mut batch, &routes),
+        }
+        let incremental = t.last.is_some();
+        t.last = None;
+        let mut result = t.sock.apply(&op, &batch);
+        if result.is_err() && incremental {
+            // The table is not what this process last wrote (changed by hand, say):
+            // rewrite it whole.
+            let mut batch = nfnl::Batch::of(nfnl::Family::Ip, name);
+            full(&mut batch, &routes);
+            result = t.sock.apply(&op, &batch);
+        }
+        if result.is_ok() {
+            t.last = Some(routes);
+        }
+        result
     }
 }
 
@@ -173,56 +500,99 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn route(vip: &str, ports: &[(Protocol, u16)], backends: &[&str]) -> ServiceRoute {
+        ServiceRoute {
+            vip: ip(vip),
+            ports: ports.to_vec(),
+            backends: backends.iter().map(|b| ip(b)).collect(),
+        }
+    }
+
+    fn ops(f: impl FnOnce(&mut nfnl::Batch)) -> Vec<String> {
+        let mut b = nfnl::Batch::of(nfnl::Family::Ip, "hive");
+        f(&mut b);
+        b.ops().into_iter().map(str::to_owned).collect()
+    }
+
+    const TCP80: (Protocol, u16) = (Protocol::Tcp, 80);
+    const UDP53: (Protocol, u16) = (Protocol::Udp, 53);
+
     #[test]
-    fn routes_become_one_table_with_a_chain_per_vip() {
-        let routes = [
-            ServiceRoute {
-                vip: ip("10.88.0.2"),
-                ports: vec![(Protocol::Tcp, 80), (Protocol::Udp, 53)],
-                backends: vec![ip("10.88.0.5"), ip("10.88.0.9")],
-            },
-            ServiceRoute {
-                vip: ip("10.88.0.3"),
-                ports: vec![(Protocol::Tcp, 5432)],
-                backends: vec![],
-            },
+    fn a_full_write_replaces_the_table_with_a_chain_and_map_per_vip_with_backends() {
+        let routes = normalized(&[
+            route("10.88.0.3", &[(Protocol::Tcp, 5432)], &[]),
+            route("10.88.0.2", &[UDP53, TCP80], &["10.88.0.9", "10.88.0.5"]),
+        ]);
+        let got = ops(|b| full(b, &routes));
+        let expected = [
+            "add table",
+            "delete table",
+            "add table",
+            "add set vips",
+            "add set services",
+            "add nat chain nat_out",
+            "add rule (no comment) to chain nat_out",
+            "add filter chain guard_out",
+            "add rule (no comment) to chain guard_out",
+            "add rule (no comment) to chain guard_out",
+            "add element 10.88.0.2 to vips",
+            "add set be_0a580002",
+            // Backends sorted: the same routes always make the same table.
+            "add element 0 : 10.88.0.5 to be_0a580002",
+            "add element 1 : 10.88.0.9 to be_0a580002",
+            "add chain svc_0a580002",
+            "add rule (no comment) to chain svc_0a580002",
+            "add element 10.88.0.2 . tcp . 80 to services",
+            "add element 10.88.0.2 . udp . 53 to services",
+            // No backends: only the VIP, so the guard refuses it.
+            "add element 10.88.0.3 to vips",
         ];
-        let t = table_text("hive", &routes);
-        assert!(t.starts_with("table ip hive {}\ndelete table ip hive\ntable ip hive {\n"));
-        assert!(t.contains(
-            "elements = { 10.88.0.2 . tcp . 80 : goto svc_0, 10.88.0.2 . udp . 53 : goto svc_0 }"
-        ));
-        assert!(t.contains("set vips { type ipv4_addr; elements = { 10.88.0.2, 10.88.0.3 } }"));
-        assert!(
-            t.contains("chain svc_0 {\n    dnat to numgen random mod 2 map { 0 : 10.88.0.5, 1 : 10.88.0.9 }\n  }")
-        );
-        // No backends: no chain and no map element, so the guard refuses it.
-        assert!(!t.contains("svc_1"));
-        assert!(t.contains("ip daddr @vips meta l4proto tcp reject with tcp reset"));
-        assert_eq!(t.matches('{').count(), t.matches('}').count());
+        assert_eq!(got, expected);
+        assert_eq!(ops(|b| full(b, &[])), ["add table", "delete table"]);
     }
 
     #[test]
-    fn no_routes_removes_the_table() {
+    fn a_change_writes_only_the_vips_that_differ() {
+        let a = route("10.88.0.2", &[TCP80], &["10.88.0.5"]);
+        let b = route("10.88.0.3", &[TCP80], &["10.88.0.6"]);
+        let old = normalized(&[a.clone(), b.clone()]);
+        // A third service: only its VIP is added.
+        let c = route("10.88.0.4", &[TCP80], &[]);
+        let new = normalized(&[a.clone(), b.clone(), c.clone()]);
         assert_eq!(
-            table_text("hv1", &[]),
-            "table ip hv1 {}\ndelete table ip hv1\n"
+            ops(|bt| diff(bt, &old, &new)),
+            ["add element 10.88.0.4 to vips"]
         );
+        // b gains a backend and a port, a loses its backends, c goes.
+        let b2 = route("10.88.0.3", &[TCP80, UDP53], &["10.88.0.6", "10.88.0.7"]);
+        let a2 = route("10.88.0.2", &[TCP80], &[]);
+        let newer = normalized(&[a2, b2]);
+        assert_eq!(
+            ops(|bt| diff(bt, &new, &newer)),
+            [
+                "delete element 10.88.0.4 from vips",
+                "delete element 10.88.0.2 . tcp . 80 from services",
+                "delete chain svc_0a580002",
+                "delete set be_0a580002",
+                "flush set be_0a580003",
+                "add element 0 : 10.88.0.6 to be_0a580003",
+                "add element 1 : 10.88.0.7 to be_0a580003",
+                "flush chain svc_0a580003",
+                "add rule (no comment) to chain svc_0a580003",
+                "add element 10.88.0.3 . udp . 53 to services",
+            ]
+        );
+        // The same routes: nothing.
+        assert!(ops(|bt| diff(bt, &newer, &newer)).is_empty());
     }
 
     #[test]
-    fn a_vip_with_no_backends_has_an_empty_map() {
-        let t = table_text(
-            "hive",
-            &[ServiceRoute {
-                vip: ip("10.1.0.2"),
-                ports: vec![(Protocol::Tcp, 80)],
-                backends: vec![],
-            }],
+    fn keys_are_register_padded() {
+        assert_eq!(
+            service_key(ip("10.88.0.2"), Protocol::Udp, 53),
+            [10, 88, 0, 2, 17, 0, 0, 0, 0, 53, 0, 0]
         );
-        assert!(
-            t.contains("map services { type ipv4_addr . inet_proto . inet_service : verdict; }")
-        );
+        assert_eq!(vip_chain(ip("10.88.0.2")), "svc_0a580002");
     }
 
     #[test]

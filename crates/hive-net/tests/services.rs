@@ -1,7 +1,8 @@
 //! Service VIPs and DNS inside instance namespaces, against the real kernel: a client on
 //! node 1, backends on nodes 1 and 2 (the same network), routes balancing TCP over both,
 //! a removed backend getting no new connection, a VIP without backends refused at once,
-//! the resolver answering inside the namespace, and nothing left after removal. Needs root,
+//! changes written alone (and whole again after a restart or a table changed by hand), the
+//! resolver answering inside the namespace, and nothing left after removal. Needs root,
 //! the tools listed in `common`, and busybox (`nc`, `nslookup`).
 
 mod common;
@@ -16,6 +17,7 @@ use hive_net::{DnsZone, Protocol, ServiceRoute};
 
 const VNI: u32 = 4201;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 200);
+const VIP2: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 201);
 
 /// A TCP server in `ns` on port 80 answering every connection with `name`.
 struct Server(Child);
@@ -41,9 +43,14 @@ impl Drop for Server {
 
 /// What `n` connections from `ns` to the VIP were answered with.
 fn answers(ns: &str, n: usize) -> Vec<String> {
+    answers_at(ns, VIP, n)
+}
+
+/// What `n` connections from `ns` to `vip` were answered with.
+fn answers_at(ns: &str, vip: Ipv4Addr, n: usize) -> Vec<String> {
     (0..n)
         .map(|_| {
-            let out = in_ns(ns, &["busybox", "nc", "-w", "2", &VIP.to_string(), "80"]);
+            let out = in_ns(ns, &["busybox", "nc", "-w", "2", &vip.to_string(), "80"]);
             String::from_utf8_lossy(&out.stdout).trim().to_owned()
         })
         .collect()
@@ -52,7 +59,7 @@ fn answers(ns: &str, n: usize) -> Vec<String> {
 // Multi-threaded: the resolver's tasks run while the test blocks on busybox.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vip_balances_over_backends_and_goes_with_its_namespace() {
-    let t = Topo::new().await;
+    let mut t = Topo::new().await;
     let (client, b1, b2) = (inst(1, 1, 1, VNI), inst(1, 1, 2, VNI), inst(1, 2, 1, VNI));
     for n in &t.nodes {
         n.net.ensure_network(&network(VNI)).await.unwrap();
@@ -134,6 +141,36 @@ async fn vip_balances_over_backends_and_goes_with_its_namespace() {
     let out = in_ns(&t.inst_ns(&b1.key), &["nft", "list", "tables"]);
     assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty());
 
+    // Changes write only what differs, and `nft` reads back what netlink wrote.
+    net.set_service_routes(&client.key, &[route(vec![b1.ip]), route2(vec![b2.ip])])
+        .await
+        .unwrap();
+    assert!(answers(&cns, 5).iter().all(|a| a == "b1"));
+    assert!(answers_at(&cns, VIP2, 5).iter().all(|a| a == "b2"));
+    let listing = in_ns_ok(&cns, &["nft", "list", "ruleset"]);
+    for part in [
+        "ip daddr . meta l4proto . th dport vmap @services",
+        "10.77.0.201 . tcp . 80 : goto svc_0a4d00c9",
+        "dnat to numgen random mod 1 map @be_0a4d00c9",
+        // (`nft` shows the rule without its implied `meta l4proto tcp`)
+        "ip daddr @vips reject with tcp reset",
+    ] {
+        assert!(listing.contains(part), "{part} in {listing}");
+    }
+    // A table changed behind our back is written whole on the next change.
+    let table = listing
+        .lines()
+        .find_map(|l| l.strip_prefix("table ip "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the table's name")
+        .to_owned();
+    in_ns_ok(&cns, &["nft", "delete", "table", "ip", &table]);
+    net.set_service_routes(&client.key, &[route(vec![b2.ip]), route2(vec![b1.ip])])
+        .await
+        .unwrap();
+    assert!(answers(&cns, 5).iter().all(|a| a == "b2"));
+    assert!(answers_at(&cns, VIP2, 5).iter().all(|a| a == "b1"));
+
     // The resolver inside the namespace.
     let mut zone = DnsZone {
         domain: "acme.hive".into(),
@@ -188,4 +225,25 @@ async fn vip_balances_over_backends_and_goes_with_its_namespace() {
         net.set_service_routes(&client.key, &[]).await.is_err(),
         "no namespace, no routes"
     );
+
+    // Restarted (nothing remembered), the node rewrites a namespace's table whole.
+    let ns1 = t.inst_ns(&b1.key);
+    net.set_service_routes(&b1.key, &[route(vec![b1.ip])])
+        .await
+        .unwrap();
+    t.reopen(0).await;
+    let net = &t.nodes[0].net;
+    net.set_service_routes(&b1.key, &[route(vec![b2.ip]), route2(vec![b2.ip])])
+        .await
+        .unwrap();
+    assert!(answers(&ns1, 5).iter().all(|a| a == "b2"));
+    assert!(answers_at(&ns1, VIP2, 5).iter().all(|a| a == "b2"));
+}
+
+fn route2(backends: Vec<Ipv4Addr>) -> ServiceRoute {
+    ServiceRoute {
+        vip: VIP2,
+        ports: vec![(Protocol::Tcp, 80)],
+        backends,
+    }
 }

@@ -964,7 +964,7 @@ async fn watch_streams_changes_resumes_and_reports_compaction() {
 }
 
 #[tokio::test]
-async fn rate_limit_answers_429_with_retry_after() {
+async fn rate_limit_answers_429_with_retry_after_to_tenant_tokens_only() {
     let h = harness_with(|c| {
         c.rate_limit = RateLimit {
             per_sec: 1.0,
@@ -972,15 +972,21 @@ async fn rate_limit_answers_429_with_retry_after() {
         }
     })
     .await;
+    h.tenant("acme").await;
+    let member = h.token("acme", "member").await;
     for _ in 0..3 {
-        h.ok(Method::GET, "/api/v1/whoami", &h.admin, None).await;
+        h.ok(Method::GET, "/api/v1/whoami", &member, None).await;
     }
-    let r = h.call(Method::GET, "/api/v1/whoami", &h.admin, None).await;
+    let r = h.call(Method::GET, "/api/v1/whoami", &member, None).await;
     assert_eq!(
         (r.status, r.code()),
         (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
     );
     assert_eq!(r.headers[header::RETRY_AFTER], "1");
+    // The platform's own identities (controllers, agents, the operator) are not limited.
+    for _ in 0..10 {
+        h.ok(Method::GET, "/api/v1/whoami", &h.admin, None).await;
+    }
 }
 
 #[tokio::test]

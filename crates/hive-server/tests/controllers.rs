@@ -182,6 +182,91 @@ async fn add_node(c: &Client, name: &str, cpu_millis: u64) {
     c.update_status(None, &n).await.unwrap();
 }
 
+/// An HTTP proxy to `upstream` that answers the first `fail` instance updates (the
+/// scheduler's bindings) with 503, as a server whose store is briefly unreachable would;
+/// everything else, watch streams included, goes through. Returns its URL.
+async fn flaky_proxy(upstream: String, fail: usize) -> String {
+    use axum::body::Body;
+    use axum::extract::Request;
+    use axum::http::{Method, header};
+    use axum::response::Response;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let left = Arc::new(AtomicUsize::new(fail));
+    let http = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |req: Request| {
+        let (left, http, upstream) = (left.clone(), http.clone(), upstream.clone());
+        async move {
+            let (parts, body) = req.into_parts();
+            if parts.method == Method::PUT
+                && parts.uri.path().contains("/instances/")
+                && left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                return Response::builder()
+                    .status(503)
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(
+                        r#"{"code":"unavailable","message":"injected: the store is unreachable"}"#,
+                    ))
+                    .unwrap();
+            }
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let mut forward = http
+                .request(parts.method.clone(), format!("{upstream}{path}"))
+                .body(body);
+            for (k, v) in &parts.headers {
+                if k != header::HOST {
+                    forward = forward.header(k, v);
+                }
+            }
+            let answer = forward.send().await.unwrap();
+            let mut out = Response::builder().status(answer.status());
+            for (k, v) in answer.headers() {
+                out = out.header(k, v);
+            }
+            out.body(Body::from_stream(answer.bytes_stream())).unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bindings_refused_for_a_passing_reason_are_tried_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        data_dir: dir.path().to_owned(),
+        ..Default::default()
+    };
+    let server = hive_server::launch(
+        config,
+        "127.0.0.1:0".parse().unwrap(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    let c = Client::new(&server.url, Some(server.admin_token.clone())).unwrap();
+    // Every one of the first bindings is refused: with nothing else changing, only a retry
+    // of its own can place an instance.
+    let flaky = flaky_proxy(server.url.clone(), 8).await;
+    let through = Client::new(&flaky, Some(server.admin_token)).unwrap();
+    tokio::spawn(ServiceController::new(c.clone()).run());
+    tokio::spawn(Scheduler::new(through).run());
+    add_node(&c, "n1", 4000).await;
+    add_tenant(&c, "acme").await;
+    c.create(Some("acme"), &service("web", 5)).await.unwrap();
+    until(&c, "acme", "5 placed after refused bindings", |i| {
+        i.len() == 5 && i.iter().all(|i| i.spec.node.is_some())
+    })
+    .await;
+}
+
 /// Waits until every instance of `tenant` satisfies `done`.
 async fn until(
     c: &Client,

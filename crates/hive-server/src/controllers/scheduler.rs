@@ -542,8 +542,6 @@ impl State {
                     self.placed.insert(key, (p.node, req));
                 }
                 Err(e) => {
-                    // Changed or gone meanwhile: undo the reservation; the watch brings the
-                    // new version, which is queued again if still pending.
                     self.cluster.release(&p.node, &req);
                     tracing::debug!(%tenant, instance = %name, error = %e, "bind");
                     // The network has no place for it: it waits, saying why.
@@ -555,7 +553,14 @@ impl State {
                             other => other.to_string(),
                         };
                         self.pending(client, tenant, &inst, reason, message).await;
+                    } else if !matches!(e.code(), Some(ErrorCode::Conflict | ErrorCode::NotFound)) {
+                        // Refused for a passing reason (the store unavailable, a lost
+                        // connection): no new version will come to queue it again, so it
+                        // waits for the next tick.
+                        self.waiting.insert(key, inst.spec.template.priority);
                     }
+                    // Changed or gone meanwhile: the watch brings the new version, which is
+                    // queued again if still pending.
                 }
             }
         }
