@@ -237,7 +237,7 @@ async fn container_exec(
         _ => return error(StatusCode::CONFLICT, "the container is not running"),
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let runtime = api.containers.runtime.clone();
+    let runtime = api.containers.runtime_of(&id);
     let exec = ExecRequest {
         bundle: api.containers.dir(&id).join("bundle"),
         container: id,

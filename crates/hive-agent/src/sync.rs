@@ -757,7 +757,7 @@ impl Agent {
     fn probes_of(&mut self, id: &str, inst: &Instance, pid: i32) -> &Probes {
         if self.probes.get(id).is_none_or(|p| p.pid() != pid) {
             let target = probe::Target {
-                runtime: self.containers.runtime.clone(),
+                runtime: self.containers.runtime_of(id),
                 id: id.to_owned(),
                 pid,
                 ip: inst.spec.network.as_ref().and_then(|n| n.ip.parse().ok()),

@@ -166,7 +166,10 @@ fn a_service_runs_as_a_real_container_and_scaling_to_zero_removes_it() {
     let out = common::hive(cfg, &["exec", "web", "/no/such/program"]);
     assert_ne!(out.status.code(), Some(0));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no such file"),
+        // runc says "no such file", crun "No such file".
+        String::from_utf8_lossy(&out.stderr)
+            .to_lowercase()
+            .contains("no such file"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

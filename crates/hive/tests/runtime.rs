@@ -333,6 +333,65 @@ async fn the_supervisor_outlives_its_starter_and_stop_honours_the_grace_period()
     f.containers.remove(&stubborn).await.unwrap();
 }
 
+/// The same node's containers with the agent's runtime set to `kind` (same directories and
+/// runtime root, as after `hive agent --runtime` changed).
+fn with_runtime(c: &Containers, kind: RuntimeKind) -> Containers {
+    let rt = OciRuntime::new(kind, kind.as_str(), c.runtime.root.clone());
+    Containers::new(rt, c.shim.clone(), c.root.clone())
+}
+
+#[tokio::test]
+async fn a_container_is_stopped_and_removed_by_the_runtime_that_made_it() {
+    let mut f = Fixture::new();
+    let (by_runc, _) = f
+        .run(&["sh", "-c", "echo up; sleep 1000"], Limits::default())
+        .await;
+    // The node switched to crun: what runc made is still runc's to stop and delete.
+    let crun = with_runtime(&f.containers, RuntimeKind::Crun);
+    assert_eq!(crun.runtime_of(&by_runc).kind, RuntimeKind::Runc);
+    // One made before runtimes were recorded is told by runc's own state.
+    std::fs::remove_file(crun.dir(&by_runc).join("runtime.json")).unwrap();
+    assert_eq!(crun.runtime_of(&by_runc).kind, RuntimeKind::Runc);
+    let exit = crun
+        .stop(&by_runc, "KILL", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(exit.signal, Some(9));
+    crun.remove(&by_runc).await.unwrap();
+    assert!(!crun.runtime.root.join(&by_runc).exists(), "runc's state");
+    assert!(!cgroup_exists(&by_runc));
+
+    // And the other way: made by crun, stopped and removed by a node back on runc.
+    let id = f.id();
+    let cfg = ContainerConfig {
+        id: id.clone(),
+        hostname: format!("h-{id}"),
+        rootfs: f.rootfs.clone(),
+        image: ImageProcess::default(),
+        overrides: ProcessOverride {
+            command: vec!["sleep".into(), "1000".into()],
+            ..Default::default()
+        },
+        limits: Limits::default(),
+        cgroups_path: Fixture::cgroup(&id),
+        netns: None,
+    };
+    let spec = spec::build(&cfg).unwrap();
+    crun.start(&id, &spec, &cfg.cgroups_path)
+        .await
+        .expect("start with crun");
+    let runc = with_runtime(&f.containers, RuntimeKind::Runc);
+    assert_eq!(runc.runtime_of(&id).kind, RuntimeKind::Crun);
+    let exit = runc
+        .stop(&id, "KILL", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(exit.signal, Some(9));
+    runc.remove(&id).await.unwrap();
+    assert!(!runc.runtime.root.join(&id).exists(), "crun's state");
+    assert!(!cgroup_exists(&id));
+}
+
 #[tokio::test]
 async fn an_oom_kill_is_reported_as_such() {
     let mut f = Fixture::new();

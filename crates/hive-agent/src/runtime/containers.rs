@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use oci_spec::runtime::Spec;
+use serde::{Deserialize, Serialize};
 
 use super::oci::{OciError, OciRuntime, RuntimeKind};
 use super::shim::{self, Exited, ShimConfig, Started};
@@ -55,6 +56,17 @@ pub enum ContainerState {
     Lost(Started),
     /// Nothing recorded.
     Unknown,
+}
+
+/// The file in a container's directory that says which runtime made it.
+const RUNTIME_RECORD: &str = "runtime.json";
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuntimeRecord {
+    kind: RuntimeKind,
+    binary: PathBuf,
+    root: PathBuf,
 }
 
 /// All containers of one node.
@@ -107,6 +119,33 @@ impl Containers {
         self.dir(id).join(shim::LOG)
     }
 
+    /// The runtime that made container `id`: recorded in its directory at its start (the
+    /// agent's runtime may have changed since, and one runtime cannot stop another's
+    /// containers). A container made before runtimes were recorded is told by the state its
+    /// runtime keeps (runc's `state.json`, crun's `status`); one with neither gets the
+    /// agent's runtime.
+    pub fn runtime_of(&self, id: &str) -> OciRuntime {
+        if let Some(r) = shim::read_json::<RuntimeRecord>(&self.dir(id), RUNTIME_RECORD) {
+            let mut rt = OciRuntime::new(r.kind, r.binary, r.root);
+            rt.timeout = self.runtime.timeout;
+            return rt;
+        }
+        let state = self.runtime.root.join(id);
+        let kind = if state.join("state.json").exists() {
+            RuntimeKind::Runc
+        } else if state.join("status").exists() {
+            RuntimeKind::Crun
+        } else {
+            return self.runtime.clone();
+        };
+        if kind == self.runtime.kind {
+            return self.runtime.clone();
+        }
+        let mut rt = OciRuntime::new(kind, kind.as_str(), &self.runtime.root);
+        rt.timeout = self.runtime.timeout;
+        rt
+    }
+
     fn io(
         &self,
         id: &str,
@@ -145,14 +184,23 @@ impl Containers {
         for stale in [shim::STARTED, shim::EXITED, shim::PID_FILE] {
             let _ = fs::remove_file(dir.join(stale));
         }
+        // Which runtime makes it, before it exists: stopping, exec and removal use the same.
+        let record = RuntimeRecord {
+            kind: self.runtime.kind,
+            binary: self.runtime.binary.clone(),
+            root: self.runtime.root.clone(),
+        };
+        let path = dir.join(RUNTIME_RECORD);
+        let json = serde_json::to_vec(&record).map_err(|e| ContainerError::Start {
+            id: id.to_owned(),
+            message: format!("encode the runtime record: {e}"),
+        })?;
+        fs::write(&path, json).map_err(self.io(id, "write", &path))?;
         let cfg = ShimConfig {
             id: id.to_owned(),
             bundle,
             state_dir: dir.clone(),
-            runtime_kind: match self.runtime.kind {
-                RuntimeKind::Runc => "runc".into(),
-                RuntimeKind::Crun => "crun".into(),
-            },
+            runtime_kind: self.runtime.kind.as_str().into(),
             runtime_binary: self.runtime.binary.clone(),
             runtime_root: self.runtime.root.clone(),
             cgroups_path: cgroups_path.to_owned(),
@@ -232,14 +280,15 @@ impl Containers {
         if let ContainerState::Exited { exit, .. } = self.state(id) {
             return Ok(exit);
         }
-        let rt = self.runtime.clone();
+        let runtime = self.runtime_of(id);
+        let rt = runtime.clone();
         let (i, s) = (id.to_owned(), signal.to_owned());
         // A container that exits meanwhile makes kill fail: the wait below settles it.
         let _ = tokio::task::spawn_blocking(move || rt.kill(&i, &s, false)).await;
         if let Some(exit) = self.wait(id, grace).await {
             return Ok(exit);
         }
-        let rt = self.runtime.clone();
+        let rt = runtime;
         let i = id.to_owned();
         let _ = tokio::task::spawn_blocking(move || rt.kill(&i, "KILL", true)).await;
         let waited = Duration::from_secs(10);
@@ -273,8 +322,9 @@ impl Containers {
             .and_then(|b| serde_json::from_slice::<Spec>(&b).ok())
             .and_then(|s| s.linux().as_ref().and_then(|l| l.cgroups_path().clone()));
         // The runtime keeps a directory per container it knows: no directory, nothing to do.
-        if self.runtime.root.join(id).exists() {
-            let rt = self.runtime.clone();
+        let runtime = self.runtime_of(id);
+        if runtime.root.join(id).exists() {
+            let rt = runtime.clone();
             let i = id.to_owned();
             let deleted = tokio::task::spawn_blocking(move || rt.delete(&i, true))
                 .await
@@ -285,7 +335,7 @@ impl Containers {
             match deleted {
                 Ok(()) => {}
                 // Gone meanwhile (deleted by someone else): the state we want.
-                Err(_) if !self.runtime.root.join(id).exists() => {}
+                Err(_) if !runtime.root.join(id).exists() => {}
                 Err(e) => return Err(e.into()),
             }
         }

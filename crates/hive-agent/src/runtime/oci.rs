@@ -20,13 +20,23 @@ pub struct OciRuntime {
     pub timeout: Duration,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RuntimeKind {
     /// runc: works on these hosts' hybrid cgroup layout as is.
     Runc,
     /// crun: refuses the hybrid layout unless the cgroup2 mount is hidden, so every call runs
     /// in a private mount namespace with `/sys/fs/cgroup/unified` unmounted ([`hide_cgroup2`]).
     Crun,
+}
+
+impl RuntimeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Runc => "runc",
+            RuntimeKind::Crun => "crun",
+        }
+    }
 }
 
 impl std::str::FromStr for RuntimeKind {
