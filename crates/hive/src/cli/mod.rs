@@ -78,6 +78,8 @@ pub enum Command {
     /// Show instances (the running units of services).
     #[command(subcommand, alias = "inst")]
     Instance(resources::InstanceCmd),
+    /// List the tenant's instances (same as `hive instance ls`).
+    Ps(resources::InstanceLsArgs),
     /// Set a service's replicas (same as `hive service scale`).
     Scale(resources::ScaleArgs),
     /// Follow, promote, roll back or undo a service's rollout, and list its revisions.
@@ -263,6 +265,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Pull(args) => image::pull(&Ctx::new(g).await?, args).await,
         Command::Image(cmd) => image::image(&Ctx::new(g).await?, cmd).await,
         Command::Instance(cmd) => resources::instance(&Ctx::new(g).await?, cmd).await,
+        Command::Ps(args) => resources::list_instances(&Ctx::new(g).await?, args).await,
         Command::Node(cmd) => resources::node(&Ctx::new(g).await?, cmd).await,
         Command::Network(cmd) => resources::network(&Ctx::new(g).await?, cmd).await,
         Command::Secgroup(cmd) => secgroup::secgroup(&Ctx::new(g).await?, cmd).await,
