@@ -431,3 +431,58 @@ fn ps_lists_the_tenants_instances_as_instance_ls_does() {
         "service \"nope\" not found in tenant \"default\"",
     );
 }
+
+#[test]
+fn rm_removes_every_service_that_exists_and_names_each_that_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cli.json");
+    let _up = start_up(&dir.path().join("data"), &cfg);
+    for svc in ["w1", "w2", "w3"] {
+        ok(
+            &cfg,
+            &[
+                "service",
+                "create",
+                svc,
+                "--image",
+                "127.0.0.1:9/default/busybox:v1",
+            ],
+        );
+    }
+    common::until(15, "3 instances", || {
+        json(&cfg, &["ps"]).as_array().unwrap().len() == 3
+    });
+
+    // The first name is missing: the others are removed all the same.
+    let out = hive(&cfg, &["rm", "w0", "w1", "nope", "w2"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert_eq!(stdout, "w1 removed\nw2 removed\n", "{stderr}");
+    let errors: Vec<&str> = stderr.lines().collect();
+    assert_eq!(errors.len(), 2, "{stderr}");
+    for (line, name) in errors.iter().zip(["w0", "nope"]) {
+        assert!(
+            line.starts_with(&format!("error: remove service {name}: "))
+                && line.contains(&format!("service \"{name}\" not found")),
+            "{stderr}"
+        );
+    }
+    assert_eq!(names(&json(&cfg, &["service", "ls"])), ["w3"]);
+    let left = json(&cfg, &["ps"]);
+    let left = left.as_array().unwrap();
+    assert!(
+        left.len() == 1 && left[0]["spec"]["service"] == "w3",
+        "{left:?}"
+    );
+
+    // Every name failing fails too; every name removed succeeds.
+    let out = hive(&cfg, &["rm", "w1", "w2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 2);
+    assert_eq!(ok(&cfg, &["rm", "w3"]), "w3 removed\n");
+    assert!(json(&cfg, &["ps"]).as_array().unwrap().is_empty());
+}
