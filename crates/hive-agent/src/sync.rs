@@ -1098,6 +1098,9 @@ async fn watch_tenants(
                 revision: s.revision,
                 objects: s.instances,
             });
+            // A cache that becomes complete pokes the loop too: with nothing to replay no
+            // object changes, and the loop would only notice at its next tick.
+            let (mut ready_seen, mut groups_ready_seen) = (ready.clone(), groups_ready.clone());
             c.tenants.insert(
                 t.clone(),
                 TenantCache {
@@ -1133,7 +1136,12 @@ async fn watch_tenants(
                         groups_synced,
                     ));
                     let s = tokio::spawn(reflect(client, Some(tenant), services, itx));
-                    while irx.recv().await.is_some() {
+                    loop {
+                        tokio::select! {
+                            changed = irx.recv() => if changed.is_none() { break },
+                            Ok(()) = ready_seen.changed() => {}
+                            Ok(()) = groups_ready_seen.changed() => {}
+                        }
                         if poke.send(()).is_err() {
                             break;
                         }

@@ -143,7 +143,7 @@ pub(crate) fn spawn_api(mut cmd: Command, marker: &str, data: &Path) -> Result<H
     bail!("hive did not report its address ({marker}…) in 30 s")
 }
 
-fn service(name: &str, image: &str, args: &[&str]) -> Service {
+pub(crate) fn service(name: &str, image: &str, args: &[&str]) -> Service {
     Service {
         name: name.to_owned(),
         spec: ServiceSpec {
@@ -165,7 +165,11 @@ fn service(name: &str, image: &str, args: &[&str]) -> Service {
 type Breakdown = [f64; 3];
 
 /// Creates `svc` and returns the time until `count` of its instances are reported running.
-async fn create_and_wait(client: &Client, svc: &Service, count: usize) -> Result<Duration> {
+pub(crate) async fn create_and_wait(
+    client: &Client,
+    svc: &Service,
+    count: usize,
+) -> Result<Duration> {
     create_and_wait_traced(client, svc, count)
         .await
         .map(|(d, _)| d)
@@ -222,7 +226,7 @@ async fn create_and_wait_traced(
 }
 
 /// Deletes every service and waits until the node has no container left.
-async fn clean(client: &Client, data: &Path) -> Result<()> {
+pub(crate) async fn clean(client: &Client, data: &Path) -> Result<()> {
     let tenant = Some("default");
     for s in client.list::<Service>(tenant).await?.items {
         client.delete::<Service>(tenant, &s.name).await?;
@@ -241,7 +245,7 @@ async fn clean(client: &Client, data: &Path) -> Result<()> {
     Ok(())
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -320,7 +324,7 @@ fn podman_cold(root: &Path, image: &str, creds: &str) -> Result<f64> {
     Ok(el)
 }
 
-fn push(layout: &Path, dest: &str, creds: &str) -> Result<()> {
+pub(crate) fn push(layout: &Path, dest: &str, creds: &str) -> Result<()> {
     sh(
         "skopeo",
         &[
