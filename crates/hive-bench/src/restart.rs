@@ -6,7 +6,8 @@
 //! data dir, and the time from the start of the process to the agent's `instance cache` log
 //! line (the tenant's cache resumed from its saved revision and caught up: the sync loop acts
 //! from then on) is measured, with the time to its `API at` line for comparison. Every run
-//! must resume, not list, and find the same containers running. Last line:
+//! must resume, not list, and find the same containers running; `hive down` removes what the
+//! node made at the end, however the run ends. Last line:
 //! `restart_p50_ms=… restart_p95_ms=… api_p50_ms=… containers=…`.
 
 use std::io::{BufRead, BufReader};
@@ -20,7 +21,7 @@ use hive_client::Client;
 
 use crate::images::{build_image, need};
 use crate::runtime::{hive_binary, stats};
-use crate::start::{clean, create_and_wait, ms, push, service};
+use crate::start::{DownOnDrop, clean, create_and_wait, ms, push, service, with_own_prefix};
 
 #[derive(Debug, clap::Args)]
 pub struct RestartArgs {
@@ -36,7 +37,8 @@ pub struct RestartArgs {
     /// The `hive` binary; default: next to this program.
     #[arg(long)]
     pub hive: Option<PathBuf>,
-    /// One more argument for `hive up` (repeat for several), e.g. `--up-arg=--net-prefix=hb`.
+    /// One more argument for `hive up` (repeat for several). The network prefix is the run's
+    /// own unless one is given (`--up-arg=--net-prefix=hb`).
     #[arg(long = "up-arg", allow_hyphen_values = true)]
     pub up_args: Vec<String>,
 }
@@ -136,7 +138,12 @@ pub fn run(args: RestartArgs) -> Result<()> {
         .enable_all()
         .build()?;
 
-    let mut up = Up::start(&hive, &data, &args.up_args)?;
+    let _down = DownOnDrop {
+        hive: hive.clone(),
+        data: data.clone(),
+    };
+    let up_args = with_own_prefix(&args.up_args);
+    let mut up = Up::start(&hive, &data, &up_args)?;
     let mut url = url_of(&up.wait_for("API at ")?.1)?;
     let token = std::fs::read_to_string(data.join("admin.token"))?
         .trim()
@@ -166,7 +173,7 @@ pub fn run(args: RestartArgs) -> Result<()> {
         // Past the agent's periodic save, as a node that ran a while would be.
         std::thread::sleep(Duration::from_secs(1));
         drop(up);
-        up = Up::start(&hive, &data, &args.up_args)?;
+        up = Up::start(&hive, &data, &up_args)?;
         let (api_at, line) = up.wait_for("API at ")?;
         url = url_of(&line)?;
         let (cache_at, line) = up.wait_for("instance cache")?;

@@ -56,6 +56,9 @@ pub enum Command {
     /// Run everything on this machine: API server on an embedded store, this machine as a
     /// node, a first tenant `default`.
     Up(up::UpArgs),
+    /// Stop and remove every container of a node whose agent is not running (a `hive up`
+    /// killed, say), with their mounts, cgroups and the node's network state.
+    Down(up::DownArgs),
     /// Run the API server only: on the embedded store, or on etcd (`--store etcd://…`) so
     /// that several servers share one state.
     Server(up::ServerArgs),
@@ -227,6 +230,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Up(args) => up::up(g, args).await,
         Command::Server(args) => up::server(args).await,
+        Command::Down(args) => up::down(args).await,
         Command::Store(cmd) => store::run(cmd).await,
         Command::Agent(args) => up::agent(&Ctx::new(g).await?, args).await,
         Command::Login(args) => login(g, args).await,
