@@ -25,7 +25,7 @@ use nix::unistd::Pid;
 use crate::datadir::{DataDirError, DirLock, NetRecord, NodeRecord};
 use crate::image::{ImageStore, StoreConfig};
 use crate::runtime::shim::{self, Started};
-use crate::runtime::{OciRuntime, RuntimeKind, cgroups};
+use crate::runtime::{OciRuntime, RuntimeKind, cgroups, is_supervisor_of};
 
 /// How long a process killed here may take to be gone (and its cgroup with it).
 const GONE_WITHIN: Duration = Duration::from_secs(5);
@@ -205,14 +205,6 @@ fn wait_gone(pids: &[i32], within: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     true
-}
-
-/// Whether `pid` is the supervisor of container `id` (a pid read from a file may have been
-/// reused by anything since).
-fn is_supervisor_of(pid: i32, id: &str) -> bool {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let cmdline = String::from_utf8_lossy(&cmdline);
-    cmdline.contains("shim") && cmdline.contains(id)
 }
 
 /// The cgroup path in container `dir`'s bundle.

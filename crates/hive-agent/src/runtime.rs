@@ -13,5 +13,6 @@ pub mod spec;
 
 mod containers;
 
+pub(crate) use containers::is_supervisor_of;
 pub use containers::{ContainerError, ContainerState, Containers, ShimCommand};
 pub use oci::{OciRuntime, RuntimeKind};

@@ -227,6 +227,7 @@ impl Agent {
     }
 
     async fn run_local(mut self) {
+        self.clear_unfinished().await;
         if let Some(cfg) = &self.cfg.net {
             match cfg.open().await {
                 Ok(net) => self.net = Some(net),
@@ -819,6 +820,27 @@ impl Agent {
         self.sampled
             .insert(id.to_owned(), (Instant::now(), u.clone()));
         Some(u)
+    }
+
+    /// Before the loop acts: removes what starts cut short by a crash left (containers that
+    /// never ran, and everything the runtime made of them: see [`Containers::unfinished`]),
+    /// and root filesystems composed for a container that was never made. Containers that
+    /// ran are left to be adopted.
+    async fn clear_unfinished(&mut self) {
+        for id in self.containers.unfinished() {
+            tracing::info!(container = %id, "removing what an unfinished start left");
+            self.remove(&id).await;
+        }
+        let have: HashSet<String> = self.containers.list().into_iter().collect();
+        for id in self.images.instance_ids() {
+            if have.contains(&id) {
+                continue;
+            }
+            tracing::info!(container = %id, "removing a root filesystem without a container");
+            for e in self.images.release_rootfs(&id) {
+                tracing::warn!(container = %id, error = %e, "release rootfs");
+            }
+        }
     }
 
     /// Removes a container that no longer runs, and its root filesystem.

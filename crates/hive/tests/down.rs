@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::{
-    Cleanup, HIVE, Netns, admin_token, busybox_layout, json, ok, push_test_image, start_up_in,
-    until,
+    Cleanup, HIVE, Killed, Netns, admin_token, alive, busybox_layout, cgroup_dirs, json, mounts,
+    ok, push_test_image, start_up_in, until,
 };
 use serde_json::Value;
 
@@ -29,39 +29,6 @@ fn down(ns: &Netns, data: &Path, extra: &[&str]) -> Output {
 
 fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
-}
-
-/// Alive and not a zombie.
-fn alive(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit_once(')')
-            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-    })
-}
-
-/// Mount points (and file system types) of this process's mount namespace.
-fn mounts() -> Vec<(PathBuf, String)> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let (before, after) = l.split_once(" - ")?;
-            Some((
-                PathBuf::from(before.split(' ').nth(4)?),
-                after.split(' ').next()?.to_owned(),
-            ))
-        })
-        .collect()
-}
-
-/// Every directory of cgroup `path` in every mounted hierarchy.
-fn cgroup_dirs(path: &str) -> Vec<PathBuf> {
-    mounts()
-        .into_iter()
-        .filter(|(_, t)| t == "cgroup" || t == "cgroup2")
-        .map(|(p, _)| p.join(path.trim_start_matches('/')))
-        .filter(|d| d.is_dir())
-        .collect()
 }
 
 /// What of the node's network is in its namespace: netns files, links, nft tables.
@@ -91,16 +58,6 @@ fn network_of(ns: &Netns) -> (Vec<String>, Vec<String>, Vec<String>) {
         .map(str::to_owned)
         .collect();
     (files, links, tables)
-}
-
-/// A child process killed (by pid) and reaped when dropped.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
