@@ -1270,7 +1270,7 @@ fn a_restarted_agent_catches_up_from_its_saved_revision() {
 /// is not checked: runc clears `ONLCR` on the container's terminal only after the process may
 /// have written, so early output sometimes ends `\r\r\n` (seen before this fix as well; open).
 #[test]
-fn a_terminal_exec_has_its_size_from_the_start_even_under_load() {
+fn a_terminal_exec_has_its_size_and_crlf_newlines_from_the_start_even_under_load() {
     let s = setup();
     let (cfg, image) = (&s.cfg, &s.image);
     ok(
@@ -1286,12 +1286,13 @@ fn a_terminal_exec_has_its_size_from_the_start_even_under_load() {
                 scope.spawn(|| {
                     (0..12)
                         .filter_map(|_| {
-                            let out =
-                                common::hive(cfg, &["exec", "-t", "web", "sh", "-c", "stty size"]);
+                            let out = common::hive(
+                                cfg,
+                                &["exec", "-t", "web", "sh", "-c", "stty size; echo done"],
+                            );
                             let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-                            (stdout.trim_end_matches(['\r', '\n']) != "24 80"
-                                || !out.status.success())
-                            .then(|| {
+                            // What a terminal shows: each line ends in `\r\n`, once.
+                            (stdout != "24 80\r\ndone\r\n" || !out.status.success()).then(|| {
                                 format!(
                                     "{:?}: {stdout:?} {:?}",
                                     out.status.code(),
