@@ -64,6 +64,12 @@ pub enum DownError {
     DataDir(#[from] DataDirError),
     #[error("container {id}: {message}")]
     Container { id: String, message: String },
+    #[error("the node's runtime: {0}")]
+    Runtime(String),
+    #[error("open the image store: {0}")]
+    Images(crate::image::ImageError),
+    #[error("the teardown task failed: {0}")]
+    Task(String),
     #[error("unmount {path}: {source}")]
     Unmount {
         path: PathBuf,
@@ -136,10 +142,7 @@ pub async fn down(dir: &Path, opts: &DownOptions) -> Result<DownReport, DownErro
         report
     })
     .await
-    .map_err(|e| DownError::Container {
-        id: "-".into(),
-        message: format!("the teardown task failed: {e}"),
-    })?;
+    .map_err(|e| DownError::Task(e.to_string()))?;
     report.removed.extend(blocking.removed);
     report.errors.extend(blocking.errors);
     let net = record.as_ref().and_then(|r| r.net.clone()).or_else(|| {
@@ -167,10 +170,7 @@ fn runtime_of(
             (kind.clone(), PathBuf::from(kind))
         }
     };
-    let kind: RuntimeKind = kind.parse().map_err(|message| DownError::Container {
-        id: "-".into(),
-        message,
-    })?;
+    let kind: RuntimeKind = kind.parse().map_err(DownError::Runtime)?;
     Ok(OciRuntime::new(kind, binary, dir.join("runtime")))
 }
 
@@ -325,10 +325,7 @@ fn remove_mounts(dir: &Path, report: &mut DownReport) {
                         }));
                 }
             }
-            Err(e) => report.errors.push(DownError::Container {
-                id: "-".into(),
-                message: format!("open the image store: {e}"),
-            }),
+            Err(e) => report.errors.push(DownError::Images(e)),
         }
     }
     let mut under: Vec<PathBuf> = cgroups::mounts()
