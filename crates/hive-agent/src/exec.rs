@@ -8,8 +8,8 @@
 //! need `--detach`, and then nobody could wait for the exit code.) The process is described
 //! by a process spec file (`--process`) that carries the terminal's size, so its terminal has
 //! that size from the start: the runtime's own first resize comes only after the process
-//! started. When the client goes away, the process gets SIGHUP (the runtime forwards it),
-//! like a closed terminal.
+//! started. Its output's newlines are made `\r\n`, once ([`Newlines`]). When the client
+//! goes away, the process gets SIGHUP (the runtime forwards it), like a closed terminal.
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -85,6 +85,53 @@ async fn pump(mut src: impl AsyncRead + Unpin, tx: mpsc::Sender<Frame>, frame: f
             Ok(n) => {
                 if tx
                     .send(frame(Bytes::copy_from_slice(&buf[..n])))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Newlines of a terminal exec's output, made what a terminal shows: `\r\n`, once.
+///
+/// The runtime clears ONLCR on the container's terminal when it receives it, while the
+/// process may already be writing: what it wrote before comes as `\r\n`, what after as a
+/// bare `\n` (about one exec in seven when four run at once, here). Its own copy to our
+/// terminal then translates nothing (see [`open_pty`]), so every bare `\n` becomes `\r\n`
+/// here, and one that already follows a `\r` stays as it is, even across reads.
+#[derive(Debug, Default)]
+struct Newlines {
+    /// The last byte passed on was `\r`.
+    after_cr: bool,
+}
+
+impl Newlines {
+    fn apply(&mut self, input: &[u8]) -> Bytes {
+        let mut out = Vec::with_capacity(input.len() + input.len() / 16);
+        for &b in input {
+            if b == b'\n' && !self.after_cr {
+                out.push(b'\r');
+            }
+            out.push(b);
+            self.after_cr = b == b'\r';
+        }
+        Bytes::from(out)
+    }
+}
+
+/// [`pump`] for a terminal's output, its newlines made `\r\n` ([`Newlines`]).
+async fn pump_terminal(mut src: impl AsyncRead + Unpin, tx: mpsc::Sender<Frame>) {
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut newlines = Newlines::default();
+    loop {
+        match src.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if tx
+                    .send(Frame::Stdout(newlines.apply(&buf[..n])))
                     .await
                     .is_err()
                 {
@@ -249,7 +296,7 @@ async fn run_tty<R: AsyncRead + Unpin>(
     let master_w = master.try_clone().map_err(|e| format!("terminal: {e}"))?;
     let reader = tokio::fs::File::from_std(std::fs::File::from(master));
     let mut writer = tokio::fs::File::from_std(std::fs::File::from(master_w));
-    let out = tokio::spawn(pump(reader, tx.clone(), Frame::Stdout));
+    let out = tokio::spawn(pump_terminal(reader, tx.clone()));
     let input = async {
         while let Some(f) = next_frame(rd, pid).await {
             match f {
@@ -298,8 +345,12 @@ fn open_pty(cols: u16, rows: u16) -> std::io::Result<(OwnedFd, OwnedFd)> {
     )?;
     // Raw: this terminal only carries bytes between the client and the container's own
     // terminal (which echoes and edits lines); it must not echo or translate them again.
+    // Without ONLCR too: the runtime turns output processing (OPOST) back on when it takes
+    // this terminal as its own (keeping the other output flags), and a newline the container's
+    // terminal had already turned into `\r\n` came out as `\r\r\n` (see [`Newlines`]).
     let mut t = rustix::termios::tcgetattr(&slave)?;
     t.make_raw();
+    t.output_modes.remove(rustix::termios::OutputModes::ONLCR);
     rustix::termios::tcsetattr(&slave, rustix::termios::OptionalActions::Now, &t)?;
     rustix::termios::tcsetwinsize(
         &master,
@@ -311,4 +362,23 @@ fn open_pty(cols: u16, rows: u16) -> std::io::Result<(OwnedFd, OwnedFd)> {
         },
     )?;
     Ok((master, slave))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_newlines_become_crlf_once_even_across_reads() {
+        let mut n = Newlines::default();
+        assert_eq!(&n.apply(b"24 80\n")[..], b"24 80\r\n");
+        assert_eq!(&n.apply(b"a\r\nb\n\n")[..], b"a\r\nb\r\n\r\n");
+        // A `\r` at the end of one read, its `\n` at the start of the next.
+        assert_eq!(&n.apply(b"c\r")[..], b"c\r");
+        assert_eq!(&n.apply(b"\nd")[..], b"\nd");
+        assert_eq!(&n.apply(b"\n")[..], b"\r\n");
+        // Carriage returns alone (a progress line) pass as they are.
+        assert_eq!(&n.apply(b"50%\r60%\r")[..], b"50%\r60%\r");
+        assert_eq!(&n.apply(b"")[..], b"");
+    }
 }

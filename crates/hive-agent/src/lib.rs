@@ -13,6 +13,8 @@
 //!   and keeps every network's remote endpoints in step with the API.
 //! - [`discovery`]: service VIPs balanced inside each instance's namespace, and its
 //!   resolver of the tenant's names.
+//! - [`datadir`]: the data dir's lock (held while the agent runs) and its node record.
+//! - [`down`]: removes what a node made once its agent is gone (`hive down`).
 //! - [`api`]: the agent's HTTP API for the server (container logs, [`exec`] sessions),
 //!   checked with node proxy tokens.
 //!
@@ -20,7 +22,9 @@
 //! store.
 
 pub mod api;
+pub mod datadir;
 pub mod discovery;
+pub mod down;
 pub mod exec;
 pub mod image;
 pub mod network;

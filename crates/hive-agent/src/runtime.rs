@@ -5,6 +5,7 @@
 //! ([`shim`]), which outlives the agent, holds the container's output ([`logs`]) and records
 //! its exit; [`oci`] drives runc or crun.
 
+pub(crate) mod cgroups;
 pub mod logs;
 pub mod oci;
 pub mod shim;
@@ -12,5 +13,8 @@ pub mod spec;
 
 mod containers;
 
-pub use containers::{ContainerError, ContainerState, Containers, ShimCommand};
+pub(crate) use containers::is_supervisor_of;
+pub use containers::{
+    ContainerError, ContainerState, Containers, ShimCommand, runtime_of_container,
+};
 pub use oci::{OciRuntime, RuntimeKind};

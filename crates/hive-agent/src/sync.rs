@@ -227,6 +227,7 @@ impl Agent {
     }
 
     async fn run_local(mut self) {
+        self.clear_unfinished().await;
         if let Some(cfg) = &self.cfg.net {
             match cfg.open().await {
                 Ok(net) => self.net = Some(net),
@@ -821,6 +822,27 @@ impl Agent {
         Some(u)
     }
 
+    /// Before the loop acts: removes what starts cut short by a crash left (containers that
+    /// never ran, and everything the runtime made of them: see [`Containers::unfinished`]),
+    /// and root filesystems composed for a container that was never made. Containers that
+    /// ran are left to be adopted.
+    async fn clear_unfinished(&mut self) {
+        for id in self.containers.unfinished() {
+            tracing::info!(container = %id, "removing what an unfinished start left");
+            self.remove(&id).await;
+        }
+        let have: HashSet<String> = self.containers.list().into_iter().collect();
+        for id in self.images.instance_ids() {
+            if have.contains(&id) {
+                continue;
+            }
+            tracing::info!(container = %id, "removing a root filesystem without a container");
+            for e in self.images.release_rootfs(&id) {
+                tracing::warn!(container = %id, error = %e, "release rootfs");
+            }
+        }
+    }
+
     /// Removes a container that no longer runs, and its root filesystem.
     async fn remove(&mut self, id: &str) {
         self.probes.remove(id);
@@ -1098,6 +1120,9 @@ async fn watch_tenants(
                 revision: s.revision,
                 objects: s.instances,
             });
+            // A cache that becomes complete pokes the loop too: with nothing to replay no
+            // object changes, and the loop would only notice at its next tick.
+            let (mut ready_seen, mut groups_ready_seen) = (ready.clone(), groups_ready.clone());
             c.tenants.insert(
                 t.clone(),
                 TenantCache {
@@ -1133,7 +1158,12 @@ async fn watch_tenants(
                         groups_synced,
                     ));
                     let s = tokio::spawn(reflect(client, Some(tenant), services, itx));
-                    while irx.recv().await.is_some() {
+                    loop {
+                        tokio::select! {
+                            changed = irx.recv() => if changed.is_none() { break },
+                            Ok(()) = ready_seen.changed() => {}
+                            Ok(()) = groups_ready_seen.changed() => {}
+                        }
                         if poke.send(()).is_err() {
                             break;
                         }

@@ -11,7 +11,9 @@ pub enum WatchEventType {
     Added,
     Modified,
     Deleted,
-    /// No change: the stream is alive and has seen everything up to `revision`.
+    /// No change: every event up to `revision` has been sent. Once as soon as the replay of
+    /// history is over (at the server's revision when the watch opened), then every bookmark
+    /// interval while the stream is idle.
     Bookmark,
     /// The stream ends; `error` says why (`revision_compacted`: list again).
     Error,

@@ -9,6 +9,7 @@ mod ha;
 mod images;
 mod net;
 mod registry;
+mod restart;
 mod runtime;
 mod scheduler;
 mod start;
@@ -39,6 +40,9 @@ enum Command {
     /// Container start through Hive (warm, cold, density), against the bare runtimes and
     /// podman.
     Start(start::StartArgs),
+    /// Restart of `hive up` with containers running: time until the agent's instance cache
+    /// is complete again (resumed from its saved revision).
+    Restart(restart::RestartArgs),
     /// Tenant networks: overlay TCP throughput against the underlay, per-instance setup
     /// time, rule update time with 1,000 instances on a node.
     Net(net::NetArgs),
@@ -63,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         Command::Runtime(args) => runtime::run(args),
         Command::Registry(args) => registry::run(args),
         Command::Start(args) => start::run(args),
+        Command::Restart(args) => restart::run(args),
         Command::Net(args) => net::run(args),
         Command::Scheduler(args) => scheduler::run(args),
         Command::Ha(args) => ha::run(args),

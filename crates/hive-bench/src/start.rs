@@ -14,7 +14,9 @@
 //!   memory of `hive up` (server and agent are one process) over 10 idle seconds, and the
 //!   memory of the per-container supervisors.
 //!
-//! Hive is the real `hive up` binary in a temporary data dir. Last line: `warm_p50_ms=…
+//! Hive is the real `hive up` binary in a temporary data dir, with a network prefix of the
+//! run's own (`hb` + 4 hex digits, unless `--up-arg=--net-prefix=…`); `hive down` removes
+//! what it made once it is stopped, however the run ends. Last line: `warm_p50_ms=…
 //! bare_p50_ms=… podman_p50_ms=… ratio_to_bare=… ratio_to_podman=… cold_ratio_to_podman=…`
 //! and more (ratios are Hive ÷ peer: smaller is better).
 
@@ -72,6 +74,56 @@ impl Drop for HiveUp {
     }
 }
 
+/// Runs `hive down` on a `hive up` data dir when dropped, after the `hive up` (declared after
+/// it, so dropped before it) is gone: a benchmark leaves no container, mount, cgroup or
+/// network state behind, whether it ends well or not.
+pub(crate) struct DownOnDrop {
+    pub(crate) hive: PathBuf,
+    pub(crate) data: PathBuf,
+}
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        if !self.data.join("agent").exists() {
+            return;
+        }
+        let out = Command::new(&self.hive)
+            .arg("down")
+            .arg("--data-dir")
+            .arg(&self.data)
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                for line in String::from_utf8_lossy(&o.stdout).lines() {
+                    eprintln!("hive down: {line}");
+                }
+            }
+            Ok(o) => eprintln!(
+                "hive down of {} failed ({}): {}{}",
+                self.data.display(),
+                o.status,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => eprintln!("hive down of {}: {e}", self.data.display()),
+        }
+    }
+}
+
+/// `extra` with a network prefix of this run's own unless it names one: the host's node
+/// (prefix `hive`) and other runs keep their links, namespaces and tables.
+pub(crate) fn with_own_prefix(extra: &[String]) -> Vec<String> {
+    let mut args = extra.to_vec();
+    if !extra.iter().any(|a| a.starts_with("--net-prefix")) {
+        args.push(format!(
+            "--net-prefix=hb{:04x}",
+            std::process::id() & 0xffff
+        ));
+    }
+    args
+}
+
 fn start_hive(
     hive: &Path,
     runtime: &str,
@@ -90,7 +142,7 @@ fn start_hive(
     ])
     .arg("--data-dir")
     .arg(data)
-    .args(extra)
+    .args(with_own_prefix(extra))
     .env("HIVE_CONFIG", cli_config);
     spawn_api(cmd, "hive up: API at ", data)
 }
@@ -143,7 +195,7 @@ pub(crate) fn spawn_api(mut cmd: Command, marker: &str, data: &Path) -> Result<H
     bail!("hive did not report its address ({marker}…) in 30 s")
 }
 
-fn service(name: &str, image: &str, args: &[&str]) -> Service {
+pub(crate) fn service(name: &str, image: &str, args: &[&str]) -> Service {
     Service {
         name: name.to_owned(),
         spec: ServiceSpec {
@@ -165,7 +217,11 @@ fn service(name: &str, image: &str, args: &[&str]) -> Service {
 type Breakdown = [f64; 3];
 
 /// Creates `svc` and returns the time until `count` of its instances are reported running.
-async fn create_and_wait(client: &Client, svc: &Service, count: usize) -> Result<Duration> {
+pub(crate) async fn create_and_wait(
+    client: &Client,
+    svc: &Service,
+    count: usize,
+) -> Result<Duration> {
     create_and_wait_traced(client, svc, count)
         .await
         .map(|(d, _)| d)
@@ -222,7 +278,7 @@ async fn create_and_wait_traced(
 }
 
 /// Deletes every service and waits until the node has no container left.
-async fn clean(client: &Client, data: &Path) -> Result<()> {
+pub(crate) async fn clean(client: &Client, data: &Path) -> Result<()> {
     let tenant = Some("default");
     for s in client.list::<Service>(tenant).await?.items {
         client.delete::<Service>(tenant, &s.name).await?;
@@ -241,7 +297,7 @@ async fn clean(client: &Client, data: &Path) -> Result<()> {
     Ok(())
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -320,7 +376,7 @@ fn podman_cold(root: &Path, image: &str, creds: &str) -> Result<f64> {
     Ok(el)
 }
 
-fn push(layout: &Path, dest: &str, creds: &str) -> Result<()> {
+pub(crate) fn push(layout: &Path, dest: &str, creds: &str) -> Result<()> {
     sh(
         "skopeo",
         &[
@@ -396,6 +452,10 @@ pub fn run(args: StartArgs) -> Result<()> {
         .prefix("hive-bench-start-")
         .tempdir()?;
     let data = dir.path().join("hive");
+    let _down = DownOnDrop {
+        hive: hive.clone(),
+        data: data.clone(),
+    };
     let up = start_hive(
         &hive,
         &args.runtime,

@@ -76,10 +76,11 @@ pub struct Saved<R> {
     pub objects: Vec<R>,
 }
 
-/// Once no event has come for this long after a resume, the replayed history is over. (The
-/// watch does not mark the end of its replay; an event at or past the server's revision at
-/// the resume ends it sooner.)
-pub const CATCH_UP_QUIET: Duration = Duration::from_millis(500);
+/// The end of a resume's catch-up is the server's `BOOKMARK` at or past its revision at the
+/// resume (sent as soon as the replay is over), or an event at or past it. Only a server
+/// that never marks the end of its replay (one from before that bookmark) leaves this: once
+/// no event has come for this long, the replayed history is taken to be over.
+pub const CATCH_UP_QUIET: Duration = Duration::from_secs(2);
 
 /// [`reflect_synced`], starting from `resume` when given: the saved objects go into the store
 /// and the watch starts from their revision, so only what changed since is read. `synced` is
@@ -205,7 +206,8 @@ pub async fn reflect_resumable<R: Resource>(
                 Some(_) => match tokio::time::timeout(CATCH_UP_QUIET, stream.next()).await {
                     Ok(item) => item,
                     Err(_) => {
-                        // Quiet: the history since the saved revision was all replayed.
+                        // Quiet, and no mark: a server that does not send one.
+                        tracing::info!(%tenant, kind = R::KIND, "no bookmark ended the catch-up; taking {CATCH_UP_QUIET:?} without events for its end");
                         catching_up = None;
                         caught_up(&cursor, &synced, tenant, R::KIND);
                         continue;
@@ -227,6 +229,19 @@ pub async fn reflect_resumable<R: Resource>(
                         None => "watch: error".into(),
                     };
                     break;
+                }
+                (WatchEventType::Bookmark, _) => {
+                    // The server has sent every event up to it: the replay is over.
+                    if catching_up.is_some_and(|to| ev.revision >= to) {
+                        catching_up = None;
+                        {
+                            // Nothing changed up to it: the contents are at its revision.
+                            let _s = store.lock().await;
+                            cursor.send_modify(|c| c.revision = c.revision.max(ev.revision));
+                        }
+                        caught_up(&cursor, &synced, tenant, R::KIND);
+                    }
+                    continue;
                 }
                 _ => continue,
             };

@@ -227,16 +227,45 @@ pub struct NodeNet {
     services: services::Tables,
 }
 
+/// What of one prefix exists in a node's namespace: what [`NodeNet::teardown_all`] removes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Owned {
+    /// Ports, bridges, VXLAN devices and router links.
+    pub links: Vec<String>,
+    /// Files in the netns directory: instances' `{prefix}-{key}`, routers' `{prefix}_r{vni}`.
+    pub netns: Vec<String>,
+    /// nftables tables of the node's namespace, as `family name` (`bridge hive`).
+    pub tables: Vec<String>,
+}
+
+impl Owned {
+    pub fn is_empty(&self) -> bool {
+        self.links.is_empty() && self.netns.is_empty() && self.tables.is_empty()
+    }
+}
+
 impl NodeNet {
     /// Prepares the node: sysctls, the netns directory, the nft table. Idempotent.
     pub async fn open(cfg: NodeNetConfig) -> Result<NodeNet, NetError> {
+        Self::open_as(cfg, true).await
+    }
+
+    /// Opens the node's data plane only to see or remove what its prefix left
+    /// ([`NodeNet::owned`], [`NodeNet::teardown_all`]), changing nothing on the way: no
+    /// sysctl, no table, no netns directory. A missing underlay device only means that no
+    /// bandwidth classes are looked for.
+    pub async fn open_existing(cfg: NodeNetConfig) -> Result<NodeNet, NetError> {
+        Self::open_as(cfg, false).await
+    }
+
+    async fn open_as(cfg: NodeNetConfig, prepare: bool) -> Result<NodeNet, NetError> {
         let names = names::Names::new(&cfg.prefix)?;
         let node_ns = match &cfg.node_netns {
             Some(p) => netns::open(p)?,
             None => netns::current()?,
         };
-        let (socket, nf) = netns::run_in(&node_ns, "node namespace setup", || {
-            for (k, v) in NODE_SYSCTLS {
+        let (socket, nf) = netns::run_in(&node_ns, "node namespace setup", move || {
+            for (k, v) in NODE_SYSCTLS.iter().filter(|_| prepare) {
                 match netns::write_sysctl(k, v) {
                     // No br_netfilter in this kernel: nothing to turn off.
                     Err(e) if e.errno() == Some(nix::libc::ENOENT) => {}
@@ -247,14 +276,28 @@ impl NodeNet {
         })
         .await?;
         let handle = netns::handle_from_socket(socket)?;
-        let underlay = link::get(&handle, &cfg.underlay_dev)
-            .await?
-            .ok_or_else(|| {
-                NetError::invalid(
-                    "underlay_dev",
-                    format!("{}: no such interface", cfg.underlay_dev),
-                )
-            })?;
+        let underlay = link::get(&handle, &cfg.underlay_dev).await?;
+        if !prepare {
+            let (underlay_index, mtu) = underlay.map_or((0, 0), |u| (u.index, u.mtu));
+            return Ok(NodeNet {
+                mtu: mtu.saturating_sub(VXLAN_OVERHEAD),
+                underlay_index,
+                names,
+                node_ns,
+                handle,
+                nf,
+                cfg,
+                shaping: AtomicBool::new(false),
+                dns: dns::Resolvers::default(),
+                services: services::Tables::default(),
+            });
+        }
+        let underlay = underlay.ok_or_else(|| {
+            NetError::invalid(
+                "underlay_dev",
+                format!("{}: no such interface", cfg.underlay_dev),
+            )
+        })?;
         let mtu = underlay.mtu.saturating_sub(VXLAN_OVERHEAD);
         if mtu < 576 {
             return Err(NetError::invalid(
@@ -664,13 +707,18 @@ impl NodeNet {
                 errors.push(e);
             }
         }
-        // Classes of ports that are gone (a port's class is named by its veth's index).
+        // Classes of ports that are gone (a port's class is named by its veth's index). No
+        // underlay device (opened to tear down after it went): no classes either.
         let live: HashSet<u32> = links
             .iter()
             .filter(|l| keep_ports.contains(&l.name))
             .filter_map(|l| qos::class_of(l.index).ok())
             .collect();
-        match qos::port_classes(&self.node_ns, &self.cfg.underlay_dev).await {
+        let classes = match self.underlay_index {
+            0 => Ok(Vec::new()),
+            _ => qos::port_classes(&self.node_ns, &self.cfg.underlay_dev).await,
+        };
+        match classes {
             Ok(classes) => {
                 for c in classes.into_iter().filter(|c| !live.contains(c)) {
                     if let Err(e) = qos::remove_port(&self.node_ns, &self.cfg.underlay_dev, c).await
@@ -715,6 +763,41 @@ impl NodeNet {
         NetError::collect(errors)
     }
 
+    /// What of this prefix exists: links, namespace files, tables of the node's namespace.
+    pub async fn owned(&self) -> Result<Owned, NetError> {
+        let mut links: Vec<String> = link::list(&self.handle)
+            .await?
+            .into_iter()
+            .map(|l| l.name)
+            .filter(|n| {
+                self.names.is_port(n)
+                    || self.names.parse_bridge(n).is_some()
+                    || self.names.parse_vxlan(n).is_some()
+                    || self.parse_router_link(n).is_some()
+            })
+            .collect();
+        links.sort();
+        let netns = netns::list_dir(&self.cfg.netns_dir)?
+            .into_iter()
+            .filter(|f| self.names.parse_netns(f).is_some() || self.parse_router_netns(f).is_some())
+            .collect();
+        let ours = [
+            ("bridge", self.names.table().to_owned()),
+            ("ip", self.node_pub_table()),
+        ];
+        let tables = nft::list_tables(&self.node_ns)
+            .await?
+            .into_iter()
+            .filter(|(family, name)| ours.iter().any(|(f, n)| f == family && n == name))
+            .map(|(family, name)| format!("{family} {name}"))
+            .collect();
+        Ok(Owned {
+            links,
+            netns,
+            tables,
+        })
+    }
+
     /// Removes everything of this prefix, the nft table included (node sysctls stay).
     pub async fn teardown_all(&self) -> Result<(), NetError> {
         self.dns.clear();
@@ -726,7 +809,9 @@ impl NodeNet {
         if let Err(e) = self.remove_node_pub_table().await {
             errors.push(e);
         }
-        if let Err(e) = qos::remove_uplink(&self.node_ns, &self.cfg.underlay_dev).await {
+        if self.underlay_index != 0
+            && let Err(e) = qos::remove_uplink(&self.node_ns, &self.cfg.underlay_dev).await
+        {
             errors.push(e);
         }
         self.shaping.store(false, Ordering::Relaxed);

@@ -392,6 +392,21 @@ async fn list(ns: &File, what: &[&str]) -> Result<Option<Vec<Value>>, NetError> 
     }
 }
 
+/// Every table of the namespace, as `(family, name)`.
+pub(crate) async fn list_tables(ns: &File) -> Result<Vec<(String, String)>, NetError> {
+    let items = list(ns, &["tables"]).await?.unwrap_or_default();
+    Ok(items
+        .iter()
+        .filter_map(|i| {
+            let t = &i["table"];
+            Some((
+                t["family"].as_str()?.to_owned(),
+                t["name"].as_str()?.to_owned(),
+            ))
+        })
+        .collect())
+}
+
 /// Drop counters of one port's `_in` chain, summed by rule comment.
 pub(crate) fn port_counters(
     nf: &nfnl::NfSocket,

@@ -96,7 +96,7 @@ fn gateway_mac(gw: Ipv4Addr) -> [u8; 6] {
 }
 
 impl NodeNet {
-    fn node_pub_table(&self) -> String {
+    pub(crate) fn node_pub_table(&self) -> String {
         format!("{}pub", self.names.table())
     }
 

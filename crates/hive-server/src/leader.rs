@@ -240,6 +240,14 @@ mod tests {
             self.check()?;
             self.inner.watch(prefix, after).await
         }
+        async fn watch_synced(
+            &self,
+            prefix: &str,
+            after: Revision,
+        ) -> Result<hive_store::SyncedWatchStream> {
+            self.check()?;
+            self.inner.watch_synced(prefix, after).await
+        }
         async fn compact(&self, revision: Revision) -> Result<()> {
             self.check()?;
             self.inner.compact(revision).await

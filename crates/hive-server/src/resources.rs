@@ -19,7 +19,10 @@ use hive_api::{
     ApiErrorBody, ErrorCode, Event, EventType, Instance, List, Network, ObjectRef, Resource, Role,
     Scope, Service, Tenant, WatchEvent, WatchEventType,
 };
-use hive_store::{ConflictKind, EventKind, KeyValue, Op, Revision, Store, StoreError, WatchStream};
+use hive_store::{
+    ConflictKind, EventKind, KeyValue, Op, Revision, Store, StoreError, SyncedWatchStream,
+    WatchItem,
+};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -867,8 +870,10 @@ pub async fn delete<R: Served>(
     }
 }
 
-/// Streams changes under `prefix` after `after` (default: now) as newline-delimited JSON,
-/// with a `BOOKMARK` line every bookmark interval while idle.
+/// Streams changes under `prefix` after `after` (default: now) as newline-delimited JSON:
+/// a `BOOKMARK` at the revision the server was at when the watch opened as soon as every
+/// event up to it has been sent (the end of the replay, which a resuming client waits for),
+/// and another every bookmark interval while idle.
 pub async fn watch<R: Resource>(
     st: &AppState,
     prefix: &str,
@@ -878,7 +883,7 @@ pub async fn watch<R: Resource>(
         Some(r) => r,
         None => st.store.current_revision().await?,
     };
-    let stream = st.store.watch(prefix, after).await?;
+    let stream = st.store.watch_synced(prefix, after).await?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     tokio::spawn(pump::<R>(st.clone(), stream, tx, after));
     let mut response = Response::new(Body::from_stream(ReceiverStream::new(rx)));
@@ -926,24 +931,37 @@ fn to_watch_event<R: Resource>(ev: &hive_store::Event) -> ApiResult<WatchEvent<R
 
 async fn pump<R: Resource>(
     st: AppState,
-    mut stream: WatchStream,
+    mut stream: SyncedWatchStream,
     tx: mpsc::Sender<Result<Bytes, Infallible>>,
     mut last: Revision,
 ) {
     let mut tick = tokio::time::interval(st.config.bookmark_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    let bookmark = |revision| {
+        line::<R>(&WatchEvent {
+            type_: WatchEventType::Bookmark,
+            revision,
+            object: None,
+            error: None,
+        })
+    };
     loop {
         let out = tokio::select! {
             _ = tx.closed() => return,
             _ = st.closed() => return,
             item = stream.next() => match item {
-                Some(Ok(ev)) => {
+                Some(Ok(WatchItem::Event(ev))) => {
                     last = ev.revision();
                     match to_watch_event::<R>(&ev) {
                         Ok(we) => line(&we),
                         Err(_) => continue,
                     }
+                }
+                // The replay is over: said at once, not at the next idle tick.
+                Some(Ok(WatchItem::Synced(revision))) => {
+                    last = last.max(revision);
+                    bookmark(last)
                 }
                 Some(Err(e)) => {
                     let err = ApiError::from(e);
@@ -953,7 +971,7 @@ async fn pump<R: Resource>(
                 }
                 None => return,
             },
-            _ = tick.tick() => line::<R>(&WatchEvent { type_: WatchEventType::Bookmark, revision: last, object: None, error: None }),
+            _ = tick.tick() => bookmark(last),
         };
         if tx.send(Ok(out)).await.is_err() {
             return;

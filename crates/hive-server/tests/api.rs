@@ -871,8 +871,7 @@ async fn deleting_a_tenant_removes_everything_and_old_tokens_stay_dead() {
     .await;
 }
 
-async fn read_lines(body: Body, n: usize) -> Vec<Value> {
-    let mut body = body;
+async fn read_lines(body: &mut Body, n: usize) -> Vec<Value> {
     let mut buf = Vec::new();
     let mut out = Vec::new();
     while out.len() < n {
@@ -930,7 +929,7 @@ async fn watch_streams_changes_resumes_and_reports_compaction() {
     let resp = h.app.clone().oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/x-ndjson");
-    let lines = read_lines(resp.into_body(), 4).await;
+    let lines = read_lines(&mut resp.into_body(), 4).await;
     let types: Vec<&str> = lines.iter().map(|l| l["type"].as_str().unwrap()).collect();
     assert_eq!(types, ["ADDED", "MODIFIED", "DELETED", "BOOKMARK"]);
     assert_eq!(lines[1]["object"]["spec"]["replicas"], 4);
@@ -961,6 +960,88 @@ async fn watch_streams_changes_resumes_and_reports_compaction() {
         "{}",
         r.body
     );
+}
+
+/// Opens a watch of `path` for `token`; answers its body.
+async fn open_watch(h: &Harness, path: &str, revision: u64) -> Body {
+    let req = Request::get(format!("{path}?watch=true&revision={revision}"))
+        .header(header::AUTHORIZATION, format!("Bearer {}", h.admin))
+        .body(Body::empty())
+        .unwrap();
+    let resp = h.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body()
+}
+
+#[tokio::test]
+async fn a_watch_marks_the_end_of_its_replay_with_a_bookmark_at_once() {
+    // Idle bookmarks an hour apart: any bookmark seen here marks the end of a replay.
+    let h = harness_with(|c| c.bookmark_interval = Duration::from_secs(3600)).await;
+    h.tenant("acme").await;
+    h.tenant("other").await;
+    let from = h.ok(Method::GET, &svc_path("acme"), &h.admin, None).await["revision"]
+        .as_u64()
+        .unwrap();
+    let web = h
+        .ok(
+            Method::POST,
+            &svc_path("acme"),
+            &h.admin,
+            Some(service("web")),
+        )
+        .await;
+    let quiet = web["revision"].as_u64().unwrap();
+    // Writes elsewhere move the store on; nothing under acme's services changes.
+    for name in ["a", "b", "c"] {
+        h.ok(
+            Method::POST,
+            &svc_path("other"),
+            &h.admin,
+            Some(service(name)),
+        )
+        .await;
+    }
+    let now = h.store.current_revision().await.unwrap();
+    assert!(now > quiet);
+
+    // The replayed event, then the mark at the server's revision, without waiting.
+    let t0 = std::time::Instant::now();
+    let mut body = open_watch(&h, &svc_path("acme"), from).await;
+    let lines = read_lines(&mut body, 2).await;
+    assert_eq!(
+        (
+            lines[0]["type"].as_str(),
+            lines[0]["object"]["name"].as_str()
+        ),
+        (Some("ADDED"), Some("web"))
+    );
+    assert_eq!(lines[1], json!({"type": "BOOKMARK", "revision": now}));
+    // Nothing to replay at all: the mark alone, at once.
+    let mut idle = open_watch(&h, &svc_path("acme"), quiet).await;
+    assert_eq!(
+        read_lines(&mut idle, 1).await,
+        [json!({"type": "BOOKMARK", "revision": now})]
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "the marks took {:?}",
+        t0.elapsed()
+    );
+    // Then live events, and no second mark.
+    h.ok(
+        Method::POST,
+        &svc_path("acme"),
+        &h.admin,
+        Some(service("api")),
+    )
+    .await;
+    for body in [&mut body, &mut idle] {
+        let live = read_lines(body, 1).await;
+        assert_eq!(
+            (live[0]["type"].as_str(), live[0]["object"]["name"].as_str()),
+            (Some("ADDED"), Some("api"))
+        );
+    }
 }
 
 #[tokio::test]

@@ -21,7 +21,8 @@
 //!
 //! **Watches** from a revision still in `history` are served from it (many watchers cost the
 //! store one watch); older ones, and watchers that fall behind `history`, get a watch on the
-//! store instead, which relists them if the store compacted what they need.
+//! store instead, which relists them if the store compacted what they need. A synced watch
+//! marks the end of its replay at the revision the cache had applied when it opened.
 //!
 //! It relies on two properties every backend has (the conformance suite checks both): a
 //! revision exists only if it changed something (so a watch on everything sees every
@@ -40,7 +41,7 @@ use tokio::time::Instant;
 
 use crate::{
     Event, EventKind, GetResponse, KeyValue, ListResponse, Op, Result, Revision, Store, StoreError,
-    TxnResponse, WatchStream,
+    SyncedWatchStream, TxnResponse, WatchItem, WatchStream,
 };
 
 /// Keys per page of the initial listing.
@@ -359,30 +360,25 @@ impl Store for WatchCache {
     }
 
     async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream> {
-        let compacted = self.shared.compacted.load(Ordering::Acquire);
-        if after < compacted {
-            return Err(StoreError::Compacted {
-                requested: after,
-                compacted,
-            });
-        }
-        if after < self.shared.read().history_from {
+        let Some(watch) = self.cache_watch(prefix, after, false)? else {
             return self.inner.watch(prefix, after).await;
-        }
-        let watch = CacheWatch {
-            inner: self.inner.clone(),
-            shared: self.shared.clone(),
-            rx: self.shared.applied.subscribe(),
-            prefix: prefix.to_owned(),
-            cursor: after,
-            buf: VecDeque::new(),
-            fallback: None,
-            done: false,
         };
-        Ok(Box::pin(futures_util::stream::unfold(
-            watch,
-            |mut w| async move { w.next().await.map(|item| (item, w)) },
-        )))
+        Ok(Box::pin(watch.items().filter_map(|item| {
+            std::future::ready(match item {
+                Ok(WatchItem::Event(event)) => Some(Ok(event)),
+                Ok(WatchItem::Synced(_)) => None,
+                Err(err) => Some(Err(err)),
+            })
+        })))
+    }
+
+    async fn watch_synced(&self, prefix: &str, after: Revision) -> Result<SyncedWatchStream> {
+        // As a read: the mark is at a revision at least as new as every write through here.
+        self.wait_for(0).await?;
+        match self.cache_watch(prefix, after, true)? {
+            Some(watch) => Ok(Box::pin(watch.items())),
+            None => self.inner.watch_synced(prefix, after).await,
+        }
     }
 
     async fn current_revision(&self) -> Result<Revision> {
@@ -402,6 +398,44 @@ impl Store for WatchCache {
         let compacted = self.inner.compacted_revision().await?;
         self.shared.compacted.fetch_max(compacted, Ordering::AcqRel);
         Ok(compacted)
+    }
+}
+
+impl WatchCache {
+    /// A watch served from `history`, or None when `after` is older than it (the store
+    /// serves that one). With `mark_synced`, it marks the end of its replay at the revision
+    /// the cache has applied now: the one this server's reads answer at.
+    fn cache_watch(
+        &self,
+        prefix: &str,
+        after: Revision,
+        mark_synced: bool,
+    ) -> Result<Option<CacheWatch>> {
+        let compacted = self.shared.compacted.load(Ordering::Acquire);
+        if after < compacted {
+            return Err(StoreError::Compacted {
+                requested: after,
+                compacted,
+            });
+        }
+        let (history_from, applied) = {
+            let data = self.shared.read();
+            (data.history_from, data.revision)
+        };
+        if after < history_from {
+            return Ok(None);
+        }
+        Ok(Some(CacheWatch {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            rx: self.shared.applied.subscribe(),
+            prefix: prefix.to_owned(),
+            cursor: after,
+            buf: VecDeque::new(),
+            synced_at: mark_synced.then_some(applied),
+            fallback: None,
+            done: false,
+        }))
     }
 }
 
@@ -541,24 +575,47 @@ struct CacheWatch {
     /// Every event at or before this revision has been handed out (or skipped).
     cursor: Revision,
     buf: VecDeque<Event>,
+    /// The revision to mark [`WatchItem::Synced`] at once the cursor has reached it; None
+    /// when not asked for, or once marked.
+    synced_at: Option<Revision>,
     /// A watch on the store, once this one fell behind the history.
-    fallback: Option<WatchStream>,
+    fallback: Option<SyncedWatchStream>,
     done: bool,
 }
 
 impl CacheWatch {
-    async fn next(&mut self) -> Option<Result<Event>> {
+    fn items(self) -> impl futures_util::Stream<Item = Result<WatchItem>> + Send + 'static {
+        futures_util::stream::unfold(
+            self,
+            |mut w| async move { w.next().await.map(|item| (item, w)) },
+        )
+    }
+
+    async fn next(&mut self) -> Option<Result<WatchItem>> {
         loop {
             if self.done {
                 return None;
             }
             if let Some(ev) = self.buf.pop_front() {
-                return Some(Ok(ev));
+                return Some(Ok(WatchItem::Event(ev)));
             }
             if let Some(stream) = &mut self.fallback {
                 let item = stream.next().await;
                 self.done = !matches!(item, Some(Ok(_)));
+                // The store's own mark (at its revision, past ours) stands for ours while
+                // ours is due.
+                if let Some(Ok(WatchItem::Synced(_))) = &item
+                    && self.synced_at.take().is_none()
+                {
+                    continue;
+                }
                 return item;
+            }
+            if let Some(at) = self.synced_at
+                && self.cursor >= at
+            {
+                self.synced_at = None;
+                return Some(Ok(WatchItem::Synced(at)));
             }
             if self.shared.closed.load(Ordering::Acquire) {
                 self.done = true;
@@ -595,7 +652,15 @@ impl CacheWatch {
                 }
             };
             if behind {
-                match self.inner.watch(&self.prefix, self.cursor).await {
+                let opened = match self.synced_at {
+                    Some(_) => self.inner.watch_synced(&self.prefix, self.cursor).await,
+                    None => self.inner.watch(&self.prefix, self.cursor).await.map(
+                        |events| -> SyncedWatchStream {
+                            Box::pin(events.map(|e| e.map(WatchItem::Event)))
+                        },
+                    ),
+                };
+                match opened {
                     Ok(stream) => self.fallback = Some(stream),
                     Err(e) => {
                         self.done = true;
@@ -604,7 +669,10 @@ impl CacheWatch {
                 }
                 continue;
             }
-            if self.buf.is_empty() && self.rx.changed().await.is_err() {
+            if self.buf.is_empty()
+                && self.synced_at.is_none_or(|at| self.cursor < at)
+                && self.rx.changed().await.is_err()
+            {
                 self.done = true;
                 return Some(Err(StoreError::Unavailable("store closed".into())));
             }

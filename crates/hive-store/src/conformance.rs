@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 
 use crate::{
     ConflictKind, Event, EventKind, MAX_KEY_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES, Op, Revision,
-    Store, StoreError, WatchStream,
+    Store, StoreError, SyncedWatchStream, WatchItem, WatchStream,
 };
 
 /// How long a case waits for an event that must come.
@@ -52,6 +52,9 @@ where
     case!(watch_from_future);
     case!(watch_prev_values);
     case!(watch_order_with_concurrent_writers);
+    case!(watch_synced_marks_the_end_of_the_replay);
+    case!(watch_synced_with_nothing_to_replay);
+    case!(watch_synced_from_compacted_history);
     case!(slow_watcher_gets_everything);
     case!(compaction);
     case!(compaction_overtaking_a_watcher);
@@ -103,6 +106,29 @@ async fn next_event(stream: &mut WatchStream, case: &str) -> Event {
         Ok(Some(Err(err))) => panic!("{case}: watch failed: {err}"),
         Ok(None) => panic!("{case}: watch ended"),
         Err(_) => panic!("{case}: no event within {EVENT_TIMEOUT:?}"),
+    }
+}
+
+async fn open_synced<S: Store>(
+    store: &S,
+    case: &str,
+    prefix: &str,
+    after: Revision,
+) -> SyncedWatchStream {
+    store
+        .watch_synced(prefix, after)
+        .await
+        .unwrap_or_else(|e| panic!("{case}: watch_synced {prefix} after {after} failed: {e}"))
+}
+
+/// The next item of a synced watch: `Ok(event)`, or `Err(revision)` for the mark.
+async fn next_item(stream: &mut SyncedWatchStream, case: &str) -> Result<Event, Revision> {
+    match tokio::time::timeout(EVENT_TIMEOUT, stream.next()).await {
+        Ok(Some(Ok(WatchItem::Event(event)))) => Ok(event),
+        Ok(Some(Ok(WatchItem::Synced(revision)))) => Err(revision),
+        Ok(Some(Err(err))) => panic!("{case}: watch failed: {err}"),
+        Ok(None) => panic!("{case}: watch ended"),
+        Err(_) => panic!("{case}: nothing within {EVENT_TIMEOUT:?}"),
     }
 }
 
@@ -1190,6 +1216,99 @@ pub async fn compaction_overtaking_a_watcher<S: Store>(store: Arc<S>) {
             }
         }
     }
+}
+
+/// A synced watch yields the replayed events under its prefix, then the mark at the store's
+/// revision when it opened (past events of other prefixes), then live events.
+pub async fn watch_synced_marks_the_end_of_the_replay<S: Store>(store: Arc<S>) {
+    let case = "watch_synced_marks_the_end_of_the_replay";
+    let p = "/conformance/wsync/";
+    let other = "/conformance/wsync-other/";
+    let r1 = commit(&*store, case, vec![put(&format!("{p}a"), "1")]).await;
+    commit(&*store, case, vec![put(&format!("{other}x"), "1")]).await;
+    let r3 = commit(&*store, case, vec![put(&format!("{p}b"), "1")]).await;
+    let r4 = commit(&*store, case, vec![put(&format!("{other}y"), "1")]).await;
+    let mut watch = open_synced(&*store, case, p, r1).await;
+    match next_item(&mut watch, case).await {
+        Ok(event) => assert_eq!(
+            (event.revision(), event.kv.key),
+            (r3, format!("{p}b")),
+            "{case}: replayed event"
+        ),
+        Err(mark) => panic!("{case}: marked synced at {mark} before the replayed event"),
+    }
+    assert_eq!(
+        next_item(&mut watch, case).await.map(|e| e.revision()),
+        Err(r4),
+        "{case}: the mark follows the replay, at the revision of the call"
+    );
+    let r5 = commit(&*store, case, vec![put(&format!("{p}c"), "1")]).await;
+    commit(&*store, case, vec![put(&format!("{other}z"), "1")]).await;
+    let r7 = commit(&*store, case, vec![put(&format!("{p}d"), "1")]).await;
+    for want in [r5, r7] {
+        assert_eq!(
+            next_item(&mut watch, case).await.map(|e| e.revision()),
+            Ok(want),
+            "{case}: live events, no second mark"
+        );
+    }
+}
+
+/// With no event under the prefix to replay, the mark comes at once, with no later write:
+/// from a past revision, from the current one and from the future.
+pub async fn watch_synced_with_nothing_to_replay<S: Store>(store: Arc<S>) {
+    let case = "watch_synced_with_nothing_to_replay";
+    let p = "/conformance/wsync-none/";
+    let base = commit(&*store, case, vec![put(&format!("{p}a"), "1")]).await;
+    for i in 0..3 {
+        commit(
+            &*store,
+            case,
+            vec![put(&format!("/conformance/elsewhere/{i}"), "1")],
+        )
+        .await;
+    }
+    let now = current(&*store, case).await;
+    for after in [base, now, now + 5] {
+        let t0 = std::time::Instant::now();
+        let mut watch = open_synced(&*store, case, p, after).await;
+        assert_eq!(
+            next_item(&mut watch, case).await.map(|e| e.revision()),
+            Err(now),
+            "{case}: after {after}"
+        );
+        // Not a quiet spell: the mark is what ends the replay.
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "{case}: after {after}: the mark took {:?}",
+            t0.elapsed()
+        );
+        if let Ok(item) = tokio::time::timeout(Duration::from_millis(300), watch.next()).await {
+            panic!("{case}: after {after}: expected nothing more, got {item:?}");
+        }
+    }
+}
+
+/// A synced watch from compacted history fails as a plain one does.
+pub async fn watch_synced_from_compacted_history<S: Store>(store: Arc<S>) {
+    let case = "watch_synced_from_compacted_history";
+    let p = "/conformance/wsync-compacted/";
+    let mut revisions = Vec::new();
+    for i in 0..3 {
+        revisions.push(commit(&*store, case, vec![put(&format!("{p}{i}"), "v")]).await);
+    }
+    store.compact(revisions[1]).await.expect("compact");
+    let compacted = match store.watch_synced(p, revisions[0]).await {
+        Err(e) => e,
+        Ok(mut watch) => match tokio::time::timeout(EVENT_TIMEOUT, watch.next()).await {
+            Ok(Some(Err(e))) => e,
+            other => panic!("{case}: watch below the compaction gave {other:?}"),
+        },
+    };
+    assert!(
+        matches!(compacted, StoreError::Compacted { .. }),
+        "{case}: {compacted}"
+    );
 }
 
 /// Malformed transactions are refused before anything is written.

@@ -38,8 +38,8 @@ use etcd_client::{GetOptions, WatchOptions};
 
 use self::members::{Failure, Member, Members};
 use crate::{
-    GetResponse, KeyValue, ListResponse, Op, Result, Revision, Store, StoreError, TxnResponse,
-    WatchStream, validate_ops,
+    GetResponse, KeyValue, ListResponse, Op, Result, Revision, Store, StoreError,
+    SyncedWatchStream, TxnResponse, WatchStream, validate_ops,
 };
 
 /// Where the etcd members are and how to talk to them.
@@ -266,6 +266,13 @@ impl Store for EtcdStore {
         self.check_not_compacted(after.max(1), after).await?;
         let (key, end) = prefix_range(prefix);
         watch::open(Arc::clone(&self.members), key, end, after).await
+    }
+
+    async fn watch_synced(&self, prefix: &str, after: Revision) -> Result<SyncedWatchStream> {
+        self.check_not_compacted(after.max(1), after).await?;
+        let at = self.current_revision().await?;
+        let (key, end) = prefix_range(prefix);
+        watch::open_synced(Arc::clone(&self.members), key, end, after, Some(at)).await
     }
 
     async fn current_revision(&self) -> Result<Revision> {

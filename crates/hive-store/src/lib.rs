@@ -11,7 +11,8 @@
 //! - watches deliver every change after a revision, in order, with the previous value, the
 //!   events of one revision together (once the first is yielded the rest are ready); a
 //!   watch from a revision that compaction already dropped fails with
-//!   [`StoreError::Compacted`] so the caller relists.
+//!   [`StoreError::Compacted`] so the caller relists; a watch may also mark where its replay
+//!   of history ends ([`Store::watch_synced`]).
 //!
 //! This crate knows nothing about Hive's resource types: keys are strings, values bytes.
 
@@ -167,6 +168,19 @@ impl Event {
 /// A stream of changes in revision order. It ends only with an error (or when dropped).
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<Event, StoreError>> + Send>>;
 
+/// What a [`Store::watch_synced`] stream yields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchItem {
+    Event(Event),
+    /// Every event under the prefix up to this revision, the store's when the watch opened,
+    /// has been yielded: the replay of history is over, what follows is live. Yielded once,
+    /// right after the last such event (at once when there is none).
+    Synced(Revision),
+}
+
+/// A [`WatchStream`] that also marks the end of its replay ([`WatchItem::Synced`]).
+pub type SyncedWatchStream = Pin<Box<dyn Stream<Item = Result<WatchItem, StoreError>> + Send>>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("key {key}: {kind}")]
@@ -224,6 +238,12 @@ pub trait Store: Send + Sync + 'static {
     /// stream's next item if compaction overtakes a slow watcher). A watcher that falls behind
     /// never blocks writers: it catches up from history.
     async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream>;
+
+    /// [`Store::watch`], and once every event up to the store's revision at the call has been
+    /// yielded, [`WatchItem::Synced`] with that revision: a watcher resuming from `after`
+    /// knows when it has caught up without waiting for a quiet spell (there may be no event
+    /// under the prefix at all). The events are exactly [`Store::watch`]'s.
+    async fn watch_synced(&self, prefix: &str, after: Revision) -> Result<SyncedWatchStream>;
 
     /// The latest committed revision.
     async fn current_revision(&self) -> Result<Revision>;

@@ -30,8 +30,8 @@ use tokio::sync::oneshot;
 use self::hub::Hub;
 use self::writer::{Request, Writer};
 use crate::{
-    GetResponse, ListResponse, Result, Revision, Store, StoreError, TxnResponse, WatchStream,
-    validate_ops,
+    GetResponse, ListResponse, Result, Revision, Store, StoreError, SyncedWatchStream, TxnResponse,
+    WatchStream, validate_ops,
 };
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
@@ -334,6 +334,10 @@ impl Store for RedbStore {
 
     async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream> {
         watch::watch(Arc::clone(&self.inner.shared), prefix.to_owned(), after).await
+    }
+
+    async fn watch_synced(&self, prefix: &str, after: Revision) -> Result<SyncedWatchStream> {
+        watch::watch_synced(Arc::clone(&self.inner.shared), prefix.to_owned(), after).await
     }
 
     async fn current_revision(&self) -> Result<Revision> {

@@ -37,6 +37,13 @@ impl Store for OwnEtcd {
     async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream> {
         self.store.watch(prefix, after).await
     }
+    async fn watch_synced(
+        &self,
+        prefix: &str,
+        after: Revision,
+    ) -> Result<hive_store::SyncedWatchStream> {
+        self.store.watch_synced(prefix, after).await
+    }
     async fn current_revision(&self) -> Result<Revision> {
         self.store.current_revision().await
     }

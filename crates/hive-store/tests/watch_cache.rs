@@ -189,3 +189,67 @@ async fn cut_off_from_etcd_the_cache_refuses_reads_beyond_its_bound_then_recover
         resumed.elapsed()
     );
 }
+
+/// A synced watch older than the cache's history is served by the store and still marks the
+/// end of its replay once: at the store's revision, after the replayed events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synced_watch_older_than_the_history_is_marked_by_the_store() {
+    use hive_store::WatchItem;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = redb(&dir);
+    let options = WatchCacheOptions {
+        history: 4,
+        ..Default::default()
+    };
+    let cache = WatchCache::start(store.clone(), options)
+        .await
+        .expect("start");
+    let first = cache
+        .txn(vec![put("/s/a", "1")])
+        .await
+        .expect("write")
+        .revision;
+    let mut wanted = Vec::new();
+    for i in 0..20 {
+        cache
+            .txn(vec![put(&format!("/elsewhere/{i}"), "1")])
+            .await
+            .expect("write");
+        if i % 5 == 0 {
+            wanted.push(
+                cache
+                    .txn(vec![put("/s/b", "1")])
+                    .await
+                    .expect("write")
+                    .revision,
+            );
+        }
+    }
+    let now = cache.current_revision().await.expect("revision");
+    let mut watch = cache.watch_synced("/s/", first).await.expect("watch");
+    let mut seen = Vec::new();
+    loop {
+        let item = tokio::time::timeout(Duration::from_secs(20), watch.next())
+            .await
+            .expect("nothing within 20 s")
+            .expect("stream ended")
+            .expect("watch error");
+        match item {
+            WatchItem::Event(e) => seen.push(e.revision()),
+            WatchItem::Synced(at) => {
+                assert!(at >= now, "marked at {at}, before {now}");
+                break;
+            }
+        }
+    }
+    assert_eq!(seen, wanted);
+    let live = cache
+        .txn(vec![put("/s/c", "1")])
+        .await
+        .expect("write")
+        .revision;
+    match tokio::time::timeout(Duration::from_secs(20), watch.next()).await {
+        Ok(Some(Ok(WatchItem::Event(e)))) => assert_eq!(e.revision(), live),
+        other => panic!("expected the live event, got {other:?}"),
+    }
+}

@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        // `hive exec` passes the process's exit code on.
+        // `hive exec` passes the process's exit code on; `hive rm` printed its failures.
         Err(e) if e.downcast_ref::<cli::workload::ExitWith>().is_some() => {
             let code = e
                 .downcast_ref::<cli::workload::ExitWith>()

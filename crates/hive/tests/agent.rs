@@ -433,6 +433,127 @@ fn containers_survive_a_kill_9_of_hive_up_and_are_adopted_again() {
 }
 
 #[test]
+fn a_starting_agent_removes_what_unfinished_starts_left_and_keeps_what_it_adopts() {
+    let mut s = setup();
+    let (cfg, image, data) = (s.cfg.clone(), s.image.clone(), s.data.clone());
+    ok(
+        &cfg,
+        &[
+            "service", "create", "keep", "--image", &image, "--", "sleep", "1000",
+        ],
+    );
+    let kept = wait_instance(&cfg, "keep", 60, |i| i["status"]["phase"] == "running");
+    let pid = kept["status"]["pid"].as_u64().unwrap();
+    let uid = kept["uid"].as_str().unwrap().to_owned();
+    let kept_cgroup = format!("/hive/default/{}", kept["name"].as_str().unwrap());
+    let agent = data.join("agent");
+    let kept_rootfs = agent.join("images/instances").join(&uid).join("rootfs");
+    s.up.child.kill().unwrap();
+    s.up.child.wait().unwrap();
+
+    // What a crash mid-start leaves. A root filesystem composed for a container whose
+    // directory was never made (an overlay mount):
+    let ghost = agent
+        .join("images/instances")
+        .join("0bad0000-0000-4000-8000-00000000000a");
+    let lower = data.join("ghost-lower");
+    for d in [
+        &lower,
+        &ghost.join("upper"),
+        &ghost.join("work"),
+        &ghost.join("rootfs"),
+    ] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    common::run(
+        "mount",
+        &[
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            &format!(
+                "lowerdir={},upperdir={},workdir={}",
+                lower.display(),
+                ghost.join("upper").display(),
+                ghost.join("work").display()
+            ),
+            ghost.join("rootfs").to_str().unwrap(),
+        ],
+    );
+    // A container the runtime never finished making: its bundle, no start record, the
+    // runtime's directory without its state, its cgroup in every hierarchy with a process
+    // in it (as runc's init waiting to be started would be).
+    let half = "0bad0000-0000-4000-8000-00000000000b";
+    let half_cgroup = format!("/hive/default/half-{}", s.up.netns.as_ref().unwrap().prefix);
+    let bundle = agent.join("containers").join(half).join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    let mut spec: Value = serde_json::from_slice(
+        &std::fs::read(
+            agent
+                .join("containers")
+                .join(&uid)
+                .join("bundle/config.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    spec["linux"]["cgroupsPath"] = Value::from(half_cgroup.clone());
+    std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+    std::fs::create_dir_all(agent.join("runtime").join(half)).unwrap();
+    let mut waiting = common::Killed(
+        std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap(),
+    );
+    let waiting_pid = waiting.0.id();
+    for root in common::cgroup_roots() {
+        let dir = root.join(half_cgroup.trim_start_matches('/'));
+        std::fs::create_dir_all(&dir).unwrap();
+        if root.ends_with("memory") || root.ends_with("pids") {
+            std::fs::write(dir.join("cgroup.procs"), waiting_pid.to_string()).unwrap();
+        }
+    }
+    assert!(common::cgroup_dirs(&half_cgroup).len() > 2);
+
+    // The restarted agent removes all of it before it acts, and keeps what ran.
+    let ns = s.up.netns.clone().unwrap();
+    s.up = start_up_in(&ns, &data, &cfg);
+    let mounted = |p: &Path| common::mounts().iter().any(|(m, _)| m == p);
+    until(
+        20,
+        "the leftovers of unfinished starts are still there",
+        || {
+            !mounted(&ghost.join("rootfs"))
+                && !ghost.exists()
+                && !agent.join("containers").join(half).exists()
+                && !agent.join("runtime").join(half).exists()
+                && common::cgroup_dirs(&half_cgroup).is_empty()
+        },
+    );
+    let _ = waiting.0.wait();
+    assert!(!common::alive(u64::from(waiting_pid)));
+    assert!(common::alive(pid), "the adopted container was killed");
+    assert!(
+        mounted(&kept_rootfs),
+        "the adopted container lost its rootfs"
+    );
+    assert!(common::cgroup_dirs(&kept_cgroup).len() > 2);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = wait_instance(&cfg, "keep", 10, |i| i["status"]["phase"] == "running");
+    assert_eq!(
+        (
+            after["status"]["pid"].as_u64(),
+            after["status"]["restarts"].as_u64()
+        ),
+        (Some(pid), Some(0)),
+        "{after:#}"
+    );
+    drop(s);
+}
+
+#[test]
 fn three_agents_one_killed_its_instances_run_elsewhere_and_it_cleans_up_when_back() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("cli.json");
@@ -1152,7 +1273,7 @@ fn a_restarted_agent_catches_up_from_its_saved_revision() {
 /// is not checked: runc clears `ONLCR` on the container's terminal only after the process may
 /// have written, so early output sometimes ends `\r\r\n` (seen before this fix as well; open).
 #[test]
-fn a_terminal_exec_has_its_size_from_the_start_even_under_load() {
+fn a_terminal_exec_has_its_size_and_crlf_newlines_from_the_start_even_under_load() {
     let s = setup();
     let (cfg, image) = (&s.cfg, &s.image);
     ok(
@@ -1168,12 +1289,13 @@ fn a_terminal_exec_has_its_size_from_the_start_even_under_load() {
                 scope.spawn(|| {
                     (0..12)
                         .filter_map(|_| {
-                            let out =
-                                common::hive(cfg, &["exec", "-t", "web", "sh", "-c", "stty size"]);
+                            let out = common::hive(
+                                cfg,
+                                &["exec", "-t", "web", "sh", "-c", "stty size; echo done"],
+                            );
                             let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-                            (stdout.trim_end_matches(['\r', '\n']) != "24 80"
-                                || !out.status.success())
-                            .then(|| {
+                            // What a terminal shows: each line ends in `\r\n`, once.
+                            (stdout != "24 80\r\ndone\r\n" || !out.status.success()).then(|| {
                                 format!(
                                     "{:?}: {stdout:?} {:?}",
                                     out.status.code(),

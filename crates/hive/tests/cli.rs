@@ -362,3 +362,127 @@ fn completions_and_help_work_without_a_server() {
     let spec: Value = serde_json::from_str(&ok(&cfg, &["openapi"])).unwrap();
     assert_eq!(spec["info"]["title"], "Hive API");
 }
+
+/// The instances' names in a table's first column, under its header.
+fn first_column(table: &str) -> Vec<String> {
+    let mut lines = table.lines();
+    let header = lines.next().unwrap_or_default();
+    assert!(header.starts_with("NAME"), "{table}");
+    lines
+        .map(|l| l.split_whitespace().next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[test]
+fn ps_lists_the_tenants_instances_as_instance_ls_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cli.json");
+    let _up = start_up(&dir.path().join("data"), &cfg);
+    // Nothing listens on 127.0.0.1:9: the pulls fail at once and the instances stay pending.
+    for (svc, replicas) in [("front", "2"), ("back", "1")] {
+        ok(
+            &cfg,
+            &[
+                "service",
+                "create",
+                svc,
+                "--image",
+                "127.0.0.1:9/default/busybox:v1",
+                "--replicas",
+                replicas,
+            ],
+        );
+    }
+    common::until(15, "3 instances", || {
+        json(&cfg, &["ps"]).as_array().unwrap().len() == 3
+    });
+
+    let ps = ok(&cfg, &["ps"]);
+    let ls = ok(&cfg, &["instance", "ls"]);
+    assert_eq!(ps.lines().next(), ls.lines().next(), "{ps}\n{ls}");
+    assert!(
+        ps.starts_with("NAME") && ps.contains("SERVICE") && ps.contains("PHASE"),
+        "{ps}"
+    );
+    assert_eq!(first_column(&ps), first_column(&ls));
+    assert_eq!(
+        names(&json(&cfg, &["ps"])),
+        names(&json(&cfg, &["instance", "ls"]))
+    );
+    let yaml: Value = yaml_serde::from_str(&ok(&cfg, &["ps", "-o", "yaml"])).unwrap();
+    assert_eq!(names(&yaml), names(&json(&cfg, &["ps"])));
+
+    // One service's instances only, in every format.
+    let front = json(&cfg, &["ps", "--service", "front"]);
+    let front = front.as_array().unwrap();
+    assert_eq!(front.len(), 2, "{front:?}");
+    assert!(front.iter().all(|i| i["spec"]["service"] == "front"));
+    let back = first_column(&ok(&cfg, &["ps", "-s", "back"]));
+    assert_eq!(back.len(), 1);
+    assert!(back[0].starts_with("back-"), "{back:?}");
+    assert_eq!(
+        names(&json(&cfg, &["instance", "ls", "--service", "back"])),
+        back
+    );
+    // A service that does not exist is an error naming it, not an empty list.
+    fails(
+        &cfg,
+        &["ps", "--service", "nope"],
+        "service \"nope\" not found in tenant \"default\"",
+    );
+}
+
+#[test]
+fn rm_removes_every_service_that_exists_and_names_each_that_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cli.json");
+    let _up = start_up(&dir.path().join("data"), &cfg);
+    for svc in ["w1", "w2", "w3"] {
+        ok(
+            &cfg,
+            &[
+                "service",
+                "create",
+                svc,
+                "--image",
+                "127.0.0.1:9/default/busybox:v1",
+            ],
+        );
+    }
+    common::until(15, "3 instances", || {
+        json(&cfg, &["ps"]).as_array().unwrap().len() == 3
+    });
+
+    // The first name is missing: the others are removed all the same.
+    let out = hive(&cfg, &["rm", "w0", "w1", "nope", "w2"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert_eq!(stdout, "w1 removed\nw2 removed\n", "{stderr}");
+    let errors: Vec<&str> = stderr.lines().collect();
+    assert_eq!(errors.len(), 2, "{stderr}");
+    for (line, name) in errors.iter().zip(["w0", "nope"]) {
+        assert!(
+            line.starts_with(&format!("error: remove service {name}: "))
+                && line.contains(&format!("service \"{name}\" not found")),
+            "{stderr}"
+        );
+    }
+    assert_eq!(names(&json(&cfg, &["service", "ls"])), ["w3"]);
+    let left = json(&cfg, &["ps"]);
+    let left = left.as_array().unwrap();
+    assert!(
+        left.len() == 1 && left[0]["spec"]["service"] == "w3",
+        "{left:?}"
+    );
+
+    // Every name failing fails too; every name removed succeeds.
+    let out = hive(&cfg, &["rm", "w1", "w2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 2);
+    assert_eq!(ok(&cfg, &["rm", "w3"]), "w3 removed\n");
+    assert!(json(&cfg, &["ps"]).as_array().unwrap().is_empty());
+}

@@ -828,6 +828,20 @@ impl ImageStore {
         errors
     }
 
+    /// Every instance with a directory here, whether its rootfs was composed completely or
+    /// not (a compose that crashed midway has no record, and may hold a mount).
+    pub fn instance_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = std::fs::read_dir(self.cfg.root.join("instances"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|id| check_instance_id(id).is_ok())
+            .collect();
+        ids.sort();
+        ids
+    }
+
     /// Instances holding a rootfs, with the image each uses.
     pub fn instances(&self) -> Result<Vec<(String, String)>> {
         let dir = self.cfg.root.join("instances");

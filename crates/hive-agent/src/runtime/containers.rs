@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use oci_spec::runtime::Spec;
 use serde::{Deserialize, Serialize};
 
+use super::cgroups;
 use super::oci::{OciError, OciRuntime, RuntimeKind};
 use super::shim::{self, Exited, ShimConfig, Started};
 
@@ -69,6 +70,33 @@ struct RuntimeRecord {
     root: PathBuf,
 }
 
+/// The runtime that made container `id` (directory `dir`): recorded there at its start (the
+/// node's runtime, `node`, may have changed since, and one runtime cannot stop another's
+/// containers). A container made before runtimes were recorded is told by the state its
+/// runtime keeps under the node's runtime root (runc's `state.json`, crun's `status`); one
+/// with neither gets `node`.
+pub fn runtime_of_container(dir: &Path, id: &str, node: &OciRuntime) -> OciRuntime {
+    if let Some(r) = shim::read_json::<RuntimeRecord>(dir, RUNTIME_RECORD) {
+        let mut rt = OciRuntime::new(r.kind, r.binary, r.root);
+        rt.timeout = node.timeout;
+        return rt;
+    }
+    let state = node.root.join(id);
+    let kind = if state.join("state.json").exists() {
+        RuntimeKind::Runc
+    } else if state.join("status").exists() {
+        RuntimeKind::Crun
+    } else {
+        return node.clone();
+    };
+    if kind == node.kind {
+        return node.clone();
+    }
+    let mut rt = OciRuntime::new(kind, kind.as_str(), &node.root);
+    rt.timeout = node.timeout;
+    rt
+}
+
 /// All containers of one node.
 #[derive(Clone, Debug)]
 pub struct Containers {
@@ -119,31 +147,9 @@ impl Containers {
         self.dir(id).join(shim::LOG)
     }
 
-    /// The runtime that made container `id`: recorded in its directory at its start (the
-    /// agent's runtime may have changed since, and one runtime cannot stop another's
-    /// containers). A container made before runtimes were recorded is told by the state its
-    /// runtime keeps (runc's `state.json`, crun's `status`); one with neither gets the
-    /// agent's runtime.
+    /// The runtime that made container `id` ([`runtime_of_container`]).
     pub fn runtime_of(&self, id: &str) -> OciRuntime {
-        if let Some(r) = shim::read_json::<RuntimeRecord>(&self.dir(id), RUNTIME_RECORD) {
-            let mut rt = OciRuntime::new(r.kind, r.binary, r.root);
-            rt.timeout = self.runtime.timeout;
-            return rt;
-        }
-        let state = self.runtime.root.join(id);
-        let kind = if state.join("state.json").exists() {
-            RuntimeKind::Runc
-        } else if state.join("status").exists() {
-            RuntimeKind::Crun
-        } else {
-            return self.runtime.clone();
-        };
-        if kind == self.runtime.kind {
-            return self.runtime.clone();
-        }
-        let mut rt = OciRuntime::new(kind, kind.as_str(), &self.runtime.root);
-        rt.timeout = self.runtime.timeout;
-        rt
+        runtime_of_container(&self.dir(id), id, &self.runtime)
     }
 
     fn io(
@@ -315,33 +321,65 @@ impl Containers {
     }
 
     /// Removes the container from the runtime (killing it if needed) and deletes its
-    /// directory (bundle, records, logs). Idempotent.
+    /// directory (bundle, records, logs). Idempotent. A container the runtime never finished
+    /// making (its start was cut short: it has state the runtime does not recognise) is
+    /// removed all the same: what runs in its cgroup is killed, the cgroup and the state go.
     pub async fn remove(&self, id: &str) -> Result<(), ContainerError> {
-        let cgroup = fs::read(self.dir(id).join("bundle/config.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Spec>(&b).ok())
-            .and_then(|s| s.linux().as_ref().and_then(|l| l.cgroups_path().clone()));
+        let cgroup = self.cgroup_of(id);
         // The runtime keeps a directory per container it knows: no directory, nothing to do.
         let runtime = self.runtime_of(id);
         if runtime.root.join(id).exists() {
             let rt = runtime.clone();
             let i = id.to_owned();
-            let deleted = tokio::task::spawn_blocking(move || rt.delete(&i, true))
-                .await
-                .map_err(|e| ContainerError::Start {
-                    id: id.to_owned(),
-                    message: e.to_string(),
-                })?;
+            // After a failure: whether the runtime recognises the container at all.
+            let (deleted, known) = tokio::task::spawn_blocking(move || match rt.delete(&i, true) {
+                Ok(()) => (Ok(()), true),
+                Err(e) => (Err(e), !matches!(rt.state(&i), Ok(None))),
+            })
+            .await
+            .map_err(|e| ContainerError::Start {
+                id: id.to_owned(),
+                message: e.to_string(),
+            })?;
             match deleted {
                 Ok(()) => {}
                 // Gone meanwhile (deleted by someone else): the state we want.
                 Err(_) if !runtime.root.join(id).exists() => {}
+                // Half made: the runtime does not know it, its directory is only files.
+                Err(_) if !known => {
+                    let state = runtime.root.join(id);
+                    fs::remove_dir_all(&state).map_err(self.io(id, "remove", &state))?;
+                }
                 Err(e) => return Err(e.into()),
             }
         }
         if let Some(cg) = cgroup {
+            // Normally the runtime removed it; a container it never finished making may still
+            // have processes (its init waiting to start) and the cgroup.
+            let pids = cgroups::procs(&cg);
+            for pid in &pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
             let _alone = self.parents.write().await;
-            prune_cgroup_parents(&cg);
+            let cg2 = cg.clone();
+            let (_, failed) =
+                tokio::task::spawn_blocking(move || cgroups::remove(&cg2, Duration::from_secs(2)))
+                    .await
+                    .map_err(|e| ContainerError::Start {
+                        id: id.to_owned(),
+                        message: e.to_string(),
+                    })?;
+            if let Some((path, source)) = failed.into_iter().next() {
+                return Err(ContainerError::Io {
+                    id: id.to_owned(),
+                    op: "remove cgroup",
+                    path,
+                    source,
+                });
+            }
         }
         let dir = self.dir(id);
         match fs::remove_dir_all(&dir) {
@@ -354,6 +392,39 @@ impl Containers {
                 source: e,
             }),
         }
+    }
+
+    /// The cgroup path in the container's bundle.
+    fn cgroup_of(&self, id: &str) -> Option<PathBuf> {
+        fs::read(self.dir(id).join("bundle/config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Spec>(&b).ok())
+            .and_then(|s| s.linux().as_ref().and_then(|l| l.cgroups_path().clone()))
+    }
+
+    /// What starts cut short left (an agent, or a supervisor, killed midway), for a starting
+    /// agent to remove before it acts: containers that never ran (no start record) and whose
+    /// supervisor is not running (one still at work finishes the start, and the container
+    /// is adopted), and the runtime's containers that have no directory here (no agent could
+    /// ever adopt them). Containers that ran are left alone. Returns the ids found.
+    pub fn unfinished(&self) -> Vec<String> {
+        let have = self.list();
+        let mut out: Vec<String> = have
+            .iter()
+            .filter(|id| matches!(self.state(id), ContainerState::Unknown))
+            .filter(|id| supervisor_of(id).is_none())
+            .cloned()
+            .collect();
+        out.extend(
+            fs::read_dir(&self.runtime.root)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|id| valid_id(id) && !have.contains(id)),
+        );
+        out.sort();
+        out
     }
 
     /// The tenant container `id` belongs to, from the cgroup path of its bundle
@@ -390,24 +461,24 @@ fn tenant_of_cgroup(path: &Path) -> Option<String> {
     }
 }
 
-/// Removes the now empty parents of a deleted container's cgroup (`/hive/<tenant>`, `/hive`)
-/// in every hierarchy. `rmdir` refuses a cgroup that still has children or tasks, so this
-/// never touches one in use.
-fn prune_cgroup_parents(cgroups_path: &Path) {
-    let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") else {
-        return;
-    };
-    let hierarchies: Vec<PathBuf> = hierarchies.flatten().map(|e| e.path()).collect();
-    let rel = cgroups_path.strip_prefix("/").unwrap_or(cgroups_path);
-    for h in hierarchies {
-        let mut p = rel.parent();
-        while let Some(dir) = p.filter(|d| !d.as_os_str().is_empty()) {
-            if fs::remove_dir(h.join(dir)).is_err() {
-                break;
-            }
-            p = dir.parent();
-        }
-    }
+/// The pid of a running supervisor (`hive shim`) of container `id`, if any.
+pub(crate) fn supervisor_of(id: &str) -> Option<i32> {
+    fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| is_supervisor_of(*pid, id))
+}
+
+/// Whether `pid` is the supervisor of container `id` (a pid read from a file may have been
+/// reused by anything since): its command line is `… shim {config naming id}`.
+pub(crate) fn is_supervisor_of(pid: i32, id: &str) -> bool {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let mut args = cmdline.split(|b| *b == 0);
+    args.any(|a| a == b"shim")
+        && args.next().is_some_and(|config| {
+            serde_json::from_slice::<ShimConfig>(config).is_ok_and(|c| c.id == id)
+        })
 }
 
 #[cfg(test)]

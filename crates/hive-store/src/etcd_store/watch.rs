@@ -5,7 +5,8 @@
 //! to a healthy member and watches again from that revision: etcd never splits one revision
 //! across watch responses, so the resumed stream has no gap and no repeat. It ends with
 //! [`StoreError::Compacted`] when etcd says the history it needs is gone, and with
-//! [`StoreError::Unavailable`] when no member serves it for the failover timeout.
+//! [`StoreError::Unavailable`] when no member serves it for the failover timeout. A synced
+//! watch ([`open_synced`]) also marks where its replay of history ends.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -15,16 +16,26 @@ use tokio::time::Instant;
 
 use super::members::{Failure, Members};
 use super::{PROBE_KEY, key_value, revision_from, watch_options};
-use crate::{Event, EventKind, Result, Revision, StoreError, WatchStream};
+use futures_util::StreamExt;
+
+use crate::{
+    Event, EventKind, Result, Revision, StoreError, SyncedWatchStream, WatchItem, WatchStream,
+};
 
 struct Cursor {
     members: Arc<Members>,
+    /// The watched range `[key, end)`.
     key: Vec<u8>,
     end: Vec<u8>,
     /// The first revision not yet received.
     next: Revision,
-    pending: VecDeque<Event>,
+    pending: VecDeque<WatchItem>,
     stream: Option<etcd_client::WatchStream>,
+    /// `stream` covers every key (the replay of a synced watch), not only the range: its
+    /// events outside the range are dropped.
+    wide: bool,
+    /// While a synced watch replays: the revision to mark [`WatchItem::Synced`] at.
+    replay_until: Option<Revision>,
     /// The member `stream` is on.
     member: usize,
     /// When the stream started failing without delivering anything since.
@@ -39,6 +50,31 @@ pub(super) async fn open(
     end: Vec<u8>,
     after: Revision,
 ) -> Result<WatchStream> {
+    let items = open_synced(members, key, end, after, None).await?;
+    Ok(Box::pin(items.filter_map(|item| {
+        std::future::ready(match item {
+            Ok(WatchItem::Event(event)) => Some(Ok(event)),
+            Ok(WatchItem::Synced(_)) => None,
+            Err(err) => Some(Err(err)),
+        })
+    })))
+}
+
+/// [`open`], marking [`WatchItem::Synced`] at `synced_at` (the store's revision at the call).
+///
+/// etcd says nothing when a watch from the past has caught up if none of the events it
+/// replayed were in its range (and its requested progress notifications are not ordered
+/// with the events before 3.4.24/3.5.8), so until then the stream watches every key and
+/// drops the rest: every etcd revision after its first changed some key, so the events of
+/// revision `synced_at` arrive, and etcd never splits a revision across responses. Once past
+/// it, the stream is replaced by one on the range alone, from the next revision.
+pub(super) async fn open_synced(
+    members: Arc<Members>,
+    key: Vec<u8>,
+    end: Vec<u8>,
+    after: Revision,
+    synced_at: Option<Revision>,
+) -> Result<SyncedWatchStream> {
     let mut cursor = Cursor {
         members,
         key,
@@ -46,10 +82,17 @@ pub(super) async fn open(
         next: after + 1,
         pending: VecDeque::new(),
         stream: None,
+        wide: false,
+        replay_until: None,
         member: 0,
         failing_since: None,
         done: false,
     };
+    match synced_at {
+        // Nothing to replay (etcd's revision 1 is its empty initial state).
+        Some(at) if after >= at || at <= 1 => cursor.pending.push_back(WatchItem::Synced(at)),
+        at => cursor.replay_until = at,
+    }
     cursor.connect().await?;
     Ok(Box::pin(futures_util::stream::unfold(
         cursor,
@@ -59,8 +102,12 @@ pub(super) async fn open(
 
 impl Cursor {
     async fn connect(&mut self) -> Result<()> {
-        let options = watch_options(&self.end, self.next)?;
-        let key = self.key.clone();
+        let wide = self.replay_until.is_some();
+        let (key, end) = match wide {
+            true => (vec![0], vec![0]),
+            false => (self.key.clone(), self.end.clone()),
+        };
+        let options = watch_options(&end, self.next)?;
         let (member, stream) = self
             .members
             .read_at("watch", move |mut member| {
@@ -71,13 +118,28 @@ impl Cursor {
             .map_err(|f| f.into_store_error("watch"))?;
         self.member = member;
         self.stream = Some(stream);
+        self.wide = wide;
         Ok(())
     }
 
-    async fn next_item(mut self) -> Option<(Result<Event>, Self)> {
+    /// Whether `key` is in the watched range.
+    fn covers(&self, key: &str) -> bool {
+        let key = key.as_bytes();
+        let from_start = self.key.as_slice() == [0];
+        let to_end = self.end.as_slice() == [0];
+        (from_start || key >= self.key.as_slice()) && (to_end || key < self.end.as_slice())
+    }
+
+    /// The replay is over: marks it, and the wide stream gives way to one on the range.
+    fn end_replay(&mut self, at: Revision) {
+        self.replay_until = None;
+        self.pending.push_back(WatchItem::Synced(at));
+    }
+
+    async fn next_item(mut self) -> Option<(Result<WatchItem>, Self)> {
         loop {
-            if let Some(event) = self.pending.pop_front() {
-                return Some((Ok(event), self));
+            if let Some(item) = self.pending.pop_front() {
+                return Some((Ok(item), self));
             }
             if self.done {
                 return None;
@@ -92,7 +154,13 @@ impl Cursor {
             };
             let why = match stream.message().await {
                 Ok(Some(response)) => match self.take(&response) {
-                    Ok(None) => continue,
+                    Ok(None) => {
+                        if self.wide && self.replay_until.is_none() {
+                            // Past the replay: watch the range alone from the next revision.
+                            self.stream = None;
+                        }
+                        continue;
+                    }
                     Ok(Some(why)) => why,
                     Err(error) => return self.end_with(error),
                 },
@@ -136,7 +204,21 @@ impl Cursor {
         for event in response.events() {
             let event = convert(event)?;
             self.next = event.revision() + 1;
-            self.pending.push_back(event);
+            if let Some(at) = self.replay_until
+                && event.revision() > at
+            {
+                self.end_replay(at);
+            }
+            if self.wide && !self.covers(&event.kv.key) {
+                continue;
+            }
+            self.pending.push_back(WatchItem::Event(event));
+        }
+        // The whole of revision `at` has arrived (etcd never splits one across responses).
+        if let Some(at) = self.replay_until
+            && self.next > at
+        {
+            self.end_replay(at);
         }
         if !response.events().is_empty() {
             self.failing_since = None;
@@ -144,7 +226,7 @@ impl Cursor {
         Ok(None)
     }
 
-    fn end_with(mut self, error: StoreError) -> Option<(Result<Event>, Self)> {
+    fn end_with(mut self, error: StoreError) -> Option<(Result<WatchItem>, Self)> {
         self.done = true;
         self.stream = None;
         Some((Err(error), self))

@@ -2,7 +2,8 @@
 //! hub, and back to the log whenever the hub cut the watcher off for being slow.
 //!
 //! The stream keeps a cursor `(revision, seq)`: every event at or before it has been handed
-//! out (or skipped for its prefix). Log pages and live revisions only ever move it forward, so
+//! out (or skipped for its prefix). That is also how a synced watch knows its replay is over:
+//! the cursor has passed the revision the store was at when it opened. Log pages and live revisions only ever move it forward, so
 //! switching between the two sources can neither skip nor repeat an event.
 
 use std::collections::VecDeque;
@@ -13,7 +14,9 @@ use redb::ReadableDatabase;
 
 use super::hub::{Closed, Registration};
 use super::{LOG, Shared, backend, codec};
-use crate::{Event, Revision, StoreError, WatchStream};
+use futures_util::StreamExt;
+
+use crate::{Event, Revision, StoreError, SyncedWatchStream, WatchItem, WatchStream};
 
 /// Position in the log; `seq == COMPLETE` means the whole revision has been handed out.
 type Cursor = (Revision, u32);
@@ -24,6 +27,34 @@ pub(super) async fn watch(
     prefix: String,
     after: Revision,
 ) -> Result<WatchStream, StoreError> {
+    let items = open(shared, prefix, after, false).await?;
+    Ok(Box::pin(items.filter_map(|item| {
+        std::future::ready(match item {
+            Ok(WatchItem::Event(event)) => Some(Ok(event)),
+            Ok(WatchItem::Synced(_)) => None,
+            Err(err) => Some(Err(err)),
+        })
+    })))
+}
+
+/// [`watch`], marking the end of the replay: the target is the last revision published when
+/// the watch opens, which is at least every revision a caller was answered (the writer
+/// publishes before it answers) and which the cursor is sure to reach (the log up to a
+/// registration's `since`, then the channel).
+pub(super) async fn watch_synced(
+    shared: Arc<Shared>,
+    prefix: String,
+    after: Revision,
+) -> Result<SyncedWatchStream, StoreError> {
+    open(shared, prefix, after, true).await
+}
+
+async fn open(
+    shared: Arc<Shared>,
+    prefix: String,
+    after: Revision,
+    mark_synced: bool,
+) -> Result<SyncedWatchStream, StoreError> {
     let meta = shared.blocking(|s| s.read_meta()).await?;
     if after < meta.compacted {
         return Err(StoreError::Compacted {
@@ -31,12 +62,17 @@ pub(super) async fn watch(
             compacted: meta.compacted,
         });
     }
+    let synced_at = match mark_synced {
+        true => Some(shared.hub.last_published().map_err(closed)?),
+        false => None,
+    };
     let state = Watch {
         shared,
         prefix,
         cursor: (after, COMPLETE),
         pending: VecDeque::new(),
         live: None,
+        synced_at,
         finished: false,
     };
     Ok(Box::pin(futures_util::stream::unfold(
@@ -55,6 +91,9 @@ struct Watch {
     /// Events read but not yet handed out: at most one log page or one revision.
     pending: VecDeque<Event>,
     live: Option<Registration>,
+    /// The revision to mark [`WatchItem::Synced`] at once the cursor has passed it; None
+    /// when not asked for, or once marked.
+    synced_at: Option<Revision>,
     finished: bool,
 }
 
@@ -63,13 +102,20 @@ fn closed(_: Closed) -> StoreError {
 }
 
 impl Watch {
-    async fn next(&mut self) -> Option<Result<Event, StoreError>> {
+    async fn next(&mut self) -> Option<Result<WatchItem, StoreError>> {
         loop {
             if self.finished {
                 return None;
             }
             if let Some(event) = self.pending.pop_front() {
-                return Some(Ok(event));
+                return Some(Ok(WatchItem::Event(event)));
+            }
+            // Nothing pending and the cursor past the target: every event up to it is out.
+            if let Some(at) = self.synced_at
+                && self.cursor >= (at, COMPLETE)
+            {
+                self.synced_at = None;
+                return Some(Ok(WatchItem::Synced(at)));
             }
             if let Err(err) = self.step().await {
                 // The stream's contract: it ends only with an error.

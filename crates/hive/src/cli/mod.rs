@@ -56,6 +56,9 @@ pub enum Command {
     /// Run everything on this machine: API server on an embedded store, this machine as a
     /// node, a first tenant `default`.
     Up(up::UpArgs),
+    /// Stop and remove every container of a node whose agent is not running (a `hive up`
+    /// killed, say), with their mounts, cgroups and the node's network state.
+    Down(up::DownArgs),
     /// Run the API server only: on the embedded store, or on etcd (`--store etcd://…`) so
     /// that several servers share one state.
     Server(up::ServerArgs),
@@ -78,6 +81,8 @@ pub enum Command {
     /// Show instances (the running units of services).
     #[command(subcommand, alias = "inst")]
     Instance(resources::InstanceCmd),
+    /// List the tenant's instances (same as `hive instance ls`).
+    Ps(resources::InstanceLsArgs),
     /// Set a service's replicas (same as `hive service scale`).
     Scale(resources::ScaleArgs),
     /// Follow, promote, roll back or undo a service's rollout, and list its revisions.
@@ -225,6 +230,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Up(args) => up::up(g, args).await,
         Command::Server(args) => up::server(args).await,
+        Command::Down(args) => up::down(args).await,
         Command::Store(cmd) => store::run(cmd).await,
         Command::Agent(args) => up::agent(&Ctx::new(g).await?, args).await,
         Command::Login(args) => login(g, args).await,
@@ -263,6 +269,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Pull(args) => image::pull(&Ctx::new(g).await?, args).await,
         Command::Image(cmd) => image::image(&Ctx::new(g).await?, cmd).await,
         Command::Instance(cmd) => resources::instance(&Ctx::new(g).await?, cmd).await,
+        Command::Ps(args) => resources::list_instances(&Ctx::new(g).await?, args).await,
         Command::Node(cmd) => resources::node(&Ctx::new(g).await?, cmd).await,
         Command::Network(cmd) => resources::network(&Ctx::new(g).await?, cmd).await,
         Command::Secgroup(cmd) => secgroup::secgroup(&Ctx::new(g).await?, cmd).await,

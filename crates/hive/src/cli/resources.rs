@@ -287,10 +287,18 @@ pub struct ScaleArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum InstanceCmd {
-    /// List instances.
-    Ls,
+    /// List instances (same as `hive ps`).
+    Ls(InstanceLsArgs),
     /// Show an instance.
     Get { name: String },
+}
+
+/// `hive instance ls` and `hive ps`.
+#[derive(Debug, Args)]
+pub struct InstanceLsArgs {
+    /// Only the instances of this service.
+    #[arg(long, short = 's')]
+    pub service: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -642,13 +650,28 @@ fn instance_row(i: &Instance) -> Vec<String> {
     ]
 }
 
+/// `hive ps` and `hive instance ls`: the tenant's instances, or one service's.
+pub async fn list_instances(ctx: &Ctx, args: InstanceLsArgs) -> Result<()> {
+    list_instances_in(ctx, &ctx.tenant().await?, args).await
+}
+
+async fn list_instances_in(ctx: &Ctx, tenant: &str, args: InstanceLsArgs) -> Result<()> {
+    let mut items = ctx.client.list::<Instance>(Some(tenant)).await?.items;
+    if let Some(service) = &args.service {
+        items.retain(|i| i.spec.service == *service);
+        // Nothing matched: say so when the name is wrong rather than print an empty table.
+        // (A service just removed may still have instances stopping: they are listed.)
+        if items.is_empty() {
+            ctx.client.get::<Service>(Some(tenant), service).await?;
+        }
+    }
+    ctx.output.list(&items, INSTANCE_HEADERS, instance_row)
+}
+
 pub async fn instance(ctx: &Ctx, cmd: InstanceCmd) -> Result<()> {
     let tenant = ctx.tenant().await?;
     match cmd {
-        InstanceCmd::Ls => {
-            let list = ctx.client.list::<Instance>(Some(&tenant)).await?;
-            ctx.output.list(&list.items, INSTANCE_HEADERS, instance_row)
-        }
+        InstanceCmd::Ls(args) => list_instances_in(ctx, &tenant, args).await,
         InstanceCmd::Get { name } => {
             let i = ctx.client.get::<Instance>(Some(&tenant), &name).await?;
             ctx.output.object(&i, INSTANCE_HEADERS, instance_row)

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use hive_agent::datadir::{DirLock, NetRecord, NodeRecord};
 use hive_api::Tenant;
 use hive_client::Client;
 use hive_server::{ADMIN_TOKEN_FILE, Launched, RateLimit, ServerConfig, leader};
@@ -351,7 +352,7 @@ pub async fn up(g: &Global, args: UpArgs) -> Result<()> {
     facts.agent_url = api.1.clone();
     let net = args.net.resolve(&mut facts);
     let node = facts.name.clone();
-    let agent = make_agent(
+    let (agent, _lock) = make_agent(
         &client,
         &node,
         &args.server.data_dir.join("agent"),
@@ -465,8 +466,23 @@ fn make_agent(
     runtime: &str,
     net: hive_agent::network::NetConfig,
     image_args: &ImageArgs,
-) -> Result<hive_agent::sync::Agent> {
+) -> Result<(hive_agent::sync::Agent, DirLock)> {
     let kind: hive_agent::runtime::RuntimeKind = runtime.parse().map_err(anyhow::Error::msg)?;
+    // One agent per data dir, held until the process ends; `hive down` finds the node's
+    // runtime and network prefix in the record.
+    let lock = DirLock::acquire(data_dir)?;
+    NodeRecord {
+        node: node.to_owned(),
+        runtime: runtime.to_owned(),
+        runtime_binary: runtime.into(),
+        net: Some(NetRecord {
+            prefix: net.prefix.clone(),
+            underlay_dev: net.underlay_dev.clone(),
+            // hive-net's default, which the agent keeps.
+            netns_dir: "/run/netns".into(),
+        }),
+    }
+    .write(data_dir)?;
     let oci = hive_agent::runtime::OciRuntime::new(kind, runtime, data_dir.join("runtime"));
     let shim = hive_agent::runtime::ShimCommand {
         program: std::env::current_exe().context("find the hive binary for hive shim")?,
@@ -500,12 +516,8 @@ fn make_agent(
         image_gc_every: Duration::from_secs(image_args.image_gc_secs.max(1)),
         state_dir: Some(data_dir.join("watch")),
     };
-    Ok(hive_agent::sync::Agent::new(
-        client.clone(),
-        cfg,
-        images,
-        containers,
-    )?)
+    let agent = hive_agent::sync::Agent::new(client.clone(), cfg, images, containers)?;
+    Ok((agent, lock))
 }
 
 /// Serves the agent's API and starts `agent`'s sync loop.
@@ -550,7 +562,7 @@ pub async fn agent(ctx: &super::Ctx, args: AgentArgs) -> Result<()> {
     let (api, url) = bind_agent_api(args.listen, args.advertise_url).await?;
     facts.agent_url = url;
     let net = args.net.resolve(&mut facts);
-    let agent = make_agent(
+    let (agent, _lock) = make_agent(
         &ctx.client,
         &facts.name,
         &args.data_dir,
@@ -657,5 +669,51 @@ mod tests {
         assert_eq!(facts.allocatable().cpu_millis, 1);
         assert_eq!(facts.allocatable().memory_bytes, 1 << 20);
         assert_eq!(facts.capacity, host);
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    /// The data dir of the node: a `hive up` data dir (its agent's is `DIR/agent`) or a
+    /// `hive agent` one.
+    #[arg(long, default_value = "/var/lib/hive", env = "HIVE_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Remove the network state of the node's prefix even while processes are in its
+    /// namespaces once the node's containers are gone (another node using the prefix in this
+    /// network namespace would lose its network).
+    #[arg(long)]
+    pub force: bool,
+    /// For a data dir without a node record (an agent from before them): its OCI runtime.
+    #[arg(long)]
+    pub runtime: Option<String>,
+    /// For a data dir without a node record: the network prefix to remove (else none).
+    #[arg(long)]
+    pub net_prefix: Option<String>,
+}
+
+/// `hive down`: stops and removes every container of the node and what it made for them;
+/// see [`hive_agent::down`].
+pub async fn down(args: DownArgs) -> Result<()> {
+    let dir = hive_agent::down::agent_dir(&args.data_dir)?;
+    let opts = hive_agent::down::DownOptions {
+        runtime: args.runtime,
+        net_prefix: args.net_prefix,
+        underlay_dev: None,
+        force: args.force,
+    };
+    let report = hive_agent::down::down(&dir, &opts).await?;
+    for line in &report.removed {
+        println!("{line}");
+    }
+    for e in &report.errors {
+        eprintln!("error: {e}");
+    }
+    if report.removed.is_empty() && report.errors.is_empty() {
+        println!("hive down: nothing of the node of {} left", dir.display());
+    }
+    match report.errors.len() {
+        0 => Ok(()),
+        // Each was printed above.
+        _ => Err(super::workload::ExitWith(1).into()),
     }
 }

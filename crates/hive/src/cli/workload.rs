@@ -55,7 +55,8 @@ pub struct ExecArgs {
     pub command: Vec<String>,
 }
 
-/// The process's exit code, to become `hive`'s own.
+/// The process's exit code, to become `hive`'s own (also: errors already printed, exit
+/// with this code).
 #[derive(Debug)]
 pub struct ExitWith(pub i32);
 
@@ -207,20 +208,30 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<()> {
     }
 }
 
-/// `hive rm`: deletes services and waits until their instances are gone.
+/// `hive rm`: deletes services and waits until their instances are gone. Like `docker rm`,
+/// a name that cannot be removed (missing, forbidden) does not stop the others: each
+/// failure is printed naming its service, and `hive` exits with 1 if there was any.
 pub async fn rm(ctx: &Ctx, args: RmArgs) -> Result<()> {
     let tenant = ctx.tenant().await?;
+    let mut removed: Vec<&str> = Vec::with_capacity(args.names.len());
+    let mut failed = 0;
     for name in &args.names {
-        ctx.client.delete::<Service>(Some(&tenant), name).await?;
+        match ctx.client.delete::<Service>(Some(&tenant), name).await {
+            Ok(_) => removed.push(name),
+            Err(e) => {
+                eprintln!("error: remove service {name}: {e}");
+                failed += 1;
+            }
+        }
     }
-    if !args.no_wait {
+    if !args.no_wait && !removed.is_empty() {
         let t0 = Instant::now();
         loop {
             let all = ctx.client.list::<Instance>(Some(&tenant)).await?;
             let left = all
                 .items
                 .iter()
-                .filter(|i| args.names.contains(&i.spec.service))
+                .filter(|i| removed.contains(&i.spec.service.as_str()))
                 .count();
             if left == 0 {
                 break;
@@ -233,10 +244,14 @@ pub async fn rm(ctx: &Ctx, args: RmArgs) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    for name in &args.names {
+    for name in removed {
         println!("{name} removed");
     }
-    Ok(())
+    match failed {
+        0 => Ok(()),
+        // Each failure was printed above, with its name.
+        _ => Err(ExitWith(1).into()),
+    }
 }
 
 /// `hive logs`: one instance's output, or every instance of a service.

@@ -572,3 +572,57 @@ impl TwoTenants {
         }
     }
 }
+
+/// Mount points (and file system types) of this process's mount namespace.
+pub fn mounts() -> Vec<(PathBuf, String)> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (before, after) = l.split_once(" - ")?;
+            Some((
+                PathBuf::from(before.split(' ').nth(4)?),
+                after.split(' ').next()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// The root of every cgroup hierarchy mounted here.
+pub fn cgroup_roots() -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> = mounts()
+        .into_iter()
+        .filter(|(_, t)| t == "cgroup" || t == "cgroup2")
+        .map(|(p, _)| p)
+        .collect();
+    roots.sort();
+    roots.dedup();
+    roots
+}
+
+/// Every directory of cgroup `path` (`/hive/<tenant>/<instance>`) in every hierarchy.
+pub fn cgroup_dirs(path: &str) -> Vec<PathBuf> {
+    cgroup_roots()
+        .into_iter()
+        .map(|r| r.join(path.trim_start_matches('/')))
+        .filter(|d| d.is_dir())
+        .collect()
+}
+
+/// Alive and not a zombie.
+pub fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}
+
+/// A child process killed (by pid) and reaped when dropped.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
