@@ -184,8 +184,9 @@ async fn add_node(c: &Client, name: &str, cpu_millis: u64) {
 
 /// An HTTP proxy to `upstream` that answers the first `fail` instance updates (the
 /// scheduler's bindings) with 503, as a server whose store is briefly unreachable would;
-/// everything else, watch streams included, goes through. Returns its URL.
-async fn flaky_proxy(upstream: String, fail: usize) -> String {
+/// everything else, watch streams included, goes through. Returns its URL. Call it inside
+/// the runtime (it spawns the proxy's task).
+fn flaky_proxy(upstream: String, fail: usize) -> String {
     use axum::body::Body;
     use axum::extract::Request;
     use axum::http::{Method, header};
@@ -231,33 +232,24 @@ async fn flaky_proxy(upstream: String, fail: usize) -> String {
             out.body(Body::from_stream(answer.bytes_stream())).unwrap()
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     format!("http://{addr}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bindings_refused_for_a_passing_reason_are_tried_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = ServerConfig {
-        data_dir: dir.path().to_owned(),
-        ..Default::default()
-    };
-    let server = hive_server::launch(
-        config,
-        "127.0.0.1:0".parse().unwrap(),
-        std::future::pending(),
-    )
-    .await
-    .unwrap();
-    let c = Client::new(&server.url, Some(server.admin_token.clone())).unwrap();
     // Every one of the first bindings is refused: with nothing else changing, only a retry
     // of its own can place an instance.
-    let flaky = flaky_proxy(server.url.clone(), 8).await;
-    let through = Client::new(&flaky, Some(server.admin_token)).unwrap();
-    tokio::spawn(ServiceController::new(c.clone()).run());
-    tokio::spawn(Scheduler::new(through).run());
+    let s = start_with(|admin| {
+        let flaky = flaky_proxy(admin.base().to_owned(), 8);
+        Scheduler::new(Client::new(&flaky, admin.token().map(str::to_owned)).unwrap())
+    })
+    .await;
+    let c = s.client.clone();
     add_node(&c, "n1", 4000).await;
     add_tenant(&c, "acme").await;
     c.create(Some("acme"), &service("web", 5)).await.unwrap();

@@ -85,8 +85,19 @@ impl Fixture {
         PathBuf::from(format!("/hive-test-{id}"))
     }
 
-    /// Starts `args` as container `id` with `limits`.
+    /// Starts `args` as a new container with `limits`.
     async fn run(&mut self, args: &[&str], limits: Limits) -> (String, Started) {
+        let containers = self.containers.clone();
+        self.run_on(&containers, args, limits).await
+    }
+
+    /// [`Fixture::run`] through `containers` (a handle with another runtime, say).
+    async fn run_on(
+        &mut self,
+        containers: &Containers,
+        args: &[&str],
+        limits: Limits,
+    ) -> (String, Started) {
         let id = self.id();
         let cfg = ContainerConfig {
             id: id.clone(),
@@ -102,8 +113,7 @@ impl Fixture {
             netns: None,
         };
         let spec = spec::build(&cfg).unwrap();
-        let started = self
-            .containers
+        let started = containers
             .start(&id, &spec, &cfg.cgroups_path)
             .await
             .expect("start container");
@@ -362,24 +372,7 @@ async fn a_container_is_stopped_and_removed_by_the_runtime_that_made_it() {
     assert!(!cgroup_exists(&by_runc));
 
     // And the other way: made by crun, stopped and removed by a node back on runc.
-    let id = f.id();
-    let cfg = ContainerConfig {
-        id: id.clone(),
-        hostname: format!("h-{id}"),
-        rootfs: f.rootfs.clone(),
-        image: ImageProcess::default(),
-        overrides: ProcessOverride {
-            command: vec!["sleep".into(), "1000".into()],
-            ..Default::default()
-        },
-        limits: Limits::default(),
-        cgroups_path: Fixture::cgroup(&id),
-        netns: None,
-    };
-    let spec = spec::build(&cfg).unwrap();
-    crun.start(&id, &spec, &cfg.cgroups_path)
-        .await
-        .expect("start with crun");
+    let (id, _) = f.run_on(&crun, &["sleep", "1000"], Limits::default()).await;
     let runc = with_runtime(&f.containers, RuntimeKind::Runc);
     assert_eq!(runc.runtime_of(&id).kind, RuntimeKind::Crun);
     let exit = runc
