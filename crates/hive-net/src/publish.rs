@@ -74,6 +74,8 @@ const ROUTER_SYSCTLS: &[(&str, &str)] = &[
 const TRANSIT_BASE: u32 = u32::from_be_bytes([169, 254, 0, 0]);
 const TRANSIT_SLOTS: u32 = 8192;
 const ROUTER_TRANSIT_IF: &str = "tr0";
+/// The largest MTU a veth takes (`ETH_MAX_MTU`).
+const MAX_VETH_MTU: u32 = 65535;
 const ROUTER_TABLE: &str = "hive";
 
 fn transit_pair(slot: u32) -> (Ipv4Addr, Ipv4Addr) {
@@ -194,7 +196,15 @@ impl NodeNet {
     async fn ensure_router(&self, net: &NetworkDef) -> Result<(File, Ipv4Addr), NetError> {
         let h = &self.handle;
         let (leg, transit_if) = (self.router_leg(net.vni), self.transit_if(net.vni));
-        let bridge = self.must_get(&self.names.bridge(net.vni)).await?;
+        let br_name = self.names.bridge(net.vni);
+        // Published ports come with the network's first instance here; until its bridge
+        // exists there is nothing to route to.
+        let bridge = link::get(h, &br_name)
+            .await?
+            .ok_or(NetError::NoNetwork {
+                vni: net.vni,
+                bridge: br_name,
+            })?;
         let path = self.cfg.netns_dir.join(self.router_netns(net.vni));
         let ns = netns::create_or_open(path, ROUTER_SYSCTLS).await?;
         // The node forwards what it translates to routers.
@@ -240,7 +250,9 @@ impl NodeNet {
                         &transit_if,
                         ROUTER_TRANSIT_IF,
                         ns.ns.as_raw_fd(),
-                        self.mtu + crate::VXLAN_OVERHEAD,
+                        // The underlay's MTU, within what a veth takes (loopback's 65536 is
+                        // one more than that).
+                        (self.mtu + crate::VXLAN_OVERHEAD).min(MAX_VETH_MTU),
                     )
                     .await?;
                 }

@@ -74,14 +74,16 @@ fn hive_down_removes_everything_a_killed_hive_up_left_and_refuses_while_it_runs(
     let host = up.url.trim_start_matches("http://").to_owned();
     let layout = busybox_layout(dir.path());
     let image = push_test_image(&ns, &layout, &host, &admin_token(&data), "default/busybox");
-    // Two instances on the tenant network.
-    for name in ["web", "back"] {
-        ok(
-            &cfg,
-            &[
-                "service", "create", name, "--image", &image, "--", "sleep", "1000",
-            ],
-        );
+    // Two instances on the tenant network, one with a published port (the network's router
+    // namespace, its two veths and the node's DNAT table; the node's underlay is loopback,
+    // whose MTU no veth takes).
+    for (name, publish) in [("web", "18080:80"), ("back", "")] {
+        let mut args = vec!["service", "create", name, "--image", &image];
+        if !publish.is_empty() {
+            args.extend(["-p", publish]);
+        }
+        args.extend(["--", "sleep", "1000"]);
+        ok(&cfg, &args);
     }
     let mut running: Vec<Value> = Vec::new();
     until(90, "2 instances running", || {
@@ -133,11 +135,13 @@ fn hive_down_removes_everything_a_killed_hive_up_left_and_refuses_while_it_runs(
             .collect()
     };
     assert_eq!(data_mounts().len(), 2, "{:?}", data_mounts());
-    // A namespace and a port each, the network's bridge and VXLAN device, the node's table.
+    // A namespace and a port each, the network's bridge and VXLAN device, the node's table;
+    // for the published port the router's namespace, its leg and transit veths, the node's
+    // DNAT table.
     let t0 = std::time::Instant::now();
     loop {
         let (files, links, tables) = network_of(&ns);
-        if files.len() == 2 && links.len() == 4 && tables.len() == 1 {
+        if files.len() == 3 && links.len() == 6 && tables.len() == 2 {
             break;
         }
         assert!(
@@ -177,7 +181,7 @@ fn hive_down_removes_everything_a_killed_hive_up_left_and_refuses_while_it_runs(
         "{stderr}"
     );
     assert!(!stdout.contains("removed link"), "{stdout}");
-    assert_eq!(network_of(&ns).1.len(), 4, "the network was touched");
+    assert_eq!(network_of(&ns).1.len(), 6, "the network was touched");
     // Forced: the network goes too, that namespace's file included.
     let out = down(&ns, &data, &["--force"]);
     squatter.0.kill().unwrap();
