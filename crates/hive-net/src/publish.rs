@@ -199,12 +199,10 @@ impl NodeNet {
         let br_name = self.names.bridge(net.vni);
         // Published ports come with the network's first instance here; until its bridge
         // exists there is nothing to route to.
-        let bridge = link::get(h, &br_name)
-            .await?
-            .ok_or(NetError::NoNetwork {
-                vni: net.vni,
-                bridge: br_name,
-            })?;
+        let bridge = link::get(h, &br_name).await?.ok_or(NetError::NoNetwork {
+            vni: net.vni,
+            bridge: br_name,
+        })?;
         let path = self.cfg.netns_dir.join(self.router_netns(net.vni));
         let ns = netns::create_or_open(path, ROUTER_SYSCTLS).await?;
         // The node forwards what it translates to routers.
