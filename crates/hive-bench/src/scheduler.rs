@@ -78,6 +78,10 @@ pub struct SchedulerArgs {
         default_value = "fair-batched,fair-1-per-txn,serial-fifo"
     )]
     modes: Vec<String>,
+    /// Fair modes: instances each tenant's queue gives per turn (the server's scheduler uses
+    /// `hive_server`'s own figure).
+    #[arg(long, default_value_t = 1)]
+    quantum: u32,
 }
 
 const CPU: u64 = 16_000;
@@ -318,8 +322,13 @@ type Committed = Arc<Mutex<Vec<(usize, Instant)>>>;
 /// How the queue is served.
 #[derive(Clone, Copy, Debug)]
 enum Mode {
-    /// Per-tenant queues in turn; `per_txn` bindings per transaction, `in_flight` at once.
-    Fair { per_txn: usize, in_flight: usize },
+    /// Per-tenant queues in turn (`quantum` each per turn); `per_txn` bindings per
+    /// transaction, `in_flight` at once.
+    Fair {
+        per_txn: usize,
+        in_flight: usize,
+        quantum: u32,
+    },
     /// One global FIFO, one worker, one binding committed after another.
     Serial,
 }
@@ -334,7 +343,10 @@ async fn drive(
     stop_probes: Option<(Arc<AtomicBool>, String)>,
 ) -> Result<Vec<(usize, Instant)>> {
     let committed: Committed = Arc::new(Mutex::new(Vec::with_capacity(items.len())));
-    let mut fair: FairQueue<usize> = FairQueue::new();
+    let mut fair: FairQueue<usize> = FairQueue::with_quantum(match mode {
+        Mode::Fair { quantum, .. } => quantum,
+        Mode::Serial => 1,
+    });
     let mut fifo: VecDeque<usize> = VecDeque::new();
     for &i in items {
         match mode {
@@ -343,7 +355,9 @@ async fn drive(
         }
     }
     let (per_txn, in_flight) = match mode {
-        Mode::Fair { per_txn, in_flight } => (per_txn, in_flight),
+        Mode::Fair {
+            per_txn, in_flight, ..
+        } => (per_txn, in_flight),
         Mode::Serial => (1, 1),
     };
     let permits = Arc::new(Semaphore::new(in_flight));
@@ -595,10 +609,12 @@ pub fn run(args: SchedulerArgs) -> Result<()> {
                 "fair-batched" => Mode::Fair {
                     per_txn: args.per_txn,
                     in_flight: args.in_flight,
+                    quantum: args.quantum,
                 },
                 "fair-1-per-txn" => Mode::Fair {
                     per_txn: 1,
                     in_flight: 64,
+                    quantum: args.quantum,
                 },
                 "serial-fifo" => Mode::Serial,
                 other => {

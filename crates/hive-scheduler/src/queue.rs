@@ -9,6 +9,8 @@ pub struct FairQueue<T> {
     /// Tenants with work, in service order.
     active: VecDeque<String>,
     len: usize,
+    /// Items a tenant of weight 1 takes per turn.
+    quantum: u32,
 }
 
 #[derive(Debug)]
@@ -22,17 +24,25 @@ struct TenantQueue<T> {
 
 impl<T> Default for FairQueue<T> {
     fn default() -> Self {
-        Self {
-            tenants: HashMap::new(),
-            active: VecDeque::new(),
-            len: 0,
-        }
+        Self::with_quantum(1)
     }
 }
 
 impl<T> FairQueue<T> {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A queue whose tenants take `quantum` items per turn (times their weight): several of
+    /// one tenant's bindings in a row share its pages in the store, while another tenant
+    /// still waits at most one turn of each tenant with work.
+    pub fn with_quantum(quantum: u32) -> Self {
+        Self {
+            tenants: HashMap::new(),
+            active: VecDeque::new(),
+            len: 0,
+            quantum: quantum.max(1),
+        }
     }
 
     /// A tenant's share relative to others (default 1; 0 is treated as 1).
@@ -51,6 +61,7 @@ impl<T> FairQueue<T> {
     }
 
     pub fn push(&mut self, tenant: &str, priority: i32, item: T) {
+        let quantum = self.quantum;
         let q = self.entry(tenant);
         let was_empty = q.by_priority.is_empty();
         q.by_priority
@@ -58,7 +69,7 @@ impl<T> FairQueue<T> {
             .or_default()
             .push_back(item);
         if was_empty {
-            q.deficit = q.weight;
+            q.deficit = q.weight * quantum;
             self.active.push_back(tenant.to_owned());
         }
         self.len += 1;
@@ -66,13 +77,14 @@ impl<T> FairQueue<T> {
 
     /// The next item: from the tenant whose turn it is, its highest priority first.
     pub fn pop(&mut self) -> Option<(String, T)> {
+        let quantum = self.quantum;
         loop {
             let tenant = self.active.pop_front()?;
             let Some(q) = self.tenants.get_mut(&tenant) else {
                 continue;
             };
             if q.deficit == 0 {
-                q.deficit = q.weight;
+                q.deficit = q.weight * quantum;
                 self.active.push_back(tenant);
                 continue;
             }
@@ -90,7 +102,7 @@ impl<T> FairQueue<T> {
                 if q.deficit > 0 {
                     self.active.push_front(tenant.clone());
                 } else {
-                    q.deficit = q.weight;
+                    q.deficit = q.weight * quantum;
                     self.active.push_back(tenant.clone());
                 }
             }
@@ -159,6 +171,36 @@ mod tests {
         let order: Vec<&str> = std::iter::from_fn(|| q.pop().map(|(_, i)| i)).collect();
         assert_eq!(order, ["high-1", "high-2", "low-1", "low-2"]);
         assert!(q.is_empty() && q.pop().is_none());
+    }
+
+    #[test]
+    fn a_quantum_serves_runs_of_one_tenant_in_weighted_turns() {
+        let mut q = FairQueue::with_quantum(4);
+        q.set_weight("a", 2);
+        for i in 0..20 {
+            q.push("a", 0, i);
+            q.push("b", 0, i);
+        }
+        let order: Vec<String> = (0..24).map(|_| q.pop().unwrap().0).collect();
+        let runs: Vec<(String, usize)> = order
+            .chunk_by(|x, y| x == y)
+            .map(|r| (r[0].clone(), r.len()))
+            .collect();
+        assert_eq!(
+            runs,
+            [
+                ("a".to_string(), 8),
+                ("b".to_string(), 4),
+                ("a".to_string(), 8),
+                ("b".to_string(), 4)
+            ]
+        );
+        // A newcomer waits at most one turn of each tenant with work.
+        q.push("c", 0, 0);
+        let until_c = std::iter::from_fn(|| q.pop().map(|(t, _)| t))
+            .position(|t| t == "c")
+            .unwrap();
+        assert!(until_c <= 8 + 4, "{until_c}");
     }
 
     #[test]
