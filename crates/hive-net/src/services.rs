@@ -470,12 +470,17 @@ impl NodeNet {
         };
         let name = self.names.table();
         let mut batch = nfnl::Batch::of(nfnl::Family::Ip, name);
-        match t.last.as_deref() {
+        let incremental = match t.last.as_deref() {
             Some(old) if old == routes => return Ok(()),
-            Some(old) if !old.is_empty() && !routes.is_empty() => diff(&mut batch, old, &routes),
-            _ => full(&mut batch, &routes),
-        }
-        let incremental = t.last.is_some();
+            Some(old) if !old.is_empty() && !routes.is_empty() => {
+                diff(&mut batch, old, &routes);
+                true
+            }
+            _ => {
+                full(&mut batch, &routes);
+                false
+            }
+        };
         t.last = None;
         let mut result = t.sock.apply(&op, &batch);
         if result.is_err() && incremental {
