@@ -2,18 +2,15 @@
 //! become instances, scaling adds and removes them, deleting a service deletes them, and
 //! tenants do not touch each other.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use hive_api::{ContainerSpec, Event, Instance, POOL_BOUND_LABEL, Service, ServiceSpec, Tenant};
+use common::{Server, add_tenant, service};
+use hive_api::{Event, Instance, POOL_BOUND_LABEL, Service};
 use hive_api::{Node, NodeCapacity, NodeStatus};
 use hive_client::Client;
 use hive_server::controllers::{Scheduler, ServiceController};
-use hive_server::{RateLimit, ServerConfig};
-
-struct Server {
-    client: Client,
-    _dir: tempfile::TempDir,
-}
 
 async fn start() -> Server {
     start_with(Scheduler::new).await
@@ -21,41 +18,11 @@ async fn start() -> Server {
 
 /// A server with the controllers, the scheduler made by `scheduler` from the admin client.
 async fn start_with(scheduler: impl FnOnce(Client) -> Scheduler) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let config = ServerConfig {
-        data_dir: dir.path().to_owned(),
-        rate_limit: RateLimit {
-            per_sec: 0.0,
-            burst: 0.0,
-        },
-        ..Default::default()
-    };
-    let server = hive_server::launch(
-        config,
-        "127.0.0.1:0".parse().unwrap(),
-        std::future::pending(),
-    )
-    .await
-    .unwrap();
-    let client = Client::new(&server.url, Some(server.admin_token)).unwrap();
+    let server = common::launch().await;
+    let client = server.client.clone();
     tokio::spawn(ServiceController::new(client.clone()).run());
-    tokio::spawn(scheduler(client.clone()).run());
-    Server { client, _dir: dir }
-}
-
-fn service(name: &str, replicas: u32) -> Service {
-    Service {
-        name: name.into(),
-        spec: ServiceSpec {
-            replicas,
-            template: ContainerSpec {
-                image: "busybox".into(),
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-        ..Default::default()
-    }
+    tokio::spawn(scheduler(client).run());
+    server
 }
 
 /// Waits until `tenant`'s instances of `svc` number `n`; returns them.
@@ -141,18 +108,6 @@ async fn replicas_become_instances_and_follow_scaling_and_deletion() {
     add_tenant(c, "late").await;
     c.create(Some("late"), &service("api", 2)).await.unwrap();
     instances(c, "late", "api", 2).await;
-}
-
-async fn add_tenant(c: &Client, name: &str) {
-    c.create(
-        None,
-        &Tenant {
-            name: name.into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
 }
 
 async fn add_node(c: &Client, name: &str, cpu_millis: u64) {

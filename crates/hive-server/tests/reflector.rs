@@ -2,64 +2,17 @@
 //! store, watch cache): a resume ends its catch-up on the server's end-of-replay bookmark,
 //! at once, rather than after a quiet spell.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hive_api::{ContainerSpec, Service, ServiceSpec, Tenant};
+use common::{add_tenant as tenant, launch as start, service};
+use hive_api::Service;
 use hive_client::Client;
 use hive_client::reflector::{CATCH_UP_QUIET, Cursor, Saved, Start, reflect_resumable};
-use hive_server::{RateLimit, ServerConfig};
 use tokio::sync::{Mutex, mpsc, watch};
-
-struct Server {
-    client: Client,
-    _dir: tempfile::TempDir,
-}
-
-async fn start() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let config = ServerConfig {
-        data_dir: dir.path().to_owned(),
-        rate_limit: RateLimit {
-            per_sec: 0.0,
-            burst: 0.0,
-        },
-        ..Default::default()
-    };
-    let server = hive_server::launch(
-        config,
-        "127.0.0.1:0".parse().unwrap(),
-        std::future::pending(),
-    )
-    .await
-    .unwrap();
-    let client = Client::new(&server.url, Some(server.admin_token)).unwrap();
-    Server { client, _dir: dir }
-}
-
-fn service(name: &str, replicas: u32) -> Service {
-    Service {
-        name: name.into(),
-        spec: ServiceSpec {
-            replicas,
-            template: ContainerSpec {
-                image: "busybox".into(),
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-}
-
-async fn tenant(c: &Client, name: &str) {
-    let t = Tenant {
-        name: name.into(),
-        ..Default::default()
-    };
-    c.create(None, &t).await.unwrap();
-}
 
 /// A resumed reflector of `acme`'s services from `saved`: how long until it counted as
 /// synced, how it started, and what its store then held.
