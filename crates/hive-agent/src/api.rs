@@ -262,6 +262,10 @@ async fn container_exec(
 
 /// Serves the agent API on `listener` until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, api: Arc<AgentApi>) -> std::io::Result<()> {
+    // Log follows and exec sessions are streams of small writes: no Nagle delay on them.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, api.router()).await
 }
 

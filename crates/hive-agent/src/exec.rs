@@ -2,17 +2,21 @@
 //! its stdio carried as [`Frame`]s over the upgraded connection the API server passed on.
 //!
 //! Without a terminal the process gets three pipes (stdout and stderr stay apart). With one,
-//! the runtime runs in the foreground on a pseudo-terminal the agent allocates (its
-//! controlling terminal): the runtime gives the process a terminal of its own and copies
-//! between the two, and a size set on ours reaches it as SIGWINCH. (`--console-socket` would
-//! need `--detach`, and then nobody could wait for the exit code.) The process is described
-//! by a process spec file (`--process`) that carries the terminal's size, so its terminal has
-//! that size from the start: the runtime's own first resize comes only after the process
-//! started. Its output's newlines are made `\r\n`, once ([`Newlines`]). When the client
-//! goes away, the process gets SIGHUP (the runtime forwards it), like a closed terminal.
+//! the process is described by a process spec file (`--process`) that carries the
+//! terminal's size, so its terminal has that size from the start where the runtime applies it
+//! before the process runs, and the terminal is carried one of two ways:
+//! - runc runs in the foreground on a pseudo-terminal the agent allocates (its controlling
+//!   terminal): it gives the process a terminal of its own and copies between the two, and a
+//!   size set on ours reaches it as SIGWINCH (runc takes a console socket only with
+//!   `--detach`, and then nobody could wait for the exit code);
+//! - crun, in the foreground too, hands the master of the terminal it made for the process to
+//!   the agent over a console socket, and the agent copies and resizes it directly.
+//!
+//! Output newlines are made `\r\n`, once ([`Newlines`]). When the client goes away, the
+//! process gets SIGHUP, like a closed terminal.
 
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -21,7 +25,7 @@ use hive_client::exec::{Frame, read_frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::runtime::OciRuntime;
+use crate::runtime::{OciRuntime, RuntimeKind};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -152,16 +156,10 @@ fn hang_up(pid: Option<u32>) {
     }
 }
 
-/// The client's next frame; None, after hanging up on the process, once the client is gone
-/// (or sent nonsense).
-async fn next_frame<R: AsyncRead + Unpin>(rd: &mut R, pid: Option<u32>) -> Option<Frame> {
-    match read_frame(rd).await {
-        Ok(Some(f)) => Some(f),
-        Ok(None) | Err(_) => {
-            hang_up(pid);
-            None
-        }
-    }
+/// The client's next frame; None once the client is gone (or sent nonsense): the caller
+/// hangs up on the process then.
+async fn next_frame<R: AsyncRead + Unpin>(rd: &mut R) -> Option<Frame> {
+    read_frame(rd).await.ok().flatten()
 }
 
 /// The exit code of `child`, feeding it input meanwhile.
@@ -200,7 +198,11 @@ async fn run_pipes<R: AsyncRead + Unpin>(
     let err = tokio::spawn(pump(stderr, tx.clone(), Frame::Stderr));
     let mut stdin = child.stdin.take();
     let input = async {
-        while let Some(f) = next_frame(rd, pid).await {
+        loop {
+            let Some(f) = next_frame(rd).await else {
+                hang_up(pid);
+                break;
+            };
             match f {
                 Frame::Stdin(b) => {
                     if let Some(s) = stdin.as_mut()
@@ -268,10 +270,84 @@ async fn run_tty<R: AsyncRead + Unpin>(
     req: &ExecRequest,
 ) -> Result<i32, String> {
     let (cols, rows) = INITIAL_SIZE;
-    let (master, slave) = open_pty(cols, rows).map_err(|e| format!("allocate a terminal: {e}"))?;
     // Kept until the process has exited (the runtime reads it as it starts).
     let process = process_file(req, cols, rows)?;
-    let mut cmd = runtime.exec_process_command(&req.container, &process.0);
+    let (mut child, master, hang_up) = match runtime.kind {
+        RuntimeKind::Runc => on_our_terminal(runtime, req, &process.0, cols, rows)?,
+        RuntimeKind::Crun => on_its_terminal(runtime, req, &process.0, cols, rows).await?,
+    };
+    let master_w = master.try_clone().map_err(|e| format!("terminal: {e}"))?;
+    let reader = tokio::fs::File::from_std(std::fs::File::from(master));
+    let mut writer = tokio::fs::File::from_std(std::fs::File::from(master_w));
+    let out = tokio::spawn(pump_terminal(reader, tx.clone()));
+    let input = async {
+        loop {
+            let Some(f) = next_frame(rd).await else {
+                hang_up.send(&writer);
+                break;
+            };
+            match f {
+                Frame::Stdin(b) => {
+                    let _ = writer.write_all(&b).await;
+                }
+                // End of input on a terminal is its EOF character (^D).
+                Frame::StdinEof => {
+                    let _ = writer.write_all(&[4]).await;
+                }
+                Frame::Resize { cols, rows } => {
+                    use std::os::fd::AsFd;
+                    let _ = rustix::termios::tcsetwinsize(writer.as_fd(), winsize(cols, rows));
+                }
+                _ => {}
+            }
+        }
+    };
+    let code = wait(&mut child, input).await?;
+    drop(process);
+    // The master reads EIO once nothing holds the slave any more; what was written before
+    // is still delivered.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), out).await;
+    Ok(code)
+}
+
+/// How a terminal exec is hung up on when its client goes away.
+enum HangUp {
+    /// SIGHUP to the runtime, which forwards it to the process (runc in the foreground).
+    Runtime(Option<u32>),
+    /// SIGHUP to the terminal's foreground process group, as a closed terminal does (the
+    /// process's terminal is the one whose master we hold).
+    Terminal,
+}
+
+impl HangUp {
+    fn send(&self, master: &tokio::fs::File) {
+        match self {
+            HangUp::Runtime(pid) => hang_up(*pid),
+            HangUp::Terminal => {
+                use std::os::fd::AsFd;
+                if let Ok(pgrp) = rustix::termios::tcgetpgrp(master.as_fd()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(-pgrp.as_raw_nonzero().get()),
+                        nix::sys::signal::Signal::SIGHUP,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// runc: the runtime runs in the foreground on a pseudo-terminal of ours (its controlling
+/// terminal) and copies between it and the container's; a size set on ours reaches it as
+/// SIGWINCH. Returns the runtime's process and our terminal's master.
+fn on_our_terminal(
+    runtime: &OciRuntime,
+    req: &ExecRequest,
+    process: &Path,
+    cols: u16,
+    rows: u16,
+) -> Result<(tokio::process::Child, OwnedFd, HangUp), String> {
+    let (master, slave) = open_pty(cols, rows).map_err(|e| format!("allocate a terminal: {e}"))?;
+    let mut cmd = runtime.exec_process_command(&req.container, process);
     let stdio = |f: &OwnedFd| f.try_clone().map(Stdio::from);
     cmd.stdin(stdio(&slave).map_err(|e| e.to_string())?)
         .stdout(stdio(&slave).map_err(|e| e.to_string())?)
@@ -288,45 +364,163 @@ async fn run_tty<R: AsyncRead + Unpin>(
             Ok(())
         });
     }
-    let mut child = tokio::process::Command::from(cmd)
+    let child = tokio::process::Command::from(cmd)
         .spawn()
         .map_err(|e| format!("start {}: {e}", runtime.binary.display()))?;
     drop(slave);
     let pid = child.id();
-    let master_w = master.try_clone().map_err(|e| format!("terminal: {e}"))?;
-    let reader = tokio::fs::File::from_std(std::fs::File::from(master));
-    let mut writer = tokio::fs::File::from_std(std::fs::File::from(master_w));
-    let out = tokio::spawn(pump_terminal(reader, tx.clone()));
-    let input = async {
-        while let Some(f) = next_frame(rd, pid).await {
-            match f {
-                Frame::Stdin(b) => {
-                    let _ = writer.write_all(&b).await;
-                }
-                // End of input on a terminal is its EOF character (^D).
-                Frame::StdinEof => {
-                    let _ = writer.write_all(&[4]).await;
-                }
-                Frame::Resize { cols, rows } => {
-                    use std::os::fd::AsFd;
-                    let size = rustix::termios::Winsize {
-                        ws_col: cols,
-                        ws_row: rows,
-                        ws_xpixel: 0,
-                        ws_ypixel: 0,
-                    };
-                    let _ = rustix::termios::tcsetwinsize(writer.as_fd(), size);
-                }
-                _ => {}
-            }
+    Ok((child, master, HangUp::Runtime(pid)))
+}
+
+/// Longest wait for the runtime to hand over the container's terminal.
+const CONSOLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a terminal the runtime sent before it exited may take to be received.
+const AFTER_EXIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// crun: the runtime hands the master of the terminal it made in the container to us over a
+/// console socket and stays in the foreground until the process exits; we copy to and from
+/// that master ourselves. (crun 1.8 copying itself, like runc, mixed its own red error lines
+/// into the session and let the process see a 0×0 terminal: under load 3 of 48 sessions.)
+/// Returns the runtime's process and the container terminal's master.
+async fn on_its_terminal(
+    runtime: &OciRuntime,
+    req: &ExecRequest,
+    process: &Path,
+    cols: u16,
+    rows: u16,
+) -> Result<(tokio::process::Child, OwnedFd, HangUp), String> {
+    let socket = ConsoleSocket::bind(process)?;
+    let mut cmd = runtime.exec_console_command(&req.container, process, &socket.path);
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = tokio::process::Command::from(cmd)
+        .spawn()
+        .map_err(|e| format!("start {}: {e}", runtime.binary.display()))?;
+    let stderr = child.stderr.take();
+    let errors = tokio::spawn(async move {
+        let mut text = String::new();
+        if let Some(mut e) = stderr {
+            let _ = e.read_to_string(&mut text).await;
+        }
+        text
+    });
+    // A short process may be done, and crun with it, before we took its terminal: what it
+    // wrote waits in the terminal, and its connection in the socket's backlog.
+    let received = tokio::select! {
+        biased;
+        m = socket.receive() => Some(m),
+        _ = child.wait() => None,
+        () = tokio::time::sleep(CONSOLE_WITHIN) => {
+            let _ = child.kill().await;
+            return Err(format!(
+                "{} did not hand over the terminal within {CONSOLE_WITHIN:?}",
+                runtime.binary.display()
+            ));
         }
     };
-    let code = wait(&mut child, input).await?;
-    drop(process);
-    // The master reads EIO once nothing holds the slave any more; what was written before
-    // is still delivered.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), out).await;
-    Ok(code)
+    let received = match received {
+        Some(m) => m,
+        None => match tokio::time::timeout(AFTER_EXIT, socket.receive()).await {
+            Ok(m) => m,
+            Err(_) => {
+                let status = child
+                    .wait()
+                    .await
+                    .map_err(|e| format!("wait for exec: {e}"))?;
+                let text = errors.await.unwrap_or_default();
+                return Err(format!("exec failed ({status}): {}", text.trim()));
+            }
+        },
+    };
+    let master = match received {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = child.kill().await;
+            return Err(e);
+        }
+    };
+    // crun sizes it too, from the process spec, but only after the process may have
+    // started: whichever comes first narrows the time it runs on a 0×0 terminal.
+    let _ = rustix::termios::tcsetwinsize(&master, winsize(cols, rows));
+    Ok((child, master, HangUp::Terminal))
+}
+
+/// A listening console socket beside an exec's process file, removed when dropped.
+struct ConsoleSocket {
+    path: PathBuf,
+    listener: tokio::net::UnixListener,
+}
+
+impl ConsoleSocket {
+    /// Binds `<process file>.sock`.
+    fn bind(process: &Path) -> Result<Self, String> {
+        let path = process.with_extension("sock");
+        let listener = tokio::net::UnixListener::bind(&path)
+            .map_err(|e| format!("console socket {}: {e}", path.display()))?;
+        Ok(Self { path, listener })
+    }
+
+    /// The one descriptor the runtime sends (SCM_RIGHTS) on its connection.
+    async fn receive(&self) -> Result<OwnedFd, String> {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let (stream, _) = self
+            .listener
+            .accept()
+            .await
+            .map_err(|e| format!("console socket: {e}"))?;
+        loop {
+            stream
+                .readable()
+                .await
+                .map_err(|e| format!("console socket: {e}"))?;
+            let got = stream.try_io(tokio::io::Interest::READABLE, || {
+                let mut buf = [0u8; 256];
+                let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+                let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+                let msg = recvmsg::<()>(
+                    stream.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::MSG_CMSG_CLOEXEC,
+                )
+                .map_err(std::io::Error::from)?;
+                let mut fds = Vec::new();
+                for c in msg.cmsgs().map_err(std::io::Error::from)? {
+                    if let ControlMessageOwned::ScmRights(r) = c {
+                        fds.extend(r);
+                    }
+                }
+                Ok((msg.bytes, fds))
+            });
+            match got {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(format!("console socket: {e}")),
+                Ok((_, fds)) => {
+                    let mut fds = fds.into_iter().map(|fd| {
+                        // SAFETY: the kernel just installed this descriptor in our table for
+                        // this message (SCM_RIGHTS); nothing else owns it.
+                        unsafe { OwnedFd::from_raw_fd(fd) }
+                    });
+                    return match (fds.next(), fds.next()) {
+                        (Some(master), None) => Ok(master),
+                        (None, _) => {
+                            Err("the runtime closed the console socket without a terminal".into())
+                        }
+                        (Some(_), Some(_)) => Err(
+                            "the runtime sent more than one descriptor on the console socket"
+                                .into(),
+                        ),
+                    };
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ConsoleSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// A new pseudo-terminal of `cols` × `rows`: (master, slave).
@@ -352,16 +546,17 @@ fn open_pty(cols: u16, rows: u16) -> std::io::Result<(OwnedFd, OwnedFd)> {
     t.make_raw();
     t.output_modes.remove(rustix::termios::OutputModes::ONLCR);
     rustix::termios::tcsetattr(&slave, rustix::termios::OptionalActions::Now, &t)?;
-    rustix::termios::tcsetwinsize(
-        &master,
-        rustix::termios::Winsize {
-            ws_col: cols,
-            ws_row: rows,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        },
-    )?;
+    rustix::termios::tcsetwinsize(&master, winsize(cols, rows))?;
     Ok((master, slave))
+}
+
+fn winsize(cols: u16, rows: u16) -> rustix::termios::Winsize {
+    rustix::termios::Winsize {
+        ws_col: cols,
+        ws_row: rows,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
 }
 
 #[cfg(test)]

@@ -50,8 +50,8 @@ pub struct StartArgs {
     /// The `hive` binary; default: next to this program.
     #[arg(long)]
     pub hive: Option<PathBuf>,
-    /// The OCI runtime `hive up` drives: runc or crun.
-    #[arg(long, default_value = "runc")]
+    /// The OCI runtime `hive up` drives: crun (its default) or runc.
+    #[arg(long, default_value = "crun")]
     pub runtime: String,
     /// One more argument for `hive up` (repeat for several), to compare configurations,
     /// e.g. `--up-arg=--no-watch-cache`.

@@ -47,6 +47,11 @@ pub async fn serve(
     let upkeep = tokio::spawn(housekeeping::run(state.clone()));
     let collector = tokio::spawn(images::run_gc(state.clone()));
     let app = router(state.clone());
+    // Watches and logs stream small writes: without TCP_NODELAY a write that follows one
+    // not yet acknowledged waits for the client's delayed ACK (40 ms here), on every event.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;

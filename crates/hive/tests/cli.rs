@@ -65,7 +65,7 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
             >= 1000
     );
     assert_eq!(nodes[0]["status"]["ready"], true);
-    assert_eq!(nodes[0]["status"]["runtime"], "runc");
+    assert_eq!(nodes[0]["status"]["runtime"], "crun");
     assert!(nodes[0]["status"]["lease_renewed_at"].is_string());
 
     // `hive agent` registers another node and keeps its lease.

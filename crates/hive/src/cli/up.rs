@@ -20,7 +20,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7080";
 /// The first tenant `hive up` creates.
 pub const DEFAULT_TENANT: &str = "default";
 /// The OCI runtime the node uses (chosen by measurement: docs/runtime.md).
-pub const DEFAULT_RUNTIME: &str = "runc";
+pub const DEFAULT_RUNTIME: &str = "crun";
 /// How often a node renews its lease.
 pub const LEASE_EVERY: Duration = Duration::from_secs(5);
 

@@ -441,19 +441,26 @@ pub struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let containers = self.agent_dir.join("containers");
-        for e in std::fs::read_dir(&containers)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let id = e.file_name().to_string_lossy().into_owned();
-            let _ = Command::new("runc")
-                .arg("--root")
-                .arg(self.agent_dir.join("runtime"))
-                .args(["delete", "--force", &id])
-                .output();
+        // `hive down` removes what the stopped node left, by the runtime that made each
+        // container (supervisors, containers, cgroups, mounts, its network prefix's state).
+        if self.agent_dir.exists() {
+            match Command::new(HIVE)
+                .arg("down")
+                .arg("--data-dir")
+                .arg(&self.agent_dir)
+                .output()
+            {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => eprintln!(
+                    "hive down --data-dir {}: {}{}",
+                    self.agent_dir.display(),
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                Err(e) => eprintln!("hive down: {e}"),
+            }
         }
+        // What it could not unmount is at least detached.
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
         let dir = self.agent_dir.to_string_lossy().into_owned();
         for m in mounts
