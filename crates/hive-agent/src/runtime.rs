@@ -5,7 +5,7 @@
 //! ([`shim`]), which outlives the agent, holds the container's output ([`logs`]) and records
 //! its exit; [`oci`] drives runc or crun.
 
-pub(crate) mod cgroups;
+pub mod cgroups;
 pub mod logs;
 pub mod oci;
 pub mod shim;

@@ -85,6 +85,14 @@ fn wait_instance(cfg: &Path, service: &str, secs: u64, what: impl Fn(&Value) -> 
 fn a_service_runs_as_a_real_container_and_scaling_to_zero_removes_it() {
     let s = setup();
     let (data, cfg, image) = (&s.data, &s.cfg, &s.image);
+    // The node turned favordynmods on for the host's cgroup2 superblock (see
+    // `cgroups::favor_dynamic_modifications`): starts no longer wait for RCU on migration.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let cgroup2 = mountinfo
+        .lines()
+        .find(|l| l.contains(" - cgroup2 "))
+        .expect("a cgroup2 mount on this host");
+    assert!(cgroup2.contains("favordynmods"), "{cgroup2}");
     ok(
         cfg,
         &[

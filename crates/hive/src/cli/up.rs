@@ -471,6 +471,14 @@ fn make_agent(
     // One agent per data dir, held until the process ends; `hive down` finds the node's
     // runtime and network prefix in the record.
     let lock = DirLock::acquire(data_dir)?;
+    match hive_agent::runtime::cgroups::favor_dynamic_modifications() {
+        Ok(true) => tracing::info!(
+            "cgroup2 superblock: favordynmods on (moving a new container into its cgroups \
+             no longer waits for an RCU grace period)"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "cgroup2 superblock: cannot turn favordynmods on"),
+    }
     NodeRecord {
         node: node.to_owned(),
         runtime: runtime.to_owned(),
