@@ -8,10 +8,19 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // The container supervisor forks: it must run before any other thread exists. It is on
+    // every container start's path, so it is told from its two arguments directly, without
+    // building the whole command line's parser first (~0.5 ms of a start).
+    let mut argv = std::env::args_os().skip(1);
+    if let (Some(verb), Some(config), None) = (argv.next(), argv.next(), argv.next())
+        && verb == "shim"
+        && let Some(config) = config.to_str()
+    {
+        return shim(config);
+    }
     let args = cli::Cli::parse();
-    // The container supervisor forks: it must run before any other thread exists.
     if let cli::Command::Shim { shim_config } = &args.command {
-        return ExitCode::from(hive_agent::runtime::shim::main(shim_config).clamp(0, 255) as u8);
+        return shim(shim_config);
     }
     cli::init_tracing(&args);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -41,4 +50,8 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn shim(config: &str) -> ExitCode {
+    ExitCode::from(hive_agent::runtime::shim::main(config).clamp(0, 255) as u8)
 }
