@@ -128,7 +128,7 @@ impl Ipv4Subnet {
         Ok(Self { addr, prefix_len })
     }
 
-    fn mask(self) -> u32 {
+    pub(crate) fn mask(self) -> u32 {
         if self.prefix_len == 0 {
             0
         } else {
@@ -833,10 +833,10 @@ impl NodeNet {
     /// (`attach` made it); the rules go with it.
     pub async fn set_firewall(&self, key: &str, fw: Option<&Firewall>) -> Result<(), NetError> {
         names::validate_key(key)?;
-        let path = self.cfg.netns_dir.join(self.names.netns(key));
-        let ns = netns::open(&path)?;
         let table = format!("{}fw", self.cfg.prefix);
-        firewall::apply(&ns, &table, fw).await
+        let op = format!("security group rules of {key}");
+        let t = self.ns_tables(key, &op).await?;
+        t.sock.apply(&op, &firewall::batch(&table, fw))
     }
 
     /// The drop counters of a port's anti-spoofing chain; `None` if it has none.

@@ -127,6 +127,14 @@ const NFTA_CMP_DATA: u16 = 3;
 const NFTA_IMMEDIATE_DREG: u16 = 1;
 const NFTA_IMMEDIATE_DATA: u16 = 2;
 const NFTA_COUNTER_PACKETS: u16 = 2;
+const NFTA_CT_DREG: u16 = 1;
+const NFTA_CT_KEY: u16 = 2;
+const NFT_CT_STATE: u32 = 0;
+const NFTA_BITWISE_SREG: u16 = 1;
+const NFTA_BITWISE_DREG: u16 = 2;
+const NFTA_BITWISE_LEN: u16 = 3;
+const NFTA_BITWISE_MASK: u16 = 4;
+const NFTA_BITWISE_XOR: u16 = 5;
 /// libnftnl's user-data TLV type for a rule comment (what `nft` shows as `comment "…"`).
 const NFTNL_UDATA_RULE_COMMENT: u8 = 0;
 
@@ -142,6 +150,8 @@ const DEFAULT_SNDBUF: usize = 128 * 1024;
 /// The address family of a table (`nfgenmsg.nfgen_family`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Family {
+    /// IPv4 and IPv6 (`inet`).
+    Inet = 1,
     Ip = 2,
     Bridge = 7,
 }
@@ -149,15 +159,18 @@ pub(crate) enum Family {
 /// Netfilter hooks (`enum nf_inet_hooks`) a base chain may attach to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Hook {
+    Input = 1,
     Output = 3,
 }
 
-/// A base chain's attachment: hook, priority and type (`filter`, `nat`).
+/// A base chain's attachment: hook, priority and type (`filter`, `nat`), and what it does
+/// with a packet no rule decided (accept, or drop).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct BaseChain {
     pub(crate) hook: Hook,
     pub(crate) priority: i32,
     pub(crate) kind: &'static str,
+    pub(crate) drop_by_default: bool,
 }
 
 /// A named set or map: its key's type id (as `nft` names types, for listings) and length,
@@ -206,6 +219,10 @@ pub(crate) enum MetaKey {
     Protocol = 1,
     /// `skb->priority` (`meta priority`): a tc class id, major:minor, host order.
     Priority = 2,
+    /// The input interface's index (`meta iif`), host order.
+    Iif = 4,
+    /// The packet's family in an `inet` table (`meta nfproto`): 2 IPv4, 10 IPv6; one byte.
+    NfProto = 15,
     /// The transport protocol (`meta l4proto`), one byte.
     L4Proto = 16,
 }
@@ -214,8 +231,11 @@ pub(crate) enum MetaKey {
 pub(crate) enum CmpOp {
     Eq = 0,
     Neq = 1,
-    /// Compares as big-endian bytes (what a `byteorder` to network order prepares).
+    /// Compares as big-endian bytes (what a `byteorder` to network order prepares), as do
+    /// the other orderings.
     Lt = 2,
+    Lte = 3,
+    Gte = 5,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,6 +322,14 @@ pub(crate) enum Expr {
     RejectTcpReset,
     /// `reject` (ICMP port unreachable).
     RejectPortUnreachable,
+    /// The connection's state bits (`ct state`, host order: invalid 1, established 2,
+    /// related 4, new 8) into register 1.
+    CtState,
+    /// Register 1 = (register 1 & `mask`) ^ `xor`, over `mask.len()` bytes.
+    Bitwise {
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+    },
 }
 
 /// A rule: its expressions, and a comment `nft list` shows (and counters are named by).
@@ -528,6 +556,23 @@ impl Buf {
                     b.attr(NFTA_REJECT_ICMP_CODE, &[ICMP_PORT_UNREACH]);
                 });
             }
+            Expr::CtState => {
+                b.str(NFTA_EXPR_NAME, "ct");
+                b.nest(NFTA_EXPR_DATA, |b| {
+                    b.be32(NFTA_CT_DREG, NFT_REG_1);
+                    b.be32(NFTA_CT_KEY, NFT_CT_STATE);
+                });
+            }
+            Expr::Bitwise { mask, xor } => {
+                b.str(NFTA_EXPR_NAME, "bitwise");
+                b.nest(NFTA_EXPR_DATA, |b| {
+                    b.be32(NFTA_BITWISE_SREG, NFT_REG_1);
+                    b.be32(NFTA_BITWISE_DREG, NFT_REG_1);
+                    b.be32(NFTA_BITWISE_LEN, u32::try_from(mask.len()).unwrap_or(0));
+                    b.data_value(NFTA_BITWISE_MASK, mask);
+                    b.data_value(NFTA_BITWISE_XOR, xor);
+                });
+            }
         });
     }
 }
@@ -629,7 +674,7 @@ impl Batch {
         self
     }
 
-    /// Creates a base chain (policy accept) on a hook.
+    /// Creates a base chain on a hook.
     pub(crate) fn add_base_chain(&mut self, chain: &str, base: BaseChain) -> &mut Self {
         self.push(
             NFT_MSG_NEWCHAIN,
@@ -642,8 +687,8 @@ impl Batch {
                     b.be32(NFTA_HOOK_HOOKNUM, base.hook as u32);
                     b.be32(NFTA_HOOK_PRIORITY, base.priority as u32);
                 });
-                // NF_ACCEPT
-                b.be32(NFTA_CHAIN_POLICY, 1);
+                // NF_DROP, NF_ACCEPT
+                b.be32(NFTA_CHAIN_POLICY, u32::from(!base.drop_by_default));
                 b.str(NFTA_CHAIN_TYPE, base.kind);
             },
         );

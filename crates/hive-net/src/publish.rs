@@ -40,6 +40,14 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// The IP protocol number (`meta l4proto`).
+    pub(crate) fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",

@@ -55,8 +55,6 @@ const TYPE_INET_SERVICE: u32 = 13;
 /// A concatenation's type id: its parts' ids, 6 bits each.
 const TYPE_VIP_PROTO_PORT: u32 =
     (((TYPE_IPADDR << 6) | TYPE_INET_PROTOCOL) << 6) | TYPE_INET_SERVICE;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 
 /// One VIP as the instances of a network reach it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,9 +66,10 @@ pub struct ServiceRoute {
     pub backends: Vec<Ipv4Addr>,
 }
 
-/// Per instance namespace (by key): a nf_tables socket made inside it and the routes last
-/// written through it (`None`: unknown, the next change rewrites the table whole). Each
-/// namespace's entry is held while it is written.
+/// Per instance namespace (by key): a nf_tables socket made inside it, through which its
+/// VIP table and its security-group table are written, and the routes last written
+/// (`None`: unknown, the next change rewrites the VIP table whole). Each namespace's entry
+/// is held while it is written.
 #[derive(Debug, Default)]
 pub(crate) struct Tables {
     by_key: std::sync::Mutex<HashMap<String, Slot>>,
@@ -78,13 +77,13 @@ pub(crate) struct Tables {
 
 type Slot = Arc<tokio::sync::Mutex<Option<Table>>>;
 
-/// The table in one namespace, as this process last wrote it.
+/// One namespace's socket, and its VIP table as this process last wrote it.
 #[derive(Debug)]
-struct Table {
+pub(crate) struct Table {
     /// The namespace the socket is in (device, inode): a namespace made again under the same
     /// name is another one.
     ns_id: (u64, u64),
-    sock: nfnl::NfSocket,
+    pub(crate) sock: nfnl::NfSocket,
     last: Option<Vec<ServiceRoute>>,
 }
 
@@ -109,13 +108,6 @@ fn ns_id(ns: &std::fs::File) -> Result<(u64, u64), NetError> {
     Ok((m.dev(), m.ino()))
 }
 
-fn proto_num(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => IPPROTO_TCP,
-        Protocol::Udp => IPPROTO_UDP,
-    }
-}
-
 fn proto_str(p: Protocol) -> &'static str {
     match p {
         Protocol::Tcp => "tcp",
@@ -128,7 +120,7 @@ fn proto_str(p: Protocol) -> &'static str {
 fn service_key(vip: Ipv4Addr, proto: Protocol, port: u16) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..4].copy_from_slice(&vip.octets());
-    k[4] = proto_num(proto);
+    k[4] = proto.number();
     k[8..10].copy_from_slice(&port.to_be_bytes());
     k
 }
@@ -181,6 +173,7 @@ fn full(b: &mut nfnl::Batch, routes: &[ServiceRoute]) {
                 hook: Hook::Output,
                 priority: -100,
                 kind: "nat",
+                drop_by_default: false,
             },
         )
         .add_rule(
@@ -213,6 +206,7 @@ fn full(b: &mut nfnl::Batch, routes: &[ServiceRoute]) {
                 hook: Hook::Output,
                 priority: 0,
                 kind: "filter",
+                drop_by_default: false,
             },
         );
     let to_vip = || {
@@ -233,7 +227,7 @@ fn full(b: &mut nfnl::Batch, routes: &[ServiceRoute]) {
         },
         Expr::Cmp {
             op: CmpOp::Eq,
-            data: vec![IPPROTO_TCP],
+            data: vec![Protocol::Tcp.number()],
         },
         Expr::RejectTcpReset,
     ]);
@@ -438,6 +432,30 @@ fn normalized(routes: &[ServiceRoute]) -> Vec<ServiceRoute> {
 }
 
 impl NodeNet {
+    /// Instance `key`'s entry: the nf_tables socket inside its namespace (made there once
+    /// by a thread that enters it; writes through it need no thread in there), held until
+    /// the guard is dropped. Fails if the instance has no namespace here.
+    pub(crate) async fn ns_tables(
+        &self,
+        key: &str,
+        op: &str,
+    ) -> Result<tokio::sync::OwnedMappedMutexGuard<Option<Table>, Table>, NetError> {
+        let path = self.cfg.netns_dir.join(self.names.netns(key));
+        let ns = netns::open(&path)?;
+        let mut slot = self.services.slot(key).lock_owned().await;
+        let id = ns_id(&ns)?;
+        if slot.as_ref().is_none_or(|t| t.ns_id != id) {
+            let sock = netns::run_in(&ns, op, nfnl::NfSocket::new).await?;
+            *slot = Some(Table {
+                ns_id: id,
+                sock,
+                last: None,
+            });
+        }
+        tokio::sync::OwnedMutexGuard::try_map(slot, Option::as_mut)
+            .map_err(|_| NetError::io(op.to_owned(), std::io::Error::other("no socket")))
+    }
+
     /// Makes the VIP table inside instance `key`'s namespace exactly `routes` (one
     /// transaction; none removes the table). Idempotent; the table goes with the namespace
     /// ([`NodeNet::detach`]). Fails if the instance has no namespace here.
@@ -449,25 +467,8 @@ impl NodeNet {
         names::validate_key(key)?;
         validate(key, routes)?;
         let routes = normalized(routes);
-        let path = self.cfg.netns_dir.join(self.names.netns(key));
-        let ns = netns::open(&path)?;
-        let slot = self.services.slot(key);
-        let mut table = slot.lock().await;
-        let id = ns_id(&ns)?;
         let op = format!("service routes of {key}");
-        let t = match table.take() {
-            Some(t) if t.ns_id == id => table.insert(t),
-            // The socket is made inside the namespace once; writes through it need no
-            // thread in there.
-            _ => {
-                let sock = netns::run_in(&ns, &op, nfnl::NfSocket::new).await?;
-                table.insert(Table {
-                    ns_id: id,
-                    sock,
-                    last: None,
-                })
-            }
-        };
+        let mut t = self.ns_tables(key, &op).await?;
         let name = self.names.table();
         let mut batch = nfnl::Batch::of(nfnl::Family::Ip, name);
         let incremental = match t.last.as_deref() {

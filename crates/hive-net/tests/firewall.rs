@@ -96,15 +96,42 @@ async fn only_allowed_sources_and_replies_reach_a_guarded_instance() {
         "a published port is open"
     );
     assert_eq!(ping(&nf, &g, 1, &[]), 0, "no icmp rule");
+    // Written over netlink; `nft` reads it back as it would have written it.
+    let listing = in_ns_ok(&ng, &["nft", "list", "ruleset"]);
+    let lines: Vec<&str> = listing.lines().map(str::trim).collect();
+    for want in [
+        "type filter hook input priority filter; policy drop;",
+        "ct state established,related accept comment \"replies\"",
+        "ct state invalid drop comment \"invalid\"",
+        "iif \"lo\" accept comment \"loopback\"",
+        "tcp dport 5302 accept comment \"published\"",
+        &format!(
+            "ip saddr {} tcp dport 5301 accept comment \"allowed\"",
+            friend.ip
+        ),
+    ] {
+        assert!(lines.contains(&want), "{want:?} in {listing}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("counter packets") && l.ends_with("drop comment \"dropped\"")),
+        "{listing}"
+    );
     // Its own connections' replies come back.
     assert_eq!(ping(&ng, &friend.ip.to_string(), 2, &[]), 2);
     assert!(tcp_reaches(&ng, &ns_, stranger.ip, 5304));
 
-    // Changed live: ICMP from the whole network.
+    // Changed live: ICMP from the whole network, a port range from the friend.
     fw.rules.push(FwRule {
         protocol: FwProtocol::Icmp,
         ports: None,
         sources: vec![Ipv4Subnet::new(Ipv4Addr::new(10, 77, 0, 0), 24).unwrap()],
+    });
+    fw.rules.push(FwRule {
+        protocol: FwProtocol::Tcp,
+        ports: Some((5305, 5306)),
+        sources: vec![host(friend.ip)],
     });
     t.nodes[1]
         .net
@@ -113,6 +140,8 @@ async fn only_allowed_sources_and_replies_reach_a_guarded_instance() {
         .unwrap();
     assert_eq!(ping(&ns_, &g, 1, &[]), 1);
     assert!(!tcp_reaches(&ns_, &ng, guarded.ip, 5301), "still not TCP");
+    assert!(tcp_reaches(&nf, &ng, guarded.ip, 5306), "in the range");
+    assert!(!tcp_reaches(&nf, &ng, guarded.ip, 5307), "past the range");
 
     // No rules: open to its network again; removal leaves nothing.
     t.nodes[1]
