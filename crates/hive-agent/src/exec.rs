@@ -380,8 +380,8 @@ const AFTER_EXIT: std::time::Duration = std::time::Duration::from_millis(500);
 /// crun: the runtime hands the master of the terminal it made in the container to us over a
 /// console socket and stays in the foreground until the process exits; we copy to and from
 /// that master ourselves. (crun 1.8 copying itself, like runc, mixed its own red error lines
-/// into the session and let the process see a 0×0 terminal: under load 3 of 48 sessions.)
-/// Returns the runtime's process and the container terminal's master.
+/// into the session under load.) Returns the runtime's process and the container
+/// terminal's master.
 async fn on_its_terminal(
     runtime: &OciRuntime,
     req: &ExecRequest,
