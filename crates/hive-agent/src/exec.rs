@@ -325,7 +325,11 @@ impl HangUp {
             HangUp::Runtime(pid) => hang_up(*pid),
             HangUp::Terminal => {
                 use std::os::fd::AsFd;
-                if let Ok(pgrp) = rustix::termios::tcgetpgrp(master.as_fd()) {
+                // Never a group of 1 (that would be every process): the container's are
+                // never init's.
+                if let Ok(pgrp) = rustix::termios::tcgetpgrp(master.as_fd())
+                    && pgrp.as_raw_nonzero().get() > 1
+                {
                     let _ = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(-pgrp.as_raw_nonzero().get()),
                         nix::sys::signal::Signal::SIGHUP,

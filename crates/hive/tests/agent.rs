@@ -1298,6 +1298,48 @@ fn a_terminal_exec_with_crun_has_crlf_newlines_and_nothing_of_crun_even_under_lo
     terminal_exec_under_load("crun");
 }
 
+/// A terminal exec whose client goes away is hung up on, like a closed terminal: its
+/// process gets SIGHUP and ends (runc forwards it; with crun the agent signals the
+/// terminal's foreground process group).
+#[test]
+fn a_terminal_exec_whose_client_goes_away_ends_its_process() {
+    for (runtime, secs) in [("runc", "31337"), ("crun", "31338")] {
+        let s = setup_with(&["--runtime", runtime]);
+        let (cfg, image) = (&s.cfg, &s.image);
+        ok(
+            cfg,
+            &[
+                "service", "create", "web", "--image", image, "--", "sleep", "1000",
+            ],
+        );
+        wait_instance(cfg, "web", 60, |i| i["status"]["phase"] == "running");
+        // The exec's `sleep`, found by its command line among the host's processes.
+        let running = || {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .any(|c| c == format!("sleep\0{secs}\0").as_bytes())
+        };
+        let mut client = common::hive_command(cfg)
+            .args(["exec", "-t", "web", "--", "sleep", secs])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        until(30, &format!("{runtime}: the exec's process runs"), running);
+        client.kill().unwrap();
+        client.wait().unwrap();
+        until(
+            30,
+            &format!("{runtime}: the exec's process ended after its client went away"),
+            || !running(),
+        );
+        ok(cfg, &["rm", "web"]);
+    }
+}
+
 fn terminal_exec_under_load(runtime: &str) {
     let s = setup_with(&["--runtime", runtime]);
 
