@@ -325,7 +325,13 @@ impl Agent {
                 // Saved before acted on: a restart resumes from a cache that knows every
                 // container this pass may start.
                 self.persist(views).await;
-                self.sync(&wanted, &all, &groups).await;
+                // The tenant this node is bound to, if any: it runs none of another's.
+                let bound_to = nodes
+                    .lock()
+                    .await
+                    .get(&self.cfg.node)
+                    .and_then(|n| n.spec.tenant.clone());
+                self.sync(&wanted, &all, &groups, bound_to.as_deref()).await;
                 if let Some(net) = self.net.clone() {
                     let here = wanted.iter().map(|(id, (_, i))| (id.clone(), i)).collect();
                     let nodes = nodes.lock().await.clone();
@@ -501,7 +507,13 @@ impl Agent {
         }
     }
 
-    async fn sync(&mut self, wanted: &Wanted, all: &[Instance], groups: &Groups) {
+    async fn sync(
+        &mut self,
+        wanted: &Wanted,
+        all: &[Instance],
+        groups: &Groups,
+        bound_to: Option<&str>,
+    ) {
         for id in self.containers.list() {
             // One being started is looked at once its start is over.
             if wanted.contains_key(&id)
@@ -531,6 +543,20 @@ impl Agent {
                 continue;
             }
             match self.containers.state(id) {
+                // A node bound to a tenant never starts another's instance, whoever placed
+                // it here (the scheduler does not; an operator's or a faulty client's
+                // binding might). The reason does not name the node's tenant.
+                ContainerState::Unknown if bound_to.is_some_and(|t| t != tenant) => {
+                    let mut st = inst.status.clone();
+                    st.ready = false;
+                    st.reason = "NodeBoundToAnotherTenant".into();
+                    st.message = format!(
+                        "node {} is bound to another tenant: it runs none of this tenant's \
+                         instances",
+                        self.cfg.node
+                    );
+                    report(&self.client, tenant, inst, st).await;
+                }
                 ContainerState::Unknown => {
                     let fw = crate::network::firewall_of(inst, all, groups);
                     self.start(id, tenant, inst, fw);

@@ -613,3 +613,73 @@ fn a_pool_node_goes_back_only_once_its_containers_are_gone() {
     );
     drop(tt);
 }
+
+/// An instance bound by hand to a node bound to another tenant (what the scheduler never
+/// does; an operator's or a faulty client's write can) is not started there: the agent says
+/// why in the instance's status, without naming the node's tenant, and no container of
+/// that tenant appears on the node.
+#[test]
+fn a_node_bound_to_a_tenant_refuses_another_tenants_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let tt = TwoTenants::start_with(dir.path(), 1, Nodes::Pool, &[], &AGENT_SIZE);
+    let (cfg, host, d) = (&tt.cfg, &tt.host, dir.path());
+    create(cfg, host, "red", "web", 1, STOPS_AT_ONCE);
+    wait_running(cfg, "red", "web", 1, 60);
+    common::until(10, "n1 bound to red", || {
+        node(cfg, "n1")["spec"]["tenant"] == "red"
+    });
+    create(cfg, host, "blue", "api", 1, STOPS_AT_ONCE);
+    common::until(10, "blue's instance waiting for a node", || {
+        instances(cfg, "blue").iter().any(|i| {
+            i["spec"]["node"].is_null()
+                && i["status"]["message"] == "0/1 nodes available: 1 bound to another tenant"
+        })
+    });
+    // Bound to n1 by hand, as the platform admin.
+    let mut inst = instances(cfg, "blue")[0].clone();
+    inst["spec"]["node"] = "n1".into();
+    let name = inst["name"].as_str().unwrap().to_owned();
+    let token = common::admin_token(&d.join("server"));
+    let out = tt
+        .cluster
+        .hub
+        .command("curl")
+        .args([
+            "-sS",
+            "-f",
+            "-X",
+            "PUT",
+            "-H",
+            "content-type: application/json",
+        ])
+        .arg("-H")
+        .arg(format!("authorization: Bearer {token}"))
+        .arg("--data-binary")
+        .arg(inst.to_string())
+        .arg(format!(
+            "{}/api/v1/tenants/blue/instances/{name}",
+            tt.server.url
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bind by hand: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    common::until(20, "n1 refuses blue's instance", || {
+        instances(cfg, "blue")[0]["status"]["reason"] == "NodeBoundToAnotherTenant"
+    });
+    let refused = instances(cfg, "blue")[0].clone();
+    assert_eq!(refused["spec"]["node"], "n1");
+    let message = refused["status"]["message"].as_str().unwrap();
+    assert!(!message.contains("red"), "{message}");
+    // And it stays so: no container of blue's is ever made on n1.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(
+        containers(&d.join("n1")).iter().all(|(t, _)| t != "blue"),
+        "{:?}",
+        containers(&d.join("n1"))
+    );
+    assert_eq!(instances(cfg, "blue")[0]["status"]["phase"], "pending");
+}
