@@ -75,8 +75,8 @@ pub(crate) fn batch(table: &str, fw: Option<&Firewall>) -> Batch {
 }
 
 /// `ct state` & `bits` != 0.
-fn ct_state_any(bits: u32) -> [Expr; 3] {
-    [
+fn ct_state_any(bits: u32) -> Vec<Expr> {
+    vec![
         Expr::CtState,
         Expr::Bitwise {
             mask: bits.to_ne_bytes().to_vec(),
@@ -89,8 +89,8 @@ fn ct_state_any(bits: u32) -> [Expr; 3] {
     ]
 }
 
-fn l4proto_is(number: u8) -> [Expr; 2] {
-    [
+fn l4proto_is(number: u8) -> Vec<Expr> {
+    vec![
         Expr::Meta(MetaKey::L4Proto),
         Expr::Cmp {
             op: CmpOp::Eq,
@@ -164,14 +164,11 @@ fn rules(fw: &Firewall) -> Vec<Rule> {
     let mut out = vec![
         rule(
             Some("replies"),
-            with(
-                ct_state_any(CT_ESTABLISHED_RELATED).to_vec(),
-                Verdict::Accept,
-            ),
+            with(ct_state_any(CT_ESTABLISHED_RELATED), Verdict::Accept),
         ),
         rule(
             Some("invalid"),
-            with(ct_state_any(CT_INVALID).to_vec(), Verdict::Drop),
+            with(ct_state_any(CT_INVALID), Verdict::Drop),
         ),
         rule(
             Some("loopback"),
@@ -188,21 +185,21 @@ fn rules(fw: &Firewall) -> Vec<Rule> {
         ),
     ];
     for (p, port) in &fw.published {
-        let mut e = l4proto_is(p.number()).to_vec();
+        let mut e = l4proto_is(p.number());
         e.extend(dport_in(*port, *port));
         out.push(rule(Some("published"), with(e, Verdict::Accept)));
     }
     for r in &fw.rules {
         let what: Vec<Expr> = match (r.protocol, r.ports) {
             (FwProtocol::Any, _) => vec![],
-            (FwProtocol::Icmp, _) => l4proto_is(IPPROTO_ICMP).to_vec(),
+            (FwProtocol::Icmp, _) => l4proto_is(IPPROTO_ICMP),
             (p, ports) => {
                 let proto = if p == FwProtocol::Udp {
                     Protocol::Udp
                 } else {
                     Protocol::Tcp
                 };
-                let mut e = l4proto_is(proto.number()).to_vec();
+                let mut e = l4proto_is(proto.number());
                 if let Some((from, to)) = ports {
                     e.extend(dport_in(from, to));
                 }

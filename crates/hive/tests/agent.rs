@@ -1304,15 +1304,8 @@ fn a_terminal_exec_with_crun_has_crlf_newlines_and_nothing_of_crun_even_under_lo
 #[test]
 fn a_terminal_exec_whose_client_goes_away_ends_its_process() {
     for (runtime, secs) in [("runc", "31337"), ("crun", "31338")] {
-        let s = setup_with(&["--runtime", runtime]);
-        let (cfg, image) = (&s.cfg, &s.image);
-        ok(
-            cfg,
-            &[
-                "service", "create", "web", "--image", image, "--", "sleep", "1000",
-            ],
-        );
-        wait_instance(cfg, "web", 60, |i| i["status"]["phase"] == "running");
+        let s = running_web(runtime);
+        let cfg = &s.cfg;
         // The exec's `sleep`, found by its command line among the host's processes.
         let running = || {
             std::fs::read_dir("/proc")
@@ -1340,17 +1333,22 @@ fn a_terminal_exec_whose_client_goes_away_ends_its_process() {
     }
 }
 
-fn terminal_exec_under_load(runtime: &str) {
+/// `hive up` with `runtime` and a service `web` whose one container runs.
+fn running_web(runtime: &str) -> Setup {
     let s = setup_with(&["--runtime", runtime]);
-
-    let (cfg, image) = (&s.cfg, &s.image);
     ok(
-        cfg,
+        &s.cfg,
         &[
-            "service", "create", "web", "--image", image, "--", "sleep", "1000",
+            "service", "create", "web", "--image", &s.image, "--", "sleep", "1000",
         ],
     );
-    wait_instance(cfg, "web", 60, |i| i["status"]["phase"] == "running");
+    wait_instance(&s.cfg, "web", 60, |i| i["status"]["phase"] == "running");
+    s
+}
+
+fn terminal_exec_under_load(runtime: &str) {
+    let s = running_web(runtime);
+    let cfg = &s.cfg;
     // busybox `stty size` on a terminal of 0 rows.
     const SIZE_LATE: &str = "stty: standard input\r\ndone\r\n";
     let late = std::sync::atomic::AtomicUsize::new(0);

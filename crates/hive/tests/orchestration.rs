@@ -640,32 +640,22 @@ fn a_node_bound_to_a_tenant_refuses_another_tenants_instance() {
     inst["spec"]["node"] = "n1".into();
     let name = inst["name"].as_str().unwrap().to_owned();
     let token = common::admin_token(&d.join("server"));
-    let out = tt
-        .cluster
-        .hub
-        .command("curl")
-        .args([
+    common::run_in(
+        &tt.cluster.hub,
+        "curl",
+        &[
             "-sS",
             "-f",
             "-X",
             "PUT",
             "-H",
             "content-type: application/json",
-        ])
-        .arg("-H")
-        .arg(format!("authorization: Bearer {token}"))
-        .arg("--data-binary")
-        .arg(inst.to_string())
-        .arg(format!(
-            "{}/api/v1/tenants/blue/instances/{name}",
-            tt.server.url
-        ))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "bind by hand: {}",
-        String::from_utf8_lossy(&out.stderr)
+            "-H",
+            &format!("authorization: Bearer {token}"),
+            "--data-binary",
+            &inst.to_string(),
+            &format!("{}/api/v1/tenants/blue/instances/{name}", tt.server.url),
+        ],
     );
     common::until(20, "n1 refuses blue's instance", || {
         instances(cfg, "blue")[0]["status"]["reason"] == "NodeBoundToAnotherTenant"
