@@ -868,7 +868,8 @@ async fn concurrent_updates_conflict_and_the_history_is_bounded() {
     c.create(Some("acme"), &service("web", 0)).await.unwrap();
 
     // Two writers from the same read: one wins, the other gets 409 and changes nothing.
-    let read = c.get::<Service>(Some("acme"), "web").await.unwrap();
+    // The read comes after the controller's own status write, which would beat both.
+    let read = phase(c, "web", RolloutPhase::Complete).await;
     let (mut a, mut b) = (read.clone(), read.clone());
     a.spec.template.image = "reg/a".into();
     b.spec.template.image = "reg/b".into();
