@@ -43,6 +43,9 @@ pub enum ErrorCode {
     AddressExhausted,
     /// The fixed address asked for is held by another instance.
     AddressInUse,
+    /// The node is another tenant's: an instance bound to a node bound to another tenant,
+    /// or a node bound to a tenant while it still runs another tenant's containers.
+    NodeTaken,
     /// An internal error; details are in the server log under the request id.
     Internal,
 }
@@ -65,7 +68,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => 503,
             ErrorCode::NotStarted => 409,
             ErrorCode::NodeUnreachable => 502,
-            ErrorCode::AddressExhausted | ErrorCode::AddressInUse => 409,
+            ErrorCode::AddressExhausted | ErrorCode::AddressInUse | ErrorCode::NodeTaken => 409,
         }
     }
 
@@ -89,6 +92,7 @@ impl ErrorCode {
             ErrorCode::NodeUnreachable => "node_unreachable",
             ErrorCode::AddressExhausted => "address_exhausted",
             ErrorCode::AddressInUse => "address_in_use",
+            ErrorCode::NodeTaken => "node_taken",
             ErrorCode::Internal => "internal",
         }
     }
@@ -125,6 +129,7 @@ mod tests {
             ErrorCode::NodeUnreachable,
             ErrorCode::AddressExhausted,
             ErrorCode::AddressInUse,
+            ErrorCode::NodeTaken,
         ] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));

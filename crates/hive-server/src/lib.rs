@@ -24,6 +24,7 @@ pub mod router;
 pub mod secgroups;
 pub mod services;
 pub mod state;
+pub mod tenancy;
 pub mod tenants;
 pub mod tokens;
 pub mod vips;

@@ -158,21 +158,19 @@ impl Served for Instance {
     const WRITE: Role = Role::PlatformAdmin;
     const STATUS_WRITE: Role = Role::PlatformAdmin;
 
-    fn on_create(
-        st: &AppState,
-        tenant: Option<&str>,
-        obj: &mut Self,
-    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
-        networks::instance_created(st, tenant, obj)
+    async fn on_create(st: &AppState, tenant: Option<&str>, obj: &mut Self) -> ApiResult<Hooked> {
+        crate::tenancy::instance_bound(st, tenant, None, obj).await?;
+        networks::instance_created(st, tenant, obj).await
     }
 
-    fn on_update(
+    async fn on_update(
         st: &AppState,
         tenant: Option<&str>,
         stored: &Self,
         obj: &mut Self,
-    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
-        networks::instance_updated(st, tenant, stored, obj)
+    ) -> ApiResult<Hooked> {
+        crate::tenancy::instance_bound(st, tenant, stored.spec.node.as_deref(), obj).await?;
+        networks::instance_updated(st, tenant, stored, obj).await
     }
 
     fn on_delete(
@@ -251,6 +249,16 @@ impl Served for hive_api::Node {
     const READ: Role = Role::PlatformAdmin;
     const WRITE: Role = Role::PlatformAdmin;
     const STATUS_WRITE: Role = Role::PlatformAdmin;
+
+    fn on_update(
+        _st: &AppState,
+        _tenant: Option<&str>,
+        stored: &Self,
+        obj: &mut Self,
+    ) -> impl Future<Output = ApiResult<Hooked>> + Send {
+        let r = crate::tenancy::node_updated(stored, obj).map(|()| Hooked::default());
+        async { r }
+    }
 }
 
 impl Served for Tenant {

@@ -8,6 +8,8 @@
 //! - With a 1 s pool grace, a node whose last instance is deleted while its container ignores
 //!   SIGTERM (so it stops only at the agent's 10 s stop grace) stays bound to its tenant as
 //!   long as the container's process lives, and goes to the waiting tenant after.
+//! - A node bound to one tenant runs no other tenant's instance, whoever writes the binding
+//!   (the API server refuses, the agent refuses what slips between).
 
 mod common;
 
@@ -614,12 +616,14 @@ fn a_pool_node_goes_back_only_once_its_containers_are_gone() {
     drop(tt);
 }
 
-/// An instance bound by hand to a node bound to another tenant (what the scheduler never
-/// does; an operator's or a faulty client's write can) is not started there: the agent says
-/// why in the instance's status, without naming the node's tenant, and no container of
-/// that tenant appears on the node.
+/// Tenant-exclusive nodes hold whoever writes: the API server refuses to bind an instance to
+/// a node bound to another tenant (a platform admin's hand-made binding) and to bind a node
+/// to a tenant while another tenant's container runs there (`hive node bind`); and when a
+/// node's binding changes under an instance bound but not started (the one window those
+/// checks leave: here an image that cannot be pulled), its agent does not start it. Neither
+/// the API's refusals nor the agent's reason name the other tenant.
 #[test]
-fn a_node_bound_to_a_tenant_refuses_another_tenants_instance() {
+fn a_node_bound_to_a_tenant_runs_no_other_tenants_instance_whoever_binds_it() {
     let dir = tempfile::tempdir().unwrap();
     let tt = TwoTenants::start_with(dir.path(), 1, Nodes::Pool, &[], &AGENT_SIZE);
     let (cfg, host, d) = (&tt.cfg, &tt.host, dir.path());
@@ -635,17 +639,20 @@ fn a_node_bound_to_a_tenant_refuses_another_tenants_instance() {
                 && i["status"]["message"] == "0/1 nodes available: 1 bound to another tenant"
         })
     });
-    // Bound to n1 by hand, as the platform admin.
+
+    // Blue's instance bound to n1 by hand, as the platform admin: refused.
     let mut inst = instances(cfg, "blue")[0].clone();
     inst["spec"]["node"] = "n1".into();
     let name = inst["name"].as_str().unwrap().to_owned();
     let token = common::admin_token(&d.join("server"));
-    common::run_in(
-        &tt.cluster.hub,
-        "curl",
-        &[
+    let out = tt
+        .cluster
+        .hub
+        .command("curl")
+        .args([
             "-sS",
-            "-f",
+            "-w",
+            "\n%{http_code}",
             "-X",
             "PUT",
             "-H",
@@ -655,21 +662,76 @@ fn a_node_bound_to_a_tenant_refuses_another_tenants_instance() {
             "--data-binary",
             &inst.to_string(),
             &format!("{}/api/v1/tenants/blue/instances/{name}", tt.server.url),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    assert_eq!(status, "409", "{text}");
+    let body: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(body["code"], "node_taken", "{body}");
+    assert!(!body["message"].as_str().unwrap().contains("red"), "{body}");
+    assert!(instances(cfg, "blue")[0]["spec"]["node"].is_null());
+
+    // n1 bound to blue by the operator while red's container runs there: refused.
+    common::fails(
+        cfg,
+        &["node", "bind", "n1", "blue"],
+        "still runs 1 container(s) of other tenants",
+    );
+    assert_eq!(node(cfg, "n1")["spec"]["tenant"], "red");
+
+    // Red's web goes, a red instance whose image does not exist is bound to n1 (never
+    // started: no container), and n1 is bound to blue under it.
+    ok(cfg, &["--tenant", "red", "scale", "web", "0"]);
+    let missing = format!("{host}/red/missing:test");
+    ok(
+        cfg,
+        &[
+            "--tenant",
+            "red",
+            "service",
+            "create",
+            "ghost",
+            "--image",
+            &missing,
+            "--cpu-request",
+            CPU_REQUEST,
+            "--memory-request",
+            "32Mi",
         ],
     );
-    common::until(20, "n1 refuses blue's instance", || {
-        instances(cfg, "blue")[0]["status"]["reason"] == "NodeBoundToAnotherTenant"
+    common::until(60, "red's ghost bound to n1, web's container gone", || {
+        let n = node(cfg, "n1");
+        n["status"]["containers"].get("red").is_none()
+            && instances(cfg, "red")
+                .iter()
+                .any(|i| i["spec"]["node"] == "n1" && i["labels"]["hive.dev/service"] == "ghost")
     });
-    let refused = instances(cfg, "blue")[0].clone();
-    assert_eq!(refused["spec"]["node"], "n1");
+    ok(cfg, &["node", "bind", "n1", "blue"]);
+    let n1 = node(cfg, "n1");
+    assert_eq!(n1["spec"]["tenant"], "blue");
+    assert!(n1["labels"].get("hive.dev/pool-bound").is_none(), "{n1}");
+    let ghost = || {
+        instances(cfg, "red")
+            .into_iter()
+            .find(|i| i["labels"]["hive.dev/service"] == "ghost")
+            .expect("red's ghost")
+    };
+    common::until(30, "n1 refuses red's ghost", || {
+        ghost()["status"]["reason"] == "NodeBoundToAnotherTenant"
+    });
+    let refused = ghost();
     let message = refused["status"]["message"].as_str().unwrap();
-    assert!(!message.contains("red"), "{message}");
-    // And it stays so: no container of blue's is ever made on n1.
+    assert!(!message.contains("blue"), "{message}");
+    // Blue's waiting instance is placed on its node now, and runs.
+    wait_running(cfg, "blue", "api", 1, 60);
+    // And red never gets a container on n1 again.
     std::thread::sleep(std::time::Duration::from_secs(2));
     assert!(
-        containers(&d.join("n1")).iter().all(|(t, _)| t != "blue"),
+        containers(&d.join("n1")).iter().all(|(t, _)| t != "red"),
         "{:?}",
         containers(&d.join("n1"))
     );
-    assert_eq!(instances(cfg, "blue")[0]["status"]["phase"], "pending");
+    assert_eq!(ghost()["status"]["phase"], "pending");
 }

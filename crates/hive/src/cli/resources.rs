@@ -5,8 +5,8 @@ use clap::{Args, Subcommand};
 use futures_util::StreamExt;
 use hive_api::{
     ApiToken, ContainerSpec, EnvVar, ErrorCode, Event, Instance, Network, NetworkSpec, Node,
-    PortSpec, Protocol, PullPolicy, RestartPolicy, Role, Service, ServiceSpec, Tenant, TenantQuota,
-    TokenCreate, WatchEventType,
+    POOL_BOUND_LABEL, PortSpec, Protocol, PullPolicy, RestartPolicy, Role, Service, ServiceSpec,
+    Tenant, TenantQuota, TokenCreate, WatchEventType,
 };
 use hive_client::ClientError;
 
@@ -323,6 +323,16 @@ pub enum NetworkCmd {
 pub enum NodeCmd {
     /// List nodes.
     Ls,
+    /// Bind a node to a tenant: it runs that tenant's instances only, and stays bound until
+    /// unbound (a node the scheduler took from the pool goes back by itself). Refused while
+    /// the node still runs another tenant's containers: cordon it and let them go first.
+    Bind { node: String, tenant: String },
+    /// Return a node to the shared pool.
+    Unbind { node: String },
+    /// Place nothing new on a node (what runs there stays).
+    Cordon { node: String },
+    /// Let the scheduler place on a node again.
+    Uncordon { node: String },
 }
 
 #[derive(Debug, Args)]
@@ -738,7 +748,53 @@ pub async fn node(ctx: &Ctx, cmd: NodeCmd) -> Result<()> {
                 },
             )
         }
+        NodeCmd::Bind { node, tenant } => {
+            // A tenant that does not exist is named as such, not bound to.
+            ctx.client.get::<Tenant>(None, &tenant).await?;
+            change_node(ctx, &node, |n| {
+                n.spec.tenant = Some(tenant.clone());
+                // The operator's binding: not the scheduler's to give back to the pool.
+                n.labels.remove(POOL_BOUND_LABEL);
+            })
+            .await?;
+            println!("node {node} bound to tenant {tenant}");
+            Ok(())
+        }
+        NodeCmd::Unbind { node } => {
+            change_node(ctx, &node, |n| {
+                n.spec.tenant = None;
+                n.labels.remove(POOL_BOUND_LABEL);
+            })
+            .await?;
+            println!("node {node} returned to the pool");
+            Ok(())
+        }
+        NodeCmd::Cordon { node } => {
+            change_node(ctx, &node, |n| n.spec.unschedulable = true).await?;
+            println!("node {node} cordoned");
+            Ok(())
+        }
+        NodeCmd::Uncordon { node } => {
+            change_node(ctx, &node, |n| n.spec.unschedulable = false).await?;
+            println!("node {node} uncordoned");
+            Ok(())
+        }
     }
+}
+
+/// Reads `node`, applies `change`, writes it back under the read revision; retries when its
+/// agent or the scheduler wrote it meanwhile.
+async fn change_node(ctx: &Ctx, node: &str, change: impl Fn(&mut Node)) -> Result<Node> {
+    for _ in 0..5 {
+        let mut n = ctx.client.get::<Node>(None, node).await?;
+        change(&mut n);
+        match ctx.client.update(None, &n).await {
+            Ok(n) => return Ok(n),
+            Err(e) if e.code() == Some(ErrorCode::Conflict) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    bail!("node {node} kept changing under 5 attempts to change it; try again")
 }
 
 fn event_row(e: &Event) -> Vec<String> {
