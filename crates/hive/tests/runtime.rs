@@ -343,6 +343,67 @@ async fn the_supervisor_outlives_its_starter_and_stop_honours_the_grace_period()
     f.containers.remove(&stubborn).await.unwrap();
 }
 
+/// This process's children that are spare supervisors (`hive shim -`).
+fn spare_supervisors() -> Vec<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The parent is the 2nd field after the command, which is in parentheses.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            ppid == Some(me) && cmdline.ends_with(b"\0shim\0-\0")
+        })
+        .collect()
+}
+
+/// A start hands its configuration to the supervisor spawned ahead of it (that one is gone
+/// once it answered, and another waits for the next start); a spare whose stdin ends
+/// without a configuration exits quietly and does nothing.
+#[tokio::test]
+async fn a_start_takes_the_supervisor_spawned_ahead_and_another_is_spawned() {
+    let mut f = Fixture::new();
+    f.containers.prepare_supervisor();
+    let ahead = spare_supervisors();
+    assert_eq!(ahead.len(), 1, "one spare: {ahead:?}");
+    let (id, started) = f.run(&["sleep", "100"], Limits::default()).await;
+    assert!(matches!(
+        f.containers.state(&id),
+        ContainerState::Running(_)
+    ));
+    // The spare forked the container's supervisor and exited after its answer.
+    assert!(!std::path::Path::new(&format!("/proc/{}", ahead[0])).exists());
+    assert_ne!(started.shim_pid as u32, ahead[0]);
+    let t0 = Instant::now();
+    let next = loop {
+        let now = spare_supervisors();
+        if !now.is_empty() {
+            break now;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no new spare");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(next.len(), 1, "{next:?}");
+    assert_ne!(next[0], ahead[0]);
+    f.containers
+        .stop(&id, "KILL", Duration::from_secs(5))
+        .await
+        .unwrap();
+    f.containers.remove(&id).await.unwrap();
+
+    let out = Command::new(HIVE)
+        .args(["shim", shim::FROM_STDIN])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
+}
+
 /// The same node's containers with the agent's runtime set to `kind` (same directories and
 /// runtime root, as after `hive agent --runtime` changed).
 fn with_runtime(c: &Containers, kind: RuntimeKind) -> Containers {

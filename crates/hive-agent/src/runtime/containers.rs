@@ -110,6 +110,9 @@ pub struct Containers {
     /// Starts hold it shared while the runtime makes cgroups; removals hold it alone while
     /// they prune empty parent cgroups, so a prune never takes a parent from under a start.
     parents: std::sync::Arc<tokio::sync::RwLock<()>>,
+    /// A supervisor spawned ahead (`hive shim -`), waiting on its stdin for the next start's
+    /// configuration; replaced after each start that takes it.
+    spare: std::sync::Arc<std::sync::Mutex<Option<tokio::process::Child>>>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -136,7 +139,75 @@ impl Containers {
             log_keep: 2,
             start_timeout: Duration::from_secs(60),
             parents: Default::default(),
+            spare: Default::default(),
         }
+    }
+
+    /// A supervisor waiting for its configuration on stdin (dropped: killed, and it exits
+    /// anyway once its stdin ends).
+    fn spawn_supervisor(&self) -> std::io::Result<tokio::process::Child> {
+        use std::process::Stdio;
+        tokio::process::Command::new(&self.shim.program)
+            .args(&self.shim.args)
+            .arg(shim::FROM_STDIN)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+    }
+
+    /// Spawns the spare supervisor if there is none (after a start took it, or before the
+    /// first start), so the next start does not wait for a program to load.
+    pub fn prepare_supervisor(&self) {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.is_none() {
+            *spare = self.spawn_supervisor().ok();
+        }
+    }
+
+    /// Hands `config` to the spare supervisor (or to a new one when there is none, or the
+    /// spare is gone) and waits for its answer.
+    async fn supervise(
+        &self,
+        id: &str,
+        config: &str,
+    ) -> Result<std::process::Output, ContainerError> {
+        use tokio::io::AsyncWriteExt;
+        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut child = None;
+        for candidate in [spare, None] {
+            let mut c = match candidate {
+                Some(c) => c,
+                None => self
+                    .spawn_supervisor()
+                    .map_err(self.io(id, "run", &self.shim.program))?,
+            };
+            let Some(mut stdin) = c.stdin.take() else {
+                continue;
+            };
+            // A spare that died meanwhile (killed by hand, say) has a closed pipe: take
+            // another.
+            if stdin.write_all(config.as_bytes()).await.is_ok() && stdin.shutdown().await.is_ok() {
+                child = Some(c);
+                break;
+            }
+        }
+        let child = child.ok_or_else(|| ContainerError::Start {
+            id: id.to_owned(),
+            message: "the supervisor did not take its configuration".into(),
+        })?;
+        let out = tokio::time::timeout(self.start_timeout, child.wait_with_output())
+            .await
+            .map_err(|_| ContainerError::ShimTimeout {
+                id: id.to_owned(),
+                timeout: self.start_timeout,
+            })?
+            .map_err(self.io(id, "run", &self.shim.program));
+        // The next spare is spawned beside, not before this start's answer.
+        let this = self.clone();
+        tokio::spawn(async move { this.prepare_supervisor() });
+        out
     }
 
     pub fn dir(&self, id: &str) -> PathBuf {
@@ -217,19 +288,8 @@ impl Containers {
             id: id.to_owned(),
             message: e.to_string(),
         })?;
-        let mut cmd = tokio::process::Command::new(&self.shim.program);
-        cmd.args(&self.shim.args)
-            .arg(cfg)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
         let _parents = self.parents.read().await;
-        let out = tokio::time::timeout(self.start_timeout, cmd.output())
-            .await
-            .map_err(|_| ContainerError::ShimTimeout {
-                id: id.to_owned(),
-                timeout: self.start_timeout,
-            })?
-            .map_err(self.io(id, "run", &self.shim.program))?;
+        let out = self.supervise(id, &cfg).await?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() || !stdout.starts_with("ok ") {
             let message = String::from_utf8_lossy(&out.stderr).trim().to_owned();

@@ -497,6 +497,8 @@ fn make_agent(
         args: vec!["shim".into()],
     };
     let (mut images, containers) = hive_agent::sync::layout(data_dir, oci, shim);
+    // The first start gets a supervisor already loaded, like every later one.
+    containers.prepare_supervisor();
     let host = client
         .base()
         .trim_start_matches("http://")
