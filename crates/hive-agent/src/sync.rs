@@ -549,7 +549,7 @@ impl Agent {
                 ContainerState::Unknown if bound_to.is_some_and(|t| t != tenant) => {
                     let mut st = inst.status.clone();
                     st.ready = false;
-                    st.reason = "NodeBoundToAnotherTenant".into();
+                    st.reason = hive_api::REFUSED_BY_BOUND_NODE.into();
                     st.message = format!(
                         "node {} is bound to another tenant: it runs none of this tenant's \
                          instances",

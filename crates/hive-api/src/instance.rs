@@ -12,6 +12,10 @@ use crate::network::InstanceNetwork;
 use crate::service::ContainerSpec;
 use crate::validate::{self, ValidationError};
 
+/// `status.reason` of an instance its node will not start because the node is bound to
+/// another tenant (the node's binding changed after the instance's): the service
+/// controller replaces it.
+pub const REFUSED_BY_BOUND_NODE: &str = "NodeBoundToAnotherTenant";
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Instance {

@@ -25,7 +25,9 @@ pub mod watch;
 pub use error::{ApiErrorBody, ErrorCode};
 pub use event::{Event, EventType, ObjectRef};
 pub use image::{ImageList, ImageRepository, ImageTag, ImageUpdate, RegistryGcReport};
-pub use instance::{Instance, InstancePhase, InstanceSpec, InstanceStatus, ResourceUsage};
+pub use instance::{
+    Instance, InstancePhase, InstanceSpec, InstanceStatus, REFUSED_BY_BOUND_NODE, ResourceUsage,
+};
 pub use meta::{List, Resource, Scope};
 pub use network::{InstanceNetwork, Ipv4Cidr, Network, NetworkSpec, NetworkStatus};
 pub use node::{Node, NodeCapacity, NodeSpec, NodeStatus, POOL_BOUND_LABEL};

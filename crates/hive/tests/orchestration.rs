@@ -620,8 +620,9 @@ fn a_pool_node_goes_back_only_once_its_containers_are_gone() {
 /// a node bound to another tenant (a platform admin's hand-made binding) and to bind a node
 /// to a tenant while another tenant's container runs there (`hive node bind`); and when a
 /// node's binding changes under an instance bound but not started (the one window those
-/// checks leave: here an image that cannot be pulled), its agent does not start it. Neither
-/// the API's refusals nor the agent's reason name the other tenant.
+/// checks leave: here an image that cannot be pulled), its agent does not start it and the
+/// service controller replaces it. Neither the API's refusals nor the Event name the other
+/// tenant.
 #[test]
 fn a_node_bound_to_a_tenant_runs_no_other_tenants_instance_whoever_binds_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -708,25 +709,40 @@ fn a_node_bound_to_a_tenant_runs_no_other_tenants_instance_whoever_binds_it() {
                 .iter()
                 .any(|i| i["spec"]["node"] == "n1" && i["labels"]["hive.dev/service"] == "ghost")
     });
-    ok(cfg, &["node", "bind", "n1", "blue"]);
-    let n1 = node(cfg, "n1");
-    assert_eq!(n1["spec"]["tenant"], "blue");
-    assert!(n1["labels"].get("hive.dev/pool-bound").is_none(), "{n1}");
     let ghost = || {
         instances(cfg, "red")
             .into_iter()
             .find(|i| i["labels"]["hive.dev/service"] == "ghost")
             .expect("red's ghost")
     };
-    common::until(30, "n1 refuses red's ghost", || {
-        ghost()["status"]["reason"] == "NodeBoundToAnotherTenant"
+    let first = ghost()["name"].as_str().unwrap().to_owned();
+    ok(cfg, &["node", "bind", "n1", "blue"]);
+    let n1 = node(cfg, "n1");
+    assert_eq!(n1["spec"]["tenant"], "blue");
+    assert!(n1["labels"].get("hive.dev/pool-bound").is_none(), "{n1}");
+    // The agent refuses it (status.reason NodeBoundToAnotherTenant, which the service
+    // controller answers by replacing it): the replacement waits, unplaced, for a node.
+    common::until(30, "red's ghost refused by n1 and replaced", || {
+        let g = ghost();
+        g["name"] != first.as_str()
+            && g["spec"]["node"].is_null()
+            && g["status"]["message"] == "0/1 nodes available: 1 bound to another tenant"
     });
-    let refused = ghost();
-    let message = refused["status"]["message"].as_str().unwrap();
-    assert!(!message.contains("blue"), "{message}");
+    let events = json(cfg, &["--tenant", "red", "events"]);
+    let refused = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["reason"] == "InstanceRefused")
+        .unwrap_or_else(|| panic!("no InstanceRefused event: {events}"));
+    let message = refused["message"].as_str().unwrap();
+    assert!(
+        message.contains(&first) && !message.contains("blue"),
+        "{message}"
+    );
     // Blue's waiting instance is placed on its node now, and runs.
     wait_running(cfg, "blue", "api", 1, 60);
-    // And red never gets a container on n1 again.
+    // And red never gets a container on n1.
     std::thread::sleep(std::time::Duration::from_secs(2));
     assert!(
         containers(&d.join("n1")).iter().all(|(t, _)| t != "red"),

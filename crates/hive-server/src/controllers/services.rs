@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use hive_api::{
-    ErrorCode, EventType, Instance, InstancePhase, InstanceSpec, Resource, RolloutPhase, Service,
-    Tenant, WatchEventType,
+    ErrorCode, EventType, Instance, InstancePhase, InstanceSpec, REFUSED_BY_BOUND_NODE, Resource,
+    RolloutPhase, Service, Tenant, WatchEventType,
 };
 use hive_client::{Client, ClientError};
 use tokio::sync::{Mutex, mpsc, watch};
@@ -357,6 +357,22 @@ impl Reconciler {
                     tracing::debug!(tenant = %self.tenant, service = %name, error = %e, "give the service a vip")
                 }
             }
+        }
+        // An instance its node refused for good (the node was bound to another tenant after
+        // the instance was bound to it) never starts there, and the scheduler moves no bound
+        // instance: it is deleted, and replaced below like any missing one.
+        let (refused, mine): (Vec<Instance>, Vec<Instance>) = mine
+            .into_iter()
+            .partition(|i| i.spec.node.is_some() && i.status.reason == REFUSED_BY_BOUND_NODE);
+        for i in &refused {
+            self.delete(&i.name).await?;
+            let node = i.spec.node.as_deref().unwrap_or_default();
+            let message = format!(
+                "instance {} refused by node {node}, now bound to another tenant: replaced",
+                i.name
+            );
+            self.note(EventType::Warning, "InstanceRefused", name, message)
+                .await;
         }
         // An instance is current when made from the template the service has now (whatever
         // its revision label says: an undo to an older template makes its instances
