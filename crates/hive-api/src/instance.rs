@@ -16,6 +16,7 @@ use crate::validate::{self, ValidationError};
 /// another tenant (the node's binding changed after the instance's): the service
 /// controller replaces it.
 pub const REFUSED_BY_BOUND_NODE: &str = "NodeBoundToAnotherTenant";
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Instance {

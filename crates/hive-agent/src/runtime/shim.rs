@@ -3,10 +3,11 @@
 //! `hive shim CONFIG` (or `hive shim -`, the configuration on stdin: see [`FROM_STDIN`])
 //! forks: the parent waits until the child has started the container (one `runtime run
 //! --detach`: set up and started in one call), prints `ok <pid>` (or the error) and exits,
-//! so the agent gets an answer and never has the long-lived process as its child. The child detaches (new session), becomes
-//! the child subreaper (so the container's init, once its runtime process exits, is
-//! re-parented to it), holds the container's stdout and stderr pipes and copies them into
-//! the size-capped log, waits for the init to exit, and records how it ended in `exit.json`.
+//! so the agent gets an answer and never has the long-lived process as its child. The child
+//! detaches (new session), becomes the child subreaper (so the container's init, once its
+//! runtime process exits, is re-parented to it), holds the container's stdout and stderr
+//! pipes and copies them into the size-capped log, waits for the init to exit, and records
+//! how it ended in `exit.json`.
 //! Restarting or upgrading the agent therefore never touches a running container.
 //!
 //! This must run before any other thread exists in the process (it forks): the `hive`
@@ -93,17 +94,17 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(dir: &Path, name: &str) -> Option
     serde_json::from_slice(&fs::read(dir.join(name)).ok()?).ok()
 }
 
-/// The `hive shim` entry point. Returns the process exit code (of the parent: 0 when the
-/// container started; the child never returns from supervision but by exiting).
 /// The argument that makes `hive shim` read its configuration from standard input: the
 /// agent spawns a supervisor ahead of the container it will start, so the program's start
 /// (loading and relocating the `hive` binary, ~2 ms) is off the start's critical path, and
 /// hands it the configuration when the container is to start.
 pub const FROM_STDIN: &str = "-";
 
-/// `hive shim CONFIG`, or `hive shim -` with the configuration on standard input. A spare
-/// whose standard input ends without a configuration (its agent stopped or dropped it) exits
-/// with 0 and does nothing.
+/// The `hive shim` entry point: `hive shim CONFIG`, or `hive shim -` with the configuration
+/// on standard input. Returns the process exit code (of the parent: 0 when the container
+/// started; the child never returns from supervision but by exiting). A spare whose standard
+/// input ends without a configuration (its agent stopped or dropped it) exits with 0 and
+/// does nothing.
 pub fn main(arg: &str) -> i32 {
     let mut read = String::new();
     let config_json = if arg == FROM_STDIN {

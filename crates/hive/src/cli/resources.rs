@@ -753,6 +753,8 @@ pub async fn node(ctx: &Ctx, cmd: NodeCmd) -> Result<()> {
             ctx.client.get::<Tenant>(None, &tenant).await?;
             change_node(ctx, &node, |n| {
                 n.spec.tenant = Some(tenant.clone());
+                // A shared node bound to one tenant is no longer shared.
+                n.spec.shared = false;
                 // The operator's binding: not the scheduler's to give back to the pool.
                 n.labels.remove(POOL_BOUND_LABEL);
             })
