@@ -514,7 +514,27 @@ impl Agent {
         groups: &Groups,
         bound_to: Option<&str>,
     ) {
-        for id in self.containers.list() {
+        // Sorted: looked up by binary search.
+        let existing = self.containers.list();
+        // New instances first: their starts are on the clock, the rest of the pass is not
+        // (every other container's state is read below, on this same thread). One without a
+        // container directory has never been started here.
+        let mut began = false;
+        for (id, (tenant, inst)) in wanted {
+            if existing.binary_search(id).is_err()
+                && !self.starting.contains(id)
+                && bound_to.is_none_or(|t| t == tenant)
+            {
+                let fw = crate::network::firewall_of(inst, all, groups);
+                self.start(id, tenant, inst, fw);
+                began = true;
+            }
+        }
+        if began {
+            // Let the starts take their first steps before the rest of the pass.
+            tokio::task::yield_now().await;
+        }
+        for id in existing {
             // One being started is looked at once its start is over.
             if wanted.contains_key(&id)
                 || self.stopping.contains(&id)
