@@ -20,6 +20,7 @@ const INPUT: &str = "input";
 /// `ct state` bits (host order).
 const CT_INVALID: u32 = 1;
 const CT_ESTABLISHED_RELATED: u32 = 2 | 4;
+pub(crate) const CT_NEW: u32 = 8;
 /// The loopback interface's index, in every network namespace.
 const LO_IFINDEX: u32 = 1;
 const NFPROTO_IPV4: u8 = 2;
@@ -75,7 +76,7 @@ pub(crate) fn batch(table: &str, fw: Option<&Firewall>) -> Batch {
 }
 
 /// `ct state` & `bits` != 0.
-fn ct_state_any(bits: u32) -> Vec<Expr> {
+pub(crate) fn ct_state_any(bits: u32) -> Vec<Expr> {
     vec![
         Expr::CtState,
         Expr::Bitwise {
@@ -89,7 +90,7 @@ fn ct_state_any(bits: u32) -> Vec<Expr> {
     ]
 }
 
-fn l4proto_is(number: u8) -> Vec<Expr> {
+pub(crate) fn l4proto_is(number: u8) -> Vec<Expr> {
     vec![
         Expr::Meta(MetaKey::L4Proto),
         Expr::Cmp {

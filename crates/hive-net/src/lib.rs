@@ -746,14 +746,17 @@ impl NodeNet {
         match netns::list_dir(&self.cfg.netns_dir) {
             Ok(files) => {
                 for f in files {
-                    let stale = self
-                        .names
-                        .parse_netns(&f)
-                        .is_some_and(|k| !keep_keys.contains(k))
+                    let instance = self.names.parse_netns(&f);
+                    let stale = instance.is_some_and(|k| !keep_keys.contains(k))
                         || self
                             .parse_router_netns(&f)
                             .is_some_and(|v| !keep_vnis.contains(&v));
-                    if stale && let Err(e) = netns::remove(&self.cfg.netns_dir.join(&f)) {
+                    if !stale {
+                        continue;
+                    }
+                    // The sockets kept inside it go first: they hold the namespace.
+                    self.services.remove(instance.unwrap_or(&f));
+                    if let Err(e) = netns::remove(&self.cfg.netns_dir.join(&f)) {
                         errors.push(e);
                     }
                 }
@@ -806,7 +809,7 @@ impl NodeNet {
             Err(NetError::Multiple(v)) => v,
             Err(e) => vec![e],
         };
-        if let Err(e) = self.remove_node_pub_table().await {
+        if let Err(e) = self.remove_node_pub_table() {
             errors.push(e);
         }
         if self.underlay_index != 0

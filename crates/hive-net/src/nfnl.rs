@@ -46,6 +46,7 @@ const NFT_MSG_DELRULE: u16 = 8;
 const NFT_MSG_NEWSET: u16 = 9;
 const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_GETSETELEM: u16 = 13;
 const NFT_MSG_DELSETELEM: u16 = 14;
 
 const NFTA_TABLE_NAME: u16 = 1;
@@ -83,7 +84,11 @@ const NFT_NG_RANDOM: u32 = 1;
 const NFTA_NAT_TYPE: u16 = 1;
 const NFTA_NAT_FAMILY: u16 = 2;
 const NFTA_NAT_REG_ADDR_MIN: u16 = 3;
+const NFTA_NAT_REG_PROTO_MIN: u16 = 5;
+const NFTA_NAT_FLAGS: u16 = 7;
 const NFT_NAT_DNAT: u32 = 1;
+/// `NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED`: an address and a port.
+const NF_NAT_RANGE_ADDR_PORT: u32 = 1 | 2;
 const NFPROTO_IPV4: u32 = 2;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
@@ -140,6 +145,15 @@ const NFTNL_UDATA_RULE_COMMENT: u8 = 0;
 
 const NFT_REG_VERDICT: u32 = 0;
 const NFT_REG_1: u32 = 1;
+const NFT_REG_2: u32 = 2;
+/// `nft`'s type ids, so that `nft list` shows the sets as it would have made them.
+pub(crate) const TYPE_INTEGER: u32 = 4;
+pub(crate) const TYPE_IPADDR: u32 = 7;
+pub(crate) const TYPE_INET_PROTOCOL: u32 = 12;
+pub(crate) const TYPE_INET_SERVICE: u32 = 13;
+/// `inet_proto . inet_service`: a concatenation's type id is its parts' ids, 6 bits each.
+pub(crate) const TYPE_PROTO_PORT: u32 = (TYPE_INET_PROTOCOL << 6) | TYPE_INET_SERVICE;
+
 /// The first 4-byte register (`NFT_REG32_00`, overlapping register 1): concatenations load
 /// each field into the next one of these.
 pub(crate) const NFT_REG32_00: u32 = 8;
@@ -159,7 +173,9 @@ pub(crate) enum Family {
 /// Netfilter hooks (`enum nf_inet_hooks`) a base chain may attach to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Hook {
+    Prerouting = 0,
     Input = 1,
+    Forward = 2,
     Output = 3,
 }
 
@@ -221,6 +237,10 @@ pub(crate) enum MetaKey {
     Priority = 2,
     /// The input interface's index (`meta iif`), host order.
     Iif = 4,
+    /// The input interface's name (`iifname`), 16 bytes, NUL-padded.
+    IifName = 6,
+    /// The output interface's name (`oifname`), 16 bytes, NUL-padded.
+    OifName = 7,
     /// The packet's family in an `inet` table (`meta nfproto`): 2 IPv4, 10 IPv6; one byte.
     NfProto = 15,
     /// The transport protocol (`meta l4proto`), one byte.
@@ -318,6 +338,14 @@ pub(crate) enum Expr {
     },
     /// DNAT to the IPv4 address in register 1.
     Dnat,
+    /// DNAT to the IPv4 address in register 1 and the port in register 2 (loaded with
+    /// [`Expr::ImmediateTo`]).
+    DnatPort,
+    /// Loads a value into register `reg` (1 or 2: the 16-byte registers).
+    ImmediateTo {
+        reg: u32,
+        data: Vec<u8>,
+    },
     /// `reject with tcp reset`.
     RejectTcpReset,
     /// `reject` (ICMP port unreachable).
@@ -543,6 +571,23 @@ impl Buf {
                     b.be32(NFTA_NAT_REG_ADDR_MIN, NFT_REG_1);
                 });
             }
+            Expr::DnatPort => {
+                b.str(NFTA_EXPR_NAME, "nat");
+                b.nest(NFTA_EXPR_DATA, |b| {
+                    b.be32(NFTA_NAT_TYPE, NFT_NAT_DNAT);
+                    b.be32(NFTA_NAT_FAMILY, NFPROTO_IPV4);
+                    b.be32(NFTA_NAT_REG_ADDR_MIN, NFT_REG_1);
+                    b.be32(NFTA_NAT_REG_PROTO_MIN, NFT_REG_2);
+                    b.be32(NFTA_NAT_FLAGS, NF_NAT_RANGE_ADDR_PORT);
+                });
+            }
+            Expr::ImmediateTo { reg, data } => {
+                b.str(NFTA_EXPR_NAME, "immediate");
+                b.nest(NFTA_EXPR_DATA, |b| {
+                    b.be32(NFTA_IMMEDIATE_DREG, *reg);
+                    b.data_value(NFTA_IMMEDIATE_DATA, data);
+                });
+            }
             Expr::RejectTcpReset => {
                 b.str(NFTA_EXPR_NAME, "reject");
                 b.nest(NFTA_EXPR_DATA, |b| {
@@ -578,7 +623,7 @@ impl Buf {
 }
 
 /// An interface name as an `ifname` set key: NUL-padded to IFNAMSIZ.
-fn ifname_key(name: &str) -> [u8; IFNAMSIZ] {
+pub(crate) fn ifname_key(name: &str) -> [u8; IFNAMSIZ] {
     let mut k = [0u8; IFNAMSIZ];
     let n = name.len().min(IFNAMSIZ - 1);
     k[..n].copy_from_slice(&name.as_bytes()[..n]);
@@ -941,6 +986,38 @@ fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
+/// A set element as read back: its key's bytes and, in a map, its value's.
+pub(crate) type SetElement = (Vec<u8>, Option<Vec<u8>>);
+
+/// The elements of one set element dump message.
+fn parse_elements(payload: &[u8]) -> Vec<SetElement> {
+    let value = |v: &[u8]| {
+        attrs(v)
+            .find(|(t, _)| *t == NFTA_DATA_VALUE)
+            .map(|(_, x)| x.to_vec())
+    };
+    let mut out = Vec::new();
+    for (ty, v) in attrs(payload.get(4..).unwrap_or_default()) {
+        if ty != NFTA_SET_ELEM_LIST_ELEMENTS {
+            continue;
+        }
+        for (_, elem) in attrs(v) {
+            let (mut key, mut data) = (None, None);
+            for (t, x) in attrs(elem) {
+                match t {
+                    NFTA_SET_ELEM_KEY => key = value(x),
+                    NFTA_SET_ELEM_DATA => data = value(x),
+                    _ => {}
+                }
+            }
+            if let Some(k) = key {
+                out.push((k, data));
+            }
+        }
+    }
+    out
+}
+
 /// A rule as read back: its comment and the packets of its counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RuleCounters {
@@ -1100,10 +1177,23 @@ impl NfSocket {
         flags: u16,
         f: impl FnOnce(&mut Buf),
     ) -> Result<Option<Vec<Vec<u8>>>, NetError> {
+        self.request_in(Family::Bridge, op, ty, flags, f)
+    }
+
+    /// A request about objects of `family`: its answer's messages (payloads), `None` if the
+    /// object is absent.
+    fn request_in(
+        &self,
+        family: Family,
+        op: &str,
+        ty: u16,
+        flags: u16,
+        f: impl FnOnce(&mut Buf),
+    ) -> Result<Option<Vec<Vec<u8>>>, NetError> {
         let seq = self.next_seqs(0);
         let mut b = Buf::default();
         b.msg(
-            Family::Bridge,
+            family,
             (NFNL_SUBSYS_NFTABLES << 8) | ty,
             flags | NLM_F_ACK,
             0,
@@ -1140,6 +1230,28 @@ impl NfSocket {
                 }
             }
         }
+    }
+
+    /// The elements of set or map `set` of table `table` of `family`: each key, and its
+    /// value in a map (a verdict map's values are not read). `None` if the set or its table
+    /// is absent.
+    pub(crate) fn set_elements(
+        &self,
+        family: Family,
+        table: &str,
+        set: &str,
+    ) -> Result<Option<Vec<SetElement>>, NetError> {
+        let msgs = self.request_in(
+            family,
+            &format!("list set {set}"),
+            NFT_MSG_GETSETELEM,
+            NLM_F_DUMP,
+            |b| {
+                b.str(NFTA_SET_ELEM_LIST_TABLE, table);
+                b.str(NFTA_SET_ELEM_LIST_SET, set);
+            },
+        )?;
+        Ok(msgs.map(|msgs| msgs.iter().flat_map(|m| parse_elements(m)).collect()))
     }
 
     pub(crate) fn table_exists(&self, table: &str) -> Result<bool, NetError> {

@@ -30,6 +30,8 @@ use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 
+use crate::firewall;
+use crate::nfnl::{self, Base, BaseChain, CmpOp, Expr, Hook, MetaKey, Rule, Verdict};
 use crate::{NetError, NetworkDef, NodeNet, link, netns};
 
 /// Transport protocol of a published port.
@@ -85,6 +87,8 @@ const ROUTER_TRANSIT_IF: &str = "tr0";
 /// The largest MTU a veth takes (`ETH_MAX_MTU`).
 const MAX_VETH_MTU: u32 = 65535;
 const ROUTER_TABLE: &str = "hive";
+/// The node's map from `protocol . node port` to a router's transit address.
+const PORTS_MAP: &str = "ports";
 
 fn transit_pair(slot: u32) -> (Ipv4Addr, Ipv4Addr) {
     let base = TRANSIT_BASE + slot * 4;
@@ -142,39 +146,22 @@ impl NodeNet {
                 ));
             }
         }
-        let (router_ns, transit) = self.ensure_router(net).await?;
-        let mut rules = format!(
-            "table ip {ROUTER_TABLE} {{}}\ndelete table ip {ROUTER_TABLE}\n\
-             table ip {ROUTER_TABLE} {{\n\
-             chain dnat_pre {{ type nat hook prerouting priority dstnat; policy accept;\n"
-        );
-        for p in ports {
-            rules.push_str(&format!(
-                "iifname \"{ROUTER_TRANSIT_IF}\" {proto} dport {np} dnat to {ip}:{port}\n",
-                proto = p.protocol.as_str(),
-                np = p.node_port,
-                ip = p.ip,
-                port = p.port
-            ));
-        }
-        rules.push_str(&format!(
-            "}}\nchain guard_forward {{ type filter hook forward priority filter; policy accept;\n\
-             iifname \"{}\" oifname \"{ROUTER_TRANSIT_IF}\" ct state new counter drop\n}}\n}}\n",
-            crate::CONTAINER_IFNAME
-        ));
-        nft_text(&router_ns, "router rules", &rules).await?;
-        self.ensure_node_pub_table().await?;
+        let (_, transit) = self.ensure_router(net).await?;
+        let op = format!("router rules of network {}", net.vni);
+        let router = self.router_netns(net.vni);
+        self.ns_tables_in(&router, &router, &op)
+            .await?
+            .sock
+            .apply(&op, &router_batch(ports))?;
+        self.ensure_node_pub_table()?;
         // The node's map: this router's elements become exactly `ports`.
-        let table = self.node_pub_table();
-        let current = self.node_map_elements().await?;
-        let mut batch = String::new();
+        let current = self.node_map_elements()?;
+        let mut batch = nfnl::Batch::of(nfnl::Family::Ip, &self.node_pub_table());
         for ((proto, node_port), to) in &current {
             let wanted = seen.contains_key(&(*proto, *node_port));
             if *to == transit && !wanted {
-                batch.push_str(&format!(
-                    "delete element ip {table} ports {{ {} . {node_port} }}\n",
-                    proto.as_str()
-                ));
+                let label = format!("{} . {node_port}", proto.as_str());
+                batch.del_elem(PORTS_MAP, &label, &map_key(*proto, *node_port));
             } else if *to != transit && wanted {
                 return Err(NetError::invalid(
                     "published port",
@@ -187,14 +174,13 @@ impl NodeNet {
         }
         for (proto, node_port) in seen.keys() {
             if !current.contains_key(&(*proto, *node_port)) {
-                batch.push_str(&format!(
-                    "add element ip {table} ports {{ {} . {node_port} : {transit} }}\n",
-                    proto.as_str()
-                ));
+                let label = format!("{} . {node_port}", proto.as_str());
+                let to = nfnl::ElemData::Value(transit.octets().to_vec());
+                batch.add_elem(PORTS_MAP, &label, &map_key(*proto, *node_port), Some(&to));
             }
         }
         if !batch.is_empty() {
-            nft_text(&self.node_ns, "published ports", &batch).await?;
+            self.nf.apply("published ports", &batch)?;
         }
         Ok(())
     }
@@ -318,27 +304,21 @@ impl NodeNet {
         }
         if let Some(slot) = transit {
             let (_, router_side) = transit_pair(slot);
-            match self.node_map_elements().await {
+            match self.node_map_elements() {
                 Ok(current) => {
-                    let table = self.node_pub_table();
-                    let batch: String = current
-                        .iter()
-                        .filter(|(_, to)| **to == router_side)
-                        .map(|((proto, port), _)| {
-                            format!(
-                                "delete element ip {table} ports {{ {} . {port} }}\n",
-                                proto.as_str()
-                            )
-                        })
-                        .collect();
+                    let mut batch = nfnl::Batch::of(nfnl::Family::Ip, &self.node_pub_table());
+                    for ((proto, port), _) in current.iter().filter(|(_, to)| **to == router_side) {
+                        let label = format!("{} . {port}", proto.as_str());
+                        batch.del_elem(PORTS_MAP, &label, &map_key(*proto, *port));
+                    }
                     if !batch.is_empty()
-                        && let Err(e) = nft_text(&self.node_ns, "unpublish", &batch).await
+                        && let Err(e) = self.nf.apply("unpublish", &batch)
                     {
                         errors.push(e);
                     }
                     // The last router gone: the node's table goes too.
                     let others = current.values().any(|to| *to != router_side);
-                    if !others && let Err(e) = self.remove_node_pub_table().await {
+                    if !others && let Err(e) = self.remove_node_pub_table() {
                         errors.push(e);
                     }
                 }
@@ -350,6 +330,8 @@ impl NodeNet {
                 errors.push(e);
             }
         }
+        // Its socket first: it holds the namespace.
+        self.services.remove(&self.router_netns(vni));
         if let Err(e) = netns::remove(&self.cfg.netns_dir.join(self.router_netns(vni))) {
             errors.push(e);
         }
@@ -357,62 +339,39 @@ impl NodeNet {
     }
 
     /// The node's table: the port map, the DNAT through it, and the filter that keeps
-    /// routers from opening anything towards the node.
-    async fn ensure_node_pub_table(&self) -> Result<(), NetError> {
-        let table = self.node_pub_table();
-        let ul = self.cfg.underlay_ip;
-        let tp = format!("{}t*", self.names.table());
-        let text = format!(
-            "table ip {table} {{\n\
-             map ports {{ type inet_proto . inet_service : ipv4_addr; }}\n\
-             chain dnat_pre {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
-             chain dnat_out {{ type nat hook output priority -100; policy accept; }}\n\
-             chain guard_forward {{ type filter hook forward priority filter; policy accept; }}\n\
-             chain guard_input {{ type filter hook input priority filter; policy accept; }}\n\
-             }}\n\
-             flush chain ip {table} dnat_pre\nflush chain ip {table} dnat_out\n\
-             flush chain ip {table} guard_forward\nflush chain ip {table} guard_input\n\
-             add rule ip {table} dnat_pre ip daddr {ul} dnat ip to meta l4proto . th dport map @ports\n\
-             add rule ip {table} dnat_out ip daddr {ul} dnat ip to meta l4proto . th dport map @ports\n\
-             add rule ip {table} guard_forward iifname \"{tp}\" ct state new counter drop\n\
-             add rule ip {table} guard_input iifname \"{tp}\" ct state new counter drop\n"
+    /// routers from opening anything towards the node (one transaction; the map's elements
+    /// stay).
+    fn ensure_node_pub_table(&self) -> Result<(), NetError> {
+        let transit_prefix = format!("{}t", self.names.table());
+        let batch = node_table_batch(
+            &self.node_pub_table(),
+            self.cfg.underlay_ip,
+            &transit_prefix,
         );
-        nft_text(&self.node_ns, "published ports table", &text).await
+        self.nf.apply("published ports table", &batch)
     }
 
     /// The node map's elements: (protocol, node port) → router transit address.
-    async fn node_map_elements(&self) -> Result<BTreeMap<(Protocol, u16), Ipv4Addr>, NetError> {
-        let table = self.node_pub_table();
-        let out = crate::nft::run(
-            &self.node_ns,
-            "list published ports",
-            &["-j", "list", "map", "ip", &table, "ports"],
-            None,
-        )
-        .await;
-        let out = match out {
-            Ok(o) => o,
-            Err(NetError::Nft { detail, .. }) if detail.contains("No such file or directory") => {
-                return Ok(BTreeMap::new());
-            }
-            Err(e) => return Err(e),
-        };
-        let v: serde_json::Value = serde_json::from_slice(&out).map_err(|e| NetError::Nft {
-            op: "list published ports".into(),
-            detail: format!("unparsable output: {e}"),
-        })?;
-        Ok(parse_map_elements(&v))
+    fn node_map_elements(&self) -> Result<BTreeMap<(Protocol, u16), Ipv4Addr>, NetError> {
+        let elems = self
+            .nf
+            .set_elements(nfnl::Family::Ip, &self.node_pub_table(), PORTS_MAP)?
+            .unwrap_or_default();
+        Ok(elems
+            .iter()
+            .filter_map(|(key, to)| {
+                let to: [u8; 4] = to.as_deref()?.try_into().ok()?;
+                Some((parse_map_key(key)?, Ipv4Addr::from(to)))
+            })
+            .collect())
     }
 
-    /// Removes the node's published-ports table (teardown).
-    pub(crate) async fn remove_node_pub_table(&self) -> Result<(), NetError> {
-        let table = self.node_pub_table();
-        nft_text(
-            &self.node_ns,
-            "delete published ports table",
-            &format!("table ip {table} {{}}\ndelete table ip {table}\n"),
-        )
-        .await
+    /// Removes the node's published-ports table (teardown); none is no error.
+    pub(crate) fn remove_node_pub_table(&self) -> Result<(), NetError> {
+        let mut batch = nfnl::Batch::of(nfnl::Family::Ip, &self.node_pub_table());
+        // Declared first, so that the delete succeeds whether or not it exists.
+        batch.add_table().del_table();
+        self.nf.apply("delete published ports table", &batch)
     }
 
     pub(crate) fn router_leg(&self, vni: u32) -> String {
@@ -449,39 +408,169 @@ impl NodeNet {
     }
 }
 
-fn parse_map_elements(v: &serde_json::Value) -> BTreeMap<(Protocol, u16), Ipv4Addr> {
-    let mut out = BTreeMap::new();
-    let items = v["nftables"].as_array().cloned().unwrap_or_default();
-    for item in items {
-        let Some(elems) = item["map"]["elem"].as_array() else {
-            continue;
-        };
-        for e in elems {
-            // [ {"concat": ["tcp", 8080]}, "169.254.0.2" ]
-            let (Some(key), Some(to)) = (e[0]["concat"].as_array(), e[1].as_str()) else {
-                continue;
-            };
-            let proto = match key.first().and_then(|p| p.as_str()) {
-                Some("tcp") => Protocol::Tcp,
-                Some("udp") => Protocol::Udp,
-                _ => continue,
-            };
-            let (Some(port), Ok(to)) = (key.get(1).and_then(|p| p.as_u64()), to.parse()) else {
-                continue;
-            };
-            if let Ok(port) = u16::try_from(port) {
-                out.insert((proto, port), to);
-            }
-        }
-    }
-    out
+/// `meta key` (an interface name) equal to `name`.
+fn ifname_is(key: MetaKey, name: &str) -> Vec<Expr> {
+    vec![
+        Expr::Meta(key),
+        Expr::Cmp {
+            op: CmpOp::Eq,
+            data: nfnl::ifname_key(name).to_vec(),
+        },
+    ]
 }
 
-/// Applies nft's own syntax in `ns` (one transaction).
-async fn nft_text(ns: &File, op: &str, text: &str) -> Result<(), NetError> {
-    crate::nft::run(ns, op, &["-f", "-"], Some(text.as_bytes().to_vec()))
-        .await
-        .map(drop)
+/// `meta key` (an interface name) starting with `prefix` (`iifname "prefix*"`).
+fn ifname_starts(key: MetaKey, prefix: &str) -> Vec<Expr> {
+    vec![
+        Expr::Meta(key),
+        Expr::Cmp {
+            op: CmpOp::Eq,
+            data: prefix.as_bytes().to_vec(),
+        },
+    ]
+}
+
+/// New connections (not replies) dropped, counted.
+fn drop_new(mut exprs: Vec<Expr>) -> Rule {
+    exprs.extend(firewall::ct_state_any(firewall::CT_NEW));
+    exprs.extend([Expr::Counter, Expr::Verdict(Verdict::Drop)]);
+    Rule {
+        comment: None,
+        exprs,
+    }
+}
+
+fn base_chain(hook: Hook, priority: i32, kind: &'static str) -> BaseChain {
+    BaseChain {
+        hook,
+        priority,
+        kind,
+        drop_by_default: false,
+    }
+}
+
+/// The router's table, made anew: the DNAT of each published port arriving on its transit
+/// leg to the instance's address and port, and the guard that lets no instance open a
+/// connection towards the node.
+fn router_batch(ports: &[PublishedPort]) -> nfnl::Batch {
+    let mut b = nfnl::Batch::of(nfnl::Family::Ip, ROUTER_TABLE);
+    // Declared first, so that the delete succeeds whether or not it exists.
+    b.add_table().del_table().add_table();
+    b.add_base_chain("dnat_pre", base_chain(Hook::Prerouting, -100, "nat"));
+    for p in ports {
+        let mut exprs = ifname_is(MetaKey::IifName, ROUTER_TRANSIT_IF);
+        exprs.extend(firewall::l4proto_is(p.protocol.number()));
+        exprs.extend([
+            Expr::Payload {
+                base: Base::Transport,
+                offset: 2,
+                len: 2,
+            },
+            Expr::Cmp {
+                op: CmpOp::Eq,
+                data: p.node_port.to_be_bytes().to_vec(),
+            },
+            Expr::ImmediateTo {
+                reg: 1,
+                data: p.ip.octets().to_vec(),
+            },
+            Expr::ImmediateTo {
+                reg: 2,
+                data: p.port.to_be_bytes().to_vec(),
+            },
+            Expr::DnatPort,
+        ]);
+        b.add_rule(
+            "dnat_pre",
+            &Rule {
+                comment: None,
+                exprs,
+            },
+        );
+    }
+    b.add_base_chain("guard_forward", base_chain(Hook::Forward, 0, "filter"));
+    let mut from_instances = ifname_is(MetaKey::IifName, crate::CONTAINER_IFNAME);
+    from_instances.extend(ifname_is(MetaKey::OifName, ROUTER_TRANSIT_IF));
+    b.add_rule("guard_forward", &drop_new(from_instances));
+    b
+}
+
+/// The node's table (created if missing, its chains rewritten, its map kept): `ip daddr
+/// <underlay> dnat to meta l4proto . th dport map @ports` in prerouting and output, and new
+/// connections from any router's transit leg (`<prefix>t*`) dropped in forward and input.
+fn node_table_batch(table: &str, underlay: Ipv4Addr, transit_prefix: &str) -> nfnl::Batch {
+    let mut b = nfnl::Batch::of(nfnl::Family::Ip, table);
+    b.add_table().add_set(
+        PORTS_MAP,
+        nfnl::SetSpec {
+            key_type: nfnl::TYPE_PROTO_PORT,
+            key_len: 8,
+            values: nfnl::SetValues::Data {
+                data_type: nfnl::TYPE_IPADDR,
+                len: 4,
+            },
+        },
+    );
+    let chains = [
+        ("dnat_pre", base_chain(Hook::Prerouting, -100, "nat")),
+        ("dnat_out", base_chain(Hook::Output, -100, "nat")),
+        ("guard_forward", base_chain(Hook::Forward, 0, "filter")),
+        ("guard_input", base_chain(Hook::Input, 0, "filter")),
+    ];
+    for (name, chain) in chains {
+        b.add_base_chain(name, chain).flush_chain(name);
+    }
+    let r0 = nfnl::NFT_REG32_00;
+    let dnat = Rule {
+        comment: None,
+        exprs: vec![
+            Expr::Payload {
+                base: Base::Network,
+                offset: 16,
+                len: 4,
+            },
+            Expr::Cmp {
+                op: CmpOp::Eq,
+                data: underlay.octets().to_vec(),
+            },
+            Expr::MetaTo {
+                key: MetaKey::L4Proto,
+                reg: r0,
+            },
+            Expr::PayloadTo {
+                base: Base::Transport,
+                offset: 2,
+                len: 2,
+                reg: r0 + 1,
+            },
+            Expr::Lookup {
+                set: PORTS_MAP.into(),
+                reg: r0,
+                dreg: Some(1),
+            },
+            Expr::Dnat,
+        ],
+    };
+    b.add_rule("dnat_pre", &dnat).add_rule("dnat_out", &dnat);
+    let guard = drop_new(ifname_starts(MetaKey::IifName, transit_prefix));
+    b.add_rule("guard_forward", &guard)
+        .add_rule("guard_input", &guard);
+    b
+}
+
+/// The map's key: the protocol and the port, each in a 4-byte register of a concatenation.
+fn map_key(proto: Protocol, port: u16) -> [u8; 8] {
+    let p = port.to_be_bytes();
+    [proto.number(), 0, 0, 0, p[0], p[1], 0, 0]
+}
+
+fn parse_map_key(key: &[u8]) -> Option<(Protocol, u16)> {
+    let proto = match key.first()? {
+        6 => Protocol::Tcp,
+        17 => Protocol::Udp,
+        _ => return None,
+    };
+    Some((proto, u16::from_be_bytes([*key.get(4)?, *key.get(5)?])))
 }
 
 #[cfg(test)]
@@ -505,18 +594,16 @@ mod tests {
     }
 
     #[test]
-    fn map_elements_parse_from_nft_json() {
-        let v = serde_json::json!({"nftables": [
-            {"metainfo": {}},
-            {"map": {"family": "ip", "name": "ports", "table": "tpub",
-                "type": ["inet_proto", "inet_service"], "map": "ipv4_addr",
-                "elem": [[{"concat": ["tcp", 8080]}, "169.254.0.2"],
-                         [{"concat": ["udp", 53]}, "169.254.0.6"],
-                         [{"concat": ["sctp", 1]}, "169.254.0.6"]]}}
-        ]});
-        let m = parse_map_elements(&v);
-        assert_eq!(m.len(), 2);
-        assert_eq!(m[&(Protocol::Tcp, 8080)], Ipv4Addr::new(169, 254, 0, 2));
-        assert_eq!(m[&(Protocol::Udp, 53)], Ipv4Addr::new(169, 254, 0, 6));
+    fn map_keys_round_trip() {
+        for (proto, port) in [
+            (Protocol::Tcp, 8080),
+            (Protocol::Udp, 53),
+            (Protocol::Tcp, 65535),
+        ] {
+            assert_eq!(parse_map_key(&map_key(proto, port)), Some((proto, port)));
+        }
+        assert_eq!(map_key(Protocol::Tcp, 8080), [6, 0, 0, 0, 0x1f, 0x90, 0, 0]);
+        assert_eq!(parse_map_key(&[132, 0, 0, 0, 0, 1, 0, 0]), None);
+        assert_eq!(parse_map_key(&[6, 0]), None);
     }
 }

@@ -47,11 +47,7 @@ const SERVICES: &str = "services";
 const NAT_OUT: &str = "nat_out";
 const GUARD_OUT: &str = "guard_out";
 
-/// `nft`'s type ids, so that `nft list` shows the sets as it would have made them.
-const TYPE_INTEGER: u32 = 4;
-const TYPE_IPADDR: u32 = 7;
-const TYPE_INET_PROTOCOL: u32 = 12;
-const TYPE_INET_SERVICE: u32 = 13;
+use nfnl::{TYPE_INET_PROTOCOL, TYPE_INET_SERVICE, TYPE_INTEGER, TYPE_IPADDR};
 /// A concatenation's type id: its parts' ids, 6 bits each.
 const TYPE_VIP_PROTO_PORT: u32 =
     (((TYPE_IPADDR << 6) | TYPE_INET_PROTOCOL) << 6) | TYPE_INET_SERVICE;
@@ -440,9 +436,22 @@ impl NodeNet {
         key: &str,
         op: &str,
     ) -> Result<tokio::sync::OwnedMappedMutexGuard<Option<Table>, Table>, NetError> {
-        let path = self.cfg.netns_dir.join(self.names.netns(key));
+        self.ns_tables_in(key, &self.names.netns(key), op).await
+    }
+
+    /// The entry `slot` for the namespace file `netns` of the netns directory (an
+    /// instance's, or a router's: a socket kept open, since closing an nf_tables socket
+    /// right after a transaction that deleted anything waits out an RCU grace period, 5–8 ms
+    /// here). Dropped with [`Tables::remove`].
+    pub(crate) async fn ns_tables_in(
+        &self,
+        slot: &str,
+        netns: &str,
+        op: &str,
+    ) -> Result<tokio::sync::OwnedMappedMutexGuard<Option<Table>, Table>, NetError> {
+        let path = self.cfg.netns_dir.join(netns);
         let ns = netns::open(&path)?;
-        let mut slot = self.services.slot(key).lock_owned().await;
+        let mut slot = self.services.slot(slot).lock_owned().await;
         let id = ns_id(&ns)?;
         if slot.as_ref().is_none_or(|t| t.ns_id != id) {
             let sock = netns::run_in(&ns, op, nfnl::NfSocket::new).await?;

@@ -962,6 +962,21 @@ async fn event(c: &Client, tenant: &str, reason: &str, matches: impl Fn(&str) ->
     }
 }
 
+/// Waits until the scheduler has marked `node` as taken from the pool by `tenant`. The
+/// node's binding is its own write, after the instance's (under the node's revision, which
+/// lease renewals move): it lands within a few tries.
+async fn bound_node(c: &Client, node: &str, tenant: &str) -> Node {
+    let t0 = Instant::now();
+    loop {
+        let n = c.get::<Node>(None, node).await.unwrap();
+        if n.labels.get(POOL_BOUND_LABEL).map(String::as_str) == Some(tenant) {
+            return n;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "{n:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_taken_from_the_pool_goes_back_after_the_grace_but_an_operator_bound_one_stays() {
     let s = start_with(|c| Scheduler::new(c).with_pool_grace(Duration::from_secs(1))).await;
@@ -986,12 +1001,9 @@ async fn a_node_taken_from_the_pool_goes_back_after_the_grace_but_an_operator_bo
         i.len() == 1 && i[0].spec.node.as_deref() == Some("pool1")
     })
     .await;
-    let pool1 = c.get::<Node>(None, "pool1").await.unwrap();
+    // The node's binding is the scheduler's next write, after the instance's.
+    let pool1 = bound_node(c, "pool1", "b").await;
     assert_eq!(pool1.spec.tenant.as_deref(), Some("b"));
-    assert_eq!(
-        pool1.labels[POOL_BOUND_LABEL], "b",
-        "marked as bound by the scheduler"
-    );
     assert!(
         !c.get::<Node>(None, "mine")
             .await
@@ -1024,17 +1036,7 @@ async fn a_node_taken_from_the_pool_goes_back_after_the_grace_but_an_operator_bo
         i.len() == 1 && i[0].spec.node.as_deref() == Some("pool1")
     })
     .await;
-    // The node's binding is its own write (under the node's revision, which lease renewals
-    // move): it lands within a few tries.
-    let t0 = Instant::now();
-    loop {
-        let n = c.get::<Node>(None, "pool1").await.unwrap();
-        if n.labels.get(POOL_BOUND_LABEL).map(String::as_str) == Some("c") {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(5), "{n:#?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    bound_node(c, "pool1", "c").await;
     // Well past the grace, the operator's node is still a's.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mine = c.get::<Node>(None, "mine").await.unwrap();
@@ -1111,9 +1113,8 @@ async fn bindings_written_in_batches_fill_pool_nodes_exactly_to_capacity() {
     assert_eq!(per_node.len(), 10, "{per_node:?}");
     assert!(per_node.values().all(|&n| n == 10), "{per_node:?}");
     for n in per_node.keys() {
-        let node = c.get::<Node>(None, n).await.unwrap();
+        let node = bound_node(c, n, "a").await;
         assert_eq!(node.spec.tenant.as_deref(), Some("a"), "{n}");
-        assert_eq!(node.labels[POOL_BOUND_LABEL], "a", "{n}");
     }
     // The two nodes left go to b; c finds none.
     let mut db = service("db", 20);
