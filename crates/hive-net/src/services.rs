@@ -36,7 +36,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use crate::nfnl::{self, Base, BaseChain, CmpOp, ElemData, Expr, Hook, MetaKey, Rule, Verdict};
+use crate::nfnl::{
+    self, Base, BaseChain, CmpOp, ElemData, Expr, Hook, MetaKey, Rule, TYPE_INET_PROTOCOL,
+    TYPE_INET_SERVICE, TYPE_INTEGER, TYPE_IPADDR, Verdict,
+};
 use crate::{NetError, NodeNet, Protocol, names, netns};
 
 /// Most backends of one VIP (a map of that many elements is still one small rule).
@@ -47,7 +50,6 @@ const SERVICES: &str = "services";
 const NAT_OUT: &str = "nat_out";
 const GUARD_OUT: &str = "guard_out";
 
-use nfnl::{TYPE_INET_PROTOCOL, TYPE_INET_SERVICE, TYPE_INTEGER, TYPE_IPADDR};
 /// A concatenation's type id: its parts' ids, 6 bits each.
 const TYPE_VIP_PROTO_PORT: u32 =
     (((TYPE_IPADDR << 6) | TYPE_INET_PROTOCOL) << 6) | TYPE_INET_SERVICE;
