@@ -514,6 +514,9 @@ impl Agent {
         groups: &Groups,
         bound_to: Option<&str>,
     ) {
+        // A node bound to a tenant never starts another's instance, whoever placed it here
+        // (the scheduler does not; an operator's or a faulty client's binding might).
+        let refused = |tenant: &str| bound_to.is_some_and(|t| t != tenant);
         // Sorted: looked up by binary search.
         let existing = self.containers.list();
         // New instances first: their starts are on the clock, the rest of the pass is not
@@ -523,7 +526,7 @@ impl Agent {
         for (id, (tenant, inst)) in wanted {
             if existing.binary_search(id).is_err()
                 && !self.starting.contains(id)
-                && bound_to.is_none_or(|t| t == tenant)
+                && !refused(tenant)
             {
                 let fw = crate::network::firewall_of(inst, all, groups);
                 self.start(id, tenant, inst, fw);
@@ -563,10 +566,8 @@ impl Agent {
                 continue;
             }
             match self.containers.state(id) {
-                // A node bound to a tenant never starts another's instance, whoever placed
-                // it here (the scheduler does not; an operator's or a faulty client's
-                // binding might). The reason does not name the node's tenant.
-                ContainerState::Unknown if bound_to.is_some_and(|t| t != tenant) => {
+                // The reason does not name the node's tenant.
+                ContainerState::Unknown if refused(tenant) => {
                     let mut st = inst.status.clone();
                     st.ready = false;
                     st.reason = hive_api::REFUSED_BY_BOUND_NODE.into();

@@ -189,6 +189,18 @@ pub(crate) struct BaseChain {
     pub(crate) drop_by_default: bool,
 }
 
+impl BaseChain {
+    /// A base chain that accepts what no rule decided.
+    pub(crate) fn accepting(hook: Hook, priority: i32, kind: &'static str) -> Self {
+        Self {
+            hook,
+            priority,
+            kind,
+            drop_by_default: false,
+        }
+    }
+}
+
 /// A named set or map: its key's type id (as `nft` names types, for listings) and length,
 /// and what its elements map to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -440,15 +440,6 @@ fn drop_new(mut exprs: Vec<Expr>) -> Rule {
     }
 }
 
-fn base_chain(hook: Hook, priority: i32, kind: &'static str) -> BaseChain {
-    BaseChain {
-        hook,
-        priority,
-        kind,
-        drop_by_default: false,
-    }
-}
-
 /// The router's table, made anew: the DNAT of each published port arriving on its transit
 /// leg to the instance's address and port, and the guard that lets no instance open a
 /// connection towards the node.
@@ -456,7 +447,10 @@ fn router_batch(ports: &[PublishedPort]) -> nfnl::Batch {
     let mut b = nfnl::Batch::of(nfnl::Family::Ip, ROUTER_TABLE);
     // Declared first, so that the delete succeeds whether or not it exists.
     b.add_table().del_table().add_table();
-    b.add_base_chain("dnat_pre", base_chain(Hook::Prerouting, -100, "nat"));
+    b.add_base_chain(
+        "dnat_pre",
+        BaseChain::accepting(Hook::Prerouting, -100, "nat"),
+    );
     for p in ports {
         let mut exprs = ifname_is(MetaKey::IifName, ROUTER_TRANSIT_IF);
         exprs.extend(firewall::l4proto_is(p.protocol.number()));
@@ -488,7 +482,10 @@ fn router_batch(ports: &[PublishedPort]) -> nfnl::Batch {
             },
         );
     }
-    b.add_base_chain("guard_forward", base_chain(Hook::Forward, 0, "filter"));
+    b.add_base_chain(
+        "guard_forward",
+        BaseChain::accepting(Hook::Forward, 0, "filter"),
+    );
     let mut from_instances = ifname_is(MetaKey::IifName, crate::CONTAINER_IFNAME);
     from_instances.extend(ifname_is(MetaKey::OifName, ROUTER_TRANSIT_IF));
     b.add_rule("guard_forward", &drop_new(from_instances));
@@ -512,10 +509,19 @@ fn node_table_batch(table: &str, underlay: Ipv4Addr, transit_prefix: &str) -> nf
         },
     );
     let chains = [
-        ("dnat_pre", base_chain(Hook::Prerouting, -100, "nat")),
-        ("dnat_out", base_chain(Hook::Output, -100, "nat")),
-        ("guard_forward", base_chain(Hook::Forward, 0, "filter")),
-        ("guard_input", base_chain(Hook::Input, 0, "filter")),
+        (
+            "dnat_pre",
+            BaseChain::accepting(Hook::Prerouting, -100, "nat"),
+        ),
+        ("dnat_out", BaseChain::accepting(Hook::Output, -100, "nat")),
+        (
+            "guard_forward",
+            BaseChain::accepting(Hook::Forward, 0, "filter"),
+        ),
+        (
+            "guard_input",
+            BaseChain::accepting(Hook::Input, 0, "filter"),
+        ),
     ];
     for (name, chain) in chains {
         b.add_base_chain(name, chain).flush_chain(name);

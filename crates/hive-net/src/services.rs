@@ -165,15 +165,7 @@ fn full(b: &mut nfnl::Batch, routes: &[ServiceRoute]) {
                 values: nfnl::SetValues::Verdicts,
             },
         )
-        .add_base_chain(
-            NAT_OUT,
-            BaseChain {
-                hook: Hook::Output,
-                priority: -100,
-                kind: "nat",
-                drop_by_default: false,
-            },
-        )
+        .add_base_chain(NAT_OUT, BaseChain::accepting(Hook::Output, -100, "nat"))
         .add_rule(
             NAT_OUT,
             &Rule {
@@ -198,15 +190,7 @@ fn full(b: &mut nfnl::Batch, routes: &[ServiceRoute]) {
                 ],
             },
         )
-        .add_base_chain(
-            GUARD_OUT,
-            BaseChain {
-                hook: Hook::Output,
-                priority: 0,
-                kind: "filter",
-                drop_by_default: false,
-            },
-        );
+        .add_base_chain(GUARD_OUT, BaseChain::accepting(Hook::Output, 0, "filter"));
     let to_vip = || {
         vec![
             load_daddr(1),

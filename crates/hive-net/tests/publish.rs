@@ -6,25 +6,13 @@
 
 mod common;
 
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use hive_net::testbed::ns_command;
 use hive_net::{Protocol, PublishedPort};
 
 const VNI: u32 = 4301;
 const OTHER_VNI: u32 = 4302;
-
-/// A TCP server in `ns` on port 80 answering every connection with `name`.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test]
 async fn a_published_port_reaches_its_instance_and_goes_with_its_router() {
@@ -33,14 +21,7 @@ async fn a_published_port_reaches_its_instance_and_goes_with_its_router() {
     node1.net.ensure_network(&network(VNI)).await.unwrap();
     let web = inst(1, 1, 1, VNI);
     node1.net.attach(&web).await.unwrap();
-    let _server = Server(
-        ns_command(&t.inst_ns(&web.key), "busybox")
-            .args(["nc", "-ll", "-p", "80", "-e", "echo", "web"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start busybox nc (is busybox installed?)"),
-    );
+    let _server = Server::start(&t.inst_ns(&web.key), "web");
     let port = PublishedPort {
         protocol: Protocol::Tcp,
         node_port: 8080,

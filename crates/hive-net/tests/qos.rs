@@ -28,15 +28,6 @@ fn qos(g: Option<u64>, max: Option<u64>, pps: Option<u64>) -> Qos {
     }
 }
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn iperf_server(ns: &str, port: u16) -> Server {
     let child = hive_net::testbed::ns_command(ns, "iperf3")
         .args(["-s", "-1", "-p", &port.to_string()])

@@ -8,38 +8,14 @@
 mod common;
 
 use std::net::Ipv4Addr;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use hive_net::testbed::ns_command;
 use hive_net::{DnsZone, Protocol, ServiceRoute};
 
 const VNI: u32 = 4201;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 200);
 const VIP2: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 201);
-
-/// A TCP server in `ns` on port 80 answering every connection with `name`.
-struct Server(Child);
-
-impl Server {
-    fn start(ns: &str, name: &str) -> Server {
-        let child = ns_command(ns, "busybox")
-            .args(["nc", "-ll", "-p", "80", "-e", "echo", name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start busybox nc (is busybox installed?)");
-        Server(child)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// What `n` connections from `ns` to the VIP were answered with.
 fn answers(ns: &str, n: usize) -> Vec<String> {

@@ -278,15 +278,7 @@ async fn the_supervisor_outlives_its_starter_and_stop_honours_the_grace_period()
         )
         .await;
     // The supervisor is not our child: an agent restart leaves it (and the container) alone.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", started.shim_pid))
-        .expect("supervisor alive");
-    let ppid: u32 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let ppid = parent_of(started.shim_pid as u32).expect("supervisor alive");
     assert_ne!(ppid, std::process::id());
     // A new handle (a restarted agent) finds the same container, same pid.
     let again = Containers::new(
@@ -343,6 +335,17 @@ async fn the_supervisor_outlives_its_starter_and_stop_honours_the_grace_period()
     f.containers.remove(&stubborn).await.unwrap();
 }
 
+/// The parent of process `pid`, while it lives.
+fn parent_of(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// This process's children that are spare supervisors (`hive shim -`).
 fn spare_supervisors() -> Vec<u32> {
     let me = std::process::id();
@@ -350,13 +353,8 @@ fn spare_supervisors() -> Vec<u32> {
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // The parent is the 2nd field after the command, which is in parentheses.
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            ppid == Some(me) && cmdline.ends_with(b"\0shim\0-\0")
+            parent_of(*pid) == Some(me) && cmdline.ends_with(b"\0shim\0-\0")
         })
         .collect()
 }

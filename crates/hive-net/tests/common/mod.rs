@@ -63,6 +63,29 @@ pub fn in_ns(ns: &str, cmd: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("run {cmd:?} in {ns}: {e}"))
 }
 
+/// A server process in a namespace, killed (and reaped) when dropped, also when a test fails.
+pub struct Server(pub Child);
+
+impl Server {
+    /// A TCP server in `ns` on port 80 answering every connection with `name` (busybox `nc`).
+    pub fn start(ns: &str, name: &str) -> Server {
+        let child = ns_command(ns, "busybox")
+            .args(["nc", "-ll", "-p", "80", "-e", "echo", name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start busybox nc (is busybox installed?)");
+        Server(child)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn in_ns_ok(ns: &str, cmd: &[&str]) -> String {
     output_ok(ns_command(ns, cmd[0]).args(&cmd[1..])).unwrap_or_else(|e| panic!("{e}"))
 }

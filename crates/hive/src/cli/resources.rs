@@ -5,8 +5,8 @@ use clap::{Args, Subcommand};
 use futures_util::StreamExt;
 use hive_api::{
     ApiToken, ContainerSpec, EnvVar, ErrorCode, Event, Instance, Network, NetworkSpec, Node,
-    POOL_BOUND_LABEL, PortSpec, Protocol, PullPolicy, RestartPolicy, Role, Service, ServiceSpec,
-    Tenant, TenantQuota, TokenCreate, WatchEventType,
+    POOL_BOUND_LABEL, PortSpec, Protocol, PullPolicy, Resource, RestartPolicy, Role, Service,
+    ServiceSpec, Tenant, TenantQuota, TokenCreate, WatchEventType,
 };
 use hive_client::ClientError;
 
@@ -620,18 +620,35 @@ pub async fn service(ctx: &Ctx, cmd: ServiceCmd) -> Result<()> {
 /// Read, change `replicas`, write back under the read revision; retry on a conflicting write.
 pub async fn scale(ctx: &Ctx, args: ScaleArgs) -> Result<()> {
     let tenant = ctx.tenant().await?;
+    let svc = read_modify_write::<Service>(ctx, Some(&tenant), &args.name, "scale it", |s| {
+        s.spec.replicas = args.replicas
+    })
+    .await?;
+    print_service(ctx, &svc)
+}
+
+/// Reads object `name`, applies `change`, writes it back under the read revision; again
+/// (5 times at most) when another writer (a controller, an agent) changed it in between.
+/// `what` says what the change was for, in the error when it never landed.
+async fn read_modify_write<R: Resource>(
+    ctx: &Ctx,
+    tenant: Option<&str>,
+    name: &str,
+    what: &str,
+    change: impl Fn(&mut R),
+) -> Result<R> {
     for _ in 0..5 {
-        let mut svc = ctx.client.get::<Service>(Some(&tenant), &args.name).await?;
-        svc.spec.replicas = args.replicas;
-        match ctx.client.update(Some(&tenant), &svc).await {
-            Ok(s) => return print_service(ctx, &s),
+        let mut obj = ctx.client.get::<R>(tenant, name).await?;
+        change(&mut obj);
+        match ctx.client.update(tenant, &obj).await {
+            Ok(written) => return Ok(written),
             Err(e) if e.code() == Some(ErrorCode::Conflict) => continue,
             Err(e) => return Err(e.into()),
         }
     }
     bail!(
-        "service {} kept changing under 5 attempts to scale it; try again",
-        args.name
+        "{} {name} kept changing under 5 attempts to {what}; try again",
+        R::KIND
     )
 }
 
@@ -784,19 +801,9 @@ pub async fn node(ctx: &Ctx, cmd: NodeCmd) -> Result<()> {
     }
 }
 
-/// Reads `node`, applies `change`, writes it back under the read revision; retries when its
-/// agent or the scheduler wrote it meanwhile.
+/// [`read_modify_write`] of node `node` (its agent and the scheduler write it too).
 async fn change_node(ctx: &Ctx, node: &str, change: impl Fn(&mut Node)) -> Result<Node> {
-    for _ in 0..5 {
-        let mut n = ctx.client.get::<Node>(None, node).await?;
-        change(&mut n);
-        match ctx.client.update(None, &n).await {
-            Ok(n) => return Ok(n),
-            Err(e) if e.code() == Some(ErrorCode::Conflict) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    bail!("node {node} kept changing under 5 attempts to change it; try again")
+    read_modify_write(ctx, None, node, "change it", change).await
 }
 
 fn event_row(e: &Event) -> Vec<String> {
