@@ -372,7 +372,10 @@ impl NetState {
             };
             list.push(RemoteEndpoint { mac, ip, node_ip });
         }
-        self.publish(net, &wanted, &published).await;
+        let underlay = nodes
+            .get(me)
+            .and_then(|n| n.status.underlay_ip.parse::<Ipv4Addr>().ok());
+        self.publish(net, &wanted, &published, underlay).await;
         self.guard(net, here, all, groups, containers).await;
         for (vni, mut list) in remote {
             list.sort_by_key(|e| (e.ip, e.mac, e.node_ip));
@@ -423,12 +426,16 @@ impl NetState {
     }
 
     /// Makes each local network's published ports those of its instances here. A node
-    /// port asked for twice goes to the instance first by uid; the other is logged.
+    /// port asked for twice goes to the instance first by uid; the other is logged. So is
+    /// one a program of the host listens on (at `underlay` or any address), read when a
+    /// network's ports change: the host keeps it (the scheduler places no instance
+    /// publishing it here; this covers a listener newer than the node's last report).
     async fn publish(
         &mut self,
         net: &NodeNet,
         wanted: &BTreeMap<&str, &InstanceNetwork>,
         published: &[(&str, &[hive_api::PortSpec])],
+        underlay: Option<Ipv4Addr>,
     ) {
         let mut by_vni: HashMap<u32, (NetworkDef, Vec<PublishedPort>)> = HashMap::new();
         let mut taken = HashSet::new();
@@ -479,7 +486,31 @@ impl NetState {
             if self.published.get(&vni) == Some(&ports) {
                 continue;
             }
-            match net.set_published(&def, &ports).await {
+            let host = crate::node::listening_ports(underlay);
+            let mut kept = ports.clone();
+            kept.retain(|p| {
+                let protocol = match p.protocol {
+                    hive_net::Protocol::Tcp => hive_api::Protocol::Tcp,
+                    hive_net::Protocol::Udp => hive_api::Protocol::Udp,
+                };
+                let port = p.node_port;
+                let free = !host.contains(&hive_api::NodePort { protocol, port });
+                if !free {
+                    tracing::warn!(
+                        vni,
+                        node_port = port,
+                        ?protocol,
+                        "node port taken by the host: not published"
+                    );
+                }
+                free
+            });
+            let done = if kept.is_empty() {
+                net.remove_router(vni).await
+            } else {
+                net.set_published(&def, &kept).await
+            };
+            match done {
                 Ok(()) => {
                     self.published.insert(vni, ports);
                 }

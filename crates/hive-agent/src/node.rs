@@ -9,7 +9,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use chrono::Utc;
-use hive_api::{ErrorCode, Node, NodeCapacity, NodeStatus};
+use hive_api::{
+    ErrorCode, MAX_LISTENING_PORTS, Node, NodeCapacity, NodePort, NodeStatus, Protocol,
+};
 use hive_client::{Client, ClientError};
 use tokio::sync::watch;
 
@@ -177,7 +179,68 @@ fn status(facts: &HostFacts, held: &Held) -> NodeStatus {
         lease_renewed_at: Some(Utc::now()),
         ready: true,
         containers: held.clone(),
+        listening: listening_ports(facts.underlay_ip.parse().ok()),
     }
+}
+
+/// The ports this host's programs listen on at the node's address: TCP sockets listening and
+/// UDP sockets bound, on any address or on `underlay`, read from the kernel's socket tables
+/// of the agent's network namespace (at most [`MAX_LISTENING_PORTS`], the lowest).
+pub fn listening_ports(underlay: Option<std::net::Ipv4Addr>) -> Vec<NodePort> {
+    let mut out = std::collections::BTreeSet::new();
+    for (file, protocol) in [
+        ("tcp", Protocol::Tcp),
+        ("tcp6", Protocol::Tcp),
+        ("udp", Protocol::Udp),
+        ("udp6", Protocol::Udp),
+    ] {
+        let path = format!("/proc/thread-self/net/{file}");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        out.extend(bound_ports(&text, protocol, underlay).map(|port| NodePort { protocol, port }));
+    }
+    out.into_iter().take(MAX_LISTENING_PORTS).collect()
+}
+
+/// The local ports of `/proc/net/{tcp,udp}[6]`'s sockets that take connections (TCP state
+/// `LISTEN`, UDP not connected) on the wildcard address or on `underlay`.
+fn bound_ports(
+    text: &str,
+    protocol: Protocol,
+    underlay: Option<std::net::Ipv4Addr>,
+) -> impl Iterator<Item = u16> + '_ {
+    // The kernel prints addresses as the bytes of its 32-bit words in host order.
+    let v4 = underlay.map(|a| {
+        let o = a.octets();
+        format!("{:02X}{:02X}{:02X}{:02X}", o[3], o[2], o[1], o[0])
+    });
+    let want_state = match protocol {
+        Protocol::Tcp => "0A",
+        Protocol::Udp => "07",
+    };
+    text.lines().skip(1).filter_map(move |line| {
+        let mut f = line.split_whitespace();
+        let (local, remote, state) = (f.nth(1)?, f.next()?, f.next()?);
+        if state != want_state || !remote.split(':').next()?.trim_matches('0').is_empty() {
+            return None;
+        }
+        let (addr, port) = local.split_once(':')?;
+        let ours = match addr.len() {
+            8 => addr == "00000000" || v4.as_deref() == Some(addr),
+            // IPv6: the wildcard, or the underlay as a v4-mapped address.
+            32 => {
+                addr.trim_matches('0').is_empty()
+                    || v4.as_deref().is_some_and(|v| {
+                        addr.starts_with("0000000000000000FFFF0000") && &addr[24..] == v
+                    })
+            }
+            _ => false,
+        };
+        ours.then(|| u16::from_str_radix(port, 16).ok())
+            .flatten()
+            .filter(|p| *p != 0)
+    })
 }
 
 /// Creates the Node if it does not exist and reports this host's facts, the containers it
@@ -384,5 +447,46 @@ mod tests {
             "--cpus 4000m is more than this host's 2000m"
         );
         assert!(SizeError::NoMemory.to_string().starts_with("--memory"));
+    }
+
+    #[test]
+    fn listening_ports_are_those_on_the_wildcard_or_the_node_address() {
+        let tcp = "  sl  local_address rem_address   st tx_queue ...
+   0: 00000000:07E8 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1683 1
+   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1684 1
+   2: 0500000A:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1685 1
+   3: 0600000A:0017 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1686 1
+   4: 0500000A:A3F0 0900000A:0050 01 00000000:00000000 00:00000000 00000000     0        0 1687 1
+";
+        let node = Some("10.0.0.5".parse().unwrap());
+        let ports: Vec<u16> = bound_ports(tcp, Protocol::Tcp, node).collect();
+        // 2024 on any address and 22 on the node's: not 8080 on loopback, not another
+        // address's 23, not an outgoing connection.
+        assert_eq!(ports, [2024, 22]);
+        let tcp6 =
+            "  sl  local_address                         remote_address                        st
+   0: 00000000000000000000000000000000:1F90 00000000000000000000000000000000:0000 0A 0
+   1: 0000000000000000FFFF00000500000A:0050 00000000000000000000000000000000:0000 0A 0
+   2: 00000000000000000000000001000000:0051 00000000000000000000000000000000:0000 0A 0
+";
+        let ports: Vec<u16> = bound_ports(tcp6, Protocol::Tcp, node).collect();
+        assert_eq!(ports, [8080, 80]);
+        let udp = "   sl  local_address rem_address   st tx_queue rx_queue
+  10: 00000000:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2
+  11: 0500000A:B000 0800000A:0035 01 00000000:00000000 00:00000000 00000000     0        0 1 2
+";
+        let ports: Vec<u16> = bound_ports(udp, Protocol::Udp, node).collect();
+        assert_eq!(ports, [53]);
+        // A port this process listens on is one the node reports.
+        let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let listening = listening_ports(None);
+        assert!(
+            listening.contains(&NodePort {
+                protocol: Protocol::Tcp,
+                port
+            }),
+            "{port} not in {listening:?}"
+        );
     }
 }

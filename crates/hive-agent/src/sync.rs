@@ -955,9 +955,34 @@ async fn report(client: &Client, tenant: &str, inst: &Instance, status: hive_api
     }
 }
 
+/// The image `reference` as the pull policy has it: the node's copy, or pulled.
+async fn image_of(
+    images: &ImageStore,
+    reference: &str,
+    policy: PullPolicy,
+) -> Result<crate::image::Image, (&'static str, String)> {
+    let present = match policy {
+        PullPolicy::Always => None,
+        PullPolicy::IfNotPresent | PullPolicy::Never => images
+            .get(reference)
+            .map_err(|e| ("ImagePullFailed", e.to_string()))?,
+    };
+    match (present, policy) {
+        (Some(image), _) => Ok(image),
+        (None, PullPolicy::Never) => Err((
+            "ImageNotPresent",
+            format!("{reference} is not on this node and the pull policy is never"),
+        )),
+        (None, _) => images
+            .pull(reference)
+            .await
+            .map_err(|e| ("ImagePullFailed", e.to_string())),
+    }
+}
+
 /// Pull, compose, spec, start: the failure's reason and message for the status.
 async fn launch(
-    images: &ImageStore,
+    images: &Arc<ImageStore>,
     containers: &Containers,
     net: Option<(
         &hive_net::NodeNet,
@@ -973,75 +998,68 @@ async fn launch(
     let net = net.map(|(n, _, _)| n);
     let t = &inst.spec.template;
     let t0 = Instant::now();
-    let present = match t.pull_policy() {
-        PullPolicy::Always => None,
-        PullPolicy::IfNotPresent | PullPolicy::Never => images
-            .get(&t.image)
-            .map_err(|e| ("ImagePullFailed", e.to_string()))?,
-    };
-    let image = match (present, t.pull_policy()) {
-        (Some(image), _) => image,
-        (None, PullPolicy::Never) => {
-            return Err((
-                "ImageNotPresent",
-                format!(
-                    "{} is not on this node and the pull policy is never",
-                    t.image
-                ),
-            ));
-        }
-        (None, _) => images
-            .pull(&t.image)
-            .await
-            .map_err(|e| ("ImagePullFailed", e.to_string()))?,
-    };
-    let t_image = t0.elapsed();
-    let rootfs = images
-        .compose_rootfs(&image, id)
+    // The image and its root filesystem, and the port: neither needs the other, so they are
+    // made at once (the rootfs's mount on the blocking pool, beside the port's netlink
+    // round trips on this thread).
+    let filesystem = async {
+        let image = image_of(images, &t.image, t.pull_policy()).await?;
+        let t_image = t0.elapsed();
+        let (store, for_rootfs, instance) = (images.clone(), image.clone(), id.to_owned());
+        // Its mount and files are blocking calls (it waits for no I/O driver).
+        let rootfs = tokio::task::spawn_blocking(move || {
+            let compose = store.compose_rootfs(&for_rootfs, &instance);
+            tokio::runtime::Handle::current().block_on(compose)
+        })
         .await
+        .map_err(|e| ("RootfsFailed", e.to_string()))?
         .map_err(|e| ("RootfsFailed", e.to_string()))?;
-    let t_rootfs = t0.elapsed();
-    // Its port first, so that the container starts with its address in place.
-    let port = match (&inst.spec.network, net) {
-        (None, _) => None,
-        (Some(n), Some(net)) => {
-            let port = crate::network::attach(net, id, n, t.bandwidth.as_ref())
-                .await
-                .map_err(|e| ("NetworkSetupFailed", e))?;
-            // Its security groups' rules are in before its process runs.
-            if fw.is_some() {
-                net.set_firewall(id, fw)
+        Ok::<_, (&'static str, String)>((image, rootfs, t_image, t0.elapsed()))
+    };
+    let network = async {
+        // Its port, so that the container starts with its address in place.
+        let port = match (&inst.spec.network, net) {
+            (None, _) => None,
+            (Some(n), Some(net)) => {
+                let port = crate::network::attach(net, id, n, t.bandwidth.as_ref())
                     .await
-                    .map_err(|e| ("NetworkSetupFailed", e.to_string()))?;
+                    .map_err(|e| ("NetworkSetupFailed", e))?;
+                // Its security groups' rules are in before its process runs.
+                if fw.is_some() {
+                    net.set_firewall(id, fw)
+                        .await
+                        .map_err(|e| ("NetworkSetupFailed", e.to_string()))?;
+                }
+                Some(port)
             }
-            Some(port)
-        }
-        (Some(_), None) => {
-            return Err((
-                "NetworkUnavailable",
-                "this node's tenant networks are not set up (see the agent's log)".into(),
-            ));
-        }
+            (Some(_), None) => {
+                return Err((
+                    "NetworkUnavailable",
+                    "this node's tenant networks are not set up (see the agent's log)".into(),
+                ));
+            }
+        };
+        // Its tenant's VIPs and resolver, before it can ask for them.
+        let resolv = match (&inst.spec.network, net, views) {
+            (Some(n), Some(net), Some((views, applied))) => Some(
+                crate::discovery::prepare(
+                    net,
+                    views,
+                    applied,
+                    id,
+                    tenant,
+                    n.vni,
+                    &containers.dir(id),
+                    port.as_ref().is_some_and(|p| p.created),
+                )
+                .await
+                .map_err(|e| ("NetworkSetupFailed", e))?,
+            ),
+            _ => None,
+        };
+        Ok((port, resolv, t0.elapsed()))
     };
-    // Its tenant's VIPs and resolver, before it can ask for them.
-    let resolv = match (&inst.spec.network, net, views) {
-        (Some(n), Some(net), Some((views, applied))) => Some(
-            crate::discovery::prepare(
-                net,
-                views,
-                applied,
-                id,
-                tenant,
-                n.vni,
-                &containers.dir(id),
-                port.as_ref().is_some_and(|p| p.created),
-            )
-            .await
-            .map_err(|e| ("NetworkSetupFailed", e))?,
-        ),
-        _ => None,
-    };
-    let t_net = t0.elapsed();
+    let (filesystem, network) = tokio::join!(filesystem, network);
+    let ((image, rootfs, t_image, t_rootfs), (port, resolv, t_net)) = (filesystem?, network?);
     let cfg = ContainerConfig {
         id: id.to_owned(),
         hostname: inst.name.clone(),
@@ -1084,8 +1102,8 @@ async fn launch(
         instance = %inst.name,
         image_ms = t_image.as_secs_f64() * 1e3,
         rootfs_ms = (t_rootfs - t_image).as_secs_f64() * 1e3,
-        net_ms = (t_net - t_rootfs).as_secs_f64() * 1e3,
-        start_ms = (t0.elapsed() - t_net).as_secs_f64() * 1e3,
+        net_ms = t_net.as_secs_f64() * 1e3,
+        start_ms = (t0.elapsed() - t_net.max(t_rootfs)).as_secs_f64() * 1e3,
         "launched"
     );
     Ok(started)

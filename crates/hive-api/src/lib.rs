@@ -30,7 +30,9 @@ pub use instance::{
 };
 pub use meta::{List, Resource, Scope};
 pub use network::{InstanceNetwork, Ipv4Cidr, Network, NetworkSpec, NetworkStatus};
-pub use node::{Node, NodeCapacity, NodeSpec, NodeStatus, POOL_BOUND_LABEL};
+pub use node::{
+    MAX_LISTENING_PORTS, Node, NodeCapacity, NodePort, NodeSpec, NodeStatus, POOL_BOUND_LABEL,
+};
 pub use probe::Probe;
 pub use proxy::{ProxyClaims, ProxyKey, ProxyOp, ProxySigner};
 pub use rollout::{

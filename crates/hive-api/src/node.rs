@@ -104,7 +104,38 @@ pub struct NodeStatus {
     /// one's containers while they stop.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub containers: BTreeMap<String, u32>,
+    /// The ports the host's own programs listen on at the node's address (the API server,
+    /// the agent, sshd…), sorted: never published there, as a published port would take
+    /// their connections. Written by the agent with its lease; the scheduler places no
+    /// instance publishing one of them on the node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listening: Vec<NodePort>,
 }
+
+/// A port of the node, by protocol.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    ToSchema,
+)]
+#[serde(deny_unknown_fields)]
+pub struct NodePort {
+    #[serde(default)]
+    pub protocol: crate::Protocol,
+    pub port: u16,
+}
+
+/// Most ports a node's `status.listening` may name.
+pub const MAX_LISTENING_PORTS: usize = 4096;
 
 /// Most tenants a node's `status.containers` may name.
 pub const MAX_CONTAINER_TENANTS: usize = 10_000;
@@ -151,6 +182,18 @@ impl Resource for Node {
                     format!("tenant {t} has 0 containers (leave it out)"),
                 ));
             }
+        }
+        if self.status.listening.len() > MAX_LISTENING_PORTS {
+            return Err(ValidationError::new(
+                "status.listening",
+                format!("names more than {MAX_LISTENING_PORTS} ports"),
+            ));
+        }
+        if let Some(p) = self.status.listening.iter().find(|p| p.port == 0) {
+            return Err(ValidationError::new(
+                "status.listening",
+                format!("port 0 ({:?}) is not a port", p.protocol),
+            ));
         }
         let ul = &self.status.underlay_ip;
         if !ul.is_empty() && ul.parse::<std::net::Ipv4Addr>().is_err() {

@@ -34,6 +34,8 @@ pub struct NodeInfo {
     pub tenant: Option<String>,
     /// Takes any tenant's instances and is never bound.
     pub shared: bool,
+    /// Node ports the host's own programs listen on (`udp`, port), sorted: never published.
+    pub listening: Vec<(bool, u16)>,
 }
 
 /// One instance to place.
@@ -59,6 +61,7 @@ pub enum Reason {
     InsufficientMemory,
     InsufficientBandwidth,
     PortInUse,
+    PortTakenByHost,
 }
 
 impl Reason {
@@ -72,6 +75,7 @@ impl Reason {
             Reason::InsufficientMemory => "insufficient memory",
             Reason::InsufficientBandwidth => "insufficient network bandwidth",
             Reason::PortInUse => "node port already published",
+            Reason::PortTakenByHost => "node port taken by the host",
         }
     }
 }
@@ -179,6 +183,13 @@ impl NodeState {
             .any(|p| self.host_ports.contains_key(p))
         {
             return Some(Reason::PortInUse);
+        }
+        if req
+            .host_ports
+            .iter()
+            .any(|p| self.info.listening.binary_search(p).is_ok())
+        {
+            return Some(Reason::PortTakenByHost);
         }
         None
     }
@@ -688,6 +699,28 @@ mod tests {
         c.place(&dns).unwrap();
         c.release(&first, &web);
         assert_eq!(c.place(&web).unwrap().node, first);
+    }
+
+    #[test]
+    fn a_port_the_host_listens_on_is_never_published_there() {
+        let mut c = Cluster::new();
+        for (name, listening) in [("api", vec![(false, 22), (false, 7080)]), ("n1", vec![])] {
+            let mut n = node(name, 8000, 16);
+            n.shared = true;
+            n.listening = listening;
+            c.upsert_node(n);
+        }
+        let mut web = req("a", "web", 100, 0);
+        web.host_ports = vec![(false, 7080)];
+        assert_eq!(c.place(&web).unwrap().node, "n1");
+        assert_eq!(
+            c.place(&web).unwrap_err().to_string(),
+            "0/2 nodes available: 1 node port already published, 1 node port taken by the host"
+        );
+        // UDP 7080 is free on the host.
+        let mut udp = req("a", "dns", 100, 0);
+        udp.host_ports = vec![(true, 7080)];
+        c.place(&udp).unwrap();
     }
 
     #[test]

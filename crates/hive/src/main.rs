@@ -9,18 +9,23 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     // The container supervisor forks: it must run before any other thread exists. It is on
-    // every container start's path, so it is told from its two arguments directly, without
-    // building the whole command line's parser first (~0.5 ms of a start).
+    // every container start's path, so it is told from its two or three arguments directly,
+    // without building the whole command line's parser first (~0.5 ms of a start).
     let mut argv = std::env::args_os().skip(1);
-    if let (Some(verb), Some(config), None) = (argv.next(), argv.next(), argv.next())
+    if let (Some(verb), Some(config), runtime, None) =
+        (argv.next(), argv.next(), argv.next(), argv.next())
         && verb == "shim"
         && let Some(config) = config.to_str()
     {
-        return shim(config);
+        return shim(config, runtime.as_deref().map(std::path::Path::new));
     }
     let args = cli::Cli::parse();
-    if let cli::Command::Shim { shim_config } = &args.command {
-        return shim(shim_config);
+    if let cli::Command::Shim {
+        shim_config,
+        runtime,
+    } = &args.command
+    {
+        return shim(shim_config, runtime.as_deref());
     }
     cli::init_tracing(&args);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -52,6 +57,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn shim(config: &str) -> ExitCode {
-    ExitCode::from(hive_agent::runtime::shim::main(config).clamp(0, 255) as u8)
+fn shim(config: &str, runtime: Option<&std::path::Path>) -> ExitCode {
+    ExitCode::from(hive_agent::runtime::shim::main(config, runtime).clamp(0, 255) as u8)
 }

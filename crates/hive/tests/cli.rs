@@ -10,7 +10,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{Up, fails, hive, json, names, ok, start_up};
+use common::{Killed, Up, fails, hive, json, names, ok, start_up};
 
 #[test]
 fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
@@ -495,4 +495,90 @@ fn rm_removes_every_service_that_exists_and_names_each_that_failed() {
     assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 2);
     assert_eq!(ok(&cfg, &["rm", "w3"]), "w3 removed\n");
     assert!(json(&cfg, &["ps"]).as_array().unwrap().is_empty());
+}
+
+/// A port a program of the node listens on is never published there (a published port
+/// would take its connections: the API server's, sshd's): the agent reports it in the
+/// node's status and an instance publishing it waits, saying why.
+#[test]
+fn a_port_the_host_listens_on_is_never_published_and_the_instance_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, cfg) = (dir.path().join("data"), dir.path().join("admin.json"));
+    let ns = common::Netns::new();
+    // The host's program, in the node's namespace before its agent registers.
+    let port = "7443";
+    let listener = Killed(
+        ns.command("busybox")
+            .args(["nc", "-ll", "-p", port, "-e", "true"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("busybox-static installed"),
+    );
+    let t0 = Instant::now();
+    // On the IPv6 wildcard (busybox), or IPv4's.
+    let listens = |file| {
+        std::fs::read_to_string(format!("/proc/{}/net/{file}", listener.0.id()))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(":1D13 ") && l.split_whitespace().nth(3) == Some("0A"))
+    };
+    while !listens("tcp") && !listens("tcp6") {
+        assert!(t0.elapsed() < Duration::from_secs(5), "nc never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _up = common::start_up_in(&ns, &data, &cfg);
+    let node = &json(&cfg, &["node", "ls"])[0];
+    let listening = node["status"]["listening"].as_array().unwrap();
+    assert!(
+        listening.contains(&serde_json::json!({"protocol": "tcp", "port": 7443})),
+        "{node}"
+    );
+    ok(
+        &cfg,
+        &[
+            "service",
+            "create",
+            "web",
+            "--image",
+            "127.0.0.1:9/default/busybox:v1",
+            "-p",
+            &format!("{port}:80"),
+        ],
+    );
+    let t0 = Instant::now();
+    loop {
+        let inst = json(&cfg, &["instance", "ls"]);
+        let first = &inst[0];
+        if first["status"]["message"] == "0/1 nodes available: 1 node port taken by the host" {
+            assert!(first["spec"]["node"].is_null(), "{first}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "{inst}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The same number over UDP is free: that service is placed.
+    ok(
+        &cfg,
+        &[
+            "service",
+            "create",
+            "dns",
+            "--image",
+            "127.0.0.1:9/default/busybox:v1",
+            "-p",
+            &format!("{port}:53/udp"),
+        ],
+    );
+    let t0 = Instant::now();
+    while !json(&cfg, &["instance", "ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|i| i["spec"]["service"] == "dns" && i["spec"]["node"].is_string())
+    {
+        assert!(t0.elapsed() < Duration::from_secs(15), "dns never placed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(listener);
 }

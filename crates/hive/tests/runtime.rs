@@ -346,15 +346,16 @@ fn parent_of(pid: u32) -> Option<u32> {
         .ok()
 }
 
-/// This process's children that are spare supervisors (`hive shim -`).
+/// This process's children that are spare supervisors (`hive shim - RUNTIME`).
 fn spare_supervisors() -> Vec<u32> {
     let me = std::process::id();
+    let spare = b"\0shim\0-\0/usr/sbin/runc\0";
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            parent_of(*pid) == Some(me) && cmdline.ends_with(b"\0shim\0-\0")
+            parent_of(*pid) == Some(me) && cmdline.ends_with(spare)
         })
         .collect()
 }
@@ -393,13 +394,19 @@ async fn a_start_takes_the_supervisor_spawned_ahead_and_another_is_spawned() {
         .unwrap();
     f.containers.remove(&id).await.unwrap();
 
-    let out = Command::new(HIVE)
-        .args(["shim", shim::FROM_STDIN])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
+    for args in [
+        &["shim", shim::FROM_STDIN][..],
+        &["shim", shim::FROM_STDIN, "/usr/sbin/runc"],
+        &["shim", shim::FROM_STDIN, "/nonexistent/runtime"],
+    ] {
+        let out = Command::new(HIVE)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
+    }
 }
 
 /// The same node's containers with the agent's runtime set to `kind` (same directories and

@@ -144,13 +144,16 @@ impl Containers {
     }
 
     /// A supervisor waiting for its configuration on stdin (dropped: killed, and it exits
-    /// anyway once its stdin ends).
-    fn spawn_supervisor(&self) -> std::io::Result<tokio::process::Child> {
+    /// anyway once its stdin ends). A spare (`ahead`) copies the runtime's program while it
+    /// waits ([`shim::sealed_copy`]); one spawned for a start at hand does not wait for that.
+    fn spawn_supervisor(&self, ahead: bool) -> std::io::Result<tokio::process::Child> {
         use std::process::Stdio;
-        tokio::process::Command::new(&self.shim.program)
-            .args(&self.shim.args)
-            .arg(shim::FROM_STDIN)
-            .stdin(Stdio::piped())
+        let mut cmd = tokio::process::Command::new(&self.shim.program);
+        cmd.args(&self.shim.args).arg(shim::FROM_STDIN);
+        if ahead {
+            cmd.arg(&self.runtime.binary);
+        }
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -162,7 +165,7 @@ impl Containers {
     pub fn prepare_supervisor(&self) {
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
         if spare.is_none() {
-            *spare = self.spawn_supervisor().ok();
+            *spare = self.spawn_supervisor(true).ok();
         }
     }
 
@@ -179,9 +182,10 @@ impl Containers {
         for candidate in [spare, None] {
             let mut c = match candidate {
                 Some(c) => c,
-                None => self
-                    .spawn_supervisor()
-                    .map_err(self.io(id, "run", &self.shim.program))?,
+                None => {
+                    self.spawn_supervisor(false)
+                        .map_err(self.io(id, "run", &self.shim.program))?
+                }
             };
             let Some(mut stdin) = c.stdin.take() else {
                 continue;

@@ -100,12 +100,15 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(dir: &Path, name: &str) -> Option
 /// hands it the configuration when the container is to start.
 pub const FROM_STDIN: &str = "-";
 
-/// The `hive shim` entry point: `hive shim CONFIG`, or `hive shim -` with the configuration
-/// on standard input. Returns the process exit code (of the parent: 0 when the container
-/// started; the child never returns from supervision but by exiting). A spare whose standard
-/// input ends without a configuration (its agent stopped or dropped it) exits with 0 and
-/// does nothing.
-pub fn main(arg: &str) -> i32 {
+/// The `hive shim` entry point: `hive shim CONFIG`, or `hive shim - [RUNTIME]` with the
+/// configuration on standard input (and, while it waits, `RUNTIME`'s program copied into a
+/// sealed memfd to start the container from: see [`sealed_copy`]). Returns the process exit
+/// code (of the parent: 0 when the container started; the child never returns from
+/// supervision but by exiting). A spare whose standard input ends without a configuration
+/// (its agent stopped or dropped it) exits with 0 and does nothing.
+pub fn main(arg: &str, runtime: Option<&Path>) -> i32 {
+    // Made before the wait, off the start's path. Without it the runtime copies itself.
+    let sealed = runtime.and_then(|r| sealed_copy(r).ok().map(|fd| (r.to_owned(), fd)));
     let mut read = String::new();
     let config_json = if arg == FROM_STDIN {
         if let Err(e) = std::io::stdin().read_to_string(&mut read) {
@@ -158,7 +161,9 @@ pub fn main(arg: &str) -> i32 {
         }
         Ok(ForkResult::Child) => {
             drop(sync_r);
-            let code = supervise(&cfg, sync_w);
+            // Only a copy of the program this configuration names.
+            let sealed = sealed.and_then(|(r, fd)| (r == cfg.runtime_binary).then_some(fd));
+            let code = supervise(&cfg, sync_w, sealed);
             std::process::exit(code)
         }
     }
@@ -190,7 +195,7 @@ unsafe fn libc_dup2(from: i32, to: i32) {
     }
 }
 
-fn supervise(cfg: &ShimConfig, sync_w: OwnedFd) -> i32 {
+fn supervise(cfg: &ShimConfig, sync_w: OwnedFd, sealed: Option<OwnedFd>) -> i32 {
     let mut sync = Some(File::from(sync_w));
     // Own session: a signal to the agent's process group never reaches the supervisor.
     let _ = setsid();
@@ -247,10 +252,18 @@ fn supervise(cfg: &ShimConfig, sync_w: OwnedFd) -> i32 {
         .collect();
     // Set up and started in one runtime call; `io` is the runtime's and the container's
     // only copy of the pipes' write ends, so the copiers end when the container's last
-    // process does.
-    if let Err(e) =
-        runtime.run_detached(&cfg.id, &cfg.bundle, &pid_file, io, &dir.join(RUNTIME_LOG))
-    {
+    // process does. From the sealed copy of the runtime if one was made (dropped right
+    // after: it costs the program's size in memory while held).
+    let run = match &sealed {
+        Some(fd) => OciRuntime {
+            binary: format!("/proc/self/fd/{}", fd.as_raw_fd()).into(),
+            ..runtime.clone()
+        },
+        None => runtime.clone(),
+    };
+    let ran = run.run_detached(&cfg.id, &cfg.bundle, &pid_file, io, &dir.join(RUNTIME_LOG));
+    drop(sealed);
+    if let Err(e) = ran {
         let _ = runtime.delete(&cfg.id, true);
         return fail(&mut sync, e.to_string());
     }
@@ -297,6 +310,40 @@ fn supervise(cfg: &ShimConfig, sync_w: OwnedFd) -> i32 {
     }
 }
 
+/// The seals crun and runc look for on their own executable: with exactly these, a runtime
+/// knows it runs from a copy nothing can write and does not make one.
+const RUNTIME_SEALS: rustix::fs::SealFlags = rustix::fs::SealFlags::SEAL
+    .union(rustix::fs::SealFlags::SHRINK)
+    .union(rustix::fs::SealFlags::GROW)
+    .union(rustix::fs::SealFlags::WRITE);
+
+/// A sealed in-memory copy of the runtime's program, to execute instead of the file.
+///
+/// crun and runc never run a container from their binary on disk, which the container could
+/// overwrite through `/proc/self/exe` (CVE-2019-5736): each `run` first makes a read-only
+/// copy of itself (a bind mount and unmount, or a sealed memfd) and executes that again, a
+/// second program start with its dynamic linking (~1.5 ms of a start here). Started from a
+/// sealed memfd they skip it. The protection is the same (a sealed memfd cannot be written,
+/// and the file on disk is not what runs); the copy costs one `sendfile` of the binary.
+pub fn sealed_copy(binary: &Path) -> std::io::Result<OwnedFd> {
+    use rustix::fs::MemfdFlags;
+    let mut src = File::open(binary)?;
+    let fd = rustix::fs::memfd_create(
+        "hive-runtime",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
+    let mut copy = File::from(fd);
+    let len = src.metadata()?.len();
+    if std::io::copy(&mut src, &mut copy)? != len {
+        return Err(std::io::Error::other(format!(
+            "{}: changed while copied",
+            binary.display()
+        )));
+    }
+    rustix::fs::fcntl_add_seals(&copy, RUNTIME_SEALS)?;
+    Ok(copy.into())
+}
+
 /// Reaps children until `pid` exits; its exit code (128 + signal when killed).
 fn wait_for(pid: Pid) -> (i32, Option<i32>) {
     loop {
@@ -332,4 +379,28 @@ fn oom_killed(cgroups_path: &Path) -> bool {
                 .and_then(|n| n.trim().parse::<u64>().ok())
         })
         .is_some_and(|n| n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The copy is the program, sealed exactly as the runtimes check, unwritable, and runs
+    /// from its `/proc/self/fd` path (as the supervisor starts the runtime).
+    #[test]
+    fn the_sealed_copy_is_the_program_sealed_and_it_runs() {
+        let program = Path::new("/bin/true");
+        let fd = sealed_copy(program).expect("copy");
+        assert_eq!(
+            rustix::fs::fcntl_get_seals(&fd).expect("seals"),
+            RUNTIME_SEALS
+        );
+        let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        assert_eq!(fs::read(&path).unwrap(), fs::read(program).unwrap());
+        let mut f = File::from(fd.try_clone().unwrap());
+        assert!(f.write_all(b"x").is_err(), "a sealed copy took a write");
+        let status = std::process::Command::new(&path).status().expect("run");
+        assert!(status.success(), "{status:?}");
+        assert!(sealed_copy(Path::new("/nonexistent/runtime")).is_err());
+    }
 }

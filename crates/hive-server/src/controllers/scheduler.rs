@@ -169,6 +169,16 @@ fn node_info(n: &Node, lease_age: Duration) -> NodeInfo {
         unschedulable: n.spec.unschedulable,
         tenant: n.spec.tenant.clone(),
         shared: n.spec.shared,
+        listening: {
+            let mut l: Vec<(bool, u16)> = n
+                .status
+                .listening
+                .iter()
+                .map(|p| (p.protocol == hive_api::Protocol::Udp, p.port))
+                .collect();
+            l.sort_unstable();
+            l
+        },
     }
 }
 

@@ -127,8 +127,10 @@ pub enum Command {
     /// Supervise one container (started by the agent; not for people).
     #[command(hide = true)]
     Shim {
-        /// The supervisor's configuration, as JSON.
+        /// The supervisor's configuration, as JSON (`-`: read from stdin).
         shim_config: String,
+        /// With `-`: the runtime program to copy into a sealed memfd while waiting.
+        runtime: Option<std::path::PathBuf>,
     },
 }
 
