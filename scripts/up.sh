@@ -82,6 +82,8 @@ done
 NODE_IP=$(hive node ls -o json | jq -r '.[0].status.underlay_ip')
 echo "== service web publishes port 80 of its container on the node: http://$NODE_IP:8080/"
 for _ in $(seq 50); do curl -fsS --max-time 2 "http://$NODE_IP:8080/" && break; sleep 0.2; done
+echo "== and at 127.0.0.1:8080 on this machine"
+curl -fsS --max-time 2 "http://127.0.0.1:8080/" || echo "(no answer at 127.0.0.1:8080)"
 hive node ls
 hive events
 cat <<MSG
@@ -95,7 +97,7 @@ The CLI is logged in as the platform admin (token in $DATA/admin.token). Try:
   hive network ls && hive network create back --subnet 10.89.0.0/24
   hive tenant create acme && hive --tenant acme token create --role tenant-admin
 Stop it with: kill \$(cat $PIDFILE)   (containers keep running; start it again to adopt them)
-Built: each tenant's private network (instances reach each other by address, across nodes),
-and published ports (curl http://$NODE_IP:8080/ reaches service web).
-Not built yet: service names and addresses, security groups, QoS.
+Built: each tenant's private network (instances reach each other by address and service
+name, across nodes), published ports (curl http://$NODE_IP:8080/ or http://127.0.0.1:8080/
+reaches service web), security groups, bandwidth and packet-rate limits.
 MSG

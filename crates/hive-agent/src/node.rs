@@ -183,8 +183,9 @@ fn status(facts: &HostFacts, held: &Held) -> NodeStatus {
     }
 }
 
-/// The ports this host's programs listen on at the node's address: TCP sockets listening and
-/// UDP sockets bound, on any address or on `underlay`, read from the kernel's socket tables
+/// The ports this host's programs listen on where published ports arrive: TCP sockets
+/// listening and UDP sockets bound, on any address, on loopback or on `underlay`, read from
+/// the kernel's socket tables
 /// of the agent's network namespace (at most [`MAX_LISTENING_PORTS`], the lowest).
 pub fn listening_ports(underlay: Option<std::net::Ipv4Addr>) -> Vec<NodePort> {
     let mut out = std::collections::BTreeSet::new();
@@ -204,7 +205,7 @@ pub fn listening_ports(underlay: Option<std::net::Ipv4Addr>) -> Vec<NodePort> {
 }
 
 /// The local ports of `/proc/net/{tcp,udp}[6]`'s sockets that take connections (TCP state
-/// `LISTEN`, UDP not connected) on the wildcard address or on `underlay`.
+/// `LISTEN`, UDP not connected) on the wildcard address, on loopback or on `underlay`.
 fn bound_ports(
     text: &str,
     protocol: Protocol,
@@ -226,14 +227,15 @@ fn bound_ports(
             return None;
         }
         let (addr, port) = local.split_once(':')?;
+        // IPv4 as printed: the wildcard, 127.0.0.0/8 (first octet last) or the underlay.
+        let ours_v4 = |a: &str| a == "00000000" || a.ends_with("7F") || v4.as_deref() == Some(a);
         let ours = match addr.len() {
-            8 => addr == "00000000" || v4.as_deref() == Some(addr),
-            // IPv6: the wildcard, or the underlay as a v4-mapped address.
+            8 => ours_v4(addr),
+            // IPv6: the wildcard, ::1, or one of those as a v4-mapped address.
             32 => {
                 addr.trim_matches('0').is_empty()
-                    || v4.as_deref().is_some_and(|v| {
-                        addr.starts_with("0000000000000000FFFF0000") && &addr[24..] == v
-                    })
+                    || addr == "00000000000000000000000001000000"
+                    || (addr.starts_with("0000000000000000FFFF0000") && ours_v4(&addr[24..]))
             }
             _ => false,
         };
@@ -460,17 +462,19 @@ mod tests {
 ";
         let node = Some("10.0.0.5".parse().unwrap());
         let ports: Vec<u16> = bound_ports(tcp, Protocol::Tcp, node).collect();
-        // 2024 on any address and 22 on the node's: not 8080 on loopback, not another
-        // address's 23, not an outgoing connection.
-        assert_eq!(ports, [2024, 22]);
+        // 2024 on any address, 8080 on loopback (published ports arrive at 127.0.0.1 too)
+        // and 22 on the node's: not another address's 23, not an outgoing connection.
+        assert_eq!(ports, [2024, 8080, 22]);
         let tcp6 =
             "  sl  local_address                         remote_address                        st
    0: 00000000000000000000000000000000:1F90 00000000000000000000000000000000:0000 0A 0
    1: 0000000000000000FFFF00000500000A:0050 00000000000000000000000000000000:0000 0A 0
    2: 00000000000000000000000001000000:0051 00000000000000000000000000000000:0000 0A 0
+   3: 000080FE00000000FF005452DE1200FE:0052 00000000000000000000000000000000:0000 0A 0
 ";
         let ports: Vec<u16> = bound_ports(tcp6, Protocol::Tcp, node).collect();
-        assert_eq!(ports, [8080, 80]);
+        // Not a link-local address's 82.
+        assert_eq!(ports, [8080, 80, 81]);
         let udp = "   sl  local_address rem_address   st tx_queue rx_queue
   10: 00000000:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2
   11: 0500000A:B000 0800000A:0035 01 00000000:00000000 00:00000000 00000000     0        0 1 2

@@ -177,6 +177,7 @@ pub(crate) enum Hook {
     Input = 1,
     Forward = 2,
     Output = 3,
+    Postrouting = 4,
 }
 
 /// A base chain's attachment: hook, priority and type (`filter`, `nat`), and what it does
@@ -353,6 +354,8 @@ pub(crate) enum Expr {
     /// DNAT to the IPv4 address in register 1 and the port in register 2 (loaded with
     /// [`Expr::ImmediateTo`]).
     DnatPort,
+    /// `masquerade`: SNAT to the outgoing interface's address.
+    Masq,
     /// Loads a value into register `reg` (1 or 2: the 16-byte registers).
     ImmediateTo {
         reg: u32,
@@ -592,6 +595,9 @@ impl Buf {
                     b.be32(NFTA_NAT_REG_PROTO_MIN, NFT_REG_2);
                     b.be32(NFTA_NAT_FLAGS, NF_NAT_RANGE_ADDR_PORT);
                 });
+            }
+            Expr::Masq => {
+                b.str(NFTA_EXPR_NAME, "masq");
             }
             Expr::ImmediateTo { reg, data } => {
                 b.str(NFTA_EXPR_NAME, "immediate");

@@ -16,7 +16,8 @@
 //!   the node (the lowest free one);
 //! - the node's table `ip {prefix}pub` maps `protocol . port` to the router of the network
 //!   publishing it (`dnat … map`: one lookup whatever the number of ports), in prerouting
-//!   and output (clients on the node itself);
+//!   and output (clients on the node itself, which may also use 127.0.0.1: masqueraded to
+//!   the transit leg, `route_localnet` on it);
 //! - nothing new leaves a router towards the node: the router drops new connections from
 //!   `eth0` to `tr0`, and the node drops new connections arriving on any `{prefix}t*` (its
 //!   own addresses, other tenants' routers, the underlay). Replies pass.
@@ -199,11 +200,6 @@ impl NodeNet {
         })?;
         let path = self.cfg.netns_dir.join(self.router_netns(net.vni));
         let ns = netns::create_or_open(path, ROUTER_SYSCTLS).await?;
-        // The node forwards what it translates to routers.
-        netns::run_in(&self.node_ns, "node ip_forward", || {
-            netns::write_sysctl("net.ipv4.ip_forward", "1")
-        })
-        .await?;
         if link::get(h, &leg).await?.is_none() {
             link::add_veth(
                 h,
@@ -252,6 +248,20 @@ impl NodeNet {
             }
         };
         let (node_side, router_side) = transit_pair(slot);
+        // The node forwards what it translates to routers. Its own clients reach published
+        // ports at 127.0.0.1 too: their packets leave by the transit leg with a loopback
+        // source (masqueraded after routing) and the replies come back through it to
+        // 127.0.0.1, which the kernel allows only where `route_localnet` is on.
+        let localnet = format!("net.ipv4.conf.{transit_if}.route_localnet");
+        netns::run_in(
+            &self.node_ns,
+            "node ip_forward and route_localnet",
+            move || {
+                netns::write_sysctl("net.ipv4.ip_forward", "1")?;
+                netns::write_sysctl(&localnet, "1")
+            },
+        )
+        .await?;
         let t = self.must_get(&transit_if).await?;
         link::add_address(h, t.index, node_side, 30, &transit_if).await?;
         link::set_up(h, t.index, &transit_if).await?;
@@ -493,8 +503,11 @@ fn router_batch(ports: &[PublishedPort]) -> nfnl::Batch {
 }
 
 /// The node's table (created if missing, its chains rewritten, its map kept): `ip daddr
-/// <underlay> dnat to meta l4proto . th dport map @ports` in prerouting and output, and new
-/// connections from any router's transit leg (`<prefix>t*`) dropped in forward and input.
+/// <underlay> dnat to meta l4proto . th dport map @ports` in prerouting and output, the same
+/// for `127.0.0.1` in output (the node's own clients), whose loopback source is masqueraded
+/// on the way out to a router (`oifname "<prefix>t*" ip saddr 127.0.0.0/8 masquerade`: a
+/// router could not answer 127.0.0.1), and new connections from any router's transit leg
+/// (`<prefix>t*`) dropped in forward and input.
 fn node_table_batch(table: &str, underlay: Ipv4Addr, transit_prefix: &str) -> nfnl::Batch {
     let mut b = nfnl::Batch::of(nfnl::Family::Ip, table);
     b.add_table().add_set(
@@ -522,12 +535,49 @@ fn node_table_batch(table: &str, underlay: Ipv4Addr, transit_prefix: &str) -> nf
             "guard_input",
             BaseChain::accepting(Hook::Input, 0, "filter"),
         ),
+        (
+            "snat_post",
+            BaseChain::accepting(Hook::Postrouting, 100, "nat"),
+        ),
     ];
     for (name, chain) in chains {
         b.add_base_chain(name, chain).flush_chain(name);
     }
+    let dnat = dnat_to_map(underlay);
+    b.add_rule("dnat_pre", &dnat)
+        .add_rule("dnat_out", &dnat)
+        .add_rule("dnat_out", &dnat_to_map(Ipv4Addr::LOCALHOST));
+    let mut masq = ifname_starts(MetaKey::OifName, transit_prefix);
+    masq.extend([
+        // The first byte of the source: 127.0.0.0/8 (as `nft` writes it).
+        Expr::Payload {
+            base: Base::Network,
+            offset: 12,
+            len: 1,
+        },
+        Expr::Cmp {
+            op: CmpOp::Eq,
+            data: vec![127],
+        },
+        Expr::Masq,
+    ]);
+    b.add_rule(
+        "snat_post",
+        &Rule {
+            comment: None,
+            exprs: masq,
+        },
+    );
+    let guard = drop_new(ifname_starts(MetaKey::IifName, transit_prefix));
+    b.add_rule("guard_forward", &guard)
+        .add_rule("guard_input", &guard);
+    b
+}
+
+/// `ip daddr <daddr> dnat to meta l4proto . th dport map @ports`.
+fn dnat_to_map(daddr: Ipv4Addr) -> Rule {
     let r0 = nfnl::NFT_REG32_00;
-    let dnat = Rule {
+    Rule {
         comment: None,
         exprs: vec![
             Expr::Payload {
@@ -537,7 +587,7 @@ fn node_table_batch(table: &str, underlay: Ipv4Addr, transit_prefix: &str) -> nf
             },
             Expr::Cmp {
                 op: CmpOp::Eq,
-                data: underlay.octets().to_vec(),
+                data: daddr.octets().to_vec(),
             },
             Expr::MetaTo {
                 key: MetaKey::L4Proto,
@@ -556,12 +606,7 @@ fn node_table_batch(table: &str, underlay: Ipv4Addr, transit_prefix: &str) -> nf
             },
             Expr::Dnat,
         ],
-    };
-    b.add_rule("dnat_pre", &dnat).add_rule("dnat_out", &dnat);
-    let guard = drop_new(ifname_starts(MetaKey::IifName, transit_prefix));
-    b.add_rule("guard_forward", &guard)
-        .add_rule("guard_input", &guard);
-    b
+    }
 }
 
 /// The map's key: the protocol and the port, each in a 4-byte register of a concatenation.

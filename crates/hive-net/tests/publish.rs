@@ -1,5 +1,6 @@
 //! Published ports against the real kernel: node 1's underlay address and port forwarded to
-//! an instance through its network's router, reached from node 2; the node's and the
+//! an instance through its network's router, reached from node 2 (and from node 1 at
+//! 127.0.0.1); the node's and the
 //! router's tables as `nft` reads back what netlink wrote; a node port another network
 //! holds refused; unpublishing removes the router and the node's table. Needs root, the
 //! tools listed in `common`, and busybox (`nc`).
@@ -55,6 +56,17 @@ async fn a_published_port_reaches_its_instance_and_goes_with_its_router() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // From node 1 itself, at 127.0.0.1 (its loopback source masqueraded towards the router).
+    let out = in_ns(
+        &node1.ns,
+        &["busybox", "nc", "-w", "2", "127.0.0.1", "8080"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "web",
+        "{out:?}"
+    );
+
     // What netlink wrote, as nft reads it back.
     let table = format!("{}pub", node1.prefix);
     let node_table = in_ns_ok(&node1.ns, &["nft", "list", "table", "ip", &table]);
@@ -68,6 +80,12 @@ async fn a_published_port_reaches_its_instance_and_goes_with_its_router() {
         ),
         "type nat hook output priority -100",
         "type filter hook input priority filter",
+        "ip daddr 127.0.0.1 dnat to meta l4proto . th dport map @ports",
+        "type nat hook postrouting priority srcnat",
+        &format!(
+            "oifname \"{}t*\" ip saddr 127.0.0.0/8 masquerade",
+            node1.prefix
+        ),
     ] {
         assert!(
             node_table.contains(want),

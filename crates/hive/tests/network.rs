@@ -356,20 +356,24 @@ fn two_tenants_with_one_subnet_on_three_nodes_are_connected_and_isolated() {
             );
             std::thread::sleep(Duration::from_millis(200));
         };
-        let (_, node_ip) = cluster.node(&node);
+        let (node_ns, node_ip) = cluster.node(&node);
         let client = if node == "n1" { "n2" } else { "n1" };
         let (client_ns, client_ip) = cluster.node(client);
-        let url = format!("http://{node_ip}:{node_port}/");
-        let mut body = String::new();
-        until(20, &format!("{t}: {url} from {client}"), || {
-            let out = client_ns
-                .command("curl")
-                .args(["-sS", "--max-time", "2", &url])
-                .output()
-                .unwrap();
-            body = String::from_utf8_lossy(&out.stdout).into_owned();
-            body.trim() == format!("hello-{t}")
-        });
+        // From another node to this one's address, and on the node itself at 127.0.0.1.
+        for (from, ns, host) in [
+            (client, &client_ns, &*node_ip),
+            (&*node, &node_ns, "127.0.0.1"),
+        ] {
+            let url = format!("http://{host}:{node_port}/");
+            until(20, &format!("{t}: {url} from {from}"), || {
+                let out = ns
+                    .command("curl")
+                    .args(["-sS", "--max-time", "2", &url])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).trim() == format!("hello-{t}")
+            });
+        }
         // busybox httpd -vv logs each request's peer address.
         until(
             10,
