@@ -185,8 +185,8 @@ fn status(facts: &HostFacts, held: &Held) -> NodeStatus {
 
 /// The ports this host's programs listen on where published ports arrive: TCP sockets
 /// listening and UDP sockets bound, on any address, on loopback or on `underlay`, read from
-/// the kernel's socket tables
-/// of the agent's network namespace (at most [`MAX_LISTENING_PORTS`], the lowest).
+/// the kernel's socket tables of the agent's network namespace (at most
+/// [`MAX_LISTENING_PORTS`], the lowest).
 pub fn listening_ports(underlay: Option<std::net::Ipv4Addr>) -> Vec<NodePort> {
     let mut out = std::collections::BTreeSet::new();
     for (file, protocol) in [
@@ -452,7 +452,7 @@ mod tests {
     }
 
     #[test]
-    fn listening_ports_are_those_on_the_wildcard_or_the_node_address() {
+    fn listening_ports_are_those_on_the_wildcard_loopback_or_the_node_address() {
         let tcp = "  sl  local_address rem_address   st tx_queue ...
    0: 00000000:07E8 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1683 1
    1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1684 1
