@@ -220,15 +220,17 @@ pub fn firewall_of(
         .ports
         .iter()
         .filter(|p| p.published_port.is_some())
-        .map(|p| {
-            let proto = match p.protocol {
-                hive_api::Protocol::Tcp => hive_net::Protocol::Tcp,
-                hive_api::Protocol::Udp => hive_net::Protocol::Udp,
-            };
-            (proto, p.container_port)
-        })
+        .map(|p| (net_protocol(p.protocol), p.container_port))
         .collect();
     Some(Firewall { published, rules })
+}
+
+/// A port's protocol as the data plane names it.
+fn net_protocol(p: hive_api::Protocol) -> hive_net::Protocol {
+    match p {
+        hive_api::Protocol::Tcp => hive_net::Protocol::Tcp,
+        hive_api::Protocol::Udp => hive_net::Protocol::Udp,
+    }
 }
 
 /// Gives instance `id` its port (idempotent): the network namespace its container joins, and
@@ -451,10 +453,7 @@ impl NetState {
                 let Some(node_port) = p.published_port else {
                     continue;
                 };
-                let proto = match p.protocol {
-                    hive_api::Protocol::Tcp => hive_net::Protocol::Tcp,
-                    hive_api::Protocol::Udp => hive_net::Protocol::Udp,
-                };
+                let proto = net_protocol(p.protocol);
                 if !taken.insert((proto, node_port)) {
                     tracing::warn!(instance = %id, network = %n.name, node_port, "node port already published on this node");
                     continue;
@@ -478,6 +477,7 @@ impl NetState {
                 }
             }
         }
+        let mut host = None;
         for (vni, (def, mut ports)) in by_vni {
             if ports.is_empty() {
                 continue;
@@ -486,20 +486,21 @@ impl NetState {
             if self.published.get(&vni) == Some(&ports) {
                 continue;
             }
-            let host = crate::node::listening_ports(underlay);
+            // Read once per pass, and only when some network's ports changed.
+            let host = host.get_or_insert_with(|| {
+                crate::node::listening_ports(underlay)
+                    .into_iter()
+                    .map(|p| (net_protocol(p.protocol), p.port))
+                    .collect::<HashSet<_>>()
+            });
             let mut kept = ports.clone();
             kept.retain(|p| {
-                let protocol = match p.protocol {
-                    hive_net::Protocol::Tcp => hive_api::Protocol::Tcp,
-                    hive_net::Protocol::Udp => hive_api::Protocol::Udp,
-                };
-                let port = p.node_port;
-                let free = !host.contains(&hive_api::NodePort { protocol, port });
+                let free = !host.contains(&(p.protocol, p.node_port));
                 if !free {
                     tracing::warn!(
                         vni,
-                        node_port = port,
-                        ?protocol,
+                        node_port = p.node_port,
+                        protocol = ?p.protocol,
                         "node port taken by the host: not published"
                     );
                 }

@@ -145,12 +145,14 @@ fn request(tenant: &str, i: &Instance) -> Request {
             .template
             .ports
             .iter()
-            .filter_map(|p| {
-                p.published_port
-                    .map(|n| (p.protocol == hive_api::Protocol::Udp, n))
-            })
+            .filter_map(|p| p.published_port.map(|n| host_port(p.protocol, n)))
             .collect(),
     }
+}
+
+/// A node port as the placement engine keys it: (UDP, number).
+fn host_port(protocol: hive_api::Protocol, port: u16) -> (bool, u16) {
+    (protocol == hive_api::Protocol::Udp, port)
 }
 
 /// `n` as the placement engine sees it; `lease_age` is how long ago this scheduler saw its
@@ -174,7 +176,7 @@ fn node_info(n: &Node, lease_age: Duration) -> NodeInfo {
                 .status
                 .listening
                 .iter()
-                .map(|p| (p.protocol == hive_api::Protocol::Udp, p.port))
+                .map(|p| host_port(p.protocol, p.port))
                 .collect();
             l.sort_unstable();
             l
