@@ -429,9 +429,10 @@ impl NetState {
 
     /// Makes each local network's published ports those of its instances here. A node
     /// port asked for twice goes to the instance first by uid; the other is logged. So is
-    /// one a program of the host listens on (at `underlay` or any address), read when a
-    /// network's ports change: the host keeps it (the scheduler places no instance
-    /// publishing it here; this covers a listener newer than the node's last report).
+    /// one a program of the host listens on (at `underlay`, loopback or any address): the
+    /// host keeps it (the scheduler places no instance publishing it here; this covers a
+    /// listener newer than the node's last report, and one that starts after the port was
+    /// published), and the port is published once the host lets it go.
     async fn publish(
         &mut self,
         net: &NodeNet,
@@ -477,35 +478,36 @@ impl NetState {
                 }
             }
         }
-        let mut host = None;
+        // Read at every pass that publishes anything (one socket-diagnostics dump per
+        // protocol and family, well under a millisecond): a program of the host that starts
+        // listening on a published port takes it back at the next pass, and gets it.
+        let host: HashSet<_> = if by_vni.values().any(|(_, p)| !p.is_empty()) {
+            crate::node::listening_ports(underlay)
+                .into_iter()
+                .map(|p| (net_protocol(p.protocol), p.port))
+                .collect()
+        } else {
+            HashSet::new()
+        };
         for (vni, (def, mut ports)) in by_vni {
             if ports.is_empty() {
                 continue;
             }
             ports.sort();
-            if self.published.get(&vni) == Some(&ports) {
+            let (kept, taken): (Vec<_>, Vec<_>) = ports
+                .into_iter()
+                .partition(|p| !host.contains(&(p.protocol, p.node_port)));
+            if self.published.get(&vni) == Some(&kept) {
                 continue;
             }
-            // Read once per pass, and only when some network's ports changed.
-            let host = host.get_or_insert_with(|| {
-                crate::node::listening_ports(underlay)
-                    .into_iter()
-                    .map(|p| (net_protocol(p.protocol), p.port))
-                    .collect::<HashSet<_>>()
-            });
-            let mut kept = ports.clone();
-            kept.retain(|p| {
-                let free = !host.contains(&(p.protocol, p.node_port));
-                if !free {
-                    tracing::warn!(
-                        vni,
-                        node_port = p.node_port,
-                        protocol = ?p.protocol,
-                        "node port taken by the host: not published"
-                    );
-                }
-                free
-            });
+            for p in &taken {
+                tracing::warn!(
+                    vni,
+                    node_port = p.node_port,
+                    protocol = ?p.protocol,
+                    "node port taken by the host: not published"
+                );
+            }
             let done = if kept.is_empty() {
                 net.remove_router(vni).await
             } else {
@@ -513,7 +515,7 @@ impl NetState {
             };
             match done {
                 Ok(()) => {
-                    self.published.insert(vni, ports);
+                    self.published.insert(vni, kept);
                 }
                 Err(e) => tracing::warn!(vni, error = %e, "publish ports"),
             }

@@ -582,3 +582,87 @@ fn a_port_the_host_listens_on_is_never_published_and_the_instance_waits() {
     }
     drop(listener);
 }
+
+/// A program of the node that starts listening on a port already published takes it back
+/// (the agent checks the node's listeners at every pass), and the instance gets it again
+/// once the program is gone; the instance runs on throughout.
+#[test]
+fn a_host_listener_newer_than_a_published_port_takes_it_back_until_it_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, cfg) = (dir.path().join("data"), dir.path().join("admin.json"));
+    let _cleanup = common::Cleanup {
+        agent_dir: data.join("agent"),
+    };
+    let ns = common::Netns::new();
+    let up = common::start_up_in(&ns, &data, &cfg);
+    let host = up.url.trim_start_matches("http://").to_owned();
+    let layout = common::busybox_layout(dir.path());
+    let image = common::push_test_image(
+        &ns,
+        &layout,
+        &host,
+        &common::admin_token(&data),
+        "default/busybox",
+    );
+    let port = "7445";
+    ok(
+        &cfg,
+        &[
+            "service",
+            "create",
+            "web",
+            "--image",
+            &image,
+            "-p",
+            &format!("{port}:80"),
+            "--",
+            "sh",
+            "-c",
+            "mkdir -p /www && echo from-instance >/www/index.html && exec httpd -f -p 80 -h /www",
+        ],
+    );
+    // What answers at the node's 127.0.0.1:port (the host's program speaks no HTTP).
+    let answer = || {
+        let out = ns
+            .command("curl")
+            .args(["-sS", "--http0.9", "--max-time", "2"])
+            .arg(format!("http://127.0.0.1:{port}/"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    common::until(90, "the instance answers at its published port", || {
+        answer() == "from-instance"
+    });
+    let running = || json(&cfg, &["instance", "ls"])[0]["status"].clone();
+    let before = running();
+    assert_eq!(before["phase"], "running", "{before}");
+
+    let listener = Killed(
+        ns.command("busybox")
+            .args(["nc", "-ll", "-p", port, "-e", "echo", "from-host"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("busybox-static installed"),
+    );
+    common::until(10, "the host's program gets its port", || {
+        answer() == "from-host"
+    });
+    // The node reports it, so the scheduler places no other instance publishing it here.
+    common::until(15, "the node lists the port", || {
+        json(&cfg, &["node", "ls"])[0]["status"]["listening"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!({"protocol": "tcp", "port": 7445}))
+    });
+    drop(listener);
+    common::until(10, "the instance gets its port back", || {
+        answer() == "from-instance"
+    });
+    let after = running();
+    assert_eq!(after["phase"], "running", "{after}");
+    assert_eq!(after["container_id"], before["container_id"], "{after}");
+    assert_eq!(after["restarts"], before["restarts"], "{after}");
+    drop(up);
+}
