@@ -276,6 +276,12 @@ fn sockets(
     let mut rx = vec![0u8; 64 << 10];
     loop {
         let n = socket.recv(&mut &mut rx[..], 0)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the socket dump ended without its done message",
+            ));
+        }
         let mut at = 0;
         while at < n {
             let message =
