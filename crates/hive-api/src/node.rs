@@ -106,8 +106,9 @@ pub struct NodeStatus {
     pub containers: BTreeMap<String, u32>,
     /// The ports the host's own programs listen on where published ports arrive (any
     /// address, loopback, the node's underlay address: the API server, the agent, sshd…),
-    /// sorted: never published there, as a published port would take their connections. Written by the agent with its lease; the scheduler places no
-    /// instance publishing one of them on the node.
+    /// sorted: never published there, as a published port would take their connections.
+    /// Written by the agent with its lease; the scheduler places no instance publishing one
+    /// of them on the node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listening: Vec<NodePort>,
 }
