@@ -6,7 +6,8 @@
 //!   `--rounds` rounds each of an underlay run then an overlay run, so machine noise hits both.
 //!   Floor: the underlay between the node namespaces directly (MTU 1500). Overlay: instance
 //!   to instance across nodes through veth, bridge and VXLAN (MTU 1450). Medians of the
-//!   rounds and their ratio.
+//!   rounds and their ratio. Every round measures both CPU placements (see [`Placement`]):
+//!   each node on its own half of the CPUs (the headline ratio), and everything anywhere.
 //! - Setup: `attach` and `detach` of `--instances` instances one by one on an empty node;
 //!   `ensure_network` + `attach` of the first instance of a new network.
 //! - Rule updates: with `--ports` instances attached on a node, adding one more port's
@@ -31,7 +32,7 @@ use crate::images::need;
 
 #[derive(Debug, clap::Args)]
 pub struct NetArgs {
-    /// iperf3 rounds, each an underlay run then an overlay run.
+    /// iperf3 rounds, each an underlay run then an overlay run in both CPU placements.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
     /// Seconds measured per iperf3 run (after 1 s omitted).
@@ -132,14 +133,183 @@ fn loadavg() -> String {
         .join(" ")
 }
 
-/// An `iperf3 -s` in a namespace, killed (by its pid) when dropped. `ip netns exec` execs
-/// iperf3 in place, so the child is iperf3 itself.
+/// Where the throughput runs' work goes on the host's CPUs.
+///
+/// Both nodes share this host's CPUs. Left to the scheduler, the receiving node's work runs
+/// on the sending node's CPU (a veth delivers in its sender's softirq: the whole receive
+/// path of the other node, up to the iperf3 server's socket) and the sender's work on the
+/// receiver's (the server's ACKs are processed, and the next data sent, in the server's
+/// softirq): neither happens between two hosts, and it flatters the path with the fewest
+/// hops. `PerNode` gives each node its own half of the CPUs, as its own host would have: its
+/// iperf3 pinned there (`taskset`) and the packets its underlay veth receives processed
+/// there (RPS on the veth's receive queues), the way a NIC's interrupt is taken by the
+/// receiving host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    PerNode,
+    Shared,
+}
+
+impl Placement {
+    const ALL: [Placement; 2] = [Placement::PerNode, Placement::Shared];
+
+    fn name(self) -> &'static str {
+        match self {
+            Placement::PerNode => "each node on its own CPUs",
+            Placement::Shared => "both nodes on all CPUs",
+        }
+    }
+
+    /// The iperf3 server port of this placement (a server each, pinned or not).
+    fn port(self) -> u16 {
+        match self {
+            Placement::PerNode => 5201,
+            Placement::Shared => 5202,
+        }
+    }
+}
+
+/// The CPUs this process may run on, from `Cpus_allowed_list` of `/proc/self/status`
+/// (`0-3,8,10-11`).
+fn allowed_cpus() -> Result<Vec<u32>> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .context("no Cpus_allowed_list in /proc/self/status")?;
+    parse_cpu_list(list.trim())
+}
+
+fn parse_cpu_list(list: &str) -> Result<Vec<u32>> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let (lo, hi): (u32, u32) = (lo.parse()?, hi.parse()?);
+        if lo > hi || hi >= 1024 {
+            bail!("CPU list {list:?}: range {part:?}");
+        }
+        cpus.extend(lo..=hi);
+    }
+    Ok(cpus)
+}
+
+/// `cpus` as a sysfs CPU mask: hex words of 32 CPUs, most significant first, comma-separated
+/// (what `rps_cpus` takes).
+fn cpu_mask(cpus: &[u32]) -> String {
+    let words = cpus.iter().map(|c| c / 32 + 1).max().unwrap_or(1) as usize;
+    let mut w = vec![0u32; words];
+    for c in cpus {
+        w[(c / 32) as usize] |= 1 << (c % 32);
+    }
+    w.iter()
+        .rev()
+        .map(|x| format!("{x:08x}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The CPUs of each node under `PerNode`: the first and the second half of `cpus`.
+fn halves(cpus: &[u32]) -> Result<[Vec<u32>; 2]> {
+    if cpus.len() < 2 {
+        bail!("giving each node its own CPUs needs 2 CPUs, this process may use {cpus:?}");
+    }
+    let (a, b) = cpus.split_at(cpus.len() / 2);
+    Ok([a.to_vec(), b.to_vec()])
+}
+
+fn cpu_list(cpus: &[u32]) -> String {
+    cpus.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `program` in namespace `ns`, pinned to `cpus` when there are some.
+fn pinned(ns: &str, cpus: Option<&[u32]>, program: &str) -> std::process::Command {
+    match cpus {
+        Some(cpus) => {
+            let mut c = ns_command(ns, "taskset");
+            c.args(["-c", &cpu_list(cpus), program]);
+            c
+        }
+        None => ns_command(ns, program),
+    }
+}
+
+/// Steers what `dev` (in namespace `ns`) receives to `cpus` (RPS on all its receive queues);
+/// no CPUs turns steering off (processed where it arrives).
+fn steer(ns: &str, dev: &str, cpus: &[u32]) -> Result<()> {
+    let mask = if cpus.is_empty() {
+        "0".to_owned()
+    } else {
+        cpu_mask(cpus)
+    };
+    // `ip netns exec` mounts a sysfs of the namespace, where its devices are.
+    let script =
+        format!("for q in /sys/class/net/{dev}/queues/rx-*; do echo {mask} > $q/rps_cpus; done");
+    let out = ns_command(ns, "sh").args(["-c", &script]).output()?;
+    if !out.status.success() {
+        bail!(
+            "RPS of {dev} in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Per CPU (indexed by number): jiffies busy and in all, from `/proc/stat`.
+fn cpu_jiffies() -> Result<Vec<(u64, u64)>> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let mut out = Vec::new();
+    for line in stat.lines() {
+        let mut f = line.split_whitespace();
+        let Some(n) = f
+            .next()
+            .and_then(|c| c.strip_prefix("cpu"))
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+        let v: Vec<u64> = f.take(8).map(|x| x.parse().unwrap_or(0)).collect();
+        if v.len() < 8 {
+            bail!("/proc/stat: short line {line:?}");
+        }
+        let all: u64 = v.iter().sum();
+        if out.len() <= n {
+            out.resize(n + 1, (0, 0));
+        }
+        out[n] = (all - v[3] - v[4], all);
+    }
+    Ok(out)
+}
+
+/// Busy share (%) of `cpus` between two `cpu_jiffies` readings.
+fn busy_pct(before: &[(u64, u64)], after: &[(u64, u64)], cpus: &[u32]) -> f64 {
+    let (mut busy, mut all) = (0, 0);
+    for &c in cpus {
+        let (c, d) = (before.get(c as usize), after.get(c as usize));
+        if let (Some(b), Some(a)) = (c, d) {
+            busy += a.0.saturating_sub(b.0);
+            all += a.1.saturating_sub(b.1);
+        }
+    }
+    if all == 0 {
+        0.0
+    } else {
+        100.0 * busy as f64 / all as f64
+    }
+}
+
+/// An `iperf3 -s` in a namespace, killed (by its pid) when dropped. `ip netns exec` (and
+/// `taskset`) exec iperf3 in place, so the child is iperf3 itself.
 struct Iperf3Server(std::process::Child);
 
 impl Iperf3Server {
-    fn start(ns: &str) -> Result<Iperf3Server> {
-        let child = ns_command(ns, "iperf3")
-            .args(["-s", "-p", "5201"])
+    fn start(ns: &str, port: u16, cpus: Option<&[u32]>) -> Result<Iperf3Server> {
+        let port = port.to_string();
+        let child = pinned(ns, cpus, "iperf3")
+            .args(["-s", "-p", &port])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -149,7 +319,7 @@ impl Iperf3Server {
         let t0 = Instant::now();
         loop {
             let out = ns_command(ns, "ss")
-                .args(["-Hltn", "sport", "=", ":5201"])
+                .args(["-Hltn", "sport", "=", &format!(":{port}")])
                 .output()?;
             if !out.stdout.is_empty() {
                 return Ok(server);
@@ -173,9 +343,11 @@ impl Drop for Iperf3Server {
 }
 
 /// One iperf3 TCP run from namespace `ns` to `dst`: received Gbit/s.
-fn iperf3(ns: &str, dst: Ipv4Addr, seconds: u32) -> Result<f64> {
-    let out = ns_command(ns, "iperf3")
-        .args(["-c", &dst.to_string(), "-p", "5201", "-O", "1", "-J", "-t"])
+fn iperf3(ns: &str, dst: Ipv4Addr, port: u16, cpus: Option<&[u32]>, seconds: u32) -> Result<f64> {
+    let out = pinned(ns, cpus, "iperf3")
+        .args(["-c", &dst.to_string(), "-O", "1", "-J", "-p"])
+        .arg(port.to_string())
+        .arg("-t")
         .arg(seconds.to_string())
         .stdin(std::process::Stdio::null())
         .output()
@@ -205,10 +377,26 @@ fn ns_name(p: &hive_net::AttachedPort) -> Result<String> {
         .with_context(|| format!("netns path {}", p.netns_path.display()))
 }
 
+/// Throughput runs of one placement, Gbit/s.
 #[derive(Debug, Default)]
-struct Figures {
+struct Runs {
     underlay: Vec<f64>,
     overlay: Vec<f64>,
+}
+
+impl Runs {
+    fn ratio(&self) -> f64 {
+        median(&self.overlay) / median(&self.underlay)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Figures {
+    /// Per [`Placement::ALL`].
+    runs: [Runs; 2],
+    cpus: [Vec<u32>; 2],
+    /// Under `PerNode`: busy % of each node's CPUs during its underlay and overlay runs.
+    busy: [[Vec<f64>; 2]; 2],
     mtu: u32,
     /// ensure_network + attach of the iperf3 pair, the first port of each node.
     first_on_node: Vec<f64>,
@@ -280,18 +468,43 @@ async fn measure(bed: &Testbed, args: &NetArgs, f: &mut Figures) -> Result<()> {
         node.net.set_remote_endpoints(VNI_PAIR, &eps).await?;
     }
     let (i1, i2) = (ns_name(&ports[0])?, ns_name(&ports[1])?);
+    f.cpus = halves(&allowed_cpus()?)?;
     {
-        let _underlay = Iperf3Server::start(&n2.ns)?;
-        let _overlay = Iperf3Server::start(&i2)?;
+        let (c1, c2) = (&f.cpus[0][..], &f.cpus[1][..]);
+        let _servers = [
+            Iperf3Server::start(&n2.ns, Placement::PerNode.port(), Some(c2))?,
+            Iperf3Server::start(&i2, Placement::PerNode.port(), Some(c2))?,
+            Iperf3Server::start(&n2.ns, Placement::Shared.port(), None)?,
+            Iperf3Server::start(&i2, Placement::Shared.port(), None)?,
+        ];
         for r in 0..args.rounds {
-            let u = iperf3(&n1.ns, n2.ip, args.seconds)?;
-            let o = iperf3(&i1, a2.ip, args.seconds)?;
-            eprintln!(
-                "round {}: underlay {u:.2} Gbit/s, overlay {o:.2} Gbit/s",
-                r + 1
-            );
-            f.underlay.push(u);
-            f.overlay.push(o);
+            for (i, p) in Placement::ALL.into_iter().enumerate() {
+                let (client, steered): (Option<&[u32]>, [&[u32]; 2]) = match p {
+                    Placement::PerNode => (Some(c1), [c1, c2]),
+                    Placement::Shared => (None, [&[], &[]]),
+                };
+                for (node, cpus) in [n1, n2].into_iter().zip(steered) {
+                    steer(&node.ns, &node.dev, cpus)?;
+                }
+                let j0 = cpu_jiffies()?;
+                let u = iperf3(&n1.ns, n2.ip, p.port(), client, args.seconds)?;
+                let j1 = cpu_jiffies()?;
+                let o = iperf3(&i1, a2.ip, p.port(), client, args.seconds)?;
+                let j2 = cpu_jiffies()?;
+                if p == Placement::PerNode {
+                    for (node, cpus) in f.cpus.iter().enumerate() {
+                        f.busy[node][0].push(busy_pct(&j0, &j1, cpus));
+                        f.busy[node][1].push(busy_pct(&j1, &j2, cpus));
+                    }
+                }
+                eprintln!(
+                    "round {}, {}: underlay {u:.2} Gbit/s, overlay {o:.2} Gbit/s",
+                    r + 1,
+                    p.name()
+                );
+                f.runs[i].underlay.push(u);
+                f.runs[i].overlay.push(o);
+            }
         }
     }
     n1.net.detach(&a1.key).await?;
@@ -398,8 +611,8 @@ pub fn run(args: NetArgs) -> Result<()> {
     let left = testbed::leftovers(&base);
     let load_end = loadavg();
 
-    let (under, over) = (median(&f.underlay), median(&f.overlay));
-    let ratio = over / under;
+    let [own, shared] = &f.runs;
+    let (under, over, ratio) = (median(&own.underlay), median(&own.overlay), own.ratio());
     println!(
         "hive-bench net: two node namespaces on one host, {} iperf3 rounds of {} s, {} instances, {} ports; load {load_start} at the start, {load_end} at the end",
         args.rounds, args.seconds, args.instances, args.ports
@@ -411,21 +624,41 @@ pub fn run(args: NetArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    println!(
-        "{:<58} {:>8}  runs",
-        "TCP throughput, 1 stream (Gbit/s)", "median"
-    );
-    println!(
-        "{:<58} {under:>8.2}  {}",
-        "floor: underlay, node ns to node ns (MTU 1500)",
-        fmt_runs(&f.underlay)
-    );
-    println!(
-        "{:<58} {over:>8.2}  {}",
-        format!("overlay: instance to instance over VXLAN (MTU {})", f.mtu),
-        fmt_runs(&f.overlay)
-    );
-    println!("{:<58} {ratio:>8.2}", "overlay / underlay");
+    for (p, runs) in Placement::ALL.into_iter().zip(&f.runs) {
+        let title = match p {
+            Placement::PerNode => format!(
+                "{} (node 1: {}; node 2: {})",
+                p.name(),
+                cpu_list(&f.cpus[0]),
+                cpu_list(&f.cpus[1])
+            ),
+            Placement::Shared => p.name().to_owned(),
+        };
+        println!("TCP throughput, 1 stream (Gbit/s), {title}");
+        println!(
+            "  {:<56} {:>8.2}  {}",
+            "floor: underlay, node ns to node ns (MTU 1500)",
+            median(&runs.underlay),
+            fmt_runs(&runs.underlay)
+        );
+        println!(
+            "  {:<56} {:>8.2}  {}",
+            format!("overlay: instance to instance over VXLAN (MTU {})", f.mtu),
+            median(&runs.overlay),
+            fmt_runs(&runs.overlay)
+        );
+        println!("  {:<56} {:>8.2}", "overlay / underlay", runs.ratio());
+        if p == Placement::PerNode {
+            let [b1, b2] = &f.busy;
+            println!(
+                "  busy CPU (median): node 1 {:.0} % underlay, {:.0} % overlay; node 2 {:.0} % underlay, {:.0} % overlay",
+                median(&b1[0]),
+                median(&b1[1]),
+                median(&b2[0]),
+                median(&b2[1])
+            );
+        }
+    }
     println!();
     println!(
         "{:<58} {:>5} {:>8} {:>8} {:>8}",
@@ -468,8 +701,13 @@ pub fn run(args: NetArgs) -> Result<()> {
     let rule_update = f.rule_add.p50.max(f.rule_del.p50);
     let load1 = |s: &str| s.split_whitespace().next().unwrap_or("?").to_owned();
     println!(
-        "overlay_ratio={ratio:.3} setup_p50_ms={:.2} rule_update_ms={rule_update:.2} underlay_gbps={under:.2} overlay_gbps={over:.2} setup_p90_ms={:.2} detach_p50_ms={:.2} first_setup_p50_ms={:.2} rule_add_ms={:.2} rule_del_ms={:.2} rule_add_empty_ms={:.2} rule_del_empty_ms={:.2} attach_at_ports_p50_ms={:.2} detach_at_ports_p50_ms={:.2} ports={at} clean={} load1_start={} load1_end={}",
+        "overlay_ratio={ratio:.3} setup_p50_ms={:.2} rule_update_ms={rule_update:.2} underlay_gbps={under:.2} overlay_gbps={over:.2} overlay_ratio_shared_cpus={:.3} underlay_shared_gbps={:.2} overlay_shared_gbps={:.2} sender_cpu_pct={:.0} receiver_cpu_pct={:.0} setup_p90_ms={:.2} detach_p50_ms={:.2} first_setup_p50_ms={:.2} rule_add_ms={:.2} rule_del_ms={:.2} rule_add_empty_ms={:.2} rule_del_empty_ms={:.2} attach_at_ports_p50_ms={:.2} detach_at_ports_p50_ms={:.2} ports={at} clean={} load1_start={} load1_end={}",
         f.attach.p50,
+        shared.ratio(),
+        median(&shared.underlay),
+        median(&shared.overlay),
+        median(&f.busy[0][1]),
+        median(&f.busy[1][1]),
         f.attach.p90,
         f.detach.p50,
         f.fresh.p50,
@@ -484,4 +722,23 @@ pub fn run(args: NetArgs) -> Result<()> {
         load1(&load_end),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_masks_and_halves() {
+        assert_eq!(parse_cpu_list("0-1").unwrap(), [0, 1]);
+        assert_eq!(parse_cpu_list("0,2-3,8").unwrap(), [0, 2, 3, 8]);
+        assert!(parse_cpu_list("3-1").is_err());
+        assert!(parse_cpu_list("x").is_err());
+        assert_eq!(cpu_mask(&[0]), "00000001");
+        assert_eq!(cpu_mask(&[1]), "00000002");
+        assert_eq!(cpu_mask(&[2, 3, 33]), "00000002,0000000c");
+        assert_eq!(halves(&[0, 1]).unwrap(), [vec![0], vec![1]]);
+        assert_eq!(halves(&[0, 1, 2]).unwrap(), [vec![0], vec![1, 2]]);
+        assert!(halves(&[5]).is_err());
+    }
 }
