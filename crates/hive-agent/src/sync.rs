@@ -760,9 +760,16 @@ impl Agent {
         });
     }
 
-    /// A start task ended: a failure backs off (0.4 s doubling to 30 s) before the next try.
+    /// A start task ended: a failure backs off (0.4 s doubling to 30 s) before the next try;
+    /// the last one in flight has the node's spare namespaces topped up.
     fn finish_start(&mut self, id: &str, ok: bool) {
         self.starting.remove(id);
+        // Made ahead now, for the next starts' ports, rather than beside a start.
+        if self.starting.is_empty()
+            && let Some(net) = &self.net
+        {
+            net.refill_spares();
+        }
         if ok {
             self.backoff.remove(id);
             return;

@@ -203,10 +203,25 @@ struct Running {
     _server: Server<Handler>,
 }
 
+/// A resolver's UDP and TCP sockets, bound to [`RESOLVER_ADDR`] port 53 of a namespace.
+pub(crate) type Sockets = (std::net::UdpSocket, std::net::TcpListener);
+
+/// Binds a resolver's sockets in the calling thread's namespace (its `lo` up).
+pub(crate) fn bind() -> Result<Sockets, NetError> {
+    let addr = SocketAddr::from((RESOLVER_ADDR, 53));
+    let bind = |e| NetError::io(format!("bind {addr} for dns"), e);
+    let udp = std::net::UdpSocket::bind(addr).map_err(bind)?;
+    let tcp = std::net::TcpListener::bind(addr).map_err(bind)?;
+    Ok((udp, tcp))
+}
+
 /// The resolvers of one node, by instance key.
 #[derive(Default)]
 pub(crate) struct Resolvers {
     by_key: Mutex<HashMap<String, Running>>,
+    /// Sockets bound ahead in the namespace of an instance that has no resolver yet (made
+    /// with a spare namespace): `set` serves on them instead of binding.
+    prebound: Mutex<HashMap<String, Sockets>>,
     /// Held by `set` from its look-up to its insert: two calls for one key (an instance's
     /// start and the loop's pass over running instances) must not both bind.
     starting: tokio::sync::Mutex<()>,
@@ -220,8 +235,9 @@ impl std::fmt::Debug for Resolvers {
 }
 
 impl Resolvers {
-    /// Serves `zone` for `key`: swaps the zone of a running resolver, or binds the sockets
-    /// inside `ns` (a namespace file) and starts one on the current tokio runtime.
+    /// Serves `zone` for `key`: swaps the zone of a running resolver, or starts one on the
+    /// current tokio runtime, on the sockets kept for it or else ones bound inside `ns` (a
+    /// namespace file).
     pub(crate) async fn set(
         &self,
         key: &str,
@@ -236,14 +252,10 @@ impl Resolvers {
             }
             return Ok(());
         }
-        let addr = SocketAddr::from((RESOLVER_ADDR, 53));
-        let (udp, tcp) = crate::netns::run_in(ns, "dns sockets", move || {
-            let bind = |e| NetError::io(format!("bind {addr} for dns"), e);
-            let udp = std::net::UdpSocket::bind(addr).map_err(bind)?;
-            let tcp = std::net::TcpListener::bind(addr).map_err(bind)?;
-            Ok((udp, tcp))
-        })
-        .await?;
+        let (udp, tcp) = match self.take_prebound(key) {
+            Some(sockets) => sockets,
+            None => crate::netns::run_in(ns, "dns sockets", bind).await?,
+        };
         self.start(key, udp, tcp, zone)
     }
 
@@ -278,10 +290,25 @@ impl Resolvers {
     /// Stops `key`'s resolver (its sockets close); none is not an error.
     pub(crate) fn remove(&self, key: &str) {
         self.lock().remove(key);
+        self.take_prebound(key);
     }
 
     pub(crate) fn clear(&self) {
         self.lock().clear();
+        self.prebound_lock().clear();
+    }
+
+    /// Keeps `sockets`, bound in `key`'s namespace, for its resolver.
+    pub(crate) fn keep_prebound(&self, key: &str, sockets: Sockets) {
+        self.prebound_lock().insert(key.to_owned(), sockets);
+    }
+
+    fn take_prebound(&self, key: &str) -> Option<Sockets> {
+        self.prebound_lock().remove(key)
+    }
+
+    fn prebound_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Sockets>> {
+        self.prebound.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {

@@ -29,7 +29,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rtnetlink::Handle;
@@ -225,6 +225,8 @@ pub struct NodeNet {
     dns: dns::Resolvers,
     /// The VIP routes last written into each instance namespace.
     services: services::Tables,
+    /// Namespaces made ahead for the next ports.
+    spares: netns::Spares,
 }
 
 /// What of one prefix exists in a node's namespace: what [`NodeNet::teardown_all`] removes.
@@ -290,6 +292,7 @@ impl NodeNet {
                 shaping: AtomicBool::new(false),
                 dns: dns::Resolvers::default(),
                 services: services::Tables::default(),
+                spares: netns::Spares::default(),
             });
         }
         let underlay = underlay.ok_or_else(|| {
@@ -329,7 +332,14 @@ impl NodeNet {
             shaping: AtomicBool::new(shaping),
             dns: dns::Resolvers::default(),
             services: services::Tables::default(),
+            spares: netns::Spares::default(),
         })
+    }
+
+    /// The namespaces kept ready for the next ports (their inode numbers): none until
+    /// [`NodeNet::refill_spares`] is called.
+    pub fn spare_namespaces(&self) -> Vec<u64> {
+        self.spares.ids()
     }
 
     /// The overlay MTU: bridges, VXLAN devices and both ends of every veth.
@@ -352,7 +362,9 @@ impl NodeNet {
         }
         let h = &self.handle;
         let (br_name, vx_name) = (self.names.bridge(net.vni), self.names.vxlan(net.vni));
-        let br = match link::get(h, &br_name).await? {
+        let (br, vx) = tokio::join!(link::get(h, &br_name), link::get(h, &vx_name));
+        let (br, mut vx) = (br?, vx?);
+        let br = match br {
             Some(l) => l,
             None => {
                 tolerate_exists(link::add_bridge(h, &br_name, self.mtu).await)?;
@@ -362,7 +374,6 @@ impl NodeNet {
         if br.mtu != self.mtu {
             link::set_mtu_controller(h, br.index, &br_name, self.mtu, None).await?;
         }
-        let mut vx = link::get(h, &vx_name).await?;
         if let Some(l) = &vx
             && !l.vxlan_matches(net.vni, self.cfg.underlay_ip, self.underlay_index)
         {
@@ -440,7 +451,7 @@ impl NodeNet {
             _ => None,
         };
         self.install_rules(a, &port, class)?;
-        let ns = netns::create_or_open(netns_path.clone(), CONTAINER_SYSCTLS).await;
+        let ns = self.port_netns(&a.key, &netns_path).await;
         let created = ns.as_ref().is_ok_and(|n| n.created);
         let result = async {
             let ns = ns?;
@@ -469,6 +480,27 @@ impl NodeNet {
                 Err(e)
             }
         }
+    }
+
+    /// Instance `key`'s namespace at `path`: the one there, else a spare named for it (its
+    /// resolver's sockets kept for [`NodeNet::serve_dns`]), else a new one.
+    async fn port_netns(&self, key: &str, path: &Path) -> Result<netns::NamedNetns, NetError> {
+        if !netns::is_nsfs(path)
+            && let Some(spare) = self.spares.take()
+        {
+            let (named, dns) = spare.name(path)?;
+            self.dns.keep_prebound(key, dns);
+            return Ok(named);
+        }
+        netns::create_or_open(path.to_owned(), CONTAINER_SYSCTLS).await
+    }
+
+    /// Tops up the namespaces kept ready for the next ports ([`NodeNet::attach`] names one
+    /// instead of making its own), in the background on the current tokio runtime. Making
+    /// one is ~1 ms of CPU, mostly the kernel's, so call it when the node is quiet rather
+    /// than beside a start (the agent does once its starts are over).
+    pub fn refill_spares(&self) {
+        self.spares.refill(CONTAINER_SYSCTLS);
     }
 
     /// Installs (or rewrites) the port's chain, classified into `class` if given.
@@ -530,16 +562,18 @@ impl NodeNet {
         };
         // Inside the instance namespace, through a socket made there.
         let inner = netns::handle_from_socket(ns.socket)?;
-        let lo = link::get(&inner, "lo")
-            .await?
-            .ok_or_else(|| NetError::invalid("netns", "no lo inside the instance namespace"))?;
+        if !ns.lo_up {
+            let lo = link::get(&inner, "lo")
+                .await?
+                .ok_or_else(|| NetError::invalid("netns", "no lo inside the instance namespace"))?;
+            link::set_up(&inner, lo.index, "lo").await?;
+        }
         let eth = link::get(&inner, CONTAINER_IFNAME).await?.ok_or_else(|| {
             NetError::invalid(
                 "netns",
                 format!("no {CONTAINER_IFNAME} inside the namespace of {}", a.key),
             )
         })?;
-        link::set_up(&inner, lo.index, "lo").await?;
         link::add_address(&inner, eth.index, a.ip, a.prefix_len, CONTAINER_IFNAME).await?;
         link::set_up(&inner, eth.index, CONTAINER_IFNAME).await?;
         link::replace_default_route(&inner, a.gateway, eth.index).await?;
@@ -904,7 +938,7 @@ impl NodeNet {
 
     /// No IPv6 on our node-side devices: no link-local addresses, RS or MLD on tenant L2.
     async fn disable_ipv6(&self, devs: Vec<String>) -> Result<(), NetError> {
-        netns::run_in(&self.node_ns, "disable ipv6", move || {
+        netns::run_in_or_here(&self.node_ns, "disable ipv6", move || {
             if !std::path::Path::new("/proc/sys/net/ipv6").exists() {
                 return Ok(());
             }

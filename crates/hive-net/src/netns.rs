@@ -41,7 +41,7 @@ pub(crate) fn open(path: &Path) -> Result<File, NetError> {
     Ok(f)
 }
 
-fn is_nsfs(path: &Path) -> bool {
+pub(crate) fn is_nsfs(path: &Path) -> bool {
     statfs(path).is_ok_and(|s| s.filesystem_type() == NSFS_MAGIC)
 }
 
@@ -60,6 +60,21 @@ where
         f()
     })
     .await
+}
+
+/// [`run_in`], but right on the calling thread when it is in `ns` already (the node's
+/// namespace is the agent's own): no thread to start for a sysctl or two.
+pub(crate) async fn run_in_or_here<T, F>(ns: &File, what: &str, f: F) -> Result<T, NetError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, NetError> + Send + 'static,
+{
+    let here = nix::sys::stat::stat("/proc/thread-self/ns/net");
+    let there = nix::sys::stat::fstat(ns.as_fd());
+    match (here, there) {
+        (Ok(a), Ok(b)) if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) => f(),
+        _ => run_in(ns, what, f).await,
+    }
 }
 
 /// Runs `f` on a dedicated thread (which may then change its own namespaces freely).
@@ -134,11 +149,151 @@ pub(crate) fn handle_from_socket(sock: Socket) -> Result<Handle, NetError> {
     Ok(handle)
 }
 
-/// What [`create_or_open`] hands back.
+/// What [`create_or_open`] and [`Spare::name`] hand back.
 pub(crate) struct NamedNetns {
     pub(crate) ns: File,
     pub(crate) socket: Socket,
     pub(crate) created: bool,
+    /// Its `lo` is up already.
+    pub(crate) lo_up: bool,
+}
+
+/// The interface index of `lo` in every network namespace (registered first).
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// A network namespace made ahead of need, with no name yet: `sysctls` written, `lo` up, and
+/// made inside it a netlink socket and the resolver's sockets (see [`Spare::make`]). It goes
+/// away with the last of them when dropped unnamed.
+pub(crate) struct Spare {
+    ns: File,
+    socket: Socket,
+    pub(crate) dns: crate::dns::Sockets,
+}
+
+impl Spare {
+    /// Makes one on a thread of its own (`unshare`, the sysctls, `lo` up through a netlink
+    /// connection run on that thread, the sockets).
+    pub(crate) async fn make(
+        sysctls: &'static [(&'static str, &'static str)],
+    ) -> Result<Spare, NetError> {
+        spawn("spare netns", move || {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET)
+                .map_err(|e| NetError::io("spare netns: unshare", e))?;
+            write_sysctls(sysctls)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+                .map_err(|e| NetError::io("spare netns: runtime", e))?;
+            rt.block_on(async {
+                let h = handle_from_socket(netlink_socket()?)?;
+                crate::link::set_up(&h, LOOPBACK_IFINDEX, "lo").await
+            })?;
+            Ok(Spare {
+                dns: crate::dns::bind()?,
+                ns: current()?,
+                socket: netlink_socket()?,
+            })
+        })
+        .await
+    }
+
+    /// Names it: bind-mounted at `path` (a namespace file, like `ip netns attach`).
+    pub(crate) fn name(self, path: &Path) -> Result<(NamedNetns, crate::dns::Sockets), NetError> {
+        let what = format!("netns {}", path.display());
+        mount_point(path, &what)?;
+        let source = format!("/proc/self/fd/{}", self.ns.as_raw_fd());
+        nix::mount::mount(
+            Some(source.as_str()),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| {
+            let _ = std::fs::remove_file(path);
+            NetError::io(format!("bind mount {what}"), e)
+        })?;
+        let named = NamedNetns {
+            ns: self.ns,
+            socket: self.socket,
+            created: true,
+            lo_up: true,
+        };
+        Ok((named, self.dns))
+    }
+}
+
+/// How many spare namespaces a node keeps ready once it has made a port.
+const SPARES: usize = 2;
+/// The spare namespaces of a node ([`Spare`]): the next ports are named ones of them instead
+/// of waiting for `unshare`, sysctls, `lo` and the resolver's sockets (~1 ms, a thread each).
+#[derive(Clone, Default)]
+pub(crate) struct Spares {
+    ready: std::sync::Arc<std::sync::Mutex<Vec<Spare>>>,
+    filling: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::fmt::Debug for Spares {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spares")
+            .field("ready", &self.lock().len())
+            .finish()
+    }
+}
+
+impl Spares {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Spare>> {
+        self.ready.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn take(&self) -> Option<Spare> {
+        self.lock().pop()
+    }
+
+    /// The inode numbers of the ready ones (what `lsns` and `ip netns identify` go by).
+    pub(crate) fn ids(&self) -> Vec<u64> {
+        self.lock()
+            .iter()
+            .filter_map(|s| nix::sys::stat::fstat(s.ns.as_fd()).ok())
+            .map(|st| st.st_ino)
+            .collect()
+    }
+
+    /// Tops the spares up to [`SPARES`], one at a time on a task of the current runtime;
+    /// does nothing while a refill is under way. A failure is logged and ends the refill
+    /// (ports then make their namespaces themselves).
+    pub(crate) fn refill(&self, sysctls: &'static [(&'static str, &'static str)]) {
+        use std::sync::atomic::Ordering;
+        if self.filling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            while me.lock().len() < SPARES {
+                match Spare::make(sysctls).await {
+                    Ok(spare) => me.lock().push(spare),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "make a spare network namespace");
+                        break;
+                    }
+                }
+            }
+            me.filling.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// Creates the file a namespace is bind-mounted on; a plain file left by a crash between
+/// create and mount is reused.
+fn mount_point(path: &Path, what: &str) -> Result<(), NetError> {
+    File::options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o444)
+        .open(path)
+        .map(drop)
+        .map_err(|e| NetError::io(format!("create {what}"), e))
 }
 
 /// Makes `dir` a shared mount point, as `ip netns add` does, so namespace bind mounts made
@@ -183,14 +338,7 @@ pub(crate) async fn create_or_open(
         } else {
             nix::sched::unshare(CloneFlags::CLONE_NEWNET)
                 .map_err(|e| NetError::io(format!("{what}: unshare"), e))?;
-            // The mount point; a plain file left by a crash between create and mount is reused.
-            File::options()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o444)
-                .open(&path)
-                .map_err(|e| NetError::io(format!("create {what}"), e))?;
+            mount_point(&path, &what)?;
             nix::mount::mount(
                 Some("/proc/thread-self/ns/net"),
                 &path,
@@ -211,6 +359,7 @@ pub(crate) async fn create_or_open(
             ns,
             socket,
             created,
+            lo_up: false,
         })
     })
     .await
