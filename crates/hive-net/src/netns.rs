@@ -1,5 +1,5 @@
-//! Network namespaces: creating and removing named ones, running code inside one, sysctls,
-//! and netlink connections bound to one.
+//! Network namespaces: creating and removing named ones (and spares made ahead, named
+//! later), running code inside one, sysctls, and netlink connections bound to one.
 //!
 //! `setns`/`unshare(CLONE_NEWNET)` change only the calling thread, so everything that must
 //! happen "inside" a namespace runs on a short-lived dedicated std thread; nothing forks.
@@ -167,7 +167,7 @@ const LOOPBACK_IFINDEX: u32 = 1;
 pub(crate) struct Spare {
     ns: File,
     socket: Socket,
-    pub(crate) dns: crate::dns::Sockets,
+    dns: crate::dns::Sockets,
 }
 
 impl Spare {
@@ -223,8 +223,9 @@ impl Spare {
     }
 }
 
-/// How many spare namespaces a node keeps ready once it has made a port.
+/// How many spare namespaces a node keeps ready once asked to.
 const SPARES: usize = 2;
+
 /// The spare namespaces of a node ([`Spare`]): the next ports are named ones of them instead
 /// of waiting for `unshare`, sysctls, `lo` and the resolver's sockets (~1 ms, a thread each).
 #[derive(Clone, Default)]
