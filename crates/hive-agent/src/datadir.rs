@@ -2,7 +2,8 @@
 //! the running agent keeps) and how the node was set up (the runtime, the network prefix),
 //! so that `hive down` can find and remove what the node made after the agent is gone.
 //!
-//! Owns `agent.lock` and `node.json` in the data dir; touches nothing else.
+//! Owns `agent.lock` and `node.json` in the data dir, and the tmpfs on its `runtime/` (see
+//! [`mount_runtime_state`]); touches nothing else.
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
@@ -78,6 +79,55 @@ impl DirLock {
         writeln!(file, "{}", std::process::id()).map_err(io("write", &path))?;
         Ok(DirLock { _file: file })
     }
+}
+
+/// The OCI runtime's state directory (its `--root`) in the data dir.
+pub const RUNTIME_DIR: &str = "runtime";
+
+/// The most the runtime's tmpfs holds (crun keeps a few KiB per container there).
+const RUNTIME_TMPFS_SIZE: &str = "64m";
+
+/// What [`mount_runtime_state`] found or did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuntimeState {
+    /// A tmpfs was mounted on it.
+    Mounted,
+    /// It was a mount point already (the tmpfs an earlier run of the agent mounted).
+    Kept,
+    /// It holds the state of containers an agent made before it was mounted: left on the
+    /// data dir's file system, which those containers' runtime state stays on.
+    OnDisk,
+}
+
+/// Puts the OCI runtime's state (`runtime/` in agent data dir `dir`) on a tmpfs, as
+/// runtimes keep theirs under `/run` on ordinary hosts: it is small, lives as long as the
+/// containers (a reboot ends both), and a start writes ~10 files there. On a file system
+/// with slow inode allocation (these hosts' root, ext4 without a journal, checks every
+/// recently freed inode), that is milliseconds of every start. The mount outlives the agent
+/// (its next run keeps it); `hive down` removes it with the data dir's other mounts.
+pub fn mount_runtime_state(dir: &Path) -> Result<RuntimeState, DataDirError> {
+    let path = dir.join(RUNTIME_DIR);
+    std::fs::create_dir_all(&path).map_err(io("create", &path))?;
+    let path = std::fs::canonicalize(&path).map_err(io("open", &path))?;
+    if crate::runtime::cgroups::mounts()
+        .iter()
+        .any(|(point, _)| *point == path)
+    {
+        return Ok(RuntimeState::Kept);
+    }
+    let mut entries = std::fs::read_dir(&path).map_err(io("read", &path))?;
+    if entries.next().is_some() {
+        return Ok(RuntimeState::OnDisk);
+    }
+    nix::mount::mount(
+        Some("hive-runtime"),
+        &path,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some(format!("mode=0700,size={RUNTIME_TMPFS_SIZE}").as_str()),
+    )
+    .map_err(|e| io("mount a tmpfs on", &path)(e.into()))?;
+    Ok(RuntimeState::Mounted)
 }
 
 /// How a node was set up: what `hive down` needs to remove what it made.
@@ -173,5 +223,57 @@ mod tests {
             err.contains(RECORD_FILE) && err.contains("not a node record"),
             "{err}"
         );
+    }
+
+    /// Unmounts the tmpfs at `path` when dropped, so a failing test leaves no mount.
+    struct Unmount(PathBuf);
+
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    fn tmpfs_at(path: &Path) -> bool {
+        crate::runtime::cgroups::mounts()
+            .iter()
+            .any(|(point, fstype)| point == path && fstype == "tmpfs")
+    }
+
+    #[test]
+    fn the_runtime_state_goes_on_a_tmpfs_once_and_an_earlier_agents_stays_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = std::fs::canonicalize(dir.path()).unwrap().join(RUNTIME_DIR);
+        let state = mount_runtime_state(dir.path()).unwrap();
+        let _unmount = Unmount(path.clone());
+        assert_eq!(state, RuntimeState::Mounted);
+        assert!(tmpfs_at(&path), "no tmpfs at {}", path.display());
+        let mode = std::fs::metadata(&path).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o7777,
+            0o700
+        );
+        // A second run keeps the mount (and what is on it) rather than stacking another.
+        std::fs::write(path.join("kept"), b"x").unwrap();
+        assert_eq!(mount_runtime_state(dir.path()).unwrap(), RuntimeState::Kept);
+        assert!(path.join("kept").exists());
+        let stacked = crate::runtime::cgroups::mounts()
+            .iter()
+            .filter(|(point, _)| *point == path)
+            .count();
+        assert_eq!(stacked, 1);
+
+        // A data dir whose runtime state is on disk already keeps it there.
+        let old = tempfile::tempdir().unwrap();
+        let old_state = old.path().join(RUNTIME_DIR).join("c1");
+        std::fs::create_dir_all(&old_state).unwrap();
+        assert_eq!(
+            mount_runtime_state(old.path()).unwrap(),
+            RuntimeState::OnDisk
+        );
+        assert!(old_state.exists());
+        assert!(!tmpfs_at(
+            &std::fs::canonicalize(old.path().join(RUNTIME_DIR)).unwrap()
+        ));
     }
 }

@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hive_api::{Instance, InstancePhase, Service};
 use hive_net::{DnsZone, NodeNet, Protocol, ServiceRoute, SrvTarget};
@@ -194,12 +195,18 @@ pub async fn prepare(
     Ok(path)
 }
 
+/// How long changed views may wait for the starts under way before they are applied to
+/// the instances running here (a start applies its own instance's view at once).
+pub const HOLD_WHILE_STARTING: Duration = Duration::from_millis(100);
+
 /// What the sync loop keeps between passes.
 #[derive(Debug, Default)]
 pub struct ServiceState {
     pub views: Views,
     /// The view last applied to each local instance (by uid).
     pub applied: Applied,
+    /// Since when changed views wait for the starts under way.
+    held_since: Option<Instant>,
 }
 
 impl ServiceState {
@@ -207,6 +214,11 @@ impl ServiceState {
     /// ones. `here`: the instances placed here (uid → instance); `all`: every instance on a
     /// network; `services`: every tenant's services (tenant → services); `starting`: the
     /// instances whose start task is under way (it applies their view itself).
+    ///
+    /// A changed view is a transaction in every namespace of its network here: with starts
+    /// under way, on this node's two busy CPUs, they wait for the starts to end, up to
+    /// [`HOLD_WHILE_STARTING`] (several changes then make one transaction per namespace).
+    /// Returns when the views held back are due, if any are: the caller passes again then.
     pub async fn sync(
         &mut self,
         net: &NodeNet,
@@ -214,7 +226,7 @@ impl ServiceState {
         all: &[Instance],
         services: &HashMap<String, Vec<Service>>,
         starting: &HashSet<String>,
-    ) {
+    ) -> Option<Instant> {
         let mut views: HashMap<u32, Arc<View>> = HashMap::new();
         for i in here.values() {
             let Some(n) = &i.spec.network else { continue };
@@ -250,6 +262,13 @@ impl ServiceState {
             {
                 continue;
             }
+            if !starting.is_empty() {
+                let since = *self.held_since.get_or_insert_with(Instant::now);
+                let due = since + HOLD_WHILE_STARTING;
+                if Instant::now() < due {
+                    return Some(due);
+                }
+            }
             let (id, v) = (id.clone(), v.clone());
             work.push(async move {
                 // No namespace yet (its start is under way): the start applies the view.
@@ -272,6 +291,8 @@ impl ServiceState {
                 Err(e) => tracing::debug!(instance = %id, error = %e, "service routes"),
             }
         }
+        self.held_since = None;
+        None
     }
 }
 

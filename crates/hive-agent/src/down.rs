@@ -24,6 +24,7 @@ use nix::unistd::Pid;
 
 use crate::datadir::{DataDirError, DirLock, NetRecord, NodeRecord};
 use crate::image::{ImageStore, StoreConfig};
+use crate::runtime::alive;
 use crate::runtime::shim::{self, Started};
 use crate::runtime::{OciRuntime, RuntimeKind, cgroups, is_supervisor_of, runtime_of_container};
 
@@ -104,7 +105,7 @@ pub fn agent_dir(dir: &Path) -> Result<PathBuf, DownError> {
     let is_agent = |d: &Path| {
         [
             "containers",
-            "runtime",
+            crate::datadir::RUNTIME_DIR,
             "images",
             crate::datadir::RECORD_FILE,
         ]
@@ -171,7 +172,11 @@ fn runtime_of(
         }
     };
     let kind: RuntimeKind = kind.parse().map_err(DownError::Runtime)?;
-    Ok(OciRuntime::new(kind, binary, dir.join("runtime")))
+    Ok(OciRuntime::new(
+        kind,
+        binary,
+        dir.join(crate::datadir::RUNTIME_DIR),
+    ))
 }
 
 /// Container ids with a directory under `dir/sub`.
@@ -183,17 +188,6 @@ fn ids_in(dir: &Path, sub: &str) -> BTreeSet<String> {
         .filter(|e| e.path().is_dir())
         .filter_map(|e| e.file_name().into_string().ok())
         .collect()
-}
-
-fn alive(pid: i32) -> bool {
-    if pid <= 0 || kill(Pid::from_raw(pid), None).is_err() {
-        return false;
-    }
-    // A zombie is gone for every purpose here; its parent reaps it.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    !stat
-        .rsplit_once(')')
-        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
 }
 
 fn wait_gone(pids: &[i32], within: Duration) -> bool {
@@ -217,7 +211,7 @@ fn cgroup_of(dir: &Path) -> Option<PathBuf> {
 fn remove_containers(rt: &OciRuntime, dir: &Path, report: &mut DownReport) {
     let containers = dir.join("containers");
     let mut ids = ids_in(dir, "containers");
-    ids.extend(ids_in(dir, "runtime"));
+    ids.extend(ids_in(dir, crate::datadir::RUNTIME_DIR));
     for id in ids {
         let cdir = containers.join(&id);
         // Each with the runtime that made it (the node's may have changed since).

@@ -27,6 +27,7 @@ pub mod discovery;
 pub mod down;
 pub mod exec;
 pub mod image;
+pub mod known;
 pub mod network;
 pub mod node;
 pub mod probe;

@@ -13,8 +13,8 @@ pub mod spec;
 
 mod containers;
 
-pub(crate) use containers::is_supervisor_of;
 pub use containers::{
     ContainerError, ContainerState, Containers, ShimCommand, runtime_of_container,
 };
+pub(crate) use containers::{alive, is_supervisor_of};
 pub use oci::{OciRuntime, RuntimeKind};

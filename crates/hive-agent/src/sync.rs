@@ -27,6 +27,7 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::image::{ImageStore, StoreConfig};
+use crate::known::Known;
 use crate::network::{NetConfig, NetState};
 use crate::node::Held;
 use crate::probe::{self, Probes};
@@ -134,6 +135,9 @@ pub struct Agent {
     tenant_of: HashMap<String, String>,
     /// The containers held, per tenant, for the node's status (see [`Agent::held`]).
     held: watch::Sender<Held>,
+    /// The node's containers as last read, and the ids of those whose processes ended.
+    known: Known,
+    ended: mpsc::UnboundedReceiver<String>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -169,8 +173,10 @@ impl Agent {
             source: Box::new(source),
         })?;
         // What the last run left is held from the start, before any cache is filled.
+        let (ended_tx, ended) = mpsc::unbounded_channel();
+        let known = Known::load(&containers, ended_tx);
         let mut tenant_of = HashMap::new();
-        let held = count_held(&containers, &HashSet::new(), &mut tenant_of);
+        let held = count_held(&containers, &known, &HashSet::new(), &mut tenant_of);
         Ok(Self {
             client,
             cfg,
@@ -192,6 +198,8 @@ impl Agent {
             report: BTreeMap::new(),
             tenant_of,
             held: watch::Sender::new(held),
+            known,
+            ended,
         })
     }
 
@@ -210,7 +218,12 @@ impl Agent {
 
     /// Counts the containers held again and publishes the count if it changed.
     fn publish_held(&mut self) {
-        let now = count_held(&self.containers, &self.starting, &mut self.tenant_of);
+        let now = count_held(
+            &self.containers,
+            &self.known,
+            &self.starting,
+            &mut self.tenant_of,
+        );
         self.held.send_if_modified(|h| {
             let changed = *h != now;
             *h = now;
@@ -295,7 +308,10 @@ impl Agent {
         let every = self.cfg.image_gc_every;
         let mut gc_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         gc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When service views held back while starts were under way are due.
+        let mut views_due: Option<Instant> = None;
         loop {
+            let views_at = tokio::time::Instant::from_std(views_due.unwrap_or_else(Instant::now));
             tokio::select! {
                 _ = gc_tick.tick() => {
                     self.collect_images().await;
@@ -305,8 +321,15 @@ impl Agent {
                 Some(id) = self.stopped.1.recv() => self.finish_stop(&id).await,
                 Some((id, ok)) = self.started.1.recv() => self.finish_start(&id, ok),
                 Some(o) = self.probed.1.recv() => self.record_probe(o),
+                Some(id) = self.ended.recv() => self.known.touch(&self.containers, &id),
+                _ = tokio::time::sleep_until(views_at), if views_due.is_some() => {}
                 _ = tick.tick() => {}
             }
+            views_due = None;
+            while let Ok(id) = self.ended.try_recv() {
+                self.known.touch(&self.containers, &id);
+            }
+            self.known.reread_if_due(&self.containers);
             while let Ok(o) = self.probed.1.try_recv() {
                 self.record_probe(o);
             }
@@ -335,7 +358,7 @@ impl Agent {
                 if let Some(net) = self.net.clone() {
                     let here = wanted.iter().map(|(id, (_, i))| (id.clone(), i)).collect();
                     let nodes = nodes.lock().await.clone();
-                    let containers = self.containers.list().into_iter().collect();
+                    let containers = self.known.ids().into_iter().collect();
                     let me = self.cfg.node.clone();
                     let seen = crate::network::Seen {
                         here: &here,
@@ -346,7 +369,8 @@ impl Agent {
                     };
                     self.net_state.sync(&net, &me, seen).await;
                     let services = services_of(&caches).await;
-                    self.discovery
+                    views_due = self
+                        .discovery
                         .sync(&net, &here, &all, &services, &self.starting)
                         .await;
                 }
@@ -518,7 +542,7 @@ impl Agent {
         // (the scheduler does not; an operator's or a faulty client's binding might).
         let refused = |tenant: &str| bound_to.is_some_and(|t| t != tenant);
         // Sorted: looked up by binary search.
-        let existing = self.containers.list();
+        let existing = self.known.ids();
         // New instances first: their starts are on the clock, the rest of the pass is not
         // (every other container's state is read below, on this same thread). One without a
         // container directory has never been started here.
@@ -545,7 +569,10 @@ impl Agent {
             {
                 continue;
             }
-            if matches!(self.containers.state(&id), ContainerState::Running(_)) {
+            if matches!(
+                self.known.state(&self.containers, &id),
+                ContainerState::Running(_)
+            ) {
                 // Stops wait out a grace period: each in its own task, all at once.
                 self.stopping.insert(id.clone());
                 let (containers, grace) = (self.containers.clone(), self.cfg.stop_grace);
@@ -565,7 +592,7 @@ impl Agent {
             if self.starting.contains(id) {
                 continue;
             }
-            match self.containers.state(id) {
+            match self.known.state(&self.containers, id) {
                 // The reason does not name the node's tenant.
                 ContainerState::Unknown if refused(tenant) => {
                     let mut st = inst.status.clone();
@@ -764,6 +791,7 @@ impl Agent {
     /// the last one in flight has the node's spare namespaces topped up.
     fn finish_start(&mut self, id: &str, ok: bool) {
         self.starting.remove(id);
+        self.known.touch(&self.containers, id);
         // Made ahead now, for the next starts' ports, rather than beside a start.
         if self.starting.is_empty()
             && let Some(net) = &self.net
@@ -784,7 +812,11 @@ impl Agent {
     /// again).
     async fn finish_stop(&mut self, id: &str) {
         self.stopping.remove(id);
-        if !matches!(self.containers.state(id), ContainerState::Running(_)) {
+        self.known.touch(&self.containers, id);
+        if !matches!(
+            self.known.state(&self.containers, id),
+            ContainerState::Running(_)
+        ) {
             self.remove(id).await;
         }
     }
@@ -885,7 +917,7 @@ impl Agent {
             tracing::info!(container = %id, "removing what an unfinished start left");
             self.remove(&id).await;
         }
-        let have: HashSet<String> = self.containers.list().into_iter().collect();
+        let have: HashSet<String> = self.known.ids().into_iter().collect();
         for id in self.images.instance_ids() {
             if have.contains(&id) {
                 continue;
@@ -901,7 +933,9 @@ impl Agent {
     async fn remove(&mut self, id: &str) {
         self.probes.remove(id);
         self.sampled.remove(id);
-        if let Err(e) = self.containers.remove(id).await {
+        let removed = self.containers.remove(id).await;
+        self.known.touch(&self.containers, id);
+        if let Err(e) = removed {
             tracing::warn!(container = %id, error = %e, "remove");
             return;
         }
@@ -918,11 +952,12 @@ impl Agent {
 /// trimmed to the containers counted.
 fn count_held(
     containers: &Containers,
+    seen: &Known,
     starting: &HashSet<String>,
     known: &mut HashMap<String, String>,
 ) -> Held {
-    let ids: BTreeSet<String> = containers
-        .list()
+    let ids: BTreeSet<String> = seen
+        .ids()
         .into_iter()
         .chain(starting.iter().cloned())
         .collect();

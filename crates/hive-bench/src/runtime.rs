@@ -128,9 +128,17 @@ fn bare(kind: RuntimeKind, dir: &Path, rootfs: &Path, runs: usize) -> Result<(f6
 
 /// `runtime run --detach` of `sleep` until it returns (the process runs), the floor of a
 /// container start (one runtime call: less work than `create` + `start`); the container is
-/// deleted untimed. `runs` after 3 warm-ups.
-pub fn bare_start(kind: RuntimeKind, dir: &Path, rootfs: &Path, runs: usize) -> Result<(f64, f64)> {
-    let (bundle, id, root) = bare_bundle(kind, dir, rootfs, "start", &["sleep", "1000"])?;
+/// deleted untimed. `runs` after 3 warm-ups; the runtime keeps its state under `state`
+/// (`root-<runtime>`).
+pub fn bare_start(
+    kind: RuntimeKind,
+    dir: &Path,
+    rootfs: &Path,
+    runs: usize,
+    state: &Path,
+) -> Result<(f64, f64)> {
+    let (bundle, id, _) = bare_bundle(kind, dir, rootfs, "start", &["sleep", "1000"])?;
+    let root = state.join(format!("root-{}", kind_name(kind)));
     let mut times = Vec::new();
     for i in 0..runs + 3 {
         // The container's init keeps the runtime's stdio: nothing may wait for their end.
@@ -164,6 +172,36 @@ pub fn bare_start(kind: RuntimeKind, dir: &Path, rootfs: &Path, runs: usize) -> 
         }
     }
     Ok(stats(times))
+}
+
+/// A tmpfs mounted at a directory, unmounted when dropped: the state of the runtimes the
+/// benchmarks compare Hive with, where Hive's agent keeps its runtime's (and where runtimes
+/// keep theirs on ordinary hosts: `/run`).
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(path: &Path) -> Result<Tmpfs> {
+        std::fs::create_dir_all(path)?;
+        nix::mount::mount(
+            Some("hive-bench"),
+            path,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("mode=0700,size=64m"),
+        )
+        .with_context(|| format!("mount a tmpfs on {}", path.display()))?;
+        Ok(Tmpfs(path.to_owned()))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
 }
 
 /// Removes the benchmarks' (empty) parent cgroups.

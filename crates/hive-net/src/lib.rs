@@ -446,7 +446,8 @@ impl NodeNet {
         // The rules go in first (one netlink transaction, well under a millisecond), so the
         // port never carries a frame without them. A port that exists already keeps its
         // class; a new one gets it once its veth (whose index names the class) exists.
-        let class = match link::get(h, &port).await? {
+        let existing = link::get(h, &port).await?;
+        let class = match &existing {
             Some(l) if a.qos.shapes() => Some(qos::class_of(l.index)?),
             _ => None,
         };
@@ -455,7 +456,7 @@ impl NodeNet {
         let created = ns.as_ref().is_ok_and(|n| n.created);
         let result = async {
             let ns = ns?;
-            let host = self.converge_port(a, &port, br.index, ns).await?;
+            let host = self.converge_port(a, &port, existing, br.index, ns).await?;
             // Shaped before it carries a frame: classes, then the rules that use them.
             if a.qos.shapes() {
                 self.shape(a, &port, host.index).await?;
@@ -535,11 +536,12 @@ impl NodeNet {
         &self,
         a: &Attachment,
         port: &str,
+        existing: Option<link::Link>,
         bridge: u32,
         ns: netns::NamedNetns,
     ) -> Result<link::Link, NetError> {
         let h = &self.handle;
-        let host = match link::get(h, port).await? {
+        let host = match existing {
             Some(l) => {
                 if l.controller != Some(bridge) || l.mtu != self.mtu {
                     link::set_mtu_controller(h, l.index, port, self.mtu, Some(bridge)).await?;
@@ -547,7 +549,7 @@ impl NodeNet {
                 l
             }
             None => {
-                link::add_veth(
+                let made = link::add_veth(
                     h,
                     port,
                     CONTAINER_IFNAME,
@@ -557,7 +559,10 @@ impl NodeNet {
                     bridge,
                 )
                 .await?;
-                self.must_get(port).await?
+                match made {
+                    Some(l) => l,
+                    None => self.must_get(port).await?,
+                }
             }
         };
         // Inside the instance namespace, through a socket made there.

@@ -6,8 +6,8 @@ use std::net::Ipv4Addr;
 
 use futures_util::{StreamExt, TryStreamExt};
 use rtnetlink::packet_core::{
-    NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
-    NetlinkPayload,
+    NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_ECHO, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
+    NetlinkMessage, NetlinkPayload,
 };
 use rtnetlink::packet_route::link::{
     InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
@@ -153,7 +153,10 @@ pub(crate) async fn add_vxlan(
 }
 
 /// A veth pair whose peer is created directly inside the namespace `peer_ns` with its
-/// final name, MAC and MTU; the host side is enslaved to `bridge` and left down.
+/// final name, MAC and MTU; the host side is enslaved to `bridge` and left down. Returns
+/// the host side as the kernel echoes it (`NLM_F_ECHO`, kernels since 6.3), or None from a
+/// kernel that does not. (The echo is sent before the kernel enslaves the device, so it
+/// names no controller: the request succeeding says it is `bridge`.)
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn add_veth(
     h: &Handle,
@@ -163,7 +166,7 @@ pub(crate) async fn add_veth(
     mac: [u8; 6],
     mtu: u32,
     bridge: u32,
-) -> Result<(), NetError> {
+) -> Result<Option<Link>, NetError> {
     let peer_msg = LinkUnspec::new_with_name(peer)
         .address(mac.to_vec())
         .mtu(mtu)
@@ -175,7 +178,29 @@ pub(crate) async fn add_veth(
         .controller(bridge)
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
         .build();
-    add(h, format!("create veth {host}"), msg).await
+    let what = format!("create veth {host}");
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewLink(msg));
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO;
+    let mut resp = h
+        .clone()
+        .request(req)
+        .map_err(|e| NetError::netlink(what.clone(), e))?;
+    let mut made = None;
+    while let Some(m) = resp.next().await {
+        match m.payload {
+            NetlinkPayload::Error(e) if e.code.is_some() => {
+                return Err(NetError::netlink(what, rtnetlink::Error::NetlinkError(e)));
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
+                made = Some(Link {
+                    controller: Some(bridge),
+                    ..Link::from_msg(l)
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(made.filter(|l| l.name == host))
 }
 
 /// A veth pair whose peer is created directly inside `peer_ns` as `peer`; the host side is

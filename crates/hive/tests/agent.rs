@@ -189,7 +189,10 @@ fn a_service_runs_as_a_real_container_and_scaling_to_zero_removes_it() {
     common::fails(cfg, &["exec", "web-nope1", "true"], "not found");
 
     ok(cfg, &["scale", "web", "0"]);
-    let agent_dir = data.join("agent").to_string_lossy().into_owned();
+    let rootfs_dir = data
+        .join("agent/images/instances")
+        .to_string_lossy()
+        .into_owned();
     let cgroup =
         Path::new("/sys/fs/cgroup/memory/hive/default/").join(running["name"].as_str().unwrap());
     let t0 = Instant::now();
@@ -202,7 +205,7 @@ fn a_service_runs_as_a_real_container_and_scaling_to_zero_removes_it() {
                 "rootfs mount",
                 std::fs::read_to_string("/proc/mounts")
                     .unwrap()
-                    .contains(&agent_dir),
+                    .contains(&rootfs_dir),
             ),
             ("cgroup", cgroup.exists()),
         ];

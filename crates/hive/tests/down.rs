@@ -134,7 +134,17 @@ fn hive_down_removes_everything_a_killed_hive_up_left_and_refuses_while_it_runs(
             .filter(|p| p.starts_with(&data))
             .collect()
     };
-    assert_eq!(data_mounts().len(), 2, "{:?}", data_mounts());
+    // Two root filesystems and the runtime's tmpfs.
+    let runtime_tmpfs = std::fs::canonicalize(&data).unwrap().join("agent/runtime");
+    assert_eq!(data_mounts().len(), 3, "{:?}", data_mounts());
+    assert!(
+        mounts()
+            .iter()
+            .any(|(p, fstype)| *p == runtime_tmpfs && fstype == "tmpfs"),
+        "no tmpfs at {}: {:?}",
+        runtime_tmpfs.display(),
+        data_mounts()
+    );
     // A namespace and a port each, the network's bridge and VXLAN device, the node's table;
     // for the published port the router's namespace, its leg and transit veths, the node's
     // DNAT table.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use hive_agent::datadir::{DirLock, NetRecord, NodeRecord};
+use hive_agent::datadir::{DirLock, NetRecord, NodeRecord, RUNTIME_DIR, RuntimeState};
 use hive_api::Tenant;
 use hive_client::Client;
 use hive_server::{ADMIN_TOKEN_FILE, Launched, RateLimit, ServerConfig, leader};
@@ -491,7 +491,15 @@ fn make_agent(
         }),
     }
     .write(data_dir)?;
-    let oci = hive_agent::runtime::OciRuntime::new(kind, runtime, data_dir.join("runtime"));
+    match hive_agent::datadir::mount_runtime_state(data_dir)? {
+        RuntimeState::Mounted => tracing::info!("the runtime's state on a tmpfs (mounted)"),
+        RuntimeState::Kept => tracing::info!("the runtime's state on its tmpfs (kept)"),
+        RuntimeState::OnDisk => tracing::info!(
+            "the runtime's state left on disk: it holds containers of an agent from before \
+             it went on a tmpfs"
+        ),
+    }
+    let oci = hive_agent::runtime::OciRuntime::new(kind, runtime, data_dir.join(RUNTIME_DIR));
     let shim = hive_agent::runtime::ShimCommand {
         program: std::env::current_exe().context("find the hive binary for hive shim")?,
         args: vec!["shim".into()],
