@@ -234,9 +234,13 @@ pub struct Image {
     pub config_digest: String,
     pub layers: Vec<LayerRef>,
     pub config: ImageConfig,
-    /// Milliseconds since the epoch, set at pull and at compose; what GC evicts by.
+    /// Milliseconds since the epoch, set at pull and at compose (at most once a minute);
+    /// what GC evicts by.
     pub last_used: u64,
 }
+
+/// How old an image's `last_used` must be for a compose to set it again.
+const LAST_USED_EVERY_MS: u64 = 60_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct LayerMeta {
@@ -729,8 +733,14 @@ impl ImageStore {
                 instance: instance.to_owned(),
                 source,
             })?;
-        if let Some(mut img) = self.read_image(&self.image_record_path(&image.reference))? {
-            img.last_used = now();
+        // The image's record is rewritten (a new file on the data dir's file system) only
+        // once its last use is a minute old: GC needs the order of uses, not every one.
+        let at = now();
+        if at.saturating_sub(image.last_used) >= LAST_USED_EVERY_MS
+            && let Some(mut img) = self.read_image(&self.image_record_path(&image.reference))?
+            && at.saturating_sub(img.last_used) >= LAST_USED_EVERY_MS
+        {
+            img.last_used = at;
             self.write_image(&img)?;
         }
         Ok(Rootfs {
