@@ -271,8 +271,10 @@ pub struct Seen<'a> {
     /// Every instance on a network the agent knows.
     pub all: &'a [Instance],
     pub nodes: &'a BTreeMap<String, Node>,
-    /// The containers that exist here.
+    /// The containers that exist here (started: see `starting`).
     pub containers: &'a HashSet<String>,
+    /// The containers whose start is under way.
+    pub starting: &'a HashSet<String>,
     /// Every tenant's security groups.
     pub groups: &'a HashMap<String, Vec<SecurityGroup>>,
 }
@@ -286,6 +288,7 @@ impl NetState {
             all,
             nodes,
             containers,
+            starting,
             groups,
         } = seen;
         let wanted: BTreeMap<&str, &InstanceNetwork> = here
@@ -314,11 +317,15 @@ impl NetState {
         }
         self.known
             .extend(wanted.iter().map(|(k, n)| ((*k).to_owned(), n.vni)));
-        // Ports whose instance is gone and whose container is gone too.
+        // Ports whose instance is gone and whose container is gone too (and not being made).
         let gone: Vec<String> = self
             .known
             .keys()
-            .filter(|k| !wanted.contains_key(k.as_str()) && !containers.contains(*k))
+            .filter(|k| {
+                !wanted.contains_key(k.as_str())
+                    && !containers.contains(*k)
+                    && !starting.contains(*k)
+            })
             .cloned()
             .collect();
         for key in gone {

@@ -365,6 +365,7 @@ impl Agent {
                         all: &all,
                         nodes: &nodes,
                         containers: &containers,
+                        starting: &self.starting,
                         groups: &groups,
                     };
                     self.net_state.sync(&net, &me, seen).await;
