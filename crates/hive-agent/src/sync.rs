@@ -947,10 +947,10 @@ impl Agent {
     }
 }
 
-/// The containers held per tenant: those with a directory and those being started. A
-/// container's tenant comes from `known` (filled when it is started) or else from its
-/// bundle; one with neither was never handed to the runtime and holds nothing. `known` is
-/// trimmed to the containers counted.
+/// The containers held per tenant: those with a directory (as `seen` has them) and those
+/// being started. A container's tenant comes from `known` (filled when it is started) or
+/// else from its bundle; one with neither was never handed to the runtime and holds
+/// nothing. `known` is trimmed to the containers counted.
 fn count_held(
     containers: &Containers,
     seen: &Known,
