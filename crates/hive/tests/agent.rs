@@ -38,9 +38,7 @@ fn setup_with(extra: &[&str]) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let cfg = dir.path().join("cli.json");
-    let cleanup = Cleanup {
-        agent_dir: data.join("agent"),
-    };
+    let cleanup = Cleanup::of(&data);
     let up: Up = common::start_up_with(&common::Netns::new(), &data, &cfg, extra);
     let host = up.url.trim_start_matches("http://").to_owned();
     let token = admin_token(&data);
@@ -1028,9 +1026,7 @@ fn unused_images_are_collected_under_the_budget_and_used_ones_kept() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let cfg = dir.path().join("cli.json");
-    let _cleanup = Cleanup {
-        agent_dir: data.join("agent"),
-    };
+    let _cleanup = Cleanup::of(&data);
     // A budget of nothing, collected every second: only what runs may stay.
     let up = common::start_up_with(
         &common::Netns::new(),

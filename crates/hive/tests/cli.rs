@@ -10,7 +10,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{Killed, Up, fails, hive, json, names, ok, start_up};
+use common::{Cleanup, Killed, Up, fails, hive, json, names, ok, start_up};
 
 #[test]
 fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
@@ -18,6 +18,12 @@ fn up_then_the_cli_manages_tenants_tokens_and_services_and_survives_kill_9() {
     let data = dir.path().join("data");
     let admin_cfg: PathBuf = dir.path().join("admin.json");
     let user_cfg: PathBuf = dir.path().join("user.json");
+    let _cleanup = [
+        Cleanup::of(&data),
+        Cleanup {
+            agent_dir: dir.path().join("extra-agent"),
+        },
+    ];
     let up = start_up(&data, &admin_cfg);
 
     // `hive up` logged the CLI in as the platform admin, tenant "default".
@@ -377,6 +383,7 @@ fn first_column(table: &str) -> Vec<String> {
 fn ps_lists_the_tenants_instances_as_instance_ls_does() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("cli.json");
+    let _cleanup = Cleanup::of(&dir.path().join("data"));
     let _up = start_up(&dir.path().join("data"), &cfg);
     // Nothing listens on 127.0.0.1:9: the pulls fail at once and the instances stay pending.
     for (svc, replicas) in [("front", "2"), ("back", "1")] {
@@ -446,6 +453,7 @@ fn ps_lists_the_tenants_instances_as_instance_ls_does() {
 fn rm_removes_every_service_that_exists_and_names_each_that_failed() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("cli.json");
+    let _cleanup = Cleanup::of(&dir.path().join("data"));
     let _up = start_up(&dir.path().join("data"), &cfg);
     for svc in ["w1", "w2", "w3"] {
         ok(
@@ -504,6 +512,7 @@ fn rm_removes_every_service_that_exists_and_names_each_that_failed() {
 fn a_port_the_host_listens_on_is_never_published_and_the_instance_waits() {
     let dir = tempfile::tempdir().unwrap();
     let (data, cfg) = (dir.path().join("data"), dir.path().join("admin.json"));
+    let _cleanup = Cleanup::of(&data);
     let ns = common::Netns::new();
     // The host's program, in the node's namespace before its agent registers.
     let port = "7443";
@@ -590,9 +599,7 @@ fn a_port_the_host_listens_on_is_never_published_and_the_instance_waits() {
 fn a_host_listener_newer_than_a_published_port_takes_it_back_until_it_goes() {
     let dir = tempfile::tempdir().unwrap();
     let (data, cfg) = (dir.path().join("data"), dir.path().join("admin.json"));
-    let _cleanup = common::Cleanup {
-        agent_dir: data.join("agent"),
-    };
+    let _cleanup = Cleanup::of(&data);
     let ns = common::Netns::new();
     let up = common::start_up_in(&ns, &data, &cfg);
     let host = up.url.trim_start_matches("http://").to_owned();

@@ -66,9 +66,7 @@ fn hive_down_removes_everything_a_killed_hive_up_left_and_refuses_while_it_runs(
     let data = dir.path().join("data");
     let cfg = dir.path().join("cli.json");
     // If the test fails half way: containers, supervisors and mounts go all the same.
-    let _cleanup = Cleanup {
-        agent_dir: data.join("agent"),
-    };
+    let _cleanup = Cleanup::of(&data);
     let ns = Netns::new();
     let mut up = start_up_in(&ns, &data, &cfg);
     let host = up.url.trim_start_matches("http://").to_owned();

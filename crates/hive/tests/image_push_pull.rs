@@ -33,9 +33,7 @@ fn setup() -> Setup {
     let data = dir.path().join("data");
     let admin = dir.path().join("admin.json");
     let user = dir.path().join("user.json");
-    let cleanup = Cleanup {
-        agent_dir: data.join("agent"),
-    };
+    let cleanup = Cleanup::of(&data);
     let ns = Netns::new();
     let up = start_up_in(&ns, &data, &admin);
     let host = up.url.trim_start_matches("http://").to_owned();

@@ -434,9 +434,19 @@ pub fn busybox_layout(dir: &Path) -> PathBuf {
     layout
 }
 
-/// Removes whatever the agent left if the test failed half way: containers, mounts, supervisors.
+/// Removes whatever the agent left if the test failed half way: containers, mounts (the
+/// runtime's tmpfs outlives a killed agent), supervisors.
 pub struct Cleanup {
     pub agent_dir: PathBuf,
+}
+
+impl Cleanup {
+    /// For the agent of a `hive up` whose data dir is `data`.
+    pub fn of(data: &Path) -> Cleanup {
+        Cleanup {
+            agent_dir: data.join("agent"),
+        }
+    }
 }
 
 impl Drop for Cleanup {
