@@ -24,7 +24,8 @@ use hive_net::{DnsZone, NodeNet, Protocol, ServiceRoute, SrvTarget};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct View {
     pub routes: Vec<ServiceRoute>,
-    pub zone: DnsZone,
+    /// Shared by the resolvers of every instance of the network.
+    pub zone: Arc<DnsZone>,
 }
 
 /// The current view of each network with instances here, by VNI (shared with start tasks).
@@ -63,11 +64,9 @@ pub fn view(
     services: &[Service],
     instances: &[Instance],
 ) -> View {
-    let mut v = View {
-        zone: DnsZone {
-            domain: domain(tenant),
-            ..Default::default()
-        },
+    let mut routes = Vec::new();
+    let mut zone = DnsZone {
+        domain: domain(tenant),
         ..Default::default()
     };
     let mut by_service: BTreeMap<&str, Vec<(&str, Ipv4Addr)>> = BTreeMap::new();
@@ -103,21 +102,21 @@ pub fn view(
         let mut ips: Vec<Ipv4Addr> = backends.iter().map(|(_, ip)| *ip).collect();
         ips.sort();
         ips.dedup();
-        v.routes.push(ServiceRoute {
+        routes.push(ServiceRoute {
             vip,
             ports: ports.clone(),
             backends: ips,
         });
-        v.zone.a.insert(s.name.clone(), vec![vip]);
+        zone.a.insert(s.name.clone(), vec![vip]);
         for (name, ip) in &backends {
-            v.zone.a.insert(format!("{name}.{}", s.name), vec![*ip]);
+            zone.a.insert(format!("{name}.{}", s.name), vec![*ip]);
         }
         for (p, port) in &ports {
             let p = match p {
                 Protocol::Tcp => "tcp",
                 Protocol::Udp => "udp",
             };
-            v.zone.srv.insert(
+            zone.srv.insert(
                 format!("_{port}._{p}.{}", s.name),
                 backends
                     .iter()
@@ -129,10 +128,13 @@ pub fn view(
             );
         }
     }
-    v.routes.sort();
+    routes.sort();
     // Two services claiming one VIP (a corrupt store) must not fail the whole table.
-    v.routes.dedup_by_key(|r| r.vip);
-    v
+    routes.dedup_by_key(|r| r.vip);
+    View {
+        routes,
+        zone: Arc::new(zone),
+    }
 }
 
 /// The `/etc/resolv.conf` of an instance of `tenant`.
@@ -166,10 +168,10 @@ pub async fn prepare(
         .cloned();
     let view = view.unwrap_or_else(|| {
         Arc::new(View {
-            zone: DnsZone {
+            zone: Arc::new(DnsZone {
                 domain: domain(tenant),
                 ..Default::default()
-            },
+            }),
             ..Default::default()
         })
     });

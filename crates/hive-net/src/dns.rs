@@ -235,26 +235,29 @@ impl std::fmt::Debug for Resolvers {
 }
 
 impl Resolvers {
-    /// Serves `zone` for `key`: swaps the zone of a running resolver, or starts one on the
-    /// current tokio runtime, on the sockets kept for it or else ones bound inside `ns` (a
-    /// namespace file).
+    /// Serves `zone` for `key`: swaps the zone of a running resolver (the networks' instances
+    /// share one zone: nothing is copied), or starts one on the current tokio runtime, on the
+    /// sockets kept for it or else ones bound inside the namespace at `netns`.
     pub(crate) async fn set(
         &self,
         key: &str,
-        ns: &std::fs::File,
-        zone: DnsZone,
+        netns: &std::path::Path,
+        zone: Arc<DnsZone>,
     ) -> Result<(), NetError> {
         let _starting = self.starting.lock().await;
         if let Some(r) = self.lock().get(key) {
             let mut z = r.zone.write().unwrap_or_else(|e| e.into_inner());
-            if **z != zone {
-                *z = Arc::new(zone);
+            if !Arc::ptr_eq(&z, &zone) {
+                *z = zone;
             }
             return Ok(());
         }
         let (udp, tcp) = match self.take_prebound(key) {
             Some(sockets) => sockets,
-            None => crate::netns::run_in(ns, "dns sockets", bind).await?,
+            None => {
+                let ns = crate::netns::open(netns)?;
+                crate::netns::run_in(&ns, "dns sockets", bind).await?
+            }
         };
         self.start(key, udp, tcp, zone)
     }
@@ -265,7 +268,7 @@ impl Resolvers {
         key: &str,
         udp: std::net::UdpSocket,
         tcp: std::net::TcpListener,
-        zone: DnsZone,
+        zone: Arc<DnsZone>,
     ) -> Result<(), NetError> {
         let nonblocking = |e| NetError::io("dns socket nonblocking", e);
         udp.set_nonblocking(true).map_err(nonblocking)?;
@@ -273,7 +276,7 @@ impl Resolvers {
         let tokio_err = |e| NetError::io("dns socket to tokio", e);
         let udp = tokio::net::UdpSocket::from_std(udp).map_err(tokio_err)?;
         let tcp = tokio::net::TcpListener::from_std(tcp).map_err(tokio_err)?;
-        let zone = Arc::new(RwLock::new(Arc::new(zone)));
+        let zone = Arc::new(RwLock::new(zone));
         let mut server = Server::new(Handler { zone: zone.clone() });
         server.register_socket(udp);
         server.register_listener(tcp, Duration::from_secs(5), 64);
@@ -320,11 +323,10 @@ impl crate::NodeNet {
     /// Serves `zone` inside instance `key`'s namespace on [`RESOLVER_ADDR`] port 53 (UDP and
     /// TCP), starting the resolver if it has none yet, else swapping its zone. It stops when
     /// the port is detached. Fails if the instance has no namespace here.
-    pub async fn serve_dns(&self, key: &str, zone: DnsZone) -> Result<(), NetError> {
+    pub async fn serve_dns(&self, key: &str, zone: Arc<DnsZone>) -> Result<(), NetError> {
         crate::names::validate_key(key)?;
         let path = self.cfg.netns_dir.join(self.names.netns(key));
-        let ns = crate::netns::open(&path)?;
-        self.dns.set(key, &ns, zone).await
+        self.dns.set(key, &path, zone).await
     }
 
     /// Whether instance `key` has a resolver running.
@@ -435,7 +437,7 @@ mod tests {
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let (uaddr, taddr) = (udp.local_addr().unwrap(), tcp.local_addr().unwrap());
         let r = Resolvers::default();
-        r.start("k", udp, tcp, zone()).unwrap();
+        r.start("k", udp, tcp, Arc::new(zone())).unwrap();
         let query = |name: &str, t: RecordType| {
             let mut m = Message::query();
             m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
@@ -462,7 +464,8 @@ mod tests {
         let mut z = zone();
         z.a.clear();
         z.srv.clear();
-        r.set("k", &crate::netns::current().unwrap(), z)
+        // (A running resolver's namespace is not opened again.)
+        r.set("k", std::path::Path::new("/nonexistent"), Arc::new(z))
             .await
             .unwrap();
         let q = query("web.acme.hive.", RecordType::A);

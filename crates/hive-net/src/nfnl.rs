@@ -66,8 +66,6 @@ const NFTA_SET_DATA_TYPE: u16 = 6;
 const NFTA_SET_DATA_LEN: u16 = 7;
 const NFTA_SET_ID: u16 = 10;
 const NFT_SET_MAP: u32 = 0x8;
-/// The data type of a verdict map's values (`NFT_DATA_VERDICT`).
-const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 const NFTA_LOOKUP_SET: u16 = 1;
 const NFTA_LOOKUP_SREG: u16 = 2;
 const NFTA_LOOKUP_DREG: u16 = 3;
@@ -144,13 +142,13 @@ const NFTA_BITWISE_XOR: u16 = 5;
 const NFTNL_UDATA_RULE_COMMENT: u8 = 0;
 
 const NFT_REG_VERDICT: u32 = 0;
-const NFT_REG_1: u32 = 1;
+pub(crate) const NFT_REG_1: u32 = 1;
 const NFT_REG_2: u32 = 2;
 /// `nft`'s type ids, so that `nft list` shows the sets as it would have made them.
-pub(crate) const TYPE_INTEGER: u32 = 4;
 pub(crate) const TYPE_IPADDR: u32 = 7;
 pub(crate) const TYPE_INET_PROTOCOL: u32 = 12;
 pub(crate) const TYPE_INET_SERVICE: u32 = 13;
+pub(crate) const TYPE_MARK: u32 = 19;
 /// `inet_proto . inet_service`: a concatenation's type id is its parts' ids, 6 bits each.
 pub(crate) const TYPE_PROTO_PORT: u32 = (TYPE_INET_PROTOCOL << 6) | TYPE_INET_SERVICE;
 
@@ -215,8 +213,6 @@ pub(crate) struct SetSpec {
 pub(crate) enum SetValues {
     /// A plain set.
     None,
-    /// A verdict map.
-    Verdicts,
     /// A map to values of this type id and length.
     Data { data_type: u32, len: u32 },
 }
@@ -276,7 +272,6 @@ pub(crate) enum Verdict {
     Accept,
     Drop,
     Jump(String),
-    Goto(String),
 }
 
 impl Verdict {
@@ -286,14 +281,12 @@ impl Verdict {
             Verdict::Accept => 1,
             // NFT_JUMP = -3
             Verdict::Jump(_) => (-3i32) as u32,
-            // NFT_GOTO = -4
-            Verdict::Goto(_) => (-4i32) as u32,
         }
     }
 
     fn chain(&self) -> Option<&str> {
         match self {
-            Verdict::Jump(c) | Verdict::Goto(c) => Some(c),
+            Verdict::Jump(c) => Some(c),
             Verdict::Accept | Verdict::Drop => None,
         }
     }
@@ -345,9 +338,10 @@ pub(crate) enum Expr {
         reg: u32,
         dreg: Option<u32>,
     },
-    /// `numgen random mod <modulus>` into register 1.
+    /// `numgen random mod <modulus>` into register `reg`.
     NumgenRandom {
         modulus: u32,
+        reg: u32,
     },
     /// DNAT to the IPv4 address in register 1.
     Dnat,
@@ -570,10 +564,10 @@ impl Buf {
                     }
                 });
             }
-            Expr::NumgenRandom { modulus } => {
+            Expr::NumgenRandom { modulus, reg } => {
                 b.str(NFTA_EXPR_NAME, "numgen");
                 b.nest(NFTA_EXPR_DATA, |b| {
-                    b.be32(NFTA_NG_DREG, NFT_REG_1);
+                    b.be32(NFTA_NG_DREG, *reg);
                     b.be32(NFTA_NG_MODULUS, *modulus);
                     b.be32(NFTA_NG_TYPE, NFT_NG_RANDOM);
                 });
@@ -834,10 +828,6 @@ impl Batch {
                 b.be32(NFTA_SET_ID, id);
                 match spec.values {
                     SetValues::None => {}
-                    SetValues::Verdicts => {
-                        b.be32(NFTA_SET_FLAGS, NFT_SET_MAP);
-                        b.be32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
-                    }
                     SetValues::Data { data_type, len } => {
                         b.be32(NFTA_SET_FLAGS, NFT_SET_MAP);
                         b.be32(NFTA_SET_DATA_TYPE, data_type);
@@ -854,15 +844,6 @@ impl Batch {
         self.push(NFT_MSG_DELSET, 0, format!("delete set {set}"), |b, t| {
             b.str(NFTA_SET_TABLE, t);
             b.str(NFTA_SET_NAME, set);
-        });
-        self
-    }
-
-    /// Removes every element of a set.
-    pub(crate) fn flush_set(&mut self, set: &str) -> &mut Self {
-        self.push(NFT_MSG_DELSETELEM, 0, format!("flush set {set}"), |b, t| {
-            b.str(NFTA_SET_ELEM_LIST_TABLE, t);
-            b.str(NFTA_SET_ELEM_LIST_SET, set);
         });
         self
     }

@@ -4,17 +4,26 @@
 //!
 //! ```text
 //! table ip <prefix> {
-//!   set vips     { type ipv4_addr }                                         # every VIP
-//!   map services { type ipv4_addr . inet_proto . inet_service : verdict }   # vip . proto . port → goto svc_<vip>
+//!   set vips     { type ipv4_addr }                               # every VIP
+//!   # per backend count K that some VIP has:
+//!   set ports_K  { type ipv4_addr . inet_proto . inet_service }  # vip . proto . port
+//!   map be_K     { type ipv4_addr . mark : ipv4_addr }            # vip . 0 … K-1 → backend
 //!   chain nat_out   { type nat hook output priority -100;
-//!                     ip daddr . meta l4proto . th dport vmap @services }
+//!                     ip daddr . meta l4proto . th dport @ports_K
+//!                       dnat to ip daddr . numgen random mod K map @be_K   # one rule per K
+//!   }
 //!   chain guard_out { type filter hook output priority filter;
 //!                     ip daddr @vips meta l4proto tcp reject with tcp reset; ip daddr @vips reject }
-//!   map be_<vip>    { type integer : ipv4_addr }                            # 0 … K-1 → backend
-//!   chain svc_<vip> { dnat to numgen random mod K map @be_<vip> }
 //! }
 //! ```
-//! (`<vip>` is the address in hex; a VIP without backends has no map, chain or element.)
+//! (A VIP without backends is only in `vips`.)
+//!
+//! A service's change is elements only: no set, chain or jump is made for a VIP, so a
+//! transaction costs the same however many services the table holds (the kernel checks a
+//! table's whole chain graph at each commit that adds a jump, and finds a new set's name by
+//! walking all of them: a chain and map per VIP made every change O(services), in each of
+//! the O(instances) namespaces of the network). Only a backend count no VIP had before adds
+//! a rule (the rules of `nat_out` are then written again).
 //!
 //! Balancing on the client's side needs no hairpin and no SNAT: the backend sees the
 //! client's own address and replies straight to it, and conntrack (in the client's
@@ -32,13 +41,13 @@
 //! whole (the table deleted and made again in the same transaction). The table goes with
 //! the namespace. This module knows addresses and ports, never services or tenants.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use crate::nfnl::{
     self, Base, BaseChain, CmpOp, ElemData, Expr, Hook, MetaKey, Rule, TYPE_INET_PROTOCOL,
-    TYPE_INET_SERVICE, TYPE_INTEGER, TYPE_IPADDR, Verdict,
+    TYPE_INET_SERVICE, TYPE_IPADDR, TYPE_MARK,
 };
 use crate::{NetError, NodeNet, Protocol, names, netns};
 
@@ -46,13 +55,14 @@ use crate::{NetError, NodeNet, Protocol, names, netns};
 pub const MAX_BACKENDS: usize = 4096;
 
 const VIPS: &str = "vips";
-const SERVICES: &str = "services";
 const NAT_OUT: &str = "nat_out";
 const GUARD_OUT: &str = "guard_out";
 
 /// A concatenation's type id: its parts' ids, 6 bits each.
 const TYPE_VIP_PROTO_PORT: u32 =
     (((TYPE_IPADDR << 6) | TYPE_INET_PROTOCOL) << 6) | TYPE_INET_SERVICE;
+/// `ipv4_addr . mark`: a VIP and a backend's slot (`mark`: nft's 4-byte integer type).
+const TYPE_VIP_SLOT: u32 = (TYPE_IPADDR << 6) | TYPE_MARK;
 
 /// One VIP as the instances of a network reach it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -123,12 +133,23 @@ fn service_key(vip: Ipv4Addr, proto: Protocol, port: u16) -> [u8; 12] {
     k
 }
 
-fn vip_chain(vip: Ipv4Addr) -> String {
-    format!("svc_{:08x}", u32::from(vip))
+/// The set of `vip . proto . port` of the VIPs with `k` backends.
+fn ports_set(k: usize) -> String {
+    format!("ports_{k}")
 }
 
-fn vip_map(vip: Ipv4Addr) -> String {
-    format!("be_{:08x}", u32::from(vip))
+/// The map of `vip . slot` → backend of the VIPs with `k` backends.
+fn backends_map(k: usize) -> String {
+    format!("be_{k}")
+}
+
+/// The key of `vip`'s backend number `slot` in its [`backends_map`]: the address, then the
+/// slot as `numgen` leaves it in the next register (host order).
+fn slot_key(vip: Ipv4Addr, slot: u32) -> [u8; 8] {
+    let mut k = [0u8; 8];
+    k[..4].copy_from_slice(&vip.octets());
+    k[4..].copy_from_slice(&slot.to_ne_bytes());
+    k
 }
 
 fn load_daddr(reg: u32) -> Expr {
@@ -140,6 +161,76 @@ fn load_daddr(reg: u32) -> Expr {
     }
 }
 
+/// The backend counts of `routes` (VIPs without backends have none).
+fn classes(routes: &[ServiceRoute]) -> BTreeSet<usize> {
+    routes
+        .iter()
+        .map(|r| r.backends.len())
+        .filter(|k| *k > 0)
+        .collect()
+}
+
+/// `nat_out`'s rule for the VIPs with `k` backends: `ip daddr . meta l4proto . th dport
+/// @ports_k dnat to ip daddr . numgen random mod k map @be_k`. Its registers start after
+/// register 1, where the backend's address goes for the DNAT.
+fn class_rule(k: usize) -> Rule {
+    let r = nfnl::NFT_REG32_00 + 4;
+    Rule {
+        comment: None,
+        exprs: vec![
+            load_daddr(r),
+            Expr::MetaTo {
+                key: MetaKey::L4Proto,
+                reg: r + 1,
+            },
+            Expr::PayloadTo {
+                base: Base::Transport,
+                offset: 2,
+                len: 2,
+                reg: r + 2,
+            },
+            Expr::Lookup {
+                set: ports_set(k),
+                reg: r,
+                dreg: None,
+            },
+            Expr::NumgenRandom {
+                modulus: k as u32,
+                reg: r + 1,
+            },
+            Expr::Lookup {
+                set: backends_map(k),
+                reg: r,
+                dreg: Some(nfnl::NFT_REG_1),
+            },
+            Expr::Dnat,
+        ],
+    }
+}
+
+/// The sets of the VIPs with `k` backends.
+fn add_class(b: &mut nfnl::Batch, k: usize) {
+    b.add_set(
+        &ports_set(k),
+        nfnl::SetSpec {
+            key_type: TYPE_VIP_PROTO_PORT,
+            key_len: 12,
+            values: nfnl::SetValues::None,
+        },
+    )
+    .add_set(
+        &backends_map(k),
+        nfnl::SetSpec {
+            key_type: TYPE_VIP_SLOT,
+            key_len: 8,
+            values: nfnl::SetValues::Data {
+                data_type: TYPE_IPADDR,
+                len: 4,
+            },
+        },
+    );
+}
+
 /// Writes the whole table for `routes` (none: no table), replacing what is there.
 fn full(b: &mut nfnl::Batch, routes: &[ServiceRoute]) {
     // Declaring the table first makes the delete succeed whether or not it exists.
@@ -147,50 +238,23 @@ fn full(b: &mut nfnl::Batch, routes: &[ServiceRoute]) {
     if routes.is_empty() {
         return;
     }
-    let r0 = nfnl::NFT_REG32_00;
-    b.add_table()
-        .add_set(
-            VIPS,
-            nfnl::SetSpec {
-                key_type: TYPE_IPADDR,
-                key_len: 4,
-                values: nfnl::SetValues::None,
-            },
-        )
-        .add_set(
-            SERVICES,
-            nfnl::SetSpec {
-                key_type: TYPE_VIP_PROTO_PORT,
-                key_len: 12,
-                values: nfnl::SetValues::Verdicts,
-            },
-        )
-        .add_base_chain(NAT_OUT, BaseChain::accepting(Hook::Output, -100, "nat"))
-        .add_rule(
-            NAT_OUT,
-            &Rule {
-                comment: None,
-                exprs: vec![
-                    load_daddr(r0),
-                    Expr::MetaTo {
-                        key: MetaKey::L4Proto,
-                        reg: r0 + 1,
-                    },
-                    Expr::PayloadTo {
-                        base: Base::Transport,
-                        offset: 2,
-                        len: 2,
-                        reg: r0 + 2,
-                    },
-                    Expr::Lookup {
-                        set: SERVICES.into(),
-                        reg: r0,
-                        dreg: Some(0),
-                    },
-                ],
-            },
-        )
-        .add_base_chain(GUARD_OUT, BaseChain::accepting(Hook::Output, 0, "filter"));
+    b.add_table().add_set(
+        VIPS,
+        nfnl::SetSpec {
+            key_type: TYPE_IPADDR,
+            key_len: 4,
+            values: nfnl::SetValues::None,
+        },
+    );
+    let classes = classes(routes);
+    for &k in &classes {
+        add_class(b, k);
+    }
+    b.add_base_chain(NAT_OUT, BaseChain::accepting(Hook::Output, -100, "nat"));
+    for &k in &classes {
+        b.add_rule(NAT_OUT, &class_rule(k));
+    }
+    b.add_base_chain(GUARD_OUT, BaseChain::accepting(Hook::Output, 0, "filter"));
     let to_vip = || {
         vec![
             load_daddr(1),
@@ -230,59 +294,50 @@ fn full(b: &mut nfnl::Batch, routes: &[ServiceRoute]) {
         },
     );
     for r in routes {
-        add_route(b, r);
+        b.add_elem(VIPS, &r.vip.to_string(), &r.vip.octets(), None);
+        add_members(b, r);
     }
 }
 
 /// Writes what differs between `old` and `new` (both sorted, one route per VIP, both
-/// non-empty: the table exists before and after).
+/// non-empty: the table exists before and after): a changed VIP's elements go and its new
+/// ones come; `nat_out`'s rules are written again only if the backend counts in use change.
 fn diff(b: &mut nfnl::Batch, old: &[ServiceRoute], new: &[ServiceRoute]) {
-    let old: BTreeMap<Ipv4Addr, &ServiceRoute> = old.iter().map(|r| (r.vip, r)).collect();
-    let new: BTreeMap<Ipv4Addr, &ServiceRoute> = new.iter().map(|r| (r.vip, r)).collect();
-    // Removals first: what goes frees its names before anything is added.
-    for (vip, o) in &old {
-        if !new.contains_key(vip) {
-            remove_backends(b, o);
-            b.del_elem(VIPS, &vip.to_string(), &vip.octets());
+    let old_by: BTreeMap<Ipv4Addr, &ServiceRoute> = old.iter().map(|r| (r.vip, r)).collect();
+    let new_by: BTreeMap<Ipv4Addr, &ServiceRoute> = new.iter().map(|r| (r.vip, r)).collect();
+    // Removals first: a changed VIP's elements go before its new ones come.
+    for (vip, o) in &old_by {
+        match new_by.get(vip) {
+            None => {
+                remove_members(b, o);
+                b.del_elem(VIPS, &vip.to_string(), &vip.octets());
+            }
+            Some(n) if n != o => remove_members(b, o),
+            Some(_) => {}
         }
     }
-    for (vip, n) in &new {
-        let Some(o) = old.get(vip) else {
-            add_route(b, n);
-            continue;
-        };
-        if o == n {
-            continue;
+    let (was, is) = (classes(old), classes(new));
+    if was != is {
+        for &k in is.difference(&was) {
+            add_class(b, k);
         }
-        match (o.backends.is_empty(), n.backends.is_empty()) {
-            (true, true) => {}
-            (false, true) => remove_backends(b, o),
-            (true, false) => add_backends(b, n),
-            (false, false) => {
-                if o.backends != n.backends {
-                    let map = vip_map(*vip);
-                    b.flush_set(&map);
-                    add_backend_elems(b, n);
-                    let chain = vip_chain(*vip);
-                    b.flush_chain(&chain).add_rule(&chain, &dnat_rule(n));
-                }
-                for &(p, port) in o.ports.iter().filter(|x| !n.ports.contains(x)) {
-                    b.del_elem(
-                        SERVICES,
-                        &elem_label(*vip, p, port),
-                        &service_key(*vip, p, port),
-                    );
-                }
-                let goto = ElemData::Verdict(Verdict::Goto(vip_chain(*vip)));
-                for &(p, port) in n.ports.iter().filter(|x| !o.ports.contains(x)) {
-                    b.add_elem(
-                        SERVICES,
-                        &elem_label(*vip, p, port),
-                        &service_key(*vip, p, port),
-                        Some(&goto),
-                    );
-                }
+        b.flush_chain(NAT_OUT);
+        for &k in &is {
+            b.add_rule(NAT_OUT, &class_rule(k));
+        }
+        // Unused once the rules that looked them up are gone.
+        for &k in was.difference(&is) {
+            b.del_set(&ports_set(k)).del_set(&backends_map(k));
+        }
+    }
+    for (vip, n) in &new_by {
+        match old_by.get(vip) {
+            None => {
+                b.add_elem(VIPS, &vip.to_string(), &vip.octets(), None);
+                add_members(b, n);
             }
+            Some(o) if o != n => add_members(b, n),
+            Some(_) => {}
         }
     }
 }
@@ -291,84 +346,49 @@ fn elem_label(vip: Ipv4Addr, p: Protocol, port: u16) -> String {
     format!("{vip} . {} . {port}", proto_str(p))
 }
 
-fn add_route(b: &mut nfnl::Batch, r: &ServiceRoute) {
-    b.add_elem(VIPS, &r.vip.to_string(), &r.vip.octets(), None);
-    if !r.backends.is_empty() {
-        add_backends(b, r);
+/// A VIP's ports and backends in the sets of its backend count (none: nothing).
+fn add_members(b: &mut nfnl::Batch, r: &ServiceRoute) {
+    let k = r.backends.len();
+    if k == 0 {
+        return;
     }
-}
-
-fn dnat_rule(r: &ServiceRoute) -> Rule {
-    Rule {
-        comment: None,
-        exprs: vec![
-            Expr::NumgenRandom {
-                modulus: r.backends.len() as u32,
-            },
-            Expr::Lookup {
-                set: vip_map(r.vip),
-                reg: 1,
-                dreg: Some(1),
-            },
-            Expr::Dnat,
-        ],
+    let (ports, map) = (ports_set(k), backends_map(k));
+    for &(p, port) in &r.ports {
+        b.add_elem(
+            &ports,
+            &elem_label(r.vip, p, port),
+            &service_key(r.vip, p, port),
+            None,
+        );
     }
-}
-
-fn add_backend_elems(b: &mut nfnl::Batch, r: &ServiceRoute) {
-    let map = vip_map(r.vip);
     for (i, ip) in r.backends.iter().enumerate() {
         let i = i as u32;
         b.add_elem(
             &map,
-            &format!("{i} : {ip}"),
-            &i.to_ne_bytes(),
+            &format!("{} . {i} : {ip}", r.vip),
+            &slot_key(r.vip, i),
             Some(&ElemData::Value(ip.octets().to_vec())),
         );
     }
 }
 
-/// A VIP's backend map, its chain and its ports' elements (it has backends).
-fn add_backends(b: &mut nfnl::Batch, r: &ServiceRoute) {
-    let (map, chain) = (vip_map(r.vip), vip_chain(r.vip));
-    b.add_set(
-        &map,
-        nfnl::SetSpec {
-            key_type: TYPE_INTEGER,
-            key_len: 4,
-            values: nfnl::SetValues::Data {
-                data_type: TYPE_IPADDR,
-                len: 4,
-            },
-        },
-    );
-    add_backend_elems(b, r);
-    b.add_chain(&chain).add_rule(&chain, &dnat_rule(r));
-    let goto = ElemData::Verdict(Verdict::Goto(chain));
-    for &(p, port) in &r.ports {
-        b.add_elem(
-            SERVICES,
-            &elem_label(r.vip, p, port),
-            &service_key(r.vip, p, port),
-            Some(&goto),
-        );
-    }
-}
-
-/// Undoes [`add_backends`] (the VIP had backends): elements, then the chain they go to,
-/// then the map its rule looked up.
-fn remove_backends(b: &mut nfnl::Batch, r: &ServiceRoute) {
-    if r.backends.is_empty() {
+/// Undoes [`add_members`].
+fn remove_members(b: &mut nfnl::Batch, r: &ServiceRoute) {
+    let k = r.backends.len();
+    if k == 0 {
         return;
     }
+    let (ports, map) = (ports_set(k), backends_map(k));
     for &(p, port) in &r.ports {
         b.del_elem(
-            SERVICES,
+            &ports,
             &elem_label(r.vip, p, port),
             &service_key(r.vip, p, port),
         );
     }
-    b.del_chain(&vip_chain(r.vip)).del_set(&vip_map(r.vip));
+    for i in 0..k as u32 {
+        b.del_elem(&map, &format!("{} . {i}", r.vip), &slot_key(r.vip, i));
+    }
 }
 
 fn validate(key: &str, routes: &[ServiceRoute]) -> Result<(), NetError> {
@@ -519,10 +539,11 @@ mod tests {
     const UDP53: (Protocol, u16) = (Protocol::Udp, 53);
 
     #[test]
-    fn a_full_write_replaces_the_table_with_a_chain_and_map_per_vip_with_backends() {
+    fn a_full_write_replaces_the_table_with_sets_and_a_rule_per_backend_count() {
         let routes = normalized(&[
             route("10.88.0.3", &[(Protocol::Tcp, 5432)], &[]),
             route("10.88.0.2", &[UDP53, TCP80], &["10.88.0.9", "10.88.0.5"]),
+            route("10.88.0.4", &[TCP80], &["10.88.0.7"]),
         ]);
         let got = ops(|b| full(b, &routes));
         let expected = [
@@ -530,30 +551,34 @@ mod tests {
             "delete table",
             "add table",
             "add set vips",
-            "add set services",
+            "add set ports_1",
+            "add set be_1",
+            "add set ports_2",
+            "add set be_2",
             "add nat chain nat_out",
+            "add rule (no comment) to chain nat_out",
             "add rule (no comment) to chain nat_out",
             "add filter chain guard_out",
             "add rule (no comment) to chain guard_out",
             "add rule (no comment) to chain guard_out",
             "add element 10.88.0.2 to vips",
-            "add set be_0a580002",
+            "add element 10.88.0.2 . tcp . 80 to ports_2",
+            "add element 10.88.0.2 . udp . 53 to ports_2",
             // Backends sorted: the same routes always make the same table.
-            "add element 0 : 10.88.0.5 to be_0a580002",
-            "add element 1 : 10.88.0.9 to be_0a580002",
-            "add chain svc_0a580002",
-            "add rule (no comment) to chain svc_0a580002",
-            "add element 10.88.0.2 . tcp . 80 to services",
-            "add element 10.88.0.2 . udp . 53 to services",
+            "add element 10.88.0.2 . 0 : 10.88.0.5 to be_2",
+            "add element 10.88.0.2 . 1 : 10.88.0.9 to be_2",
             // No backends: only the VIP, so the guard refuses it.
             "add element 10.88.0.3 to vips",
+            "add element 10.88.0.4 to vips",
+            "add element 10.88.0.4 . tcp . 80 to ports_1",
+            "add element 10.88.0.4 . 0 : 10.88.0.7 to be_1",
         ];
         assert_eq!(got, expected);
         assert_eq!(ops(|b| full(b, &[])), ["add table", "delete table"]);
     }
 
     #[test]
-    fn a_change_writes_only_the_vips_that_differ() {
+    fn a_change_writes_only_the_elements_of_the_vips_that_differ() {
         let a = route("10.88.0.2", &[TCP80], &["10.88.0.5"]);
         let b = route("10.88.0.3", &[TCP80], &["10.88.0.6"]);
         let old = normalized(&[a.clone(), b.clone()]);
@@ -564,23 +589,39 @@ mod tests {
             ops(|bt| diff(bt, &old, &new)),
             ["add element 10.88.0.4 to vips"]
         );
-        // b gains a backend and a port, a loses its backends, c goes.
+        // Its first backend: elements of the class that exists, no set, chain or rule.
+        let c1 = route("10.88.0.4", &[TCP80], &["10.88.0.8"]);
+        let with_c1 = normalized(&[a.clone(), b.clone(), c1.clone()]);
+        assert_eq!(
+            ops(|bt| diff(bt, &new, &with_c1)),
+            [
+                "add element 10.88.0.4 . tcp . 80 to ports_1",
+                "add element 10.88.0.4 . 0 : 10.88.0.8 to be_1",
+            ]
+        );
+        // b gains a backend and a port (a count no VIP had: its class is made and the
+        // rules written again), a loses its backends, c goes.
         let b2 = route("10.88.0.3", &[TCP80, UDP53], &["10.88.0.6", "10.88.0.7"]);
         let a2 = route("10.88.0.2", &[TCP80], &[]);
         let newer = normalized(&[a2, b2]);
         assert_eq!(
             ops(|bt| diff(bt, &new, &newer)),
             [
+                "delete element 10.88.0.2 . tcp . 80 from ports_1",
+                "delete element 10.88.0.2 . 0 from be_1",
+                "delete element 10.88.0.3 . tcp . 80 from ports_1",
+                "delete element 10.88.0.3 . 0 from be_1",
                 "delete element 10.88.0.4 from vips",
-                "delete element 10.88.0.2 . tcp . 80 from services",
-                "delete chain svc_0a580002",
-                "delete set be_0a580002",
-                "flush set be_0a580003",
-                "add element 0 : 10.88.0.6 to be_0a580003",
-                "add element 1 : 10.88.0.7 to be_0a580003",
-                "flush chain svc_0a580003",
-                "add rule (no comment) to chain svc_0a580003",
-                "add element 10.88.0.3 . udp . 53 to services",
+                "add set ports_2",
+                "add set be_2",
+                "flush chain nat_out",
+                "add rule (no comment) to chain nat_out",
+                "delete set ports_1",
+                "delete set be_1",
+                "add element 10.88.0.3 . tcp . 80 to ports_2",
+                "add element 10.88.0.3 . udp . 53 to ports_2",
+                "add element 10.88.0.3 . 0 : 10.88.0.6 to be_2",
+                "add element 10.88.0.3 . 1 : 10.88.0.7 to be_2",
             ]
         );
         // The same routes: nothing.
@@ -593,7 +634,9 @@ mod tests {
             service_key(ip("10.88.0.2"), Protocol::Udp, 53),
             [10, 88, 0, 2, 17, 0, 0, 0, 0, 53, 0, 0]
         );
-        assert_eq!(vip_chain(ip("10.88.0.2")), "svc_0a580002");
+        let mut slot = [10, 88, 0, 2, 0, 0, 0, 0];
+        slot[4..].copy_from_slice(&3u32.to_ne_bytes());
+        assert_eq!(slot_key(ip("10.88.0.2"), 3), slot);
     }
 
     #[test]

@@ -125,9 +125,9 @@ async fn vip_balances_over_backends_and_goes_with_its_namespace() {
     assert!(answers_at(&cns, VIP2, 5).iter().all(|a| a == "b2"));
     let listing = in_ns_ok(&cns, &["nft", "list", "ruleset"]);
     for part in [
-        "ip daddr . meta l4proto . th dport vmap @services",
-        "10.77.0.201 . tcp . 80 : goto svc_0a4d00c9",
-        "dnat to numgen random mod 1 map @be_0a4d00c9",
+        "ip daddr . meta l4proto . th dport @ports_1 dnat to ip daddr . numgen random mod 1 map @be_1",
+        "10.77.0.201 . tcp . 80",
+        "10.77.0.201 . 0x00000000 : 10.77.0.11",
         // (`nft` shows the rule without its implied `meta l4proto tcp`)
         "ip daddr @vips reject with tcp reset",
     ] {
@@ -141,11 +141,30 @@ async fn vip_balances_over_backends_and_goes_with_its_namespace() {
         .expect("the table's name")
         .to_owned();
     in_ns_ok(&cns, &["nft", "delete", "table", "ip", &table]);
+    // Written whole with two backend counts at once: each VIP balances over its own.
+    net.set_service_routes(
+        &client.key,
+        &[route(vec![b1.ip, b2.ip]), route2(vec![b1.ip])],
+    )
+    .await
+    .unwrap();
+    let got = answers(&cns, 30);
+    assert!(
+        got.contains(&"b1".to_owned()) && got.contains(&"b2".to_owned()),
+        "{got:?}"
+    );
+    assert!(answers_at(&cns, VIP2, 5).iter().all(|a| a == "b1"));
+    // The count of two gone: its rule and sets go, the other VIP is untouched.
     net.set_service_routes(&client.key, &[route(vec![b2.ip]), route2(vec![b1.ip])])
         .await
         .unwrap();
     assert!(answers(&cns, 5).iter().all(|a| a == "b2"));
     assert!(answers_at(&cns, VIP2, 5).iter().all(|a| a == "b1"));
+    let listing = in_ns_ok(&cns, &["nft", "list", "ruleset"]);
+    assert!(
+        !listing.contains("ports_2") && !listing.contains("be_2") && !listing.contains("mod 2"),
+        "{listing}"
+    );
 
     // The resolver inside the namespace.
     let mut zone = DnsZone {
@@ -157,8 +176,8 @@ async fn vip_balances_over_backends_and_goes_with_its_namespace() {
     // An instance's start and the agent's pass over running instances may ask at once: one
     // resolver is started, the other call only sets its zone (never a second bind).
     let (a, b) = tokio::join!(
-        net.serve_dns(&client.key, zone.clone()),
-        net.serve_dns(&client.key, zone.clone())
+        net.serve_dns(&client.key, zone.clone().into()),
+        net.serve_dns(&client.key, zone.clone().into())
     );
     a.unwrap();
     b.unwrap();

@@ -133,7 +133,7 @@ async fn ports_from_spare_namespaces_match_fresh_ones_and_spares_go_with_the_nod
         zone.a
             .insert("web".into(), vec!["10.77.0.200".parse().unwrap()]);
         for (key, ns) in [(&a.key, &ns_a), (&b.key, &ns_b)] {
-            net.serve_dns(key, zone.clone()).await.unwrap();
+            net.serve_dns(key, zone.clone().into()).await.unwrap();
             let out = in_ns(ns, &["busybox", "nslookup", "web.acme.hive", "127.0.0.53"]);
             let text = String::from_utf8_lossy(&out.stdout);
             assert!(text.contains("10.77.0.200"), "{key}: {text}");
