@@ -55,6 +55,34 @@ fn config(id: &str, rootfs: &Path) -> ContainerConfig {
     }
 }
 
+/// CPU time the whole machine has spent busy since it booted (every CPU's user, system and
+/// interrupt time, from `/proc/stat`): what a step costs on a machine whose other work is
+/// idle, whichever processes and kernel threads did it.
+pub fn busy_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    // cpu  user nice system idle iowait irq softirq steal …
+    let ticks: u64 = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum();
+    Duration::from_secs_f64(ticks as f64 / clock_ticks_per_sec())
+}
+
+/// `USER_HZ`, the unit of the times in `/proc` (`sysconf(_SC_CLK_TCK)`).
+pub fn clock_ticks_per_sec() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64
+}
+
 /// p50 and p95 of `ms`.
 pub fn stats(mut ms: Vec<f64>) -> (f64, f64) {
     ms.sort_by(f64::total_cmp);
@@ -129,17 +157,19 @@ fn bare(kind: RuntimeKind, dir: &Path, rootfs: &Path, runs: usize) -> Result<(f6
 /// `runtime run --detach` of `sleep` until it returns (the process runs), the floor of a
 /// container start (one runtime call: less work than `create` + `start`); the container is
 /// deleted untimed. `runs` after 3 warm-ups; the runtime keeps its state under `state`
-/// (`root-<runtime>`).
+/// (`root-<runtime>`). Returns the p50 and p95 in ms, and the machine's busy CPU per run
+/// (ms, the runs only).
 pub fn bare_start(
     kind: RuntimeKind,
     dir: &Path,
     rootfs: &Path,
     runs: usize,
     state: &Path,
-) -> Result<(f64, f64)> {
+) -> Result<((f64, f64), f64)> {
     let (bundle, id, _) = bare_bundle(kind, dir, rootfs, "start", &["sleep", "1000"])?;
     let root = state.join(format!("root-{}", kind_name(kind)));
     let mut times = Vec::new();
+    let mut cpu = Duration::ZERO;
     for i in 0..runs + 3 {
         // The container's init keeps the runtime's stdio: nothing may wait for their end.
         let log = dir.join(format!("run-{}.log", kind_name(kind)));
@@ -152,7 +182,7 @@ pub fn bare_start(
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let t = Instant::now();
+        let (t, busy) = (Instant::now(), busy_cpu());
         if !run.status()?.success() {
             bail!(
                 "bare {} run --detach: {}",
@@ -161,6 +191,9 @@ pub fn bare_start(
             );
         }
         let el = t.elapsed();
+        if i >= 3 {
+            cpu += busy_cpu().saturating_sub(busy);
+        }
         let mut delete = runtime_cmd(kind, &root);
         delete.args(["delete", "--force"]).arg(&id);
         check(
@@ -171,7 +204,7 @@ pub fn bare_start(
             times.push(el.as_secs_f64() * 1000.0);
         }
     }
-    Ok(stats(times))
+    Ok((stats(times), cpu.as_secs_f64() * 1000.0 / runs as f64))
 }
 
 /// A tmpfs mounted at a directory, unmounted when dropped: the state of the runtimes the

@@ -7,7 +7,11 @@
 //!   runs), their state on a tmpfs (where the agent keeps its runtime's, and runtimes keep
 //!   theirs on ordinary hosts: `/run`) and on this host's disk; the floor is the fastest of
 //!   the four. Peer: `podman run --rm --network none` of the same image from local storage
-//!   (runc, the hosts' ulimits; its run state on the same tmpfs).
+//!   (runc, the hosts' ulimits; its run state on the same tmpfs). Beside the times, the CPU
+//!   one start costs: the machine's busy time over the warm runs per run (API, control
+//!   plane, agent, runtime, kernel, and this client), split out for `hive up` and two of its
+//!   threads, against bare crun's per `run --detach` (on two CPUs, what a start spends beside
+//!   its own path is on the next one's clock).
 //! - Cold: an image never seen by the node, pushed to Hive's registry first: one 256 MiB layer,
 //!   and 50 layers of 100 KiB; API create → running (pull + unpack + start), against
 //!   `podman pull` + `podman run` from the same registry into empty storage. One run each
@@ -398,12 +402,64 @@ pub(crate) fn push(layout: &Path, dest: &str, creds: &str) -> Result<()> {
 
 /// utime + stime of `pid`, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu(&format!("/proc/{pid}/stat")).1
+}
+
+/// The command name and utime + stime (clock ticks) in a `/proc/…/stat` file.
+fn stat_cpu(path: &str) -> (String, u64) {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let (head, rest) = stat.rsplit_once(')').unwrap_or(("", ""));
+    let comm = head.split_once('(').map_or("", |(_, c)| c).to_owned();
     let f: Vec<&str> = rest.split_whitespace().collect();
     let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    n(11) + n(12)
+    (comm, n(11) + n(12))
+}
+
+/// CPU spent so far (ms): by the whole machine, by `hive up` (every thread it had), by its
+/// agent's thread and by its store's writer thread.
+#[derive(Debug, Default)]
+struct WarmCpu {
+    machine: f64,
+    process: f64,
+    agent: f64,
+    store: f64,
+}
+
+impl WarmCpu {
+    fn now(pid: u32) -> WarmCpu {
+        let ms = |ticks: u64| ticks as f64 * 1000.0 / crate::runtime::clock_ticks_per_sec();
+        let mut c = WarmCpu {
+            machine: crate::runtime::busy_cpu().as_secs_f64() * 1000.0,
+            process: ms(cpu_ticks(pid)),
+            ..Default::default()
+        };
+        for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let (comm, ticks) = stat_cpu(&format!("{}/stat", e.path().display()));
+            if comm == "hive-agent" {
+                c.agent += ms(ticks);
+            } else if comm.starts_with("hive-store-wri") {
+                // (a thread's name is cut to 15 characters)
+                c.store += ms(ticks);
+            }
+        }
+        c
+    }
+
+    /// What was spent from `before` to `self`, per start over `runs`.
+    fn since(&self, before: &WarmCpu, runs: usize) -> WarmCpu {
+        let per = |a: f64, b: f64| (a - b) / runs.max(1) as f64;
+        WarmCpu {
+            machine: per(self.machine, before.machine),
+            process: per(self.process, before.process),
+            agent: per(self.agent, before.agent),
+            store: per(self.store, before.store),
+        }
+    }
 }
 
 /// A memory figure of `pid` in KiB: `field` of `/proc/<pid>/<file>`.
@@ -490,7 +546,11 @@ pub fn run(args: StartArgs) -> Result<()> {
     push(&busybox, &warm_image, &creds)?;
     let mut warm = Vec::new();
     let mut splits: [Vec<f64>; 3] = Default::default();
+    let mut cpu = WarmCpu::default();
     for i in 0..args.runs + 3 {
+        if i == 3 {
+            cpu = WarmCpu::now(up.child.id());
+        }
         let svc = service(&format!("warm-{i}"), &warm_image, &["sleep", "100000"]);
         let (el, split) = rt.block_on(create_and_wait_traced(&client, &svc, 1))?;
         if i >= 3 {
@@ -500,6 +560,7 @@ pub fn run(args: StartArgs) -> Result<()> {
             }
         }
     }
+    let cpu = WarmCpu::now(up.child.id()).since(&cpu, args.runs);
     let split_p50: Vec<f64> = splits.into_iter().map(|v| stats(v).0).collect();
     rt.block_on(clean(&client, &data))?;
     let warm = stats(warm);
@@ -566,6 +627,8 @@ pub fn run(args: StartArgs) -> Result<()> {
 
     drop(run);
 
+    let bare_cpu = bare[1].1;
+    let bare: Vec<(f64, f64)> = bare.into_iter().map(|(t, _)| t).collect();
     let bare_tmpfs = bare[0].0.min(bare[1].0);
     let bare_disk = bare[2].0.min(bare[3].0);
     let bare_p50 = bare_tmpfs.min(bare_disk);
@@ -593,6 +656,10 @@ pub fn run(args: StartArgs) -> Result<()> {
     println!(
         "  hive p50 split: create -> instance {:.1} ms, -> container started {:.1} ms, -> running seen {:.1} ms",
         split_p50[0], split_p50[1], split_p50[2]
+    );
+    println!(
+        "  CPU per start (the machine's busy time): hive {:.1} ms (hive up {:.1}: its agent thread {:.1}, store writer {:.1}), bare crun {bare_cpu:.1} ms",
+        cpu.machine, cpu.process, cpu.agent, cpu.store
     );
     println!();
     println!("{:<52} {:>9} {:>9}", "cold start (ms)", "hive", "podman");
@@ -627,12 +694,13 @@ pub fn run(args: StartArgs) -> Result<()> {
         );
     }
     println!(
-        "warm_p50_ms={:.1} warm_p95_ms={:.1} bare_p50_ms={bare_p50:.1} podman_p50_ms={:.1} ratio_to_bare={:.2} ratio_to_podman={:.3} cold_ratio_to_podman={cold_ratio:.2} bare_tmpfs_p50_ms={bare_tmpfs:.1} bare_disk_p50_ms={bare_disk:.1} cold_big_ms={:.0} cold_many_ms={:.0} podman_cold_big_ms={:.0} podman_cold_many_ms={:.0}{tail}",
+        "warm_p50_ms={:.1} warm_p95_ms={:.1} bare_p50_ms={bare_p50:.1} podman_p50_ms={:.1} ratio_to_bare={:.2} ratio_to_podman={:.3} cold_ratio_to_podman={cold_ratio:.2} bare_tmpfs_p50_ms={bare_tmpfs:.1} bare_disk_p50_ms={bare_disk:.1} cpu_per_start_ms={:.1} bare_cpu_per_start_ms={bare_cpu:.1} cold_big_ms={:.0} cold_many_ms={:.0} podman_cold_big_ms={:.0} podman_cold_many_ms={:.0}{tail}",
         warm.0,
         warm.1,
         podman.0,
         warm.0 / bare_p50,
         warm.0 / podman.0,
+        cpu.machine,
         cold[0].1,
         cold[1].1,
         cold[0].2,
