@@ -12,7 +12,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::runtime::{ContainerState, Containers, alive};
@@ -127,17 +126,7 @@ impl Known {
 
 /// Sends `id` once process `pid` ends (at once if it cannot be watched: gone already).
 async fn ended_of(id: String, pid: i32, ended: UnboundedSender<String>) {
-    let fd = rustix::process::Pid::from_raw(pid)
-        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::NONBLOCK).ok())
-        .and_then(|fd| {
-            // SAFETY: `fd` is an open pidfd owned by the AsyncFd from here on; nothing else
-            // closes or replaces it while the AsyncFd holds it.
-            unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
-        });
-    if let Some(fd) = fd {
-        // A pidfd turns readable when its process ends.
-        let _ = fd.readable().await;
-    }
+    crate::runtime::ended(pid).await;
     let _ = ended.send(id);
 }
 

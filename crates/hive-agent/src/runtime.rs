@@ -16,5 +16,5 @@ mod containers;
 pub use containers::{
     ContainerError, ContainerState, Containers, ShimCommand, runtime_of_container,
 };
-pub(crate) use containers::{alive, is_supervisor_of};
+pub(crate) use containers::{alive, ended, is_supervisor_of};
 pub use oci::{OciRuntime, RuntimeKind};

@@ -117,10 +117,26 @@ async fn vip_balances_over_backends_and_goes_with_its_namespace() {
     let out = in_ns(&t.inst_ns(&b1.key), &["nft", "list", "tables"]);
     assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty());
 
-    // Changes write only what differs, and `nft` reads back what netlink wrote.
+    // Changes write only what differs, and `nft` reads back what netlink wrote. They are
+    // applied as such, not by the whole rewrite a failed change falls back to (which would
+    // make the table again: a new handle).
+    let handle = || {
+        let tables = in_ns_ok(&cns, &["nft", "list", "tables"]);
+        let name = tables
+            .split_whitespace()
+            .nth(2)
+            .expect("one table")
+            .to_owned();
+        let table = in_ns_ok(&cns, &["nft", "-a", "list", "table", "ip", &name]);
+        let first = table.lines().next().unwrap_or_default().to_owned();
+        assert!(first.contains("# handle "), "{first}");
+        first
+    };
+    let before = handle();
     net.set_service_routes(&client.key, &[route(vec![b1.ip]), route2(vec![b2.ip])])
         .await
         .unwrap();
+    assert_eq!(handle(), before, "a change, not a rewrite");
     assert!(answers(&cns, 5).iter().all(|a| a == "b1"));
     assert!(answers_at(&cns, VIP2, 5).iter().all(|a| a == "b2"));
     let listing = in_ns_ok(&cns, &["nft", "list", "ruleset"]);
@@ -155,9 +171,11 @@ async fn vip_balances_over_backends_and_goes_with_its_namespace() {
     );
     assert!(answers_at(&cns, VIP2, 5).iter().all(|a| a == "b1"));
     // The count of two gone: its rule and sets go, the other VIP is untouched.
+    let before = handle();
     net.set_service_routes(&client.key, &[route(vec![b2.ip]), route2(vec![b1.ip])])
         .await
         .unwrap();
+    assert_eq!(handle(), before, "a change, not a rewrite");
     assert!(answers(&cns, 5).iter().all(|a| a == "b2"));
     assert!(answers_at(&cns, VIP2, 5).iter().all(|a| a == "b1"));
     let listing = in_ns_ok(&cns, &["nft", "list", "ruleset"]);

@@ -4,10 +4,11 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use oci_spec::runtime::Spec;
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 
 use super::cgroups;
 use super::oci::{OciError, OciRuntime, RuntimeKind};
@@ -125,6 +126,10 @@ fn valid_id(id: &str) -> bool {
         })
 }
 
+/// Longest a [`Containers::wait`] waits on a process before it reads the container's records
+/// again (a pid reused by another process after its end must not hold it for good).
+pub const WAIT_RECHECK: Duration = Duration::from_millis(500);
+
 /// Whether process `pid` lives: it exists and is no zombie (one is gone for every purpose
 /// here; its parent reaps it).
 pub(crate) fn alive(pid: i32) -> bool {
@@ -135,6 +140,24 @@ pub(crate) fn alive(pid: i32) -> bool {
     !stat
         .rsplit_once(')')
         .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+}
+
+/// Returns once process `pid` has ended: at once if it cannot be watched (gone already).
+/// A pidfd turns readable when its process ends.
+pub(crate) async fn ended(pid: i32) {
+    let fd = rustix::process::Pid::from_raw(pid)
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::NONBLOCK).ok())
+        .and_then(|fd| {
+            // SAFETY: `fd` is an open pidfd owned by the AsyncFd from here on; nothing else
+            // closes or replaces it while the AsyncFd holds it.
+            unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+            }
+            .ok()
+        });
+    if let Some(fd) = fd {
+        let _ = fd.readable().await;
+    }
 }
 
 impl Containers {
@@ -333,17 +356,30 @@ impl Containers {
         }
     }
 
-    /// Waits until the container has exited or `timeout` passed.
+    /// Waits until the container has exited or `timeout` passed. While it runs, the wait is
+    /// on its supervisor's end (which records the exit first; its init's if the supervisor
+    /// was killed), looked at again at least every [`WAIT_RECHECK`]; otherwise (an exit not
+    /// recorded yet) its records are read again after a short pause, longer each time.
     pub async fn wait(&self, id: &str, timeout: Duration) -> Option<Exited> {
         let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_millis(1);
         loop {
-            if let ContainerState::Exited { exit, .. } = self.state(id) {
-                return Some(exit);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            let next = match self.state(id) {
+                ContainerState::Exited { exit, .. } => return Some(exit),
+                _ if Instant::now() >= deadline => return None,
+                ContainerState::Running(s) => {
+                    let pid = if alive(s.shim_pid) { s.shim_pid } else { s.pid };
+                    let _ = tokio::time::timeout_at(
+                        deadline.min(Instant::now() + WAIT_RECHECK),
+                        ended(pid),
+                    )
+                    .await;
+                    continue;
+                }
+                ContainerState::Lost(_) | ContainerState::Unknown => pause,
+            };
+            tokio::time::sleep_until(deadline.min(Instant::now() + next)).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
 
