@@ -562,7 +562,13 @@ pub fn run(args: StartArgs) -> Result<()> {
     }
     let cpu = WarmCpu::now(up.child.id()).since(&cpu, args.runs);
     let split_p50: Vec<f64> = splits.into_iter().map(|v| stats(v).0).collect();
+    // Removing them all: each container's stop waits out its grace (`sleep` ignores TERM).
+    let (t, cpu0) = (Instant::now(), cpu_ticks(up.child.id()));
     rt.block_on(clean(&client, &data))?;
+    let removed = (
+        t.elapsed(),
+        (cpu_ticks(up.child.id()) - cpu0) as f64 / crate::runtime::clock_ticks_per_sec(),
+    );
     let warm = stats(warm);
 
     // Floors and peer of the warm start, their runtime state on a tmpfs as the agent keeps
@@ -660,6 +666,12 @@ pub fn run(args: StartArgs) -> Result<()> {
     println!(
         "  CPU per start (the machine's busy time): hive {:.1} ms (hive up {:.1}: its agent thread {:.1}, store writer {:.1}), bare crun {bare_cpu:.1} ms",
         cpu.machine, cpu.process, cpu.agent, cpu.store
+    );
+    println!(
+        "  all {} removed (services deleted, containers stopped past their grace) in {:.1} s; hive up's CPU meanwhile {:.2} s",
+        args.runs + 3,
+        removed.0.as_secs_f64(),
+        removed.1
     );
     println!();
     println!("{:<52} {:>9} {:>9}", "cold start (ms)", "hive", "podman");
