@@ -32,7 +32,13 @@ else
   cargo test --workspace --locked --no-fail-fast || rc=$?
 fi
 echo "== nothing left behind"
-left=$(comm -13 <(echo "$before") <(host_state))
+# (A namespace's devices and a container's cgroups go a moment after their owner: the
+# kernel tears a network namespace down in the background.)
+for _ in $(seq 20); do
+  left=$(comm -13 <(echo "$before") <(host_state))
+  [ -z "$left" ] && break
+  sleep 0.5
+done
 if [ -n "$left" ]; then
   echo "the tests left these behind:"
   echo "$left"

@@ -235,7 +235,7 @@ impl std::fmt::Debug for Resolvers {
 }
 
 impl Resolvers {
-    /// Serves `zone` for `key`: swaps the zone of a running resolver (the networks' instances
+    /// Serves `zone` for `key`: swaps the zone of a running resolver (a network's instances
     /// share one zone: nothing is copied), or starts one on the current tokio runtime, on the
     /// sockets kept for it or else ones bound inside the namespace at `netns`.
     pub(crate) async fn set(

@@ -128,7 +128,7 @@ fn valid_id(id: &str) -> bool {
 
 /// Longest a [`Containers::wait`] waits on a process before it reads the container's records
 /// again (a pid reused by another process after its end must not hold it for good).
-pub const WAIT_RECHECK: Duration = Duration::from_millis(500);
+pub(crate) const WAIT_RECHECK: Duration = Duration::from_millis(500);
 
 /// Whether process `pid` lives: it exists and is no zombie (one is gone for every purpose
 /// here; its parent reaps it).
@@ -606,6 +606,68 @@ mod tests {
         for other in ["/hive/red", "/other/red/web", "/hive/red/web/x", "/"] {
             assert_eq!(tenant_of_cgroup(Path::new(other)), None, "{other}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_wait_ends_with_the_supervisor_and_times_out_while_it_lives() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = OciRuntime::new(RuntimeKind::Crun, "crun", dir.path().join("runtime"));
+        let shim = ShimCommand {
+            program: "/bin/false".into(),
+            args: vec![],
+        };
+        let c = Containers::new(rt, shim, dir.path().join("containers"));
+        // A stand-in supervisor: a process that records the exit, then ends.
+        let mut child = std::process::Command::new("sleep")
+            .arg("1000")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let cdir = c.dir("c1");
+        std::fs::create_dir_all(&cdir).unwrap();
+        let started = Started {
+            pid,
+            shim_pid: pid,
+            started_at: chrono::Utc::now(),
+        };
+        shim::write_json(&cdir, shim::STARTED, &started, false).unwrap();
+
+        let t0 = std::time::Instant::now();
+        assert!(c.wait("c1", Duration::from_millis(300)).await.is_none());
+        let waited = t0.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
+
+        let (c, cdir2) = (std::sync::Arc::new(c), cdir.clone());
+        let waiter = {
+            let c = c.clone();
+            tokio::spawn(async move { c.wait("c1", Duration::from_secs(20)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished(), "the container still runs");
+        let exit = Exited {
+            exit_code: 143,
+            signal: Some(15),
+            oom_killed: false,
+            finished_at: chrono::Utc::now(),
+        };
+        shim::write_json(&cdir2, shim::EXITED, &exit, true).unwrap();
+        // The records are not polled: the wait is on the process (a supervisor ends right
+        // after it records the exit).
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(!waiter.is_finished(), "woken by the process's end only");
+        let t0 = std::time::Instant::now();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the wait ends with the supervisor")
+            .unwrap();
+        assert_eq!(got, Some(exit));
+        // Woken by the process's end, not by the 500 ms re-read.
+        assert!(t0.elapsed() < WAIT_RECHECK, "{:?}", t0.elapsed());
     }
 
     #[test]
