@@ -61,8 +61,8 @@ pub fn view(
     tenant: &str,
     network: &str,
     vni: u32,
-    services: &[Service],
-    instances: &[Instance],
+    services: &[Arc<Service>],
+    instances: &[Arc<Instance>],
 ) -> View {
     let mut routes = Vec::new();
     let mut zone = DnsZone {
@@ -225,8 +225,8 @@ impl ServiceState {
         &mut self,
         net: &NodeNet,
         here: &BTreeMap<String, &Instance>,
-        all: &[Instance],
-        services: &HashMap<String, Vec<Service>>,
+        all: &[Arc<Instance>],
+        services: &HashMap<String, Vec<Arc<Service>>>,
         starting: &HashSet<String>,
     ) -> Option<Instant> {
         let mut views: HashMap<u32, Arc<View>> = HashMap::new();
@@ -351,14 +351,16 @@ mod tests {
             svc("acme", "web", "10.88.0.2", None),
             svc("acme", "db", "10.50.0.2", Some("backend")),
             svc("acme", "novip", "", None),
-        ];
+        ]
+        .map(Arc::new);
         let instances = [
             inst("acme", "web-a", "web", 5000, "10.88.0.5", true),
             inst("acme", "web-b", "web", 5000, "10.88.0.4", true),
             inst("acme", "web-c", "web", 5000, "10.88.0.6", false),
             // Another tenant's instance with the same service name, VNI differs.
             inst("blue", "web-x", "web", 6000, "10.88.0.7", true),
-        ];
+        ]
+        .map(Arc::new);
         let v = view("acme", "default", 5000, &services, &instances);
         assert_eq!(
             v.routes,

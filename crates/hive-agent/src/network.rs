@@ -167,7 +167,7 @@ fn port_of(
 /// reaches it. A group that does not exist (yet) allows nothing: closed, not open.
 pub fn firewall_of(
     inst: &Instance,
-    all: &[Instance],
+    all: &[Arc<Instance>],
     groups: &HashMap<String, Vec<SecurityGroup>>,
 ) -> Option<Firewall> {
     let t = &inst.spec.template;
@@ -269,7 +269,7 @@ pub struct Seen<'a> {
     /// The instances placed on this node, by uid.
     pub here: &'a BTreeMap<String, &'a Instance>,
     /// Every instance on a network the agent knows.
-    pub all: &'a [Instance],
+    pub all: &'a [Arc<Instance>],
     pub nodes: &'a BTreeMap<String, Node>,
     /// The containers that exist here (started: see `starting`).
     pub containers: &'a HashSet<String>,
@@ -410,7 +410,7 @@ impl NetState {
         &mut self,
         net: &NodeNet,
         here: &BTreeMap<String, &Instance>,
-        all: &[Instance],
+        all: &[Arc<Instance>],
         groups: &HashMap<String, Vec<SecurityGroup>>,
         containers: &HashSet<String>,
     ) {
