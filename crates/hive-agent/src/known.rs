@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::runtime::{ContainerState, Containers, alive};
+use crate::runtime::{ContainerState, Containers, watched_pid};
 
 /// How often every container is read again from disk.
 pub const REREAD_EVERY: Duration = Duration::from_secs(10);
@@ -110,7 +110,7 @@ impl Known {
             self.watches.remove(id);
             return;
         };
-        let pid = if alive(s.shim_pid) { s.shim_pid } else { s.pid };
+        let pid = watched_pid(s);
         if self
             .watches
             .get(id)
@@ -133,40 +133,19 @@ async fn ended_of(id: String, pid: i32, ended: UnboundedSender<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::shim::{self, Started};
-    use crate::runtime::{OciRuntime, RuntimeKind, ShimCommand};
-
-    fn containers(root: &std::path::Path) -> Containers {
-        let rt = OciRuntime::new(RuntimeKind::Crun, "crun", root.join("runtime"));
-        let shim = ShimCommand {
-            program: "/bin/false".into(),
-            args: vec![],
-        };
-        Containers::new(rt, shim, root.join("containers"))
-    }
-
-    /// Records container `id` as started with `pid` as both its init and its supervisor.
-    fn started(c: &Containers, id: &str, pid: i32) {
-        let dir = c.dir(id);
-        std::fs::create_dir_all(&dir).unwrap();
-        let s = Started {
-            pid,
-            shim_pid: pid,
-            started_at: chrono::Utc::now(),
-        };
-        shim::write_json(&dir, shim::STARTED, &s, false).unwrap();
-    }
+    use crate::runtime::shim;
+    use crate::runtime::{record_started, unrun};
 
     #[tokio::test]
     async fn states_are_read_once_and_again_when_touched_or_when_their_process_ends() {
         let dir = tempfile::tempdir().unwrap();
-        let c = containers(dir.path());
+        let c = unrun(dir.path());
         let mut child = std::process::Command::new("sleep")
             .arg("1000")
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
-        started(&c, "c1", pid);
+        record_started(&c, "c1", pid);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut known = Known::load(&c, tx);
         assert_eq!(known.ids(), ["c1"]);
@@ -181,7 +160,7 @@ mod tests {
 
         // Running again, watched: its end is sent (the test's child is no supervisor, so
         // nothing records an exit; the agent would read the records again).
-        started(&c, "c1", pid);
+        record_started(&c, "c1", pid);
         known.touch(&c, "c1");
         assert!(matches!(known.state(&c, "c1"), ContainerState::Running(_)));
         assert!(rx.try_recv().is_err());
@@ -210,7 +189,7 @@ mod tests {
     #[test]
     fn everything_is_read_again_once_due() {
         let dir = tempfile::tempdir().unwrap();
-        let c = containers(dir.path());
+        let c = unrun(dir.path());
         std::fs::create_dir_all(c.dir("a")).unwrap();
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         let mut known = Known::load(&c, tx);

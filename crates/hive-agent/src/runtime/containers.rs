@@ -142,6 +142,12 @@ pub(crate) fn alive(pid: i32) -> bool {
         .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
 }
 
+/// The process whose end tells that a running container `s` ended: its supervisor while it
+/// lives (it records the exit before it ends), else its init.
+pub(crate) fn watched_pid(s: &Started) -> i32 {
+    if alive(s.shim_pid) { s.shim_pid } else { s.pid }
+}
+
 /// Returns once process `pid` has ended: at once if it cannot be watched (gone already).
 /// A pidfd turns readable when its process ends.
 pub(crate) async fn ended(pid: i32) {
@@ -368,10 +374,9 @@ impl Containers {
                 ContainerState::Exited { exit, .. } => return Some(exit),
                 _ if Instant::now() >= deadline => return None,
                 ContainerState::Running(s) => {
-                    let pid = if alive(s.shim_pid) { s.shim_pid } else { s.pid };
                     let _ = tokio::time::timeout_at(
                         deadline.min(Instant::now() + WAIT_RECHECK),
-                        ended(pid),
+                        ended(watched_pid(&s)),
                     )
                     .await;
                     continue;
@@ -590,7 +595,7 @@ pub(crate) fn is_supervisor_of(pid: i32, id: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -608,29 +613,39 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_wait_ends_with_the_supervisor_and_times_out_while_it_lives() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = OciRuntime::new(RuntimeKind::Crun, "crun", dir.path().join("runtime"));
+    /// Containers under `root` whose runtime and supervisor are never run.
+    pub(crate) fn unrun(root: &Path) -> Containers {
+        let rt = OciRuntime::new(RuntimeKind::Crun, "crun", root.join("runtime"));
         let shim = ShimCommand {
             program: "/bin/false".into(),
             args: vec![],
         };
-        let c = Containers::new(rt, shim, dir.path().join("containers"));
+        Containers::new(rt, shim, root.join("containers"))
+    }
+
+    /// Records container `id` as started with `pid` as both its init and its supervisor.
+    pub(crate) fn record_started(c: &Containers, id: &str, pid: i32) {
+        let dir = c.dir(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let s = Started {
+            pid,
+            shim_pid: pid,
+            started_at: chrono::Utc::now(),
+        };
+        shim::write_json(&dir, shim::STARTED, &s, false).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_wait_ends_with_the_supervisor_and_times_out_while_it_lives() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = unrun(dir.path());
         // A stand-in supervisor: a process that records the exit, then ends.
         let mut child = std::process::Command::new("sleep")
             .arg("1000")
             .spawn()
             .unwrap();
-        let pid = child.id() as i32;
+        record_started(&c, "c1", child.id() as i32);
         let cdir = c.dir("c1");
-        std::fs::create_dir_all(&cdir).unwrap();
-        let started = Started {
-            pid,
-            shim_pid: pid,
-            started_at: chrono::Utc::now(),
-        };
-        shim::write_json(&cdir, shim::STARTED, &started, false).unwrap();
 
         let t0 = std::time::Instant::now();
         assert!(c.wait("c1", Duration::from_millis(300)).await.is_none());
