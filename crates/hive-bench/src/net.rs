@@ -29,6 +29,7 @@ use hive_net::testbed::{self, Testbed, ns_command};
 use hive_net::{Attachment, Ipv4Subnet, NetworkDef, RemoteEndpoint};
 
 use crate::images::need;
+use crate::runtime::cpu_jiffies;
 
 #[derive(Debug, clap::Args)]
 pub struct NetArgs {
@@ -255,33 +256,6 @@ fn steer(ns: &str, dev: &str, cpus: &[u32]) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Per CPU (indexed by number): jiffies busy and in all, from `/proc/stat`.
-fn cpu_jiffies() -> Result<Vec<(u64, u64)>> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let mut out = Vec::new();
-    for line in stat.lines() {
-        let mut f = line.split_whitespace();
-        let Some(n) = f
-            .next()
-            .and_then(|c| c.strip_prefix("cpu"))
-            .and_then(|n| n.parse::<usize>().ok())
-        else {
-            continue;
-        };
-        // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
-        let v: Vec<u64> = f.take(8).map(|x| x.parse().unwrap_or(0)).collect();
-        if v.len() < 8 {
-            bail!("/proc/stat: short line {line:?}");
-        }
-        let all: u64 = v.iter().sum();
-        if out.len() <= n {
-            out.resize(n + 1, (0, 0));
-        }
-        out[n] = (all - v[3] - v[4], all);
-    }
-    Ok(out)
 }
 
 /// Busy share (%) of `cpus` between two `cpu_jiffies` readings.

@@ -56,23 +56,40 @@ fn config(id: &str, rootfs: &Path) -> ContainerConfig {
 }
 
 /// CPU time the whole machine has spent busy since it booted (every CPU's user, system and
-/// interrupt time, from `/proc/stat`): what a step costs on a machine whose other work is
-/// idle, whichever processes and kernel threads did it.
-pub fn busy_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    // cpu  user nice system idle iowait irq softirq steal …
-    let ticks: u64 = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .filter_map(|(_, v)| v.parse::<u64>().ok())
-        .sum();
-    Duration::from_secs_f64(ticks as f64 / clock_ticks_per_sec())
+/// interrupt time): what a step costs on a machine whose other work is idle, whichever
+/// processes and kernel threads did it.
+pub fn busy_cpu() -> Result<Duration> {
+    let ticks: u64 = cpu_jiffies()?.iter().map(|(busy, _)| busy).sum();
+    Ok(Duration::from_secs_f64(
+        ticks as f64 / clock_ticks_per_sec(),
+    ))
+}
+
+/// Per CPU (indexed by number): jiffies busy and in all, from `/proc/stat`.
+pub fn cpu_jiffies() -> Result<Vec<(u64, u64)>> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let mut out = Vec::new();
+    for line in stat.lines() {
+        let mut f = line.split_whitespace();
+        let Some(n) = f
+            .next()
+            .and_then(|c| c.strip_prefix("cpu"))
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+        let v: Vec<u64> = f.take(8).map(|x| x.parse().unwrap_or(0)).collect();
+        if v.len() < 8 {
+            bail!("/proc/stat: short line {line:?}");
+        }
+        let all: u64 = v.iter().sum();
+        if out.len() <= n {
+            out.resize(n + 1, (0, 0));
+        }
+        out[n] = (all - v[3] - v[4], all);
+    }
+    Ok(out)
 }
 
 /// `USER_HZ`, the unit of the times in `/proc` (`sysconf(_SC_CLK_TCK)`).
@@ -182,7 +199,7 @@ pub fn bare_start(
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let (t, busy) = (Instant::now(), busy_cpu());
+        let (t, busy) = (Instant::now(), busy_cpu()?);
         if !run.status()?.success() {
             bail!(
                 "bare {} run --detach: {}",
@@ -192,7 +209,7 @@ pub fn bare_start(
         }
         let el = t.elapsed();
         if i >= 3 {
-            cpu += busy_cpu().saturating_sub(busy);
+            cpu += busy_cpu()?.saturating_sub(busy);
         }
         let mut delete = runtime_cmd(kind, &root);
         delete.args(["delete", "--force"]).arg(&id);

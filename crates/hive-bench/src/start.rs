@@ -427,10 +427,10 @@ struct WarmCpu {
 }
 
 impl WarmCpu {
-    fn now(pid: u32) -> WarmCpu {
+    fn now(pid: u32) -> Result<WarmCpu> {
         let ms = |ticks: u64| ticks as f64 * 1000.0 / crate::runtime::clock_ticks_per_sec();
         let mut c = WarmCpu {
-            machine: crate::runtime::busy_cpu().as_secs_f64() * 1000.0,
+            machine: crate::runtime::busy_cpu()?.as_secs_f64() * 1000.0,
             process: ms(cpu_ticks(pid)),
             ..Default::default()
         };
@@ -447,7 +447,7 @@ impl WarmCpu {
                 c.store += ms(ticks);
             }
         }
-        c
+        Ok(c)
     }
 
     /// What was spent from `before` to `self`, per start over `runs`.
@@ -549,7 +549,7 @@ pub fn run(args: StartArgs) -> Result<()> {
     let mut cpu = WarmCpu::default();
     for i in 0..args.runs + 3 {
         if i == 3 {
-            cpu = WarmCpu::now(up.child.id());
+            cpu = WarmCpu::now(up.child.id())?;
         }
         let svc = service(&format!("warm-{i}"), &warm_image, &["sleep", "100000"]);
         let (el, split) = rt.block_on(create_and_wait_traced(&client, &svc, 1))?;
@@ -560,7 +560,7 @@ pub fn run(args: StartArgs) -> Result<()> {
             }
         }
     }
-    let cpu = WarmCpu::now(up.child.id()).since(&cpu, args.runs);
+    let cpu = WarmCpu::now(up.child.id())?.since(&cpu, args.runs);
     let split_p50: Vec<f64> = splits.into_iter().map(|v| stats(v).0).collect();
     // Removing them all: each container's stop waits out its grace (`sleep` ignores TERM).
     let (t, cpu0) = (Instant::now(), cpu_ticks(up.child.id()));
