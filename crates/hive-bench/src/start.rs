@@ -157,7 +157,12 @@ fn start_hive(
 /// starting with `marker` that gives its URL; the token is the data dir's admin token.
 pub(crate) fn spawn_api(mut cmd: Command, marker: &str, data: &Path) -> Result<HiveUp> {
     let mut child = cmd
-        .env("HIVE_LOG", "warn")
+        // Quiet unless the caller asks for more (`HIVE_LOG=hive_agent=debug` shows the
+        // agent's launch timings).
+        .env(
+            "HIVE_LOG",
+            std::env::var("HIVE_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

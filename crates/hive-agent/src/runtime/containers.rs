@@ -166,6 +166,36 @@ pub(crate) async fn ended(pid: i32) {
     }
 }
 
+/// What the supervisor `child` (its configuration given) answers: `Ok(Ok(()))` as soon as
+/// its first line says the container started (its process, whose exit is of no more
+/// interest, is reaped in the background: the start does not wait for it to exit), else
+/// `Ok(Err(what it wrote to stderr))` once it has exited.
+async fn answer_of(mut child: tokio::process::Child) -> std::io::Result<Result<(), String>> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut line = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        tokio::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .await?;
+    }
+    if line.starts_with("ok ") {
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        return Ok(Ok(()));
+    }
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut stderr).await?;
+    }
+    let status = child.wait().await?;
+    let message = match stderr.trim() {
+        "" => format!("the supervisor exited ({status}) without saying why"),
+        m => m.to_owned(),
+    };
+    Ok(Err(message))
+}
+
 impl Containers {
     pub fn new(runtime: OciRuntime, shim: ShimCommand, root: impl Into<PathBuf>) -> Self {
         Self {
@@ -207,12 +237,9 @@ impl Containers {
     }
 
     /// Hands `config` to the spare supervisor (or to a new one when there is none, or the
-    /// spare is gone) and waits for its answer.
-    async fn supervise(
-        &self,
-        id: &str,
-        config: &str,
-    ) -> Result<std::process::Output, ContainerError> {
+    /// spare is gone) and waits for its answer: `Ok` once it says the container started,
+    /// else what it said went wrong.
+    async fn supervise(&self, id: &str, config: &str) -> Result<(), ContainerError> {
         use tokio::io::AsyncWriteExt;
         let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).take();
         let mut child = None;
@@ -238,7 +265,7 @@ impl Containers {
             id: id.to_owned(),
             message: "the supervisor did not take its configuration".into(),
         })?;
-        let out = tokio::time::timeout(self.start_timeout, child.wait_with_output())
+        let answer = tokio::time::timeout(self.start_timeout, answer_of(child))
             .await
             .map_err(|_| ContainerError::ShimTimeout {
                 id: id.to_owned(),
@@ -248,7 +275,10 @@ impl Containers {
         // The next spare is spawned beside, not before this start's answer.
         let this = self.clone();
         tokio::spawn(async move { this.prepare_supervisor() });
-        out
+        answer?.map_err(|message| ContainerError::Start {
+            id: id.to_owned(),
+            message,
+        })
     }
 
     pub fn dir(&self, id: &str) -> PathBuf {
@@ -330,15 +360,7 @@ impl Containers {
             message: e.to_string(),
         })?;
         let _parents = self.parents.read().await;
-        let out = self.supervise(id, &cfg).await?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() || !stdout.starts_with("ok ") {
-            let message = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-            return Err(ContainerError::Start {
-                id: id.to_owned(),
-                message,
-            });
-        }
+        self.supervise(id, &cfg).await?;
         shim::read_json::<Started>(&dir, shim::STARTED).ok_or_else(|| ContainerError::Start {
             id: id.to_owned(),
             message: format!(

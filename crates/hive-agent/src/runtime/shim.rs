@@ -106,33 +106,17 @@ pub const FROM_STDIN: &str = "-";
 /// code (of the parent: 0 when the container started; the child never returns from
 /// supervision but by exiting). A spare whose standard input ends without a configuration
 /// (its agent stopped or dropped it) exits with 0 and does nothing.
+///
+/// The supervisor (the child, in a session of its own and a subreaper) is forked before the
+/// configuration is read: a spare has it waiting, and a start pays neither the fork nor the
+/// rest of the setup. The parent only relays the child's answer and exits.
 pub fn main(arg: &str, runtime: Option<&Path>) -> i32 {
     // Made before the wait, off the start's path. Without it the runtime copies itself.
     let sealed = runtime.and_then(|r| sealed_copy(r).ok().map(|fd| (r.to_owned(), fd)));
-    let mut read = String::new();
-    let config_json = if arg == FROM_STDIN {
-        if let Err(e) = std::io::stdin().read_to_string(&mut read) {
-            eprintln!("shim: read the config from stdin: {e}");
-            return 2;
-        }
-        if read.is_empty() {
-            return 0;
-        }
-        read.as_str()
-    } else {
-        arg
-    };
-    let cfg: ShimConfig = match serde_json::from_str(config_json) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("shim: bad config: {e}");
-            return 2;
-        }
-    };
     let (sync_r, sync_w) = match pipe() {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("shim {}: pipe: {e}", cfg.id);
+            eprintln!("shim: pipe: {e}");
             return 1;
         }
     };
@@ -140,7 +124,7 @@ pub fn main(arg: &str, runtime: Option<&Path>) -> i32 {
     // dispatches it before building its async runtime), so the child may run arbitrary code.
     match unsafe { fork() } {
         Err(e) => {
-            eprintln!("shim {}: fork: {e}", cfg.id);
+            eprintln!("shim: fork: {e}");
             1
         }
         Ok(ForkResult::Parent { .. }) => {
@@ -151,8 +135,10 @@ pub fn main(arg: &str, runtime: Option<&Path>) -> i32 {
             if let Some(pid) = answer.strip_prefix("ok ") {
                 println!("ok {pid}");
                 0
+            } else if answer == NO_CONFIG {
+                0
             } else if answer.is_empty() {
-                eprintln!("shim {}: the supervisor died before reporting", cfg.id);
+                eprintln!("shim: the supervisor died before reporting");
                 1
             } else {
                 eprintln!("{answer}");
@@ -161,12 +147,50 @@ pub fn main(arg: &str, runtime: Option<&Path>) -> i32 {
         }
         Ok(ForkResult::Child) => {
             drop(sync_r);
-            // Only a copy of the program this configuration names.
-            let sealed = sealed.and_then(|(r, fd)| (r == cfg.runtime_binary).then_some(fd));
-            let code = supervise(&cfg, sync_w, sealed);
+            let code = child(arg, sync_w, sealed);
             std::process::exit(code)
         }
     }
+}
+
+/// What the supervisor answers when its standard input ended without a configuration.
+const NO_CONFIG: &str = "no configuration";
+
+/// The supervisor: becomes one (own session, subreaper), then reads its configuration and
+/// starts and supervises the container.
+fn child(arg: &str, sync_w: OwnedFd, sealed: Option<(PathBuf, OwnedFd)>) -> i32 {
+    let mut sync = Some(File::from(sync_w));
+    // Own session: a signal to the agent's process group never reaches the supervisor.
+    let _ = setsid();
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes an integer argument and touches no memory.
+    if unsafe { nix::libc::prctl(nix::libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        report(&mut sync, "shim: cannot become a subreaper");
+        return 1;
+    }
+    let mut read = String::new();
+    let config_json = if arg == FROM_STDIN {
+        if let Err(e) = std::io::stdin().read_to_string(&mut read) {
+            report(&mut sync, &format!("shim: read the config from stdin: {e}"));
+            return 2;
+        }
+        if read.is_empty() {
+            report(&mut sync, NO_CONFIG);
+            return 0;
+        }
+        read.as_str()
+    } else {
+        arg
+    };
+    let cfg: ShimConfig = match serde_json::from_str(config_json) {
+        Ok(c) => c,
+        Err(e) => {
+            report(&mut sync, &format!("shim: bad config: {e}"));
+            return 2;
+        }
+    };
+    // Only a copy of the program this configuration names.
+    let sealed = sealed.and_then(|(r, fd)| (r == cfg.runtime_binary).then_some(fd));
+    supervise(&cfg, sync, sealed)
 }
 
 fn report(sync: &mut Option<File>, msg: &str) {
@@ -195,19 +219,8 @@ unsafe fn libc_dup2(from: i32, to: i32) {
     }
 }
 
-fn supervise(cfg: &ShimConfig, sync_w: OwnedFd, sealed: Option<OwnedFd>) -> i32 {
-    let mut sync = Some(File::from(sync_w));
-    // Own session: a signal to the agent's process group never reaches the supervisor.
-    let _ = setsid();
+fn supervise(cfg: &ShimConfig, mut sync: Option<File>, sealed: Option<OwnedFd>) -> i32 {
     detach_stdio();
-    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes an integer argument and touches no memory.
-    if unsafe { nix::libc::prctl(nix::libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-        report(
-            &mut sync,
-            &format!("shim {}: cannot become a subreaper", cfg.id),
-        );
-        return 1;
-    }
     let fail = |sync: &mut Option<File>, msg: String| {
         report(sync, &msg);
         1
