@@ -1,7 +1,8 @@
 //! The node's registration and lease: this host as a `Node` object (capacity, what of it
 //! instances may be given, kernel, runtime, the containers it holds), kept fresh by renewing
-//! `status.lease_renewed_at` every few seconds through the API, and written again at once
-//! when the containers held change. A node whose lease is stale is considered lost by the
+//! `status.lease_renewed_at` every few seconds through the API, and written again when the
+//! containers held change (at once when the tenants holding any change, within a second when
+//! only their counts do). A node whose lease is stale is considered lost by the
 //! control plane.
 
 use std::collections::BTreeMap;
@@ -377,9 +378,16 @@ async fn write_status(
     client.update_status(None, &node).await
 }
 
-/// Renews the lease every `every` until the process ends, and writes the status at once
-/// whenever the containers held (from the sync loop) change. Failures are logged and retried
-/// at the next tick: a control plane that is away must not stop the node.
+/// How long a change of the containers' counts alone may wait to be written: within that,
+/// the counts of many starts (or stops) go in one write.
+pub const COUNTS_WITHIN: Duration = Duration::from_secs(1);
+
+/// Renews the lease every `every` until the process ends, and writes the status when the
+/// containers held (from the sync loop) change: at once when the tenants holding any change
+/// (the scheduler gives a node back to the pool, or to another tenant, only once it holds
+/// none), within [`COUNTS_WITHIN`] when only counts do (a write per start would be a store
+/// write, and a pass of every node watcher, beside each start). Failures are logged and
+/// retried at the next tick: a control plane that is away must not stop the node.
 pub async fn keep_lease(
     client: Client,
     facts: HostFacts,
@@ -390,29 +398,74 @@ pub async fn keep_lease(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     let mut open = true;
+    // What the last write of this loop said (none yet: the first change is written at once).
+    let mut written: Option<Held> = None;
+    let mut due: Option<tokio::time::Instant> = None;
     loop {
+        let counts_due = async {
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tick.tick() => {}
+            () = counts_due => {}
             changed = held.changed(), if open => {
                 // The sync loop ended: only the lease is left to renew.
                 if changed.is_err() {
                     open = false;
                     continue;
                 }
+                if written
+                    .as_ref()
+                    .is_some_and(|w| same_tenants(&held.borrow_and_update(), w))
+                {
+                    due.get_or_insert_with(|| tokio::time::Instant::now() + COUNTS_WITHIN);
+                    continue;
+                }
             }
         }
+        due = None;
         let now = held.borrow_and_update().clone();
         // Re-registers too, should the Node have been deleted meanwhile.
-        let renewed = register_or_refresh(&client, &facts, &now).await;
-        if let Err(source) = renewed {
-            tracing::warn!(error = %NodeError::Renew { name: facts.name.clone(), source }, "lease");
+        match register_or_refresh(&client, &facts, &now).await {
+            Ok(_) => written = Some(now),
+            Err(source) => {
+                tracing::warn!(error = %NodeError::Renew { name: facts.name.clone(), source }, "lease")
+            }
         }
     }
+}
+
+/// Whether the same tenants hold containers in `a` and `b` (whatever the counts).
+fn same_tenants(a: &Held, b: &Held) -> bool {
+    let holding = |h: &Held| -> Vec<String> {
+        h.iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(t, _)| t.clone())
+            .collect()
+    };
+    holding(a) == holding(b)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_change_of_the_tenants_holding_containers_is_written_at_once() {
+        let held =
+            |v: &[(&str, u32)]| -> Held { v.iter().map(|(t, n)| ((*t).to_owned(), *n)).collect() };
+        assert!(same_tenants(&held(&[("red", 1)]), &held(&[("red", 7)])));
+        assert!(same_tenants(&held(&[("red", 0)]), &held(&[])));
+        assert!(!same_tenants(&held(&[("red", 1)]), &held(&[])));
+        assert!(!same_tenants(
+            &held(&[("red", 1)]),
+            &held(&[("red", 1), ("blue", 1)])
+        ));
+        assert!(!same_tenants(&held(&[("red", 1)]), &held(&[("blue", 1)])));
+    }
 
     #[test]
     fn node_names_are_labels() {
