@@ -360,6 +360,24 @@ fn spare_supervisors() -> Vec<u32> {
         .collect()
 }
 
+/// The spare supervisors once there is one (within 10 s). Polled: a program just spawned
+/// shows its command line only once the kernel has set up its new memory, a moment after
+/// `spawn` returned.
+async fn a_spare_supervisor() -> Vec<u32> {
+    let t0 = Instant::now();
+    loop {
+        let now = spare_supervisors();
+        if !now.is_empty() {
+            return now;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no spare supervisor"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A start hands its configuration to the supervisor spawned ahead of it (that one is gone
 /// once it answered, and another waits for the next start); a spare whose stdin ends
 /// without a configuration exits quietly and does nothing.
@@ -367,7 +385,7 @@ fn spare_supervisors() -> Vec<u32> {
 async fn a_start_takes_the_supervisor_spawned_ahead_and_another_is_spawned() {
     let mut f = Fixture::new();
     f.containers.prepare_supervisor();
-    let ahead = spare_supervisors();
+    let ahead = a_spare_supervisor().await;
     assert_eq!(ahead.len(), 1, "one spare: {ahead:?}");
     let (id, started) = f.run(&["sleep", "100"], Limits::default()).await;
     assert!(matches!(
@@ -385,15 +403,7 @@ async fn a_start_takes_the_supervisor_spawned_ahead_and_another_is_spawned() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_ne!(started.shim_pid as u32, ahead[0]);
-    let t0 = Instant::now();
-    let next = loop {
-        let now = spare_supervisors();
-        if !now.is_empty() {
-            break now;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "no new spare");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let next = a_spare_supervisor().await;
     assert_eq!(next.len(), 1, "{next:?}");
     assert_ne!(next[0], ahead[0]);
     f.containers
