@@ -440,13 +440,10 @@ pub async fn keep_lease(
 
 /// Whether the same tenants hold containers in `a` and `b` (whatever the counts).
 fn same_tenants(a: &Held, b: &Held) -> bool {
-    let holding = |h: &Held| -> Vec<String> {
-        h.iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(t, _)| t.clone())
-            .collect()
-    };
-    holding(a) == holding(b)
+    fn holding(h: &Held) -> impl Iterator<Item = &String> {
+        h.iter().filter(|(_, n)| **n > 0).map(|(t, _)| t)
+    }
+    holding(a).eq(holding(b))
 }
 
 #[cfg(test)]
