@@ -161,9 +161,9 @@ async fn container_logs(
         tail: q.tail,
         timestamps: q.timestamps,
     };
+    let path = api.containers.log_path(&id);
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     tokio::task::spawn_blocking(move || {
-        let path = dir.join(shim::LOG);
         let exit = dir.join(shim::EXITED);
         // Gone when it exited, was removed, or nobody listens any more.
         let gone = || exit.exists() || !dir.is_dir() || tx.is_closed();

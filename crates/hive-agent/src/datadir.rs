@@ -2,8 +2,8 @@
 //! the running agent keeps) and how the node was set up (the runtime, the network prefix),
 //! so that `hive down` can find and remove what the node made after the agent is gone.
 //!
-//! Owns `agent.lock` and `node.json` in the data dir, and the tmpfs on its `runtime/` (see
-//! [`mount_runtime_state`]); touches nothing else.
+//! Owns `agent.lock` and `node.json` in the data dir, and the tmpfs mounts on its `runtime/`,
+//! `containers/` and `watch/` (see [`mount_state_dirs`]); touches nothing else.
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
@@ -83,51 +83,77 @@ impl DirLock {
 
 /// The OCI runtime's state directory (its `--root`) in the data dir.
 pub const RUNTIME_DIR: &str = "runtime";
+/// The containers' own state in the data dir: one directory each (bundle, the runtime it was
+/// made with, what its supervisor recorded, its `resolv.conf`).
+pub const CONTAINERS_DIR: &str = "containers";
+/// The containers' logs in the data dir (one directory each): on the data dir's file system,
+/// since they may be large.
+pub const LOGS_DIR: &str = "logs";
+/// The agent's saved watch state in the data dir (`resume`): what a restarted agent catches
+/// up from.
+pub const WATCH_DIR: &str = "watch";
 
-/// The most the runtime's tmpfs holds (crun keeps a few KiB per container there).
-const RUNTIME_TMPFS_SIZE: &str = "64m";
+/// The state directories that go on a tmpfs, and the most each holds: crun keeps a few KiB
+/// per container, a container's own state (its spec is most of it) ~10 KiB, the watch state
+/// a copy of the instances the node needs (~2 KiB each).
+const STATE_TMPFS: [(&str, &str); 3] = [
+    (RUNTIME_DIR, "64m"),
+    (CONTAINERS_DIR, "256m"),
+    (WATCH_DIR, "256m"),
+];
 
-/// What [`mount_runtime_state`] found or did.
+/// What [`mount_state_dirs`] found or did for one directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RuntimeState {
+pub enum StateMount {
     /// A tmpfs was mounted on it.
     Mounted,
     /// It was a mount point already (the tmpfs an earlier run of the agent mounted).
     Kept,
     /// It holds the state of containers an agent made before it was mounted: left on the
-    /// data dir's file system, which those containers' runtime state stays on.
+    /// data dir's file system, which those containers' state stays on.
     OnDisk,
 }
 
-/// Puts the OCI runtime's state (`runtime/` in agent data dir `dir`) on a tmpfs, as
-/// runtimes keep theirs under `/run` on ordinary hosts: it is small, lives as long as the
-/// containers (a reboot ends both), and a start writes ~10 files there. On a file system
-/// with slow inode allocation (these hosts' root, ext4 without a journal, checks every
-/// recently freed inode), that is milliseconds of every start. The mount outlives the agent
-/// (its next run keeps it); `hive down` removes it with the data dir's other mounts.
-pub fn mount_runtime_state(dir: &Path) -> Result<RuntimeState, DataDirError> {
-    let path = dir.join(RUNTIME_DIR);
-    std::fs::create_dir_all(&path).map_err(io("create", &path))?;
-    let path = std::fs::canonicalize(&path).map_err(io("open", &path))?;
+/// Puts the containers' state, the OCI runtime's and the saved watch state (`containers/`,
+/// `runtime/` and `watch/` in agent data dir `dir`) on tmpfs mounts, as runtimes and
+/// containerd keep theirs under `/run` on ordinary hosts: it is small, needs to outlive the
+/// agent but not the machine (a reboot ends the containers; the agent then clears the root
+/// filesystems and logs left without one, and lists instead of catching up), and a start
+/// writes ~15 files there. On a file system with slow inode allocation (these hosts' root,
+/// ext4 without a journal, checks every recently freed inode), that is milliseconds of every
+/// start, and what the data dir's file system has to write back makes every fsync of the
+/// store slower. The mounts outlive the agent (its next run keeps them); `hive down` removes them
+/// with the data dir's other mounts. Returns what it did for each directory.
+pub fn mount_state_dirs(dir: &Path) -> Result<Vec<(&'static str, StateMount)>, DataDirError> {
+    let mut out = Vec::new();
+    for (name, size) in STATE_TMPFS {
+        out.push((name, mount_state(&dir.join(name), size)?));
+    }
+    Ok(out)
+}
+
+fn mount_state(path: &Path, size: &str) -> Result<StateMount, DataDirError> {
+    std::fs::create_dir_all(path).map_err(io("create", path))?;
+    let path = std::fs::canonicalize(path).map_err(io("open", path))?;
     if crate::runtime::cgroups::mounts()
         .iter()
         .any(|(point, _)| *point == path)
     {
-        return Ok(RuntimeState::Kept);
+        return Ok(StateMount::Kept);
     }
     let mut entries = std::fs::read_dir(&path).map_err(io("read", &path))?;
     if entries.next().is_some() {
-        return Ok(RuntimeState::OnDisk);
+        return Ok(StateMount::OnDisk);
     }
     nix::mount::mount(
-        Some("hive-runtime"),
+        Some("hive-state"),
         &path,
         Some("tmpfs"),
         nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
-        Some(format!("mode=0700,size={RUNTIME_TMPFS_SIZE}").as_str()),
+        Some(format!("mode=0700,size={size}").as_str()),
     )
     .map_err(|e| io("mount a tmpfs on", &path)(e.into()))?;
-    Ok(RuntimeState::Mounted)
+    Ok(StateMount::Mounted)
 }
 
 /// How a node was set up: what `hive down` needs to remove what it made.
@@ -241,39 +267,65 @@ mod tests {
     }
 
     #[test]
-    fn the_runtime_state_goes_on_a_tmpfs_once_and_an_earlier_agents_stays_on_disk() {
+    fn the_state_dirs_go_on_a_tmpfs_once_and_an_earlier_agents_stay_on_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let path = std::fs::canonicalize(dir.path()).unwrap().join(RUNTIME_DIR);
-        let state = mount_runtime_state(dir.path()).unwrap();
-        let _unmount = Unmount(path.clone());
-        assert_eq!(state, RuntimeState::Mounted);
-        assert!(tmpfs_at(&path), "no tmpfs at {}", path.display());
-        let mode = std::fs::metadata(&path).unwrap().permissions();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let paths = [
+            root.join(RUNTIME_DIR),
+            root.join(CONTAINERS_DIR),
+            root.join(WATCH_DIR),
+        ];
+        let states = mount_state_dirs(dir.path()).unwrap();
+        let _unmount = paths.clone().map(Unmount);
         assert_eq!(
-            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o7777,
-            0o700
+            states,
+            [
+                (RUNTIME_DIR, StateMount::Mounted),
+                (CONTAINERS_DIR, StateMount::Mounted),
+                (WATCH_DIR, StateMount::Mounted)
+            ]
         );
-        // A second run keeps the mount (and what is on it) rather than stacking another.
-        std::fs::write(path.join("kept"), b"x").unwrap();
-        assert_eq!(mount_runtime_state(dir.path()).unwrap(), RuntimeState::Kept);
-        assert!(path.join("kept").exists());
-        let stacked = crate::runtime::cgroups::mounts()
-            .iter()
-            .filter(|(point, _)| *point == path)
-            .count();
-        assert_eq!(stacked, 1);
+        for path in &paths {
+            assert!(tmpfs_at(path), "no tmpfs at {}", path.display());
+            let mode = std::fs::metadata(path).unwrap().permissions();
+            assert_eq!(
+                std::os::unix::fs::PermissionsExt::mode(&mode) & 0o7777,
+                0o700
+            );
+            // A second run keeps the mount (and what is on it) rather than stacking another.
+            std::fs::write(path.join("kept"), b"x").unwrap();
+        }
+        let again = mount_state_dirs(dir.path()).unwrap();
+        assert!(
+            again.iter().all(|(_, s)| *s == StateMount::Kept),
+            "{again:?}"
+        );
+        for path in &paths {
+            assert!(path.join("kept").exists());
+            let stacked = crate::runtime::cgroups::mounts()
+                .iter()
+                .filter(|(point, _)| point == path)
+                .count();
+            assert_eq!(stacked, 1);
+        }
 
-        // A data dir whose runtime state is on disk already keeps it there.
+        // A data dir whose containers' state is on disk already keeps it there; an empty
+        // runtime dir beside it still gets its tmpfs.
         let old = tempfile::tempdir().unwrap();
-        let old_state = old.path().join(RUNTIME_DIR).join("c1");
+        let old_root = std::fs::canonicalize(old.path()).unwrap();
+        let old_state = old_root.join(CONTAINERS_DIR).join("c1");
         std::fs::create_dir_all(&old_state).unwrap();
+        let states = mount_state_dirs(old.path()).unwrap();
+        let _unmount_old = [RUNTIME_DIR, WATCH_DIR].map(|d| Unmount(old_root.join(d)));
         assert_eq!(
-            mount_runtime_state(old.path()).unwrap(),
-            RuntimeState::OnDisk
+            states,
+            [
+                (RUNTIME_DIR, StateMount::Mounted),
+                (CONTAINERS_DIR, StateMount::OnDisk),
+                (WATCH_DIR, StateMount::Mounted)
+            ]
         );
         assert!(old_state.exists());
-        assert!(!tmpfs_at(
-            &std::fs::canonicalize(old.path().join(RUNTIME_DIR)).unwrap()
-        ));
+        assert!(!tmpfs_at(&old_root.join(CONTAINERS_DIR)));
     }
 }

@@ -10,8 +10,8 @@
 //! state only of its prefix, and not even that, unless forced, when processes are still in
 //! namespaces of the prefix once the node's containers are gone (another node using the
 //! prefix in this network namespace).
-//! What stays: images, the saved watch state, the server's data; an agent started on the
-//! data dir again starts whatever is still placed on the node.
+//! What stays: images and the server's data (the saved watch state goes with its tmpfs); an
+//! agent started on the data dir again lists and starts whatever is still placed on the node.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -22,7 +22,7 @@ use hive_net::{NodeNet, NodeNetConfig, Owned};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::datadir::{DataDirError, DirLock, NetRecord, NodeRecord};
+use crate::datadir::{CONTAINERS_DIR, DataDirError, DirLock, LOGS_DIR, NetRecord, NodeRecord};
 use crate::image::{ImageStore, StoreConfig};
 use crate::runtime::alive;
 use crate::runtime::shim::{self, Started};
@@ -104,7 +104,7 @@ pub enum DownError {
 pub fn agent_dir(dir: &Path) -> Result<PathBuf, DownError> {
     let is_agent = |d: &Path| {
         [
-            "containers",
+            CONTAINERS_DIR,
             crate::datadir::RUNTIME_DIR,
             "images",
             crate::datadir::RECORD_FILE,
@@ -209,15 +209,27 @@ fn cgroup_of(dir: &Path) -> Option<PathBuf> {
 }
 
 fn remove_containers(rt: &OciRuntime, dir: &Path, report: &mut DownReport) {
-    let containers = dir.join("containers");
-    let mut ids = ids_in(dir, "containers");
+    let containers = dir.join(CONTAINERS_DIR);
+    let mut ids = ids_in(dir, CONTAINERS_DIR);
     ids.extend(ids_in(dir, crate::datadir::RUNTIME_DIR));
+    ids.extend(ids_in(dir, LOGS_DIR));
     for id in ids {
         let cdir = containers.join(&id);
         // Each with the runtime that made it (the node's may have changed since).
         let rt = runtime_of_container(&cdir, &id, rt);
         if let Err(message) = remove_container(&rt, &cdir, &id, report) {
             report.errors.push(DownError::Container { id, message });
+            continue;
+        }
+        // Its logs once nothing of it runs.
+        let logs = dir.join(LOGS_DIR).join(&id);
+        match std::fs::remove_dir_all(&logs) {
+            Ok(()) => report.removed.push(format!("removed the logs of {id}")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => report.errors.push(DownError::Container {
+                id,
+                message: format!("remove {}: {e}", logs.display()),
+            }),
         }
     }
 }

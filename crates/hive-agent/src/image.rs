@@ -6,11 +6,13 @@
 //! - [`transfer`]: whole images between a layout and a registry (`hive push`, `hive pull`).
 //! - [`unpack`]: safe unpacking of one layer tarball (whiteouts as overlayfs whiteouts).
 //! - [`overlay`]: overlayfs mounts of instance root filesystems.
+//! - [`mountpoints`]: the runtime's mount points, made in a root filesystem as it is composed.
 //! - [`store`]: the content-addressed store tying them together, with GC.
 //!
 //! The layout on disk and the safety rules are described in `docs/images.md`.
 
 pub mod layout;
+pub mod mountpoints;
 pub mod overlay;
 pub mod reference;
 pub mod registry;

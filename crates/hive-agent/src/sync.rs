@@ -202,8 +202,10 @@ pub fn layout(
     runtime: crate::runtime::OciRuntime,
     shim: crate::runtime::ShimCommand,
 ) -> (StoreConfig, Containers) {
-    let images = StoreConfig::new(data_dir.join("images"));
-    let containers = Containers::new(runtime, shim, data_dir.join("containers"));
+    let mut images = StoreConfig::new(data_dir.join("images"));
+    images.mount_points = crate::runtime::spec::mount_points();
+    let containers = Containers::new(runtime, shim, data_dir.join(crate::datadir::CONTAINERS_DIR))
+        .with_logs(data_dir.join(crate::datadir::LOGS_DIR));
     (images, containers)
 }
 
@@ -838,7 +840,13 @@ impl Agent {
                     st.message = message.chars().take(4000).collect();
                 }
             }
+            let t_report = Instant::now();
             report(&client, &tenant, &inst, st).await;
+            tracing::debug!(
+                instance = %inst.name,
+                report_ms = t_report.elapsed().as_secs_f64() * 1e3,
+                "start reported"
+            );
             let _ = done.send((id, ok));
         });
     }
@@ -848,11 +856,16 @@ impl Agent {
     fn finish_start(&mut self, id: &str, ok: bool) {
         self.starting.remove(id);
         self.known.touch(&self.containers, id);
-        // Made ahead now, for the next starts' ports, rather than beside a start.
-        if self.starting.is_empty()
-            && let Some(net) = &self.net
-        {
-            net.refill_spares();
+        // Made ahead now, for the next starts' ports and root filesystems, rather than
+        // beside a start.
+        if self.starting.is_empty() {
+            if let Some(net) = &self.net {
+                net.refill_spares();
+            }
+            let images = self.images.clone();
+            tokio::task::spawn_blocking(move || {
+                tokio::runtime::Handle::current().block_on(images.refill_spares())
+            });
         }
         if ok {
             self.backoff.remove(id);
@@ -966,9 +979,13 @@ impl Agent {
 
     /// Before the loop acts: removes what starts cut short by a crash left (containers that
     /// never ran, and everything the runtime made of them: see [`Containers::unfinished`]),
-    /// and root filesystems composed for a container that was never made. Containers that
-    /// ran are left to be adopted.
+    /// root filesystems composed for a container that was never made, and logs of containers
+    /// whose state is gone (a reboot empties the state's tmpfs). Containers that ran are
+    /// left to be adopted.
     async fn clear_unfinished(&mut self) {
+        for id in self.containers.clear_orphan_logs() {
+            tracing::info!(container = %id, "removed the logs of a container that is gone");
+        }
         for id in self.containers.unfinished() {
             tracing::info!(container = %id, "removing what an unfinished start left");
             self.remove(&id).await;
@@ -1136,6 +1153,7 @@ async fn launch(
                 ));
             }
         };
+        let t_port = t0.elapsed();
         // Its tenant's VIPs and resolver, before it can ask for them.
         let resolv = match (&inst.spec.network, net, views) {
             (Some(n), Some(net), Some((views, applied))) => Some(
@@ -1154,10 +1172,11 @@ async fn launch(
             ),
             _ => None,
         };
-        Ok((port, resolv, t0.elapsed()))
+        Ok((port, resolv, t_port, t0.elapsed()))
     };
     let (filesystem, network) = tokio::join!(filesystem, network);
-    let ((image, rootfs, t_image, t_rootfs), (port, resolv, t_net)) = (filesystem?, network?);
+    let ((image, rootfs, t_image, t_rootfs), (port, resolv, t_port, t_net)) =
+        (filesystem?, network?);
     let cfg = ContainerConfig {
         id: id.to_owned(),
         hostname: inst.name.clone(),
@@ -1201,7 +1220,13 @@ async fn launch(
         image_ms = t_image.as_secs_f64() * 1e3,
         rootfs_ms = (t_rootfs - t_image).as_secs_f64() * 1e3,
         net_ms = t_net.as_secs_f64() * 1e3,
+        port_ms = t_port.as_secs_f64() * 1e3,
         start_ms = (t0.elapsed() - t_net.max(t_rootfs)).as_secs_f64() * 1e3,
+        // From the supervisor's start record to here (its answer, read back).
+        answer_ms = (chrono::Utc::now() - started.started_at)
+            .num_microseconds()
+            .unwrap_or(0) as f64
+            / 1e3,
         "launched"
     );
     Ok(started)

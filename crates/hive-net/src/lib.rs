@@ -501,7 +501,12 @@ impl NodeNet {
     /// one is ~1 ms of CPU, mostly the kernel's, so call it when the node is quiet rather
     /// than beside a start (the agent does once its starts are over).
     pub fn refill_spares(&self) {
-        self.spares.refill(CONTAINER_SYSCTLS);
+        let veth = netns::VethPlan {
+            handle: self.handle.clone(),
+            prefix: self.names.table().to_owned(),
+            mtu: self.mtu,
+        };
+        self.spares.refill(CONTAINER_SYSCTLS, Some(veth));
     }
 
     /// Installs (or rewrites) the port's chain, classified into `class` if given.
@@ -538,17 +543,28 @@ impl NodeNet {
         port: &str,
         existing: Option<link::Link>,
         bridge: u32,
-        ns: netns::NamedNetns,
+        mut ns: netns::NamedNetns,
     ) -> Result<link::Link, NetError> {
         let h = &self.handle;
-        let host = match existing {
-            Some(l) => {
+        // A spare namespace's veth pair, made ahead: renamed onto the bridge, its container
+        // side given the port's address below.
+        let spare = match (&existing, ns.veth.take()) {
+            (None, Some(v)) => {
+                link::rename_onto(h, v.index, port, self.mtu, bridge).await?;
+                Some(self.must_get(port).await?)
+            }
+            _ => None,
+        };
+        let premade = spare.is_some();
+        let host = match (existing, spare) {
+            (_, Some(l)) => l,
+            (Some(l), None) => {
                 if l.controller != Some(bridge) || l.mtu != self.mtu {
                     link::set_mtu_controller(h, l.index, port, self.mtu, Some(bridge)).await?;
                 }
                 l
             }
-            None => {
+            (None, None) => {
                 let made = link::add_veth(
                     h,
                     port,
@@ -579,6 +595,9 @@ impl NodeNet {
                 format!("no {CONTAINER_IFNAME} inside the namespace of {}", a.key),
             )
         })?;
+        if premade {
+            link::set_address(&inner, eth.index, CONTAINER_IFNAME, a.mac).await?;
+        }
         link::add_address(&inner, eth.index, a.ip, a.prefix_len, CONTAINER_IFNAME).await?;
         link::set_up(&inner, eth.index, CONTAINER_IFNAME).await?;
         link::replace_default_route(&inner, a.gateway, eth.index).await?;

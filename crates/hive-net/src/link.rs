@@ -260,6 +260,39 @@ pub(crate) async fn set_up(h: &Handle, index: u32, name: &str) -> Result<(), Net
     .await
 }
 
+/// Renames link `index` (down) to `name` and puts it on `bridge` with `mtu`, in one message.
+pub(crate) async fn rename_onto(
+    h: &Handle,
+    index: u32,
+    name: &str,
+    mtu: u32,
+    bridge: u32,
+) -> Result<(), NetError> {
+    let msg = LinkUnspec::new_with_index(index)
+        .name(name.to_owned())
+        .mtu(mtu)
+        .controller(bridge)
+        .build();
+    set(
+        h,
+        format!("rename link {index} to {name} on bridge {bridge}"),
+        msg,
+    )
+    .await
+}
+
+pub(crate) async fn set_address(
+    h: &Handle,
+    index: u32,
+    name: &str,
+    mac: [u8; 6],
+) -> Result<(), NetError> {
+    let msg = LinkUnspec::new_with_index(index)
+        .address(mac.to_vec())
+        .build();
+    set(h, format!("set the address of {name}"), msg).await
+}
+
 pub(crate) async fn set_mtu_controller(
     h: &Handle,
     index: u32,

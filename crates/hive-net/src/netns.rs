@@ -156,6 +156,29 @@ pub(crate) struct NamedNetns {
     pub(crate) created: bool,
     /// Its `lo` is up already.
     pub(crate) lo_up: bool,
+    /// The veth pair made in it ahead, if it was a spare that has one.
+    pub(crate) veth: Option<SpareVeth>,
+}
+
+/// A veth pair made in a spare namespace ahead of its port: the container side inside as
+/// `eth0` (a random address, down), the host side in the node's namespace, down, on no
+/// bridge, under a name of its own (`{prefix}s{n}`, which no port, network or teardown
+/// matches). The port renames it and puts it on its bridge instead of making a pair. Both
+/// go with the namespace if it is dropped unnamed (a veth pair dies with either end's
+/// namespace), so a killed agent leaves none.
+#[derive(Debug)]
+pub(crate) struct SpareVeth {
+    /// Its host side's interface index.
+    pub(crate) index: u32,
+}
+
+/// What a spare's veth pair is made with: the node's netlink handle, its names' prefix and
+/// the ports' MTU.
+#[derive(Clone)]
+pub(crate) struct VethPlan {
+    pub(crate) handle: Handle,
+    pub(crate) prefix: String,
+    pub(crate) mtu: u32,
 }
 
 /// The interface index of `lo` in every network namespace (registered first).
@@ -168,6 +191,7 @@ pub(crate) struct Spare {
     ns: File,
     socket: Socket,
     dns: crate::dns::Sockets,
+    veth: Option<SpareVeth>,
 }
 
 impl Spare {
@@ -192,9 +216,27 @@ impl Spare {
                 dns: crate::dns::bind()?,
                 ns: current()?,
                 socket: netlink_socket()?,
+                veth: None,
             })
         })
         .await
+    }
+
+    /// Makes its veth pair (see [`SpareVeth`]), named `name` on the node's side.
+    async fn add_veth(&mut self, plan: &VethPlan, name: &str) -> Result<(), NetError> {
+        crate::link::add_veth_pair(
+            &plan.handle,
+            name,
+            crate::CONTAINER_IFNAME,
+            self.ns.as_raw_fd(),
+            plan.mtu,
+        )
+        .await?;
+        let host = crate::link::get(&plan.handle, name)
+            .await?
+            .ok_or_else(|| NetError::invalid("spare veth", format!("{name} is gone")))?;
+        self.veth = Some(SpareVeth { index: host.index });
+        Ok(())
     }
 
     /// Names it: bind-mounted at `path` (a namespace file, like `ip netns attach`).
@@ -218,6 +260,7 @@ impl Spare {
             socket: self.socket,
             created: true,
             lo_up: true,
+            veth: self.veth,
         };
         Ok((named, self.dns))
     }
@@ -232,6 +275,8 @@ const SPARES: usize = 2;
 pub(crate) struct Spares {
     ready: std::sync::Arc<std::sync::Mutex<Vec<Spare>>>,
     filling: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The number in the next spare veth's name.
+    seq: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl std::fmt::Debug for Spares {
@@ -260,10 +305,15 @@ impl Spares {
             .collect()
     }
 
-    /// Tops the spares up to [`SPARES`], one at a time on a task of the current runtime;
-    /// does nothing while a refill is under way. A failure is logged and ends the refill
-    /// (ports then make their namespaces themselves).
-    pub(crate) fn refill(&self, sysctls: &'static [(&'static str, &'static str)]) {
+    /// Tops the spares up to [`SPARES`], one at a time on a task of the current runtime,
+    /// each with a veth pair if `veth` says how; does nothing while a refill is under way. A
+    /// failure is logged and ends the refill (ports then make their namespaces, or their
+    /// veth pairs, themselves).
+    pub(crate) fn refill(
+        &self,
+        sysctls: &'static [(&'static str, &'static str)],
+        veth: Option<VethPlan>,
+    ) {
         use std::sync::atomic::Ordering;
         if self.filling.swap(true, Ordering::AcqRel) {
             return;
@@ -272,7 +322,18 @@ impl Spares {
         tokio::spawn(async move {
             while me.lock().len() < SPARES {
                 match Spare::make(sysctls).await {
-                    Ok(spare) => me.lock().push(spare),
+                    Ok(mut spare) => {
+                        if let Some(plan) = &veth {
+                            // Up to 8 digits: `{prefix}s{n}` fits 15 bytes.
+                            let n = me.seq.fetch_add(1, Ordering::Relaxed) % 100_000_000;
+                            let name = format!("{}s{n}", plan.prefix);
+                            if let Err(e) = spare.add_veth(plan, &name).await {
+                                tracing::warn!(error = %e, "make a spare veth pair");
+                                break;
+                            }
+                        }
+                        me.lock().push(spare)
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "make a spare network namespace");
                         break;
@@ -361,6 +422,7 @@ pub(crate) async fn create_or_open(
             socket,
             created,
             lo_up: false,
+            veth: None,
         })
     })
     .await

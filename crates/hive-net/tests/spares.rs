@@ -1,7 +1,7 @@
 //! Spare namespaces (one test in its own binary: it counts this process's namespace
 //! descriptors). Told to, a node keeps namespaces ready; a port made from one has what a
-//! port made from nothing has (sysctls, `lo`, address, route, a resolver), and the spares
-//! go with the node's `NodeNet`. Needs root and the tools listed in
+//! port made from nothing has (sysctls, `lo`, address, route, a resolver; its veth pair made
+//! ahead, renamed onto the bridge), and the spares go with the node's `NodeNet`. Needs root and the tools listed in
 //! `common`, and busybox (`nslookup`).
 
 mod common;
@@ -85,6 +85,23 @@ async fn ports_from_spare_namespaces_match_fresh_ones_and_spares_go_with_the_nod
         eventually("two spares", || net.spare_namespaces().len() == 2).await;
         let spares = net.spare_namespaces();
         assert!(!spares.contains(&ns_inode(&a.key)));
+        // Each with its veth pair made ahead: the host side under a spare name, down, on no
+        // bridge.
+        let node = &t.nodes[0];
+        let spare_links = || -> Vec<String> {
+            t.our_links(0)
+                .into_iter()
+                .filter(|l| l.starts_with(&format!("{}s", node.prefix)))
+                .collect()
+        };
+        eventually("two spare veths", || spare_links().len() == 2).await;
+        for l in spare_links() {
+            let shown = in_ns_ok(&node.ns, &["ip", "-o", "link", "show", &l]);
+            assert!(
+                !shown.contains("master") && !shown.contains(",UP"),
+                "{shown}"
+            );
+        }
 
         // The next port is one of them, named.
         net.attach(&b).await.unwrap();
@@ -94,6 +111,37 @@ async fn ports_from_spare_namespaces_match_fresh_ones_and_spares_go_with_the_nod
             ns_inode(&b.key)
         );
         assert_eq!(net.spare_namespaces().len(), 1);
+        // Its veth is one of the spare's, renamed onto the bridge, with the port's address
+        // inside.
+        assert_eq!(spare_links().len(), 1);
+        let eth = in_ns_ok(&t.inst_ns(&b.key), &["ip", "-o", "link", "show", "eth0"]);
+        // `2: eth0@if17: …`: the host side's index.
+        let peer = eth
+            .split("eth0@if")
+            .nth(1)
+            .and_then(|r| r.split(':').next())
+            .expect("eth0's peer")
+            .to_owned();
+        let shown = in_ns_ok(&node.ns, &["ip", "-o", "link", "show"])
+            .lines()
+            .find(|l| l.starts_with(&format!("{peer}: ")))
+            .expect("the host side")
+            .to_owned();
+        assert!(
+            shown.contains(&format!("master {}b{VNI}", node.prefix))
+                && shown.contains(",UP")
+                && !shown.contains(&format!(": {}s", node.prefix)),
+            "{shown}"
+        );
+        assert!(eth.contains(&mac_str(b.mac)), "{eth}");
+        let eth_a = in_ns_ok(&t.inst_ns(&a.key), &["ip", "-o", "link", "show", "eth0"]);
+        let mtu = |s: &str| {
+            s.split(" mtu ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .map(str::to_owned)
+        };
+        assert_eq!(mtu(&eth), mtu(&eth_a), "{eth}\n{eth_a}");
         // Topped up again when asked.
         net.refill_spares();
         eventually("two spares again", || {

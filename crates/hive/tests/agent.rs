@@ -118,10 +118,8 @@ fn a_service_runs_as_a_real_container_and_scaling_to_zero_removes_it() {
     );
     let uid = running["uid"].as_str().unwrap();
     assert_eq!(running["status"]["container_id"], uid);
-    let log = data
-        .join("agent/containers")
-        .join(uid)
-        .join("container.log");
+    // On the data dir's file system, apart from the container's state (on a tmpfs).
+    let log = data.join("agent/logs").join(uid).join("container.log");
     until(10, &format!("no output in {}", log.display()), || {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
@@ -530,6 +528,12 @@ fn a_starting_agent_removes_what_unfinished_starts_left_and_keeps_what_it_adopts
         }
     }
     assert!(common::cgroup_dirs(&half_cgroup).len() > 2);
+    // The logs of a container whose state is gone (as a reboot empties the state's tmpfs).
+    let orphan_logs = agent
+        .join("logs")
+        .join("0bad0000-0000-4000-8000-00000000000c");
+    std::fs::create_dir_all(&orphan_logs).unwrap();
+    std::fs::write(orphan_logs.join("container.log"), b"old\n").unwrap();
 
     // The restarted agent removes all of it before it acts, and keeps what ran.
     let ns = s.up.netns.clone().unwrap();
@@ -543,6 +547,7 @@ fn a_starting_agent_removes_what_unfinished_starts_left_and_keeps_what_it_adopts
                 && !ghost.exists()
                 && !agent.join("containers").join(half).exists()
                 && !agent.join("runtime").join(half).exists()
+                && !orphan_logs.exists()
                 && common::cgroup_dirs(&half_cgroup).is_empty()
         },
     );

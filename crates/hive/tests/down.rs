@@ -132,17 +132,26 @@ fn hive_down_removes_everything_a_killed_hive_up_left_and_refuses_while_it_runs(
             .filter(|p| p.starts_with(&data))
             .collect()
     };
-    // Two root filesystems and the runtime's tmpfs.
-    let runtime_tmpfs = std::fs::canonicalize(&data).unwrap().join("agent/runtime");
-    assert_eq!(data_mounts().len(), 3, "{:?}", data_mounts());
-    assert!(
-        mounts()
-            .iter()
-            .any(|(p, fstype)| *p == runtime_tmpfs && fstype == "tmpfs"),
-        "no tmpfs at {}: {:?}",
-        runtime_tmpfs.display(),
-        data_mounts()
-    );
+    // Two root filesystems, and the tmpfs mounts of the runtime's and the containers' state
+    // and the watch state (beside them, spare root filesystems composed ahead, as many as
+    // the agent has made by now).
+    let spares = data.join("agent/images/spares");
+    let all = data_mounts();
+    let (spare, own): (Vec<&PathBuf>, Vec<&PathBuf>) =
+        all.iter().partition(|p| p.starts_with(&spares));
+    assert_eq!(own.len(), 5, "{all:?}");
+    assert!(spare.len() <= 2, "{all:?}");
+    for state in ["agent/runtime", "agent/containers", "agent/watch"] {
+        let tmpfs = std::fs::canonicalize(&data).unwrap().join(state);
+        assert!(
+            mounts()
+                .iter()
+                .any(|(p, fstype)| *p == tmpfs && fstype == "tmpfs"),
+            "no tmpfs at {}: {:?}",
+            tmpfs.display(),
+            data_mounts()
+        );
+    }
     // A namespace and a port each, the network's bridge and VXLAN device, the node's table;
     // for the published port the router's namespace, its leg and transit veths, the node's
     // DNAT table.

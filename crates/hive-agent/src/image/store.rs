@@ -12,6 +12,8 @@
 //! layers/<hex>/layer.json       diff-id, media type, unpacked size
 //! images/<sha256(ref)>.json     reference -> manifest digest, config digest, layer list
 //! instances/<id>/               upper/, work/, rootfs/ (mountpoint), image.json
+//! spares/<n>/                   the same, composed ahead for an image started lately; renamed
+//!                               to instances/<id>/ by the next compose of that image
 //! ```
 //!
 //! It must not know about runtimes or the API: instances are opaque ids here.
@@ -27,6 +29,7 @@ use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
 use serde::{Deserialize, Serialize};
 
 use super::layout::valid_digest;
+use super::mountpoints::{self, MountPoint};
 use super::overlay::{KernelMounter, Mounter, OverlayError};
 use super::reference::{Reference, ReferenceError};
 use super::registry::{BlobChunk, Credentials, RegistryClient, RegistryError, sha256_of};
@@ -81,6 +84,9 @@ pub struct StoreConfig {
     pub platform: Platform,
     /// Layers downloaded at once per pull.
     pub concurrency: usize,
+    /// What the runtime mounts over in every container, made in each root filesystem as it
+    /// is composed (see [`mountpoints`]).
+    pub mount_points: Vec<MountPoint>,
 }
 
 impl StoreConfig {
@@ -92,6 +98,7 @@ impl StoreConfig {
             limits: Limits::default(),
             platform: Platform::host(),
             concurrency: 4,
+            mount_points: Vec::new(),
         }
     }
 }
@@ -284,7 +291,34 @@ pub struct ImageStore {
     /// that a pull or a compose is about to use.
     gc_lock: tokio::sync::RwLock<()>,
     mounter: Arc<dyn Mounter>,
+    spares: Mutex<Spares>,
+    /// A refill of the spares is under way.
+    filling: std::sync::atomic::AtomicBool,
 }
+
+/// Root filesystems composed ahead ([`ImageStore::refill_spares`]) for the images composed
+/// last: the next compose of one of them renames a spare into place instead of making its
+/// directories and mounting its overlay within the start.
+#[derive(Debug, Default)]
+struct Spares {
+    ready: Vec<SpareRootfs>,
+    /// The images composed last, the latest last (at most [`SPARE_IMAGES`]).
+    recent: Vec<Image>,
+    /// The number of the next spare's directory.
+    next: u64,
+}
+
+#[derive(Debug)]
+struct SpareRootfs {
+    dir: PathBuf,
+    /// The layers it mounts (topmost first): a compose takes one with the same.
+    lower: Vec<PathBuf>,
+    reference: String,
+}
+
+/// How many images have spares at once, and how many each.
+const SPARE_IMAGES: usize = 4;
+const SPARES_PER_IMAGE: usize = 2;
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -345,7 +379,7 @@ impl ImageStore {
 
     /// Like [`ImageStore::open`], with another [`Mounter`] (a fake in tests).
     pub fn open_with_mounter(cfg: StoreConfig, mounter: Arc<dyn Mounter>) -> Result<Self> {
-        for d in ["blobs/sha256", "layers", "images", "instances"] {
+        for d in ["blobs/sha256", "layers", "images", "instances", "spares"] {
             let p = cfg.root.join(d);
             std::fs::create_dir_all(&p).map_err(|e| io_err(&p, e))?;
         }
@@ -359,13 +393,22 @@ impl ImageStore {
                 reference: "-".into(),
                 source,
             })?;
-        Ok(ImageStore {
+        let store = ImageStore {
             cfg,
             client,
             layer_locks: Mutex::new(HashMap::new()),
             gc_lock: tokio::sync::RwLock::new(()),
             mounter,
-        })
+            spares: Mutex::new(Spares::default()),
+            filling: Default::default(),
+        };
+        // Spares are known only to the process that made them: an earlier one's go.
+        let dir = store.cfg.root.join("spares");
+        for e in std::fs::read_dir(&dir).map_err(|e| io_err(&dir, e))? {
+            let e = e.map_err(|e| io_err(&dir, e))?;
+            store.release_spare_dir(&e.path())?;
+        }
+        Ok(store)
     }
 
     pub fn root(&self) -> &Path {
@@ -687,52 +730,24 @@ impl ImageStore {
     }
 
     /// Composes the root filesystem of `instance` from `image`: an overlay mount of the
-    /// image's layer dirs (read-only, shared) under a private upper/work dir. The instance
-    /// counts as a user of the image until [`ImageStore::release_rootfs`].
+    /// image's layer dirs (read-only, shared) under a private upper/work dir, with the
+    /// runtime's mount points made (see [`StoreConfig::mount_points`]); a spare composed ahead
+    /// for the same layers is renamed into place instead ([`ImageStore::refill_spares`]).
+    /// The instance counts as a user of the image until [`ImageStore::release_rootfs`].
     pub async fn compose_rootfs(&self, image: &Image, instance: &str) -> Result<Rootfs> {
         check_instance_id(instance)?;
         let _shared = self.gc_lock.read().await;
         let dir = self.cfg.root.join("instances").join(instance);
-        match std::fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(ImageError::InstanceExists(instance.to_owned()));
-            }
-            Err(e) => return Err(io_err(&dir, e)),
-        }
-        let result = self.compose_in(image, instance, &dir);
-        if result.is_err() {
-            // Never remove through a live mount.
-            if self.mounter.unmount(&dir.join("rootfs")).is_ok() {
-                let _ = std::fs::remove_dir_all(&dir);
-            }
-        }
-        result
-    }
-
-    fn compose_in(&self, image: &Image, instance: &str, dir: &Path) -> Result<Rootfs> {
-        // The record goes first: from now on GC sees the image as used.
-        let rec = InstanceRecord {
-            instance: instance.to_owned(),
-            image: image.reference.clone(),
-        };
-        let rec_path = dir.join("image.json");
-        let json = serde_json::to_vec(&rec).map_err(|e| ImageError::Io {
-            path: rec_path.display().to_string(),
-            source: std::io::Error::other(e),
-        })?;
-        std::fs::write(&rec_path, json).map_err(|e| io_err(&rec_path, e))?;
         let lower = self.lower_dirs(image)?;
-        let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
-        for d in [&upper, &work, &rootfs] {
-            std::fs::create_dir(d).map_err(|e| io_err(d, e))?;
-        }
-        self.mounter
-            .mount_overlay(&lower, &upper, &work, &rootfs)
-            .map_err(|source| ImageError::Overlay {
-                instance: instance.to_owned(),
-                source,
-            })?;
+        let spare = self.take_spare(image, &lower);
+        let adopted = match spare {
+            Some(spare) => self.adopt(spare, image, instance, &dir)?,
+            None => None,
+        };
+        let rootfs = match adopted {
+            Some(r) => r,
+            None => self.compose_new(image, instance, &dir, &lower)?,
+        };
         // The image's record is rewritten (a new file on the data dir's file system) only
         // once its last use is a minute old: GC needs the order of uses, not every one.
         let at = now();
@@ -743,10 +758,227 @@ impl ImageStore {
             img.last_used = at;
             self.write_image(&img)?;
         }
-        Ok(Rootfs {
+        Ok(rootfs)
+    }
+
+    fn compose_new(
+        &self,
+        image: &Image,
+        instance: &str,
+        dir: &Path,
+        lower: &[PathBuf],
+    ) -> Result<Rootfs> {
+        match std::fs::create_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(ImageError::InstanceExists(instance.to_owned()));
+            }
+            Err(e) => return Err(io_err(dir, e)),
+        }
+        let result = self.fill(&image.reference, instance, dir, lower);
+        if result.is_err() {
+            // Never remove through a live mount.
+            if self.mounter.unmount(&dir.join("rootfs")).is_ok() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+        result.map(|path| Rootfs {
             instance: instance.to_owned(),
-            path: rootfs,
+            path,
         })
+    }
+
+    /// Fills the new directory `dir` with a root filesystem of `reference` over `lower`
+    /// (for `instance`: empty for a spare) and returns its mounted `rootfs/`.
+    fn fill(
+        &self,
+        reference: &str,
+        instance: &str,
+        dir: &Path,
+        lower: &[PathBuf],
+    ) -> Result<PathBuf> {
+        // The record goes first: from now on GC sees the image as used.
+        self.write_instance_record(dir, instance, reference)?;
+        let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
+        for d in [&upper, &work, &rootfs] {
+            std::fs::create_dir(d).map_err(|e| io_err(d, e))?;
+        }
+        self.mounter
+            .mount_overlay(lower, &upper, &work, &rootfs)
+            .map_err(|source| ImageError::Overlay {
+                instance: instance.to_owned(),
+                source,
+            })?;
+        mountpoints::make(&rootfs, &self.cfg.mount_points).map_err(|e| io_err(&rootfs, e))?;
+        Ok(rootfs)
+    }
+
+    fn write_instance_record(&self, dir: &Path, instance: &str, reference: &str) -> Result<()> {
+        let rec = InstanceRecord {
+            instance: instance.to_owned(),
+            image: reference.to_owned(),
+        };
+        let path = dir.join("image.json");
+        let json = serde_json::to_vec(&rec).map_err(|e| ImageError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::other(e),
+        })?;
+        std::fs::write(&path, json).map_err(|e| io_err(&path, e))
+    }
+
+    fn spares(&self) -> std::sync::MutexGuard<'_, Spares> {
+        self.spares.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A spare over `lower`, if one is ready; notes `image` as composed lately either way.
+    fn take_spare(&self, image: &Image, lower: &[PathBuf]) -> Option<SpareRootfs> {
+        let mut spares = self.spares();
+        spares.recent.retain(|i| i.reference != image.reference);
+        spares.recent.push(image.clone());
+        if spares.recent.len() > SPARE_IMAGES {
+            spares.recent.remove(0);
+        }
+        let i = spares.ready.iter().position(|s| s.lower == lower)?;
+        Some(spares.ready.swap_remove(i))
+    }
+
+    /// Renames `spare` to `dir`, instance `instance`'s (never over an existing one). None:
+    /// the spare could not be used (it is released), the rootfs is to be composed anew.
+    fn adopt(
+        &self,
+        spare: SpareRootfs,
+        image: &Image,
+        instance: &str,
+        dir: &Path,
+    ) -> Result<Option<Rootfs>> {
+        use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+        let moved = renameat2(
+            AT_FDCWD,
+            &spare.dir,
+            AT_FDCWD,
+            dir,
+            RenameFlags::RENAME_NOREPLACE,
+        );
+        let unused = |why: String| {
+            tracing::warn!(dir = %spare.dir.display(), error = %why, "a spare root filesystem");
+            let _ = self.release_spare_dir(&spare.dir);
+        };
+        match moved {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EEXIST) => {
+                unused("the instance has one already".into());
+                return Err(ImageError::InstanceExists(instance.to_owned()));
+            }
+            Err(e) => {
+                unused(format!("rename to {}: {e}", dir.display()));
+                return Ok(None);
+            }
+        }
+        // Rewritten in place: no new file. Failing, the directory is the instance's (the
+        // caller's cleanup releases it like any other).
+        self.write_instance_record(dir, instance, &image.reference)?;
+        Ok(Some(Rootfs {
+            instance: instance.to_owned(),
+            path: dir.join("rootfs"),
+        }))
+    }
+
+    /// Composes spare root filesystems until each image composed lately has
+    /// [`SPARES_PER_IMAGE`]; drops those of images no longer among them. Meant for when the
+    /// node is quiet (the agent calls it once its starts are over); does nothing while
+    /// another refill is under way. A failure is logged and ends the refill.
+    pub async fn refill_spares(&self) {
+        if self.filling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        /// Lets the next refill run however this one ends.
+        struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _done = Done(&self.filling);
+        let _shared = self.gc_lock.read().await;
+        let stale: Vec<SpareRootfs> = {
+            let mut spares = self.spares();
+            let recent: HashSet<String> =
+                spares.recent.iter().map(|i| i.reference.clone()).collect();
+            let (keep, stale) = std::mem::take(&mut spares.ready)
+                .into_iter()
+                .partition(|s| recent.contains(&s.reference));
+            spares.ready = keep;
+            stale
+        };
+        for s in stale {
+            let _ = self.release_spare_dir(&s.dir);
+        }
+        let recent = self.spares().recent.clone();
+        'images: for image in recent.iter().rev() {
+            let Ok(lower) = self.lower_dirs(image) else {
+                continue;
+            };
+            loop {
+                let (have, n) = {
+                    let mut spares = self.spares();
+                    spares.next += 1;
+                    let have = spares.ready.iter().filter(|s| s.lower == lower).count();
+                    (have, spares.next)
+                };
+                if have >= SPARES_PER_IMAGE {
+                    break;
+                }
+                let dir = self.cfg.root.join("spares").join(n.to_string());
+                let made = std::fs::create_dir(&dir)
+                    .map_err(|e| io_err(&dir, e))
+                    .and_then(|()| self.fill(&image.reference, "", &dir, &lower));
+                match made {
+                    Ok(_) => self.spares().ready.push(SpareRootfs {
+                        dir,
+                        lower: lower.clone(),
+                        reference: image.reference.clone(),
+                    }),
+                    Err(e) => {
+                        tracing::warn!(image = %image.reference, error = %e, "compose a spare root filesystem");
+                        let _ = self.release_spare_dir(&dir);
+                        break 'images;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops the spares of image `reference` (its record is about to go).
+    fn drop_spares_of(&self, reference: &str) {
+        let gone: Vec<SpareRootfs> = {
+            let mut spares = self.spares();
+            spares.recent.retain(|i| i.reference != reference);
+            let (gone, keep) = std::mem::take(&mut spares.ready)
+                .into_iter()
+                .partition(|s| s.reference == reference);
+            spares.ready = keep;
+            gone
+        };
+        for s in gone {
+            if let Err(e) = self.release_spare_dir(&s.dir) {
+                tracing::warn!(dir = %s.dir.display(), error = %e, "release a spare root filesystem");
+            }
+        }
+    }
+
+    /// Unmounts and removes a spare's directory (never through a live mount).
+    fn release_spare_dir(&self, dir: &Path) -> Result<()> {
+        self.mounter
+            .unmount(&dir.join("rootfs"))
+            .map_err(|source| ImageError::Overlay {
+                instance: dir.display().to_string(),
+                source,
+            })?;
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(dir, e)),
+        }
     }
 
     /// Mounts the root filesystem of an existing instance again if it is not mounted (after
@@ -883,6 +1115,7 @@ impl ImageStore {
         if !users.is_empty() {
             return Err(ImageError::InUse(r, users));
         }
+        self.drop_spares_of(&r);
         let path = self.image_record_path(&r);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -917,6 +1150,8 @@ impl ImageStore {
             if in_use.contains(&img.reference) {
                 continue;
             }
+            // Its spares mount its layers.
+            self.drop_spares_of(&img.reference);
             let path = self.image_record_path(&img.reference);
             std::fs::remove_file(&path).map_err(|e| io_err(&path, e))?;
             kept.retain(|k| k.reference != img.reference);
@@ -1306,7 +1541,92 @@ mod tests {
             .await
             .expect_err("missing layer");
         assert!(matches!(err, ImageError::NotPresent(_)), "{err}");
-        assert_eq!(fake.calls().len(), calls + 1, "only the cleanup unmount");
+        assert_eq!(fake.calls().len(), calls, "nothing mounted");
+        assert!(!tmp.path().join("instances/web-3").exists());
+    }
+
+    #[tokio::test]
+    async fn spares_are_composed_ahead_taken_by_the_next_compose_and_dropped_with_their_image() {
+        use super::super::overlay::{MountCall, RecordingMounter};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fake = Arc::new(RecordingMounter::default());
+        let mut cfg = StoreConfig::new(tmp.path());
+        cfg.mount_points = vec![
+            MountPoint {
+                path: "/proc".into(),
+                file: false,
+            },
+            MountPoint {
+                path: "/etc/resolv.conf".into(),
+                file: true,
+            },
+        ];
+        let store = ImageStore::open_with_mounter(cfg.clone(), fake.clone()).expect("open");
+        let img = fake_image(&store, 2);
+        store.write_image(&img).expect("image record");
+        // Nothing composed yet: no image to make spares of.
+        store.refill_spares().await;
+        assert!(fake.calls().is_empty());
+        let first = store.compose_rootfs(&img, "web-1").await.expect("compose");
+        assert!(first.path.join("proc").is_dir() && first.path.join("etc/resolv.conf").is_file());
+        store.refill_spares().await;
+        let spares = tmp.path().join("spares");
+        assert_eq!(
+            std::fs::read_dir(&spares).unwrap().count(),
+            SPARES_PER_IMAGE
+        );
+        let mounts = fake.calls().len();
+        assert_eq!(mounts, 1 + SPARES_PER_IMAGE);
+
+        // The next compose takes one: renamed into place, nothing mounted, recorded as its.
+        let second = store.compose_rootfs(&img, "web-2").await.expect("compose");
+        let inst = tmp.path().join("instances/web-2");
+        assert_eq!(second.path, inst.join("rootfs"));
+        assert_eq!(fake.calls().len(), mounts);
+        assert!(second.path.join("proc").is_dir() && second.path.join("etc/resolv.conf").is_file());
+        assert_eq!(
+            std::fs::read_dir(&spares).unwrap().count(),
+            SPARES_PER_IMAGE - 1
+        );
+        let users: Vec<String> = store
+            .instances()
+            .unwrap()
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(users.len(), 2);
+        assert!(users.contains(&"web-2".to_owned()), "{users:?}");
+        // Never over an instance that has one.
+        let err = store
+            .compose_rootfs(&img, "web-2")
+            .await
+            .expect_err("exists");
+        assert!(matches!(err, ImageError::InstanceExists(_)), "{err}");
+
+        // Removing the image (its instances gone) drops its spares, unmounted first.
+        for i in ["web-1", "web-2"] {
+            assert!(store.release_rootfs(i).is_empty());
+        }
+        store.remove_image(&img.reference).await.expect("remove");
+        assert_eq!(std::fs::read_dir(&spares).unwrap().count(), 0);
+        let unmounts = fake
+            .calls()
+            .iter()
+            .filter(|c| matches!(c, MountCall::Unmount { target } if target.starts_with(&spares)))
+            .count();
+        assert!(unmounts >= 1, "{:?}", fake.calls());
+
+        // A spare an earlier process left goes when the store opens.
+        std::fs::create_dir_all(spares.join("7/rootfs")).unwrap();
+        drop(store);
+        let _again = ImageStore::open_with_mounter(cfg, fake.clone()).expect("open");
+        assert_eq!(std::fs::read_dir(&spares).unwrap().count(), 0);
+        assert_eq!(
+            fake.calls().last(),
+            Some(&MountCall::Unmount {
+                target: spares.join("7/rootfs")
+            })
+        );
     }
 
     #[test]

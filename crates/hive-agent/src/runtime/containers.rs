@@ -103,8 +103,11 @@ pub fn runtime_of_container(dir: &Path, id: &str, node: &OciRuntime) -> OciRunti
 pub struct Containers {
     pub runtime: OciRuntime,
     pub shim: ShimCommand,
-    /// One directory per container: bundle, supervisor records, logs.
+    /// One directory per container: bundle, supervisor records (and its logs, unless
+    /// [`Containers::with_logs`] put them elsewhere).
     pub root: PathBuf,
+    /// One directory per container for its logs (`root` unless set apart).
+    logs: PathBuf,
     pub log_max_bytes: u64,
     pub log_keep: usize,
     pub start_timeout: Duration,
@@ -198,10 +201,12 @@ async fn answer_of(mut child: tokio::process::Child) -> std::io::Result<Result<(
 
 impl Containers {
     pub fn new(runtime: OciRuntime, shim: ShimCommand, root: impl Into<PathBuf>) -> Self {
+        let root = root.into();
         Self {
             runtime,
             shim,
-            root: root.into(),
+            logs: root.clone(),
+            root,
             log_max_bytes: 10 << 20,
             log_keep: 2,
             start_timeout: Duration::from_secs(60),
@@ -285,8 +290,26 @@ impl Containers {
         self.root.join(id)
     }
 
+    /// Keeps the containers' logs in their own directories under `logs` (one each, made at
+    /// the first line a container writes) rather than in their state directories: those go on
+    /// a tmpfs, logs may be large.
+    pub fn with_logs(mut self, logs: impl Into<PathBuf>) -> Self {
+        self.logs = logs.into();
+        self
+    }
+
+    /// The directory of container `id`'s logs: its own under the logs root, or its state
+    /// directory for one started before logs were set apart (its supervisor writes there).
+    pub fn log_dir(&self, id: &str) -> PathBuf {
+        let own = self.dir(id);
+        if self.logs != self.root && !own.join(shim::LOG).exists() {
+            return self.logs.join(id);
+        }
+        own
+    }
+
     pub fn log_path(&self, id: &str) -> PathBuf {
-        self.dir(id).join(shim::LOG)
+        self.log_dir(id).join(shim::LOG)
     }
 
     /// The runtime that made container `id` ([`runtime_of_container`]).
@@ -348,6 +371,7 @@ impl Containers {
             id: id.to_owned(),
             bundle,
             state_dir: dir.clone(),
+            log_dir: Some(self.logs.join(id)),
             runtime_kind: self.runtime.kind.as_str().into(),
             runtime_binary: self.runtime.binary.clone(),
             runtime_root: self.runtime.root.clone(),
@@ -516,17 +540,45 @@ impl Containers {
                 });
             }
         }
-        let dir = self.dir(id);
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(ContainerError::Io {
-                id: id.to_owned(),
-                op: "remove",
-                path: dir,
-                source: e,
-            }),
+        // Its logs first: a directory left without its state would be an orphan's.
+        let logs = self.logs.join(id);
+        for dir in [logs, self.dir(id)] {
+            match fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(ContainerError::Io {
+                        id: id.to_owned(),
+                        op: "remove",
+                        path: dir,
+                        source: e,
+                    });
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// Removes the log directories of containers that have no state directory (their state
+    /// went with the tmpfs at a reboot, or a removal was cut short); returns their ids.
+    pub fn clear_orphan_logs(&self) -> Vec<String> {
+        if self.logs == self.root {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for e in fs::read_dir(&self.logs).into_iter().flatten().flatten() {
+            let Ok(id) = e.file_name().into_string() else {
+                continue;
+            };
+            if !valid_id(&id) || self.dir(&id).exists() {
+                continue;
+            }
+            match fs::remove_dir_all(e.path()) {
+                Ok(()) => out.push(id),
+                Err(err) => tracing::warn!(container = %id, error = %err, "remove orphan logs"),
+            }
+        }
+        out
     }
 
     /// The cgroup path in the container's bundle.

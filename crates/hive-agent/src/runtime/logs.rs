@@ -27,26 +27,42 @@ impl Stream {
 }
 
 /// Appends records to a log file, rotating it past `max_bytes` and keeping `keep` old files.
+/// The file (and its directory) is made at the first record, not before.
 #[derive(Debug)]
 pub struct LogWriter {
     path: PathBuf,
-    file: File,
+    file: Option<File>,
     size: u64,
     max_bytes: u64,
     keep: usize,
 }
 
 impl LogWriter {
-    pub fn open(path: &Path, max_bytes: u64, keep: usize) -> io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        let size = file.metadata()?.len();
-        Ok(Self {
+    /// A writer to `path`, which touches nothing until its first record.
+    pub fn new(path: &Path, max_bytes: u64, keep: usize) -> Self {
+        Self {
             path: path.to_owned(),
-            file,
-            size,
+            file: None,
+            size: 0,
             max_bytes: max_bytes.max(4096),
             keep,
-        })
+        }
+    }
+
+    /// The file, opened for appending (and its directory made) if it is not yet.
+    fn file(&mut self) -> io::Result<&mut File> {
+        if self.file.is_none() {
+            if let Some(dir) = self.path.parent() {
+                fs::create_dir_all(dir)?;
+            }
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            self.size = file.metadata()?.len();
+            self.file = Some(file);
+        }
+        Ok(self.file.as_mut().expect("opened above"))
     }
 
     pub fn write(&mut self, stream: Stream, partial: bool, content: &[u8]) -> io::Result<()> {
@@ -58,10 +74,11 @@ impl LogWriter {
         rec.extend_from_slice(if partial { b" P " } else { b" F " });
         rec.extend_from_slice(content);
         rec.push(b'\n');
+        self.file()?;
         if self.size + rec.len() as u64 > self.max_bytes && self.size > 0 {
             self.rotate()?;
         }
-        self.file.write_all(&rec)?;
+        self.file()?.write_all(&rec)?;
         self.size += rec.len() as u64;
         Ok(())
     }
@@ -78,10 +95,8 @@ impl LogWriter {
         } else {
             fs::remove_file(&self.path)?;
         }
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
+        // The next record opens the new file.
+        self.file = None;
         self.size = 0;
         Ok(())
     }
@@ -395,10 +410,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn nothing_is_made_before_the_first_record_and_a_file_there_is_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs").join("c1");
+        let path = logs.join("container.log");
+        let w = Arc::new(Mutex::new(LogWriter::new(&path, 1 << 20, 2)));
+        copy(&b""[..], Stream::Stdout, &w).unwrap();
+        assert!(!logs.exists(), "made before any output");
+        copy(&b"one\n"[..], Stream::Stdout, &w).unwrap();
+        let w2 = Arc::new(Mutex::new(LogWriter::new(&path, 1 << 20, 2)));
+        copy(&b"two\n"[..], Stream::Stderr, &w2).unwrap();
+        let text = fs::read(&path).unwrap();
+        let recs: Vec<Record> = text.split(|&b| b == b'\n').filter_map(parse).collect();
+        let got: Vec<_> = recs.iter().map(|r| (r.stream, r.content)).collect();
+        assert_eq!(
+            got,
+            [(&b"stdout"[..], &b"one"[..]), (&b"stderr"[..], &b"two"[..])]
+        );
+    }
+
+    #[test]
     fn lines_are_recorded_split_and_rotated() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("container.log");
-        let w = Arc::new(Mutex::new(LogWriter::open(&path, 8192, 2).unwrap()));
+        let w = Arc::new(Mutex::new(LogWriter::new(&path, 8192, 2)));
         copy(&b"hello\nworld\nno newline"[..], Stream::Stdout, &w).unwrap();
         let text = fs::read(&path).unwrap();
         let recs: Vec<Record> = text.split(|&b| b == b'\n').filter_map(parse).collect();
@@ -449,7 +484,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("container.log");
         assert!(collect(&path, &ReadOptions::default()).is_empty());
-        let w = Arc::new(Mutex::new(LogWriter::open(&path, 4096, 2).unwrap()));
+        let w = Arc::new(Mutex::new(LogWriter::new(&path, 4096, 2)));
         let mut want = Vec::new();
         for i in 0..300 {
             let line = [format!("line {i:03} ").as_bytes(), &[0xff], b"\n"].concat();
@@ -480,7 +515,7 @@ mod tests {
     fn long_lines_partial_lines_and_timestamps() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("container.log");
-        let w = Arc::new(Mutex::new(LogWriter::open(&path, 1 << 20, 2).unwrap()));
+        let w = Arc::new(Mutex::new(LogWriter::new(&path, 1 << 20, 2)));
         let long = vec![b'y'; MAX_LINE * 2 + 5];
         copy(&b"first\n"[..], Stream::Stdout, &w).unwrap();
         copy(&[&long[..], b"\n"].concat()[..], Stream::Stderr, &w).unwrap();
@@ -522,7 +557,7 @@ mod tests {
     fn follow_sees_new_lines_through_rotation_and_ends_after_exit() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("container.log");
-        let w = Arc::new(Mutex::new(LogWriter::open(&path, 4096, 2).unwrap()));
+        let w = Arc::new(Mutex::new(LogWriter::new(&path, 4096, 2)));
         copy(&b"before\n"[..], Stream::Stdout, &w).unwrap();
         let exited = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = {
@@ -566,7 +601,7 @@ mod tests {
     fn a_reader_that_stops_ends_the_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("container.log");
-        let w = Arc::new(Mutex::new(LogWriter::open(&path, 1 << 20, 1).unwrap()));
+        let w = Arc::new(Mutex::new(LogWriter::new(&path, 1 << 20, 1)));
         copy(&b"x\n"[..], Stream::Stdout, &w).unwrap();
         let mut calls = 0;
         // follow with a container that never exits: only the sink can end it.

@@ -34,8 +34,12 @@ use super::oci::{CreateIo, OciRuntime, RuntimeKind};
 pub struct ShimConfig {
     pub id: String,
     pub bundle: PathBuf,
-    /// This container's state directory (`started.json`, `exit.json`, logs).
+    /// This container's state directory (`started.json`, `exit.json`, logs unless
+    /// `log_dir` is given).
     pub state_dir: PathBuf,
+    /// Where its logs go (made at the first line it writes); none: its state directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_dir: Option<PathBuf>,
     pub runtime_kind: String,
     pub runtime_binary: PathBuf,
     pub runtime_root: PathBuf,
@@ -231,15 +235,14 @@ fn supervise(cfg: &ShimConfig, mut sync: Option<File>, sealed: Option<OwnedFd>) 
     };
     let runtime = OciRuntime::new(kind, &cfg.runtime_binary, &cfg.runtime_root);
     let dir = &cfg.state_dir;
-    let writer = match LogWriter::open(&dir.join(LOG), cfg.log_max_bytes, cfg.log_keep) {
-        Ok(w) => Arc::new(Mutex::new(w)),
-        Err(e) => {
-            return fail(
-                &mut sync,
-                format!("shim {}: open log in {}: {e}", cfg.id, dir.display()),
-            );
-        }
-    };
+    // Opened at the first line the container writes: a start makes no file on the logs'
+    // file system (many containers never write one).
+    let log_dir = cfg.log_dir.as_deref().unwrap_or(dir);
+    let writer = Arc::new(Mutex::new(LogWriter::new(
+        &log_dir.join(LOG),
+        cfg.log_max_bytes,
+        cfg.log_keep,
+    )));
     let (out_r, out_w) = match pipe() {
         Ok(p) => p,
         Err(e) => return fail(&mut sync, format!("shim {}: pipe: {e}", cfg.id)),

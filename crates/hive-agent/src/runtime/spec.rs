@@ -294,11 +294,39 @@ fn build_err(id: &str) -> impl Fn(oci_spec::OciSpecError) -> SpecError + '_ {
     }
 }
 
+/// What the runtime mounts over in every container, outside its other mounts: the default
+/// mounts' top-level destinations (`/proc`, `/dev`, `/sys`; `/dev/pts` is inside `/dev`'s
+/// tmpfs) and `/etc/resolv.conf` ([`mount_resolv_conf`]). The image store makes them as it
+/// composes a root filesystem.
+pub fn mount_points() -> Vec<crate::image::mountpoints::MountPoint> {
+    let dests: Vec<PathBuf> = Spec::default()
+        .mounts()
+        .iter()
+        .flatten()
+        .map(|m| m.destination().clone())
+        .collect();
+    let mut out: Vec<_> = dests
+        .iter()
+        .filter(|d| !dests.iter().any(|o| o != *d && d.starts_with(o)))
+        .map(|d| crate::image::mountpoints::MountPoint {
+            path: d.clone(),
+            file: false,
+        })
+        .collect();
+    out.push(crate::image::mountpoints::MountPoint {
+        path: RESOLV_CONF.into(),
+        file: true,
+    });
+    out
+}
+
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
 /// Bind-mounts `file` read-only over the container's `/etc/resolv.conf` (its instance's
 /// resolver, see `discovery`).
 pub fn mount_resolv_conf(spec: &mut Spec, id: &str, file: &Path) -> Result<(), SpecError> {
     let m = oci_spec::runtime::MountBuilder::default()
-        .destination("/etc/resolv.conf")
+        .destination(RESOLV_CONF)
         .typ("bind")
         .source(file)
         .options(vec![
@@ -311,7 +339,7 @@ pub fn mount_resolv_conf(spec: &mut Spec, id: &str, file: &Path) -> Result<(), S
         .build()
         .map_err(build_err(id))?;
     let mut mounts = spec.mounts().clone().unwrap_or_default();
-    mounts.retain(|x| x.destination() != Path::new("/etc/resolv.conf"));
+    mounts.retain(|x| x.destination() != Path::new(RESOLV_CONF));
     mounts.push(m);
     spec.set_mounts(Some(mounts));
     Ok(())
@@ -632,5 +660,37 @@ mod tests {
         );
         assert_eq!(json["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ALLOW");
         assert_eq!(json["hostname"], "web-1");
+    }
+
+    #[test]
+    fn the_mount_points_made_ahead_are_the_top_level_destinations_of_the_mounts() {
+        let mut spec = build(&ContainerConfig {
+            id: "c1".into(),
+            hostname: "web-1".into(),
+            rootfs: "/var/lib/hive/x/rootfs".into(),
+            image: image(),
+            overrides: ProcessOverride::default(),
+            limits: Limits::default(),
+            cgroups_path: "/hive/acme/web-1".into(),
+            netns: None,
+        })
+        .unwrap();
+        mount_resolv_conf(&mut spec, "c1", Path::new("/x/resolv.conf")).unwrap();
+        let points = mount_points();
+        let paths: Vec<&Path> = points.iter().map(|p| p.path.as_path()).collect();
+        assert_eq!(paths, ["/proc", "/dev", "/sys", "/etc/resolv.conf"]);
+        assert!(
+            points
+                .iter()
+                .all(|p| p.file == (p.path == Path::new(RESOLV_CONF)))
+        );
+        // Every mount of a spec is at one of them or inside one.
+        for m in spec.mounts().as_ref().unwrap() {
+            assert!(
+                paths.iter().any(|p| m.destination().starts_with(p)),
+                "{}",
+                m.destination().display()
+            );
+        }
     }
 }

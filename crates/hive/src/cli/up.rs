@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use hive_agent::datadir::{DirLock, NetRecord, NodeRecord, RUNTIME_DIR, RuntimeState};
+use hive_agent::datadir::{DirLock, NetRecord, NodeRecord, RUNTIME_DIR, StateMount};
 use hive_api::Tenant;
 use hive_client::Client;
 use hive_server::{ADMIN_TOKEN_FILE, Launched, RateLimit, ServerConfig, leader};
@@ -491,13 +491,16 @@ fn make_agent(
         }),
     }
     .write(data_dir)?;
-    match hive_agent::datadir::mount_runtime_state(data_dir)? {
-        RuntimeState::Mounted => tracing::info!("the runtime's state on a tmpfs (mounted)"),
-        RuntimeState::Kept => tracing::info!("the runtime's state on its tmpfs (kept)"),
-        RuntimeState::OnDisk => tracing::info!(
-            "the runtime's state left on disk: it holds containers of an agent from before \
-             it went on a tmpfs"
-        ),
+    for (dir, state) in hive_agent::datadir::mount_state_dirs(data_dir)? {
+        match state {
+            StateMount::Mounted => tracing::info!(%dir, "state on a tmpfs (mounted)"),
+            StateMount::Kept => tracing::info!(%dir, "state on its tmpfs (kept)"),
+            StateMount::OnDisk => tracing::info!(
+                %dir,
+                "state left on disk: it holds containers of an agent from before it went on \
+                 a tmpfs"
+            ),
+        }
     }
     let oci = hive_agent::runtime::OciRuntime::new(kind, runtime, data_dir.join(RUNTIME_DIR));
     let shim = hive_agent::runtime::ShimCommand {
@@ -532,7 +535,7 @@ fn make_agent(
         usage_every: Duration::from_secs(30),
         image_budget: image_args.image_budget,
         image_gc_every: Duration::from_secs(image_args.image_gc_secs.max(1)),
-        state_dir: Some(data_dir.join("watch")),
+        state_dir: Some(data_dir.join(hive_agent::datadir::WATCH_DIR)),
     };
     let agent = hive_agent::sync::Agent::new(client.clone(), cfg, images, containers)?;
     Ok((agent, lock))
