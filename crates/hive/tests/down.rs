@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::{
-    Cleanup, HIVE, Killed, Netns, admin_token, alive, busybox_layout, cgroup_dirs, json, mounts,
-    ok, push_test_image, start_up_in, until,
+    Cleanup, HIVE, Killed, Netns, admin_token, alive, busybox_layout, cgroup_dirs, is_spare_veth,
+    json, mounts, ok, push_test_image, start_up_in, until,
 };
 use serde_json::Value;
 
@@ -155,9 +155,12 @@ fn hive_down_removes_everything_a_killed_hive_up_left_and_refuses_while_it_runs(
     // A namespace and a port each, the network's bridge and VXLAN device, the node's table;
     // for the published port the router's namespace, its leg and transit veths, the node's
     // DNAT table.
+    // Beside them, the veth pairs of spare namespaces (`{prefix}s{n}`), as many as made.
+    let is_spare = |l: &String| is_spare_veth(&ns.prefix, l);
     let t0 = std::time::Instant::now();
     loop {
-        let (files, links, tables) = network_of(&ns);
+        let (files, mut links, tables) = network_of(&ns);
+        links.retain(|l| !is_spare(l));
         if files.len() == 3 && links.len() == 6 && tables.len() == 2 {
             break;
         }
@@ -172,6 +175,10 @@ fn hive_down_removes_everything_a_killed_hive_up_left_and_refuses_while_it_runs(
     up.child.kill().unwrap();
     up.child.wait().unwrap();
     assert!(pids.iter().all(|p| alive(*p)), "{pids:?}");
+    // The spare namespaces went with the process, their veth pairs with them.
+    until(10, "spare veths left after the kill", || {
+        !network_of(&ns).1.iter().any(is_spare)
+    });
 
     // A process in a namespace of the prefix that is no container of this node: another node
     // uses the prefix here, so its network is left alone (and said so); the rest goes.

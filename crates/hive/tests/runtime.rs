@@ -346,16 +346,16 @@ fn parent_of(pid: u32) -> Option<u32> {
         .ok()
 }
 
-/// This process's children that are spare supervisors (`hive shim - RUNTIME`).
-fn spare_supervisors() -> Vec<u32> {
+/// This process's children that are spare supervisors for `runtime` (`hive shim - RUNTIME`).
+fn spare_supervisors(runtime: &Path) -> Vec<u32> {
     let me = std::process::id();
-    let spare = b"\0shim\0-\0/usr/sbin/runc\0";
+    let spare = format!("\0shim\0-\0{}\0", runtime.display()).into_bytes();
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            parent_of(*pid) == Some(me) && cmdline.ends_with(spare)
+            parent_of(*pid) == Some(me) && cmdline.ends_with(&spare)
         })
         .collect()
 }
@@ -363,10 +363,10 @@ fn spare_supervisors() -> Vec<u32> {
 /// The spare supervisors once there is one (within 10 s). Polled: a program just spawned
 /// shows its command line only once the kernel has set up its new memory, a moment after
 /// `spawn` returned.
-async fn a_spare_supervisor() -> Vec<u32> {
+async fn a_spare_supervisor(runtime: &Path) -> Vec<u32> {
     let t0 = Instant::now();
     loop {
-        let now = spare_supervisors();
+        let now = spare_supervisors(runtime);
         if !now.is_empty() {
             return now;
         }
@@ -384,14 +384,23 @@ async fn a_spare_supervisor() -> Vec<u32> {
 #[tokio::test]
 async fn a_start_takes_the_supervisor_spawned_ahead_and_another_is_spawned() {
     let mut f = Fixture::new();
-    f.containers.prepare_supervisor();
-    let ahead = a_spare_supervisor().await;
+    // runc under a path of this test's own, so that the spares of the tests running beside
+    // it in this process (all children of it) are not counted as this one's.
+    let runc = f.rootfs.with_file_name("runc-of-this-test");
+    std::os::unix::fs::symlink("/usr/sbin/runc", &runc).unwrap();
+    let c = &f.containers;
+    let containers = Containers::new(
+        OciRuntime::new(RuntimeKind::Runc, &runc, c.runtime.root.clone()),
+        c.shim.clone(),
+        c.root.clone(),
+    );
+    containers.prepare_supervisor();
+    let ahead = a_spare_supervisor(&runc).await;
     assert_eq!(ahead.len(), 1, "one spare: {ahead:?}");
-    let (id, started) = f.run(&["sleep", "100"], Limits::default()).await;
-    assert!(matches!(
-        f.containers.state(&id),
-        ContainerState::Running(_)
-    ));
+    let (id, started) = f
+        .run_on(&containers, &["sleep", "100"], Limits::default())
+        .await;
+    assert!(matches!(containers.state(&id), ContainerState::Running(_)));
     // The spare forked the container's supervisor and exits after its answer (reaped in the
     // background: the start does not wait for that).
     let t0 = Instant::now();
@@ -403,14 +412,15 @@ async fn a_start_takes_the_supervisor_spawned_ahead_and_another_is_spawned() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_ne!(started.shim_pid as u32, ahead[0]);
-    let next = a_spare_supervisor().await;
+    let next = a_spare_supervisor(&runc).await;
     assert_eq!(next.len(), 1, "{next:?}");
     assert_ne!(next[0], ahead[0]);
-    f.containers
+    containers
         .stop(&id, "KILL", Duration::from_secs(5))
         .await
         .unwrap();
-    f.containers.remove(&id).await.unwrap();
+    containers.remove(&id).await.unwrap();
+    drop(containers);
 
     for args in [
         &["shim", shim::FROM_STDIN][..],

@@ -366,6 +366,14 @@ pub fn names(v: &Value) -> Vec<String> {
 }
 
 /// Polls `done` every 100 ms until it holds; fails with `what` after `secs` seconds.
+/// Whether link `name` is the host side of a spare namespace's veth pair of a node with
+/// `prefix` (`{prefix}s{n}`): made ahead while the agent runs, gone with it.
+pub fn is_spare_veth(prefix: &str, name: &str) -> bool {
+    name.strip_prefix(prefix)
+        .and_then(|r| r.strip_prefix('s'))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 pub fn until(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !done() {
