@@ -553,7 +553,13 @@ impl NodeNet {
                 link::rename_onto(h, v.index, port, self.mtu, bridge).await?;
                 Some(self.must_get(port).await?)
             }
-            _ => None,
+            // A port whose namespace was gone: its veth leads elsewhere, and the spare's
+            // goes, so that the namespace is as one made now would be.
+            (Some(_), Some(v)) => {
+                link::del(h, v.index, "a spare veth").await?;
+                None
+            }
+            (_, None) => None,
         };
         let premade = spare.is_some();
         let host = match (existing, spare) {

@@ -402,11 +402,14 @@ impl ImageStore {
             spares: Mutex::new(Spares::default()),
             filling: Default::default(),
         };
-        // Spares are known only to the process that made them: an earlier one's go.
+        // Spares are known only to the process that made them: an earlier one's go. One
+        // that cannot (its mount busy) stays, and is no reason not to open the store.
         let dir = store.cfg.root.join("spares");
         for e in std::fs::read_dir(&dir).map_err(|e| io_err(&dir, e))? {
             let e = e.map_err(|e| io_err(&dir, e))?;
-            store.release_spare_dir(&e.path())?;
+            if let Err(err) = store.release_spare_dir(&e.path()) {
+                tracing::warn!(error = %err, "remove an earlier process's spare root filesystem");
+            }
         }
         Ok(store)
     }
