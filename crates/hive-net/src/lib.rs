@@ -550,8 +550,7 @@ impl NodeNet {
         // side given the port's address below.
         let spare = match (&existing, ns.veth.take()) {
             (None, Some(v)) => {
-                link::rename_onto(h, v.index, port, self.mtu, bridge).await?;
-                Some(self.must_get(port).await?)
+                Some(link::rename_veth_onto(h, v.index, port, self.mtu, bridge).await?)
             }
             // A port whose namespace was gone: its veth leads elsewhere, and the spare's
             // goes, so that the namespace is as one made now would be.

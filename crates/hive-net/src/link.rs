@@ -260,14 +260,16 @@ pub(crate) async fn set_up(h: &Handle, index: u32, name: &str) -> Result<(), Net
     .await
 }
 
-/// Renames link `index` (down) to `name` and puts it on `bridge` with `mtu`, in one message.
-pub(crate) async fn rename_onto(
+/// Renames veth `index` (its host side, down) to `name` and puts it on `bridge` with `mtu`, in
+/// one message; returns it as it now is (still down: the kernel renames no link that is up),
+/// with no read back.
+pub(crate) async fn rename_veth_onto(
     h: &Handle,
     index: u32,
     name: &str,
     mtu: u32,
     bridge: u32,
-) -> Result<(), NetError> {
+) -> Result<Link, NetError> {
     let msg = LinkUnspec::new_with_index(index)
         .name(name.to_owned())
         .mtu(mtu)
@@ -278,7 +280,16 @@ pub(crate) async fn rename_onto(
         format!("rename link {index} to {name} on bridge {bridge}"),
         msg,
     )
-    .await
+    .await?;
+    Ok(Link {
+        index,
+        name: name.to_owned(),
+        mtu,
+        up: false,
+        controller: Some(bridge),
+        kind: Some(InfoKind::Veth),
+        vxlan: Vec::new(),
+    })
 }
 
 pub(crate) async fn set_address(

@@ -780,10 +780,7 @@ impl ImageStore {
         }
         let result = self.fill(&image.reference, instance, dir, lower);
         if result.is_err() {
-            // Never remove through a live mount.
-            if self.mounter.unmount(&dir.join("rootfs")).is_ok() {
-                let _ = std::fs::remove_dir_all(dir);
-            }
+            let _ = self.remove_composed(dir, instance);
         }
         result.map(|path| Rootfs {
             instance: instance.to_owned(),
@@ -922,15 +919,15 @@ impl ImageStore {
                 continue;
             };
             loop {
-                let (have, n) = {
+                let n = {
                     let mut spares = self.spares();
+                    if spares.ready.iter().filter(|s| s.lower == lower).count() >= SPARES_PER_IMAGE
+                    {
+                        break;
+                    }
                     spares.next += 1;
-                    let have = spares.ready.iter().filter(|s| s.lower == lower).count();
-                    (have, spares.next)
+                    spares.next
                 };
-                if have >= SPARES_PER_IMAGE {
-                    break;
-                }
                 let dir = self.cfg.root.join("spares").join(n.to_string());
                 let made = std::fs::create_dir(&dir)
                     .map_err(|e| io_err(&dir, e))
@@ -969,12 +966,14 @@ impl ImageStore {
         }
     }
 
-    /// Unmounts and removes a spare's directory (never through a live mount).
-    fn release_spare_dir(&self, dir: &Path) -> Result<()> {
+    /// Unmounts the root filesystem composed in `dir` (an instance's, or a spare's) and
+    /// removes `dir`; never through a mount that is still there (that would empty the
+    /// layers). `who` names it in the error.
+    fn remove_composed(&self, dir: &Path, who: &str) -> Result<()> {
         self.mounter
             .unmount(&dir.join("rootfs"))
             .map_err(|source| ImageError::Overlay {
-                instance: dir.display().to_string(),
+                instance: who.to_owned(),
                 source,
             })?;
         match std::fs::remove_dir_all(dir) {
@@ -982,6 +981,11 @@ impl ImageStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err(dir, e)),
         }
+    }
+
+    /// [`ImageStore::remove_composed`] of a spare's directory.
+    fn release_spare_dir(&self, dir: &Path) -> Result<()> {
+        self.remove_composed(dir, &dir.display().to_string())
     }
 
     /// Mounts the root filesystem of an existing instance again if it is not mounted (after
@@ -1053,24 +1057,14 @@ impl ImageStore {
         if let Err(e) = check_instance_id(instance) {
             return vec![e];
         }
-        let mut errors = Vec::new();
         let dir = self.cfg.root.join("instances").join(instance);
         if !dir.exists() {
-            return errors;
+            return Vec::new();
         }
-        let rootfs = dir.join("rootfs");
-        if let Err(source) = self.mounter.unmount(&rootfs) {
-            errors.push(ImageError::Overlay {
-                instance: instance.to_owned(),
-                source,
-            });
-            // Never delete through a mount that is still there: that would empty the layers.
-            return errors;
-        }
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            errors.push(io_err(&dir, e));
-        }
-        errors
+        self.remove_composed(&dir, instance)
+            .err()
+            .into_iter()
+            .collect()
     }
 
     /// Every instance with a directory here, whether its rootfs was composed completely or
