@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hive_api::secgroup::Source;
 use hive_api::{Bandwidth, Instance, InstanceNetwork, Node, RuleProtocol, SecurityGroup};
@@ -242,9 +243,13 @@ pub async fn attach(
     bandwidth: Option<&Bandwidth>,
 ) -> Result<hive_net::AttachedPort, String> {
     let (def, att) = port_of(id, n, bandwidth)?;
-    net.ensure_network(&def).await.map_err(|e| e.to_string())?;
-    net.attach(&att).await.map_err(|e| e.to_string())
+    net.attach_on(&def, &att, NETWORK_FRESH)
+        .await
+        .map_err(|e| e.to_string())
 }
+
+/// How long a network converged for one port counts as converged for the next ones.
+const NETWORK_FRESH: Duration = Duration::from_secs(10);
 
 /// What the sync loop keeps between passes.
 #[derive(Debug, Default)]

@@ -39,7 +39,7 @@ use crate::runtime::{ContainerState, Containers};
 pub const PARALLEL_STARTS: usize = 4;
 
 /// How often a tenant's instance cache is saved while only statuses change. A change of the
-/// instances bound here is saved at once, before it is acted on.
+/// instances bound here is saved at once, in the pass that acts on it.
 pub const SAVE_EVERY: Duration = Duration::from_secs(5);
 
 /// How the agent runs.
@@ -104,12 +104,15 @@ pub struct Agent {
     cfg: SyncConfig,
     images: Arc<ImageStore>,
     containers: Containers,
+    /// The multi-threaded runtime starts run on (see [`Agent::new`]).
+    starts_on: tokio::runtime::Handle,
     /// When a failed start may be tried again, and how many times it failed.
     backoff: HashMap<String, (Instant, u32)>,
     /// Containers being started by their own task (at most [`PARALLEL_STARTS`] at once);
     /// each reports on `started` (with whether it worked) when done.
     starting: HashSet<String>,
-    started: Channel<(String, bool)>,
+    /// Starts over: the container, whether it started, and its first usage sample.
+    started: Channel<(String, bool, Option<ResourceUsage>)>,
     /// Containers being stopped by their own task (a grace period must not hold the loop);
     /// each reports on `stopped` when done.
     stopping: HashSet<String>,
@@ -210,11 +213,16 @@ pub fn layout(
 }
 
 impl Agent {
+    /// Its loop runs wherever [`Agent::run`] is awaited; each start (pull, root filesystem,
+    /// port, runtime) is a task of `starts_on`, a multi-threaded runtime, so that it goes on
+    /// while the pass that began it does the rest of its work (ports, rules, service views,
+    /// the saved cache) instead of waiting for each of its turns.
     pub fn new(
         client: Client,
         cfg: SyncConfig,
         images: StoreConfig,
         containers: Containers,
+        starts_on: tokio::runtime::Handle,
     ) -> Result<Self, SyncError> {
         let path = images.root.clone();
         let images = ImageStore::open(images).map_err(|source| SyncError::Images {
@@ -251,6 +259,7 @@ impl Agent {
             ended,
             shared: Shared::default(),
             shared_services: Shared::default(),
+            starts_on,
         })
     }
 
@@ -282,15 +291,8 @@ impl Agent {
         });
     }
 
-    /// Runs the loop until the process ends. Starts run as local tasks (the image store's
-    /// pulls are not `Send`), so this must run on the runtime's own thread.
-    pub async fn run(self) {
-        tokio::task::LocalSet::new()
-            .run_until(self.run_local())
-            .await
-    }
-
-    async fn run_local(mut self) {
+    /// Runs the loop until the process ends.
+    pub async fn run(mut self) {
         self.clear_unfinished().await;
         if let Some(cfg) = &self.cfg.net {
             match cfg.open().await {
@@ -370,7 +372,7 @@ impl Agent {
                 }
                 c = rx.recv() => if c.is_none() { break },
                 Some(id) = self.stopped.1.recv() => self.finish_stop(&id).await,
-                Some((id, ok)) = self.started.1.recv() => self.finish_start(&id, ok),
+                Some((id, ok, usage)) = self.started.1.recv() => self.finish_start(&id, ok, usage),
                 Some(o) = self.probed.1.recv() => self.record_probe(o),
                 Some(id) = self.ended.recv() => self.known.touch(&self.containers, &id),
                 _ = tokio::time::sleep_until(views_at), if views_due.is_some() => {}
@@ -388,17 +390,14 @@ impl Agent {
             while let Ok(id) = self.stopped.1.try_recv() {
                 self.finish_stop(&id).await;
             }
-            while let Ok((id, ok)) = self.started.1.try_recv() {
-                self.finish_start(&id, ok);
+            while let Ok((id, ok, usage)) = self.started.1.try_recv() {
+                self.finish_start(&id, ok, usage);
             }
             // Before the caches are filled too: a stop finished is reported at once.
             self.publish_held();
             // Until every tenant's instances are known, what is missing from the caches is
             // not "unwanted": nothing is compared (or removed) before.
             if let Some((wanted, all, groups, views)) = self.wanted(&caches).await {
-                // Saved before acted on: a restart resumes from a cache that knows every
-                // container this pass may start.
-                self.persist(views).await;
                 // The tenant this node is bound to, if any: it runs none of another's.
                 let bound_to = nodes
                     .lock()
@@ -406,6 +405,11 @@ impl Agent {
                     .get(&self.cfg.node)
                     .and_then(|n| n.spec.tenant.clone());
                 self.sync(&wanted, &all, &groups, bound_to.as_deref()).await;
+                // Saved once the starts are under way, not before (it costs the whole
+                // cache's encoding): a restart that resumes from an older save replays
+                // what came after it, the placements of what this pass started included,
+                // before it calls anything unwanted.
+                self.persist(views).await;
                 if let Some(net) = self.net.clone() {
                     let here = wanted.iter().map(|(id, (_, i))| (id.clone(), i)).collect();
                     let nodes = nodes.lock().await.clone();
@@ -806,14 +810,18 @@ impl Agent {
         let net = self.net.clone();
         let views = self.discovery.views.clone();
         let applied = self.discovery.applied.clone();
-        tokio::task::spawn_local(async move {
+        let task = async move {
             let net = net.as_deref().map(|n| (n, &views, &applied));
             let result = launch(&images, &containers, net, &id, &tenant, &inst, fw.as_ref()).await;
             let ok = result.is_ok();
             let mut st = inst.status.clone();
             st.container_id = id.clone();
+            let mut usage = None;
             match result {
                 Ok(started) => {
+                    // Its first sample goes with its start: a write of its own would
+                    // follow at once otherwise.
+                    usage = probe::usage(&cgroups_path(&tenant, &inst.name));
                     st.phase = InstancePhase::Running;
                     // With a readiness probe it is ready once the probe passes.
                     st.ready = inst.spec.template.readiness.is_none();
@@ -828,6 +836,9 @@ impl Agent {
                     st.exit_code = None;
                     st.reason.clear();
                     st.message.clear();
+                    if usage.is_some() {
+                        st.usage = usage.clone();
+                    }
                 }
                 Err((reason, message)) => {
                     let _ = containers.remove(&id).await;
@@ -847,14 +858,18 @@ impl Agent {
                 report_ms = t_report.elapsed().as_secs_f64() * 1e3,
                 "start reported"
             );
-            let _ = done.send((id, ok));
-        });
+            let _ = done.send((id, ok, usage));
+        };
+        self.starts_on.spawn(task);
     }
 
     /// A start task ended: a failure backs off (0.4 s doubling to 30 s) before the next try;
     /// the last one in flight has the node's spare namespaces topped up.
-    fn finish_start(&mut self, id: &str, ok: bool) {
+    fn finish_start(&mut self, id: &str, ok: bool, usage: Option<ResourceUsage>) {
         self.starting.remove(id);
+        if let Some(u) = usage {
+            self.sampled.insert(id.to_owned(), (Instant::now(), u));
+        }
         self.known.touch(&self.containers, id);
         // Made ahead now, for the next starts' ports and root filesystems, rather than
         // beside a start.

@@ -25,12 +25,14 @@ mod remote;
 mod services;
 pub mod testbed;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use rtnetlink::Handle;
 
@@ -215,7 +217,7 @@ pub struct NodeNet {
     names: names::Names,
     mtu: u32,
     underlay_index: u32,
-    node_ns: File,
+    node_ns: Arc<File>,
     handle: Handle,
     /// nf_tables netlink socket in the node's namespace: every per-port rule change.
     nf: nfnl::NfSocket,
@@ -227,6 +229,8 @@ pub struct NodeNet {
     services: services::Tables,
     /// Namespaces made ahead for the next ports.
     spares: netns::Spares,
+    /// The networks [`NodeNet::ensure_network`] last converged, and when.
+    ensured: std::sync::Mutex<HashMap<u32, (NetworkDef, Instant)>>,
 }
 
 /// What of one prefix exists in a node's namespace: what [`NodeNet::teardown_all`] removes.
@@ -262,10 +266,10 @@ impl NodeNet {
 
     async fn open_as(cfg: NodeNetConfig, prepare: bool) -> Result<NodeNet, NetError> {
         let names = names::Names::new(&cfg.prefix)?;
-        let node_ns = match &cfg.node_netns {
+        let node_ns = Arc::new(match &cfg.node_netns {
             Some(p) => netns::open(p)?,
             None => netns::current()?,
-        };
+        });
         let (socket, nf) = netns::run_in(&node_ns, "node namespace setup", move || {
             for (k, v) in NODE_SYSCTLS.iter().filter(|_| prepare) {
                 match netns::write_sysctl(k, v) {
@@ -293,6 +297,7 @@ impl NodeNet {
                 dns: dns::Resolvers::default(),
                 services: services::Tables::default(),
                 spares: netns::Spares::default(),
+                ensured: Default::default(),
             });
         }
         let underlay = underlay.ok_or_else(|| {
@@ -333,6 +338,7 @@ impl NodeNet {
             dns: dns::Resolvers::default(),
             services: services::Tables::default(),
             spares: netns::Spares::default(),
+            ensured: Default::default(),
         })
     }
 
@@ -410,13 +416,59 @@ impl NodeNet {
         if !vx.up {
             link::set_up(h, vx.index, &vx_name).await?;
         }
+        self.ensured_lock()
+            .insert(net.vni, (net.clone(), Instant::now()));
         Ok(())
+    }
+
+    /// [`NodeNet::ensure_network`], unless this `NodeNet` converged the same network less
+    /// than `fresh` ago: a burst of ports on one network reads its devices once, not at
+    /// every port. A bridge removed behind its back meanwhile is not seen here; the port's
+    /// [`NodeNet::attach`] then fails with [`NetError::NoNetwork`] ([`NodeNet::attach_on`]
+    /// ensures it and attaches again).
+    pub async fn ensure_network_within(
+        &self,
+        net: &NetworkDef,
+        fresh: Duration,
+    ) -> Result<(), NetError> {
+        let recent = matches!(
+            self.ensured_lock().get(&net.vni),
+            Some((def, at)) if def == net && at.elapsed() < fresh
+        );
+        if recent {
+            return Ok(());
+        }
+        self.ensure_network(net).await
+    }
+
+    /// The port of `a` on network `net`, the network converged first unless it was less
+    /// than `fresh` ago ([`NodeNet::ensure_network_within`]); a bridge lost since is made
+    /// again and the attach tried once more.
+    pub async fn attach_on(
+        &self,
+        net: &NetworkDef,
+        a: &Attachment,
+        fresh: Duration,
+    ) -> Result<AttachedPort, NetError> {
+        self.ensure_network_within(net, fresh).await?;
+        match self.attach(a).await {
+            Err(NetError::NoNetwork { .. }) => {
+                self.ensure_network(net).await?;
+                self.attach(a).await
+            }
+            r => r,
+        }
+    }
+
+    fn ensured_lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, (NetworkDef, Instant)>> {
+        self.ensured.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Deletes a network's VXLAN device and bridge (with their FDB and neighbour entries).
     /// Ports still on the bridge are not detached: detach them first.
     pub async fn remove_network(&self, vni: u32) -> Result<(), NetError> {
         names::validate_vni(vni)?;
+        self.ensured_lock().remove(&vni);
         let mut errors = Vec::new();
         if let Err(e) = self.remove_router(vni).await {
             errors.push(e);
@@ -503,6 +555,7 @@ impl NodeNet {
     pub fn refill_spares(&self) {
         let veth = netns::VethPlan {
             handle: self.handle.clone(),
+            node_ns: self.node_ns.clone(),
             prefix: self.names.table().to_owned(),
             mtu: self.mtu,
         };
@@ -607,7 +660,11 @@ impl NodeNet {
         link::set_up(&inner, eth.index, CONTAINER_IFNAME).await?;
         link::replace_default_route(&inner, a.gateway, eth.index).await?;
         drop(inner);
-        self.disable_ipv6(vec![port.to_owned()]).await?;
+        // A spare's host side has none since it was made (the setting follows the device
+        // through its rename).
+        if !premade {
+            self.disable_ipv6(vec![port.to_owned()]).await?;
+        }
         Ok(host)
     }
 
@@ -730,6 +787,7 @@ impl NodeNet {
         keep_keys: &HashSet<String>,
         keep_vnis: &HashSet<u32>,
     ) -> Result<(), NetError> {
+        self.ensured_lock().retain(|vni, _| keep_vnis.contains(vni));
         let keep_ports: HashSet<String> = keep_keys.iter().map(|k| self.names.port(k)).collect();
         let mut errors = Vec::new();
         let links = link::list(&self.handle).await?;
@@ -965,20 +1023,8 @@ impl NodeNet {
             })
     }
 
-    /// No IPv6 on our node-side devices: no link-local addresses, RS or MLD on tenant L2.
     async fn disable_ipv6(&self, devs: Vec<String>) -> Result<(), NetError> {
-        netns::run_in_or_here(&self.node_ns, "disable ipv6", move || {
-            if !std::path::Path::new("/proc/sys/net/ipv6").exists() {
-                return Ok(());
-            }
-            for d in devs {
-                if netns::read_sysctl(&format!("net/ipv6/conf/{d}/disable_ipv6"))? != "1" {
-                    netns::write_sysctl(&format!("net/ipv6/conf/{d}/disable_ipv6"), "1")?;
-                }
-            }
-            Ok(())
-        })
-        .await
+        netns::disable_ipv6(&self.node_ns, devs).await
     }
 }
 

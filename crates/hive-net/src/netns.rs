@@ -77,6 +77,22 @@ where
     }
 }
 
+/// No IPv6 on the node-side devices `devs`: no link-local addresses, RS or MLD on tenant L2.
+pub(crate) async fn disable_ipv6(node_ns: &File, devs: Vec<String>) -> Result<(), NetError> {
+    run_in_or_here(node_ns, "disable ipv6", move || {
+        if !Path::new("/proc/sys/net/ipv6").exists() {
+            return Ok(());
+        }
+        for d in devs {
+            if read_sysctl(&format!("net/ipv6/conf/{d}/disable_ipv6"))? != "1" {
+                write_sysctl(&format!("net/ipv6/conf/{d}/disable_ipv6"), "1")?;
+            }
+        }
+        Ok(())
+    })
+    .await
+}
+
 /// Runs `f` on a dedicated thread (which may then change its own namespaces freely).
 async fn spawn<T, F>(what: &str, f: F) -> Result<T, NetError>
 where
@@ -161,8 +177,8 @@ pub(crate) struct NamedNetns {
 }
 
 /// A veth pair made in a spare namespace ahead of its port: the container side inside as
-/// `eth0` (a random address, down), the host side in the node's namespace, down, on no
-/// bridge, under a name of its own (`{prefix}s{n}`, which no port, network or teardown
+/// `eth0` (a random address, down), the host side in the node's namespace, down, IPv6 off,
+/// on no bridge, under a name of its own (`{prefix}s{n}`, which no port, network or teardown
 /// matches). The port renames it and puts it on its bridge instead of making a pair. Both
 /// go with the namespace if it is dropped unnamed (a veth pair dies with either end's
 /// namespace), so a killed agent leaves none.
@@ -172,11 +188,12 @@ pub(crate) struct SpareVeth {
     pub(crate) index: u32,
 }
 
-/// What a spare's veth pair is made with: the node's netlink handle, its names' prefix and
-/// the ports' MTU.
+/// What a spare's veth pair is made with: the node's netlink handle and namespace, its
+/// names' prefix and the ports' MTU.
 #[derive(Clone)]
 pub(crate) struct VethPlan {
     pub(crate) handle: Handle,
+    pub(crate) node_ns: std::sync::Arc<File>,
     pub(crate) prefix: String,
     pub(crate) mtu: u32,
 }
@@ -235,6 +252,8 @@ impl Spare {
         let host = crate::link::get(&plan.handle, name)
             .await?
             .ok_or_else(|| NetError::invalid("spare veth", format!("{name} is gone")))?;
+        // Here rather than when it becomes a port.
+        disable_ipv6(&plan.node_ns, vec![name.to_owned()]).await?;
         self.veth = Some(SpareVeth { index: host.index });
         Ok(())
     }

@@ -593,6 +593,71 @@ async fn attach_refuses_bad_input_and_unknown_networks() {
     assert!(t.our_links(0).is_empty());
 }
 
+/// A network converged once is taken as converged for `fresh` (its devices are not read
+/// again); a bridge removed behind the node's back meanwhile shows as `NoNetwork` at the next
+/// attach, and ensuring it once `fresh` is over, or `attach_on`, makes it anew. Removing
+/// the network forgets it.
+#[tokio::test]
+async fn a_network_ensured_recently_is_not_read_again_and_a_lost_bridge_is_made_again() {
+    let t = Topo::new().await;
+    let node = &t.nodes[0];
+    let n1 = &node.net;
+    let (def, a) = (network(VNI_A), inst(1, 1, 1, VNI_A));
+    let fresh = Duration::from_secs(60);
+    n1.ensure_network_within(&def, fresh).await.unwrap();
+    let bridge = format!("{}b{VNI_A}", node.prefix);
+    assert!(t.our_links(0).contains(&bridge), "{:?}", t.our_links(0));
+
+    // Removed behind its back: not seen while the network counts as fresh.
+    in_ns_ok(&node.ns, &["ip", "link", "del", &bridge]);
+    n1.ensure_network_within(&def, fresh).await.unwrap();
+    assert!(!t.our_links(0).contains(&bridge), "{:?}", t.our_links(0));
+    assert!(matches!(
+        n1.attach(&a).await,
+        Err(NetError::NoNetwork { vni: VNI_A, .. })
+    ));
+    assert!(t.our_netns(0).is_empty(), "{:?}", t.our_netns(0));
+    // Past its freshness it is read, and made again.
+    n1.ensure_network_within(&def, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(t.our_links(0).contains(&bridge), "{:?}", t.our_links(0));
+    // Lost again: a port attached on it (as the agent does) makes it again and is on it.
+    in_ns_ok(&node.ns, &["ip", "link", "del", &bridge]);
+    n1.attach_on(&def, &a, fresh).await.unwrap();
+    let port = in_ns_ok(&node.ns, &["ip", "-o", "link", "show", "master", &bridge]);
+    assert_eq!(
+        port.lines().count(),
+        2,
+        "the VXLAN device and the port: {port}"
+    );
+
+    // Another definition of the same VNI is converged at once.
+    let other = hive_net::NetworkDef {
+        gateway: "10.77.0.253".parse().unwrap(),
+        ..def.clone()
+    };
+    in_ns_ok(
+        &node.ns,
+        &["ip", "link", "del", &format!("{}x{VNI_A}", node.prefix)],
+    );
+    n1.ensure_network_within(&other, fresh).await.unwrap();
+    assert!(
+        t.our_links(0).contains(&format!("{}x{VNI_A}", node.prefix)),
+        "{:?}",
+        t.our_links(0)
+    );
+
+    // Removed by the node: forgotten, so the next ensure makes it.
+    n1.detach(&a.key).await.unwrap();
+    n1.remove_network(VNI_A).await.unwrap();
+    assert!(t.our_links(0).is_empty(), "{:?}", t.our_links(0));
+    n1.ensure_network_within(&other, fresh).await.unwrap();
+    assert!(t.our_links(0).contains(&bridge), "{:?}", t.our_links(0));
+    n1.remove_network(VNI_A).await.unwrap();
+    assert!(t.our_links(0).is_empty(), "{:?}", t.our_links(0));
+}
+
 /// Rules only (no veth, no namespace) for a port that stands in for one of many instances.
 fn filler(i: u32) -> Attachment {
     Attachment {

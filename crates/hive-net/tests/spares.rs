@@ -95,12 +95,24 @@ async fn ports_from_spare_namespaces_match_fresh_ones_and_spares_go_with_the_nod
                 .collect()
         };
         eventually("two spare veths", || spare_links().len() == 2).await;
+        let ipv6_off = |dev: &str| {
+            in_ns_ok(
+                &node.ns,
+                &[
+                    "cat",
+                    &format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"),
+                ],
+            )
+            .trim()
+                == "1"
+        };
         for l in spare_links() {
             let shown = in_ns_ok(&node.ns, &["ip", "-o", "link", "show", &l]);
             assert!(
                 !shown.contains("master") && !shown.contains(",UP"),
                 "{shown}"
             );
+            assert!(ipv6_off(&l), "{l}: IPv6 on");
         }
 
         // The next port is one of them, named.
@@ -134,6 +146,15 @@ async fn ports_from_spare_namespaces_match_fresh_ones_and_spares_go_with_the_nod
             "{shown}"
         );
         assert!(eth.contains(&mac_str(b.mac)), "{eth}");
+        // IPv6 still off on it under its new name, as on the port made from nothing.
+        let host_name = |line: &str| {
+            line.split(": ")
+                .nth(1)
+                .and_then(|r| r.split('@').next())
+                .expect("a link name")
+                .to_owned()
+        };
+        assert!(ipv6_off(&host_name(&shown)), "{shown}");
         let eth_a = in_ns_ok(&t.inst_ns(&a.key), &["ip", "-o", "link", "show", "eth0"]);
         let mtu = |s: &str| {
             s.split(" mtu ")

@@ -1168,7 +1168,7 @@ fn a_restarted_agent_catches_up_from_its_saved_revision() {
         );
         std::thread::sleep(Duration::from_millis(200));
     };
-    // A first start lists (nothing was saved); the cache is saved before its containers start.
+    // A first start lists (nothing was saved); the cache is saved as its containers start.
     assert_eq!(
         catch_up(&agent_dir)["start"],
         "listed",

@@ -554,26 +554,32 @@ impl ImageStore {
         }
         self.save_blob(&config_digest, &config_bytes)?;
 
-        let layers: Vec<LayerRef> =
-            futures_util::stream::iter(manifest.layers().iter().zip(diff_ids).map(
-                |(desc, diff_id)| {
-                    let name = name.clone();
-                    let r = r.clone();
-                    async move {
-                        let digest = desc.digest().to_string();
-                        let media_type = desc.media_type().to_string();
-                        self.ensure_layer(&r, &name, &digest, &media_type, desc.size(), diff_id)
-                            .await?;
-                        Ok::<_, ImageError>(LayerRef {
-                            digest,
-                            diff_id: diff_id.clone(),
-                        })
-                    }
-                },
-            ))
-            .buffered(self.cfg.concurrency.max(1))
-            .try_collect()
-            .await?;
+        // Owned, so that the fetches' futures borrow nothing of the manifest (the pull then
+        // runs on any thread).
+        let wanted: Vec<(String, String, u64, String)> = manifest
+            .layers()
+            .iter()
+            .zip(diff_ids)
+            .map(|(desc, diff_id)| {
+                let (digest, media_type) =
+                    (desc.digest().to_string(), desc.media_type().to_string());
+                (digest, media_type, desc.size(), diff_id.clone())
+            })
+            .collect();
+        let layers: Vec<LayerRef> = futures_util::stream::iter(wanted.into_iter().map(
+            |(digest, media_type, size, diff_id)| {
+                let name = name.clone();
+                let r = r.clone();
+                async move {
+                    self.ensure_layer(&r, &name, &digest, &media_type, size, &diff_id)
+                        .await?;
+                    Ok::<_, ImageError>(LayerRef { digest, diff_id })
+                }
+            },
+        ))
+        .buffered(self.cfg.concurrency.max(1))
+        .try_collect()
+        .await?;
 
         let image = Image {
             reference: name.clone(),

@@ -1,9 +1,10 @@
 //! The per-container supervisor ("shim"), like conmon or a containerd shim.
 //!
 //! `hive shim CONFIG` (or `hive shim -`, the configuration on stdin: see [`FROM_STDIN`])
-//! forks: the parent waits until the child has started the container (one `runtime run
-//! --detach`: set up and started in one call), prints `ok <pid>` (or the error) and exits,
-//! so the agent gets an answer and never has the long-lived process as its child. The child
+//! forks: the child starts the container (one `runtime run --detach`: set up and started in
+//! one call) and answers `ok <pid>` on the standard output it was started with; the parent
+//! waits for the outcome and exits with it (an error's message on its standard error), so
+//! the agent gets an answer and never has the long-lived process as its child. The child
 //! detaches (new session), becomes the child subreaper (so the container's init, once its
 //! runtime process exits, is re-parented to it), holds the container's stdout and stderr
 //! pipes and copies them into the size-capped log, waits for the init to exit, and records
@@ -136,10 +137,8 @@ pub fn main(arg: &str, runtime: Option<&Path>) -> i32 {
             let mut answer = String::new();
             let _ = File::from(sync_r).read_to_string(&mut answer);
             let answer = answer.trim();
-            if let Some(pid) = answer.strip_prefix("ok ") {
-                println!("ok {pid}");
-                0
-            } else if answer == NO_CONFIG {
+            // The supervisor told the agent itself.
+            if answer.starts_with("ok ") || answer == NO_CONFIG {
                 0
             } else if answer.is_empty() {
                 eprintln!("shim: the supervisor died before reporting");
@@ -163,22 +162,36 @@ const NO_CONFIG: &str = "no configuration";
 /// The supervisor: becomes one (own session, subreaper), then reads its configuration and
 /// starts and supervises the container.
 fn child(arg: &str, sync_w: OwnedFd, sealed: Option<(PathBuf, OwnedFd)>) -> i32 {
-    let mut sync = Some(File::from(sync_w));
+    let mut answer = Answer {
+        parent: Some(File::from(sync_w)),
+        agent: None,
+    };
+    // Close-on-exec: neither the runtime nor the container may hold the agent's pipe.
+    match rustix::io::fcntl_dupfd_cloexec(std::io::stdout(), 3) {
+        Ok(fd) => answer.agent = Some(File::from(fd)),
+        Err(e) => {
+            report(&mut answer, &format!("shim: copy the standard output: {e}"));
+            return 1;
+        }
+    }
     // Own session: a signal to the agent's process group never reaches the supervisor.
     let _ = setsid();
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes an integer argument and touches no memory.
     if unsafe { nix::libc::prctl(nix::libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-        report(&mut sync, "shim: cannot become a subreaper");
+        report(&mut answer, "shim: cannot become a subreaper");
         return 1;
     }
     let mut read = String::new();
     let config_json = if arg == FROM_STDIN {
         if let Err(e) = std::io::stdin().read_to_string(&mut read) {
-            report(&mut sync, &format!("shim: read the config from stdin: {e}"));
+            report(
+                &mut answer,
+                &format!("shim: read the config from stdin: {e}"),
+            );
             return 2;
         }
         if read.is_empty() {
-            report(&mut sync, NO_CONFIG);
+            report(&mut answer, NO_CONFIG);
             return 0;
         }
         read.as_str()
@@ -188,17 +201,34 @@ fn child(arg: &str, sync_w: OwnedFd, sealed: Option<(PathBuf, OwnedFd)>) -> i32 
     let cfg: ShimConfig = match serde_json::from_str(config_json) {
         Ok(c) => c,
         Err(e) => {
-            report(&mut sync, &format!("shim: bad config: {e}"));
+            report(&mut answer, &format!("shim: bad config: {e}"));
             return 2;
         }
     };
     // Only a copy of the program this configuration names.
     let sealed = sealed.and_then(|(r, fd)| (r == cfg.runtime_binary).then_some(fd));
-    supervise(&cfg, sync, sealed)
+    supervise(&cfg, answer, sealed)
 }
 
-fn report(sync: &mut Option<File>, msg: &str) {
-    if let Some(mut f) = sync.take() {
+/// Where the supervisor answers: the agent's pipe (a copy of the standard output it was
+/// started with, kept past [`detach_stdio`]) gets a start's `ok <pid>` line straight, one
+/// process wakeup sooner than through the parent; the parent gets every outcome and exits
+/// with it.
+struct Answer {
+    parent: Option<File>,
+    agent: Option<File>,
+}
+
+/// Answers `msg` (`ok <pid>\n` for a start, else why not) once; later calls do nothing.
+/// The agent's copy is closed either way: after a failure the agent reads the end of it, and
+/// then what the parent says.
+fn report(answer: &mut Answer, msg: &str) {
+    if let Some(mut f) = answer.agent.take()
+        && msg.starts_with("ok ")
+    {
+        let _ = f.write_all(msg.as_bytes());
+    }
+    if let Some(mut f) = answer.parent.take() {
         let _ = f.write_all(msg.as_bytes());
     }
 }
@@ -223,15 +253,15 @@ unsafe fn libc_dup2(from: i32, to: i32) {
     }
 }
 
-fn supervise(cfg: &ShimConfig, mut sync: Option<File>, sealed: Option<OwnedFd>) -> i32 {
+fn supervise(cfg: &ShimConfig, mut answer: Answer, sealed: Option<OwnedFd>) -> i32 {
     detach_stdio();
-    let fail = |sync: &mut Option<File>, msg: String| {
-        report(sync, &msg);
+    let fail = |answer: &mut Answer, msg: String| {
+        report(answer, &msg);
         1
     };
     let kind: RuntimeKind = match cfg.runtime_kind.parse() {
         Ok(k) => k,
-        Err(e) => return fail(&mut sync, format!("shim {}: {e}", cfg.id)),
+        Err(e) => return fail(&mut answer, format!("shim {}: {e}", cfg.id)),
     };
     let runtime = OciRuntime::new(kind, &cfg.runtime_binary, &cfg.runtime_root);
     let dir = &cfg.state_dir;
@@ -245,11 +275,11 @@ fn supervise(cfg: &ShimConfig, mut sync: Option<File>, sealed: Option<OwnedFd>) 
     )));
     let (out_r, out_w) = match pipe() {
         Ok(p) => p,
-        Err(e) => return fail(&mut sync, format!("shim {}: pipe: {e}", cfg.id)),
+        Err(e) => return fail(&mut answer, format!("shim {}: pipe: {e}", cfg.id)),
     };
     let (err_r, err_w) = match pipe() {
         Ok(p) => p,
-        Err(e) => return fail(&mut sync, format!("shim {}: pipe: {e}", cfg.id)),
+        Err(e) => return fail(&mut answer, format!("shim {}: pipe: {e}", cfg.id)),
     };
     let pid_file = dir.join(PID_FILE);
     let io = CreateIo {
@@ -281,7 +311,7 @@ fn supervise(cfg: &ShimConfig, mut sync: Option<File>, sealed: Option<OwnedFd>) 
     drop(sealed);
     if let Err(e) = ran {
         let _ = runtime.delete(&cfg.id, true);
-        return fail(&mut sync, e.to_string());
+        return fail(&mut answer, e.to_string());
     }
     let pid: i32 = match fs::read_to_string(&pid_file)
         .ok()
@@ -292,7 +322,7 @@ fn supervise(cfg: &ShimConfig, mut sync: Option<File>, sealed: Option<OwnedFd>) 
             let _ = runtime.kill(&cfg.id, "KILL", true);
             let _ = runtime.delete(&cfg.id, true);
             return fail(
-                &mut sync,
+                &mut answer,
                 format!("shim {}: no pid in {}", cfg.id, pid_file.display()),
             );
         }
@@ -304,9 +334,12 @@ fn supervise(cfg: &ShimConfig, mut sync: Option<File>, sealed: Option<OwnedFd>) 
     };
     if let Err(e) = write_json(dir, STARTED, &started, false) {
         let _ = runtime.kill(&cfg.id, "KILL", true);
-        return fail(&mut sync, format!("shim {}: write {STARTED}: {e}", cfg.id));
+        return fail(
+            &mut answer,
+            format!("shim {}: write {STARTED}: {e}", cfg.id),
+        );
     }
-    report(&mut sync, &format!("ok {pid}\n"));
+    report(&mut answer, &format!("ok {pid}\n"));
 
     let (exit_code, signal) = wait_for(Pid::from_raw(pid));
     // The log pipes close when the last process holding them is gone; do not hang on a

@@ -537,7 +537,13 @@ fn make_agent(
         image_gc_every: Duration::from_secs(image_args.image_gc_secs.max(1)),
         state_dir: Some(data_dir.join(hive_agent::datadir::WATCH_DIR)),
     };
-    let agent = hive_agent::sync::Agent::new(client.clone(), cfg, images, containers)?;
+    let agent = hive_agent::sync::Agent::new(
+        client.clone(),
+        cfg,
+        images,
+        containers,
+        tokio::runtime::Handle::current(),
+    )?;
     Ok((agent, lock))
 }
 
@@ -555,8 +561,8 @@ fn run_agent(
             tracing::error!(error = %e, "agent API");
         }
     });
-    // The image store's pull future is not `Send` (borrowing closures in its download
-    // stream), so the sync loop gets a thread and a single-threaded runtime of its own.
+    // The sync loop gets a thread and a single-threaded runtime of its own (its passes never
+    // wait behind the server's tasks in `hive up`); its starts run on this runtime, beside it.
     std::thread::Builder::new()
         .name("hive-agent".into())
         .spawn(move || {
