@@ -26,7 +26,9 @@ use crate::datadir::{CONTAINERS_DIR, DataDirError, DirLock, LOGS_DIR, NetRecord,
 use crate::image::{ImageStore, StoreConfig};
 use crate::runtime::alive;
 use crate::runtime::shim::{self, Started};
-use crate::runtime::{OciRuntime, RuntimeKind, cgroups, is_supervisor_of, runtime_of_container};
+use crate::runtime::{
+    OciRuntime, RuntimeKind, cgroups, is_supervisor_of, runtime_of_container, supervisor_of,
+};
 
 /// How long a process killed here may take to be gone (and its cgroup with it).
 const GONE_WITHIN: Duration = Duration::from_secs(5);
@@ -244,6 +246,25 @@ fn remove_container(
 ) -> Result<(), String> {
     let cgroup = cgroup_of(cdir);
     let started: Option<Started> = shim::read_json(cdir, shim::STARTED);
+    // A start in flight (its supervisor has the configuration, no start record yet): the
+    // supervisor and the runtime it runs go first, or they would finish the start after
+    // everything below, and leave a running container of a node that is gone.
+    if started.is_none()
+        && let Some(pid) = supervisor_of(id)
+    {
+        // Its process group: the supervisor leads its own (its session's), the runtime is in it.
+        let group = nix::unistd::getpgid(Some(Pid::from_raw(pid))).ok() == Some(Pid::from_raw(pid));
+        let _ = match group {
+            true => kill(Pid::from_raw(-pid), Signal::SIGKILL),
+            false => kill(Pid::from_raw(pid), Signal::SIGKILL),
+        };
+        if !wait_gone(&[pid], GONE_WITHIN) {
+            return Err(format!("supervisor {pid} of a start in flight did not die"));
+        }
+        report.removed.push(format!(
+            "stopped supervisor {pid} of container {id}, a start in flight"
+        ));
+    }
     let was_running = started
         .as_ref()
         .is_some_and(|s| alive(s.pid) || alive(s.shim_pid));

@@ -18,5 +18,5 @@ pub(crate) use containers::tests::{record_started, unrun};
 pub use containers::{
     ContainerError, ContainerState, Containers, ShimCommand, runtime_of_container,
 };
-pub(crate) use containers::{alive, ended, is_supervisor_of, watched_pid};
+pub(crate) use containers::{alive, ended, is_supervisor_of, supervisor_of, watched_pid};
 pub use oci::{OciRuntime, RuntimeKind};

@@ -261,3 +261,129 @@ fn hive_down_removes_everything_a_killed_hive_up_left_and_refuses_while_it_runs(
         text(&out.stderr)
     );
 }
+
+/// A start in flight when the node went (its supervisor has its configuration, the runtime
+/// has not returned): `hive down` stops the supervisor and the runtime it runs before it
+/// removes the container, which they would otherwise finish starting after the teardown.
+/// The supervisor is found by the directory it works in: its configuration came on stdin,
+/// its command line names no container.
+#[test]
+fn hive_down_stops_a_start_in_flight() {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = data.join("agent");
+    // If the test fails half way, the supervisor and its runtime go all the same.
+    let _cleanup = Cleanup::of(&data);
+    let id = "in-flight-0";
+    let cdir = agent.join("containers").join(id);
+    std::fs::create_dir_all(cdir.join("bundle")).unwrap();
+    std::fs::create_dir_all(agent.join("runtime")).unwrap();
+    // A runtime that never returns.
+    let runtime = dir.path().join("hanging-runtime");
+    std::fs::write(&runtime, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = serde_json::json!({
+        "id": id,
+        "bundle": cdir.join("bundle"),
+        "state_dir": cdir,
+        "runtime_kind": "runc",
+        "runtime_binary": runtime,
+        "runtime_root": agent.join("runtime"),
+        "cgroups_path": "/hive/down-test/in-flight",
+        "log_max_bytes": 4096,
+        "log_keep": 1,
+    });
+    let mut shim = Killed(
+        Command::new(HIVE)
+            .args(["shim", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("hive shim"),
+    );
+    let mut stdin = shim.0.stdin.take().unwrap();
+    stdin.write_all(config.to_string().as_bytes()).unwrap();
+    drop(stdin);
+    // The supervisor in the container's directory, the runtime under it.
+    let procs = || -> Vec<(i32, i32, String)> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter_map(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                let ppid = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()?;
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                Some((
+                    pid,
+                    ppid,
+                    String::from_utf8_lossy(&cmdline).replace('\0', " "),
+                ))
+            })
+            .collect()
+    };
+    let mut pair = None;
+    until(10, "the supervisor running its runtime", || {
+        let all = procs();
+        let supervisor = all.iter().find(|(pid, _, cmd)| {
+            cmd.contains(" shim -")
+                && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c == cdir)
+        });
+        pair = supervisor.and_then(|(s, _, _)| {
+            all.iter()
+                .find(|(_, ppid, cmd)| ppid == s && cmd.starts_with("sleep 600"))
+                .map(|(r, _, _)| (*s, *r))
+        });
+        pair.is_some()
+    });
+    let (supervisor, runtime_pid) = pair.unwrap();
+
+    let out = Command::new(HIVE)
+        .arg("down")
+        .arg("--data-dir")
+        .arg(&data)
+        .env("HIVE_CONFIG", data.join("no-cli-config.json"))
+        .output()
+        .expect("run hive down");
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(
+        stdout.contains(&format!(
+            "stopped supervisor {supervisor} of container {id}, a start in flight"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        !alive(supervisor as u64),
+        "supervisor {supervisor} left\n{stdout}"
+    );
+    assert!(
+        !alive(runtime_pid as u64),
+        "runtime {runtime_pid} left\n{stdout}"
+    );
+    assert!(!cdir.exists(), "{stdout}");
+    // The supervisor's parent saw it die before it answered, and says so.
+    let t0 = Instant::now();
+    while shim.0.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the shim's parent lives on"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut shim.0.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(said.contains("died before reporting"), "{said}");
+}

@@ -658,14 +658,21 @@ pub(crate) fn supervisor_of(id: &str) -> Option<i32> {
 }
 
 /// Whether `pid` is the supervisor of container `id` (a pid read from a file may have been
-/// reused by anything since): its command line is `… shim {config naming id}`.
+/// reused by anything since): its command line is `… shim {config naming id}`, or `… shim -`
+/// (its configuration came on stdin) and it works in `id`'s directory (it enters it once it
+/// has its configuration). A spare still waiting for its configuration is nobody's.
 pub(crate) fn is_supervisor_of(pid: i32, id: &str) -> bool {
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let mut args = cmdline.split(|b| *b == 0);
-    args.any(|a| a == b"shim")
-        && args.next().is_some_and(|config| {
-            serde_json::from_slice::<ShimConfig>(config).is_ok_and(|c| c.id == id)
-        })
+    if !args.any(|a| a == b"shim") {
+        return false;
+    }
+    match args.next() {
+        Some(a) if a == shim::FROM_STDIN.as_bytes() => fs::read_link(format!("/proc/{pid}/cwd"))
+            .is_ok_and(|cwd| cwd.file_name().is_some_and(|n| n == id)),
+        Some(config) => serde_json::from_slice::<ShimConfig>(config).is_ok_and(|c| c.id == id),
+        None => false,
+    }
 }
 
 #[cfg(test)]

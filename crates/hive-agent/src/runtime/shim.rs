@@ -205,6 +205,16 @@ fn child(arg: &str, sync_w: OwnedFd, sealed: Option<(PathBuf, OwnedFd)>) -> i32 
             return 2;
         }
     };
+    // In its container's directory: where `is_supervisor_of` finds it (its command line
+    // names no container when the configuration came on stdin). A directory gone already
+    // (the node was torn down meanwhile) is no container to start.
+    if let Err(e) = std::env::set_current_dir(&cfg.state_dir) {
+        report(
+            &mut answer,
+            &format!("shim {}: enter {}: {e}", cfg.id, cfg.state_dir.display()),
+        );
+        return 1;
+    }
     // Only a copy of the program this configuration names.
     let sealed = sealed.and_then(|(r, fd)| (r == cfg.runtime_binary).then_some(fd));
     supervise(&cfg, answer, sealed)
