@@ -104,8 +104,6 @@ pub struct Agent {
     cfg: SyncConfig,
     images: Arc<ImageStore>,
     containers: Containers,
-    /// The multi-threaded runtime starts run on (see [`Agent::new`]).
-    starts_on: tokio::runtime::Handle,
     /// When a failed start may be tried again, and how many times it failed.
     backoff: HashMap<String, (Instant, u32)>,
     /// Containers being started by their own task (at most [`PARALLEL_STARTS`] at once);
@@ -213,16 +211,11 @@ pub fn layout(
 }
 
 impl Agent {
-    /// Its loop runs wherever [`Agent::run`] is awaited; each start (pull, root filesystem,
-    /// port, runtime) is a task of `starts_on`, a multi-threaded runtime, so that it goes on
-    /// while the pass that began it does the rest of its work (ports, rules, service views,
-    /// the saved cache) instead of waiting for each of its turns.
     pub fn new(
         client: Client,
         cfg: SyncConfig,
         images: StoreConfig,
         containers: Containers,
-        starts_on: tokio::runtime::Handle,
     ) -> Result<Self, SyncError> {
         let path = images.root.clone();
         let images = ImageStore::open(images).map_err(|source| SyncError::Images {
@@ -259,7 +252,6 @@ impl Agent {
             ended,
             shared: Shared::default(),
             shared_services: Shared::default(),
-            starts_on,
         })
     }
 
@@ -291,8 +283,16 @@ impl Agent {
         });
     }
 
-    /// Runs the loop until the process ends.
-    pub async fn run(mut self) {
+    /// Runs the loop until the process ends. Starts run as local tasks, on the loop's thread
+    /// (the node's netlink connection and the API client's connections are driven there:
+    /// a start on another runtime only waited for that thread through more wakeups).
+    pub async fn run(self) {
+        tokio::task::LocalSet::new()
+            .run_until(self.run_local())
+            .await
+    }
+
+    async fn run_local(mut self) {
         self.clear_unfinished().await;
         if let Some(cfg) = &self.cfg.net {
             match cfg.open().await {
@@ -860,7 +860,7 @@ impl Agent {
             );
             let _ = done.send((id, ok, usage));
         };
-        self.starts_on.spawn(task);
+        tokio::task::spawn_local(task);
     }
 
     /// A start task ended: a failure backs off (0.4 s doubling to 30 s) before the next try;

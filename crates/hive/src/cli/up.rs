@@ -537,13 +537,7 @@ fn make_agent(
         image_gc_every: Duration::from_secs(image_args.image_gc_secs.max(1)),
         state_dir: Some(data_dir.join(hive_agent::datadir::WATCH_DIR)),
     };
-    let agent = hive_agent::sync::Agent::new(
-        client.clone(),
-        cfg,
-        images,
-        containers,
-        tokio::runtime::Handle::current(),
-    )?;
+    let agent = hive_agent::sync::Agent::new(client.clone(), cfg, images, containers)?;
     Ok((agent, lock))
 }
 
@@ -561,8 +555,8 @@ fn run_agent(
             tracing::error!(error = %e, "agent API");
         }
     });
-    // The sync loop gets a thread and a single-threaded runtime of its own (its passes never
-    // wait behind the server's tasks in `hive up`); its starts run on this runtime, beside it.
+    // The sync loop gets a thread and a single-threaded runtime of its own: its passes and
+    // starts never wait behind the server's tasks in `hive up`.
     std::thread::Builder::new()
         .name("hive-agent".into())
         .spawn(move || {
