@@ -810,7 +810,7 @@ impl Agent {
         let net = self.net.clone();
         let views = self.discovery.views.clone();
         let applied = self.discovery.applied.clone();
-        let task = async move {
+        tokio::task::spawn_local(async move {
             let net = net.as_deref().map(|n| (n, &views, &applied));
             let result = launch(&images, &containers, net, &id, &tenant, &inst, fw.as_ref()).await;
             let ok = result.is_ok();
@@ -859,8 +859,7 @@ impl Agent {
                 "start reported"
             );
             let _ = done.send((id, ok, usage));
-        };
-        tokio::task::spawn_local(task);
+        });
     }
 
     /// A start task ended: a failure backs off (0.4 s doubling to 30 s) before the next try;
