@@ -7,6 +7,7 @@
 //! - hive: the agent's path — bundle written, `hive shim` supervisor, runtime run --detach,
 //!   exit recorded, container removed — with each runtime.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -109,10 +110,15 @@ pub fn stats(mut ms: Vec<f64>) -> (f64, f64) {
 
 /// The runtime's command line as the benchmarks call it bare: crun in a mount namespace
 /// without the cgroup2 mount, which it needs on these hybrid hosts, made the way the agent
-/// makes it (between fork and exec, no wrapper programs), so the floor is as fast as crun
-/// can be driven here.
-fn runtime_cmd(kind: RuntimeKind, root: &Path) -> Command {
-    let mut c = Command::new(kind_name(kind));
+/// makes it (between fork and exec, no wrapper programs). With `sealed`, the program is
+/// started from that sealed in-memory copy of itself, as the agent's supervisor starts it
+/// ([`hive_agent::runtime::shim::sealed_copy`]: the runtime then skips copying itself), so
+/// the floor is as fast as the runtime can be driven here.
+fn runtime_cmd(kind: RuntimeKind, root: &Path, sealed: Option<&OwnedFd>) -> Command {
+    let mut c = match sealed {
+        Some(fd) => Command::new(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+        None => Command::new(kind_name(kind)),
+    };
     if kind == RuntimeKind::Crun {
         hide_cgroup2(&mut c);
     }
@@ -158,7 +164,7 @@ fn bare(kind: RuntimeKind, dir: &Path, rootfs: &Path, runs: usize) -> Result<(f6
     let (bundle, id, root) = bare_bundle(kind, dir, rootfs, "run", &["/bin/true"])?;
     let mut times = Vec::new();
     for i in 0..runs + 3 {
-        let mut c = runtime_cmd(kind, &root);
+        let mut c = runtime_cmd(kind, &root, None);
         c.args(["run", "-b"]).arg(&bundle).arg(&id);
         let t = Instant::now();
         let out = c.output()?;
@@ -174,23 +180,34 @@ fn bare(kind: RuntimeKind, dir: &Path, rootfs: &Path, runs: usize) -> Result<(f6
 /// `runtime run --detach` of `sleep` until it returns (the process runs), the floor of a
 /// container start (one runtime call: less work than `create` + `start`); the container is
 /// deleted untimed. `runs` after 3 warm-ups; the runtime keeps its state under `state`
-/// (`root-<runtime>`). Returns the p50 and p95 in ms, and the machine's busy CPU per run
-/// (ms, the runs only).
+/// (`root-<runtime>`); with `sealed`, its program runs from a sealed copy made once, before
+/// the runs (see [`runtime_cmd`]). Returns the p50 and p95 in ms, and the machine's busy
+/// CPU per run (ms, the runs only).
 pub fn bare_start(
     kind: RuntimeKind,
     dir: &Path,
     rootfs: &Path,
     runs: usize,
     state: &Path,
+    sealed: bool,
 ) -> Result<((f64, f64), f64)> {
     let (bundle, id, _) = bare_bundle(kind, dir, rootfs, "start", &["sleep", "1000"])?;
     let root = state.join(format!("root-{}", kind_name(kind)));
+    let copy = if sealed {
+        let program = OciRuntime::new(kind, kind_name(kind), &root).binary;
+        Some(
+            hive_agent::runtime::shim::sealed_copy(&program)
+                .with_context(|| format!("sealed copy of {}", program.display()))?,
+        )
+    } else {
+        None
+    };
     let mut times = Vec::new();
     let mut cpu = Duration::ZERO;
     for i in 0..runs + 3 {
         // The container's init keeps the runtime's stdio: nothing may wait for their end.
         let log = dir.join(format!("run-{}.log", kind_name(kind)));
-        let mut run = runtime_cmd(kind, &root);
+        let mut run = runtime_cmd(kind, &root, copy.as_ref());
         run.arg("--log")
             .arg(&log)
             .args(["run", "--detach", "-b"])
@@ -211,7 +228,7 @@ pub fn bare_start(
         if i >= 3 {
             cpu += busy_cpu()?.saturating_sub(busy);
         }
-        let mut delete = runtime_cmd(kind, &root);
+        let mut delete = runtime_cmd(kind, &root, None);
         delete.args(["delete", "--force"]).arg(&id);
         check(
             delete.output()?,

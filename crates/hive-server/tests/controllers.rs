@@ -16,12 +16,25 @@ async fn start() -> Server {
     start_with(Scheduler::new).await
 }
 
-/// A server with the controllers, the scheduler made by `scheduler` from the admin client.
+/// A server with the controllers, the scheduler made by `scheduler` from the admin client,
+/// wired as `hive up` wires them: the service controller asks the scheduler to place each
+/// instance as it creates it.
 async fn start_with(scheduler: impl FnOnce(Client) -> Scheduler) -> Server {
+    start_wired(scheduler, true).await
+}
+
+/// [`start_with`], with the service controller asking the scheduler (`placer`) or not (every
+/// instance created unplaced, bound by the scheduler's own write).
+async fn start_wired(scheduler: impl FnOnce(Client) -> Scheduler, placer: bool) -> Server {
     let server = common::launch().await;
     let client = server.client.clone();
-    tokio::spawn(ServiceController::new(client.clone()).run());
-    tokio::spawn(scheduler(client).run());
+    let scheduler = scheduler(client.clone());
+    let mut services = ServiceController::new(client);
+    if placer {
+        services = services.with_placer(scheduler.placer());
+    }
+    tokio::spawn(services.run());
+    tokio::spawn(scheduler.run());
     server
 }
 
@@ -137,26 +150,30 @@ async fn add_node(c: &Client, name: &str, cpu_millis: u64) {
     c.update_status(None, &n).await.unwrap();
 }
 
-/// An HTTP proxy to `upstream` that answers the first `fail` instance updates (the
-/// scheduler's bindings) with 503, as a server whose store is briefly unreachable would;
-/// everything else, watch streams included, goes through. Returns its URL. Call it inside
-/// the runtime (it spawns the proxy's task).
-fn flaky_proxy(upstream: String, fail: usize) -> String {
+/// An HTTP proxy to `upstream` that answers the next `fail` requests `hit` picks (by method
+/// and path) with 503, as a server whose store is briefly unreachable would; everything
+/// else, watch streams included, goes through. Returns its URL and the count of failures
+/// left (to arm it again). Call it inside the runtime (it spawns the proxy's task).
+fn flaky_proxy(
+    upstream: String,
+    fail: usize,
+    hit: fn(&axum::http::Method, &str) -> bool,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use axum::body::Body;
     use axum::extract::Request;
-    use axum::http::{Method, header};
+    use axum::http::header;
     use axum::response::Response;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     let left = Arc::new(AtomicUsize::new(fail));
+    let failures = left.clone();
     let http = reqwest::Client::new();
     let app = axum::Router::new().fallback(move |req: Request| {
         let (left, http, upstream) = (left.clone(), http.clone(), upstream.clone());
         async move {
             let (parts, body) = req.into_parts();
-            if parts.method == Method::PUT
-                && parts.uri.path().contains("/instances/")
+            if hit(&parts.method, parts.uri.path())
                 && left
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                     .is_ok()
@@ -192,17 +209,31 @@ fn flaky_proxy(upstream: String, fail: usize) -> String {
     let addr = listener.local_addr().unwrap();
     let listener = tokio::net::TcpListener::from_std(listener).unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
+    (format!("http://{addr}"), failures)
+}
+
+/// An instance update (the scheduler's binding).
+fn instance_update(m: &axum::http::Method, path: &str) -> bool {
+    m == axum::http::Method::PUT && path.contains("/instances/")
+}
+
+/// An instance create (the service controller's).
+fn instance_create(m: &axum::http::Method, path: &str) -> bool {
+    m == axum::http::Method::POST && path.ends_with("/instances")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bindings_refused_for_a_passing_reason_are_tried_again() {
     // Every one of the first bindings is refused: with nothing else changing, only a retry
-    // of its own can place an instance.
-    let s = start_with(|admin| {
-        let flaky = flaky_proxy(admin.base().to_owned(), 8);
-        Scheduler::new(Client::new(&flaky, admin.token().map(str::to_owned)).unwrap())
-    })
+    // of its own can place an instance. (Every instance is bound by the scheduler: none is
+    // placed as it is created.)
+    let s = start_wired(
+        |admin| {
+            let (flaky, _) = flaky_proxy(admin.base().to_owned(), 8, instance_update);
+            Scheduler::new(Client::new(&flaky, admin.token().map(str::to_owned)).unwrap())
+        },
+        false,
+    )
     .await;
     let c = s.client.clone();
     add_node(&c, "n1", 4000).await;
@@ -483,6 +514,181 @@ async fn a_full_network_leaves_instances_pending_with_a_reason_until_addresses_f
     assert!(
         !held.contains(&"10.60.0.2".to_owned()),
         "an instance got the VIP"
+    );
+}
+
+/// Makes node `name` shared by every tenant.
+async fn share_node(c: &Client, name: &str) {
+    let mut n = c.get::<Node>(None, name).await.unwrap();
+    n.spec.shared = true;
+    c.update(None, &n).await.unwrap();
+}
+
+/// Waits until the scheduler has placed an instance of `tenant` (it places nothing before
+/// its caches are whole): a service `warm` of one replica that needs no capacity.
+async fn scheduler_ready(c: &Client, tenant: &str) {
+    c.create(Some(tenant), &service("warm", 1)).await.unwrap();
+    until(c, tenant, "the warm-up instance placed", |i| {
+        i.iter()
+            .any(|i| i.spec.service == "warm" && i.spec.node.is_some())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_scheduler_places_instances_as_they_are_created_and_counts_them() {
+    use futures_util::StreamExt;
+    let s = start().await;
+    let c = &s.client;
+    add_node(c, "n1", 2000).await;
+    share_node(c, "n1").await;
+    add_tenant(c, "acme").await;
+    scheduler_ready(c, "acme").await;
+    let rev = c
+        .list_page::<Instance>(Some("acme"), Some(1), None)
+        .await
+        .unwrap()
+        .revision;
+    let mut watch = c.watch::<Instance>(Some("acme"), Some(rev)).await.unwrap();
+    // Room for two on n1: the third does not fit beside the two reserved before it.
+    let mut web = service("web", 3);
+    web.spec.template.resources.requests.cpu_millis = Some(1000);
+    c.create(Some("acme"), &web).await.unwrap();
+    let mut first: std::collections::BTreeMap<String, Option<String>> = Default::default();
+    let t0 = Instant::now();
+    while first.len() < 3 {
+        let ev = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("three instances created within 10 s")
+            .expect("watch open")
+            .unwrap();
+        if let Some(i) = ev.object
+            && ev.type_ == hive_api::WatchEventType::Added
+            && i.spec.service == "web"
+        {
+            first.insert(i.name.clone(), i.spec.node.clone());
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10));
+    }
+    let on_n1 = first
+        .values()
+        .filter(|n| n.as_deref() == Some("n1"))
+        .count();
+    assert_eq!(
+        (on_n1, first.len() - on_n1),
+        (2, 1),
+        "two created on n1, one unplaced: {first:?}"
+    );
+    let unplaced = first.iter().find(|(_, n)| n.is_none()).unwrap().0.clone();
+    let items = until(c, "acme", "the third waits for room", |i| {
+        i.iter()
+            .any(|i| i.name == unplaced && i.status.reason == "Unschedulable")
+    })
+    .await;
+    let waiting = items.iter().find(|i| i.name == unplaced).unwrap();
+    assert_eq!(waiting.spec.node, None);
+    assert!(
+        waiting.status.message.contains("insufficient cpu"),
+        "{}",
+        waiting.status.message
+    );
+    // Each placement is recorded as any other.
+    for (name, node) in &first {
+        if node.is_some() {
+            event(c, "acme", "Scheduled", |m| {
+                m == format!("instance {name} placed on node n1")
+            })
+            .await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_refused_on_its_reserved_node_is_created_unplaced_and_says_why() {
+    let s = start().await;
+    let c = &s.client;
+    // Exactly room for six. The creates on their reserved node that get no address are
+    // made again unplaced, and the scheduler's own pass says why they wait; were their
+    // reservations still counted, they would wait as unschedulable instead.
+    add_node(c, "n1", 6000).await;
+    share_node(c, "n1").await;
+    add_tenant(c, "a").await;
+    scheduler_ready(c, "a").await;
+    // A /29: the VIP and four instances.
+    c.create(
+        Some("a"),
+        &hive_api::Network {
+            name: "tiny".into(),
+            spec: hive_api::NetworkSpec {
+                subnet: "10.61.0.0/29".into(),
+                gateway: None,
+            },
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut web = service("web", 6);
+    web.spec.template.network = Some("tiny".into());
+    web.spec.template.resources.requests.cpu_millis = Some(1000);
+    c.create(Some("a"), &web).await.unwrap();
+    let items = until(c, "a", "4 placed, 2 waiting for an address", |i| {
+        let web: Vec<&Instance> = i.iter().filter(|i| i.spec.service == "web").collect();
+        web.len() == 6
+            && web.iter().filter(|i| i.spec.node.is_some()).count() == 4
+            && web
+                .iter()
+                .filter(|i| i.spec.node.is_none())
+                .all(|i| i.status.reason == "NetworkFull")
+    })
+    .await;
+    assert!(
+        items.iter().all(|i| i.status.reason != "Unschedulable"),
+        "{items:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reserved_for_a_create_that_fails_is_given_back() {
+    use std::sync::atomic::Ordering;
+    let s = common::launch().await;
+    let c = s.client.clone();
+    // The service controller's creates go through a proxy that refuses the armed number.
+    let (flaky, failures) = flaky_proxy(c.base().to_owned(), 0, instance_create);
+    let scheduler = Scheduler::new(c.clone());
+    let services = Client::new(&flaky, c.token().map(str::to_owned)).unwrap();
+    tokio::spawn(
+        ServiceController::new(services)
+            .with_placer(scheduler.placer())
+            .run(),
+    );
+    tokio::spawn(scheduler.run());
+    add_node(&c, "n1", 2000).await;
+    share_node(&c, "n1").await;
+    add_tenant(&c, "a").await;
+    scheduler_ready(&c, "a").await;
+    // The first create on its reserved node fails, and so does the unplaced one after it:
+    // the reconcile is retried. Room for exactly two: a reservation kept from the failed
+    // try would leave the second instance unschedulable.
+    failures.store(2, Ordering::SeqCst);
+    let mut web = service("web", 2);
+    web.spec.template.resources.requests.cpu_millis = Some(1000);
+    c.create(Some("a"), &web).await.unwrap();
+    let items = until(&c, "a", "both placed", |i| {
+        i.iter()
+            .filter(|i| i.spec.service == "web" && i.spec.node.as_deref() == Some("n1"))
+            .count()
+            == 2
+    })
+    .await;
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "both failures were used"
+    );
+    assert!(
+        items.iter().all(|i| i.status.reason.is_empty()),
+        "{items:#?}"
     );
 }
 

@@ -360,6 +360,13 @@ fn spare_supervisors(runtime: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// The niceness of process `pid` (field 19 of its stat).
+fn nice_of(pid: u32) -> i64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = stat.rsplit_once(')').unwrap().1;
+    after.split_whitespace().nth(16).unwrap().parse().unwrap()
+}
+
 /// The spare supervisors once there is one (within 10 s). Polled: a program just spawned
 /// shows its command line only once the kernel has set up its new memory, a moment after
 /// `spawn` returned.
@@ -397,10 +404,14 @@ async fn a_start_takes_the_supervisor_spawned_ahead_and_another_is_spawned() {
     containers.prepare_supervisor();
     let ahead = a_spare_supervisor(&runc).await;
     assert_eq!(ahead.len(), 1, "one spare: {ahead:?}");
+    assert_eq!(nice_of(ahead[0]), 19, "a spare's program starts niced");
     let (id, started) = f
         .run_on(&containers, &["sleep", "100"], Limits::default())
         .await;
     assert!(matches!(containers.state(&id), ContainerState::Running(_)));
+    // Its supervisor and its container are not.
+    assert_eq!(nice_of(started.shim_pid as u32), 0, "the supervisor");
+    assert_eq!(nice_of(started.pid as u32), 0, "the container's init");
     // The spare forked the container's supervisor and exits after its answer (reaped in the
     // background: the start does not wait for that).
     let t0 = Instant::now();

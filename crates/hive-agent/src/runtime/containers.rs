@@ -119,6 +119,23 @@ pub struct Containers {
     spare: std::sync::Arc<std::sync::Mutex<Option<tokio::process::Child>>>,
 }
 
+/// The niceness a spare supervisor's program starts at: its start (loading the `hive`
+/// binary, copying the runtime's, forking the supervisor) comes right after a container's,
+/// while that start's status is reported, and must not take a CPU from that. The supervisor
+/// it forks sets itself back to 0 before it waits for its configuration
+/// ([`shim::main`]).
+const SPARE_NICE: i32 = 19;
+
+/// Sets `child`'s niceness. Best effort: a child gone already has nothing to slow down.
+fn renice(child: &tokio::process::Child, nice: i32) {
+    if let Some(pid) = child
+        .id()
+        .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+    {
+        let _ = rustix::process::setpriority_process(Some(pid), nice);
+    }
+}
+
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
@@ -225,11 +242,16 @@ impl Containers {
         if ahead {
             cmd.arg(&self.runtime.binary);
         }
-        cmd.stdin(Stdio::piped())
+        let child = cmd
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
-            .spawn()
+            .spawn()?;
+        if ahead {
+            renice(&child, SPARE_NICE);
+        }
+        Ok(child)
     }
 
     /// Spawns the spare supervisor if there is none (after a start took it, or before the

@@ -112,9 +112,10 @@ pub const FROM_STDIN: &str = "-";
 /// supervision but by exiting). A spare whose standard input ends without a configuration
 /// (its agent stopped or dropped it) exits with 0 and does nothing.
 ///
-/// The supervisor (the child, in a session of its own and a subreaper) is forked before the
-/// configuration is read: a spare has it waiting, and a start pays neither the fork nor the
-/// rest of the setup. The parent only relays the child's answer and exits.
+/// The supervisor (the child, in a session of its own and a subreaper, at niceness 0 however
+/// niced its spare was started) is forked before the configuration is read: a spare has it
+/// waiting, and a start pays neither the fork nor the rest of the setup. The parent only
+/// relays the child's answer and exits.
 pub fn main(arg: &str, runtime: Option<&Path>) -> i32 {
     // Made before the wait, off the start's path. Without it the runtime copies itself.
     let sealed = runtime.and_then(|r| sealed_copy(r).ok().map(|fd| (r.to_owned(), fd)));
@@ -173,6 +174,12 @@ fn child(arg: &str, sync_w: OwnedFd, sealed: Option<(PathBuf, OwnedFd)>) -> i32 
             report(&mut answer, &format!("shim: copy the standard output: {e}"));
             return 1;
         }
+    }
+    // A spare's program started niced, off the CPUs a container's start needs; the
+    // supervisor waits, starts its container and supervises it at niceness 0.
+    if let Err(e) = rustix::process::setpriority_process(None, 0) {
+        report(&mut answer, &format!("shim: reset its niceness: {e}"));
+        return 1;
     }
     // Own session: a signal to the agent's process group never reaches the supervisor.
     let _ = setsid();

@@ -12,7 +12,7 @@ pub mod scheduler;
 pub mod services;
 
 pub use nodes::NodeController;
-pub use scheduler::Scheduler;
+pub use scheduler::{Placer, Scheduler};
 pub use services::ServiceController;
 
 use hive_api::EventType;

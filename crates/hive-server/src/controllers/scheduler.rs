@@ -16,6 +16,15 @@
 //! another. Every binding is still its own compare-and-swap. Each decision is an Event in the
 //! instance's tenant: `Scheduled` once per placement, `FailedScheduling` once per distinct
 //! message however often a waiting instance is retried.
+//!
+//! **Placed as they are created.** The service controller asks first ([`Placer::reserve`]):
+//! when nothing is queued (nobody is served out of turn) and the place takes no node from
+//! the pool (binding one is a write of its own), the loop places the instance at once,
+//! counts it on its node from then on, and the controller creates it already bound (the
+//! server checks the node and gives the network place as for any binding). A start then
+//! waits for one store commit and one watch delivery less. A reservation is given back when
+//! the create fails ([`Placer::release`]) or its instance is not seen within
+//! [`RESERVATION_TTL`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -28,7 +37,7 @@ use hive_client::Client;
 use hive_scheduler::{
     Cluster, FairQueue, NodeInfo, Occupancy, Placement, PoolReturn, Request, Resources,
 };
-use tokio::sync::{Mutex, mpsc, watch};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::events::{Dedup, create, new_event};
@@ -42,15 +51,58 @@ pub const LEASE_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_POOL_GRACE: Duration = Duration::from_secs(60);
 /// Most bindings written at once.
 pub const BIND_BATCH: usize = 64;
+/// How long a node reserved for an instance being created stays counted while the instance
+/// is not seen (a create that failed without the controller saying so).
+pub const RESERVATION_TTL: Duration = Duration::from_secs(30);
+/// How long the service controller waits for the loop's answer to a reservation before it
+/// creates the instance unplaced (the loop busy writing a batch).
+const RESERVE_WAIT: Duration = Duration::from_millis(200);
 /// What the scheduler's Events say they come from.
 const SOURCE: &str = "scheduler";
 
 type Key = (String, String);
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Scheduler {
     client: Client,
     pool_grace: Duration,
+    tx: mpsc::UnboundedSender<Change>,
+    rx: mpsc::UnboundedReceiver<Change>,
+}
+
+/// Asks a running [`Scheduler`] to place an instance as it is created (see the module's
+/// documentation). Every answer may be no: the instance is then created unplaced and
+/// queued like any other.
+#[derive(Clone, Debug)]
+pub struct Placer {
+    tx: mpsc::UnboundedSender<Change>,
+}
+
+impl Placer {
+    /// A node for `inst` of `tenant`, counted as used there from now on; None when the
+    /// scheduler would not place it at once (or does not answer within [`RESERVE_WAIT`]).
+    pub async fn reserve(&self, tenant: &str, inst: &Instance) -> Option<String> {
+        let (reply, answer) = oneshot::channel();
+        let key = (tenant.to_owned(), inst.name.clone());
+        self.tx
+            .send(Change::Reserve {
+                key,
+                inst: Box::new(inst.clone()),
+                reply,
+            })
+            .ok()?;
+        tokio::time::timeout(RESERVE_WAIT, answer)
+            .await
+            .ok()?
+            .ok()?
+    }
+
+    /// The reservation for instance `name` of `tenant` is not needed: its create failed.
+    pub fn release(&self, tenant: &str, name: &str) {
+        let _ = self
+            .tx
+            .send(Change::Release((tenant.to_owned(), name.to_owned())));
+    }
 }
 
 /// What the loop knows; one task owns it.
@@ -67,6 +119,11 @@ struct State {
     waiting: HashMap<Key, i32>,
     /// The last `FailedScheduling` message of each waiting instance.
     reported: Dedup<Key>,
+    /// Instances placed for the service controller before they exist (in `placed` too),
+    /// and when.
+    reserved: HashMap<Key, Instant>,
+    /// `Scheduled` Events of reserved instances seen created, to write.
+    scheduled: Vec<(String, hive_api::Event)>,
     /// How long the nodes bound from the pool have been empty.
     pool: PoolReturn,
     instances: HashMap<String, Store<Instance>>,
@@ -88,6 +145,8 @@ impl State {
             queued: HashSet::new(),
             waiting: HashMap::new(),
             reported: Dedup::default(),
+            reserved: HashMap::new(),
+            scheduled: Vec::new(),
             pool: PoolReturn::new(pool_grace),
             instances: HashMap::new(),
             synced: HashMap::new(),
@@ -184,19 +243,38 @@ fn node_info(n: &Node, lease_age: Duration) -> NodeInfo {
     }
 }
 
+#[derive(Debug)]
 enum Change {
     Node(String),
     Instance(String, String),
     /// The live tenants and their scheduling weights.
     Tenants(Vec<(String, u32)>),
+    /// A node for an instance about to be created ([`Placer::reserve`]).
+    Reserve {
+        key: Key,
+        inst: Box<Instance>,
+        reply: oneshot::Sender<Option<String>>,
+    },
+    /// A reservation whose instance was not created ([`Placer::release`]).
+    Release(Key),
 }
 
 impl Scheduler {
     /// `client` must act as the platform admin.
     pub fn new(client: Client) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
         Self {
             client,
             pool_grace: DEFAULT_POOL_GRACE,
+            tx,
+            rx,
+        }
+    }
+
+    /// A handle the service controller places instances through as it creates them.
+    pub fn placer(&self) -> Placer {
+        Placer {
+            tx: self.tx.clone(),
         }
     }
 
@@ -207,14 +285,19 @@ impl Scheduler {
     }
 
     pub async fn run(self) {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Change>();
-        let mut st = State::new(self.pool_grace);
+        let Self {
+            client,
+            pool_grace,
+            tx,
+            mut rx,
+        } = self;
+        let mut st = State::new(pool_grace);
         let nodes: Store<Node> = Arc::new(Mutex::new(BTreeMap::new()));
         let (ntx, mut nrx) = mpsc::unbounded_channel();
         let (nodes_synced, ready) = watch::channel(false);
         st.synced.insert(String::new(), ready);
         let mut tasks: Vec<JoinHandle<()>> = vec![tokio::spawn(reflect_synced(
-            self.client.clone(),
+            client.clone(),
             None,
             nodes.clone(),
             ntx,
@@ -228,7 +311,7 @@ impl Scheduler {
                 }
             }
         }));
-        tasks.push(tokio::spawn(watch_tenants(self.client.clone(), tx.clone())));
+        tasks.push(tokio::spawn(watch_tenants(client.clone(), tx.clone())));
         let mut workers: HashMap<String, JoinHandle<()>> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         loop {
@@ -298,7 +381,7 @@ impl Scheduler {
                             let (itx, mut irx) = mpsc::unbounded_channel();
                             let fwd = tx.clone();
                             let tenant = t.clone();
-                            let client = self.client.clone();
+                            let client = client.clone();
                             workers.insert(
                                 t.clone(),
                                 tokio::spawn(async move {
@@ -321,7 +404,25 @@ impl Scheduler {
                         }
                     }
                     Change::Instance(tenant, name) => st.observe(&tenant, &name).await,
+                    Change::Reserve { key, inst, reply } => {
+                        let node = st.reserve(key.clone(), &inst);
+                        // The controller stopped waiting: it creates the instance unplaced.
+                        if reply.send(node.clone()).is_err() && node.is_some() {
+                            st.release_reserved(&key).await;
+                        }
+                    }
+                    Change::Release(key) => st.release_reserved(&key).await,
                 }
+            }
+            if !st.scheduled.is_empty() {
+                // Written beside the loop: a reservation asked meanwhile is not kept waiting.
+                let (events, client) = (std::mem::take(&mut st.scheduled), client.clone());
+                tokio::spawn(async move {
+                    join_all(events.iter().map(|(t, ev)| create(&client, t, ev))).await;
+                });
+            }
+            if ticked {
+                st.expire_reservations(Instant::now()).await;
             }
             if nodes_changed {
                 let now = Instant::now();
@@ -333,9 +434,9 @@ impl Scheduler {
                 }
             }
             if st.complete() {
-                st.place_batch(&self.client).await;
+                st.place_batch(&client).await;
                 if ticked {
-                    st.return_idle_nodes(&self.client).await;
+                    st.return_idle_nodes(&client).await;
                 }
             }
         }
@@ -407,6 +508,26 @@ fn network_reason(e: &hive_client::ClientError) -> Option<&'static str> {
     }
 }
 
+/// The `Scheduled` Event of instance `name` placed on `node`.
+fn scheduled_event(name: &str, node: &str, binds_tenant: bool) -> hive_api::Event {
+    let message = format!(
+        "instance {name} placed on node {node}{}",
+        if binds_tenant {
+            " (taken from the pool for this tenant)"
+        } else {
+            ""
+        }
+    );
+    new_event(
+        EventType::Normal,
+        SOURCE,
+        "Scheduled",
+        "instance",
+        name,
+        message,
+    )
+}
+
 /// One placed instance whose binding is being written.
 struct Bind {
     key: Key,
@@ -437,6 +558,15 @@ impl State {
             None => None,
         };
         let now_on = current.as_ref().and_then(|i| i.spec.node.clone());
+        // A reserved instance seen created where it was placed: its placement is done.
+        if current.is_some()
+            && self.reserved.remove(&key).is_some()
+            && let Some((node, _)) = self.placed.get(&key)
+            && now_on.as_ref() == Some(node)
+        {
+            let ev = scheduled_event(name, node, false);
+            self.scheduled.push((tenant.to_owned(), ev));
+        }
         if let Some((node, req)) = self.placed.get(&key).cloned()
             && Some(&node) != now_on.as_ref()
         {
@@ -462,7 +592,57 @@ impl State {
             (None, _) => {
                 self.waiting.remove(&key);
                 self.reported.forget(&key);
+                self.reserved.remove(&key);
             }
+        }
+    }
+
+    /// Places `inst` of `tenant` (`key`) at once for the service controller about to create
+    /// it, when nothing is queued (nobody is served out of turn; an instance waiting for
+    /// room is not queued, and would not be served first either) and the place takes no node
+    /// from the pool: the node, counted as used from now on.
+    fn reserve(&mut self, key: Key, inst: &Instance) -> Option<String> {
+        if !self.complete() || !self.queue.is_empty() || self.placed.contains_key(&key) {
+            return None;
+        }
+        let req = request(&key.0, inst);
+        let p = self.cluster.place(&req).ok()?;
+        if p.binds_tenant {
+            self.cluster.release(&p.node, &req);
+            self.cluster.unbind_if_empty(&p.node);
+            return None;
+        }
+        self.reserved.insert(key.clone(), Instant::now());
+        self.placed.insert(key, (p.node.clone(), req));
+        Some(p.node)
+    }
+
+    /// Gives back the node reserved for `key` unless its instance exists after all (a
+    /// create whose answer was lost): that one's watch event settles it.
+    async fn release_reserved(&mut self, key: &Key) {
+        if self.reserved.remove(key).is_none() {
+            return;
+        }
+        let exists = match self.instances.get(&key.0) {
+            Some(s) => s.lock().await.contains_key(&key.1),
+            None => false,
+        };
+        if !exists && let Some((node, req)) = self.placed.remove(key) {
+            self.cluster.release(&node, &req);
+            self.retry_waiting();
+        }
+    }
+
+    /// Releases the reservations whose instances were not seen within [`RESERVATION_TTL`].
+    async fn expire_reservations(&mut self, now: Instant) {
+        let due: Vec<Key> = self
+            .reserved
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) >= RESERVATION_TTL)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            self.release_reserved(&key).await;
         }
     }
 
@@ -533,23 +713,7 @@ impl State {
                         store.lock().await.insert(name.clone(), written);
                     }
                     self.reported.forget(&key);
-                    let message = format!(
-                        "instance {name} placed on node {}{}",
-                        p.node,
-                        if p.binds_tenant {
-                            " (taken from the pool for this tenant)"
-                        } else {
-                            ""
-                        }
-                    );
-                    let ev = new_event(
-                        EventType::Normal,
-                        SOURCE,
-                        "Scheduled",
-                        "instance",
-                        name,
-                        message,
-                    );
+                    let ev = scheduled_event(name, &p.node, p.binds_tenant);
                     scheduled.push((tenant.clone(), ev));
                     self.placed.insert(key, (p.node, req));
                 }

@@ -33,6 +33,7 @@ use hive_client::reflector::{Store, reflect_synced};
 use super::nodes::Ages;
 use super::queue::{Priority, WorkQueue};
 use super::rollout::{self, Member};
+use super::scheduler::Placer;
 
 /// The label every instance carries with its service's name.
 pub const SERVICE_LABEL: &str = "hive.dev/service";
@@ -74,12 +75,23 @@ fn failing(i: &Instance, ran: Duration) -> Option<String> {
 #[derive(Clone, Debug)]
 pub struct ServiceController {
     client: Client,
+    placer: Option<Placer>,
 }
 
 impl ServiceController {
     /// `client` must act as the platform admin (it works in every tenant).
     pub fn new(client: Client) -> Self {
-        Self { client }
+        Self {
+            client,
+            placer: None,
+        }
+    }
+
+    /// Creates instances on the node `placer`'s scheduler reserves for them when it can
+    /// place them at once (see [`super::scheduler`]), rather than unplaced for it to bind.
+    pub fn with_placer(mut self, placer: Placer) -> Self {
+        self.placer = Some(placer);
+        self
     }
 
     pub async fn run(self) {
@@ -102,9 +114,13 @@ impl ServiceController {
                 keep
             });
             for t in &live {
-                workers
-                    .entry(t.clone())
-                    .or_insert_with(|| tokio::spawn(tenant_loop(self.client.clone(), t.clone())));
+                workers.entry(t.clone()).or_insert_with(|| {
+                    tokio::spawn(tenant_loop(
+                        self.client.clone(),
+                        self.placer.clone(),
+                        t.clone(),
+                    ))
+                });
             }
             let Ok(mut stream) = self.client.watch::<Tenant>(None, Some(list.revision)).await
             else {
@@ -115,7 +131,11 @@ impl ServiceController {
                 match (ev.type_, ev.object) {
                     (WatchEventType::Added, Some(t)) => {
                         workers.entry(t.name.clone()).or_insert_with(|| {
-                            tokio::spawn(tenant_loop(self.client.clone(), t.name.clone()))
+                            tokio::spawn(tenant_loop(
+                                self.client.clone(),
+                                self.placer.clone(),
+                                t.name.clone(),
+                            ))
                         });
                     }
                     (WatchEventType::Deleted, Some(t)) => {
@@ -139,7 +159,7 @@ const RESYNC: Duration = Duration::from_secs(30);
 /// How long a failed reconcile waits before it is retried.
 const RETRY: Duration = Duration::from_millis(500);
 
-async fn tenant_loop(client: Client, tenant: String) {
+async fn tenant_loop(client: Client, placer: Option<Placer>, tenant: String) {
     let services: Store<Service> = Arc::new(Mutex::new(BTreeMap::new()));
     let instances: Store<Instance> = Arc::new(Mutex::new(BTreeMap::new()));
     let (stx, mut srx) = mpsc::unbounded_channel();
@@ -169,6 +189,7 @@ async fn tenant_loop(client: Client, tenant: String) {
     }
     let ctx = Arc::new(Reconciler {
         client,
+        placer,
         tenant,
         services,
         instances,
@@ -245,6 +266,7 @@ async fn work(ctx: Arc<Reconciler>, queue: Arc<WorkQueue<String>>) {
 
 struct Reconciler {
     client: Client,
+    placer: Option<Placer>,
     tenant: String,
     services: Store<Service>,
     instances: Store<Instance>,
@@ -410,7 +432,7 @@ impl Reconciler {
                 .insert(SERVICE_LABEL.to_owned(), name.to_owned());
             inst.labels
                 .insert(REVISION_LABEL.to_owned(), revision.to_string());
-            let made = self.client.create(tenant, &inst).await?;
+            let made = self.create(inst).await?;
             self.instances
                 .lock()
                 .await
@@ -465,6 +487,34 @@ impl Reconciler {
             }
         }
         Ok(())
+    }
+
+    /// Creates `inst` on the node the scheduler reserves for it, when it answers with one;
+    /// unplaced otherwise, and when the server refuses that binding (the node taken by
+    /// another tenant meanwhile, no address left in the network): the scheduler's own pass
+    /// then says why in the instance's status.
+    async fn create(&self, mut inst: Instance) -> Result<Instance, ClientError> {
+        let tenant = Some(self.tenant.as_str());
+        let reserved = match &self.placer {
+            Some(p) => p.reserve(&self.tenant, &inst).await.map(|node| (p, node)),
+            None => None,
+        };
+        let Some((placer, node)) = reserved else {
+            return self.client.create(tenant, &inst).await;
+        };
+        inst.spec.node = Some(node);
+        match self.client.create(tenant, &inst).await {
+            Ok(made) => Ok(made),
+            Err(e) => {
+                placer.release(&self.tenant, &inst.name);
+                if !matches!(e, ClientError::Api { .. }) {
+                    return Err(e);
+                }
+                tracing::debug!(tenant = %self.tenant, instance = %inst.name, error = %e, "create on the reserved node; creating it unplaced");
+                inst.spec.node = None;
+                self.client.create(tenant, &inst).await
+            }
+        }
     }
 
     async fn note(&self, type_: EventType, reason: &str, service: &str, message: String) {

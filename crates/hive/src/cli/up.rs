@@ -280,14 +280,12 @@ async fn start(args: &ServerArgs) -> Result<Launched> {
             0 => client.clone(),
             e => client.clone().with_leader_epoch(e),
         };
+        let scheduler = Scheduler::new(client.clone()).with_pool_grace(pool_grace);
+        let services = ServiceController::new(client.clone()).with_placer(scheduler.placer());
         vec![
-            tokio::spawn(ServiceController::new(client.clone()).run()),
+            tokio::spawn(services.run()),
             tokio::spawn(NodeController::new(client.clone(), grace).run()),
-            tokio::spawn(
-                Scheduler::new(client.clone())
-                    .with_pool_grace(pool_grace)
-                    .run(),
-            ),
+            tokio::spawn(scheduler.run()),
         ]
     }));
     tracing::info!(
