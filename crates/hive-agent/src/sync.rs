@@ -1127,6 +1127,11 @@ async fn launch(
     let net = net.map(|(n, _, _)| n);
     let t = &inst.spec.template;
     let t0 = Instant::now();
+    // From the API server taking its create (its `created_at`) to this start begun: the
+    // control plane's share (create, placement, watch delivery).
+    let created_ms = inst.created_at.map_or(-1.0, |c| {
+        (chrono::Utc::now() - c).num_microseconds().unwrap_or(0) as f64 / 1e3
+    });
     // The image and its root filesystem, and the port: neither needs the other, so they are
     // made at once (the rootfs's mount on the blocking pool, beside the port's netlink
     // round trips on this thread).
@@ -1231,6 +1236,7 @@ async fn launch(
         .map_err(|e| ("StartFailed", e.to_string()))?;
     tracing::debug!(
         instance = %inst.name,
+        created_ms,
         image_ms = t_image.as_secs_f64() * 1e3,
         rootfs_ms = (t_rootfs - t_image).as_secs_f64() * 1e3,
         net_ms = t_net.as_secs_f64() * 1e3,
