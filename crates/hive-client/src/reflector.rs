@@ -14,6 +14,22 @@ use crate::Client;
 /// Objects by name.
 pub type Store<R> = Arc<Mutex<BTreeMap<String, R>>>;
 
+/// Puts `obj`, as this process just wrote it, into `store` (reflected from a watch), unless
+/// the watch brought a newer version first: a write's answer and the watch's events race,
+/// and a change someone made right after the write must not be hidden until the next event.
+/// An object `created` by the write and not in the store yet was not seen yet; one updated
+/// by it and gone from the store was deleted meanwhile, and is not put back.
+pub async fn keep_written<R: Resource>(store: &Store<R>, obj: R, created: bool) {
+    let mut objects = store.lock().await;
+    let keep = match objects.get(obj.name()) {
+        Some(seen) => seen.revision() < obj.revision(),
+        None => created,
+    };
+    if keep {
+        objects.insert(obj.name().to_owned(), obj);
+    }
+}
+
 /// Keeps `store` equal to the objects of kind `R` in `tenant` (None for platform-scoped
 /// kinds); sends the name of every object that changed (and every name after a relist) to
 /// `changed`. Returns when `changed` closes or the tenant is gone.
@@ -374,5 +390,45 @@ pub async fn tenant_names(client: Client, tx: mpsc::UnboundedSender<Vec<String>>
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hive_api::Service;
+
+    fn at(name: &str, revision: u64) -> Service {
+        let mut s = Service {
+            name: name.into(),
+            ..Default::default()
+        };
+        s.set_revision(revision);
+        s
+    }
+
+    #[tokio::test]
+    async fn a_written_object_never_hides_a_newer_one_nor_brings_back_a_deleted_one() {
+        let store: Store<Service> = Arc::new(Mutex::new(BTreeMap::new()));
+        store.lock().await.insert("web".into(), at("web", 5));
+        keep_written(&store, at("web", 3), false).await;
+        assert_eq!(
+            store.lock().await["web"].revision(),
+            5,
+            "older than the watch's"
+        );
+        keep_written(&store, at("web", 7), false).await;
+        assert_eq!(store.lock().await["web"].revision(), 7);
+        keep_written(&store, at("db", 8), false).await;
+        assert!(
+            !store.lock().await.contains_key("db"),
+            "updated, then deleted"
+        );
+        keep_written(&store, at("db", 9), true).await;
+        assert_eq!(
+            store.lock().await["db"].revision(),
+            9,
+            "created, not seen yet"
+        );
     }
 }

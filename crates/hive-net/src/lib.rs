@@ -536,13 +536,15 @@ impl NodeNet {
     }
 
     /// Instance `key`'s namespace at `path`: the one there, else a spare named for it (its
-    /// resolver's sockets kept for [`NodeNet::serve_dns`]), else a new one.
+    /// resolver's sockets kept for [`NodeNet::serve_dns`], its nf_tables socket for
+    /// [`NodeNet::set_service_routes`]), else a new one.
     async fn port_netns(&self, key: &str, path: &Path) -> Result<netns::NamedNetns, NetError> {
         if !netns::is_nsfs(path)
             && let Some(spare) = self.spares.take()
         {
-            let (named, dns) = spare.name(path)?;
-            self.dns.keep_prebound(key, dns);
+            let (named, inside) = spare.name(path)?;
+            self.dns.keep_prebound(key, inside.dns);
+            self.services.keep(key, &named.ns, inside.nft).await?;
             return Ok(named);
         }
         netns::create_or_open(path.to_owned(), CONTAINER_SYSCTLS).await

@@ -202,13 +202,22 @@ pub(crate) struct VethPlan {
 const LOOPBACK_IFINDEX: u32 = 1;
 
 /// A network namespace made ahead of need, with no name yet: `sysctls` written, `lo` up, and
-/// made inside it a netlink socket and the resolver's sockets (see [`Spare::make`]). It goes
-/// away with the last of them when dropped unnamed.
+/// made inside it a netlink socket, the resolver's sockets and the nf_tables socket its VIP
+/// table is written through (see [`Spare::make`]). It goes away with the last of them when
+/// dropped unnamed.
 pub(crate) struct Spare {
     ns: File,
     socket: Socket,
-    dns: crate::dns::Sockets,
+    inside: Inside,
     veth: Option<SpareVeth>,
+}
+
+/// The sockets a spare namespace hands over with its name, made inside it ahead: its
+/// resolver's, and the nf_tables one of its VIP table (each saves a thread entering the
+/// namespace when the instance's views are first applied).
+pub(crate) struct Inside {
+    pub(crate) dns: crate::dns::Sockets,
+    pub(crate) nft: crate::nfnl::NfSocket,
 }
 
 impl Spare {
@@ -230,7 +239,10 @@ impl Spare {
                 crate::link::set_up(&h, LOOPBACK_IFINDEX, "lo").await
             })?;
             Ok(Spare {
-                dns: crate::dns::bind()?,
+                inside: Inside {
+                    dns: crate::dns::bind()?,
+                    nft: crate::nfnl::NfSocket::new()?,
+                },
                 ns: current()?,
                 socket: netlink_socket()?,
                 veth: None,
@@ -259,7 +271,7 @@ impl Spare {
     }
 
     /// Names it: bind-mounted at `path` (a namespace file, like `ip netns attach`).
-    pub(crate) fn name(self, path: &Path) -> Result<(NamedNetns, crate::dns::Sockets), NetError> {
+    pub(crate) fn name(self, path: &Path) -> Result<(NamedNetns, Inside), NetError> {
         let what = format!("netns {}", path.display());
         mount_point(path, &what)?;
         let source = format!("/proc/self/fd/{}", self.ns.as_raw_fd());
@@ -281,7 +293,7 @@ impl Spare {
             lo_up: true,
             veth: self.veth,
         };
-        Ok((named, self.dns))
+        Ok((named, self.inside))
     }
 }
 

@@ -32,8 +32,8 @@
 //! timing out on an address nobody answers ARP for: the filter chain runs after the DNAT,
 //! so only what was not translated still goes to a VIP.
 //!
-//! Each change is one nf_tables netlink transaction ([`crate::nfnl`]) sent from a thread in
-//! the namespace, no `nft` program: a node re-routes every local instance of a network when
+//! Each change is one nf_tables netlink transaction ([`crate::nfnl`]) sent on a socket made
+//! in the namespace (by a thread entering it, or with a spare namespace), no `nft` program: a node re-routes every local instance of a network when
 //! one of its services changes, and `nft` (a process, which reads the table before it
 //! writes) made that O(instances × services) per change. The last routes applied to each
 //! namespace are remembered, so a change writes only the VIPs that differ; a namespace whose
@@ -99,6 +99,22 @@ impl Tables {
     fn slot(&self, key: &str) -> Slot {
         let mut m = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
         m.entry(key.to_owned()).or_default().clone()
+    }
+
+    /// Keeps `sock`, made inside namespace `ns` ahead, as the socket of `key`'s VIP table.
+    pub(crate) async fn keep(
+        &self,
+        key: &str,
+        ns: &std::fs::File,
+        sock: nfnl::NfSocket,
+    ) -> Result<(), NetError> {
+        let table = Table {
+            ns_id: ns_id(ns)?,
+            sock,
+            last: None,
+        };
+        *self.slot(key).lock().await = Some(table);
+        Ok(())
     }
 
     /// Forgets a namespace (it is gone) and closes its socket.

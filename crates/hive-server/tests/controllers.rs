@@ -524,6 +524,15 @@ async fn share_node(c: &Client, name: &str) {
     c.update(None, &n).await.unwrap();
 }
 
+/// One node `n1` shared by every tenant, with `cpu_millis`, and tenant `tenant`; returns once
+/// the scheduler is ready for it ([`scheduler_ready`]).
+async fn shared_node_and_tenant(c: &Client, cpu_millis: u64, tenant: &str) {
+    add_node(c, "n1", cpu_millis).await;
+    share_node(c, "n1").await;
+    add_tenant(c, tenant).await;
+    scheduler_ready(c, tenant).await;
+}
+
 /// Waits until the scheduler has placed an instance of `tenant` (it places nothing before
 /// its caches are whole): a service `warm` of one replica that needs no capacity.
 async fn scheduler_ready(c: &Client, tenant: &str) {
@@ -540,10 +549,7 @@ async fn an_idle_scheduler_places_instances_as_they_are_created_and_counts_them(
     use futures_util::StreamExt;
     let s = start().await;
     let c = &s.client;
-    add_node(c, "n1", 2000).await;
-    share_node(c, "n1").await;
-    add_tenant(c, "acme").await;
-    scheduler_ready(c, "acme").await;
+    shared_node_and_tenant(c, 2000, "acme").await;
     let rev = c
         .list_page::<Instance>(Some("acme"), Some(1), None)
         .await
@@ -610,10 +616,7 @@ async fn an_instance_refused_on_its_reserved_node_is_created_unplaced_and_says_w
     // Exactly room for six. The creates on their reserved node that get no address are
     // made again unplaced, and the scheduler's own pass says why they wait; were their
     // reservations still counted, they would wait as unschedulable instead.
-    add_node(c, "n1", 6000).await;
-    share_node(c, "n1").await;
-    add_tenant(c, "a").await;
-    scheduler_ready(c, "a").await;
+    shared_node_and_tenant(c, 6000, "a").await;
     // A /29: the VIP and four instances.
     c.create(
         Some("a"),
@@ -663,10 +666,7 @@ async fn a_node_reserved_for_a_create_that_fails_is_given_back() {
             .run(),
     );
     tokio::spawn(scheduler.run());
-    add_node(&c, "n1", 2000).await;
-    share_node(&c, "n1").await;
-    add_tenant(&c, "a").await;
-    scheduler_ready(&c, "a").await;
+    shared_node_and_tenant(&c, 2000, "a").await;
     // The first create on its reserved node fails, and so does the unplaced one after it:
     // the reconcile is retried. Room for exactly two: a reservation kept from the failed
     // try would leave the second instance unschedulable.

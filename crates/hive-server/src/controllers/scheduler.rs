@@ -42,7 +42,7 @@ use tokio::task::JoinHandle;
 
 use super::events::{Dedup, create, new_event};
 use super::nodes::LeaseAges;
-use hive_client::reflector::{Store, reflect_synced};
+use hive_client::reflector::{Store, keep_written, reflect_synced};
 
 /// A node whose lease this scheduler has not seen renewed for this long (on its own clock)
 /// is not ready.
@@ -710,7 +710,7 @@ impl State {
             match result {
                 Ok(written) => {
                     if let Some(store) = self.instances.get(tenant) {
-                        store.lock().await.insert(name.clone(), written);
+                        keep_written(store, written, false).await;
                     }
                     self.reported.forget(&key);
                     let ev = scheduled_event(name, &p.node, p.binds_tenant);
@@ -786,7 +786,7 @@ impl State {
         if let Ok(written) = client.update_status(Some(tenant), &pending).await
             && let Some(store) = self.instances.get(tenant)
         {
-            store.lock().await.insert(inst.name.clone(), written);
+            keep_written(store, written, false).await;
         }
     }
 

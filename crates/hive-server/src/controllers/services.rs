@@ -21,14 +21,14 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use hive_api::{
-    ErrorCode, EventType, Instance, InstancePhase, InstanceSpec, REFUSED_BY_BOUND_NODE, Resource,
+    ErrorCode, EventType, Instance, InstancePhase, InstanceSpec, REFUSED_BY_BOUND_NODE,
     RolloutPhase, Service, Tenant, WatchEventType,
 };
 use hive_client::{Client, ClientError};
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 
-use hive_client::reflector::{Store, reflect_synced};
+use hive_client::reflector::{Store, keep_written, reflect_synced};
 
 use super::nodes::Ages;
 use super::queue::{Priority, WorkQueue};
@@ -369,10 +369,7 @@ impl Reconciler {
         if svc.status.vip.is_empty() && mine.iter().any(|i| i.spec.network.is_some()) {
             match self.client.update(tenant, &svc).await {
                 Ok(written) => {
-                    self.services
-                        .lock()
-                        .await
-                        .insert(name.to_owned(), written.clone());
+                    keep_written(&self.services, written.clone(), false).await;
                     svc = written;
                 }
                 Err(e) => {
@@ -433,11 +430,12 @@ impl Reconciler {
             inst.labels
                 .insert(REVISION_LABEL.to_owned(), revision.to_string());
             let made = self.create(inst).await?;
-            self.instances
-                .lock()
-                .await
-                .insert(made.name.clone(), made.clone());
-            created.push(made.name);
+            // Into the cache at once (a reconcile right after must count it), unless the
+            // watch brought a newer version first: an instance created on its node may be
+            // running, and say so, before this task runs again.
+            let name = made.name.clone();
+            keep_written(&self.instances, made, true).await;
+            created.push(name);
         }
         for victim in &plan.delete {
             self.delete(victim).await?;
@@ -464,14 +462,7 @@ impl Reconciler {
             let mut update = svc.clone();
             update.status = status;
             let written = self.client.update_status(tenant, &update).await?;
-            let mut cache = self.services.lock().await;
-            if cache
-                .get(name)
-                .is_some_and(|cur| cur.revision() <= written.revision())
-            {
-                cache.insert(name.to_owned(), written);
-            }
-            drop(cache);
+            keep_written(&self.services, written, false).await;
             // Only after the status is written, so a retried reconcile does not say it twice.
             if svc.status.rollout.phase != plan.phase {
                 let (type_, reason) = match plan.phase {
