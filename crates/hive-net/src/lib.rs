@@ -544,7 +544,7 @@ impl NodeNet {
         {
             let (named, inside) = spare.name(path)?;
             self.dns.keep_prebound(key, inside.dns);
-            self.services.keep(key, &named.ns, inside.nft).await?;
+            self.services.keep(key, &named.ns, inside.nft).await;
             return Ok(named);
         }
         netns::create_or_open(path.to_owned(), CONTAINER_SYSCTLS).await

@@ -33,9 +33,10 @@
 //! so only what was not translated still goes to a VIP.
 //!
 //! Each change is one nf_tables netlink transaction ([`crate::nfnl`]) sent on a socket made
-//! in the namespace (by a thread entering it, or with a spare namespace), no `nft` program: a node re-routes every local instance of a network when
-//! one of its services changes, and `nft` (a process, which reads the table before it
-//! writes) made that O(instances × services) per change. The last routes applied to each
+//! in the namespace (by a thread entering it, or with a spare namespace), no `nft` program:
+//! a node re-routes every local instance of a network when one of its services changes, and
+//! `nft` (a process, which reads the table before it writes) made that O(instances ×
+//! services) per change. The last routes applied to each
 //! namespace are remembered, so a change writes only the VIPs that differ; a namespace whose
 //! table is unknown (this process has not written it yet, or a change failed) is rewritten
 //! whole (the table deleted and made again in the same transaction). The table goes with
@@ -101,20 +102,16 @@ impl Tables {
         m.entry(key.to_owned()).or_default().clone()
     }
 
-    /// Keeps `sock`, made inside namespace `ns` ahead, as the socket of `key`'s VIP table.
-    pub(crate) async fn keep(
-        &self,
-        key: &str,
-        ns: &std::fs::File,
-        sock: nfnl::NfSocket,
-    ) -> Result<(), NetError> {
-        let table = Table {
-            ns_id: ns_id(ns)?,
-            sock,
-            last: None,
-        };
-        *self.slot(key).lock().await = Some(table);
-        Ok(())
+    /// Keeps `sock`, made inside namespace `ns` ahead, as the socket of `key`'s VIP table
+    /// (dropped if the namespace cannot be told: the table's first write makes its own).
+    pub(crate) async fn keep(&self, key: &str, ns: &std::fs::File, sock: nfnl::NfSocket) {
+        if let Ok(ns_id) = ns_id(ns) {
+            *self.slot(key).lock().await = Some(Table {
+                ns_id,
+                sock,
+                last: None,
+            });
+        }
     }
 
     /// Forgets a namespace (it is gone) and closes its socket.

@@ -433,9 +433,8 @@ impl Reconciler {
             // Into the cache at once (a reconcile right after must count it), unless the
             // watch brought a newer version first: an instance created on its node may be
             // running, and say so, before this task runs again.
-            let name = made.name.clone();
+            created.push(made.name.clone());
             keep_written(&self.instances, made, true).await;
-            created.push(name);
         }
         for victim in &plan.delete {
             self.delete(victim).await?;
