@@ -7,12 +7,13 @@
 //!   runs), their state on a tmpfs (where the agent keeps its runtime's, and runtimes keep
 //!   theirs on ordinary hosts: `/run`) and on this host's disk, and crun started from a
 //!   sealed copy of its program as the agent's supervisor starts it (it then skips copying
-//!   itself); the floor is the fastest of the five. Peer: `podman run --rm --network none` of the same image from local storage
-//!   (runc, the hosts' ulimits; its run state on the same tmpfs). Beside the times, the CPU
-//!   one start costs: the machine's busy time over the warm runs per run (API, control
-//!   plane, agent, runtime, kernel, and this client), split out for `hive up` and two of its
-//!   threads, against bare crun's per `run --detach` (on two CPUs, what a start spends beside
-//!   its own path is on the next one's clock).
+//!   itself); the floor is the fastest of the five. Peer: `podman run --rm --network none`
+//!   of the same image from local storage (runc, the hosts' ulimits; its run state on the
+//!   same tmpfs). Beside the times, the CPU one start costs: the machine's busy time over
+//!   the warm runs per run (API, control plane, agent, runtime, kernel, and this client),
+//!   split out for `hive up` and two of its threads, against bare crun's (from its sealed
+//!   copy) per `run --detach` (on two CPUs, what a start spends beside its own path is on
+//!   the next one's clock).
 //! - Cold: an image never seen by the node, pushed to Hive's registry first: one 256 MiB layer,
 //!   and 50 layers of 100 KiB; API create → running (pull + unpack + start), against
 //!   `podman pull` + `podman run` from the same registry into empty storage. One run each
@@ -655,8 +656,8 @@ pub fn run(args: StartArgs) -> Result<()> {
 
     drop(run);
 
-    // The floor: the fastest of them, which is crun from its sealed copy, as the agent runs
-    // it (its CPU is the floor's too).
+    // The CPU of crun from its sealed copy, the way the agent runs it (and the fastest of
+    // the floors in every run so far).
     let bare_cpu = bare[4].1;
     let bare: Vec<(f64, f64)> = bare.into_iter().map(|(t, _)| t).collect();
     let bare_tmpfs = bare[0].0.min(bare[1].0);
