@@ -271,12 +271,14 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Removes the benchmarks' (empty) parent cgroups.
+/// Removes the benchmarks' (empty) parent cgroups, in every hierarchy mounted under
+/// `/sys/fs/cgroup` (runc also makes one in the cgroup2 mount of these hybrid hosts).
 pub fn remove_bench_cgroups() {
-    for ctl in [
-        "memory", "cpu", "cpuacct", "pids", "blkio", "devices", "freezer", "cpuset", "systemd",
-    ] {
-        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(ctl).join("hive-bench"));
+    let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    for h in hierarchies.flatten() {
+        let _ = std::fs::remove_dir(h.path().join("hive-bench"));
     }
 }
 
