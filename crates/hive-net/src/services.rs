@@ -36,11 +36,11 @@
 //! in the namespace (by a thread entering it, or with a spare namespace), no `nft` program:
 //! a node re-routes every local instance of a network when one of its services changes, and
 //! `nft` (a process, which reads the table before it writes) made that O(instances ×
-//! services) per change. The last routes applied to each
-//! namespace are remembered, so a change writes only the VIPs that differ; a namespace whose
-//! table is unknown (this process has not written it yet, or a change failed) is rewritten
-//! whole (the table deleted and made again in the same transaction). The table goes with
-//! the namespace. This module knows addresses and ports, never services or tenants.
+//! services) per change. The last routes applied to each namespace are remembered, so a
+//! change writes only the VIPs that differ; a namespace whose table is unknown (this
+//! process has not written it yet, or a change failed) is rewritten whole (the table
+//! deleted and made again in the same transaction). The table goes with the namespace.
+//! This module knows addresses and ports, never services or tenants.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;

@@ -123,6 +123,19 @@ async fn replicas_become_instances_and_follow_scaling_and_deletion() {
     instances(c, "late", "api", 2).await;
 }
 
+/// Network `name` of `tenant` on `subnet` (its gateway the default).
+async fn add_network(c: &Client, tenant: &str, name: &str, subnet: &str) {
+    let net = hive_api::Network {
+        name: name.into(),
+        spec: hive_api::NetworkSpec {
+            subnet: subnet.into(),
+            gateway: None,
+        },
+        ..Default::default()
+    };
+    c.create(Some(tenant), &net).await.unwrap();
+}
+
 async fn add_node(c: &Client, name: &str, cpu_millis: u64) {
     let n = c
         .create(
@@ -451,19 +464,7 @@ async fn a_full_network_leaves_instances_pending_with_a_reason_until_addresses_f
     add_node(c, "n1", 64_000).await;
     add_tenant(c, "a").await;
     // A /29 has five addresses: the service's VIP takes the first, instances the other four.
-    c.create(
-        Some("a"),
-        &hive_api::Network {
-            name: "tiny".into(),
-            spec: hive_api::NetworkSpec {
-                subnet: "10.60.0.0/29".into(),
-                gateway: None,
-            },
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    add_network(c, "a", "tiny", "10.60.0.0/29").await;
     let mut web = service("web", 7);
     web.spec.template.network = Some("tiny".into());
     let made = c.create(Some("a"), &web).await.unwrap();
@@ -618,19 +619,7 @@ async fn an_instance_refused_on_its_reserved_node_is_created_unplaced_and_says_w
     // reservations still counted, they would wait as unschedulable instead.
     shared_node_and_tenant(c, 6000, "a").await;
     // A /29: the VIP and four instances.
-    c.create(
-        Some("a"),
-        &hive_api::Network {
-            name: "tiny".into(),
-            spec: hive_api::NetworkSpec {
-                subnet: "10.61.0.0/29".into(),
-                gateway: None,
-            },
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    add_network(c, "a", "tiny", "10.61.0.0/29").await;
     let mut web = service("web", 6);
     web.spec.template.network = Some("tiny".into());
     web.spec.template.resources.requests.cpu_millis = Some(1000);

@@ -2,6 +2,8 @@
 //! supervisor. Every test removes the containers, cgroups and processes it made, even when
 //! it fails (the fixture's Drop).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -360,11 +362,9 @@ fn spare_supervisors(runtime: &Path) -> Vec<u32> {
         .collect()
 }
 
-/// The niceness of process `pid` (field 19 of its stat).
+/// The niceness of process `pid`.
 fn nice_of(pid: u32) -> i64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = stat.rsplit_once(')').unwrap().1;
-    after.split_whitespace().nth(16).unwrap().parse().unwrap()
+    common::stat_field(pid.into(), 16).unwrap().parse().unwrap()
 }
 
 /// The spare supervisors once there is one (within 10 s). Polled: a program just spawned

@@ -634,12 +634,17 @@ pub fn cgroup_dirs(path: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Field `n` of process `pid`'s `/proc/PID/stat`, counted after its command name (0: its
+/// state, 1: its parent, 16: its niceness); None when the process is gone.
+pub fn stat_field(pid: u64, n: usize) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let field = stat.rsplit_once(')')?.1.split_whitespace().nth(n)?;
+    Some(field.to_owned())
+}
+
 /// Alive and not a zombie.
 pub fn alive(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit_once(')')
-            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-    })
+    stat_field(pid, 0).is_some_and(|state| state != "Z")
 }
 
 /// A child process killed (by pid) and reaped when dropped.
