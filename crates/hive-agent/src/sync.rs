@@ -870,6 +870,9 @@ impl Agent {
             self.sampled.insert(id.to_owned(), (Instant::now(), u));
         }
         self.known.touch(&self.containers, id);
+        // The next start's supervisor, spawned now that this start is reported: spawned
+        // beside the status write (on the path to "running"), it slowed that by ~0.5–1.5 ms.
+        self.containers.prepare_supervisor();
         // Made ahead now, for the next starts' ports and root filesystems, rather than
         // beside a start.
         if self.starting.is_empty() {

@@ -386,10 +386,11 @@ async fn a_spare_supervisor(runtime: &Path) -> Vec<u32> {
 }
 
 /// A start hands its configuration to the supervisor spawned ahead of it (that one is gone
-/// once it answered, and another waits for the next start); a spare whose stdin ends
-/// without a configuration exits quietly and does nothing.
+/// once it answered) and spawns none itself: the next is spawned when asked (the agent asks
+/// once the start is reported); a spare whose stdin ends without a configuration exits
+/// quietly and does nothing.
 #[tokio::test]
-async fn a_start_takes_the_supervisor_spawned_ahead_and_another_is_spawned() {
+async fn a_start_takes_the_supervisor_spawned_ahead_and_the_next_is_spawned_when_asked() {
     let mut f = Fixture::new();
     // runc under a path of this test's own, so that the spares of the tests running beside
     // it in this process (all children of it) are not counted as this one's.
@@ -423,6 +424,9 @@ async fn a_start_takes_the_supervisor_spawned_ahead_and_another_is_spawned() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_ne!(started.shim_pid as u32, ahead[0]);
+    let none = spare_supervisors(&runc);
+    assert!(none.is_empty(), "the start spawned a spare: {none:?}");
+    containers.prepare_supervisor();
     let next = a_spare_supervisor(&runc).await;
     assert_eq!(next.len(), 1, "{next:?}");
     assert_ne!(next[0], ahead[0]);

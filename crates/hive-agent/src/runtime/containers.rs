@@ -299,9 +299,8 @@ impl Containers {
                 timeout: self.start_timeout,
             })?
             .map_err(self.io(id, "run", &self.shim.program));
-        // The next spare is spawned beside, not before this start's answer.
-        let this = self.clone();
-        tokio::spawn(async move { this.prepare_supervisor() });
+        // The next spare is the caller's to spawn ([`Self::prepare_supervisor`]), once
+        // this start is reported: beside its status write, loading a program slows it.
         answer?.map_err(|message| ContainerError::Start {
             id: id.to_owned(),
             message,
