@@ -10,6 +10,8 @@ use common::{Server, add_tenant, service};
 use hive_api::{Event, Instance, POOL_BOUND_LABEL, Service};
 use hive_api::{Node, NodeCapacity, NodeStatus};
 use hive_client::Client;
+use hive_server::controllers::scheduler::EVENT_DELAY;
+use hive_server::controllers::services::STATUS_DELAY;
 use hive_server::controllers::{Scheduler, ServiceController};
 
 async fn start() -> Server {
@@ -562,6 +564,7 @@ async fn an_idle_scheduler_places_instances_as_they_are_created_and_counts_them(
     web.spec.template.resources.requests.cpu_millis = Some(1000);
     c.create(Some("acme"), &web).await.unwrap();
     let mut first: std::collections::BTreeMap<String, Option<String>> = Default::default();
+    let mut created_at = std::collections::BTreeMap::new();
     let t0 = Instant::now();
     while first.len() < 3 {
         let ev = tokio::time::timeout(Duration::from_secs(10), watch.next())
@@ -574,6 +577,7 @@ async fn an_idle_scheduler_places_instances_as_they_are_created_and_counts_them(
             && i.spec.service == "web"
         {
             first.insert(i.name.clone(), i.spec.node.clone());
+            created_at.insert(i.name.clone(), i.created_at.unwrap());
         }
         assert!(t0.elapsed() < Duration::from_secs(10));
     }
@@ -599,15 +603,63 @@ async fn an_idle_scheduler_places_instances_as_they_are_created_and_counts_them(
         "{}",
         waiting.status.message
     );
-    // Each placement is recorded as any other.
+    // Each placement is recorded as any other, once the start it records had its writes.
     for (name, node) in &first {
         if node.is_some() {
-            event(c, "acme", "Scheduled", |m| {
+            let ev = event(c, "acme", "Scheduled", |m| {
                 m == format!("instance {name} placed on node n1")
             })
             .await;
+            let after = (ev.created_at.unwrap() - created_at[name])
+                .to_std()
+                .unwrap();
+            assert!(
+                after >= EVENT_DELAY,
+                "{name}: recorded {after:?} after its create"
+            );
         }
     }
+}
+
+/// A service's changed status waits [`STATUS_DELAY`] before it is written, with what
+/// changed meanwhile: its first status, written after its instances were created, counts
+/// them all, and comes no sooner than the delay after the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_services_status_is_written_once_its_changes_had_time_to_settle() {
+    use futures_util::StreamExt;
+    let s = start().await;
+    let c = &s.client;
+    add_tenant(c, "acme").await;
+    let rev = c
+        .list_page::<Service>(Some("acme"), Some(1), None)
+        .await
+        .unwrap()
+        .revision;
+    let mut watch = c.watch::<Service>(Some("acme"), Some(rev)).await.unwrap();
+    c.create(Some("acme"), &service("web", 3)).await.unwrap();
+    let mut added = None;
+    let status = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("a status within 10 s")
+            .expect("watch open")
+            .unwrap();
+        let Some(svc) = ev.object else { continue };
+        match ev.type_ {
+            hive_api::WatchEventType::Added => added = Some(Instant::now()),
+            hive_api::WatchEventType::Modified if svc.status.replicas > 0 => {
+                break (added.expect("added first").elapsed(), svc.status);
+            }
+            _ => {}
+        }
+    };
+    assert_eq!(status.1.replicas, 3, "{status:?}");
+    // (Less a margin for the watch's delivery of the create.)
+    assert!(
+        status.0 >= STATUS_DELAY - Duration::from_millis(10),
+        "written {:?} after the service was seen",
+        status.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

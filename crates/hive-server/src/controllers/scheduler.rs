@@ -54,6 +54,10 @@ pub const BIND_BATCH: usize = 64;
 /// How long a node reserved for an instance being created stays counted while the instance
 /// is not seen (a create that failed without the controller saying so).
 pub const RESERVATION_TTL: Duration = Duration::from_secs(30);
+/// How long the `Scheduled` Event of an instance placed as it was created waits before it
+/// is written: an Event records, nothing waits for it, and written at once its store commit
+/// queued beside the start's own (the instance's, then its status).
+pub const EVENT_DELAY: Duration = Duration::from_millis(50);
 /// How long the service controller waits for the loop's answer to a reservation before it
 /// creates the instance unplaced (the loop busy writing a batch).
 const RESERVE_WAIT: Duration = Duration::from_millis(200);
@@ -415,9 +419,11 @@ impl Scheduler {
                 }
             }
             if !st.scheduled.is_empty() {
-                // Written beside the loop: a reservation asked meanwhile is not kept waiting.
+                // Written beside the loop (a reservation asked meanwhile is not kept waiting),
+                // and after the starts they record have their own writes in.
                 let (events, client) = (std::mem::take(&mut st.scheduled), client.clone());
                 tokio::spawn(async move {
+                    tokio::time::sleep(EVENT_DELAY).await;
                     join_all(events.iter().map(|(t, ev)| create(&client, t, ev))).await;
                 });
             }

@@ -1,5 +1,6 @@
 //! The service controller: keeps each service's instances at its replica count and reports
-//! how many exist and are ready.
+//! how many exist and are ready (a changed status is written [`STATUS_DELAY`] later, with
+//! the changes made meanwhile).
 //!
 //! Per tenant it caches the tenant's services and instances (list + watch) and queues the
 //! names of services to reconcile in a [`WorkQueue`]: several workers, never two on one
@@ -158,6 +159,11 @@ const WORKERS: usize = 4;
 const RESYNC: Duration = Duration::from_secs(30);
 /// How long a failed reconcile waits before it is retried.
 const RETRY: Duration = Duration::from_millis(500);
+/// How long a changed status waits before it is written, as it is then: a start's
+/// "created, not ready" and "ready" a few milliseconds later make one write, made after the
+/// start rather than in the store's commits beside its instance's (one commit, one watch
+/// delivery to every watcher less per start).
+pub const STATUS_DELAY: Duration = Duration::from_millis(30);
 
 async fn tenant_loop(client: Client, placer: Option<Placer>, tenant: String) {
     let services: Store<Service> = Arc::new(Mutex::new(BTreeMap::new()));
@@ -193,6 +199,7 @@ async fn tenant_loop(client: Client, placer: Option<Placer>, tenant: String) {
         tenant,
         services,
         instances,
+        status_due: std::sync::Mutex::new(HashMap::new()),
         deleted: std::sync::Mutex::new(HashSet::new()),
         started: std::sync::Mutex::new(HashMap::new()),
     });
@@ -247,17 +254,23 @@ async fn tenant_loop(client: Client, placer: Option<Placer>, tenant: String) {
 }
 
 /// One worker: reconciles the keys the queue hands it; a failed one is queued again after
-/// [`RETRY`] with the priority it had.
+/// [`RETRY`] with the priority it had, one with a status to write when it is due.
 async fn work(ctx: Arc<Reconciler>, queue: Arc<WorkQueue<String>>) {
     loop {
         let lease = queue.next().await;
         let svc = lease.key().clone();
-        if let Err(e) = ctx.reconcile(&svc).await {
-            tracing::debug!(tenant = %ctx.tenant, service = %svc, error = %e, "reconcile; retrying");
-            let (again, priority) = (queue.clone(), lease.priority());
+        let again = match ctx.reconcile(&svc).await {
+            Ok(later) => later,
+            Err(e) => {
+                tracing::debug!(tenant = %ctx.tenant, service = %svc, error = %e, "reconcile; retrying");
+                Some(RETRY)
+            }
+        };
+        if let Some(wait) = again {
+            let (queue, priority) = (queue.clone(), lease.priority());
             tokio::spawn(async move {
-                tokio::time::sleep(RETRY).await;
-                again.add(svc, priority);
+                tokio::time::sleep(wait).await;
+                queue.add(svc, priority);
             });
         }
         drop(lease);
@@ -270,6 +283,8 @@ struct Reconciler {
     tenant: String,
     services: Store<Service>,
     instances: Store<Instance>,
+    /// When each service's changed status is due to be written ([`STATUS_DELAY`]).
+    status_due: std::sync::Mutex<HashMap<String, std::time::Instant>>,
     /// Instances this controller deleted whose delete event has not come yet: their going
     /// is no loss to recover from.
     deleted: std::sync::Mutex<HashSet<String>>,
@@ -331,7 +346,9 @@ impl Reconciler {
             .remove(instance)
     }
 
-    async fn reconcile(&self, name: &str) -> Result<(), ClientError> {
+    /// Brings service `name`'s instances to what it asks for; answers when to come back, if
+    /// its status is still to be written ([`STATUS_DELAY`]).
+    async fn reconcile(&self, name: &str) -> Result<Option<Duration>, ClientError> {
         let tenant = Some(self.tenant.as_str());
         let svc = self.services.lock().await.get(name).cloned();
         let mine: Vec<Instance> = self
@@ -357,10 +374,14 @@ impl Reconciler {
             }
         };
         let Some(mut svc) = svc else {
+            self.status_due
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(name);
             for i in mine {
                 self.delete(&i.name).await?;
             }
-            return Ok(());
+            return Ok(None);
         };
         // A service made before VIPs existed (or before its network) has none: writing its
         // spec back unchanged lets the server allocate one. Only once an instance was placed
@@ -457,7 +478,17 @@ impl Reconciler {
         status.updated_replicas = plan.updated;
         status.rollout.phase = plan.phase;
         status.rollout.message = plan.message.clone();
-        if svc.status != status {
+        if svc.status == status {
+            self.status_due
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(name);
+            return Ok(None);
+        }
+        if let Some(wait) = self.status_wait(name) {
+            return Ok(Some(wait));
+        }
+        {
             let mut update = svc.clone();
             update.status = status;
             let written = self.client.update_status(tenant, &update).await?;
@@ -476,7 +507,21 @@ impl Reconciler {
                 }
             }
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// How long service `name`'s changed status is still to wait ([`STATUS_DELAY`] from the
+    /// reconcile that first found it changed); None once it is due (and the next change
+    /// waits again).
+    fn status_wait(&self, name: &str) -> Option<Duration> {
+        let now = std::time::Instant::now();
+        let mut due = self.status_due.lock().unwrap_or_else(|e| e.into_inner());
+        let at = *due.entry(name.to_owned()).or_insert(now + STATUS_DELAY);
+        if now < at {
+            return Some(at - now);
+        }
+        due.remove(name);
+        None
     }
 
     /// Creates `inst` on the node the scheduler reserves for it, when it answers with one;
