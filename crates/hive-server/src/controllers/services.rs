@@ -488,23 +488,21 @@ impl Reconciler {
         if let Some(wait) = self.status_wait(name) {
             return Ok(Some(wait));
         }
-        {
-            let mut update = svc.clone();
-            update.status = status;
-            let written = self.client.update_status(tenant, &update).await?;
-            keep_written(&self.services, written, false).await;
-            // Only after the status is written, so a retried reconcile does not say it twice.
-            if svc.status.rollout.phase != plan.phase {
-                let (type_, reason) = match plan.phase {
-                    RolloutPhase::Complete => (EventType::Normal, "RolloutComplete"),
-                    RolloutPhase::Paused => (EventType::Normal, "RolloutPaused"),
-                    RolloutPhase::Stalled => (EventType::Warning, "RolloutStalled"),
-                    RolloutPhase::Progressing => (EventType::Normal, ""),
-                };
-                if !reason.is_empty() {
-                    let message = format!("revision {revision}: {}", plan.message);
-                    self.note(type_, reason, name, message).await;
-                }
+        let mut update = svc.clone();
+        update.status = status;
+        let written = self.client.update_status(tenant, &update).await?;
+        keep_written(&self.services, written, false).await;
+        // Only after the status is written, so a retried reconcile does not say it twice.
+        if svc.status.rollout.phase != plan.phase {
+            let (type_, reason) = match plan.phase {
+                RolloutPhase::Complete => (EventType::Normal, "RolloutComplete"),
+                RolloutPhase::Paused => (EventType::Normal, "RolloutPaused"),
+                RolloutPhase::Stalled => (EventType::Warning, "RolloutStalled"),
+                RolloutPhase::Progressing => (EventType::Normal, ""),
+            };
+            if !reason.is_empty() {
+                let message = format!("revision {revision}: {}", plan.message);
+                self.note(type_, reason, name, message).await;
             }
         }
         Ok(None)
