@@ -311,6 +311,9 @@ async fn supervised(
         args: vec!["shim".into()],
     };
     let containers = Containers::new(runtime, shim, dir.join(format!("containers-{name}")));
+    // A supervisor spawned ahead of each start, as the agent does (at its start, then after
+    // each start's report).
+    containers.prepare_supervisor();
     let mut times = Vec::new();
     for i in 0..runs + 3 {
         let id = format!("bench-{name}-{}-{i}", std::process::id());
@@ -324,6 +327,7 @@ async fn supervised(
             .context("container did not exit")?;
         containers.remove(&id).await?;
         let el = t.elapsed();
+        containers.prepare_supervisor();
         if exit.exit_code != 0 {
             bail!("hive {name}: /bin/true exited {}", exit.exit_code);
         }
