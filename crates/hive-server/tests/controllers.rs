@@ -547,18 +547,38 @@ async fn scheduler_ready(c: &Client, tenant: &str) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_scheduler_places_instances_as_they_are_created_and_counts_them() {
-    use futures_util::StreamExt;
-    let s = start().await;
-    let c = &s.client;
-    shared_node_and_tenant(c, 2000, "acme").await;
+/// A watch of `tenant`'s objects of kind `R` from the store's revision now.
+async fn watch_from_now<R: hive_api::Resource>(
+    c: &Client,
+    tenant: &str,
+) -> hive_client::WatchStream<R> {
     let rev = c
-        .list_page::<Instance>(Some("acme"), Some(1), None)
+        .list_page::<R>(Some(tenant), Some(1), None)
         .await
         .unwrap()
         .revision;
-    let mut watch = c.watch::<Instance>(Some("acme"), Some(rev)).await.unwrap();
+    c.watch::<R>(Some(tenant), Some(rev)).await.unwrap()
+}
+
+/// The watch's next event, within 10 s (`what` says what the test waits for).
+async fn next_event<R: hive_api::Resource>(
+    watch: &mut hive_client::WatchStream<R>,
+    what: &str,
+) -> hive_api::WatchEvent<R> {
+    use futures_util::StreamExt;
+    tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within 10 s"))
+        .expect("watch open")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_scheduler_places_instances_as_they_are_created_and_counts_them() {
+    let s = start().await;
+    let c = &s.client;
+    shared_node_and_tenant(c, 2000, "acme").await;
+    let mut watch = watch_from_now::<Instance>(c, "acme").await;
     // Room for two on n1: the third does not fit beside the two reserved before it.
     let mut web = service("web", 3);
     web.spec.template.resources.requests.cpu_millis = Some(1000);
@@ -567,11 +587,7 @@ async fn an_idle_scheduler_places_instances_as_they_are_created_and_counts_them(
     let mut created_at = std::collections::BTreeMap::new();
     let t0 = Instant::now();
     while first.len() < 3 {
-        let ev = tokio::time::timeout(Duration::from_secs(10), watch.next())
-            .await
-            .expect("three instances created within 10 s")
-            .expect("watch open")
-            .unwrap();
+        let ev = next_event(&mut watch, "three instances created").await;
         if let Some(i) = ev.object
             && ev.type_ == hive_api::WatchEventType::Added
             && i.spec.service == "web"
@@ -626,24 +642,14 @@ async fn an_idle_scheduler_places_instances_as_they_are_created_and_counts_them(
 /// them all, and comes no sooner than the delay after the service.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_services_status_is_written_once_its_changes_had_time_to_settle() {
-    use futures_util::StreamExt;
     let s = start().await;
     let c = &s.client;
     add_tenant(c, "acme").await;
-    let rev = c
-        .list_page::<Service>(Some("acme"), Some(1), None)
-        .await
-        .unwrap()
-        .revision;
-    let mut watch = c.watch::<Service>(Some("acme"), Some(rev)).await.unwrap();
+    let mut watch = watch_from_now::<Service>(c, "acme").await;
     c.create(Some("acme"), &service("web", 3)).await.unwrap();
     let mut added = None;
     let status = loop {
-        let ev = tokio::time::timeout(Duration::from_secs(10), watch.next())
-            .await
-            .expect("a status within 10 s")
-            .expect("watch open")
-            .unwrap();
+        let ev = next_event(&mut watch, "a status").await;
         let Some(svc) = ev.object else { continue };
         match ev.type_ {
             hive_api::WatchEventType::Added => added = Some(Instant::now()),
