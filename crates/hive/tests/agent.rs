@@ -79,21 +79,6 @@ fn wait_instance(cfg: &Path, service: &str, secs: u64, what: impl Fn(&Value) -> 
     }
 }
 
-/// The spare supervisors (`hive shim - RUNTIME`, waiting for a start) that are children of
-/// process `parent`.
-fn spare_supervisors(parent: u64) -> Vec<u64> {
-    let parent = parent.to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            common::stat_field(*pid, 1).as_deref() == Some(parent.as_str())
-                && cmdline.windows(8).any(|w| w == b"\0shim\0-\0")
-        })
-        .collect()
-}
-
 #[test]
 fn a_service_runs_as_a_real_container_and_scaling_to_zero_removes_it() {
     let s = setup();
@@ -107,7 +92,7 @@ fn a_service_runs_as_a_real_container_and_scaling_to_zero_removes_it() {
         .expect("a cgroup2 mount on this host");
     assert!(cgroup2.contains("favordynmods"), "{cgroup2}");
     let up_pid = u64::from(s.up.child.id());
-    let spares_before = spare_supervisors(up_pid);
+    let spares_before = common::spare_supervisors(up_pid, None);
     ok(
         cfg,
         &[
@@ -138,7 +123,7 @@ fn a_service_runs_as_a_real_container_and_scaling_to_zero_removes_it() {
     // The start took the spare supervisor spawned ahead; once it was reported, the agent
     // spawned the next.
     until(10, "no new spare supervisor after the start", || {
-        spare_supervisors(up_pid)
+        common::spare_supervisors(up_pid, None)
             .iter()
             .any(|p| !spares_before.contains(p))
     });

@@ -317,7 +317,7 @@ fn hive_down_stops_a_start_in_flight() {
             .flatten()
             .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
             .filter_map(|pid| {
-                let ppid = common::stat_field(pid as u64, 1)?.parse().ok()?;
+                let ppid = common::parent_of(pid as u64)? as i32;
                 let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
                 Some((
                     pid,

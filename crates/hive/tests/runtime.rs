@@ -280,8 +280,8 @@ async fn the_supervisor_outlives_its_starter_and_stop_honours_the_grace_period()
         )
         .await;
     // The supervisor is not our child: an agent restart leaves it (and the container) alone.
-    let ppid = parent_of(started.shim_pid as u32).expect("supervisor alive");
-    assert_ne!(ppid, std::process::id());
+    let ppid = common::parent_of(started.shim_pid as u64).expect("supervisor alive");
+    assert_ne!(ppid, u64::from(std::process::id()));
     // A new handle (a restarted agent) finds the same container, same pid.
     let again = Containers::new(
         f.containers.runtime.clone(),
@@ -337,43 +337,18 @@ async fn the_supervisor_outlives_its_starter_and_stop_honours_the_grace_period()
     f.containers.remove(&stubborn).await.unwrap();
 }
 
-/// The parent of process `pid`, while it lives.
-fn parent_of(pid: u32) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// This process's children that are spare supervisors for `runtime` (`hive shim - RUNTIME`).
-fn spare_supervisors(runtime: &Path) -> Vec<u32> {
-    let me = std::process::id();
-    let spare = format!("\0shim\0-\0{}\0", runtime.display()).into_bytes();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            parent_of(*pid) == Some(me) && cmdline.ends_with(&spare)
-        })
-        .collect()
-}
-
 /// The niceness of process `pid`.
-fn nice_of(pid: u32) -> i64 {
-    common::stat_field(pid.into(), 16).unwrap().parse().unwrap()
+fn nice_of(pid: u64) -> i64 {
+    common::stat_field(pid, 16).unwrap().parse().unwrap()
 }
 
 /// The spare supervisors once there is one (within 10 s). Polled: a program just spawned
 /// shows its command line only once the kernel has set up its new memory, a moment after
 /// `spawn` returned.
-async fn a_spare_supervisor(runtime: &Path) -> Vec<u32> {
+async fn a_spare_supervisor(runtime: &Path) -> Vec<u64> {
     let t0 = Instant::now();
     loop {
-        let now = spare_supervisors(runtime);
+        let now = common::spare_supervisors(std::process::id().into(), Some(runtime));
         if !now.is_empty() {
             return now;
         }
@@ -411,8 +386,8 @@ async fn a_start_takes_the_supervisor_spawned_ahead_and_the_next_is_spawned_when
         .await;
     assert!(matches!(containers.state(&id), ContainerState::Running(_)));
     // Its supervisor and its container are not.
-    assert_eq!(nice_of(started.shim_pid as u32), 0, "the supervisor");
-    assert_eq!(nice_of(started.pid as u32), 0, "the container's init");
+    assert_eq!(nice_of(started.shim_pid as u64), 0, "the supervisor");
+    assert_eq!(nice_of(started.pid as u64), 0, "the container's init");
     // The spare forked the container's supervisor and exits after its answer (reaped in the
     // background: the start does not wait for that).
     let t0 = Instant::now();
@@ -423,8 +398,8 @@ async fn a_start_takes_the_supervisor_spawned_ahead_and_the_next_is_spawned_when
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_ne!(started.shim_pid as u32, ahead[0]);
-    let none = spare_supervisors(&runc);
+    assert_ne!(started.shim_pid as u64, ahead[0]);
+    let none = common::spare_supervisors(std::process::id().into(), Some(&runc));
     assert!(none.is_empty(), "the start spawned a spare: {none:?}");
     containers.prepare_supervisor();
     let next = a_spare_supervisor(&runc).await;

@@ -642,6 +642,35 @@ pub fn stat_field(pid: u64, n: usize) -> Option<String> {
     Some(field.to_owned())
 }
 
+/// The parent of process `pid`; None when it is gone.
+pub fn parent_of(pid: u64) -> Option<u64> {
+    stat_field(pid, 1)?.parse().ok()
+}
+
+/// The children of process `parent` that are spare supervisors (`hive shim - RUNTIME`,
+/// waiting for a start), for `runtime` only if given.
+pub fn spare_supervisors(parent: u64, runtime: Option<&Path>) -> Vec<u64> {
+    const SPARE: &[u8] = b"\0shim\0-\0";
+    let of_runtime = runtime.map(|r| {
+        let mut tail = SPARE.to_vec();
+        tail.extend_from_slice(r.as_os_str().as_encoded_bytes());
+        tail.push(0);
+        tail
+    });
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let spare = match &of_runtime {
+                Some(tail) => cmdline.ends_with(tail),
+                None => cmdline.windows(SPARE.len()).any(|w| w == SPARE),
+            };
+            spare && parent_of(*pid) == Some(parent)
+        })
+        .collect()
+}
+
 /// Alive and not a zombie.
 pub fn alive(pid: u64) -> bool {
     stat_field(pid, 0).is_some_and(|state| state != "Z")
