@@ -374,10 +374,7 @@ impl Reconciler {
             }
         };
         let Some(mut svc) = svc else {
-            self.status_due
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(name);
+            self.status_not_due(name);
             for i in mine {
                 self.delete(&i.name).await?;
             }
@@ -479,10 +476,7 @@ impl Reconciler {
         status.rollout.phase = plan.phase;
         status.rollout.message = plan.message.clone();
         if svc.status == status {
-            self.status_due
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(name);
+            self.status_not_due(name);
             return Ok(None);
         }
         if let Some(wait) = self.status_wait(name) {
@@ -513,13 +507,25 @@ impl Reconciler {
     /// waits again).
     fn status_wait(&self, name: &str) -> Option<Duration> {
         let now = std::time::Instant::now();
-        let mut due = self.status_due.lock().unwrap_or_else(|e| e.into_inner());
-        let at = *due.entry(name.to_owned()).or_insert(now + STATUS_DELAY);
+        let at = *self
+            .status_due
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_owned())
+            .or_insert(now + STATUS_DELAY);
         if now < at {
             return Some(at - now);
         }
-        due.remove(name);
+        self.status_not_due(name);
         None
+    }
+
+    /// Service `name` has no status waiting to be written (it is, it is moot, or it went).
+    fn status_not_due(&self, name: &str) {
+        self.status_due
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
     }
 
     /// Creates `inst` on the node the scheduler reserves for it, when it answers with one;
