@@ -11,6 +11,8 @@
 //!                               layer blob's digest; appears atomically (rename from tmp/)
 //! layers/<hex>/layer.json       diff-id, media type, unpacked size
 //! images/<sha256(ref)>.json     reference -> manifest digest, config digest, layer list
+//! points/<key>/                 the runtime's mount points an image lacks: a layer of its
+//!                               own on top of the image's, keyed by its layers and the points
 //! instances/<id>/               upper/, work/, rootfs/ (mountpoint), image.json
 //! spares/<n>/                   the same, composed ahead for an image started lately; renamed
 //!                               to instances/<id>/ by the next compose of that image
@@ -84,8 +86,8 @@ pub struct StoreConfig {
     pub platform: Platform,
     /// Layers downloaded at once per pull.
     pub concurrency: usize,
-    /// What the runtime mounts over in every container, made in each root filesystem as it
-    /// is composed (see [`mountpoints`]).
+    /// What the runtime mounts over in every container, made once per image in a layer on
+    /// top of the image's (see [`mountpoints`]).
     pub mount_points: Vec<MountPoint>,
 }
 
@@ -379,7 +381,14 @@ impl ImageStore {
 
     /// Like [`ImageStore::open`], with another [`Mounter`] (a fake in tests).
     pub fn open_with_mounter(cfg: StoreConfig, mounter: Arc<dyn Mounter>) -> Result<Self> {
-        for d in ["blobs/sha256", "layers", "images", "instances", "spares"] {
+        for d in [
+            "blobs/sha256",
+            "layers",
+            "images",
+            "points",
+            "instances",
+            "spares",
+        ] {
             let p = cfg.root.join(d);
             std::fs::create_dir_all(&p).map_err(|e| io_err(&p, e))?;
         }
@@ -815,7 +824,6 @@ impl ImageStore {
                 instance: instance.to_owned(),
                 source,
             })?;
-        mountpoints::make(&rootfs, &self.cfg.mount_points).map_err(|e| io_err(&rootfs, e))?;
         Ok(rootfs)
     }
 
@@ -1030,18 +1038,10 @@ impl ImageStore {
         })
     }
 
+    /// The lower dirs of a root filesystem of `image`, topmost first: its mount points'
+    /// layer (made if missing), then its layers.
     fn lower_dirs(&self, image: &Image) -> Result<Vec<PathBuf>> {
-        if image.layers.is_empty() {
-            // overlayfs needs a lower layer; an image without layers gets an empty one.
-            let empty = self.cfg.root.join("empty");
-            match std::fs::create_dir(&empty) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(io_err(&empty, e)),
-            }
-            return Ok(vec![empty]);
-        }
-        let mut lower = Vec::with_capacity(image.layers.len());
+        let mut lower = Vec::with_capacity(image.layers.len() + 1);
         // overlayfs lists the topmost layer first.
         for l in image.layers.iter().rev() {
             let d = self.layer_dir(&l.digest);
@@ -1053,7 +1053,54 @@ impl ImageStore {
             }
             lower.push(d);
         }
+        lower.insert(0, self.points_layer(image, &lower)?);
         Ok(lower)
+    }
+
+    /// Where the mount points' layer over `image`'s layers is kept: keyed by the layers and
+    /// the points, so another set of either gets its own.
+    fn points_dir(&self, image: &Image) -> PathBuf {
+        let mut key = String::new();
+        for l in &image.layers {
+            key.push_str(&format!("layer {}\n", l.digest));
+        }
+        for p in &self.cfg.mount_points {
+            let kind = if p.file { "file" } else { "dir" };
+            key.push_str(&format!("{kind} {}\n", p.path.display()));
+        }
+        let hex = hex_of(&sha256_of(key.as_bytes())).to_owned();
+        self.cfg.root.join("points").join(hex)
+    }
+
+    /// The layer holding the runtime's mount points that `image` lacks ([`mountpoints`]),
+    /// over its layer dirs `layers` (topmost first): made once, in `tmp/` and renamed into
+    /// place, so it is whole or absent; two composes making it at once keep the first.
+    fn points_layer(&self, image: &Image, layers: &[PathBuf]) -> Result<PathBuf> {
+        let dir = self.points_dir(image);
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        let tmp = self.tmp_path("points");
+        let made = std::fs::create_dir(&tmp)
+            .and_then(|()| mountpoints::make_layer(&tmp, layers, &self.cfg.mount_points))
+            .map_err(|e| io_err(&tmp, e))
+            .and_then(|()| {
+                use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+                match renameat2(
+                    AT_FDCWD,
+                    &tmp,
+                    AT_FDCWD,
+                    &dir,
+                    RenameFlags::RENAME_NOREPLACE,
+                ) {
+                    Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
+                    Err(e) => Err(io_err(&dir, e.into())),
+                }
+            });
+        if tmp.exists() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        made.map(|()| dir)
     }
 
     /// Unmounts and removes the root filesystem of `instance` (its writable layer included).
@@ -1174,6 +1221,15 @@ impl ImageStore {
             let _ = std::fs::remove_file(dir.join("layer.json"));
             std::fs::remove_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
             report.layers_removed.push(format!("sha256:{hex}"));
+        }
+        // The mount points' layers of images no longer kept.
+        let keep_points: HashSet<PathBuf> = kept.iter().map(|i| self.points_dir(i)).collect();
+        let points = self.cfg.root.join("points");
+        for e in std::fs::read_dir(&points).map_err(|e| io_err(&points, e))? {
+            let path = e.map_err(|e| io_err(&points, e))?.path();
+            if !keep_points.contains(&path) {
+                std::fs::remove_dir_all(&path).map_err(|e| io_err(&path, e))?;
+            }
         }
         // Manifests and configs of images no longer kept.
         let keep_blobs: HashSet<&str> = kept
@@ -1487,17 +1543,18 @@ mod tests {
         assert_eq!(
             fake.calls(),
             [MountCall::Mount {
-                // Topmost layer first.
-                lower: img
-                    .layers
-                    .iter()
-                    .rev()
-                    .map(|l| store.layer_dir(&l.digest))
+                // Topmost layer first, under the mount points' (none here: it is empty).
+                lower: std::iter::once(store.points_dir(&img))
+                    .chain(img.layers.iter().rev().map(|l| store.layer_dir(&l.digest)))
                     .collect(),
                 upper: inst.join("upper"),
                 work: inst.join("work"),
                 target: inst.join("rootfs"),
             }]
+        );
+        assert_eq!(
+            std::fs::read_dir(store.points_dir(&img)).unwrap().count(),
+            0
         );
         assert_eq!(
             store.instances().expect("instances"),
@@ -1570,8 +1627,20 @@ mod tests {
         // Nothing composed yet: no image to make spares of.
         store.refill_spares().await;
         assert!(fake.calls().is_empty());
-        let first = store.compose_rootfs(&img, "web-1").await.expect("compose");
-        assert!(first.path.join("proc").is_dir() && first.path.join("etc/resolv.conf").is_file());
+        store.compose_rootfs(&img, "web-1").await.expect("compose");
+        // The mount points are in their layer, the topmost lower of every mount; no instance
+        // or spare makes its own.
+        let points = store.points_dir(&img);
+        assert!(points.join("proc").is_dir() && points.join("etc/resolv.conf").is_file());
+        let on_points = |calls: Vec<MountCall>| {
+            calls.iter().all(|c| match c {
+                MountCall::Mount { lower, upper, .. } => {
+                    lower.first() == Some(&points)
+                        && std::fs::read_dir(upper).map_or(0, |d| d.count()) == 0
+                }
+                MountCall::Unmount { .. } => true,
+            })
+        };
         store.refill_spares().await;
         let spares = tmp.path().join("spares");
         assert_eq!(
@@ -1586,7 +1655,7 @@ mod tests {
         let inst = tmp.path().join("instances/web-2");
         assert_eq!(second.path, inst.join("rootfs"));
         assert_eq!(fake.calls().len(), mounts);
-        assert!(second.path.join("proc").is_dir() && second.path.join("etc/resolv.conf").is_file());
+        assert!(on_points(fake.calls()), "{:?}", fake.calls());
         assert_eq!(
             std::fs::read_dir(&spares).unwrap().count(),
             SPARES_PER_IMAGE - 1
@@ -1606,12 +1675,19 @@ mod tests {
             .expect_err("exists");
         assert!(matches!(err, ImageError::InstanceExists(_)), "{err}");
 
-        // Removing the image (its instances gone) drops its spares, unmounted first.
+        // GC keeps the mount points' layer of an image it keeps.
+        store.gc(u64::MAX).await.expect("gc");
+        assert!(points.join("proc").is_dir());
+
+        // Removing the image (its instances gone) drops its spares, unmounted first, and the
+        // next GC its mount points' layer.
         for i in ["web-1", "web-2"] {
             assert!(store.release_rootfs(i).is_empty());
         }
         store.remove_image(&img.reference).await.expect("remove");
         assert_eq!(std::fs::read_dir(&spares).unwrap().count(), 0);
+        store.gc(u64::MAX).await.expect("gc");
+        assert!(!points.exists());
         let unmounts = fake
             .calls()
             .iter()
