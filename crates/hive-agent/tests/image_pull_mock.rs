@@ -628,6 +628,42 @@ async fn gc_keeps_layers_shared_with_kept_images() {
 }
 
 #[tokio::test]
+async fn gc_keeps_the_layers_an_instance_mounts_after_its_tag_moved() {
+    let server = serve().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = store_for(&server, tmp.path(), "secret");
+    server.image("acme/moving", "v1", "amd64", &[tar_with("old", b"o")], true);
+    let r = format!("{}/acme/moving:v1", server.host);
+    let old = store.pull(&r).await.expect("pull");
+    let rootfs = store
+        .compose_rootfs(&old, "mover-1")
+        .await
+        .expect("compose");
+    let guard = Unmount(rootfs.path.clone());
+    // The tag moves and the node pulls it again: the image's record names the new layer.
+    server.image("acme/moving", "v1", "amd64", &[tar_with("new", b"n")], true);
+    let new = store.pull(&r).await.expect("pull again");
+    assert_ne!(new.layers, old.layers);
+    let report = store.gc(u64::MAX).await.expect("gc");
+    assert!(report.layers_removed.is_empty(), "{report:?}");
+    assert!(
+        rootfs.path.join("old").is_file(),
+        "the instance lost its layer"
+    );
+    // Mounted again (as after a reboot), it is over the layers it was composed over.
+    rustix::mount::unmount(&rootfs.path, rustix::mount::UnmountFlags::empty()).expect("umount");
+    store.remount_rootfs("mover-1").await.expect("remount");
+    assert!(rootfs.path.join("old").is_file() && !rootfs.path.join("new").exists());
+    // Once the instance is gone, the layer only it used goes.
+    let errs = store.release_rootfs("mover-1");
+    assert!(errs.is_empty(), "{errs:?}");
+    drop(guard);
+    let report = store.gc(u64::MAX).await.expect("gc");
+    assert_eq!(report.layers_removed, [old.layers[0].digest.clone()]);
+    assert!(store.layer_dir(&new.layers[0].digest).join("new").is_file());
+}
+
+#[tokio::test]
 async fn gc_over_budget_evicts_least_recently_used_first() {
     let server = serve().await;
     let tmp = tempfile::tempdir().expect("tempdir");

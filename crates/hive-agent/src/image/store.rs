@@ -260,10 +260,17 @@ struct LayerMeta {
     entries: u64,
 }
 
+/// `image.json` of an instance (or a spare: no instance).
 #[derive(Debug, Serialize, Deserialize)]
 struct InstanceRecord {
     instance: String,
     image: String,
+    /// The layers its root filesystem mounts, bottom first: the image's when it was
+    /// composed. A later pull of a tag that moved rewrites the image's record, not
+    /// this: GC keeps these layers while the instance exists, and a remount mounts these.
+    /// Empty in records of agents before session 21 (then: the image's current layers).
+    #[serde(default)]
+    layers: Vec<LayerRef>,
 }
 
 /// A composed root filesystem.
@@ -793,7 +800,7 @@ impl ImageStore {
             }
             Err(e) => return Err(io_err(dir, e)),
         }
-        let result = self.fill(&image.reference, instance, dir, lower);
+        let result = self.fill(image, instance, dir, lower);
         if result.is_err() {
             let _ = self.remove_composed(dir, instance);
         }
@@ -803,17 +810,18 @@ impl ImageStore {
         })
     }
 
-    /// Fills the new directory `dir` with a root filesystem of `reference` over `lower`
-    /// (for `instance`: empty for a spare) and returns its mounted `rootfs/`.
+    /// Fills the new directory `dir` with a root filesystem of `image` over `lower` (its
+    /// [`ImageStore::lower_dirs`]; for `instance`: empty for a spare) and returns its mounted
+    /// `rootfs/`.
     fn fill(
         &self,
-        reference: &str,
+        image: &Image,
         instance: &str,
         dir: &Path,
         lower: &[PathBuf],
     ) -> Result<PathBuf> {
-        // The record goes first: from now on GC sees the image as used.
-        self.write_instance_record(dir, instance, reference)?;
+        // The record goes first: from now on GC sees the image and its layers as used.
+        self.write_instance_record(dir, instance, image)?;
         let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
         for d in [&upper, &work, &rootfs] {
             std::fs::create_dir(d).map_err(|e| io_err(d, e))?;
@@ -827,10 +835,11 @@ impl ImageStore {
         Ok(rootfs)
     }
 
-    fn write_instance_record(&self, dir: &Path, instance: &str, reference: &str) -> Result<()> {
+    fn write_instance_record(&self, dir: &Path, instance: &str, image: &Image) -> Result<()> {
         let rec = InstanceRecord {
             instance: instance.to_owned(),
-            image: reference.to_owned(),
+            image: image.reference.clone(),
+            layers: image.layers.clone(),
         };
         let path = dir.join("image.json");
         let json = serde_json::to_vec(&rec).map_err(|e| ImageError::Io {
@@ -890,7 +899,7 @@ impl ImageStore {
         }
         // Rewritten in place: no new file. Failing, the directory is the instance's (the
         // caller's cleanup releases it like any other).
-        self.write_instance_record(dir, instance, &image.reference)?;
+        self.write_instance_record(dir, instance, image)?;
         Ok(Some(Rootfs {
             instance: instance.to_owned(),
             path: dir.join("rootfs"),
@@ -945,7 +954,7 @@ impl ImageStore {
                 let dir = self.cfg.root.join("spares").join(n.to_string());
                 let made = std::fs::create_dir(&dir)
                     .map_err(|e| io_err(&dir, e))
-                    .and_then(|()| self.fill(&image.reference, "", &dir, &lower));
+                    .and_then(|()| self.fill(image, "", &dir, &lower));
                 match made {
                     Ok(_) => self.spares().ready.push(SpareRootfs {
                         dir,
@@ -1017,9 +1026,13 @@ impl ImageStore {
         })?;
         let rootfs = dir.join("rootfs");
         if !self.mounter.is_mounted(&rootfs) {
-            let image = self
+            let mut image = self
                 .read_image(&self.image_record_path(&rec.image))?
                 .ok_or_else(|| ImageError::NotPresent(rec.image.clone()))?;
+            // The layers it was composed over, if the record says (the tag may have moved).
+            if !rec.layers.is_empty() {
+                image.layers = rec.layers;
+            }
             let lower = self.lower_dirs(&image)?;
             // The old work dir may hold state of the previous mount; overlayfs wants it empty.
             let work = dir.join("work");
@@ -1059,9 +1072,9 @@ impl ImageStore {
 
     /// Where the mount points' layer over `image`'s layers is kept: keyed by the layers and
     /// the points, so another set of either gets its own.
-    fn points_dir(&self, image: &Image) -> PathBuf {
+    fn points_dir(&self, layers: &[LayerRef]) -> PathBuf {
         let mut key = String::new();
-        for l in &image.layers {
+        for l in layers {
             key.push_str(&format!("layer {}\n", l.digest));
         }
         for p in &self.cfg.mount_points {
@@ -1076,7 +1089,7 @@ impl ImageStore {
     /// over its layer dirs `layers` (topmost first): made once, in `tmp/` and renamed into
     /// place, so it is whole or absent; two composes making it at once keep the first.
     fn points_layer(&self, image: &Image, layers: &[PathBuf]) -> Result<PathBuf> {
-        let dir = self.points_dir(image);
+        let dir = self.points_dir(&image.layers);
         if dir.is_dir() {
             return Ok(dir);
         }
@@ -1136,6 +1149,14 @@ impl ImageStore {
 
     /// Instances holding a rootfs, with the image each uses.
     pub fn instances(&self) -> Result<Vec<(String, String)>> {
+        Ok(self
+            .instance_records()?
+            .into_iter()
+            .map(|r| (r.instance, r.image))
+            .collect())
+    }
+
+    fn instance_records(&self) -> Result<Vec<InstanceRecord>> {
         let dir = self.cfg.root.join("instances");
         let mut out = Vec::new();
         for e in std::fs::read_dir(&dir).map_err(|e| io_err(&dir, e))? {
@@ -1146,7 +1167,7 @@ impl ImageStore {
                 continue;
             };
             if let Ok(rec) = serde_json::from_slice::<InstanceRecord>(&bytes) {
-                out.push((rec.instance, rec.image));
+                out.push(rec);
             }
         }
         Ok(out)
@@ -1180,7 +1201,8 @@ impl ImageStore {
     pub async fn gc(&self, budget_bytes: u64) -> Result<GcReport> {
         let _excl = self.gc_lock.write().await;
         let mut report = GcReport::default();
-        let in_use: HashSet<String> = self.instances()?.into_iter().map(|(_, i)| i).collect();
+        let records = self.instance_records()?;
+        let in_use: HashSet<String> = records.iter().map(|r| r.image.clone()).collect();
         let mut images = self.list()?;
         let layers = self.layer_sizes()?;
         let referenced_size = |images: &[Image]| -> u64 {
@@ -1207,9 +1229,16 @@ impl ImageStore {
             kept.retain(|k| k.reference != img.reference);
             report.images_removed.push(img.reference.clone());
         }
-        let keep: HashSet<String> = kept
+        // The kept images' layers, and those instances mount, which a tag pulled again since
+        // may no longer name.
+        let stacks: Vec<&[LayerRef]> = kept
             .iter()
-            .flat_map(|i| i.layers.iter().map(|l| hex_of(&l.digest).to_owned()))
+            .map(|i| i.layers.as_slice())
+            .chain(records.iter().map(|r| r.layers.as_slice()))
+            .collect();
+        let keep: HashSet<String> = stacks
+            .iter()
+            .flat_map(|s| s.iter().map(|l| hex_of(&l.digest).to_owned()))
             .collect();
         for hex in layers.keys() {
             if keep.contains(hex) {
@@ -1223,7 +1252,16 @@ impl ImageStore {
             report.layers_removed.push(format!("sha256:{hex}"));
         }
         // The mount points' layers of images no longer kept.
-        let keep_points: HashSet<PathBuf> = kept.iter().map(|i| self.points_dir(i)).collect();
+        let keep_points: HashSet<PathBuf> = kept
+            .iter()
+            .map(|i| self.points_dir(&i.layers))
+            .chain(
+                records
+                    .iter()
+                    .filter(|r| !r.layers.is_empty())
+                    .map(|r| self.points_dir(&r.layers)),
+            )
+            .collect();
         let points = self.cfg.root.join("points");
         for e in std::fs::read_dir(&points).map_err(|e| io_err(&points, e))? {
             let path = e.map_err(|e| io_err(&points, e))?.path();
@@ -1544,7 +1582,7 @@ mod tests {
             fake.calls(),
             [MountCall::Mount {
                 // Topmost layer first, under the mount points' (none here: it is empty).
-                lower: std::iter::once(store.points_dir(&img))
+                lower: std::iter::once(store.points_dir(&img.layers))
                     .chain(img.layers.iter().rev().map(|l| store.layer_dir(&l.digest)))
                     .collect(),
                 upper: inst.join("upper"),
@@ -1553,7 +1591,9 @@ mod tests {
             }]
         );
         assert_eq!(
-            std::fs::read_dir(store.points_dir(&img)).unwrap().count(),
+            std::fs::read_dir(store.points_dir(&img.layers))
+                .unwrap()
+                .count(),
             0
         );
         assert_eq!(
@@ -1630,7 +1670,7 @@ mod tests {
         store.compose_rootfs(&img, "web-1").await.expect("compose");
         // The mount points are in their layer, the topmost lower of every mount; no instance
         // or spare makes its own.
-        let points = store.points_dir(&img);
+        let points = store.points_dir(&img.layers);
         assert!(points.join("proc").is_dir() && points.join("etc/resolv.conf").is_file());
         let on_points = |calls: Vec<MountCall>| {
             calls.iter().all(|c| match c {
