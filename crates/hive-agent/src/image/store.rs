@@ -755,8 +755,8 @@ impl ImageStore {
     }
 
     /// Composes the root filesystem of `instance` from `image`: an overlay mount of the
-    /// image's layer dirs (read-only, shared) under a private upper/work dir, with the
-    /// runtime's mount points made (see [`StoreConfig::mount_points`]); a spare composed ahead
+    /// image's layer dirs (read-only, shared) and its mount points' layer (see
+    /// [`StoreConfig::mount_points`]) under a private upper/work dir; a spare composed ahead
     /// for the same layers is renamed into place instead ([`ImageStore::refill_spares`]).
     /// The instance counts as a user of the image until [`ImageStore::release_rootfs`].
     pub async fn compose_rootfs(&self, image: &Image, instance: &str) -> Result<Rootfs> {
@@ -1070,8 +1070,8 @@ impl ImageStore {
         Ok(lower)
     }
 
-    /// Where the mount points' layer over `image`'s layers is kept: keyed by the layers and
-    /// the points, so another set of either gets its own.
+    /// Where the mount points' layer over `layers` (an image's, bottom first) is kept: keyed
+    /// by the layers and the points, so another set of either gets its own.
     fn points_dir(&self, layers: &[LayerRef]) -> PathBuf {
         let mut key = String::new();
         for l in layers {

@@ -296,8 +296,8 @@ fn build_err(id: &str) -> impl Fn(oci_spec::OciSpecError) -> SpecError + '_ {
 
 /// What the runtime mounts over in every container, outside its other mounts: the default
 /// mounts' top-level destinations (`/proc`, `/dev`, `/sys`; `/dev/pts` is inside `/dev`'s
-/// tmpfs) and `/etc/resolv.conf` ([`mount_resolv_conf`]). The image store makes them as it
-/// composes a root filesystem.
+/// tmpfs) and `/etc/resolv.conf` ([`mount_resolv_conf`]). The image store makes those an
+/// image lacks once, in a layer on top of its layers.
 pub fn mount_points() -> Vec<crate::image::mountpoints::MountPoint> {
     let dests: Vec<PathBuf> = Spec::default()
         .mounts()
