@@ -907,7 +907,8 @@ impl ImageStore {
     }
 
     /// Composes spare root filesystems until each image composed lately has
-    /// [`SPARES_PER_IMAGE`]; drops those of images no longer among them. Meant for when the
+    /// [`SPARES_PER_IMAGE`]; drops those of images no longer among them, and those over
+    /// layers their image no longer has (its tag pulled again after it moved). Meant for when the
     /// node is quiet (the agent calls it once its starts are over); does nothing while
     /// another refill is under way. A failure is logged and ends the refill.
     pub async fn refill_spares(&self) {
@@ -923,28 +924,38 @@ impl ImageStore {
         }
         let _done = Done(&self.filling);
         let _shared = self.gc_lock.read().await;
+        // The images composed lately, over their layers now: a spare of an image whose tag
+        // moved since (pulled again: other layers) would never be taken.
+        let recent: Vec<(Image, Vec<PathBuf>)> = self
+            .spares()
+            .recent
+            .clone()
+            .into_iter()
+            .filter_map(|i| {
+                let lower = self.lower_dirs(&i).ok()?;
+                Some((i, lower))
+            })
+            .collect();
         let stale: Vec<SpareRootfs> = {
             let mut spares = self.spares();
-            let recent: HashSet<String> =
-                spares.recent.iter().map(|i| i.reference.clone()).collect();
             let (keep, stale) = std::mem::take(&mut spares.ready)
                 .into_iter()
-                .partition(|s| recent.contains(&s.reference));
+                .partition(|s| {
+                    recent
+                        .iter()
+                        .any(|(i, lower)| i.reference == s.reference && *lower == s.lower)
+                });
             spares.ready = keep;
             stale
         };
         for s in stale {
             let _ = self.release_spare_dir(&s.dir);
         }
-        let recent = self.spares().recent.clone();
-        'images: for image in recent.iter().rev() {
-            let Ok(lower) = self.lower_dirs(image) else {
-                continue;
-            };
+        'images: for (image, lower) in recent.iter().rev() {
             loop {
                 let n = {
                     let mut spares = self.spares();
-                    if spares.ready.iter().filter(|s| s.lower == lower).count() >= SPARES_PER_IMAGE
+                    if spares.ready.iter().filter(|s| s.lower == *lower).count() >= SPARES_PER_IMAGE
                     {
                         break;
                     }
@@ -954,7 +965,7 @@ impl ImageStore {
                 let dir = self.cfg.root.join("spares").join(n.to_string());
                 let made = std::fs::create_dir(&dir)
                     .map_err(|e| io_err(&dir, e))
-                    .and_then(|()| self.fill(image, "", &dir, &lower));
+                    .and_then(|()| self.fill(image, "", &dir, lower));
                 match made {
                     Ok(_) => self.spares().ready.push(SpareRootfs {
                         dir,
@@ -1643,6 +1654,52 @@ mod tests {
         assert!(matches!(err, ImageError::NotPresent(_)), "{err}");
         assert_eq!(fake.calls().len(), calls, "nothing mounted");
         assert!(!tmp.path().join("instances/web-3").exists());
+    }
+
+    #[tokio::test]
+    async fn a_spare_over_layers_its_image_no_longer_has_goes_at_the_next_refill() {
+        use super::super::overlay::{MountCall, RecordingMounter};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fake = Arc::new(RecordingMounter::default());
+        let store = ImageStore::open_with_mounter(StoreConfig::new(tmp.path()), fake.clone())
+            .expect("open");
+        let spares = tmp.path().join("spares");
+        let list = || -> Vec<PathBuf> {
+            std::fs::read_dir(&spares)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect()
+        };
+        let old = fake_image(&store, 1);
+        store.write_image(&old).expect("image record");
+        store.compose_rootfs(&old, "web-1").await.expect("compose");
+        store.refill_spares().await;
+        let before = list();
+        assert_eq!(before.len(), SPARES_PER_IMAGE);
+        // The tag moved: the same reference over other layers.
+        let new = fake_image(&store, 2);
+        assert_eq!(new.reference, old.reference);
+        store.write_image(&new).expect("image record");
+        store.compose_rootfs(&new, "web-2").await.expect("compose");
+        assert_eq!(
+            list().len(),
+            SPARES_PER_IMAGE,
+            "no spare of the old layers taken"
+        );
+        store.refill_spares().await;
+        let after = list();
+        assert_eq!(after.len(), SPARES_PER_IMAGE);
+        for d in &before {
+            assert!(!d.exists(), "{} left", d.display());
+            let unmount = MountCall::Unmount {
+                target: d.join("rootfs"),
+            };
+            assert!(
+                fake.calls().contains(&unmount),
+                "{} not unmounted",
+                d.display()
+            );
+        }
     }
 
     #[tokio::test]
