@@ -1241,11 +1241,16 @@ impl ImageStore {
             report.images_removed.push(img.reference.clone());
         }
         // The kept images' layers, and those instances mount, which a tag pulled again since
-        // may no longer name.
+        // may no longer name (records of earlier agents name none: their image's are kept).
         let stacks: Vec<&[LayerRef]> = kept
             .iter()
             .map(|i| i.layers.as_slice())
-            .chain(records.iter().map(|r| r.layers.as_slice()))
+            .chain(
+                records
+                    .iter()
+                    .filter(|r| !r.layers.is_empty())
+                    .map(|r| r.layers.as_slice()),
+            )
             .collect();
         let keep: HashSet<String> = stacks
             .iter()
@@ -1263,16 +1268,7 @@ impl ImageStore {
             report.layers_removed.push(format!("sha256:{hex}"));
         }
         // The mount points' layers of images no longer kept.
-        let keep_points: HashSet<PathBuf> = kept
-            .iter()
-            .map(|i| self.points_dir(&i.layers))
-            .chain(
-                records
-                    .iter()
-                    .filter(|r| !r.layers.is_empty())
-                    .map(|r| self.points_dir(&r.layers)),
-            )
-            .collect();
+        let keep_points: HashSet<PathBuf> = stacks.iter().map(|s| self.points_dir(s)).collect();
         let points = self.cfg.root.join("points");
         for e in std::fs::read_dir(&points).map_err(|e| io_err(&points, e))? {
             let path = e.map_err(|e| io_err(&points, e))?.path();
