@@ -701,6 +701,10 @@ impl NodeNet {
         if let Err(e) = netns::remove(&self.cfg.netns_dir.join(self.names.netns(key))) {
             errors.push(e);
         }
+        // A view written meanwhile (its writer opened the namespace before it went) may
+        // have kept a socket or a resolver in it again: dropped now that none can be made.
+        self.dns.remove(key);
+        self.services.remove(key);
         NetError::collect(errors)
     }
 
