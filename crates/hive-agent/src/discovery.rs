@@ -14,8 +14,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use hive_api::{Instance, InstancePhase, Service};
 use hive_net::{DnsZone, NodeNet, Protocol, ServiceRoute, SrvTarget};
@@ -197,9 +200,69 @@ pub async fn prepare(
     Ok(path)
 }
 
+/// How long a changed view waits before it is applied to the instances running here, after
+/// the change and after the last start began, so that the changes that come together (a new
+/// service, then its first ready instance) make one transaction per namespace (a start
+/// applies its own instance's view at once).
+pub const SETTLE: Duration = Duration::from_millis(50);
+
 /// How long changed views may wait for the starts under way before they are applied to
-/// the instances running here (a start applies its own instance's view at once).
-pub const HOLD_WHILE_STARTING: Duration = Duration::from_millis(100);
+/// the instances running here: a node that starts containers without pause writes its
+/// views about once a second (as kube-proxy's default `minSyncPeriod` does its rules).
+pub const HOLD_WHILE_STARTING: Duration = Duration::from_secs(1);
+
+/// How long the task writing views may pause, in all, for the starts working on the
+/// agent's thread.
+const YIELD_TO_STARTS: Duration = Duration::from_millis(100);
+
+/// Whether a start is in a part of its work on the agent's thread (its network, its
+/// report): the task writing changed views waits for none to be, so that a start's netlink
+/// round trips and requests are not each made to wait behind one namespace's transaction
+/// (it goes on while the runtime makes the container, when this thread has nothing to do).
+#[derive(Debug, Default)]
+pub struct Quiet {
+    holds: AtomicUsize,
+    ended: Notify,
+    /// When it was last held.
+    last: Mutex<Option<Instant>>,
+}
+
+/// One hold on [`Quiet`], released when dropped.
+#[derive(Debug)]
+pub struct QuietHold(Arc<Quiet>);
+
+impl Quiet {
+    pub fn hold(self: &Arc<Self>) -> QuietHold {
+        self.holds.fetch_add(1, Ordering::SeqCst);
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        QuietHold(self.clone())
+    }
+
+    fn last_hold(&self) -> Option<Instant> {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Returns once nothing holds it, or at `until`.
+    async fn wait(&self, until: tokio::time::Instant) {
+        loop {
+            let ended = self.ended.notified();
+            if self.holds.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(until, ended).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for QuietHold {
+    fn drop(&mut self) {
+        if self.0.holds.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.ended.notify_waiters();
+        }
+    }
+}
 
 /// What the sync loop keeps between passes.
 #[derive(Debug, Default)]
@@ -207,23 +270,33 @@ pub struct ServiceState {
     pub views: Views,
     /// The view last applied to each local instance (by uid).
     pub applied: Applied,
-    /// Since when changed views wait for the starts under way.
+    /// Held by starts while they work on this thread.
+    pub quiet: Arc<Quiet>,
+    /// Since when changed views wait.
     held_since: Option<Instant>,
+    /// The task writing changed views into the namespaces, while it runs.
+    applying: Option<tokio::task::JoinHandle<()>>,
+    /// Notified when that task is done: views that changed meanwhile are applied then.
+    pub applied_all: Arc<Notify>,
 }
 
 impl ServiceState {
-    /// Recomputes the view of every network with instances here and applies the changed
-    /// ones. `here`: the instances placed here (uid → instance); `all`: every instance on a
-    /// network; `services`: every tenant's services (tenant → services); `starting`: the
+    /// Recomputes the view of every network with instances here and has the changed ones
+    /// applied. `here`: the instances placed here (uid → instance); `all`: every instance on
+    /// a network; `services`: every tenant's services (tenant → services); `starting`: the
     /// instances whose start task is under way (it applies their view itself).
     ///
-    /// A changed view is a transaction in every namespace of its network here: with starts
-    /// under way, on this node's two busy CPUs, they wait for the starts to end, up to
-    /// [`HOLD_WHILE_STARTING`] (several changes then make one transaction per namespace).
-    /// Returns when the views held back are due, if any are: the caller passes again then.
-    pub async fn sync(
+    /// A changed view is a transaction in every namespace of its network here (~0.1 ms of
+    /// this thread's time each): it waits until [`SETTLE`] has passed since the change and
+    /// since the last start began (on this node's two busy CPUs they slowed the starts), up
+    /// to [`HOLD_WHILE_STARTING`] after the change; the changes made meanwhile make one
+    /// transaction per namespace. The transactions are made by a task of their own, one
+    /// namespace at a time with a yield between and pausing while a start works on this
+    /// thread ([`Quiet`]), so that the loop's next passes (a start it has to begin) do not
+    /// wait for all of them. Returns when to pass again for views not applied yet, if any.
+    pub fn sync(
         &mut self,
-        net: &NodeNet,
+        net: &Arc<NodeNet>,
         here: &BTreeMap<String, &Instance>,
         all: &[Arc<Instance>],
         services: &HashMap<String, Vec<Arc<Service>>>,
@@ -254,46 +327,71 @@ impl ServiceState {
             a.retain(|id, _| here.contains_key(id) || starting.contains(id));
             a.clone()
         };
-        let mut work = Vec::new();
-        for (id, i) in here {
-            let Some(v) = i.spec.network.as_ref().and_then(|n| views.get(&n.vni)) else {
-                continue;
-            };
-            // One being started gets its view from its start task.
-            if starting.contains(id) || applied.get(id).is_some_and(|a| Arc::ptr_eq(a, v) || a == v)
-            {
-                continue;
-            }
-            if !starting.is_empty() {
-                let since = *self.held_since.get_or_insert_with(Instant::now);
-                let due = since + HOLD_WHILE_STARTING;
-                if Instant::now() < due {
-                    return Some(due);
-                }
-            }
-            let (id, v) = (id.clone(), v.clone());
-            work.push(async move {
+        let work: Vec<(String, Arc<View>)> = here
+            .iter()
+            .filter_map(|(id, i)| {
+                let v = i.spec.network.as_ref().and_then(|n| views.get(&n.vni))?;
+                // One being started gets its view from its start task.
+                let current = starting.contains(id)
+                    || applied.get(id).is_some_and(|a| Arc::ptr_eq(a, v) || a == v);
+                (!current).then(|| (id.clone(), v.clone()))
+            })
+            .collect();
+        if work.is_empty() {
+            self.held_since = None;
+            return None;
+        }
+        if self.applying.as_ref().is_some_and(|t| !t.is_finished()) {
+            // It notifies the loop when it is done.
+            return None;
+        }
+        let now = Instant::now();
+        let since = *self.held_since.get_or_insert(now);
+        // SETTLE after the change and after the last start began (a start under way counts
+        // as beginning now), HOLD_WHILE_STARTING after the change at most.
+        let last_start = if starting.is_empty() {
+            self.quiet.last_hold().unwrap_or(since)
+        } else {
+            now
+        };
+        let due = (since.max(last_start) + SETTLE).min(since + HOLD_WHILE_STARTING);
+        if now < due {
+            return Some(due);
+        }
+        self.held_since = None;
+        let (net, applied, quiet) = (net.clone(), self.applied.clone(), self.quiet.clone());
+        let done = self.applied_all.clone();
+        self.applying = Some(tokio::spawn(async move {
+            // Starts go first, but not for ever: a node starting without pause still gets
+            // its views.
+            let (t0, count) = (Instant::now(), work.len());
+            let until = tokio::time::Instant::now() + YIELD_TO_STARTS;
+            for (id, v) in work {
+                quiet.wait(until).await;
                 // No namespace yet (its start is under way): the start applies the view.
                 let r = async {
                     net.set_service_routes(&id, &v.routes).await?;
                     net.serve_dns(&id, v.zone.clone()).await
                 }
                 .await;
-                (id, v, r)
-            });
-        }
-        for (id, v, r) in futures_util::future::join_all(work).await {
-            match r {
-                Ok(()) => {
-                    self.applied
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(id, v);
+                match r {
+                    Ok(()) => {
+                        applied
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(id, v);
+                    }
+                    Err(e) => tracing::debug!(instance = %id, error = %e, "service routes"),
                 }
-                Err(e) => tracing::debug!(instance = %id, error = %e, "service routes"),
+                tokio::task::yield_now().await;
             }
-        }
-        self.held_since = None;
+            tracing::debug!(
+                namespaces = count,
+                ms = t0.elapsed().as_secs_f64() * 1e3,
+                "service views applied"
+            );
+            done.notify_one();
+        }));
         None
     }
 }
@@ -390,6 +488,45 @@ mod tests {
         let b = view("blue", "default", 6000, &services, &instances);
         assert!(b.routes.is_empty() && b.zone.a.is_empty(), "{b:?}");
         assert_eq!(b.zone.domain, "blue.hive");
+    }
+
+    #[tokio::test]
+    async fn the_view_writer_waits_for_the_starts_holds_but_not_past_its_limit() {
+        use tokio::time::Instant;
+        let quiet = Arc::new(Quiet::default());
+        let t0 = Instant::now();
+        // Nothing holds it: no wait.
+        quiet.wait(t0 + Duration::from_secs(10)).await;
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        // Two holds: the wait ends when the last one goes.
+        let (a, b) = (quiet.hold(), quiet.hold());
+        let waiter = {
+            let q = quiet.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                q.wait(t + Duration::from_secs(10)).await;
+                t.elapsed()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(!waiter.is_finished(), "one hold is left");
+        drop(b);
+        let waited = waiter.await.unwrap();
+        assert!(
+            waited >= Duration::from_millis(10) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        // A hold never released: the wait ends at its limit.
+        let _stuck = quiet.hold();
+        let t = Instant::now();
+        quiet.wait(t + Duration::from_millis(30)).await;
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_millis(30) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
     }
 
     #[test]

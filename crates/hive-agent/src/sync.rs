@@ -130,6 +130,8 @@ pub struct Agent {
     sampled: HashMap<String, (Instant, ResourceUsage)>,
     /// What was last saved of each tenant's instance cache.
     saved: HashMap<String, SaveMark>,
+    /// The saves under way (on the blocking pool), with what each records once done.
+    saving: HashMap<String, (tokio::task::JoinHandle<Result<(), String>>, SaveMark)>,
     /// The catch-up report last written.
     report: BTreeMap<String, Report>,
     /// The tenant of each container here (from its instance, or its bundle).
@@ -245,6 +247,7 @@ impl Agent {
             unhealthy: HashMap::new(),
             sampled: HashMap::new(),
             saved: HashMap::new(),
+            saving: HashMap::new(),
             report: BTreeMap::new(),
             tenant_of,
             held: watch::Sender::new(held),
@@ -361,8 +364,10 @@ impl Agent {
         let every = self.cfg.image_gc_every;
         let mut gc_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         gc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // When service views held back while starts were under way are due.
+        // When changed service views are due (see `ServiceState::sync`); the task writing
+        // them notifies once it is done.
         let mut views_due: Option<Instant> = None;
+        let views_applied = self.discovery.applied_all.clone();
         loop {
             let views_at = tokio::time::Instant::from_std(views_due.unwrap_or_else(Instant::now));
             tokio::select! {
@@ -376,6 +381,7 @@ impl Agent {
                 Some(o) = self.probed.1.recv() => self.record_probe(o),
                 Some(id) = self.ended.recv() => self.known.touch(&self.containers, &id),
                 _ = tokio::time::sleep_until(views_at), if views_due.is_some() => {}
+                _ = views_applied.notified() => {}
                 _ = tick.tick() => {}
             }
             views_due = None;
@@ -427,8 +433,7 @@ impl Agent {
                     let services = services_of(&caches, &mut self.shared_services).await;
                     views_due = self
                         .discovery
-                        .sync(&net, &here, &all, &services, &self.starting)
-                        .await;
+                        .sync(&net, &here, &all, &services, &self.starting);
                 }
                 // Starts begun by this pass count as held at once.
                 self.publish_held();
@@ -502,6 +507,7 @@ impl Agent {
             }
             let due = self.cfg.state_dir.is_some()
                 && cursor.revision > 0
+                && !self.saving.contains_key(&tenant)
                 && self.saved.get(&tenant).is_none_or(|m| {
                     m.bound != bound
                         || (m.revision != cursor.revision && m.at.elapsed() >= SAVE_EVERY)
@@ -553,16 +559,24 @@ impl Agent {
                 Err(e) => tracing::warn!(error = %e, "write the catch-up report"),
             }
         }
+        self.reap_saves(false).await;
         let gone: Vec<String> = self
             .saved
             .keys()
+            .chain(self.saving.keys())
             .filter(|t| !views.contains_key(*t))
             .cloned()
             .collect();
+        if gone.iter().any(|t| self.saving.contains_key(t)) {
+            // Their files go below: not to be written again after that.
+            self.reap_saves(true).await;
+        }
         for t in gone {
             resume::remove(&dir, &t);
             self.saved.remove(&t);
         }
+        // Written on the blocking pool while the loop goes on (encoding a tenant's cache is
+        // milliseconds once it holds many instances); recorded by a later pass.
         for (tenant, v) in views {
             let Some(instances) = v.save else { continue };
             let saved = resume::Saved {
@@ -573,22 +587,43 @@ impl Agent {
                 instances,
             };
             let d = dir.clone();
-            let result = tokio::task::spawn_blocking(move || resume::save(&d, &saved)).await;
-            let error = match result {
+            let task = tokio::task::spawn_blocking(move || {
+                resume::save(&d, &saved).map_err(|e| e.to_string())
+            });
+            let mark = SaveMark {
+                revision: v.cursor.revision,
+                bound: v.bound,
+                at: Instant::now(),
+            };
+            self.saving.insert(tenant, (task, mark));
+        }
+    }
+
+    /// Records the saves that are done (all of them, waiting, if `wait`). A cache that could
+    /// not be saved has its old file removed (see [`Agent::persist`]).
+    async fn reap_saves(&mut self, wait: bool) {
+        let done: Vec<String> = self
+            .saving
+            .iter()
+            .filter(|(_, (task, _))| wait || task.is_finished())
+            .map(|(t, _)| t.clone())
+            .collect();
+        for tenant in done {
+            let Some((task, mark)) = self.saving.remove(&tenant) else {
+                continue;
+            };
+            let error = match task.await {
                 Ok(Ok(())) => {
-                    let mark = SaveMark {
-                        revision: v.cursor.revision,
-                        bound: v.bound,
-                        at: Instant::now(),
-                    };
                     self.saved.insert(tenant, mark);
                     continue;
                 }
-                Ok(Err(e)) => e.to_string(),
+                Ok(Err(e)) => e,
                 Err(e) => e.to_string(),
             };
             tracing::warn!(%tenant, error = %error, "save the instance cache");
-            resume::remove(&dir, &tenant);
+            if let Some(dir) = &self.cfg.state_dir {
+                resume::remove(dir, &tenant);
+            }
             self.saved.remove(&tenant);
         }
     }
@@ -810,9 +845,19 @@ impl Agent {
         let net = self.net.clone();
         let views = self.discovery.views.clone();
         let applied = self.discovery.applied.clone();
+        let quiet = self.discovery.quiet.clone();
         tokio::task::spawn_local(async move {
-            let net = net.as_deref().map(|n| (n, &views, &applied));
-            let result = launch(&images, &containers, net, &id, &tenant, &inst, fw.as_ref()).await;
+            let on_net = net.as_deref().map(|n| (n, &views, &applied, &quiet));
+            let result = launch(
+                &images,
+                &containers,
+                on_net,
+                &id,
+                &tenant,
+                &inst,
+                fw.as_ref(),
+            )
+            .await;
             let ok = result.is_ok();
             let mut st = inst.status.clone();
             st.container_id = id.clone();
@@ -852,7 +897,9 @@ impl Agent {
                 }
             }
             let t_report = Instant::now();
+            let busy = net.is_some().then(|| quiet.hold());
             report(&client, &tenant, &inst, st).await;
+            drop(busy);
             tracing::debug!(
                 instance = %inst.name,
                 report_ms = t_report.elapsed().as_secs_f64() * 1e3,
@@ -1120,14 +1167,17 @@ async fn launch(
         &hive_net::NodeNet,
         &crate::discovery::Views,
         &crate::discovery::Applied,
+        &Arc<crate::discovery::Quiet>,
     )>,
     id: &str,
     tenant: &str,
     inst: &Instance,
     fw: Option<&hive_net::Firewall>,
 ) -> Result<crate::runtime::shim::Started, (&'static str, String)> {
-    let views = net.map(|(_, v, a)| (v, a));
-    let net = net.map(|(n, _, _)| n);
+    let views = net.map(|(_, v, a, _)| (v, a));
+    // Until the runtime makes the container, this start works on the agent's thread.
+    let busy = net.map(|(.., q)| q.hold());
+    let net = net.map(|(n, ..)| n);
     let t = &inst.spec.template;
     let t0 = Instant::now();
     // From the API server taking its create (its `created_at`) to this start begun: the
@@ -1233,6 +1283,7 @@ async fn launch(
     if let Some(path) = &resolv {
         spec::mount_resolv_conf(&mut spec, id, path).map_err(|e| ("InvalidSpec", e.to_string()))?;
     }
+    drop(busy);
     let started = containers
         .start(id, &spec, &cfg.cgroups_path)
         .await
