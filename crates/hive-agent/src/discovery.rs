@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -276,8 +276,10 @@ pub struct ServiceState {
     held_since: Option<Instant>,
     /// The task writing changed views into the namespaces, while it runs.
     applying: Option<tokio::task::JoinHandle<()>>,
-    /// Notified when that task is done: views that changed meanwhile are applied then.
+    /// Notified when that task is done if views changed meanwhile (they are applied then).
     pub applied_all: Arc<Notify>,
+    /// Whether views changed while that task ran.
+    changed_meanwhile: Arc<AtomicBool>,
 }
 
 impl ServiceState {
@@ -342,7 +344,9 @@ impl ServiceState {
             return None;
         }
         if self.applying.as_ref().is_some_and(|t| !t.is_finished()) {
-            // It notifies the loop when it is done.
+            // It notifies the loop when it is done. (Only then: a namespace whose write
+            // failed is tried again at a later pass, not in a loop of its own.)
+            self.changed_meanwhile.store(true, Ordering::SeqCst);
             return None;
         }
         let now = Instant::now();
@@ -360,7 +364,8 @@ impl ServiceState {
         }
         self.held_since = None;
         let (net, applied, quiet) = (net.clone(), self.applied.clone(), self.quiet.clone());
-        let done = self.applied_all.clone();
+        let (done, changed) = (self.applied_all.clone(), self.changed_meanwhile.clone());
+        changed.store(false, Ordering::SeqCst);
         self.applying = Some(tokio::spawn(async move {
             // Starts go first, but not for ever: a node starting without pause still gets
             // its views.
@@ -390,7 +395,9 @@ impl ServiceState {
                 ms = t0.elapsed().as_secs_f64() * 1e3,
                 "service views applied"
             );
-            done.notify_one();
+            if changed.swap(false, Ordering::SeqCst) {
+                done.notify_one();
+            }
         }));
         None
     }

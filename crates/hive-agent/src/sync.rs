@@ -365,7 +365,7 @@ impl Agent {
         let mut gc_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         gc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // When changed service views are due (see `ServiceState::sync`); the task writing
-        // them notifies once it is done.
+        // them notifies once it is done if more changed meanwhile.
         let mut views_due: Option<Instant> = None;
         let views_applied = self.discovery.applied_all.clone();
         loop {
