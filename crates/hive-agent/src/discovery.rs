@@ -276,8 +276,8 @@ pub struct ServiceState {
     held_since: Option<Instant>,
     /// The task writing changed views into the namespaces, while it runs.
     applying: Option<tokio::task::JoinHandle<()>>,
-    /// Notified when that task is done if views changed meanwhile (they are applied then).
-    pub applied_all: Arc<Notify>,
+    /// Notified when that task ends if views changed while it ran (they are due then).
+    pub more_due: Arc<Notify>,
     /// Whether views changed while that task ran.
     changed_meanwhile: Arc<AtomicBool>,
 }
@@ -364,7 +364,7 @@ impl ServiceState {
         }
         self.held_since = None;
         let (net, applied, quiet) = (net.clone(), self.applied.clone(), self.quiet.clone());
-        let (done, changed) = (self.applied_all.clone(), self.changed_meanwhile.clone());
+        let (done, changed) = (self.more_due.clone(), self.changed_meanwhile.clone());
         changed.store(false, Ordering::SeqCst);
         self.applying = Some(tokio::spawn(async move {
             // Starts go first, but not for ever: a node starting without pause still gets

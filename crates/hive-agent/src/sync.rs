@@ -367,7 +367,7 @@ impl Agent {
         // When changed service views are due (see `ServiceState::sync`); the task writing
         // them notifies once it is done if more changed meanwhile.
         let mut views_due: Option<Instant> = None;
-        let views_applied = self.discovery.applied_all.clone();
+        let more_views = self.discovery.more_due.clone();
         loop {
             let views_at = tokio::time::Instant::from_std(views_due.unwrap_or_else(Instant::now));
             tokio::select! {
@@ -381,7 +381,7 @@ impl Agent {
                 Some(o) = self.probed.1.recv() => self.record_probe(o),
                 Some(id) = self.ended.recv() => self.known.touch(&self.containers, &id),
                 _ = tokio::time::sleep_until(views_at), if views_due.is_some() => {}
-                _ = views_applied.notified() => {}
+                _ = more_views.notified() => {}
                 _ = tick.tick() => {}
             }
             views_due = None;
