@@ -82,7 +82,8 @@ fn lookup(dirs: &[PathBuf], name: &std::ffi::OsStr) -> io::Result<Merged> {
 
 fn is_opaque(dir: &Path) -> bool {
     let mut buf = [0u8; 8];
-    rustix::fs::lgetxattr(dir, "trusted.overlay.opaque", &mut buf).is_ok_and(|n| &buf[..n] == b"y")
+    rustix::fs::lgetxattr(dir, super::unpack::OPAQUE_XATTR, &mut buf)
+        .is_ok_and(|n| &buf[..n] == b"y")
 }
 
 fn make_one(layer: &Path, lower: &[PathBuf], p: &MountPoint) -> io::Result<()> {

@@ -342,6 +342,12 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Renames `from` to `to`, failing with `EEXIST` rather than replace anything there.
+fn rename_noreplace(from: &Path, to: &Path) -> nix::Result<()> {
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE)
+}
+
 fn io_err(path: &Path, e: std::io::Error) -> ImageError {
     if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
         ImageError::DiskFull {
@@ -874,14 +880,7 @@ impl ImageStore {
         instance: &str,
         dir: &Path,
     ) -> Result<Option<Rootfs>> {
-        use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
-        let moved = renameat2(
-            AT_FDCWD,
-            &spare.dir,
-            AT_FDCWD,
-            dir,
-            RenameFlags::RENAME_NOREPLACE,
-        );
+        let moved = rename_noreplace(&spare.dir, dir);
         let unused = |why: String| {
             tracing::warn!(dir = %spare.dir.display(), error = %why, "a spare root filesystem");
             let _ = self.release_spare_dir(&spare.dir);
@@ -1108,18 +1107,9 @@ impl ImageStore {
         let made = std::fs::create_dir(&tmp)
             .and_then(|()| mountpoints::make_layer(&tmp, layers, &self.cfg.mount_points))
             .map_err(|e| io_err(&tmp, e))
-            .and_then(|()| {
-                use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
-                match renameat2(
-                    AT_FDCWD,
-                    &tmp,
-                    AT_FDCWD,
-                    &dir,
-                    RenameFlags::RENAME_NOREPLACE,
-                ) {
-                    Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
-                    Err(e) => Err(io_err(&dir, e.into())),
-                }
+            .and_then(|()| match rename_noreplace(&tmp, &dir) {
+                Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
+                Err(e) => Err(io_err(&dir, e.into())),
             });
         if tmp.exists() {
             let _ = std::fs::remove_dir_all(&tmp);

@@ -92,6 +92,9 @@ type Result<T, E = UnpackError> = std::result::Result<T, E>;
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
+/// The xattr (value `y`) that makes a directory opaque to overlayfs: what it holds hides the
+/// same directory in the layers below.
+pub(super) const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
 /// Unpacks the layer read from `blob` into `dest`, which must not exist yet. On error `dest`
 /// is removed again.
@@ -394,7 +397,7 @@ fn apply_entry<R: Read>(
 
     if name == OPAQUE_MARKER {
         // The parent directory hides everything below it in lower layers.
-        return rustix::fs::fsetxattr(&parent, "trusted.overlay.opaque", b"y", XattrFlags::empty())
+        return rustix::fs::fsetxattr(&parent, OPAQUE_XATTR, b"y", XattrFlags::empty())
             .map_err(|e| errno(&shown, e));
     }
     if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
